@@ -1,0 +1,30 @@
+# The two commands a newcomer types: `make up` and `make test`.
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+DEBIAN_PACKAGES := curl
+
+.PHONY: up test deps venv clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -U pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+venv: $(BIN)/.installed
+
+# Debian packages the tests call (installed only when missing; needs root).
+deps:
+	@missing=""; for p in $(DEBIAN_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then apt-get update -q && apt-get install -y -q $$missing; fi
+
+# Envoy + control plane + engines from the embedded default config, in the foreground.
+up: venv
+	$(BIN)/whisper-gateway up
+
+test: deps venv
+	$(BIN)/pytest -q
+
+clean:
+	rm -rf $(VENV) .pytest_cache .gateway-run

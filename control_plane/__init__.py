@@ -1,0 +1,1 @@
+"""whisper-gateway's control plane: turns the fleet of Whisper engines into Envoy configuration."""

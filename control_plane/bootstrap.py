@@ -1,0 +1,35 @@
+"""Envoy's bootstrap: the only file Envoy reads; it points Envoy at the control plane."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from string import Template
+
+from control_plane.config import GatewayConfig
+
+ENVOY_DIR = Path(__file__).resolve().parent.parent / "envoy"
+BOOTSTRAP_TEMPLATE = ENVOY_DIR / "bootstrap.yaml"
+LUA_FILTER_PATH = ENVOY_DIR / "model_router.lua"
+
+
+def render_bootstrap(template: str, config: GatewayConfig, node_id: str, xds_host: str | None = None,
+                     admin_port: int | None = None) -> str:
+    """Fills the template; `xds_host` defaults to where the control plane listens."""
+    host = xds_host or config.listen.xds_address
+    if host in ("0.0.0.0", "::"):
+        host = "127.0.0.1"
+    return Template(template).substitute(
+        node_id=node_id,
+        admin_port=admin_port if admin_port is not None else config.listen.envoy_admin_port,
+        xds_host=host,
+        xds_port=config.listen.xds_port,
+    )
+
+
+def default_node_id() -> str:
+    return f"envoy-{socket.gethostname()}"
+
+
+def read_lua_filter(path: Path = LUA_FILTER_PATH) -> str:
+    return path.read_text()

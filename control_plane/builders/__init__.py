@@ -1,0 +1,23 @@
+"""Pure functions from configuration and fleet state to Envoy resources (no I/O here)."""
+
+from __future__ import annotations
+
+from control_plane.builders.clusters import build_cluster, build_unrouted_cluster
+from control_plane.builders.endpoints import build_load_assignment
+from control_plane.builders.listener import build_listener
+from control_plane.builders.routes import build_route_configuration
+from control_plane.config import GatewayConfig
+from control_plane.fleet import Fleet
+from control_plane.xds.snapshot import Resources
+from control_plane.xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE
+
+
+def build_resources(config: GatewayConfig, fleet: Fleet, lua_source: str) -> Resources:
+    """Everything Envoy needs for this fleet, by type URL."""
+    models = fleet.model_names()
+    return {
+        LISTENER: [build_listener(config, lua_source)],
+        ROUTE: [build_route_configuration(config, fleet)],
+        CLUSTER: [build_cluster(model, config) for model in models] + [build_unrouted_cluster()],
+        ENDPOINT: [build_load_assignment(model, fleet.backends_for(model)) for model in models],
+    }

@@ -1,0 +1,28 @@
+"""A model's ClusterLoadAssignment: its engines with their weights and drain state."""
+
+from __future__ import annotations
+
+from envoy.config.core.v3 import address_pb2, health_check_pb2
+from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
+from google.protobuf import wrappers_pb2
+
+from control_plane.builders.names import cluster_name
+from control_plane.fleet import Backend
+
+
+def _lb_endpoint(backend: Backend) -> endpoint_components_pb2.LbEndpoint:
+    address = address_pb2.Address(
+        socket_address=address_pb2.SocketAddress(address=backend.address, port_value=backend.port)
+    )
+    status = health_check_pb2.DRAINING if backend.draining else health_check_pb2.UNKNOWN
+    return endpoint_components_pb2.LbEndpoint(
+        endpoint=endpoint_components_pb2.Endpoint(address=address, hostname=backend.id),
+        health_status=status,
+        load_balancing_weight=wrappers_pb2.UInt32Value(value=backend.weight),
+    )
+
+
+def build_load_assignment(model: str, backends: tuple[Backend, ...]) -> endpoint_pb2.ClusterLoadAssignment:
+    ordered = sorted(backends, key=lambda b: (b.address, b.port))
+    endpoints = [endpoint_components_pb2.LocalityLbEndpoints(lb_endpoints=[_lb_endpoint(b) for b in ordered])]
+    return endpoint_pb2.ClusterLoadAssignment(cluster_name=cluster_name(model), endpoints=endpoints if ordered else [])

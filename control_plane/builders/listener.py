@@ -1,0 +1,50 @@
+"""The public listener: HTTP connection manager, the model-routing Lua filter, the router.
+
+It changes only with the config file (address, timeouts, the Lua source), never with the
+fleet, so fleet changes do not drain client connections.
+"""
+
+from __future__ import annotations
+
+from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2
+from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
+from envoy.extensions.filters.http.lua.v3 import lua_pb2
+from envoy.extensions.filters.http.router.v3 import router_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
+from google.protobuf import wrappers_pb2
+
+from control_plane.builders.common import pack, seconds
+from control_plane.builders.names import LISTENER_NAME, LUA_FILTER, ROUTE_CONFIG_NAME
+from control_plane.config import GatewayConfig
+
+
+def build_listener(config: GatewayConfig, lua_source: str) -> listener_pb2.Listener:
+    lua = lua_pb2.Lua(default_source_code=base_pb2.DataSource(inline_string=lua_source))
+    manager = hcm.HttpConnectionManager(
+        stat_prefix="whisper",
+        codec_type=hcm.HttpConnectionManager.AUTO,
+        rds=hcm.Rds(
+            config_source=config_source_pb2.ConfigSource(
+                ads=config_source_pb2.AggregatedConfigSource(), resource_api_version=config_source_pb2.V3
+            ),
+            route_config_name=ROUTE_CONFIG_NAME,
+        ),
+        stream_idle_timeout=seconds(config.timeouts.stream_idle_s),
+        normalize_path=wrappers_pb2.BoolValue(value=True),
+        merge_slashes=True,
+        server_name="whisper-gateway",
+        use_remote_address=wrappers_pb2.BoolValue(value=True),
+        http_filters=[
+            hcm.HttpFilter(name=LUA_FILTER, typed_config=pack(lua)),
+            hcm.HttpFilter(name="envoy.filters.http.router", typed_config=pack(router_pb2.Router())),
+        ],
+    )
+    address = address_pb2.Address(
+        socket_address=address_pb2.SocketAddress(address=config.listen.address, port_value=config.listen.port)
+    )
+    chain = listener_components_pb2.FilterChain(
+        filters=[listener_components_pb2.Filter(name="envoy.filters.network.http_connection_manager",
+                                                typed_config=pack(manager))]
+    )
+    return listener_pb2.Listener(name=LISTENER_NAME, address=address, filter_chains=[chain])
+

@@ -1,0 +1,123 @@
+"""The one RouteConfiguration: a route per (model name or alias, audio path), answered lists, 404s.
+
+The Lua filter reads the `model` form field and sets MODEL_HEADER; routes match on it. Which
+names exist reaches the filter through the virtual host's `filter_context`, so adding a model is
+a route update (RDS) and never a listener update, which would drain client connections.
+"""
+
+from __future__ import annotations
+
+import json
+
+from envoy.config.core.v3 import base_pb2
+from envoy.config.route.v3 import route_components_pb2 as rc
+from envoy.config.route.v3 import route_pb2
+from envoy.extensions.filters.http.lua.v3 import lua_pb2
+from envoy.type.matcher.v3 import string_pb2
+from google.protobuf import struct_pb2, wrappers_pb2
+
+from control_plane.builders.common import pack, seconds
+from control_plane.builders.names import (
+    AUDIO_PATHS,
+    LUA_FILTER,
+    MODEL_HEADER,
+    ROUTE_CONFIG_NAME,
+    UNROUTED_CLUSTER,
+    VIRTUAL_HOST_NAME,
+    cluster_name,
+)
+from control_plane.config import GatewayConfig
+from control_plane.fleet import Fleet
+
+MAX_DIRECT_RESPONSE_BYTES = 1024 * 1024
+JSON_HEADER = base_pb2.HeaderValueOption(
+    header=base_pb2.HeaderValue(key="content-type", value="application/json"),
+    append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+)
+
+
+def openai_error(message: str, error_type: str, code: int, param: str | None = None) -> str:
+    return json.dumps({"error": {"message": message, "type": error_type, "param": param, "code": code}})
+
+
+def _lua_off() -> dict:
+    return {LUA_FILTER: pack(lua_pb2.LuaPerRoute(disabled=True))}
+
+
+def _answer(match: rc.RouteMatch, status: int, body: str, name: str) -> rc.Route:
+    return rc.Route(
+        name=name,
+        match=match,
+        direct_response=rc.DirectResponseAction(status=status, body=base_pb2.DataSource(inline_string=body)),
+        response_headers_to_add=[JSON_HEADER],
+        typed_per_filter_config=_lua_off(),
+    )
+
+
+def _model_object(name: str, root: str) -> dict:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "whisper-gateway", "root": root}
+
+
+def _model_routes(config: GatewayConfig, fleet: Fleet) -> list[rc.Route]:
+    routes = []
+    for name, model in sorted(fleet.name_to_model().items()):
+        for path in AUDIO_PATHS:
+            header = rc.HeaderMatcher(name=MODEL_HEADER, string_match=string_pb2.StringMatcher(exact=name))
+            routes.append(rc.Route(
+                name=f"{model}:{name}:{path.rsplit('/', 1)[-1]}",
+                match=rc.RouteMatch(path=path, headers=[header]),
+                route=rc.RouteAction(cluster=cluster_name(model), timeout=seconds(config.timeouts.route_s)),
+            ))
+    return routes
+
+
+def _listing_routes(fleet: Fleet) -> list[rc.Route]:
+    objects = [_model_object(name, model) for name, model in sorted(fleet.name_to_model().items())]
+    routes = [_answer(rc.RouteMatch(path="/v1/models"), 200, json.dumps({"object": "list", "data": objects}), "models")]
+    for obj in objects:
+        routes.append(_answer(rc.RouteMatch(path=f"/v1/models/{obj['id']}"), 200, json.dumps(obj), f"model:{obj['id']}"))
+    routes.append(_answer(rc.RouteMatch(path="/health"), 200, json.dumps({"status": "ok"}), "health"))
+    return routes
+
+
+def _fallback_routes() -> list[rc.Route]:
+    # Requests match these before the Lua filter sets the model header. They must be real
+    # route actions: Envoy applies the virtual host's body limit only to those, and answers
+    # "payload too large" at 1 MiB otherwise. The filter answers every request itself or sets
+    # the header, so the empty cluster is only a safe end for what might slip past it.
+    routes = [
+        rc.Route(name=f"unrouted:{path}", match=rc.RouteMatch(path=path),
+                 route=rc.RouteAction(cluster=UNROUTED_CLUSTER))
+        for path in AUDIO_PATHS
+    ]
+    unknown_path = openai_error(
+        "Unknown path. This gateway serves POST /v1/audio/transcriptions, POST /v1/audio/translations "
+        "and GET /v1/models.",
+        "NotFoundError",
+        404,
+    )
+    routes.append(_answer(rc.RouteMatch(prefix="/"), 404, unknown_path, "unknown-path"))
+    return routes
+
+
+def _filter_context(fleet: Fleet) -> struct_pb2.Struct:
+    context = struct_pb2.Struct()
+    context.update({"models": fleet.name_to_model()})
+    return context
+
+
+def build_route_configuration(config: GatewayConfig, fleet: Fleet) -> route_pb2.RouteConfiguration:
+    virtual_host = rc.VirtualHost(
+        name=VIRTUAL_HOST_NAME,
+        domains=["*"],
+        routes=_listing_routes(fleet) + _model_routes(config, fleet) + _fallback_routes(),
+        # The Lua filter buffers whole bodies; Envoy takes this limit from the route matched
+        # before the filter sets the model header, so it must sit on the virtual host.
+        request_body_buffer_limit=wrappers_pb2.UInt64Value(value=config.limits.max_upload_bytes),
+        typed_per_filter_config={LUA_FILTER: pack(lua_pb2.LuaPerRoute(filter_context=_filter_context(fleet)))},
+    )
+    return route_pb2.RouteConfiguration(
+        name=ROUTE_CONFIG_NAME,
+        virtual_hosts=[virtual_host],
+        max_direct_response_body_size_bytes=wrappers_pb2.UInt32Value(value=MAX_DIRECT_RESPONSE_BYTES),
+    )

@@ -1,0 +1,354 @@
+"""The gateway's one YAML file, checked whole before anything starts.
+
+A typo must stop the process with the key that is wrong, not become a default silently, so
+unknown keys are errors too.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+DEFAULT_CONFIG_PATH = Path(__file__).parent / "defaults" / "gateway.yaml"
+MODEL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$")
+ENGINE_KINDS = ("simulated",)
+MAX_WEIGHT = 128
+
+
+class ConfigError(ValueError):
+    """A config problem, phrased as `key: problem`."""
+
+
+@dataclass(frozen=True)
+class ListenConfig:
+    address: str = "0.0.0.0"
+    port: int = 8080
+    envoy_admin_port: int = 9901
+    xds_address: str = "127.0.0.1"
+    xds_port: int = 18000
+
+
+@dataclass(frozen=True)
+class TimeoutsConfig:
+    # Long audio takes minutes; Envoy's 15 s default would cut it.
+    route_s: float = 600.0
+    connect_s: float = 2.0
+    stream_idle_s: float = 300.0
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    # vLLM's own default upload limit.
+    max_upload_mb: float = 25.0
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    aliases: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    url: str
+    models: tuple[str, ...]
+    weight: int = 1
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).hostname or ""
+
+    @property
+    def port(self) -> int:
+        parts = urlsplit(self.url)
+        return parts.port or (443 if parts.scheme == "https" else 80)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """An engine process that `whisper-gateway up` starts and serves as a backend."""
+
+    kind: str
+    port: int
+    model: str
+    name: str
+    options: dict = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    listen: ListenConfig = ListenConfig()
+    timeouts: TimeoutsConfig = TimeoutsConfig()
+    limits: LimitsConfig = LimitsConfig()
+    models: tuple[ModelConfig, ...] = ()
+    backends: tuple[BackendConfig, ...] = ()
+    engines: tuple[EngineConfig, ...] = ()
+
+    def all_backends(self) -> tuple[BackendConfig, ...]:
+        """Configured backends plus the engines `up` runs."""
+        started = tuple(BackendConfig(url=e.url, models=(e.model,)) for e in self.engines)
+        return self.backends + started
+
+
+# --- reading -------------------------------------------------------------------------------
+
+def _mapping(value: Any, key: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+    return value
+
+
+def _list(value: Any, key: str) -> list:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ConfigError(f"{key}: expected a list, got {type(value).__name__}")
+    return value
+
+
+def _reject_unknown(section: dict, allowed: set[str], key: str) -> None:
+    unknown = sorted(set(section) - allowed)
+    if unknown:
+        where = f"{key}." if key else ""
+        raise ConfigError(f"{where}{unknown[0]}: unknown key (allowed: {', '.join(sorted(allowed))})")
+
+
+def _number(section: dict, name: str, key: str, default: float, low: float, high: float, integer: bool = False):
+    value = section.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
+        kind = "an integer" if integer else "a number"
+        raise ConfigError(f"{key}.{name}: expected {kind}, got {value!r}")
+    if not low <= value <= high:
+        raise ConfigError(f"{key}.{name}: {value} is out of range {low}..{high}")
+    return value
+
+
+def _port(section: dict, name: str, key: str, default: int) -> int:
+    return _number(section, name, key, default, 1, 65535, integer=True)
+
+
+def _address(section: dict, name: str, key: str, default: str) -> str:
+    value = section.get(name, default)
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{key}.{name}: expected a host name or IP address, got {value!r}")
+    return value
+
+
+def _model_name(value: Any, key: str) -> str:
+    if not isinstance(value, str) or not MODEL_NAME_PATTERN.match(value):
+        raise ConfigError(
+            f"{key}: {value!r} is not a valid model name (1-128 characters: letters, digits, . _ : / @ + -)"
+        )
+    return value
+
+
+def _read_listen(raw: Any) -> ListenConfig:
+    section = _mapping(raw, "listen")
+    _reject_unknown(section, {"address", "port", "envoy_admin_port", "xds_address", "xds_port"}, "listen")
+    d = ListenConfig()
+    listen = ListenConfig(
+        address=_address(section, "address", "listen", d.address),
+        port=_port(section, "port", "listen", d.port),
+        envoy_admin_port=_port(section, "envoy_admin_port", "listen", d.envoy_admin_port),
+        xds_address=_address(section, "xds_address", "listen", d.xds_address),
+        xds_port=_port(section, "xds_port", "listen", d.xds_port),
+    )
+    ports = {"port": listen.port, "envoy_admin_port": listen.envoy_admin_port, "xds_port": listen.xds_port}
+    if len(set(ports.values())) != len(ports):
+        raise ConfigError(f"listen: port, envoy_admin_port and xds_port must differ, got {ports}")
+    return listen
+
+
+def _read_timeouts(raw: Any) -> TimeoutsConfig:
+    section = _mapping(raw, "timeouts")
+    _reject_unknown(section, {"route_s", "connect_s", "stream_idle_s"}, "timeouts")
+    d = TimeoutsConfig()
+    return TimeoutsConfig(
+        route_s=_number(section, "route_s", "timeouts", d.route_s, 1, 86400),
+        connect_s=_number(section, "connect_s", "timeouts", d.connect_s, 0.01, 60),
+        stream_idle_s=_number(section, "stream_idle_s", "timeouts", d.stream_idle_s, 1, 86400),
+    )
+
+
+def _read_limits(raw: Any) -> LimitsConfig:
+    section = _mapping(raw, "limits")
+    _reject_unknown(section, {"max_upload_mb"}, "limits")
+    return LimitsConfig(max_upload_mb=_number(section, "max_upload_mb", "limits", LimitsConfig().max_upload_mb, 0.01, 1024))
+
+
+def _read_models(raw: Any) -> tuple[ModelConfig, ...]:
+    models: list[ModelConfig] = []
+    owner: dict[str, str] = {}
+    for i, item in enumerate(_list(raw, "models")):
+        key = f"models[{i}]"
+        if isinstance(item, str):
+            item = {"name": item}
+        section = _mapping(item, key)
+        _reject_unknown(section, {"name", "aliases"}, key)
+        if "name" not in section:
+            raise ConfigError(f"{key}.name: required")
+        name = _model_name(section["name"], f"{key}.name")
+        aliases = tuple(
+            _model_name(alias, f"{key}.aliases[{j}]") for j, alias in enumerate(_list(section.get("aliases"), f"{key}.aliases"))
+        )
+        for label, value in [(f"{key}.name", name)] + [(f"{key}.aliases[{j}]", a) for j, a in enumerate(aliases)]:
+            if value in owner:
+                raise ConfigError(f"{label}: {value!r} is already used by model {owner[value]!r}")
+            owner[value] = name
+        models.append(ModelConfig(name=name, aliases=aliases))
+    return tuple(models)
+
+
+def validate_backend_url(url: Any, key: str) -> str:
+    """http(s) with a host and an explicit port, nothing else: the gateway dials exactly this."""
+    if not isinstance(url, str):
+        raise ConfigError(f"{key}: expected a URL string, got {url!r}")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        raise ConfigError(f"{key}: {url!r} must start with http:// or https://")
+    if parts.username or parts.password:
+        raise ConfigError(f"{key}: {url!r} must not carry user info")
+    if not parts.hostname:
+        raise ConfigError(f"{key}: {url!r} has no host")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ConfigError(f"{key}: {url!r} has an invalid port") from None
+    if port is None:
+        raise ConfigError(f"{key}: {url!r} needs an explicit port")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ConfigError(f"{key}: {url!r} must be scheme://host:port with no path")
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def _read_backends(raw: Any, served: set[str]) -> tuple[BackendConfig, ...]:
+    backends: list[BackendConfig] = []
+    for i, item in enumerate(_list(raw, "backends")):
+        key = f"backends[{i}]"
+        section = _mapping(item, key)
+        _reject_unknown(section, {"url", "models", "weight"}, key)
+        if "url" not in section:
+            raise ConfigError(f"{key}.url: required")
+        url = validate_backend_url(section["url"], f"{key}.url")
+        models = _backend_models(section.get("models"), f"{key}.models", served)
+        weight = _number(section, "weight", key, 1, 1, MAX_WEIGHT, integer=True)
+        backends.append(BackendConfig(url=url, models=models, weight=weight))
+    return tuple(backends)
+
+
+def _backend_models(raw: Any, key: str, served: set[str]) -> tuple[str, ...]:
+    names = _list(raw, key)
+    if not names:
+        raise ConfigError(f"{key}: list the models this backend serves")
+    for j, name in enumerate(names):
+        if name not in served:
+            raise ConfigError(f"{key}[{j}]: {name!r} is not a model name under models (known: {sorted(served)})")
+    return tuple(names)
+
+
+def _read_engines(raw: Any, served: set[str]) -> tuple[EngineConfig, ...]:
+    engines: list[EngineConfig] = []
+    for i, item in enumerate(_list(raw, "engines")):
+        key = f"engines[{i}]"
+        section = dict(_mapping(item, key))
+        kind = section.pop("kind", None)
+        if kind not in ENGINE_KINDS:
+            raise ConfigError(f"{key}.kind: expected one of {list(ENGINE_KINDS)}, got {kind!r}")
+        port = _port(section, "port", key, 0) if "port" in section else None
+        if port is None:
+            raise ConfigError(f"{key}.port: required")
+        section.pop("port")
+        model = section.pop("model", None)
+        if model not in served:
+            raise ConfigError(f"{key}.model: {model!r} is not a model name under models (known: {sorted(served)})")
+        name = section.pop("name", f"{kind}-{port}")
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"{key}.name: expected a non-empty string")
+        options = _engine_options(kind, section, key)
+        engines.append(EngineConfig(kind=kind, port=port, model=model, name=name, options=options))
+    ports = [e.port for e in engines]
+    for i, port in enumerate(ports):
+        if port in ports[:i]:
+            raise ConfigError(f"engines[{i}].port: {port} is used by another engine")
+    return tuple(engines)
+
+
+SIMULATED_OPTIONS = {"max_num_seqs": int, "speed": float, "time_scale": float, "seconds_per_chunk": float,
+                     "batch_penalty": float}
+
+
+def _engine_options(kind: str, section: dict, key: str) -> dict:
+    allowed = SIMULATED_OPTIONS
+    _reject_unknown(section, set(allowed) | {"kind", "port", "model", "name"}, key)
+    options = {}
+    for name, value in section.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise ConfigError(f"{key}.{name}: expected a positive number, got {value!r}")
+        if allowed[name] is int and not isinstance(value, int):
+            raise ConfigError(f"{key}.{name}: expected an integer, got {value!r}")
+        options[name] = value
+    return options
+
+
+def parse_config(raw: Any) -> GatewayConfig:
+    """Builds a config from parsed YAML; raises ConfigError naming the first bad key."""
+    top = _mapping(raw, "config")
+    _reject_unknown(top, {"listen", "timeouts", "limits", "models", "backends", "engines"}, "")
+    models = _read_models(top.get("models"))
+    if not models:
+        raise ConfigError("models: at least one model is required")
+    served = {m.name for m in models}
+    config = GatewayConfig(
+        listen=_read_listen(top.get("listen")),
+        timeouts=_read_timeouts(top.get("timeouts")),
+        limits=_read_limits(top.get("limits")),
+        models=models,
+        backends=_read_backends(top.get("backends"), served),
+        engines=_read_engines(top.get("engines"), served),
+    )
+    urls = [b.url for b in config.all_backends()]
+    for i, url in enumerate(urls):
+        if url in urls[:i]:
+            raise ConfigError(f"backends: {url} is listed twice (engines count as backends)")
+    return config
+
+
+def load_config(path: Path | str | None = None) -> GatewayConfig:
+    """Reads and checks the YAML file (the embedded default when no path is given)."""
+    path = Path(path) if path is not None else DEFAULT_CONFIG_PATH
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read config: {error.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    try:
+        return parse_config(raw)
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
+
+
+def is_ip_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True

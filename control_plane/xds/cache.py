@@ -1,0 +1,113 @@
+"""Holds the snapshot every Envoy is served, wakes streams on change, and records ACKs and NACKs."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+from control_plane.xds.snapshot import Snapshot
+from control_plane.xds.types import SHORT_NAMES
+
+log = logging.getLogger(__name__)
+
+
+class InconsistentSnapshot(ValueError):
+    """A snapshot that Envoy must not see (a route to a missing cluster, a zero weight...)."""
+
+
+@dataclass(frozen=True)
+class Nack:
+    type_url: str
+    version: str
+    message: str
+    at: float
+
+
+@dataclass
+class EnvoyStatus:
+    """One connected ADS stream, as the status page and tests see it."""
+
+    stream_id: int
+    node_id: str
+    cluster: str
+    peer: str
+    connected_at: float = field(default_factory=time.time)
+    acked: dict[str, str] = field(default_factory=dict)
+    last_nack: Nack | None = None
+
+
+class SnapshotCache:
+    def __init__(self) -> None:
+        self._snapshot: Snapshot | None = None
+        self._watchers: set[asyncio.Event] = set()
+        self._acks = asyncio.Condition()
+        self.envoys: dict[int, EnvoyStatus] = {}
+        self.nacks_total = 0
+        self.last_nack: Nack | None = None
+
+    @property
+    def snapshot(self) -> Snapshot | None:
+        return self._snapshot
+
+    def set_snapshot(self, snapshot: Snapshot) -> bool:
+        """Serves `snapshot` from now on; False when nothing changed. Refuses inconsistent ones."""
+        errors = snapshot.consistency_errors()
+        if errors:
+            raise InconsistentSnapshot("; ".join(errors))
+        if self._snapshot is not None and self._snapshot.versions == snapshot.versions:
+            return False
+        self._snapshot = snapshot
+        for event in self._watchers:
+            event.set()
+        return True
+
+    def watch(self) -> asyncio.Event:
+        event = asyncio.Event()
+        self._watchers.add(event)
+        if self._snapshot is not None:
+            event.set()
+        return event
+
+    def unwatch(self, event: asyncio.Event) -> None:
+        self._watchers.discard(event)
+
+    def stream_opened(self, status: EnvoyStatus) -> None:
+        self.envoys[status.stream_id] = status
+        log.info("envoy %s (%s) connected", status.node_id, status.peer)
+
+    def stream_closed(self, stream_id: int) -> None:
+        status = self.envoys.pop(stream_id, None)
+        if status is not None:
+            log.info("envoy %s (%s) disconnected", status.node_id, status.peer)
+
+    async def record_ack(self, stream_id: int, type_url: str, version: str) -> None:
+        status = self.envoys.get(stream_id)
+        if status is not None:
+            status.acked[type_url] = version
+        async with self._acks:
+            self._acks.notify_all()
+
+    def record_nack(self, stream_id: int, type_url: str, version: str, message: str) -> None:
+        nack = Nack(type_url=type_url, version=version, message=message, at=time.time())
+        self.nacks_total += 1
+        self.last_nack = nack
+        status = self.envoys.get(stream_id)
+        if status is not None:
+            status.last_nack = nack
+        node = status.node_id if status else "?"
+        log.warning("envoy %s rejected %s version %s: %s", node, SHORT_NAMES.get(type_url, type_url), version, message)
+
+    async def wait_for_acks(self, type_url: str, version: str, timeout: float) -> bool:
+        """Waits until every connected Envoy has applied `version` of a type (or the timeout)."""
+
+        def applied() -> bool:
+            return all(s.acked.get(type_url) == version for s in self.envoys.values())
+
+        async with self._acks:
+            try:
+                await asyncio.wait_for(self._acks.wait_for(applied), timeout)
+                return True
+            except TimeoutError:
+                return False

@@ -1,0 +1,1 @@
+"""What every engine shares: vLLM's request parsing, error shape, response formats and metrics."""

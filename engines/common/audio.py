@@ -1,0 +1,52 @@
+"""Audio length without decoding: the simulated engine needs only how long a clip is."""
+
+from __future__ import annotations
+
+import struct
+
+from engines.common.errors import INVALID_AUDIO, EngineError
+
+# Compressed formats we cannot time without a decoder are assumed to run at this bit rate.
+ASSUMED_COMPRESSED_BITS_PER_SECOND = 128_000
+_COMPRESSED_MAGIC = (b"ID3", b"OggS", b"fLaC", b"\x1aE\xdf\xa3")
+
+
+def _wav_duration(data: bytes) -> float:
+    if len(data) < 12 or data[8:12] != b"WAVE":
+        raise EngineError(400, INVALID_AUDIO)
+    offset, byte_rate, data_bytes = 12, 0, None
+    while offset + 8 <= len(data):
+        chunk_id, size = struct.unpack_from("<4sI", data, offset)
+        body = offset + 8
+        if chunk_id == b"fmt " and size >= 16:
+            byte_rate = struct.unpack_from("<I", data, body + 8)[0]
+        elif chunk_id == b"data":
+            data_bytes = min(size, len(data) - body)
+            break
+        offset = body + size + (size & 1)
+    if not byte_rate or data_bytes is None:
+        raise EngineError(400, INVALID_AUDIO)
+    return data_bytes / byte_rate
+
+
+def audio_duration_seconds(data: bytes) -> float:
+    """Exact for WAV; estimated from size for common compressed containers; 400 for anything else."""
+    if data[:4] == b"RIFF":
+        return _wav_duration(data)
+    is_mp3_frame = len(data) > 1 and data[0] == 0xFF and data[1] & 0xE0 == 0xE0
+    is_mp4 = data[4:8] == b"ftyp"
+    if data.startswith(_COMPRESSED_MAGIC) or is_mp3_frame or is_mp4:
+        return len(data) * 8 / ASSUMED_COMPRESSED_BITS_PER_SECOND
+    raise EngineError(400, INVALID_AUDIO)
+
+
+def silent_wav(seconds: float, sample_rate: int = 16_000) -> bytes:
+    """A mono 16-bit PCM WAV of silence: a valid clip for examples and tests."""
+    frames = int(seconds * sample_rate)
+    payload = b"\x00\x00" * frames
+    header = struct.pack(
+        "<4sI4s4sIHHIIHH4sI",
+        b"RIFF", 36 + len(payload), b"WAVE", b"fmt ", 16, 1, 1, sample_rate, sample_rate * 2, 2, 16,
+        b"data", len(payload),
+    )
+    return header + payload

@@ -1,0 +1,68 @@
+"""`python -m engines.simulated`: one simulated vLLM engine on a port."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+
+from aiohttp import web
+
+from engines.common.api import DEFAULT_MAX_UPLOAD_BYTES, EngineApp
+from engines.common.metrics import VllmMetrics
+from engines.simulated.queue_model import GpuProfile
+from engines.simulated.server import SimulatedBackend
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    defaults = GpuProfile()
+    parser = argparse.ArgumentParser(prog="python -m engines.simulated", description=__doc__)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--model", action="append", required=True,
+                        help="served model name (repeat for several names, as vLLM's --served-model-name)")
+    parser.add_argument("--name", default=None, help="engine name used in responses (default: sim-<port>)")
+    parser.add_argument("--max-num-seqs", type=int, default=defaults.max_num_seqs)
+    parser.add_argument("--speed", type=float, default=defaults.speed, help="relative GPU speed (2 = twice as fast)")
+    parser.add_argument("--time-scale", type=float, default=defaults.time_scale,
+                        help="wall seconds per simulated second (0.01 = 100x faster than real time)")
+    parser.add_argument("--seconds-per-chunk", type=float, default=defaults.seconds_per_chunk)
+    parser.add_argument("--batch-penalty", type=float, default=defaults.batch_penalty)
+    parser.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_BYTES / 2**20)
+    args = parser.parse_args(argv)
+    if args.max_num_seqs < 1 or args.speed <= 0 or args.time_scale <= 0:
+        parser.error("--max-num-seqs must be >= 1, --speed and --time-scale > 0")
+    return args
+
+
+async def serve(args: argparse.Namespace) -> None:
+    profile = GpuProfile(
+        max_num_seqs=args.max_num_seqs, speed=args.speed, time_scale=args.time_scale,
+        seconds_per_chunk=args.seconds_per_chunk, batch_penalty=args.batch_penalty,
+    )
+    backend = SimulatedBackend(args.name or f"sim-{args.port}", tuple(args.model), profile)
+    backend.metrics = VllmMetrics(args.model[0], backend.load)
+    app = EngineApp(backend, backend.metrics, max_upload_bytes=int(args.max_upload_mb * 2**20)).build()
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, args.host, args.port).start()
+    logging.info("simulated engine %s serving %s on %s:%d", backend.name, args.model, args.host, args.port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda sig=sig: (logging.info("%s: stopping", sig.name), stop.set()))
+    await stop.wait()
+    # Drain: stop accepting, let in-flight requests finish (bounded), then exit.
+    await runner.shutdown()
+    await runner.cleanup()
+    await backend.queue.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(serve(parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main()
