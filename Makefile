@@ -21,7 +21,7 @@ deps:
 
 # Envoy + control plane + engines from the embedded default config, in the foreground.
 up: venv
-	$(BIN)/whisper-gateway up
+	$(BIN)/whisper-gateway up --run-dir .gateway-run
 
 test: deps venv
 	$(BIN)/pytest -q

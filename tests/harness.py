@@ -1,0 +1,239 @@
+"""Real processes for tests: free ports, readiness with deadlines, and no process left behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+from control_plane.bootstrap import BOOTSTRAP_TEMPLATE, render_bootstrap
+from control_plane.config import parse_config
+from control_plane.supervisor import find_envoy
+from engines.common.audio import silent_wav
+
+REPO = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_until(check: Callable[[], object], timeout: float, what: str, interval: float = 0.1):
+    """Polls `check` until it returns something truthy; fails the test with `what` at the deadline."""
+    deadline = time.monotonic() + timeout
+    last_error = None
+    while time.monotonic() < deadline:
+        try:
+            result = check()
+            if result:
+                return result
+        except Exception as error:  # noqa: BLE001 - any failure means "not yet"
+            last_error = error
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what} (last error: {last_error!r})")
+
+
+@dataclass
+class Response:
+    status: int
+    body: bytes
+    headers: dict
+
+    def json(self):
+        return json.loads(self.body)
+
+    @property
+    def text(self) -> str:
+        return self.body.decode(errors="replace")
+
+
+def request(method: str, url: str, body: bytes | None = None, headers: dict | None = None,
+            timeout: float = 30) -> Response:
+    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return Response(resp.status, resp.read(), dict(resp.headers))
+    except urllib.error.HTTPError as error:
+        return Response(error.code, error.read(), dict(error.headers))
+
+
+def multipart(parts: list[tuple[str, bytes | str, str | None]], boundary: str = "wgboundary7MA4YWxk") -> bytes:
+    """Form parts in the given order: (name, value, filename or None)."""
+    out = b""
+    for name, value, filename in parts:
+        data = value.encode() if isinstance(value, str) else value
+        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+        content_type = "Content-Type: audio/wav\r\n" if filename else ""
+        out += f"--{boundary}\r\nContent-Disposition: {disposition}\r\n{content_type}\r\n".encode() + data + b"\r\n"
+    return out + f"--{boundary}--\r\n".encode()
+
+
+def post_form(url: str, parts: list[tuple[str, bytes | str, str | None]], boundary: str = "wgboundary7MA4YWxk",
+              content_type: str | None = None, timeout: float = 30) -> Response:
+    headers = {"Content-Type": content_type or f"multipart/form-data; boundary={boundary}"}
+    return request("POST", url, multipart(parts, boundary), headers, timeout)
+
+
+def transcribe(base_url: str, model: str | None, seconds: float = 1.0, model_first: bool = True,
+               path: str = "/v1/audio/transcriptions", extra: list | None = None) -> Response:
+    file_part = ("file", silent_wav(seconds), "clip.wav")
+    parts = [] if model is None else [("model", model, None)]
+    parts = parts + [file_part] if model_first else [file_part] + parts
+    return post_form(base_url + path, parts + (extra or []))
+
+
+STARTED: list["Process"] = []
+
+
+class Process:
+    """A child process in its own process group, logged to a file, always killed at stop()."""
+
+    def __init__(self, name: str, command: list[str], log_dir: Path, env: dict | None = None):
+        STARTED.append(self)
+        self.name = name
+        self.command = command
+        self.log_path = log_dir / f"{name}.log"
+        self._log = open(self.log_path, "ab")
+        self.popen = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                      start_new_session=True, cwd=REPO, env={**os.environ, **(env or {})})
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            os.killpg(self.popen.pid, sig)
+
+    def stop(self, timeout: float = 10) -> int | None:
+        if self.alive():
+            self.signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.signal(signal.SIGKILL)
+                self.popen.wait()
+        self._log.close()
+        return self.popen.returncode
+
+    def kill(self) -> None:
+        self.signal(signal.SIGKILL)
+        self.popen.wait()
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def start_engine(log_dir: Path, model: str, name: str, port: int | None = None, **options) -> tuple[Process, str]:
+    port = port or free_port()
+    command = [PYTHON, "-m", "engines.simulated", "--port", str(port), "--model", model, "--name", name]
+    for key, value in options.items():
+        command += [f"--{key.replace('_', '-')}", str(value)]
+    process = Process(f"engine-{name}", command, log_dir)
+    url = f"http://127.0.0.1:{port}"
+    wait_until(lambda: process.alive() and request("GET", url + "/health", timeout=2).status == 200, 20,
+               f"engine {name} health")
+    return process, url
+
+
+@dataclass
+class GatewayConfigFile:
+    """A config file a test can rewrite while the control plane runs."""
+
+    path: Path
+    raw: dict = field(default_factory=dict)
+
+    def write(self, raw: dict) -> None:
+        parse_config(raw)  # tests write valid configs unless they mean not to
+        self.raw = raw
+        self.path.write_text(yaml.safe_dump(raw))
+
+    def write_text(self, text: str) -> None:
+        self.path.write_text(text)
+
+
+def start_control_plane(log_dir: Path, config_path: Path, name: str = "control-plane") -> Process:
+    process = Process(name, [PYTHON, "-m", "control_plane", "serve", "--config", str(config_path)], log_dir)
+    wait_until(lambda: process.alive() and "xDS (ADS) listening" in process.log_text(), 20, "control plane start")
+    return process
+
+
+class Envoy:
+    def __init__(self, log_dir: Path, raw_config: dict, name: str = "envoy", node_id: str | None = None):
+        config = parse_config(raw_config)
+        self.listen_port = config.listen.port
+        self.admin_port = free_port()
+        bootstrap = log_dir / f"{name}-bootstrap.yaml"
+        bootstrap.write_text(render_bootstrap(BOOTSTRAP_TEMPLATE.read_text(), config, node_id=node_id or name,
+                                              admin_port=self.admin_port))
+        self.process = Process(name, [find_envoy(), "-c", str(bootstrap), "--disable-hot-restart",
+                                      "--log-level", "warn", "--drain-time-s", "1"], log_dir)
+        self.url = f"http://127.0.0.1:{self.listen_port}"
+        self.admin = f"http://127.0.0.1:{self.admin_port}"
+
+    def wait_serving(self, timeout: float = 30) -> None:
+        wait_until(lambda: self.process.alive() and request("GET", self.url + "/v1/models", timeout=2).status == 200,
+                   timeout, "Envoy to serve /v1/models")
+
+    def endpoints(self) -> dict[str, dict[str, dict[str, str]]]:
+        """Envoy's /clusters as {cluster: {host:port: {weight, rq_active, health_flags, ...}}}."""
+        text = request("GET", self.admin + "/clusters", timeout=5).text
+        result: dict[str, dict[str, dict[str, str]]] = {}
+        for line in text.splitlines():
+            parts = line.split("::")
+            if len(parts) == 4 and ":" in parts[1]:  # skip per-cluster lines such as default_priority
+                cluster, host, key, value = parts
+                result.setdefault(cluster, {}).setdefault(host, {})[key] = value
+        return result
+
+    def config_versions(self) -> dict[str, str]:
+        dump = request("GET", self.admin + "/config_dump", timeout=5).json()
+        versions = {}
+        for config in dump["configs"]:
+            kind = config["@type"].rsplit(".", 1)[-1]
+            if kind == "ClustersConfigDump":
+                versions["CDS"] = config.get("version_info", "")
+            elif kind == "ListenersConfigDump":
+                versions["LDS"] = config.get("version_info", "")
+            elif kind == "RoutesConfigDump":
+                versions["RDS"] = tuple(r.get("version_info", "") for r in config.get("dynamic_route_configs", []))
+        return versions
+
+    def stat(self, name: str) -> int:
+        text = request("GET", self.admin + f"/stats?filter=^{name}$", timeout=5).text
+        for line in text.splitlines():
+            key, _, value = line.partition(": ")
+            if key == name:
+                return int(value)
+        return 0
+
+    def stop(self) -> None:
+        self.process.stop()
+
+
+def base_config(xds_port: int, listen_port: int, models: list, backends: list, **sections) -> dict:
+    raw = {
+        "listen": {"address": "127.0.0.1", "port": listen_port, "xds_port": xds_port,
+                   "envoy_admin_port": free_port()},
+        "models": models,
+        "backends": backends,
+    }
+    raw.update(sections)
+    return raw
+
+
+def engine_names_in(text: str, names: list[str]) -> dict[str, int]:
+    return {name: text.count(f" {name} ") for name in names}

@@ -1,0 +1,131 @@
+"""The `whisper-gateway` command as an operator uses it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from control_plane.supervisor import find_envoy
+from tests.harness import PYTHON, REPO, Process, free_port, wait_until
+
+CLI = [PYTHON, "-m", "control_plane"]
+
+
+def up_config(tmp_path: Path) -> tuple[Path, dict]:
+    raw = {
+        "listen": {"address": "127.0.0.1", "port": free_port(), "envoy_admin_port": free_port(),
+                   "xds_port": free_port()},
+        "models": [{"name": "whisper-large-v3-turbo", "aliases": ["whisper-1"]}, {"name": "whisper-small"}],
+        "engines": [
+            {"kind": "simulated", "port": free_port(), "model": "whisper-large-v3-turbo", "name": "turbo-a",
+             "time_scale": 0.1},
+            {"kind": "simulated", "port": free_port(), "model": "whisper-small", "name": "small-a"},
+        ],
+    }
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path, raw
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        text = (task / "children").read_text().split()
+        found += [int(p) for p in text]
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    status = Path(f"/proc/{pid}/status")
+    return status.exists() and "State:\tZ" not in status.read_text()
+
+
+def start_up(tmp_path: Path) -> tuple[Process, dict]:
+    path, raw = up_config(tmp_path)
+    process = Process("up", CLI + ["up", "--config", str(path), "--run-dir", str(tmp_path / "run")], tmp_path)
+    wait_until(lambda: "  curl " in process.log_text() or not process.alive(), 60, "`up` to print its example")
+    assert process.alive(), process.log_text()
+    return process, raw
+
+
+def test_up_prints_a_curl_line_that_works_and_stops_without_orphans(tmp_path):
+    process, raw = start_up(tmp_path)
+    line = next(l for l in process.log_text().splitlines() if l.startswith("  curl "))
+    result = subprocess.run(shlex.split(line), capture_output=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout)
+    assert "turbo-a transcribed" in answer["text"]
+    children = children_of(process.popen.pid)
+    assert len(children) == 4  # two engines, the control plane, Envoy
+
+    os.kill(process.popen.pid, signal.SIGTERM)  # the `up` process alone, as a service manager would
+    assert process.popen.wait(30) == 0
+    wait_until(lambda: not any(alive(pid) for pid in children), 15, "every child to exit")
+    assert "whisper-gateway stopped" in process.log_text()
+
+
+def test_children_die_when_up_is_killed_outright(tmp_path):
+    process, raw = start_up(tmp_path)
+    children = children_of(process.popen.pid)
+    os.kill(process.popen.pid, signal.SIGKILL)
+    process.popen.wait(10)
+    wait_until(lambda: not any(alive(pid) for pid in children), 15, "the orphaned children to exit")
+
+
+def test_up_refuses_busy_ports_by_name(tmp_path):
+    path, raw = up_config(tmp_path)
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", raw["listen"]["port"]))
+        holder.listen()
+        result = subprocess.run(CLI + ["up", "--config", str(path), "--run-dir", str(tmp_path / "run")],
+                                capture_output=True, text=True, timeout=30, cwd=REPO)
+    assert result.returncode == 2
+    assert f"listen.port {raw['listen']['port']}" in result.stderr
+
+
+@pytest.mark.parametrize("command", ["serve", "up", "envoy-bootstrap"])
+def test_bad_config_stops_every_command_with_the_key_named(tmp_path, command):
+    path = tmp_path / "bad.yaml"
+    path.write_text("models: [m]\nlisten: {port: 70000}\n")
+    result = subprocess.run(CLI + [command, "--config", str(path)], capture_output=True, text=True, timeout=30,
+                            cwd=REPO)
+    assert result.returncode == 2
+    assert "listen.port: 70000 is out of range" in result.stderr
+
+
+def test_envoy_bootstrap_is_valid_for_envoy(tmp_path):
+    out = tmp_path / "bootstrap.yaml"
+    result = subprocess.run(CLI + ["envoy-bootstrap", "--node-id", "edge-1", "--xds-host", "control-plane",
+                                   "--admin-port", "9999", "-o", str(out)], capture_output=True, text=True,
+                            timeout=30, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    bootstrap = yaml.safe_load(out.read_text())
+    assert bootstrap["node"]["id"] == "edge-1"
+    assert bootstrap["admin"]["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": 9999}
+    endpoint = bootstrap["static_resources"]["clusters"][0]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]
+    assert endpoint["endpoint"]["address"]["socket_address"] == {"address": "control-plane", "port_value": 18000}
+    validate = subprocess.run([find_envoy(), "--mode", "validate", "-c", str(out)], capture_output=True, text=True,
+                              timeout=60)
+    assert validate.returncode == 0, validate.stdout + validate.stderr
+
+
+def test_serve_stops_cleanly_on_sigterm(tmp_path):
+    path, _ = up_config(tmp_path)
+    process = Process("serve", CLI + ["serve", "--config", str(path)], tmp_path)
+    wait_until(lambda: "xDS (ADS) listening" in process.log_text(), 20, "serve to start")
+    started = time.monotonic()
+    assert process.stop() == 0
+    assert time.monotonic() - started < 8

@@ -1,0 +1,85 @@
+"""The config file: what loads, and that every mistake names its key."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from control_plane.config import DEFAULT_CONFIG_PATH, ConfigError, load_config, parse_config
+
+
+def minimal(**extra) -> dict:
+    raw = {"models": [{"name": "m", "aliases": ["alias"]}], "backends": [{"url": "http://10.0.0.1:8000", "models": ["m"]}]}
+    raw.update(extra)
+    return raw
+
+
+def test_embedded_default_loads_with_two_models_and_two_engines():
+    config = load_config()
+    assert [m.name for m in config.models] == ["whisper-large-v3-turbo", "whisper-small"]
+    assert len(config.engines) == 2
+    assert {b.models for b in config.all_backends()} == {("whisper-large-v3-turbo",), ("whisper-small",)}
+    assert DEFAULT_CONFIG_PATH.exists()
+
+
+def test_defaults_fill_what_is_not_given():
+    config = parse_config(minimal())
+    assert config.listen.port == 8080 and config.listen.xds_port == 18000
+    assert config.timeouts.route_s == 600  # never Envoy's 15 s default
+    assert config.limits.max_upload_bytes == 25 * 1024 * 1024
+    assert config.backends[0].weight == 1 and config.backends[0].port == 8000
+
+
+def test_a_model_may_be_given_as_a_plain_name():
+    config = parse_config({"models": ["m"], "backends": []})
+    assert config.models[0].name == "m" and config.models[0].aliases == ()
+
+
+@pytest.mark.parametrize(
+    "raw,message",
+    [
+        ({"models": []}, "models: at least one model is required"),
+        (minimal(listen={"port": 0}), "listen.port: 0 is out of range"),
+        (minimal(listen={"port": "80"}), "listen.port: expected an integer"),
+        (minimal(listen={"port": 9000, "xds_port": 9000}), "listen: port, envoy_admin_port and xds_port must differ"),
+        (minimal(listen={"prot": 1}), "listen.prot: unknown key"),
+        (minimal(bakends=[]), "bakends: unknown key"),
+        (minimal(timeouts={"route_s": -1}), "timeouts.route_s: -1 is out of range"),
+        (minimal(limits={"max_upload_mb": "big"}), "limits.max_upload_mb: expected a number"),
+        ({"models": [{"aliases": []}]}, "models[0].name: required"),
+        ({"models": [{"name": "bad name"}]}, "models[0].name: 'bad name' is not a valid model name"),
+        ({"models": ["m", "m"]}, "models[1].name: 'm' is already used by model 'm'"),
+        ({"models": ["m", {"name": "n", "aliases": ["m"]}]}, "models[1].aliases[0]: 'm' is already used by model 'm'"),
+        (minimal(backends=[{"url": "http://h:1", "models": ["x"]}]), "backends[0].models[0]: 'x' is not a model name"),
+        (minimal(backends=[{"url": "http://h:1"}]), "backends[0].models: list the models"),
+        (minimal(backends=[{"url": "ftp://h:1", "models": ["m"]}]), "must start with http:// or https://"),
+        (minimal(backends=[{"url": "http://u:p@h:1", "models": ["m"]}]), "must not carry user info"),
+        (minimal(backends=[{"url": "http://h", "models": ["m"]}]), "needs an explicit port"),
+        (minimal(backends=[{"url": "http://h:99999", "models": ["m"]}]), "has an invalid port"),
+        (minimal(backends=[{"url": "http://h:1/v1", "models": ["m"]}]), "with no path"),
+        (minimal(backends=[{"url": "http://h:1", "models": ["m"], "weight": 0}]), "backends[0].weight: 0 is out of range"),
+        (minimal(backends=[{"url": "http://h:1", "models": ["m"]}, {"url": "http://h:1", "models": ["m"]}]),
+         "http://h:1 is listed twice"),
+        (minimal(engines=[{"kind": "gpu", "port": 1, "model": "m"}]), "engines[0].kind: expected one of"),
+        (minimal(engines=[{"kind": "simulated", "model": "m"}]), "engines[0].port: required"),
+        (minimal(engines=[{"kind": "simulated", "port": 1, "model": "m", "speeed": 2}]), "engines[0].speeed: unknown key"),
+        (minimal(engines=[{"kind": "simulated", "port": 1, "model": "m", "speed": -2}]), "engines[0].speed: expected a positive"),
+        ("just a string", "config: expected a mapping"),
+    ],
+)
+def test_mistakes_name_the_key_and_the_problem(raw, message):
+    with pytest.raises(ConfigError) as caught:
+        parse_config(raw)
+    assert message in str(caught.value)
+
+
+def test_unreadable_and_invalid_files_are_errors(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(tmp_path / "missing.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("models: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(broken)
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump(minimal()))
+    assert load_config(good).models[0].aliases == ("alias",)

@@ -1,0 +1,233 @@
+"""The control plane and real Envoys over real gRPC: reloads, NACKs, several Envoys, restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import signal
+import threading
+import time
+
+import pytest
+
+from control_plane.app import ControlPlane
+from control_plane.builders import build_resources
+from control_plane.config import parse_config
+from control_plane.discovery import resolve_fleet
+from control_plane.xds.snapshot import Snapshot
+from control_plane.xds.types import CLUSTER
+from tests.harness import (
+    Envoy,
+    GatewayConfigFile,
+    base_config,
+    engine_names_in,
+    free_port,
+    start_control_plane,
+    start_engine,
+    transcribe,
+    wait_until,
+)
+
+MODEL = "whisper-large-v3-turbo"
+OTHER = "whisper-small"
+
+
+def _host(url: str) -> str:
+    return url.removeprefix("http://")
+
+
+@pytest.fixture
+def engines(tmp_path):
+    started = [start_engine(tmp_path, MODEL, f"e{i}") for i in range(1, 3)]
+    yield [url for _, url in started]
+    for process, _ in started:
+        process.stop()
+
+
+def _served_by(url: str, model: str, names: list[str], count: int = 8) -> dict[str, int]:
+    text = ""
+    for _ in range(count):
+        response = transcribe(url, model)
+        assert response.status == 200, response.text
+        text += response.json()["text"]
+    return engine_names_in(text, names)
+
+
+def test_config_reload_changes_endpoints_and_traffic_follows(tmp_path, engines):
+    e1, e2 = engines
+    raw = base_config(free_port(), free_port(), [{"name": MODEL}], [{"url": e1, "models": [MODEL]}])
+    config = GatewayConfigFile(tmp_path / "gateway.yaml")
+    config.write(raw)
+    plane = start_control_plane(tmp_path, config.path)
+    envoy = Envoy(tmp_path, raw)
+    try:
+        envoy.wait_serving()
+        assert set(envoy.endpoints()[f"model:{MODEL}"]) == {_host(e1)}
+        assert _served_by(envoy.url, MODEL, ["e1", "e2"]) == {"e1": 8, "e2": 0}
+
+        # Swap e1 for e2: Envoy's endpoints change, and so does where requests go.
+        swapped = copy.deepcopy(raw)
+        swapped["backends"] = [{"url": e2, "models": [MODEL]}]
+        config.write(swapped)
+        plane.signal(signal.SIGHUP)
+        wait_until(lambda: set(envoy.endpoints()[f"model:{MODEL}"]) == {_host(e2)}, 10, "e2 to replace e1")
+        assert _served_by(envoy.url, MODEL, ["e1", "e2"]) == {"e1": 0, "e2": 8}
+
+        # A new model becomes routable; removing it again makes it unknown.
+        assert transcribe(envoy.url, OTHER).status == 404
+        other_engine, other_url = start_engine(tmp_path, OTHER, "o1")
+        with_model = copy.deepcopy(swapped)
+        with_model["models"].append({"name": OTHER})
+        with_model["backends"].append({"url": other_url, "models": [OTHER]})
+        config.write(with_model)
+        plane.signal(signal.SIGHUP)
+        wait_until(lambda: transcribe(envoy.url, OTHER).status == 200, 10, "the new model to be routable")
+        assert " o1 " in transcribe(envoy.url, OTHER).json()["text"]
+        config.write(swapped)
+        plane.signal(signal.SIGHUP)
+        wait_until(lambda: transcribe(envoy.url, OTHER).status == 404, 10, "the removed model to be unknown")
+        wait_until(lambda: f"model:{OTHER}" not in envoy.endpoints(), 10, "its cluster to go")
+        other_engine.stop()
+    finally:
+        envoy.stop()
+        plane.stop()
+
+
+def test_bad_config_on_reload_changes_nothing(tmp_path, engines):
+    e1, _ = engines
+    raw = base_config(free_port(), free_port(), [{"name": MODEL}], [{"url": e1, "models": [MODEL]}])
+    config = GatewayConfigFile(tmp_path / "gateway.yaml")
+    config.write(raw)
+    plane = start_control_plane(tmp_path, config.path)
+    envoy = Envoy(tmp_path, raw)
+    try:
+        envoy.wait_serving()
+        before = envoy.config_versions()
+        config.write_text(config.path.read_text() + "\nbakends: []\n")
+        plane.signal(signal.SIGHUP)
+        wait_until(lambda: "reload refused" in plane.log_text(), 10, "the refusal to be logged")
+        assert "bakends: unknown key" in plane.log_text()
+        assert plane.alive()
+        assert envoy.config_versions() == before
+        assert transcribe(envoy.url, MODEL).status == 200
+    finally:
+        envoy.stop()
+        plane.stop()
+
+
+class InProcessControlPlane:
+    """The real ControlPlane on its own event loop thread, so a test can hand it any snapshot."""
+
+    def __init__(self, raw: dict):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.plane = self.run(self._create(raw))
+        self.run(self.plane.start())
+
+    async def _create(self, raw: dict) -> ControlPlane:
+        return ControlPlane(parse_config(raw))
+
+    def run(self, coroutine, timeout: float = 30):
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def set_snapshot(self, snapshot: Snapshot) -> bool:
+        async def set_it():
+            return self.plane.cache.set_snapshot(snapshot)
+
+        return self.run(set_it())
+
+    def stop(self) -> None:
+        self.run(self.plane.stop(0))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+def test_rejected_resource_is_nacked_recorded_and_recovered_from(tmp_path, engines):
+    e1, e2 = engines
+    raw = base_config(free_port(), free_port(), [{"name": MODEL}], [{"url": e1, "models": [MODEL]}])
+    inproc = InProcessControlPlane(raw)
+    envoy = Envoy(tmp_path, raw)
+    try:
+        envoy.wait_serving()
+        good_versions = envoy.config_versions()
+        # Envoy validates what our builders do not: least-request needs at least two choices.
+        plane = inproc.plane
+        resources = build_resources(plane.config, plane.fleet, plane.lua_source)
+        resources[CLUSTER][0].least_request_lb_config.choice_count.value = 1
+        assert inproc.set_snapshot(Snapshot.from_resources(resources))
+
+        wait_until(lambda: plane.cache.nacks_total >= 1, 10, "a NACK")
+        nack = plane.cache.last_nack
+        assert nack.type_url == CLUSTER and "choice_count" in nack.message
+        assert envoy.stat("cluster_manager.cds.update_rejected") >= 1
+        # The last good configuration keeps serving, and the bad one is not resent in a loop.
+        assert envoy.config_versions()["CDS"] == good_versions["CDS"]
+        assert transcribe(envoy.url, MODEL).status == 200
+        time.sleep(1.5)
+        assert plane.cache.nacks_total == 1
+
+        fixed = copy.deepcopy(raw)
+        fixed["backends"].append({"url": e2, "models": [MODEL]})
+        inproc.run(plane.apply(parse_config(fixed)))
+        wait_until(lambda: set(envoy.endpoints()[f"model:{MODEL}"]) == {_host(e1), _host(e2)}, 10,
+                   "the fixed state to be applied")
+        current = plane.cache.snapshot.versions[CLUSTER]
+        wait_until(lambda: all(s.acked.get(CLUSTER) == current for s in plane.cache.envoys.values()), 10,
+                   "the fixed clusters to be ACKed")
+    finally:
+        envoy.stop()
+        inproc.stop()
+
+
+def test_two_envoys_restarts_of_either_side(tmp_path, engines):
+    e1, e2 = engines
+    raw = base_config(free_port(), free_port(), [{"name": MODEL}], [{"url": e1, "models": [MODEL]}])
+    config = GatewayConfigFile(tmp_path / "gateway.yaml")
+    config.write(raw)
+    plane = start_control_plane(tmp_path, config.path)
+    # Both Envoys take the same listener; they share its port (SO_REUSEPORT), as on separate hosts
+    # they would each own one. Their admin ports differ.
+    first = Envoy(tmp_path, raw, name="envoy-1")
+    second = Envoy(tmp_path, raw, name="envoy-2")
+    late = None
+    try:
+        first.wait_serving()
+        wait_until(lambda: second.config_versions() == first.config_versions(), 20, "the second Envoy to match")
+        assert set(second.endpoints()[f"model:{MODEL}"]) == {_host(e1)}
+
+        # An Envoy started later gets the same configuration.
+        second.stop()
+        late = Envoy(tmp_path, raw, name="envoy-late")
+        wait_until(lambda: late.config_versions() == first.config_versions(), 20, "the late Envoy to match")
+
+        # The control plane dies: Envoys keep serving their last configuration.
+        plane.kill()
+        assert transcribe(first.url, MODEL).status == 200
+        # It comes back with a changed fleet; the running Envoys re-join and apply it.
+        grown = copy.deepcopy(raw)
+        grown["backends"].append({"url": e2, "models": [MODEL]})
+        config.write(grown)
+        plane = start_control_plane(tmp_path, config.path, name="control-plane-2")
+        for envoy in (first, late):
+            wait_until(lambda envoy=envoy: set(envoy.endpoints()[f"model:{MODEL}"]) == {_host(e1), _host(e2)}, 20,
+                       f"{envoy.process.name} to re-join")
+        assert _served_by(first.url, MODEL, ["e1", "e2"], count=12)["e2"] > 0
+    finally:
+        for envoy in (first, second, late):
+            if envoy is not None:
+                envoy.stop()
+        plane.stop()
+
+
+def test_publish_refuses_an_inconsistent_snapshot(tmp_path):
+    """A route to a cluster that does not exist never reaches an Envoy."""
+    raw = base_config(free_port(), free_port(), [{"name": MODEL}], [{"url": "http://127.0.0.1:9", "models": [MODEL]}])
+    config = parse_config(raw)
+    fleet = asyncio.run(resolve_fleet(config))
+    resources = build_resources(config, fleet, "")
+    resources[CLUSTER] = [c for c in resources[CLUSTER] if c.name != f"model:{MODEL}"]
+    snapshot = Snapshot.from_resources(resources)
+    errors = snapshot.consistency_errors()
+    assert any("points at missing cluster" in e for e in errors)
+    assert any("has no cluster" in e for e in errors)
