@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1
 READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 10.0
+# Longest a stop waits for requests in flight through Envoy to finish.
+DRAIN_TIMEOUT_S = 30.0
 
 
 def _die_with_parent() -> None:
@@ -106,6 +108,22 @@ async def _wait_http_ok(session: aiohttp.ClientSession, url: str, deadline: floa
     raise TimeoutError(f"{url} not ready after {READY_TIMEOUT_S:.0f} s")
 
 
+async def _drain_envoy(session: aiohttp.ClientSession, admin: str, timeout: float) -> None:
+    """Stops new connections and waits (bounded) for requests in flight, so stopping loses none."""
+    try:
+        async with session.post(f"{admin}/drain_listeners?graceful&inboundonly"):
+            pass
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            async with session.get(f"{admin}/stats?filter=^http.whisper.downstream_rq_active$") as response:
+                text = await response.text()
+            if text.strip().endswith(": 0") or not text.strip():
+                return
+            await asyncio.sleep(0.1)
+    except aiohttp.ClientError:
+        pass
+
+
 async def _stop(children: list[Child]) -> None:
     for child in reversed(children):
         if child.process.returncode is None:
@@ -176,6 +194,8 @@ async def up(config: GatewayConfig, config_path: Path | None, run_dir: Path) -> 
                   run_dir / f"{dead.name}.log")
         status = 1
     stopper.cancel()
+    async with aiohttp.ClientSession() as session:
+        await _drain_envoy(session, f"http://127.0.0.1:{config.listen.envoy_admin_port}", DRAIN_TIMEOUT_S)
     await _stop(children)
     print("whisper-gateway stopped", flush=True)
     return status

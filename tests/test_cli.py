@@ -9,13 +9,14 @@ import signal
 import socket
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import yaml
 
 from control_plane.supervisor import find_envoy
-from tests.harness import PYTHON, REPO, Process, free_port, wait_until
+from tests.harness import PYTHON, REPO, Process, free_port, transcribe, wait_until
 
 CLI = [PYTHON, "-m", "control_plane"]
 
@@ -28,7 +29,7 @@ def up_config(tmp_path: Path) -> tuple[Path, dict]:
         "engines": [
             {"kind": "simulated", "port": free_port(), "model": "whisper-large-v3-turbo", "name": "turbo-a",
              "time_scale": 0.1},
-            {"kind": "simulated", "port": free_port(), "model": "whisper-small", "name": "small-a"},
+            {"kind": "simulated", "port": free_port(), "model": "whisper-small", "name": "small-a", "time_scale": 5},
         ],
     }
     path = tmp_path / "gateway.yaml"
@@ -63,7 +64,7 @@ def start_up(tmp_path: Path) -> tuple[Process, dict]:
 
 def test_up_prints_a_curl_line_that_works_and_stops_without_orphans(tmp_path):
     process, raw = start_up(tmp_path)
-    line = next(l for l in process.log_text().splitlines() if l.startswith("  curl "))
+    line = next(text for text in process.log_text().splitlines() if text.startswith("  curl "))
     result = subprocess.run(shlex.split(line), capture_output=True, timeout=30)
     assert result.returncode == 0, result.stderr
     answer = json.loads(result.stdout)
@@ -75,6 +76,21 @@ def test_up_prints_a_curl_line_that_works_and_stops_without_orphans(tmp_path):
     assert process.popen.wait(30) == 0
     wait_until(lambda: not any(alive(pid) for pid in children), 15, "every child to exit")
     assert "whisper-gateway stopped" in process.log_text()
+
+
+def test_stopping_up_lets_requests_in_flight_finish(tmp_path):
+    process, raw = start_up(tmp_path)
+    url = f"http://127.0.0.1:{raw['listen']['port']}"
+    # whisper-small's engine runs 5x slower than real time: 90 s of audio takes about 2 s, and
+    # the stop arrives while it runs.
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(transcribe, url, "whisper-small", 90)
+        time.sleep(0.5)
+        os.kill(process.popen.pid, signal.SIGTERM)
+        response = pending.result(30)
+    assert response.status == 200, response.text
+    assert "chunk 3 of 3" in response.json()["text"]
+    assert process.popen.wait(30) == 0
 
 
 def test_children_die_when_up_is_killed_outright(tmp_path):

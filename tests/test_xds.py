@@ -44,6 +44,17 @@ def engines(tmp_path):
         process.stop()
 
 
+def _serve_one_model(tmp_path, engine_url: str) -> tuple[dict, GatewayConfigFile, object]:
+    """A config file with MODEL on one engine, and a control plane serving it."""
+    raw = base_config(free_port(), free_port(), [{"name": MODEL}], [{"url": engine_url, "models": [MODEL]}])
+    config = GatewayConfigFile(tmp_path / "gateway.yaml")
+    config.write(raw)
+    return raw, config, start_control_plane(tmp_path, config.path)
+
+
+# Processes a test starts are stopped by the reap_processes fixture, pass or fail.
+
+
 def _served_by(url: str, model: str, names: list[str], count: int = 8) -> dict[str, int]:
     text = ""
     for _ in range(count):
@@ -55,64 +66,49 @@ def _served_by(url: str, model: str, names: list[str], count: int = 8) -> dict[s
 
 def test_config_reload_changes_endpoints_and_traffic_follows(tmp_path, engines):
     e1, e2 = engines
-    raw = base_config(free_port(), free_port(), [{"name": MODEL}], [{"url": e1, "models": [MODEL]}])
-    config = GatewayConfigFile(tmp_path / "gateway.yaml")
-    config.write(raw)
-    plane = start_control_plane(tmp_path, config.path)
+    raw, config, plane = _serve_one_model(tmp_path, e1)
     envoy = Envoy(tmp_path, raw)
-    try:
-        envoy.wait_serving()
-        assert set(envoy.endpoints()[f"model:{MODEL}"]) == {_host(e1)}
-        assert _served_by(envoy.url, MODEL, ["e1", "e2"]) == {"e1": 8, "e2": 0}
+    envoy.wait_serving()
+    assert set(envoy.endpoints()[f"model:{MODEL}"]) == {_host(e1)}
+    assert _served_by(envoy.url, MODEL, ["e1", "e2"]) == {"e1": 8, "e2": 0}
 
-        # Swap e1 for e2: Envoy's endpoints change, and so does where requests go.
-        swapped = copy.deepcopy(raw)
-        swapped["backends"] = [{"url": e2, "models": [MODEL]}]
-        config.write(swapped)
-        plane.signal(signal.SIGHUP)
-        wait_until(lambda: set(envoy.endpoints()[f"model:{MODEL}"]) == {_host(e2)}, 10, "e2 to replace e1")
-        assert _served_by(envoy.url, MODEL, ["e1", "e2"]) == {"e1": 0, "e2": 8}
+    # Swap e1 for e2: Envoy's endpoints change, and so does where requests go.
+    swapped = copy.deepcopy(raw)
+    swapped["backends"] = [{"url": e2, "models": [MODEL]}]
+    config.write(swapped)
+    plane.signal(signal.SIGHUP)
+    wait_until(lambda: set(envoy.endpoints()[f"model:{MODEL}"]) == {_host(e2)}, 10, "e2 to replace e1")
+    assert _served_by(envoy.url, MODEL, ["e1", "e2"]) == {"e1": 0, "e2": 8}
 
-        # A new model becomes routable; removing it again makes it unknown.
-        assert transcribe(envoy.url, OTHER).status == 404
-        other_engine, other_url = start_engine(tmp_path, OTHER, "o1")
-        with_model = copy.deepcopy(swapped)
-        with_model["models"].append({"name": OTHER})
-        with_model["backends"].append({"url": other_url, "models": [OTHER]})
-        config.write(with_model)
-        plane.signal(signal.SIGHUP)
-        wait_until(lambda: transcribe(envoy.url, OTHER).status == 200, 10, "the new model to be routable")
-        assert " o1 " in transcribe(envoy.url, OTHER).json()["text"]
-        config.write(swapped)
-        plane.signal(signal.SIGHUP)
-        wait_until(lambda: transcribe(envoy.url, OTHER).status == 404, 10, "the removed model to be unknown")
-        wait_until(lambda: f"model:{OTHER}" not in envoy.endpoints(), 10, "its cluster to go")
-        other_engine.stop()
-    finally:
-        envoy.stop()
-        plane.stop()
+    # A new model becomes routable; removing it again makes it unknown.
+    assert transcribe(envoy.url, OTHER).status == 404
+    _, other_url = start_engine(tmp_path, OTHER, "o1")
+    with_model = copy.deepcopy(swapped)
+    with_model["models"].append({"name": OTHER})
+    with_model["backends"].append({"url": other_url, "models": [OTHER]})
+    config.write(with_model)
+    plane.signal(signal.SIGHUP)
+    wait_until(lambda: transcribe(envoy.url, OTHER).status == 200, 10, "the new model to be routable")
+    assert " o1 " in transcribe(envoy.url, OTHER).json()["text"]
+    config.write(swapped)
+    plane.signal(signal.SIGHUP)
+    wait_until(lambda: transcribe(envoy.url, OTHER).status == 404, 10, "the removed model to be unknown")
+    wait_until(lambda: f"model:{OTHER}" not in envoy.endpoints(), 10, "its cluster to go")
 
 
 def test_bad_config_on_reload_changes_nothing(tmp_path, engines):
     e1, _ = engines
-    raw = base_config(free_port(), free_port(), [{"name": MODEL}], [{"url": e1, "models": [MODEL]}])
-    config = GatewayConfigFile(tmp_path / "gateway.yaml")
-    config.write(raw)
-    plane = start_control_plane(tmp_path, config.path)
+    raw, config, plane = _serve_one_model(tmp_path, e1)
     envoy = Envoy(tmp_path, raw)
-    try:
-        envoy.wait_serving()
-        before = envoy.config_versions()
-        config.write_text(config.path.read_text() + "\nbakends: []\n")
-        plane.signal(signal.SIGHUP)
-        wait_until(lambda: "reload refused" in plane.log_text(), 10, "the refusal to be logged")
-        assert "bakends: unknown key" in plane.log_text()
-        assert plane.alive()
-        assert envoy.config_versions() == before
-        assert transcribe(envoy.url, MODEL).status == 200
-    finally:
-        envoy.stop()
-        plane.stop()
+    envoy.wait_serving()
+    before = envoy.config_versions()
+    config.write_text(config.path.read_text() + "\nbakends: []\n")
+    plane.signal(signal.SIGHUP)
+    wait_until(lambda: "reload refused" in plane.log_text(), 10, "the refusal to be logged")
+    assert "bakends: unknown key" in plane.log_text()
+    assert plane.alive()
+    assert envoy.config_versions() == before
+    assert transcribe(envoy.url, MODEL).status == 200
 
 
 class InProcessControlPlane:
@@ -182,42 +178,33 @@ def test_rejected_resource_is_nacked_recorded_and_recovered_from(tmp_path, engin
 
 def test_two_envoys_restarts_of_either_side(tmp_path, engines):
     e1, e2 = engines
-    raw = base_config(free_port(), free_port(), [{"name": MODEL}], [{"url": e1, "models": [MODEL]}])
-    config = GatewayConfigFile(tmp_path / "gateway.yaml")
-    config.write(raw)
-    plane = start_control_plane(tmp_path, config.path)
+    raw, config, plane = _serve_one_model(tmp_path, e1)
     # Both Envoys take the same listener; they share its port (SO_REUSEPORT), as on separate hosts
     # they would each own one. Their admin ports differ.
     first = Envoy(tmp_path, raw, name="envoy-1")
     second = Envoy(tmp_path, raw, name="envoy-2")
-    late = None
-    try:
-        first.wait_serving()
-        wait_until(lambda: second.config_versions() == first.config_versions(), 20, "the second Envoy to match")
-        assert set(second.endpoints()[f"model:{MODEL}"]) == {_host(e1)}
 
-        # An Envoy started later gets the same configuration.
-        second.stop()
-        late = Envoy(tmp_path, raw, name="envoy-late")
-        wait_until(lambda: late.config_versions() == first.config_versions(), 20, "the late Envoy to match")
+    first.wait_serving()
+    wait_until(lambda: second.config_versions() == first.config_versions(), 20, "the second Envoy to match")
+    assert set(second.endpoints()[f"model:{MODEL}"]) == {_host(e1)}
 
-        # The control plane dies: Envoys keep serving their last configuration.
-        plane.kill()
-        assert transcribe(first.url, MODEL).status == 200
-        # It comes back with a changed fleet; the running Envoys re-join and apply it.
-        grown = copy.deepcopy(raw)
-        grown["backends"].append({"url": e2, "models": [MODEL]})
-        config.write(grown)
-        plane = start_control_plane(tmp_path, config.path, name="control-plane-2")
-        for envoy in (first, late):
-            wait_until(lambda envoy=envoy: set(envoy.endpoints()[f"model:{MODEL}"]) == {_host(e1), _host(e2)}, 20,
-                       f"{envoy.process.name} to re-join")
-        assert _served_by(first.url, MODEL, ["e1", "e2"], count=12)["e2"] > 0
-    finally:
-        for envoy in (first, second, late):
-            if envoy is not None:
-                envoy.stop()
-        plane.stop()
+    # An Envoy started later gets the same configuration.
+    second.stop()
+    late = Envoy(tmp_path, raw, name="envoy-late")
+    wait_until(lambda: late.config_versions() == first.config_versions(), 20, "the late Envoy to match")
+
+    # The control plane dies: Envoys keep serving their last configuration.
+    plane.kill()
+    assert transcribe(first.url, MODEL).status == 200
+    # It comes back with a changed fleet; the running Envoys re-join and apply it.
+    grown = copy.deepcopy(raw)
+    grown["backends"].append({"url": e2, "models": [MODEL]})
+    config.write(grown)
+    plane = start_control_plane(tmp_path, config.path, name="control-plane-2")
+    for envoy in (first, late):
+        wait_until(lambda envoy=envoy: set(envoy.endpoints()[f"model:{MODEL}"]) == {_host(e1), _host(e2)}, 20,
+                   f"{envoy.process.name} to re-join")
+    assert _served_by(first.url, MODEL, ["e1", "e2"], count=12)["e2"] > 0
 
 
 def test_publish_refuses_an_inconsistent_snapshot(tmp_path):
