@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 DEBIAN_PACKAGES := curl
 
-.PHONY: up test deps venv clean
+.PHONY: up test bench deps venv clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ up: venv
 
 test: deps venv
 	$(BIN)/pytest -q
+
+# Benchmarks (not tests): numbers for the docs and the release notes.
+bench: venv
+	$(BIN)/python -m bench.parse_cost
+	$(BIN)/python -m bench.reaction_time --trials 20
 
 clean:
 	rm -rf $(VENV) .pytest_cache .gateway-run

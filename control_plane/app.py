@@ -8,8 +8,12 @@ import signal
 from dataclasses import replace
 from pathlib import Path
 
+from aiohttp import web
+
+from control_plane.admin import build_admin_app
+from control_plane.balancer import Balancer
 from control_plane.bootstrap import read_lua_filter
-from control_plane.builders import build_resources
+from control_plane.builders import build_load_assignments, build_resources
 from control_plane.config import ConfigError, GatewayConfig, load_config
 from control_plane.discovery import resolve_fleet
 from control_plane.fleet import Fleet
@@ -31,18 +35,32 @@ class ControlPlane:
         self.lua_source = lua_source if lua_source is not None else read_lua_filter()
         self.cache = SnapshotCache()
         self.fleet: Fleet | None = None
+        self.balancer = Balancer(self, config.routing)
         self._server = None
+        self._admin: web.AppRunner | None = None
+        self._balancing: asyncio.Task | None = None
         self._publishing = asyncio.Lock()
 
     async def start(self) -> None:
         """Publishes the first snapshot before Envoy can connect, so no Envoy sees an empty one."""
+        listen = self.config.listen
         await self.apply(self.config)
-        self._server = await start_ads_server(self.cache, self.config.listen.xds_address, self.config.listen.xds_port)
-        log.info("xDS (ADS) listening on %s:%d", self.config.listen.xds_address, self.config.listen.xds_port)
+        self._admin = web.AppRunner(build_admin_app(self), access_log=None)
+        await self._admin.setup()
+        await web.TCPSite(self._admin, listen.admin_address, listen.admin_port).start()
+        self._server = await start_ads_server(self.cache, listen.xds_address, listen.xds_port)
+        self._balancing = asyncio.create_task(self.balancer.run())
+        log.info("status on http://%s:%d/status", listen.admin_address, listen.admin_port)
+        log.info("xDS (ADS) listening on %s:%d", listen.xds_address, listen.xds_port)
 
     async def stop(self, grace: float = 2.0) -> None:
+        if self._balancing is not None:
+            self._balancing.cancel()
+            await asyncio.gather(self._balancing, return_exceptions=True)
         if self._server is not None:
             await self._server.stop(grace)
+        if self._admin is not None:
+            await self._admin.cleanup()
 
     async def reload(self) -> bool:
         """Re-reads the config file; a bad file changes nothing."""
@@ -51,24 +69,39 @@ class ControlPlane:
         except ConfigError as error:
             log.error("reload refused, keeping the running config: %s", error)
             return False
-        if (config.listen.xds_address, config.listen.xds_port) != (self.config.listen.xds_address,
-                                                                   self.config.listen.xds_port):
-            log.warning("listen.xds_address/xds_port changes take effect on restart only")
-            config = replace(config, listen=replace(config.listen, xds_address=self.config.listen.xds_address,
-                                                    xds_port=self.config.listen.xds_port))
+        running = self.config.listen
+        fixed = {"xds_address": running.xds_address, "xds_port": running.xds_port,
+                 "admin_address": running.admin_address, "admin_port": running.admin_port}
+        if any(getattr(config.listen, key) != value for key, value in fixed.items()):
+            log.warning("listen.xds_* and listen.admin_* changes take effect on restart only")
+            config = replace(config, listen=replace(config.listen, **fixed))
         try:
             await self.apply(config)
         except InconsistentSnapshot as error:
             log.error("reload refused, keeping the running config: %s", error)
             return False
+        self.balancer.configure(config.routing)
         log.info("config reloaded from %s", self.config_path)
         return True
 
     async def apply(self, config: GatewayConfig) -> None:
         fleet = await resolve_fleet(config)
+        if self.fleet is not None:  # endpoints that stay keep their load-derived weights
+            keep = fleet.endpoint_keys()
+            fleet = replace(fleet, weights={k: w for k, w in self.fleet.weights.items() if k in keep})
         async with self._publishing:
             await self.publish(Snapshot.from_resources(build_resources(config, fleet, self.lua_source)))
             self.config, self.fleet = config, fleet
+
+    async def set_weights(self, weights: dict[tuple[str, str], int]) -> None:
+        """Publishes new endpoint weights; only the endpoints are rebuilt and sent."""
+        async with self._publishing:
+            fleet = self.fleet
+            keep = fleet.endpoint_keys()
+            fleet = replace(fleet, weights={k: w for k, w in weights.items() if k in keep})
+            current = self.cache.snapshot
+            self.cache.set_snapshot(current.with_type(ENDPOINT, build_load_assignments(fleet)))
+            self.fleet = fleet
 
     async def publish(self, snapshot: Snapshot) -> None:
         """Make before break: a removed cluster goes only after every Envoy stopped routing to it."""
@@ -97,7 +130,8 @@ async def serve(config_path: Path | None) -> int:
     try:
         await plane.start()
     except OSError as error:
-        log.error("%s", error)
+        log.error("cannot start: %s", error)
+        await plane.stop(0)
         return 1
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

@@ -25,6 +25,11 @@ def _parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the control plane (xDS server); SIGHUP reloads the config")
     serve.add_argument("--config", type=Path, help="gateway YAML (default: the embedded one)")
 
+    status = commands.add_parser("status", help="show every endpoint's load, weight and metric freshness")
+    status.add_argument("--config", type=Path, help="gateway YAML, for the status address (default: the embedded one)")
+    status.add_argument("--url", help="the control plane's API (default: http://listen.admin_address:admin_port)")
+    status.add_argument("--json", action="store_true", help="print the raw JSON report")
+
     boot = commands.add_parser("envoy-bootstrap", help="write Envoy's bootstrap for this config")
     boot.add_argument("--config", type=Path, help="gateway YAML (default: the embedded one)")
     boot.add_argument("--node-id", default=None, help="Envoy node id (default: envoy-<hostname>)")
@@ -46,6 +51,8 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as error:
         print(f"whisper-gateway: {error}", file=sys.stderr)
         sys.exit(2)
+    if args.command == "status":
+        sys.exit(_status(args, config))
     if args.command == "envoy-bootstrap":
         text = render_bootstrap(BOOTSTRAP_TEMPLATE.read_text(), config, node_id=args.node_id or default_node_id(),
                                 xds_host=args.xds_host, admin_port=args.admin_port)
@@ -58,3 +65,21 @@ def main(argv: list[str] | None = None) -> None:
 
     run_dir = args.run_dir or Path(tempfile.mkdtemp(prefix="whisper-gateway-"))
     sys.exit(asyncio.run(up(config, args.config, run_dir)))
+
+
+def _status(args: argparse.Namespace, config) -> int:
+    import json
+    import urllib.error
+    import urllib.request
+
+    from control_plane.status import render_table
+
+    url = (args.url or f"http://{config.listen.admin_address}:{config.listen.admin_port}").rstrip("/") + "/status"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            report = json.load(response)
+    except (urllib.error.URLError, OSError) as error:
+        print(f"whisper-gateway: cannot reach the control plane at {url}: {error}", file=sys.stderr)
+        return 1
+    print(json.dumps(report, indent=2) if args.json else render_table(report))
+    return 0

@@ -32,6 +32,9 @@ class ListenConfig:
     envoy_admin_port: int = 9901
     xds_address: str = "127.0.0.1"
     xds_port: int = 18000
+    # The control plane's own HTTP API (status); loopback unless you mean otherwise.
+    admin_address: str = "127.0.0.1"
+    admin_port: int = 18001
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,19 @@ class LimitsConfig:
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
+
+
+@dataclass(frozen=True)
+class RoutingConfig:
+    """How engine load becomes endpoint weights (see control_plane/policy.py)."""
+
+    load_aware: bool = True
+    scrape_interval_s: float = 0.25
+    scrape_timeout_s: float = 0.2
+    stale_after_s: float = 1.0
+    hysteresis: float = 0.2
+    # Envoy holds weight-only updates this long to merge them; its 1 s default delays reactions.
+    update_merge_window_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -94,6 +110,7 @@ class GatewayConfig:
     listen: ListenConfig = ListenConfig()
     timeouts: TimeoutsConfig = TimeoutsConfig()
     limits: LimitsConfig = LimitsConfig()
+    routing: RoutingConfig = RoutingConfig()
     models: tuple[ModelConfig, ...] = ()
     backends: tuple[BackendConfig, ...] = ()
     engines: tuple[EngineConfig, ...] = ()
@@ -160,7 +177,8 @@ def _model_name(value: Any, key: str) -> str:
 
 def _read_listen(raw: Any) -> ListenConfig:
     section = _mapping(raw, "listen")
-    _reject_unknown(section, {"address", "port", "envoy_admin_port", "xds_address", "xds_port"}, "listen")
+    _reject_unknown(section, {"address", "port", "envoy_admin_port", "xds_address", "xds_port", "admin_address",
+                              "admin_port"}, "listen")
     d = ListenConfig()
     listen = ListenConfig(
         address=_address(section, "address", "listen", d.address),
@@ -168,10 +186,13 @@ def _read_listen(raw: Any) -> ListenConfig:
         envoy_admin_port=_port(section, "envoy_admin_port", "listen", d.envoy_admin_port),
         xds_address=_address(section, "xds_address", "listen", d.xds_address),
         xds_port=_port(section, "xds_port", "listen", d.xds_port),
+        admin_address=_address(section, "admin_address", "listen", d.admin_address),
+        admin_port=_port(section, "admin_port", "listen", d.admin_port),
     )
-    ports = {"port": listen.port, "envoy_admin_port": listen.envoy_admin_port, "xds_port": listen.xds_port}
+    ports = {"port": listen.port, "envoy_admin_port": listen.envoy_admin_port, "xds_port": listen.xds_port,
+             "admin_port": listen.admin_port}
     if len(set(ports.values())) != len(ports):
-        raise ConfigError(f"listen: port, envoy_admin_port and xds_port must differ, got {ports}")
+        raise ConfigError(f"listen: port, envoy_admin_port, xds_port and admin_port must differ, got {ports}")
     return listen
 
 
@@ -190,6 +211,30 @@ def _read_limits(raw: Any) -> LimitsConfig:
     section = _mapping(raw, "limits")
     _reject_unknown(section, {"max_upload_mb"}, "limits")
     return LimitsConfig(max_upload_mb=_number(section, "max_upload_mb", "limits", LimitsConfig().max_upload_mb, 0.01, 1024))
+
+
+def _read_routing(raw: Any) -> RoutingConfig:
+    section = _mapping(raw, "routing")
+    d = RoutingConfig()
+    _reject_unknown(section, set(d.__dataclass_fields__), "routing")
+    load_aware = section.get("load_aware", d.load_aware)
+    if not isinstance(load_aware, bool):
+        raise ConfigError(f"routing.load_aware: expected true or false, got {load_aware!r}")
+    routing = RoutingConfig(
+        load_aware=load_aware,
+        scrape_interval_s=_number(section, "scrape_interval_s", "routing", d.scrape_interval_s, 0.05, 60),
+        scrape_timeout_s=_number(section, "scrape_timeout_s", "routing", d.scrape_timeout_s, 0.01, 60),
+        stale_after_s=_number(section, "stale_after_s", "routing", d.stale_after_s, 0.05, 3600),
+        hysteresis=_number(section, "hysteresis", "routing", d.hysteresis, 0, 0.9),
+        update_merge_window_s=_number(section, "update_merge_window_s", "routing", d.update_merge_window_s, 0, 10),
+    )
+    if routing.scrape_timeout_s >= routing.scrape_interval_s:
+        raise ConfigError(f"routing.scrape_timeout_s: {routing.scrape_timeout_s} must be shorter than "
+                          f"scrape_interval_s ({routing.scrape_interval_s})")
+    if routing.stale_after_s < routing.scrape_interval_s:
+        raise ConfigError(f"routing.stale_after_s: {routing.stale_after_s} must be at least "
+                          f"scrape_interval_s ({routing.scrape_interval_s})")
+    return routing
 
 
 def _read_models(raw: Any) -> tuple[ModelConfig, ...]:
@@ -290,7 +335,7 @@ def _read_engines(raw: Any, served: set[str]) -> tuple[EngineConfig, ...]:
 
 
 SIMULATED_OPTIONS = {"max_num_seqs": int, "speed": float, "time_scale": float, "seconds_per_chunk": float,
-                     "batch_penalty": float}
+                     "seconds_per_request": float, "batch_penalty": float}
 
 
 def _engine_options(kind: str, section: dict, key: str) -> dict:
@@ -309,7 +354,7 @@ def _engine_options(kind: str, section: dict, key: str) -> dict:
 def parse_config(raw: Any) -> GatewayConfig:
     """Builds a config from parsed YAML; raises ConfigError naming the first bad key."""
     top = _mapping(raw, "config")
-    _reject_unknown(top, {"listen", "timeouts", "limits", "models", "backends", "engines"}, "")
+    _reject_unknown(top, {"listen", "timeouts", "limits", "routing", "models", "backends", "engines"}, "")
     models = _read_models(top.get("models"))
     if not models:
         raise ConfigError("models: at least one model is required")
@@ -318,6 +363,7 @@ def parse_config(raw: Any) -> GatewayConfig:
         listen=_read_listen(top.get("listen")),
         timeouts=_read_timeouts(top.get("timeouts")),
         limits=_read_limits(top.get("limits")),
+        routing=_read_routing(top.get("routing")),
         models=models,
         backends=_read_backends(top.get("backends"), served),
         engines=_read_engines(top.get("engines"), served),

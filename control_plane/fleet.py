@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from control_plane.config import ModelConfig
 
@@ -23,6 +23,14 @@ class Backend:
 class Fleet:
     models: tuple[ModelConfig, ...]
     backends: tuple[Backend, ...]
+    # Load-derived weights by (backend id, model); an endpoint without one uses its base weight.
+    weights: dict[tuple[str, str], int] = field(default_factory=dict)
+
+    def weight(self, backend: Backend, model: str) -> int:
+        return self.weights.get((backend.id, model), backend.weight)
+
+    def endpoint_keys(self) -> set[tuple[str, str]]:
+        return {(b.id, model) for b in self.backends for model in b.models}
 
     def model_names(self) -> tuple[str, ...]:
         return tuple(m.name for m in self.models)

@@ -64,7 +64,8 @@ def ports_in_use(config: GatewayConfig) -> list[str]:
     """Ports `up` would bind that something else holds already, named by their config key."""
     wanted = [("listen.port", config.listen.address, config.listen.port),
               ("listen.envoy_admin_port", "127.0.0.1", config.listen.envoy_admin_port),
-              ("listen.xds_port", config.listen.xds_address, config.listen.xds_port)]
+              ("listen.xds_port", config.listen.xds_address, config.listen.xds_port),
+              ("listen.admin_port", config.listen.admin_address, config.listen.admin_port)]
     wanted += [(f"engines[{i}].port", "127.0.0.1", e.port) for i, e in enumerate(config.engines)]
     busy = []
     for key, host, port in wanted:
@@ -180,6 +181,7 @@ async def up(config: GatewayConfig, config_path: Path | None, run_dir: Path) -> 
         return 1
 
     print(f"whisper-gateway is up: audio to http://{host}:{config.listen.port}, "
+          f"status http://{config.listen.admin_address}:{config.listen.admin_port}/status (or `whisper-gateway status`), "
           f"Envoy admin http://127.0.0.1:{config.listen.envoy_admin_port}, logs in {run_dir}", flush=True)
     print("try:", flush=True)
     print(f"  {example_command(config, sample)}", flush=True)

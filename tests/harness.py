@@ -227,7 +227,7 @@ class Envoy:
 def base_config(xds_port: int, listen_port: int, models: list, backends: list, **sections) -> dict:
     raw = {
         "listen": {"address": "127.0.0.1", "port": listen_port, "xds_port": xds_port,
-                   "envoy_admin_port": free_port()},
+                   "envoy_admin_port": free_port(), "admin_port": free_port()},
         "models": models,
         "backends": backends,
     }
@@ -237,3 +237,43 @@ def base_config(xds_port: int, listen_port: int, models: list, backends: list, *
 
 def engine_names_in(text: str, names: list[str]) -> dict[str, int]:
     return {name: text.count(f" {name} ") for name in names}
+
+
+class LoadGenerator:
+    """Threads that keep sending clips to one URL, bounded in time and count, until stopped."""
+
+    def __init__(self, base_url: str, model: str, concurrency: int, seconds: float = 30.0,
+                 max_seconds: float = 60.0, max_requests: int = 2000):
+        import threading
+
+        self._stop = threading.Event()
+        self._deadline = time.monotonic() + max_seconds
+        self._budget = max_requests
+        self._lock = threading.Lock()
+        self.statuses: list[int] = []
+        self._threads = [threading.Thread(target=self._run, args=(base_url, model, seconds), daemon=True)
+                         for _ in range(concurrency)]
+        for thread in self._threads:
+            thread.start()
+
+    def _take(self) -> bool:
+        with self._lock:
+            if self._stop.is_set() or time.monotonic() > self._deadline or self._budget <= 0:
+                return False
+            self._budget -= 1
+            return True
+
+    def _run(self, base_url: str, model: str, seconds: float) -> None:
+        while self._take():
+            try:
+                status = transcribe(base_url, model, seconds=seconds, extra=[("language", "en", None)]).status
+            except OSError:
+                status = 0
+            with self._lock:
+                self.statuses.append(status)
+
+    def stop(self) -> list[int]:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(60)
+        return self.statuses

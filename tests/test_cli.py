@@ -24,7 +24,7 @@ CLI = [PYTHON, "-m", "control_plane"]
 def up_config(tmp_path: Path) -> tuple[Path, dict]:
     raw = {
         "listen": {"address": "127.0.0.1", "port": free_port(), "envoy_admin_port": free_port(),
-                   "xds_port": free_port()},
+                   "xds_port": free_port(), "admin_port": free_port()},
         "models": [{"name": "whisper-large-v3-turbo", "aliases": ["whisper-1"]}, {"name": "whisper-small"}],
         "engines": [
             {"kind": "simulated", "port": free_port(), "model": "whisper-large-v3-turbo", "name": "turbo-a",

@@ -41,7 +41,7 @@ def test_a_model_may_be_given_as_a_plain_name():
         ({"models": []}, "models: at least one model is required"),
         (minimal(listen={"port": 0}), "listen.port: 0 is out of range"),
         (minimal(listen={"port": "80"}), "listen.port: expected an integer"),
-        (minimal(listen={"port": 9000, "xds_port": 9000}), "listen: port, envoy_admin_port and xds_port must differ"),
+        (minimal(listen={"port": 9000, "xds_port": 9000}), "listen: port, envoy_admin_port, xds_port and admin_port must differ"),
         (minimal(listen={"prot": 1}), "listen.prot: unknown key"),
         (minimal(bakends=[]), "bakends: unknown key"),
         (minimal(timeouts={"route_s": -1}), "timeouts.route_s: -1 is out of range"),
@@ -65,6 +65,11 @@ def test_a_model_may_be_given_as_a_plain_name():
         (minimal(engines=[{"kind": "simulated", "port": 1, "model": "m", "speeed": 2}]), "engines[0].speeed: unknown key"),
         (minimal(engines=[{"kind": "simulated", "port": 1, "model": "m", "speed": -2}]), "engines[0].speed: expected a positive"),
         ("just a string", "config: expected a mapping"),
+        (minimal(routing={"scrape_interval_s": 0.25, "scrape_timeout_s": 0.3}), "routing.scrape_timeout_s: 0.3 must be shorter"),
+        (minimal(routing={"stale_after_s": 0.1}), "routing.stale_after_s: 0.1 must be at least"),
+        (minimal(routing={"load_aware": "yes"}), "routing.load_aware: expected true or false"),
+        (minimal(routing={"hysteresis": 2}), "routing.hysteresis: 2 is out of range"),
+        (minimal(routing={"interval": 1}), "routing.interval: unknown key"),
     ],
 )
 def test_mistakes_name_the_key_and_the_problem(raw, message):

@@ -35,7 +35,8 @@ def samples(url: str) -> dict[str, float]:
     for family in text_string_to_metric_families(request("GET", url + "/metrics").text):
         for sample in family.samples:
             if sample.labels.get("model_name") == MODEL:
-                key = sample.name + (f"[{sample.labels['finished_reason']}]" if "finished_reason" in sample.labels else "")
+                reason = sample.labels.get("finished_reason")
+                key = sample.name + (f"[{reason}]" if reason else "")
                 values[key] = sample.value
     return values
 
@@ -128,3 +129,29 @@ def test_missing_language_costs_a_detection_request(engine):
     before = samples(engine)["vllm:request_success_total[stop]"]
     assert post(engine, clip()).status == 200
     assert samples(engine)["vllm:request_success_total[stop]"] - before == 2
+
+
+@pytest.mark.parametrize("body,param", [(b'{"metrics": "bogus"}', "metrics"), (b'{"nope": "ok"}', "nope"),
+                                        (b"not json", None), (b"[1]", None)])
+def test_fault_switch_rejects_bad_input(engine, body, param):
+    response = request("POST", engine + "/_sim/faults", body, {"Content-Type": "application/json"})
+    assert response.status == 400
+    assert response.json()["error"]["param"] == param
+    assert request("GET", engine + "/_sim/faults").json() == {"metrics": "ok"}
+
+
+def test_metrics_faults_switch_on_and_off(engine):
+    def switch(mode):
+        return request("POST", engine + "/_sim/faults", json.dumps({"metrics": mode}).encode(),
+                       {"Content-Type": "application/json"})
+
+    try:
+        assert switch("error").json() == {"metrics": "error"}
+        assert request("GET", engine + "/metrics").status == 500
+        switch("hang")
+        with pytest.raises(OSError):
+            request("GET", engine + "/metrics", timeout=0.5)
+        assert post(engine, clip(), ("language", "en", None)).status == 200  # serving is unaffected
+    finally:
+        switch("ok")
+    assert request("GET", engine + "/metrics").status == 200

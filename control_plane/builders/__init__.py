@@ -12,6 +12,11 @@ from control_plane.xds.snapshot import Resources
 from control_plane.xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE
 
 
+def build_load_assignments(fleet: Fleet) -> list:
+    """Endpoints alone: what a weight change rebuilds."""
+    return [build_load_assignment(model, fleet) for model in fleet.model_names()]
+
+
 def build_resources(config: GatewayConfig, fleet: Fleet, lua_source: str) -> Resources:
     """Everything Envoy needs for this fleet, by type URL."""
     models = fleet.model_names()
@@ -19,5 +24,5 @@ def build_resources(config: GatewayConfig, fleet: Fleet, lua_source: str) -> Res
         LISTENER: [build_listener(config, lua_source)],
         ROUTE: [build_route_configuration(config, fleet)],
         CLUSTER: [build_cluster(model, config) for model in models] + [build_unrouted_cluster()],
-        ENDPOINT: [build_load_assignment(model, fleet.backends_for(model)) for model in models],
+        ENDPOINT: build_load_assignments(fleet),
     }

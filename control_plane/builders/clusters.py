@@ -33,7 +33,10 @@ def build_cluster(model: str, config: GatewayConfig) -> cluster_pb2.Cluster:
         connect_timeout=seconds(config.timeouts.connect_s),
         lb_policy=cluster_pb2.Cluster.LEAST_REQUEST,
         # Envoy's 50% panic default would spray traffic onto unhealthy engines of a small fleet.
-        common_lb_config=cluster_pb2.Cluster.CommonLbConfig(healthy_panic_threshold=percent_pb2.Percent(value=0.0)),
+        common_lb_config=cluster_pb2.Cluster.CommonLbConfig(
+            healthy_panic_threshold=percent_pb2.Percent(value=0.0),
+            update_merge_window=seconds(config.routing.update_merge_window_s),
+        ),
         typed_extension_protocol_options={HTTP_PROTOCOL_OPTIONS: pack(protocol)},
     )
 

@@ -7,10 +7,10 @@ from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from google.protobuf import wrappers_pb2
 
 from control_plane.builders.names import cluster_name
-from control_plane.fleet import Backend
+from control_plane.fleet import Backend, Fleet
 
 
-def _lb_endpoint(backend: Backend) -> endpoint_components_pb2.LbEndpoint:
+def _lb_endpoint(backend: Backend, weight: int) -> endpoint_components_pb2.LbEndpoint:
     address = address_pb2.Address(
         socket_address=address_pb2.SocketAddress(address=backend.address, port_value=backend.port)
     )
@@ -18,11 +18,12 @@ def _lb_endpoint(backend: Backend) -> endpoint_components_pb2.LbEndpoint:
     return endpoint_components_pb2.LbEndpoint(
         endpoint=endpoint_components_pb2.Endpoint(address=address, hostname=backend.id),
         health_status=status,
-        load_balancing_weight=wrappers_pb2.UInt32Value(value=backend.weight),
+        load_balancing_weight=wrappers_pb2.UInt32Value(value=weight),
     )
 
 
-def build_load_assignment(model: str, backends: tuple[Backend, ...]) -> endpoint_pb2.ClusterLoadAssignment:
-    ordered = sorted(backends, key=lambda b: (b.address, b.port))
-    endpoints = [endpoint_components_pb2.LocalityLbEndpoints(lb_endpoints=[_lb_endpoint(b) for b in ordered])]
+def build_load_assignment(model: str, fleet: Fleet) -> endpoint_pb2.ClusterLoadAssignment:
+    ordered = sorted(fleet.backends_for(model), key=lambda b: (b.address, b.port))
+    lb_endpoints = [_lb_endpoint(b, fleet.weight(b, model)) for b in ordered]
+    endpoints = [endpoint_components_pb2.LocalityLbEndpoints(lb_endpoints=lb_endpoints)]
     return endpoint_pb2.ClusterLoadAssignment(cluster_name=cluster_name(model), endpoints=endpoints if ordered else [])

@@ -3,7 +3,9 @@
 Per stream and per type: a nonce on every response, stale requests ignored, ACK when the
 request echoes the sent version, NACK when it carries error_detail (recorded, and the same bad
 version is never resent). Responses go out in make-before-break order and only on change; a
-listener or route is held back until the clusters it needs have their endpoints.
+listener or route is held back until the clusters it needs have their endpoints. Endpoints
+and routes (subscribed by name) are sent as only the resources that changed; Envoy keeps the
+ones a response leaves out.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import asyncio
 import itertools
 import logging
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
@@ -39,6 +41,7 @@ class _TypeState:
     names: frozenset[str] | None = None  # None: wildcard
     sent_version: str | None = None
     sent_names: frozenset[str] | None = None
+    sent_hashes: dict[str, str] = field(default_factory=dict)  # per resource, for types fetched by name
     nonce: str = ""
     answered: bool = False  # Envoy ACKed or NACKed the latest response
     resend: bool = False
@@ -85,16 +88,33 @@ class AdsStream:
                 continue
             if type_url in (LISTENER, ROUTE) and not self._clusters_ready(snapshot):
                 continue
+            names = self._names_to_send(type_url, state, snapshot)
+            if names is not None and not names:
+                # Nothing this Envoy asked for changed; it is up to date with this version.
+                state.sent_version = version
+                continue
             nonce = str(next(self._nonces))
             out.append(discovery_pb2.DiscoveryResponse(
-                version_info=version, resources=snapshot.select(type_url, state.names), type_url=type_url, nonce=nonce,
+                version_info=version, resources=snapshot.select(type_url, names), type_url=type_url, nonce=nonce,
             ))
+            if names is not None:
+                state.sent_hashes.update({n: snapshot.hashes[type_url][n] for n in names if n in snapshot.hashes[type_url]})
             state.sent_version, state.sent_names, state.nonce = version, state.names, nonce
             state.answered, state.resend = False, False
             if type_url == CLUSTER:
                 # A changed cluster warms until its endpoints arrive, even when its name did not change.
                 self.types[ENDPOINT].resend = True
         return out
+
+    @staticmethod
+    def _names_to_send(type_url: str, state: _TypeState, snapshot: Snapshot) -> frozenset[str] | None:
+        """None: everything (wildcard types). Else the asked names whose content this stream lacks."""
+        if state.names is None:
+            return None
+        current = snapshot.hashes[type_url]
+        if state.resend or state.sent_names != state.names:
+            return frozenset(n for n in state.names if n in current)
+        return frozenset(n for n in state.names if n in current and state.sent_hashes.get(n) != current[n])
 
     def _clusters_ready(self, snapshot: Snapshot) -> bool:
         """Clusters applied and every one of them given its endpoints: routes may now point at them."""

@@ -1,7 +1,8 @@
 """An immutable, versioned set of Envoy resources, checked for consistency before it is served.
 
 Versions are content hashes per type: equal content gives an equal version, also across
-control-plane restarts, so a stream sends a type only when that type really changed.
+control-plane restarts, so a stream sends a type only when that type really changed. Each
+resource has its own hash too, so endpoints and routes (fetched by name) can be sent alone.
 """
 
 from __future__ import annotations
@@ -29,14 +30,12 @@ def resource_name(message: Message) -> str:
     return message.name
 
 
-def _version(named: dict[str, bytes]) -> str:
-    digest = hashlib.sha256()
-    for name in sorted(named):
-        digest.update(name.encode())
-        digest.update(b"\0")
-        digest.update(named[name])
-        digest.update(b"\0")
-    return digest.hexdigest()[:16]
+def _hash(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def _version(hashes: dict[str, str]) -> str:
+    return _hash("\0".join(f"{name}={hashes[name]}" for name in sorted(hashes)).encode())
 
 
 @dataclass(frozen=True)
@@ -44,19 +43,30 @@ class Snapshot:
     versions: dict[str, str]
     resources: dict[str, dict[str, Message]]
     packed: dict[str, dict[str, any_pb2.Any]]
+    hashes: dict[str, dict[str, str]]
 
     @classmethod
     def from_resources(cls, resources: Resources) -> "Snapshot":
-        versions, by_name, packed = {}, {}, {}
+        snapshot = cls(versions={}, resources={}, packed={}, hashes={})
         for type_url in SEND_ORDER:
-            messages = {resource_name(m): m for m in resources.get(type_url, [])}
-            if len(messages) != len(resources.get(type_url, [])):
-                raise ValueError(f"duplicate resource names in {type_url}")
-            serialized = {name: m.SerializeToString(deterministic=True) for name, m in messages.items()}
-            versions[type_url] = _version(serialized)
-            by_name[type_url] = messages
-            packed[type_url] = {name: _pack(m) for name, m in messages.items()}
-        return cls(versions=versions, resources=by_name, packed=packed)
+            snapshot._set_type(type_url, resources.get(type_url, []))
+        return snapshot
+
+    def with_type(self, type_url: str, messages: list[Message]) -> "Snapshot":
+        """A copy with one type's resources replaced; the others are shared, not rebuilt."""
+        copy = Snapshot(versions=dict(self.versions), resources=dict(self.resources), packed=dict(self.packed),
+                        hashes=dict(self.hashes))
+        copy._set_type(type_url, messages)
+        return copy
+
+    def _set_type(self, type_url: str, messages: list[Message]) -> None:
+        by_name = {resource_name(m): m for m in messages}
+        if len(by_name) != len(messages):
+            raise ValueError(f"duplicate resource names in {type_url}")
+        packed = {name: _pack(m) for name, m in by_name.items()}
+        hashes = {name: _hash(wrapped.value) for name, wrapped in packed.items()}
+        self.versions[type_url] = _version(hashes)
+        self.resources[type_url], self.packed[type_url], self.hashes[type_url] = by_name, packed, hashes
 
     def names(self, type_url: str) -> frozenset[str]:
         return frozenset(self.resources[type_url])

@@ -11,6 +11,7 @@ from aiohttp import web
 
 from engines.common.api import DEFAULT_MAX_UPLOAD_BYTES, EngineApp
 from engines.common.metrics import VllmMetrics
+from engines.simulated.faults import Faults, install_faults
 from engines.simulated.queue_model import GpuProfile
 from engines.simulated.server import SimulatedBackend
 
@@ -27,23 +28,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--speed", type=float, default=defaults.speed, help="relative GPU speed (2 = twice as fast)")
     parser.add_argument("--time-scale", type=float, default=defaults.time_scale,
                         help="wall seconds per simulated second (0.01 = 100x faster than real time)")
-    parser.add_argument("--seconds-per-chunk", type=float, default=defaults.seconds_per_chunk)
+    parser.add_argument("--seconds-per-chunk", type=float, default=defaults.seconds_per_chunk,
+                        help="decoding work of a full 30 s chunk alone (GPU seconds)")
+    parser.add_argument("--seconds-per-request", type=float, default=defaults.seconds_per_request,
+                        help="fixed work per engine request: the encoder's padded 30 s window")
     parser.add_argument("--batch-penalty", type=float, default=defaults.batch_penalty)
     parser.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_BYTES / 2**20)
     args = parser.parse_args(argv)
-    if args.max_num_seqs < 1 or args.speed <= 0 or args.time_scale <= 0:
-        parser.error("--max-num-seqs must be >= 1, --speed and --time-scale > 0")
+    if args.max_num_seqs < 1 or min(args.speed, args.time_scale, args.seconds_per_chunk, args.seconds_per_request) <= 0:
+        parser.error("--max-num-seqs must be >= 1; --speed, --time-scale and --seconds-per-* > 0")
     return args
 
 
 async def serve(args: argparse.Namespace) -> None:
     profile = GpuProfile(
         max_num_seqs=args.max_num_seqs, speed=args.speed, time_scale=args.time_scale,
-        seconds_per_chunk=args.seconds_per_chunk, batch_penalty=args.batch_penalty,
+        seconds_per_chunk=args.seconds_per_chunk, seconds_per_request=args.seconds_per_request,
+        batch_penalty=args.batch_penalty,
     )
     backend = SimulatedBackend(args.name or f"sim-{args.port}", tuple(args.model), profile)
     backend.metrics = VllmMetrics(args.model[0], backend.load)
     app = EngineApp(backend, backend.metrics, max_upload_bytes=int(args.max_upload_mb * 2**20)).build()
+    install_faults(app, Faults())
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, args.host, args.port).start()

@@ -23,9 +23,10 @@ class GpuProfile:
     """Parameters of the model; defaults approximate whisper-large-v3-turbo on one H100."""
 
     max_num_seqs: int = 8
-    # Work-seconds to decode one full 30 s chunk alone, and a fixed cost per engine request.
-    seconds_per_chunk: float = 0.25
-    seconds_per_request: float = 0.02
+    # Whisper's encoder always runs over a padded 30 s window (a fixed cost per engine request);
+    # decoding grows with the speech in the chunk (work-seconds for a full 30 s chunk).
+    seconds_per_request: float = 0.1
+    seconds_per_chunk: float = 0.15
     # Language detection is a short decode over the first chunk.
     seconds_per_detection: float = 0.03
     batch_penalty: float = 0.15

@@ -1,0 +1,65 @@
+"""What the scrapes said, per (backend, model): last load, its age, and a running speed estimate.
+
+Speed is measured, not configured: each scrape's change in vLLM's inference-time counters gives
+the mean seconds an engine request spent running since the last scrape; an exponentially
+weighted average of those is the endpoint's seconds_per_request. It is evidence from recent
+work only: it includes the slowdown of whatever batch the engine was running, so an engine that
+has finished nothing for SPEED_MEMORY_S is taken as typical again rather than as slow forever.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from control_plane.metrics_parser import ModelLoad
+from control_plane.policy import EndpointState
+
+SPEED_SMOOTHING = 0.3  # weight of the newest sample in the average
+SPEED_MEMORY_S = 5.0
+
+
+@dataclass
+class Track:
+    load: ModelLoad | None = None
+    scraped_at: float | None = None
+    seconds_per_request: float | None = None
+    speed_at: float | None = None
+    counters: tuple[float, float] | None = None  # (inference seconds, count) at the last scrape
+    error: str | None = None
+    failed_at: float | None = None
+
+
+class LoadTracker:
+    def __init__(self) -> None:
+        self.tracks: dict[tuple[str, str], Track] = {}
+
+    def record_load(self, backend_id: str, model: str, load: ModelLoad, now: float) -> None:
+        track = self.tracks.setdefault((backend_id, model), Track())
+        counters = (load.inference_seconds, load.inference_count)
+        if track.counters is not None:
+            seconds, count = counters[0] - track.counters[0], counters[1] - track.counters[1]
+            if count > 0 and seconds >= 0:
+                sample = seconds / count
+                previous = track.seconds_per_request
+                recent = previous is not None and now - track.speed_at <= SPEED_MEMORY_S
+                track.seconds_per_request = (SPEED_SMOOTHING * sample + (1 - SPEED_SMOOTHING) * previous
+                                             if recent else sample)
+                track.speed_at = now
+        track.counters = counters  # a restarted engine's counters start again from here
+        track.load, track.scraped_at, track.error = load, now, None
+
+    def record_failure(self, backend_id: str, model: str, error: str, now: float) -> None:
+        track = self.tracks.setdefault((backend_id, model), Track())
+        track.error, track.failed_at = error, now
+
+    def state(self, backend_id: str, model: str, base_weight: int, now: float) -> EndpointState:
+        track = self.tracks.get((backend_id, model))
+        if track is None or track.scraped_at is None:
+            return EndpointState(backend_id, base_weight)
+        speed = track.seconds_per_request if track.speed_at is not None and now - track.speed_at <= SPEED_MEMORY_S else None
+        return EndpointState(backend_id, base_weight, track.load, now - track.scraped_at, speed)
+
+    def retain(self, keys: set[tuple[str, str]]) -> None:
+        """Forgets endpoints that left the fleet."""
+        for key in set(self.tracks) - keys:
+            del self.tracks[key]

@@ -1,0 +1,99 @@
+"""Load to weights: a pure function, so every rule here is a row in a table test.
+
+Envoy balances each model's cluster by least request: it prefers an endpoint in proportion to
+weight / (its own requests in flight + 1). That local count is instant but blind to load that
+did not come through this Envoy. The weight adds what only the engine knows: its whole queue
+(other Envoys, direct clients) and how fast it works.
+
+For an endpoint with fresh metrics the expected time to get through its queue is
+
+    score = (running + waiting + 1) x seconds_per_request x kv_pressure
+
+where seconds_per_request is the engine's measured time per engine request (its speed; the
+cluster's median when not yet measured) and kv_pressure grows from 1 to 2 as KV-cache use
+goes from 80% to 100% (vLLM starts queueing there). Weights are base_weight / score, scaled so
+that the best endpoint of the cluster gets 128, and never below 1.
+
+Stale or failing metrics (no good scrape within `stale_after_s`) are neither trusted nor
+punished: such an endpoint gets min(its last weight, the median weight of the fresh ones), so it
+is never preferred on old news; once its metrics have been missing for FORGET_AFTER stale
+periods the old news is dropped and it gets the median. It is never removed: reachability is
+for Envoy's health checks. A new endpoint starts at the median. When no endpoint of a cluster
+has fresh metrics, weights fall back to the configured base weights (plain least request).
+
+Hysteresis: a weight moves only when it changes by at least `hysteresis` (relative), so noise
+does not cause pushes.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+from control_plane.config import RoutingConfig
+from control_plane.metrics_parser import ModelLoad
+
+MIN_WEIGHT, MAX_WEIGHT = 1, 128
+FORGET_AFTER = 10  # stale periods after which an endpoint's last weight no longer holds it down
+KV_PRESSURE_FROM = 0.8  # KV-cache use above which an engine counts as more loaded
+
+
+@dataclass(frozen=True)
+class EndpointState:
+    """What is known about one endpoint of a cluster (one backend serving one model)."""
+
+    backend_id: str
+    base_weight: int = 1
+    load: ModelLoad | None = None  # from the last good scrape; None: never scraped
+    age_s: float | None = None  # since that scrape
+    seconds_per_request: float | None = None  # measured speed; None: unknown yet
+
+
+def _clamp(weight: float) -> int:
+    return max(MIN_WEIGHT, min(MAX_WEIGHT, round(weight)))
+
+
+def _scaled(raw: Mapping[str, float]) -> dict[str, int]:
+    top = max(raw.values())
+    return {key: _clamp(MAX_WEIGHT * value / top) for key, value in raw.items()}
+
+
+def _kv_pressure(usage: float) -> float:
+    return 1.0 + min(1.0, max(0.0, usage - KV_PRESSURE_FROM) / (1.0 - KV_PRESSURE_FROM))
+
+
+def target_weights(endpoints: Sequence[EndpointState], previous: Mapping[str, int],
+                   settings: RoutingConfig) -> dict[str, int]:
+    """Weights before hysteresis."""
+    if not endpoints:
+        return {}
+    fresh = [e for e in endpoints if e.load is not None and e.age_s is not None and e.age_s <= settings.stale_after_s]
+    if not fresh:
+        return _scaled({e.backend_id: e.base_weight for e in endpoints})
+    measured = [e.seconds_per_request for e in fresh if e.seconds_per_request]
+    typical = statistics.median(measured) if measured else 1.0
+    raw = {}
+    for e in fresh:
+        score = (e.load.running + e.load.waiting + 1) * (e.seconds_per_request or typical)
+        raw[e.backend_id] = e.base_weight / (score * _kv_pressure(e.load.kv_cache_usage))
+    weights = _scaled(raw)
+    neutral = _clamp(statistics.median(weights.values()))
+    for e in endpoints:
+        if e.backend_id not in weights:
+            forgotten = e.age_s is None or e.age_s > FORGET_AFTER * settings.stale_after_s
+            weights[e.backend_id] = neutral if forgotten else min(previous.get(e.backend_id, neutral), neutral)
+    return weights
+
+
+def compute_weights(endpoints: Sequence[EndpointState], previous: Mapping[str, int],
+                    settings: RoutingConfig) -> dict[str, int]:
+    """The weights to publish for one cluster: targets, held where the change is too small."""
+    result = {}
+    for backend_id, target in target_weights(endpoints, previous, settings).items():
+        old = previous.get(backend_id)
+        if old is not None and abs(target - old) < settings.hysteresis * max(target, old):
+            result[backend_id] = old
+        else:
+            result[backend_id] = target
+    return result

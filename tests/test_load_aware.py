@@ -1,0 +1,143 @@
+"""Load-aware routing end to end: engines' /metrics -> weights in Envoy -> where traffic goes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from tests.harness import (
+    PYTHON,
+    REPO,
+    Envoy,
+    GatewayConfigFile,
+    LoadGenerator,
+    base_config,
+    engine_names_in,
+    free_port,
+    request,
+    start_control_plane,
+    start_engine,
+    transcribe,
+    wait_until,
+)
+
+MODEL = "whisper-large-v3-turbo"
+
+
+def start_gateway(tmp_path, engines: dict[str, str]):
+    raw = base_config(free_port(), free_port(), [{"name": MODEL}],
+                      [{"url": url, "models": [MODEL]} for url in engines.values()])
+    config = GatewayConfigFile(tmp_path / "gateway.yaml")
+    config.write(raw)
+    start_control_plane(tmp_path, config.path)
+    envoy = Envoy(tmp_path, raw)
+    envoy.wait_serving()
+    status_url = f"http://127.0.0.1:{raw['listen']['admin_port']}"
+    return envoy, status_url
+
+
+def weights(envoy: Envoy, engines: dict[str, str]) -> dict[str, int]:
+    hosts = envoy.endpoints()[f"model:{MODEL}"]
+    return {name: int(hosts[url.removeprefix("http://")]["weight"]) for name, url in engines.items()}
+
+
+def status(status_url: str, engines: dict[str, str]) -> dict[str, dict]:
+    by_url = {e["backend"]: e for e in request("GET", status_url + "/status").json()["endpoints"]}
+    return {name: by_url[url] for name, url in engines.items()}
+
+
+def through_gateway(envoy: Envoy, names: list[str], count: int, concurrency: int = 1, seconds: float = 2.0):
+    def one(_):
+        response = transcribe(envoy.url, MODEL, seconds=seconds, extra=[("language", "en", None)])
+        assert response.status == 200, response.text
+        return response.json()["text"]
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        return engine_names_in("".join(pool.map(one, range(count))), names)
+
+
+def test_foreign_load_moves_traffic_to_the_other_engine(tmp_path):
+    engines = {}
+    for name in ("busy", "idle"):
+        _, engines[name] = start_engine(tmp_path, MODEL, name, max_num_seqs=4, time_scale=2)
+    envoy, status_url = start_gateway(tmp_path, engines)
+    wait_until(lambda: weights(envoy, engines) == {"busy": 128, "idle": 128}, 10, "equal weights at rest")
+
+    # Load Envoy cannot see: clients sending straight to one engine.
+    load = LoadGenerator(engines["busy"], MODEL, concurrency=10)
+    try:
+        wait_until(lambda: (w := weights(envoy, engines))["busy"] * 8 <= w["idle"], 5,
+                   "the loaded engine's weight to drop in Envoy")
+        report = status(status_url, engines)
+        assert report["busy"]["running"] == 4 and report["busy"]["waiting"] >= 3
+        counts = through_gateway(envoy, ["busy", "idle"], 20)
+        assert counts["idle"] >= 15, counts
+    finally:
+        statuses = load.stop()
+    assert statuses and all(s == 200 for s in statuses)
+    # Once the foreign load is gone, the weights even out again.
+    # (its speed, measured under that batch, is forgotten 5 s after it last finished a request)
+    wait_until(lambda: weights(envoy, engines) == {"busy": 128, "idle": 128}, 15, "weights to recover")
+
+
+def test_the_faster_engine_gets_the_larger_share(tmp_path):
+    engines = {}
+    _, engines["fast"] = start_engine(tmp_path, MODEL, "fast", max_num_seqs=4, speed=3)
+    _, engines["slow"] = start_engine(tmp_path, MODEL, "slow", max_num_seqs=4, speed=1)
+    envoy, status_url = start_gateway(tmp_path, engines)
+    counts = through_gateway(envoy, ["fast", "slow"], 64, concurrency=6, seconds=30)
+    assert counts["fast"] > 1.5 * counts["slow"], counts
+    report = status(status_url, engines)
+    # Speed is measured from each engine's own counters, not configured.
+    assert report["fast"]["seconds_per_request"] < report["slow"]["seconds_per_request"]
+
+
+@pytest.mark.parametrize("fault", ["hang", "error"])
+def test_failing_metrics_never_drop_an_engine(tmp_path, fault):
+    engines = {}
+    for name in ("flaky", "steady"):
+        _, engines[name] = start_engine(tmp_path, MODEL, name, max_num_seqs=4, time_scale=2)
+    envoy, status_url = start_gateway(tmp_path, engines)
+    # The flaky engine is busy when its metrics stop: its last weight was low.
+    load = LoadGenerator(engines["flaky"], MODEL, concurrency=10)
+    try:
+        wait_until(lambda: (w := weights(envoy, engines))["flaky"] * 4 <= w["steady"], 5, "a low weight")
+        assert request("POST", engines["flaky"] + "/_sim/faults", json.dumps({"metrics": fault}).encode(),
+                       {"Content-Type": "application/json"}).status == 200
+    finally:
+        load.stop()
+    wait_until(lambda: status(status_url, engines)["flaky"]["health"] == "stale", 5, "its metrics to be stale")
+    report = status(status_url, engines)
+    assert report["flaky"]["scrape_error"] in ("timeout", "HTTP 500")
+    # A hung scrape does not hold up the others.
+    assert report["steady"]["health"] == "ok" and report["steady"]["scrape_age_s"] < 0.6
+    # The rule: old news is not trusted to have improved (no better than the fresh median),
+    # and the engine stays in rotation: every request succeeds, some on it.
+    current = weights(envoy, engines)
+    assert 1 <= current["flaky"] < current["steady"]
+    counts = through_gateway(envoy, ["flaky", "steady"], 40, concurrency=4)
+    assert sum(counts.values()) == 40 and counts["flaky"] >= 1, counts
+
+
+def test_status_command_shows_load_and_weights(tmp_path):
+    engines = {}
+    _, engines["e1"] = start_engine(tmp_path, MODEL, "e1")
+    envoy, status_url = start_gateway(tmp_path, engines)
+    wait_until(lambda: status(status_url, engines)["e1"]["health"] == "ok", 5, "a first scrape")
+    result = subprocess.run([PYTHON, "-m", "control_plane", "status", "--url", status_url], capture_output=True,
+                            text=True, timeout=30, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["BACKEND", "MODEL", "HEALTH", "RUNNING", "WAITING", "KV", "WEIGHT", "S/REQ", "AGE"]
+    row = lines[1].split()
+    assert row[:7] == [engines["e1"], MODEL, "ok", "0", "0", "0", "128"]
+    assert any(line.startswith("envoy envoy ") for line in lines)
+    as_json = subprocess.run([PYTHON, "-m", "control_plane", "status", "--url", status_url, "--json"],
+                             capture_output=True, text=True, timeout=30, cwd=REPO)
+    assert json.loads(as_json.stdout)["endpoints"][0]["weight"] == 128
+    down = subprocess.run([PYTHON, "-m", "control_plane", "status", "--url", f"http://127.0.0.1:{free_port()}"],
+                          capture_output=True, text=True, timeout=30, cwd=REPO)
+    assert down.returncode == 1 and "cannot reach the control plane" in down.stderr

@@ -1,0 +1,87 @@
+"""The weight policy, case by case."""
+
+from __future__ import annotations
+
+import pytest
+
+from control_plane.load_tracker import LoadTracker
+from control_plane.metrics_parser import ModelLoad
+from control_plane.config import RoutingConfig
+from control_plane.policy import EndpointState, compute_weights
+
+S = RoutingConfig(stale_after_s=1.0, hysteresis=0.2)
+
+
+def fresh(backend_id, running=0, waiting=0, kv=0.0, spr=None, base=1):
+    return EndpointState(backend_id, base, ModelLoad(running=running, waiting=waiting, kv_cache_usage=kv), 0.1, spr)
+
+
+def stale(backend_id, running=0, base=1, age=5.0):
+    return EndpointState(backend_id, base, ModelLoad(running=running), age, None)
+
+
+def new(backend_id, base=1):
+    return EndpointState(backend_id, base)
+
+
+CASES = [
+    # (what it shows, endpoints, previous weights, expected weights)
+    ("idle equals get the top weight", [fresh("a"), fresh("b")], {}, {"a": 128, "b": 128}),
+    ("a busy engine gets less", [fresh("a", running=3), fresh("b")], {}, {"a": 32, "b": 128}),
+    ("waiting counts like running", [fresh("a", waiting=3), fresh("b")], {}, {"a": 32, "b": 128}),
+    ("a slow engine gets less at equal load", [fresh("a", spr=0.5), fresh("b", spr=0.25)], {}, {"a": 64, "b": 128}),
+    ("unmeasured speed is taken as the median", [fresh("a", spr=0.5), fresh("b")], {}, {"a": 128, "b": 128}),
+    ("a full KV cache halves the weight", [fresh("a", kv=1.0), fresh("b")], {}, {"a": 64, "b": 128}),
+    ("KV use under 80% does not count", [fresh("a", kv=0.7), fresh("b")], {}, {"a": 128, "b": 128}),
+    ("base weights scale the result", [fresh("a", base=2), fresh("b", base=1)], {}, {"a": 128, "b": 64}),
+    ("weights never drop below 1", [fresh("a", running=1000), fresh("b")], {}, {"a": 1, "b": 128}),
+    ("a new engine starts at the median", [fresh("a"), fresh("b", running=1), new("c")], {}, {"a": 128, "b": 64, "c": 96}),
+    ("stale metrics: no better than the median",
+     [fresh("a"), fresh("b", running=1), stale("c")], {"c": 128}, {"a": 128, "b": 64, "c": 96}),
+    ("stale metrics: a low weight stays low",
+     [fresh("a"), fresh("b", running=1), stale("c")], {"c": 10}, {"a": 128, "b": 64, "c": 10}),
+    ("long-missing metrics: the median again",
+     [fresh("a"), fresh("b", running=1), stale("c", age=11.0)], {"c": 10}, {"a": 128, "b": 64, "c": 96}),
+    ("all stale: the base weights (plain least request)",
+     [stale("a", running=9), stale("b")], {"a": 5, "b": 128}, {"a": 128, "b": 128}),
+    ("all stale, unequal bases", [stale("a", base=4), new("b", base=1)], {}, {"a": 128, "b": 32}),
+    ("small changes are held", [fresh("a", running=1), fresh("b")], {"a": 70, "b": 128}, {"a": 70, "b": 128}),
+    ("large changes go through", [fresh("a", running=1), fresh("b")], {"a": 100, "b": 128}, {"a": 64, "b": 128}),
+    ("no endpoints, no weights", [], {}, {}),
+]
+
+
+@pytest.mark.parametrize("what,endpoints,previous,expected", CASES, ids=[c[0] for c in CASES])
+def test_policy(what, endpoints, previous, expected):
+    weights = compute_weights(endpoints, previous, S)
+    assert weights == expected
+    assert all(1 <= w <= 128 for w in weights.values())
+
+
+def test_speed_is_measured_from_counter_deltas():
+    tracker = LoadTracker()
+    tracker.record_load("a", "m", ModelLoad(inference_seconds=10.0, inference_count=20), now=0.0)
+    assert tracker.state("a", "m", 1, now=0.0).seconds_per_request is None  # one reading: no rate yet
+    tracker.record_load("a", "m", ModelLoad(inference_seconds=12.0, inference_count=24), now=0.25)
+    assert tracker.state("a", "m", 1, now=0.25).seconds_per_request == pytest.approx(0.5)
+    tracker.record_load("a", "m", ModelLoad(inference_seconds=13.0, inference_count=34), now=0.5)
+    assert tracker.state("a", "m", 1, now=0.5).seconds_per_request == pytest.approx(0.3 * 0.1 + 0.7 * 0.5)
+    # An engine restart resets its counters: the estimate is kept, not spoiled by a negative delta.
+    tracker.record_load("a", "m", ModelLoad(inference_seconds=0.5, inference_count=1), now=0.75)
+    assert tracker.state("a", "m", 1, now=0.75).seconds_per_request == pytest.approx(0.38)
+    # An engine that finished nothing for a while is typical again, not slow forever.
+    tracker.record_load("a", "m", ModelLoad(inference_seconds=0.5, inference_count=1), now=6.0)
+    assert tracker.state("a", "m", 1, now=6.0).seconds_per_request is None
+    tracker.record_load("a", "m", ModelLoad(inference_seconds=0.7, inference_count=2), now=6.25)
+    assert tracker.state("a", "m", 1, now=6.25).seconds_per_request == pytest.approx(0.2)  # a fresh start
+
+
+def test_failures_age_the_last_good_reading():
+    tracker = LoadTracker()
+    tracker.record_load("a", "m", ModelLoad(running=2), now=10.0)
+    tracker.record_failure("a", "m", "timeout", now=12.0)
+    state = tracker.state("a", "m", 1, now=12.0)
+    assert state.age_s == 2.0 and state.load.running == 2
+    assert tracker.state("b", "m", 1, now=12.0).load is None
+    tracker.retain({("b", "m")})
+    assert ("a", "m") not in tracker.tracks
