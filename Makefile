@@ -2,14 +2,14 @@
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
-DEBIAN_PACKAGES := curl
+DEBIAN_PACKAGES := curl espeak-ng sox
 
 .PHONY: up test bench deps venv clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -U pip
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[cpu,test]'
 	touch $@
 
 venv: $(BIN)/.installed
@@ -27,9 +27,10 @@ test: deps venv
 	$(BIN)/pytest -q
 
 # Benchmarks (not tests): numbers for the docs and the release notes.
-bench: venv
+bench: deps venv
 	$(BIN)/python -m bench.parse_cost
 	$(BIN)/python -m bench.reaction_time --trials 20
+	$(BIN)/python -m bench.cpu_engine
 
 clean:
 	rm -rf $(VENV) .pytest_cache .gateway-run

@@ -17,7 +17,12 @@ import yaml
 
 DEFAULT_CONFIG_PATH = Path(__file__).parent / "defaults" / "gateway.yaml"
 MODEL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$")
-ENGINE_KINDS = ("simulated",)
+# Options each engine kind takes in the config, with their types (they become --flags).
+ENGINE_OPTIONS = {
+    "simulated": {"max_num_seqs": int, "speed": float, "time_scale": float, "seconds_per_chunk": float,
+                  "seconds_per_request": float, "batch_penalty": float},
+    "whisper_cpu": {"max_num_seqs": int, "cpu_threads": int},
+}
 MAX_WEIGHT = 128
 
 
@@ -313,8 +318,8 @@ def _read_engines(raw: Any, served: set[str]) -> tuple[EngineConfig, ...]:
         key = f"engines[{i}]"
         section = dict(_mapping(item, key))
         kind = section.pop("kind", None)
-        if kind not in ENGINE_KINDS:
-            raise ConfigError(f"{key}.kind: expected one of {list(ENGINE_KINDS)}, got {kind!r}")
+        if kind not in ENGINE_OPTIONS:
+            raise ConfigError(f"{key}.kind: expected one of {list(ENGINE_OPTIONS)}, got {kind!r}")
         port = _port(section, "port", key, 0) if "port" in section else None
         if port is None:
             raise ConfigError(f"{key}.port: required")
@@ -334,12 +339,8 @@ def _read_engines(raw: Any, served: set[str]) -> tuple[EngineConfig, ...]:
     return tuple(engines)
 
 
-SIMULATED_OPTIONS = {"max_num_seqs": int, "speed": float, "time_scale": float, "seconds_per_chunk": float,
-                     "seconds_per_request": float, "batch_penalty": float}
-
-
 def _engine_options(kind: str, section: dict, key: str) -> dict:
-    allowed = SIMULATED_OPTIONS
+    allowed = ENGINE_OPTIONS[kind]
     _reject_unknown(section, set(allowed) | {"kind", "port", "model", "name"}, key)
     options = {}
     for name, value in section.items():

@@ -22,7 +22,9 @@ import aiohttp
 
 from control_plane.bootstrap import BOOTSTRAP_TEMPLATE, render_bootstrap
 from control_plane.config import DEFAULT_CONFIG_PATH, EngineConfig, GatewayConfig
-from engines.common.audio import silent_wav
+
+# A spoken English sentence (espeak-ng, 16 kHz mono) for the example `up` prints.
+SAMPLE_CLIP = DEFAULT_CONFIG_PATH.parent / "sample.wav"
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +141,7 @@ async def _stop(children: list[Child]) -> None:
 
 def example_command(config: GatewayConfig, sample: Path) -> str:
     host = "127.0.0.1" if config.listen.address in ("0.0.0.0", "::") else config.listen.address
-    model = config.models[0].name
+    model = (config.models[0].aliases or (config.models[0].name,))[0]
     return (f"curl -s -F file=@{sample} -F model={model} "
             f"http://{host}:{config.listen.port}/v1/audio/transcriptions")
 
@@ -153,7 +155,7 @@ async def up(config: GatewayConfig, config_path: Path | None, run_dir: Path) -> 
     bootstrap = run_dir / "envoy-bootstrap.yaml"
     bootstrap.write_text(render_bootstrap(BOOTSTRAP_TEMPLATE.read_text(), config, node_id=f"up-{os.getpid()}"))
     sample = run_dir / "sample.wav"
-    sample.write_bytes(silent_wav(3.0))
+    shutil.copyfile(SAMPLE_CLIP, sample)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

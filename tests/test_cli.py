@@ -15,10 +15,14 @@ from pathlib import Path
 import pytest
 import yaml
 
+from control_plane.config import DEFAULT_CONFIG_PATH
 from control_plane.supervisor import find_envoy
+from tests.speech import word_error_rate
 from tests.harness import PYTHON, REPO, Process, free_port, transcribe, wait_until
 
 CLI = [PYTHON, "-m", "control_plane"]
+# What control_plane/defaults/sample.wav says (espeak-ng -v en -s 150).
+SAMPLE_SENTENCE = "Welcome. Your speech was sent through the gateway and turned into text."
 
 
 def up_config(tmp_path: Path) -> tuple[Path, dict]:
@@ -54,8 +58,19 @@ def alive(pid: int) -> bool:
     return status.exists() and "State:\tZ" not in status.read_text()
 
 
-def start_up(tmp_path: Path) -> tuple[Process, dict]:
-    path, raw = up_config(tmp_path)
+def default_config_on_free_ports(tmp_path: Path) -> tuple[Path, dict]:
+    """The embedded default (real CPU Whisper engines), moved to ports nothing else uses."""
+    raw = yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())
+    raw["listen"].update(port=free_port(), envoy_admin_port=free_port(), xds_port=free_port(), admin_port=free_port())
+    for engine in raw["engines"]:
+        engine["port"] = free_port()
+    path = tmp_path / "default.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path, raw
+
+
+def start_up(tmp_path: Path, config: tuple[Path, dict] | None = None) -> tuple[Process, dict]:
+    path, raw = config or up_config(tmp_path)
     process = Process("up", CLI + ["up", "--config", str(path), "--run-dir", str(tmp_path / "run")], tmp_path)
     wait_until(lambda: "  curl " in process.log_text() or not process.alive(), 60, "`up` to print its example")
     assert process.alive(), process.log_text()
@@ -76,6 +91,16 @@ def test_up_prints_a_curl_line_that_works_and_stops_without_orphans(tmp_path):
     assert process.popen.wait(30) == 0
     wait_until(lambda: not any(alive(pid) for pid in children), 15, "every child to exit")
     assert "whisper-gateway stopped" in process.log_text()
+
+
+def test_up_with_the_default_real_engines_transcribes_its_sample(tmp_path):
+    process, raw = start_up(tmp_path, default_config_on_free_ports(tmp_path))
+    line = next(text for text in process.log_text().splitlines() if text.startswith("  curl "))
+    assert "model=whisper-1" in line
+    result = subprocess.run(shlex.split(line), capture_output=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    transcript = json.loads(result.stdout)["text"]
+    assert word_error_rate(SAMPLE_SENTENCE, transcript) <= 0.3, transcript
 
 
 def test_stopping_up_lets_requests_in_flight_finish(tmp_path):

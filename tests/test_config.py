@@ -6,6 +6,7 @@ import pytest
 import yaml
 
 from control_plane.config import DEFAULT_CONFIG_PATH, ConfigError, load_config, parse_config
+from tests.harness import REPO
 
 
 def minimal(**extra) -> dict:
@@ -14,12 +15,17 @@ def minimal(**extra) -> dict:
     return raw
 
 
-def test_embedded_default_loads_with_two_models_and_two_engines():
+def test_embedded_default_runs_two_cpu_whisper_engines():
     config = load_config()
-    assert [m.name for m in config.models] == ["whisper-large-v3-turbo", "whisper-small"]
-    assert len(config.engines) == 2
-    assert {b.models for b in config.all_backends()} == {("whisper-large-v3-turbo",), ("whisper-small",)}
+    assert [(m.name, m.aliases) for m in config.models] == [("whisper-tiny.en", ("whisper-1",))]
+    assert [e.kind for e in config.engines] == ["whisper_cpu", "whisper_cpu"]
     assert DEFAULT_CONFIG_PATH.exists()
+
+
+def test_the_simulated_example_loads():
+    config = load_config(REPO / "examples" / "simulated.yaml")
+    assert [m.name for m in config.models] == ["whisper-large-v3-turbo", "whisper-small"]
+    assert {b.models for b in config.all_backends()} == {("whisper-large-v3-turbo",), ("whisper-small",)}
 
 
 def test_defaults_fill_what_is_not_given():
@@ -64,6 +70,9 @@ def test_a_model_may_be_given_as_a_plain_name():
         (minimal(engines=[{"kind": "simulated", "model": "m"}]), "engines[0].port: required"),
         (minimal(engines=[{"kind": "simulated", "port": 1, "model": "m", "speeed": 2}]), "engines[0].speeed: unknown key"),
         (minimal(engines=[{"kind": "simulated", "port": 1, "model": "m", "speed": -2}]), "engines[0].speed: expected a positive"),
+        (minimal(engines=[{"kind": "whisper_cpu", "port": 1, "model": "m", "speed": 2}]), "engines[0].speed: unknown key"),
+        (minimal(engines=[{"kind": "whisper_cpu", "port": 1, "model": "m", "cpu_threads": 1.5}]),
+         "engines[0].cpu_threads: expected an integer"),
         ("just a string", "config: expected a mapping"),
         (minimal(routing={"scrape_interval_s": 0.25, "scrape_timeout_s": 0.3}), "routing.scrape_timeout_s: 0.3 must be shorter"),
         (minimal(routing={"stale_after_s": 0.1}), "routing.stale_after_s: 0.1 must be at least"),

@@ -14,6 +14,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import http_con
 from google.protobuf import wrappers_pb2
 
 from control_plane.builders.common import pack, seconds
+from control_plane.builders.local_replies import build_local_reply_config
 from control_plane.builders.names import LISTENER_NAME, LUA_FILTER, ROUTE_CONFIG_NAME
 from control_plane.config import GatewayConfig
 
@@ -33,6 +34,7 @@ def build_listener(config: GatewayConfig, lua_source: str) -> listener_pb2.Liste
         normalize_path=wrappers_pb2.BoolValue(value=True),
         merge_slashes=True,
         server_name="whisper-gateway",
+        local_reply_config=build_local_reply_config(config),
         use_remote_address=wrappers_pb2.BoolValue(value=True),
         http_filters=[
             hcm.HttpFilter(name=LUA_FILTER, typed_config=pack(lua)),

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
-import signal
-
-from aiohttp import web
 
 from engines.common.api import DEFAULT_MAX_UPLOAD_BYTES, EngineApp
 from engines.common.metrics import VllmMetrics
+from engines.common.runner import configure_logging, serve_until_signal
 from engines.simulated.faults import Faults, install_faults
 from engines.simulated.queue_model import GpuProfile
 from engines.simulated.server import SimulatedBackend
@@ -50,23 +47,14 @@ async def serve(args: argparse.Namespace) -> None:
     backend.metrics = VllmMetrics(args.model[0], backend.load)
     app = EngineApp(backend, backend.metrics, max_upload_bytes=int(args.max_upload_mb * 2**20)).build()
     install_faults(app, Faults())
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, args.host, args.port).start()
-    logging.info("simulated engine %s serving %s on %s:%d", backend.name, args.model, args.host, args.port)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, lambda sig=sig: (logging.info("%s: stopping", sig.name), stop.set()))
-    await stop.wait()
-    # Drain: stop accepting, let in-flight requests finish (bounded), then exit.
-    await runner.shutdown()
-    await runner.cleanup()
-    await backend.queue.close()
+    try:
+        await serve_until_signal(app, args.host, args.port, f"simulated engine {backend.name} serving {args.model}")
+    finally:
+        await backend.queue.close()
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     asyncio.run(serve(parse_args(argv)))
 
 
