@@ -1,25 +1,187 @@
-"""The control plane's own HTTP API."""
+"""The admin API: read and change the fleet at runtime. JSON in and out, OpenAI-style errors.
+
+Every route but /healthz and /openapi.json needs `Authorization: Bearer <token>` (compared in
+constant time). Bodies are small, strictly typed, and unknown fields are refused, so a typo
+never turns into a silent default. A change is saved durably before the answer is sent.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import hmac
+import json
 
+import aiohttp
 from aiohttp import web
 
-from control_plane.status import status_report
+from control_plane.discovery import read_engine_models
+from control_plane.config import MAX_WEIGHT, MODEL_NAME_PATTERN, ConfigError, validate_backend_url
+from control_plane.openapi import OPENAPI
+from control_plane.registry import Entry
+from control_plane.status import endpoint_rows, status_report
+
+MAX_BODY_BYTES = 64 * 1024
+MAX_MODELS = 32
+OPEN_PATHS = frozenset({"/healthz", "/openapi.json"})
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, error_type: str = "invalid_request_error", param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.error_type, self.param = status, message, error_type, param
+
+    def response(self) -> web.Response:
+        body = {"error": {"message": self.message, "type": self.error_type, "param": self.param, "code": self.status}}
+        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
+        return web.json_response(body, status=self.status, headers=headers)
+
+
+def _authorized(request: web.Request, token: str | None) -> bool:
+    header = request.headers.get("Authorization", "")
+    scheme, _, given = header.partition(" ")
+    if token is None or scheme.lower() != "bearer" or not given:
+        return False
+    return hmac.compare_digest(given.strip().encode(), token.encode())
+
+
+async def _json_object(request: web.Request, allowed: set[str], required: set[str] = frozenset()) -> dict:
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise ApiError(413, f"request body is over {MAX_BODY_BYTES} bytes", "request_too_large") from None
+    if not raw.strip():
+        body = {}
+    else:
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ApiError(400, f"request body is not valid JSON: {error}") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "request body must be a JSON object")
+    for key in sorted(set(body) - allowed):
+        raise ApiError(400, f"unknown field {key!r} (allowed: {', '.join(sorted(allowed))})", param=key)
+    for key in sorted(required - set(body)):
+        raise ApiError(400, f"field {key!r} is required", param=key)
+    return body
+
+
+def _number(body: dict, key: str, low: float, high: float, integer: bool):
+    value = body[key]
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+        raise ApiError(400, f"{key} must be {'an integer' if integer else 'a number'}, got {json.dumps(value)}", param=key)
+    if not low <= value <= high:
+        raise ApiError(400, f"{key} must be between {low} and {high}, got {value}", param=key)
+    return value
 
 
 def build_admin_app(plane) -> web.Application:
-    async def status(request: web.Request) -> web.Response:
+    def entry_or_404(request: web.Request) -> Entry:
+        entry = plane.registry.get(request.match_info["id"])
+        if entry is None:
+            raise ApiError(404, f"no backend with id {request.match_info['id']!r}", "not_found_error", "id")
+        return entry
+
+    def view(entry: Entry) -> dict:
         now = asyncio.get_running_loop().time()
-        report = status_report(plane.fleet, plane.balancer.tracker, plane.cache,
-                               plane.config.routing.stale_after_s, now)
-        return web.json_response(report)
+        rows = [row for row in endpoint_rows(plane, now) if row["id"] == entry.id]
+        return entry.to_json() | {"endpoints": [{k: row[k] for k in (
+            "model", "health", "running", "waiting", "kv_cache_usage", "weight", "scrape_age_s")} for row in rows]}
+
+    @web.middleware
+    async def guard(request: web.Request, handler):
+        try:
+            if request.path not in OPEN_PATHS and not _authorized(request, plane.token):
+                raise ApiError(401, "missing or wrong bearer token", "authentication_error")
+            return await handler(request)
+        except ApiError as error:
+            return error.response()
+        except web.HTTPMethodNotAllowed as error:
+            return ApiError(405, f"{request.method} is not allowed here (allowed: {', '.join(sorted(error.allowed_methods))})",
+                            "method_not_allowed").response()
+        except web.HTTPNotFound:
+            return ApiError(404, f"no such path: {request.path}", "not_found_error").response()
 
     async def healthz(request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
-    app = web.Application()
-    app.router.add_get("/status", status)
+    async def openapi(request: web.Request) -> web.Response:
+        return web.json_response(OPENAPI)
+
+    async def status(request: web.Request) -> web.Response:
+        return web.json_response(status_report(plane, asyncio.get_running_loop().time()))
+
+    async def list_backends(request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [view(e) for e in plane.registry.entries()]})
+
+    async def get_backend(request: web.Request) -> web.Response:
+        return web.json_response(view(entry_or_404(request)))
+
+    async def add_backend(request: web.Request) -> web.Response:
+        body = await _json_object(request, {"url", "models", "weight"}, {"url"})
+        try:
+            url = validate_backend_url(body["url"], "url")
+        except ConfigError as error:
+            raise ApiError(400, str(error).removeprefix("url: "), param="url") from None
+        if (existing := plane.registry.find_url(url)) is not None:
+            raise ApiError(409, f"{url} is already backend {existing.id} ({existing.source})", "conflict_error", "url")
+        weight = _number(body, "weight", 1, MAX_WEIGHT, integer=True) if "weight" in body else 1
+        if "models" in body:
+            models = body["models"]
+            if not isinstance(models, list) or not 1 <= len(models) <= MAX_MODELS:
+                raise ApiError(400, f"models must be a list of 1 to {MAX_MODELS} model names", param="models")
+        else:
+            try:
+                models = await read_engine_models(url)
+            except (ValueError, aiohttp.ClientError, asyncio.TimeoutError) as error:
+                raise ApiError(400, f"cannot read the engine's models ({error or type(error).__name__}); "
+                                    "give them as `models`", param="models") from None
+        aliases = {alias: m.name for m in plane.config.models for alias in m.aliases}
+        for i, model in enumerate(models):
+            if not isinstance(model, str) or not MODEL_NAME_PATTERN.match(model):
+                raise ApiError(400, f"models[{i}]: {json.dumps(model)} is not a valid model name", param="models")
+            if model in aliases:
+                raise ApiError(400, f"models[{i}]: {model!r} is an alias of {aliases[model]!r}; use the model's name",
+                               param="models")
+        if len(set(models)) != len(models):
+            raise ApiError(400, "models lists a name twice", param="models")
+        entry = await plane.add_backend(Entry.create(url, models, weight, "api"))
+        return web.json_response(view(entry), status=201)
+
+    async def drain(request: web.Request) -> web.Response:
+        entry = entry_or_404(request)
+        body = await _json_object(request, {"timeout_s"})
+        timeout = _number(body, "timeout_s", 1, 86400, integer=False) if "timeout_s" in body else plane.config.drain_timeout_s
+        return web.json_response(view(await plane.drain(entry.id, timeout)), status=202)
+
+    async def resume(request: web.Request) -> web.Response:
+        entry = entry_or_404(request)
+        await _json_object(request, set())
+        return web.json_response(view(await plane.resume(entry.id)))
+
+    async def delete(request: web.Request) -> web.Response:
+        entry = entry_or_404(request)
+        force = request.query.get("force", "false").lower()
+        if force not in ("true", "false") or set(request.query) - {"force"}:
+            raise ApiError(400, "the only query parameter is force=true|false", param="force")
+        if entry.source == "config":
+            raise ApiError(409, f"{entry.id} is defined in the config file: remove it there, or drain it",
+                           "conflict_error", "id")
+        if entry.source.startswith("dns:"):
+            raise ApiError(409, f"{entry.id} comes from DNS ({entry.source[4:]}): remove its record, or drain it",
+                           "conflict_error", "id")
+        if force == "true":
+            await plane.remove_now(entry.id)
+            return web.json_response(entry.to_json() | {"state": "removed"})
+        return web.json_response(view(await plane.drain(entry.id, plane.config.drain_timeout_s)), status=202)
+
+    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[guard])
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/openapi.json", openapi)
+    app.router.add_get("/status", status)
+    app.router.add_get("/backends", list_backends)
+    app.router.add_post("/backends", add_backend)
+    app.router.add_get("/backends/{id}", get_backend)
+    app.router.add_delete("/backends/{id}", delete)
+    app.router.add_post("/backends/{id}/drain", drain)
+    app.router.add_post("/backends/{id}/resume", resume)
     return app

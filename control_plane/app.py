@@ -1,12 +1,16 @@
-"""The control-plane process: config in, snapshots out, served to every Envoy over ADS."""
+"""The control-plane process: config and runtime changes in, snapshots out, served over ADS."""
 
 from __future__ import annotations
 
 import asyncio
+import copy
+import ipaddress
 import logging
 import signal
+import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Callable
 
 from aiohttp import web
 
@@ -15,8 +19,11 @@ from control_plane.balancer import Balancer
 from control_plane.bootstrap import read_lua_filter
 from control_plane.builders import build_load_assignments, build_resources
 from control_plane.config import ConfigError, GatewayConfig, load_config
+from control_plane.dns_discovery import DnsDiscovery
 from control_plane.discovery import resolve_fleet
 from control_plane.fleet import Fleet
+from control_plane.registry import ACTIVE, DRAINED, DRAINING, Entry, Registry
+from control_plane.state_store import StateStore, configured_token, ensure_token, state_dir
 from control_plane.xds.cache import InconsistentSnapshot, SnapshotCache
 from control_plane.xds.server import start_ads_server
 from control_plane.xds.snapshot import Snapshot
@@ -26,41 +33,82 @@ log = logging.getLogger(__name__)
 
 # How long a removal waits for every Envoy to stop routing to a cluster before deleting it.
 REMOVAL_ACK_TIMEOUT_S = 5.0
+# A draining engine is idle once this many scrapes in a row, after every Envoy applied the
+# drain, show nothing running or waiting on it.
+IDLE_SCRAPES_TO_FINISH_DRAIN = 2
+
+
+class StartupError(RuntimeError):
+    """A reason not to start, said plainly."""
 
 
 class ControlPlane:
-    def __init__(self, config: GatewayConfig, config_path: Path | None = None, lua_source: str | None = None):
+    def __init__(self, config: GatewayConfig, config_path: Path | None = None, lua_source: str | None = None,
+                 state_directory: Path | None = None):
         self.config = config
         self.config_path = config_path
         self.lua_source = lua_source if lua_source is not None else read_lua_filter()
+        self.state_directory = state_directory
+        self.store = StateStore(state_directory) if state_directory is not None else None
+        self.registry = Registry.empty()
         self.cache = SnapshotCache()
         self.fleet: Fleet | None = None
         self.balancer = Balancer(self, config.routing)
+        self.discovery = DnsDiscovery(self)
+        self.token: str | None = None
+        self.token_path: Path | None = None
         self._server = None
         self._admin: web.AppRunner | None = None
-        self._balancing: asyncio.Task | None = None
+        self._tasks: list[asyncio.Task] = []
         self._publishing = asyncio.Lock()
+        self._changing = asyncio.Lock()
+        self._idle_scrapes: dict[str, int] = {}
 
     async def start(self) -> None:
-        """Publishes the first snapshot before Envoy can connect, so no Envoy sees an empty one."""
+        """Restores saved state and publishes it before any Envoy can connect: none sees a partial set."""
         listen = self.config.listen
+        if self.store is not None:
+            try:
+                saved = self.store.load()
+                if saved is not None:
+                    self.registry.restore(saved)
+            except (ValueError, TypeError, KeyError) as error:
+                raise StartupError(f"cannot restore state: {error}") from None
         await self.apply(self.config)
+        self._check_admin_exposure()
+        if self.state_directory is not None:
+            self.token, self.token_path = ensure_token(self.state_directory)
+        else:
+            self.token = configured_token()
         self._admin = web.AppRunner(build_admin_app(self), access_log=None)
         await self._admin.setup()
         await web.TCPSite(self._admin, listen.admin_address, listen.admin_port).start()
         self._server = await start_ads_server(self.cache, listen.xds_address, listen.xds_port)
-        self._balancing = asyncio.create_task(self.balancer.run())
-        log.info("status on http://%s:%d/status", listen.admin_address, listen.admin_port)
+        self._tasks = [asyncio.create_task(self.balancer.run()), *self.discovery.start(self.config.discovery)]
+        log.info("admin API on http://%s:%d (token %s)", listen.admin_address, listen.admin_port,
+                 f"in {self.token_path}" if self.token_path else "from the environment")
         log.info("xDS (ADS) listening on %s:%d", listen.xds_address, listen.xds_port)
 
+    def _check_admin_exposure(self) -> None:
+        address = self.config.listen.admin_address
+        try:
+            loopback = address == "localhost" or ipaddress.ip_address(address).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback and configured_token() is None:
+            raise StartupError(f"listen.admin_address {address} is not loopback: set WHISPER_GATEWAY_ADMIN_TOKEN "
+                               "(or WHISPER_GATEWAY_ADMIN_TOKEN_FILE) before exposing the admin API")
+
     async def stop(self, grace: float = 2.0) -> None:
-        if self._balancing is not None:
-            self._balancing.cancel()
-            await asyncio.gather(self._balancing, return_exceptions=True)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._server is not None:
             await self._server.stop(grace)
         if self._admin is not None:
             await self._admin.cleanup()
+
+    # -- config ------------------------------------------------------------------------------
 
     async def reload(self) -> bool:
         """Re-reads the config file; a bad file changes nothing."""
@@ -75,32 +123,38 @@ class ControlPlane:
         if any(getattr(config.listen, key) != value for key, value in fixed.items()):
             log.warning("listen.xds_* and listen.admin_* changes take effect on restart only")
             config = replace(config, listen=replace(config.listen, **fixed))
-        try:
-            await self.apply(config)
-        except InconsistentSnapshot as error:
-            log.error("reload refused, keeping the running config: %s", error)
-            return False
+        async with self._changing:
+            try:
+                await self.apply(config)
+            except InconsistentSnapshot as error:
+                log.error("reload refused, keeping the running config: %s", error)
+                return False
         self.balancer.configure(config.routing)
         log.info("config reloaded from %s", self.config_path)
         return True
 
     async def apply(self, config: GatewayConfig) -> None:
-        fleet = await resolve_fleet(config)
-        if self.fleet is not None:  # endpoints that stay keep their load-derived weights
-            keep = fleet.endpoint_keys()
-            fleet = replace(fleet, weights={k: w for k, w in self.fleet.weights.items() if k in keep})
-        async with self._publishing:
-            await self.publish(Snapshot.from_resources(build_resources(config, fleet, self.lua_source)))
-            self.config, self.fleet = config, fleet
+        """Publishes `config` with the registry's runtime changes; on failure nothing changes."""
+        previous = self.registry.config_entries
+        self.registry.config_entries = config_entries(config)
+        try:
+            fleet = await resolve_fleet(config, self.registry)
+            if self.fleet is not None:  # endpoints that stay keep their load-derived weights
+                keep = fleet.endpoint_keys()
+                fleet = replace(fleet, weights={k: w for k, w in self.fleet.weights.items() if k in keep})
+            async with self._publishing:
+                await self.publish(Snapshot.from_resources(build_resources(config, fleet, self.lua_source)))
+                self.config, self.fleet = config, fleet
+        except Exception:
+            self.registry.config_entries = previous
+            raise
 
     async def set_weights(self, weights: dict[tuple[str, str], int]) -> None:
         """Publishes new endpoint weights; only the endpoints are rebuilt and sent."""
         async with self._publishing:
-            fleet = self.fleet
-            keep = fleet.endpoint_keys()
-            fleet = replace(fleet, weights={k: w for k, w in weights.items() if k in keep})
-            current = self.cache.snapshot
-            self.cache.set_snapshot(current.with_type(ENDPOINT, build_load_assignments(fleet)))
+            keep = self.fleet.endpoint_keys()
+            fleet = replace(self.fleet, weights={k: w for k, w in weights.items() if k in keep})
+            self.cache.set_snapshot(self.cache.snapshot.with_type(ENDPOINT, build_load_assignments(fleet)))
             self.fleet = fleet
 
     async def publish(self, snapshot: Snapshot) -> None:
@@ -118,18 +172,95 @@ class ControlPlane:
         if self.cache.set_snapshot(snapshot):
             log.info("published snapshot %s", {k.rsplit(".", 1)[-1]: v for k, v in snapshot.versions.items()})
 
+    # -- runtime changes (the admin API, DNS discovery, finished drains) ---------------------
 
-async def serve(config_path: Path | None) -> int:
+    async def change(self, mutate: Callable[[Registry], None]) -> None:
+        """Applies a registry change whole or not at all: saved durably, then published."""
+        async with self._changing:
+            before = copy.deepcopy(self.registry)
+            mutate(self.registry)
+            try:
+                if self.store is not None:
+                    await asyncio.to_thread(self.store.save, self.registry.to_json())
+                await self.apply(self.config)
+            except Exception:
+                self.registry = before
+                if self.store is not None:
+                    await asyncio.to_thread(self.store.save, before.to_json())
+                raise
+
+    async def add_backend(self, entry: Entry) -> Entry:
+        served = {m.name for m in self.fleet.models}
+
+        def add(registry: Registry) -> None:
+            registry.api_entries[entry.id] = entry
+            registry.api_models += [m for m in entry.models if m not in served and m not in registry.api_models]
+
+        await self.change(add)
+        return self.registry.get(entry.id)
+
+    async def drain(self, entry_id: str, timeout_s: float) -> Entry:
+        entry = self.registry.get(entry_id)
+        if entry.state != DRAINING:
+            await self.change(lambda r: r.set_state(entry_id, DRAINING, time.time() + timeout_s))
+            log.info("draining %s (%s), at most %.0f s", entry_id, entry.url, timeout_s)
+        return self.registry.get(entry_id)
+
+    async def resume(self, entry_id: str) -> Entry:
+        if self.registry.get(entry_id).state != ACTIVE:
+            await self.change(lambda r: r.set_state(entry_id, ACTIVE))
+        return self.registry.get(entry_id)
+
+    async def remove_now(self, entry_id: str) -> None:
+        await self.change(lambda r: r.remove(entry_id))
+        self._idle_scrapes.pop(entry_id, None)
+        log.info("removed %s", entry_id)
+
+    async def check_drains(self) -> None:
+        """Finishes drains: when the engine is idle for every Envoy, or when its time is up."""
+        snapshot = self.cache.snapshot
+        applied = all(e.acked.get(ENDPOINT) == snapshot.versions[ENDPOINT] for e in self.cache.envoys.values())
+        now_wall, now = time.time(), asyncio.get_running_loop().time()
+        for entry in [e for e in self.registry.entries() if e.state == DRAINING]:
+            if entry.drain_deadline is not None and now_wall >= entry.drain_deadline:
+                log.warning("drain of %s timed out with requests possibly in flight", entry.id)
+                await self._finish_drain(entry)
+                continue
+            idle = applied and all(_idle(self.balancer.tracker.state(entry.id, m, 1, now), self.config) for m in entry.models)
+            self._idle_scrapes[entry.id] = self._idle_scrapes.get(entry.id, 0) + 1 if idle else 0
+            if self._idle_scrapes[entry.id] >= IDLE_SCRAPES_TO_FINISH_DRAIN:
+                await self._finish_drain(entry)
+
+    async def _finish_drain(self, entry: Entry) -> None:
+        self._idle_scrapes.pop(entry.id, None)
+        if entry.source == "config":
+            await self.change(lambda r: r.set_state(entry.id, DRAINED))
+            log.info("drained %s (%s): out of rotation until resumed", entry.id, entry.url)
+        else:
+            await self.remove_now(entry.id)
+
+
+def _idle(state, config: GatewayConfig) -> bool:
+    return (state.load is not None and state.age_s is not None and state.age_s <= config.routing.stale_after_s
+            and state.load.running == 0 and state.load.waiting == 0)
+
+
+def config_entries(config: GatewayConfig) -> dict[str, Entry]:
+    entries = (Entry.create(b.url, b.models, b.weight, "config") for b in config.all_backends())
+    return {e.id: e for e in entries}
+
+
+async def serve(config_path: Path | None, state_directory: Path | None = None) -> int:
     """`whisper-gateway serve`: runs until SIGTERM/SIGINT; SIGHUP reloads the config file."""
     try:
         config = load_config(config_path)
     except ConfigError as error:
         log.error("%s", error)
         return 2
-    plane = ControlPlane(config, config_path)
+    plane = ControlPlane(config, config_path, state_directory=state_dir(state_directory))
     try:
         await plane.start()
-    except OSError as error:
+    except (OSError, StartupError) as error:
         log.error("cannot start: %s", error)
         await plane.stop(0)
         return 1

@@ -32,7 +32,7 @@ class ScrapeFailure:
 
 async def scrape(session: aiohttp.ClientSession, backend: Backend, timeout: float) -> str | ScrapeFailure:
     try:
-        async with session.get(f"{backend.id}/metrics", timeout=aiohttp.ClientTimeout(total=timeout)) as response:
+        async with session.get(f"{backend.url}/metrics", timeout=aiohttp.ClientTimeout(total=timeout)) as response:
             if response.status != 200:
                 return ScrapeFailure(f"HTTP {response.status}")
             body = await response.content.read(MAX_PAGE_BYTES)
@@ -87,8 +87,10 @@ class Balancer:
         pages = await asyncio.gather(*(scrape(session, b, timeout) for b in fleet.backends))
         now = asyncio.get_running_loop().time()
         self.record(fleet, pages, now)
+        await self.plane.check_drains()
         if not self.routing.load_aware:
             return
+        fleet = self.plane.fleet  # a finished drain may have changed it
         weights = weights_for(fleet, self.tracker, self.routing, now)
         if weights != fleet.weights:
             self.weight_pushes_total += 1

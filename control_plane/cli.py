@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import sys
 import tempfile
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 from control_plane.bootstrap import BOOTSTRAP_TEMPLATE, default_node_id, render_bootstrap
-from control_plane.config import ConfigError, load_config
+from control_plane.config import ConfigError, GatewayConfig, load_config
+from control_plane.state_store import client_token, state_dir
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -18,20 +22,38 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     commands = parser.add_subparsers(dest="command", required=True)
 
-    up = commands.add_parser("up", help="run engines, control plane and Envoy from one config, in the foreground")
-    up.add_argument("--config", type=Path, help="gateway YAML (default: the embedded one)")
+    def with_config(sub):
+        sub.add_argument("--config", type=Path, help="gateway YAML (default: the embedded one)")
+        return sub
+
+    def with_state(sub):
+        sub.add_argument("--state-dir", type=Path,
+                         help="API changes and the admin token (default: $WHISPER_GATEWAY_STATE_DIR or .whisper-gateway)")
+        return sub
+
+    up = with_state(with_config(commands.add_parser(
+        "up", help="run engines, control plane and Envoy from one config, in the foreground")))
     up.add_argument("--run-dir", type=Path, help="where logs, Envoy's bootstrap and the sample clip go")
 
-    serve = commands.add_parser("serve", help="run the control plane (xDS server); SIGHUP reloads the config")
-    serve.add_argument("--config", type=Path, help="gateway YAML (default: the embedded one)")
+    with_state(with_config(commands.add_parser(
+        "serve", help="run the control plane (xDS server, admin API); SIGHUP reloads the config")))
 
-    status = commands.add_parser("status", help="show every endpoint's load, weight and metric freshness")
-    status.add_argument("--config", type=Path, help="gateway YAML, for the status address (default: the embedded one)")
-    status.add_argument("--url", help="the control plane's API (default: http://listen.admin_address:admin_port)")
-    status.add_argument("--json", action="store_true", help="print the raw JSON report")
+    def api_command(name: str, help_text: str):
+        sub = with_state(with_config(commands.add_parser(name, help=help_text)))
+        sub.add_argument("--url", help="the admin API (default: http://listen.admin_address:admin_port)")
+        sub.add_argument("--json", action="store_true", help="print the raw JSON answer")
+        return sub
 
-    boot = commands.add_parser("envoy-bootstrap", help="write Envoy's bootstrap for this config")
-    boot.add_argument("--config", type=Path, help="gateway YAML (default: the embedded one)")
+    api_command("status", "show every endpoint's state, load, weight and metric freshness")
+    backends = api_command("backends", "list, add, drain, resume or remove backends")
+    backends.add_argument("action", choices=["list", "add", "drain", "resume", "remove"])
+    backends.add_argument("target", nargs="?", help="URL to add; id (or URL) to drain, resume or remove")
+    backends.add_argument("--model", action="append", dest="models", help="with add: a model it serves (repeat)")
+    backends.add_argument("--weight", type=int, help="with add: base weight 1..128")
+    backends.add_argument("--timeout", type=float, help="with drain: seconds before removal anyway")
+    backends.add_argument("--force", action="store_true", help="with remove: now, without draining")
+
+    boot = with_config(commands.add_parser("envoy-bootstrap", help="write Envoy's bootstrap for this config"))
     boot.add_argument("--node-id", default=None, help="Envoy node id (default: envoy-<hostname>)")
     boot.add_argument("--xds-host", default=None, help="host Envoy dials for xDS (default: listen.xds_address)")
     boot.add_argument("--admin-port", type=int, default=None, help="Envoy admin port (default: listen.envoy_admin_port)")
@@ -42,17 +64,17 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.command == "serve":
-        from control_plane.app import serve
-
-        sys.exit(asyncio.run(serve(args.config)))
     try:
         config = load_config(args.config)
     except ConfigError as error:
         print(f"whisper-gateway: {error}", file=sys.stderr)
         sys.exit(2)
-    if args.command == "status":
-        sys.exit(_status(args, config))
+    if args.command == "serve":
+        from control_plane.app import serve
+
+        sys.exit(asyncio.run(serve(args.config, args.state_dir)))
+    if args.command in ("status", "backends"):
+        sys.exit(_run_api_command(args, config))
     if args.command == "envoy-bootstrap":
         text = render_bootstrap(BOOTSTRAP_TEMPLATE.read_text(), config, node_id=args.node_id or default_node_id(),
                                 xds_host=args.xds_host, admin_port=args.admin_port)
@@ -64,22 +86,84 @@ def main(argv: list[str] | None = None) -> None:
     from control_plane.supervisor import up
 
     run_dir = args.run_dir or Path(tempfile.mkdtemp(prefix="whisper-gateway-"))
-    sys.exit(asyncio.run(up(config, args.config, run_dir)))
+    sys.exit(asyncio.run(up(config, args.config, run_dir, state_dir(args.state_dir))))
 
 
-def _status(args: argparse.Namespace, config) -> int:
-    import json
-    import urllib.error
-    import urllib.request
+class ApiFailure(Exception):
+    pass
 
+
+def _call(args: argparse.Namespace, config: GatewayConfig, method: str, path: str, body: dict | None = None):
+    base = (args.url or f"http://{config.listen.admin_address}:{config.listen.admin_port}").rstrip("/")
+    token = client_token(state_dir(args.state_dir))
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(base + path, data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.load(response)
+    except urllib.error.HTTPError as error:
+        try:
+            message = json.load(error)["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = error.reason
+        raise ApiFailure(f"{method} {path}: HTTP {error.code}: {message}") from None
+    except (urllib.error.URLError, OSError) as error:
+        raise ApiFailure(f"cannot reach the control plane at {base}: {error}") from None
+
+
+def _backend_id(args, config, target: str) -> str:
+    if target.startswith("http://") or target.startswith("https://"):
+        for backend in _call(args, config, "GET", "/backends")["data"]:
+            if backend["url"] == target.rstrip("/"):
+                return backend["id"]
+        raise ApiFailure(f"no backend with URL {target}")
+    return target
+
+
+def _backends_table(backends: list[dict]) -> str:
+    from control_plane.status import render_rows
+
+    header = ("ID", "URL", "MODELS", "SOURCE", "STATE", "WEIGHT")
+    rows = [(b["id"], b["url"], ",".join(b["models"]), b["source"], b["state"],
+             ",".join(str(e["weight"]) if e["weight"] is not None else "-" for e in b["endpoints"]) or "-")
+            for b in backends]
+    return "\n".join(render_rows(header, rows))
+
+
+def _run_api_command(args: argparse.Namespace, config: GatewayConfig) -> int:
     from control_plane.status import render_table
 
-    url = (args.url or f"http://{config.listen.admin_address}:{config.listen.admin_port}").rstrip("/") + "/status"
     try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            report = json.load(response)
-    except (urllib.error.URLError, OSError) as error:
-        print(f"whisper-gateway: cannot reach the control plane at {url}: {error}", file=sys.stderr)
+        if args.command == "status":
+            answer = _call(args, config, "GET", "/status")
+            print(json.dumps(answer, indent=2) if args.json else render_table(answer))
+            return 0
+        if args.action != "list" and not args.target:
+            raise ApiFailure(f"backends {args.action} needs a target (URL or id)")
+        if args.action == "list":
+            answer = _call(args, config, "GET", "/backends")
+            print(json.dumps(answer, indent=2) if args.json else _backends_table(answer["data"]))
+            return 0
+        if args.action == "add":
+            body: dict = {"url": args.target}
+            if args.models:
+                body["models"] = args.models
+            if args.weight is not None:
+                body["weight"] = args.weight
+            answer = _call(args, config, "POST", "/backends", body)
+        elif args.action == "drain":
+            body = {"timeout_s": args.timeout} if args.timeout is not None else {}
+            answer = _call(args, config, "POST", f"/backends/{_backend_id(args, config, args.target)}/drain", body)
+        elif args.action == "resume":
+            answer = _call(args, config, "POST", f"/backends/{_backend_id(args, config, args.target)}/resume", {})
+        else:
+            force = "?force=true" if args.force else ""
+            answer = _call(args, config, "DELETE", f"/backends/{_backend_id(args, config, args.target)}{force}")
+        print(json.dumps(answer, indent=2) if args.json else f"{answer['id']} {answer['url']}: {answer['state']}")
+        return 0
+    except ApiFailure as failure:
+        print(f"whisper-gateway: {failure}", file=sys.stderr)
         return 1
-    print(json.dumps(report, indent=2) if args.json else render_table(report))
-    return 0

@@ -111,6 +111,18 @@ class EngineConfig:
 
 
 @dataclass(frozen=True)
+class DiscoveryConfig:
+    """A DNS name whose A/AAAA records are engines (compose `--scale`, Kubernetes headless services)."""
+
+    name: str
+    port: int
+    models: tuple[str, ...]
+    weight: int = 1
+    interval_s: float = 5.0
+    nameserver: tuple[str, int] | None = None  # None: the system resolver
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     listen: ListenConfig = ListenConfig()
     timeouts: TimeoutsConfig = TimeoutsConfig()
@@ -119,6 +131,9 @@ class GatewayConfig:
     models: tuple[ModelConfig, ...] = ()
     backends: tuple[BackendConfig, ...] = ()
     engines: tuple[EngineConfig, ...] = ()
+    discovery: tuple[DiscoveryConfig, ...] = ()
+    # How long a drain may take before the backend is removed anyway.
+    drain_timeout_s: float = 300.0
 
     def all_backends(self) -> tuple[BackendConfig, ...]:
         """Configured backends plus the engines `up` runs."""
@@ -270,8 +285,11 @@ def validate_backend_url(url: Any, key: str) -> str:
     if not isinstance(url, str):
         raise ConfigError(f"{key}: expected a URL string, got {url!r}")
     parts = urlsplit(url)
-    if parts.scheme not in ("http", "https"):
-        raise ConfigError(f"{key}: {url!r} must start with http:// or https://")
+    if parts.scheme == "https":
+        raise ConfigError(f"{key}: {url!r}: https backends are not supported yet; serve engines over http "
+                          "(terminate TLS in front of them if needed)")
+    if parts.scheme != "http":
+        raise ConfigError(f"{key}: {url!r} must start with http://")
     if parts.username or parts.password:
         raise ConfigError(f"{key}: {url!r} must not carry user info")
     if not parts.hostname:
@@ -352,10 +370,39 @@ def _engine_options(kind: str, section: dict, key: str) -> dict:
     return options
 
 
+def _read_discovery(raw: Any, served: set[str]) -> tuple[DiscoveryConfig, ...]:
+    found = []
+    for i, item in enumerate(_list(raw, "discovery")):
+        key = f"discovery[{i}]"
+        section = _mapping(item, key)
+        _reject_unknown(section, {"name", "port", "models", "weight", "interval_s", "nameserver"}, key)
+        name = section.get("name")
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,252})", name):
+            raise ConfigError(f"{key}.name: expected a DNS name, got {name!r}")
+        if "port" not in section:
+            raise ConfigError(f"{key}.port: required")
+        nameserver = section.get("nameserver")
+        if nameserver is not None:
+            host, _, port = str(nameserver).rpartition(":")
+            if not is_ip_address(host) or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ConfigError(f"{key}.nameserver: expected IP:port, got {nameserver!r}")
+            nameserver = (host, int(port))
+        found.append(DiscoveryConfig(
+            name=name,
+            port=_port(section, "port", key, 0),
+            models=_backend_models(section.get("models"), f"{key}.models", served),
+            weight=_number(section, "weight", key, 1, 1, MAX_WEIGHT, integer=True),
+            interval_s=_number(section, "interval_s", key, 5.0, 0.1, 3600),
+            nameserver=nameserver,
+        ))
+    return tuple(found)
+
+
 def parse_config(raw: Any) -> GatewayConfig:
     """Builds a config from parsed YAML; raises ConfigError naming the first bad key."""
     top = _mapping(raw, "config")
-    _reject_unknown(top, {"listen", "timeouts", "limits", "routing", "models", "backends", "engines"}, "")
+    _reject_unknown(top, {"listen", "timeouts", "limits", "routing", "models", "backends", "engines", "discovery",
+                          "drain_timeout_s"}, "")
     models = _read_models(top.get("models"))
     if not models:
         raise ConfigError("models: at least one model is required")
@@ -368,6 +415,8 @@ def parse_config(raw: Any) -> GatewayConfig:
         models=models,
         backends=_read_backends(top.get("backends"), served),
         engines=_read_engines(top.get("engines"), served),
+        discovery=_read_discovery(top.get("discovery"), served),
+        drain_timeout_s=_number(top, "drain_timeout_s", "config", 300.0, 1, 86400),
     )
     urls = [b.url for b in config.all_backends()]
     for i, url in enumerate(urls):

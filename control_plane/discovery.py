@@ -6,8 +6,13 @@ import asyncio
 import logging
 import socket
 
-from control_plane.config import BackendConfig, GatewayConfig, is_ip_address
+import aiohttp
+
+from urllib.parse import urlsplit
+
+from control_plane.config import GatewayConfig, ModelConfig, is_ip_address
 from control_plane.fleet import Backend, Fleet
+from control_plane.registry import DRAINED, DRAINING, Entry, Registry
 
 log = logging.getLogger(__name__)
 
@@ -23,16 +28,38 @@ async def resolve_host(host: str, port: int) -> str:
     return infos[0][4][0]
 
 
-async def _resolve(backend: BackendConfig) -> Backend | None:
+async def _resolve(entry: Entry) -> Backend | None:
+    parts = urlsplit(entry.url)
     try:
-        address = await resolve_host(backend.host, backend.port)
+        address = await resolve_host(parts.hostname, parts.port)
     except OSError as error:
-        # Left out until it resolves (next reload); the other backends keep serving.
-        log.warning("backend %s left out: cannot resolve %s: %s", backend.url, backend.host, error)
+        # Left out until it resolves (next change or reload); the other backends keep serving.
+        log.warning("backend %s left out: cannot resolve %s: %s", entry.url, parts.hostname, error)
         return None
-    return Backend(id=backend.url, address=address, port=backend.port, models=backend.models, weight=backend.weight)
+    return Backend(id=entry.id, address=address, port=parts.port, models=entry.models, weight=entry.weight,
+                   draining=entry.state == DRAINING, url=entry.url)
 
 
-async def resolve_fleet(config: GatewayConfig) -> Fleet:
-    resolved = await asyncio.gather(*(_resolve(b) for b in config.all_backends()))
-    return Fleet(models=config.models, backends=tuple(b for b in resolved if b is not None))
+def served_models(config: GatewayConfig, registry: Registry) -> tuple[ModelConfig, ...]:
+    """The config's models, then those first seen through the API."""
+    known = {m.name for m in config.models}
+    return config.models + tuple(ModelConfig(name) for name in registry.api_models if name not in known)
+
+
+async def resolve_fleet(config: GatewayConfig, registry: Registry) -> Fleet:
+    entries = [e for e in registry.entries() if e.state != DRAINED]
+    resolved = await asyncio.gather(*(_resolve(e) for e in entries))
+    return Fleet(models=served_models(config, registry), backends=tuple(b for b in resolved if b is not None))
+
+
+async def read_engine_models(url: str, timeout: float = 5.0) -> list[str]:
+    """The model names an engine serves, from its OpenAI-style /v1/models."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session:
+        async with session.get(f"{url}/v1/models") as response:
+            if response.status != 200:
+                raise ValueError(f"{url}/v1/models answered HTTP {response.status}")
+            body = await response.json(content_type=None)
+    models = [m.get("id") for m in body.get("data", []) if isinstance(m, dict)] if isinstance(body, dict) else []
+    if not models or not all(isinstance(m, str) and m for m in models):
+        raise ValueError(f"{url}/v1/models lists no models")
+    return models

@@ -17,6 +17,7 @@ class Backend:
     models: tuple[str, ...]
     weight: int = 1
     draining: bool = False
+    url: str = ""
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,7 @@
-"""What an operator sees: per endpoint load, weight and metric freshness; per Envoy its versions."""
+"""What an operator sees: per endpoint its state, load, weight and metric freshness; per Envoy its versions."""
 
 from __future__ import annotations
 
-from control_plane.fleet import Fleet
-from control_plane.load_tracker import LoadTracker
-from control_plane.xds.cache import SnapshotCache
 from control_plane.xds.types import SHORT_NAMES
 
 
@@ -19,27 +16,38 @@ def _health(track, stale_after_s: float, now: float) -> str:
     return "failing" if track.error else "unknown"
 
 
-def status_report(fleet: Fleet, tracker: LoadTracker, cache: SnapshotCache, stale_after_s: float, now: float) -> dict:
-    endpoints = []
-    for backend in fleet.backends:
-        for model in backend.models:
-            track = tracker.tracks.get((backend.id, model))
+def endpoint_rows(plane, now: float) -> list[dict]:
+    """One row per (backend, model), drained backends included."""
+    fleet, tracker = plane.fleet, plane.balancer.tracker
+    in_fleet = {b.id: b for b in fleet.backends}
+    rows = []
+    for entry in plane.registry.entries():
+        for model in entry.models:
+            track = tracker.tracks.get((entry.id, model))
             load = track.load if track else None
-            endpoints.append({
-                "backend": backend.id,
-                "address": f"{backend.address}:{backend.port}",
+            backend = in_fleet.get(entry.id)
+            rows.append({
+                "id": entry.id,
+                "url": entry.url,
                 "model": model,
-                "health": _health(track, stale_after_s, now),
+                "source": entry.source,
+                "state": entry.state,
+                "drain_deadline": entry.drain_deadline,
+                "health": _health(track, plane.config.routing.stale_after_s, now),
                 "running": load.running if load else None,
                 "waiting": load.waiting if load else None,
                 "kv_cache_usage": round(load.kv_cache_usage, 4) if load else None,
                 "seconds_per_request": round(track.seconds_per_request, 4) if track and track.seconds_per_request else None,
-                "weight": fleet.weight(backend, model),
-                "base_weight": backend.weight,
-                "draining": backend.draining,
+                "weight": fleet.weight(backend, model) if backend else None,
+                "base_weight": entry.weight,
                 "scrape_age_s": round(now - track.scraped_at, 3) if track and track.scraped_at is not None else None,
                 "scrape_error": track.error if track else None,
             })
+    return rows
+
+
+def status_report(plane, now: float) -> dict:
+    cache = plane.cache
     envoys = [{
         "node_id": envoy.node_id,
         "peer": envoy.peer,
@@ -50,7 +58,7 @@ def status_report(fleet: Fleet, tracker: LoadTracker, cache: SnapshotCache, stal
     } for envoy in cache.envoys.values()]
     snapshot = cache.snapshot
     return {
-        "endpoints": endpoints,
+        "endpoints": endpoint_rows(plane, now),
         "envoys": envoys,
         "versions": {SHORT_NAMES[t]: v for t, v in snapshot.versions.items()} if snapshot else {},
         "nacks_total": cache.nacks_total,
@@ -65,17 +73,19 @@ def _cell(value, digits: int = 2) -> str:
     return str(value)
 
 
+def render_rows(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows]]
+
+
 def render_table(report: dict) -> str:
     """The report as an aligned text table for a terminal."""
-    header = ("BACKEND", "MODEL", "HEALTH", "RUNNING", "WAITING", "KV", "WEIGHT", "S/REQ", "AGE")
-    rows = [header] + [(
-        e["backend"] + (" (draining)" if e["draining"] else ""), e["model"], e["health"], _cell(e["running"]),
-        _cell(e["waiting"]), _cell(e["kv_cache_usage"]), str(e["weight"]), _cell(e["seconds_per_request"], 3),
-        _cell(e["scrape_age_s"]),
+    header = ("ID", "URL", "MODEL", "STATE", "HEALTH", "RUNNING", "WAITING", "KV", "WEIGHT", "S/REQ", "AGE")
+    rows = [(
+        e["id"], e["url"], e["model"], e["state"], e["health"], _cell(e["running"]), _cell(e["waiting"]),
+        _cell(e["kv_cache_usage"]), _cell(e["weight"]), _cell(e["seconds_per_request"], 3), _cell(e["scrape_age_s"]),
     ) for e in report["endpoints"]]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
-    lines.append("")
+    lines = render_rows(header, rows) + [""]
     for envoy in report["envoys"]:
         nack = envoy["last_nack"]
         lines.append(f"envoy {envoy['node_id']} ({envoy['peer']}): " + ", ".join(f"{t} {v}" for t, v in envoy["acked"].items())

@@ -146,7 +146,7 @@ def example_command(config: GatewayConfig, sample: Path) -> str:
             f"http://{host}:{config.listen.port}/v1/audio/transcriptions")
 
 
-async def up(config: GatewayConfig, config_path: Path | None, run_dir: Path) -> int:
+async def up(config: GatewayConfig, config_path: Path | None, run_dir: Path, state_directory: Path) -> int:
     busy = ports_in_use(config)
     if busy:
         log.error("ports already in use: %s; stop what holds them or change them in the config", ", ".join(busy))
@@ -170,7 +170,8 @@ async def up(config: GatewayConfig, config_path: Path | None, run_dir: Path) -> 
                 children.append(await _spawn(f"engine-{engine.name}", engine_command(engine), run_dir))
             for engine in config.engines:
                 await _wait_http_ok(session, f"{engine.url}/health", deadline, children)
-            plane = [sys.executable, "-m", "control_plane", "serve", "--config", str(config_path or DEFAULT_CONFIG_PATH)]
+            plane = [sys.executable, "-m", "control_plane", "serve", "--config", str(config_path or DEFAULT_CONFIG_PATH),
+                     "--state-dir", str(state_directory)]
             children.append(await _spawn("control-plane", plane, run_dir))
             envoy = [find_envoy(), "-c", str(bootstrap), "--disable-hot-restart", "--log-level", "warn",
                      "--drain-time-s", "5"]

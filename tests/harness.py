@@ -137,13 +137,14 @@ class Process:
         return self.log_path.read_text(errors="replace")
 
 
-def start_engine(log_dir: Path, model: str, name: str, port: int | None = None, **options) -> tuple[Process, str]:
+def start_engine(log_dir: Path, model: str, name: str, port: int | None = None, host: str = "127.0.0.1",
+                 **options) -> tuple[Process, str]:
     port = port or free_port()
-    command = [PYTHON, "-m", "engines.simulated", "--port", str(port), "--model", model, "--name", name]
+    command = [PYTHON, "-m", "engines.simulated", "--host", host, "--port", str(port), "--model", model, "--name", name]
     for key, value in options.items():
         command += [f"--{key.replace('_', '-')}", str(value)]
     process = Process(f"engine-{name}", command, log_dir)
-    url = f"http://127.0.0.1:{port}"
+    url = f"http://{host}:{port}"
     wait_until(lambda: process.alive() and request("GET", url + "/health", timeout=2).status == 200, 20,
                f"engine {name} health")
     return process, url
@@ -165,10 +166,36 @@ class GatewayConfigFile:
         self.path.write_text(text)
 
 
-def start_control_plane(log_dir: Path, config_path: Path, name: str = "control-plane") -> Process:
-    process = Process(name, [PYTHON, "-m", "control_plane", "serve", "--config", str(config_path)], log_dir)
+def start_control_plane(log_dir: Path, config_path: Path, name: str = "control-plane",
+                        state_dir: Path | None = None) -> Process:
+    """`serve` with its own state dir (default: log_dir/state); its admin token is in that dir."""
+    state_dir = state_dir or log_dir / "state"
+    process = Process(name, [PYTHON, "-m", "control_plane", "serve", "--config", str(config_path),
+                             "--state-dir", str(state_dir)], log_dir)
     wait_until(lambda: process.alive() and "xDS (ADS) listening" in process.log_text(), 20, "control plane start")
+    process.state_dir = state_dir
     return process
+
+
+class AdminClient:
+    """The control plane's admin API with its token."""
+
+    def __init__(self, url: str, state_dir: Path):
+        self.url = url
+        self.token = (state_dir / "admin-token").read_text().strip()
+
+    def call(self, method: str, path: str, body=None, token: str | None = None, raw: bytes | None = None,
+             headers: dict | None = None) -> Response:
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        all_headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token or self.token}"}
+        all_headers.update(headers or {})
+        return request(method, self.url + path, data, all_headers)
+
+    def backends(self) -> dict[str, dict]:
+        return {b["url"]: b for b in self.call("GET", "/backends").json()["data"]}
+
+    def status(self) -> dict:
+        return self.call("GET", "/status").json()
 
 
 class Envoy:

@@ -71,7 +71,8 @@ def default_config_on_free_ports(tmp_path: Path) -> tuple[Path, dict]:
 
 def start_up(tmp_path: Path, config: tuple[Path, dict] | None = None) -> tuple[Process, dict]:
     path, raw = config or up_config(tmp_path)
-    process = Process("up", CLI + ["up", "--config", str(path), "--run-dir", str(tmp_path / "run")], tmp_path)
+    process = Process("up", CLI + ["up", "--config", str(path), "--run-dir", str(tmp_path / "run"),
+                                   "--state-dir", str(tmp_path / "state")], tmp_path)
     wait_until(lambda: "  curl " in process.log_text() or not process.alive(), 60, "`up` to print its example")
     assert process.alive(), process.log_text()
     return process, raw
@@ -165,7 +166,7 @@ def test_envoy_bootstrap_is_valid_for_envoy(tmp_path):
 
 def test_serve_stops_cleanly_on_sigterm(tmp_path):
     path, _ = up_config(tmp_path)
-    process = Process("serve", CLI + ["serve", "--config", str(path)], tmp_path)
+    process = Process("serve", CLI + ["serve", "--config", str(path), "--state-dir", str(tmp_path / "state")], tmp_path)
     wait_until(lambda: "xDS (ADS) listening" in process.log_text(), 20, "serve to start")
     started = time.monotonic()
     assert process.stop() == 0

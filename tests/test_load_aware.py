@@ -10,6 +10,7 @@ import pytest
 
 from tests.harness import (
     PYTHON,
+    AdminClient,
     REPO,
     Envoy,
     GatewayConfigFile,
@@ -32,11 +33,10 @@ def start_gateway(tmp_path, engines: dict[str, str]):
                       [{"url": url, "models": [MODEL]} for url in engines.values()])
     config = GatewayConfigFile(tmp_path / "gateway.yaml")
     config.write(raw)
-    start_control_plane(tmp_path, config.path)
+    plane = start_control_plane(tmp_path, config.path)
     envoy = Envoy(tmp_path, raw)
     envoy.wait_serving()
-    status_url = f"http://127.0.0.1:{raw['listen']['admin_port']}"
-    return envoy, status_url
+    return envoy, AdminClient(f"http://127.0.0.1:{raw['listen']['admin_port']}", plane.state_dir)
 
 
 def weights(envoy: Envoy, engines: dict[str, str]) -> dict[str, int]:
@@ -44,8 +44,8 @@ def weights(envoy: Envoy, engines: dict[str, str]) -> dict[str, int]:
     return {name: int(hosts[url.removeprefix("http://")]["weight"]) for name, url in engines.items()}
 
 
-def status(status_url: str, engines: dict[str, str]) -> dict[str, dict]:
-    by_url = {e["backend"]: e for e in request("GET", status_url + "/status").json()["endpoints"]}
+def status(admin: AdminClient, engines: dict[str, str]) -> dict[str, dict]:
+    by_url = {e["url"]: e for e in admin.status()["endpoints"]}
     return {name: by_url[url] for name, url in engines.items()}
 
 
@@ -63,7 +63,7 @@ def test_foreign_load_moves_traffic_to_the_other_engine(tmp_path):
     engines = {}
     for name in ("busy", "idle"):
         _, engines[name] = start_engine(tmp_path, MODEL, name, max_num_seqs=4, time_scale=2)
-    envoy, status_url = start_gateway(tmp_path, engines)
+    envoy, admin = start_gateway(tmp_path, engines)
     wait_until(lambda: weights(envoy, engines) == {"busy": 128, "idle": 128}, 10, "equal weights at rest")
 
     # Load Envoy cannot see: clients sending straight to one engine.
@@ -71,8 +71,8 @@ def test_foreign_load_moves_traffic_to_the_other_engine(tmp_path):
     try:
         wait_until(lambda: (w := weights(envoy, engines))["busy"] * 8 <= w["idle"], 5,
                    "the loaded engine's weight to drop in Envoy")
-        report = status(status_url, engines)
-        assert report["busy"]["running"] == 4 and report["busy"]["waiting"] >= 3
+        report = status(admin, engines)
+        assert report["busy"]["running"] == 4 and report["busy"]["waiting"] >= 1
         counts = through_gateway(envoy, ["busy", "idle"], 20)
         assert counts["idle"] >= 15, counts
     finally:
@@ -87,10 +87,10 @@ def test_the_faster_engine_gets_the_larger_share(tmp_path):
     engines = {}
     _, engines["fast"] = start_engine(tmp_path, MODEL, "fast", max_num_seqs=4, speed=3)
     _, engines["slow"] = start_engine(tmp_path, MODEL, "slow", max_num_seqs=4, speed=1)
-    envoy, status_url = start_gateway(tmp_path, engines)
+    envoy, admin = start_gateway(tmp_path, engines)
     counts = through_gateway(envoy, ["fast", "slow"], 64, concurrency=6, seconds=30)
     assert counts["fast"] > 1.5 * counts["slow"], counts
-    report = status(status_url, engines)
+    report = status(admin, engines)
     # Speed is measured from each engine's own counters, not configured.
     assert report["fast"]["seconds_per_request"] < report["slow"]["seconds_per_request"]
 
@@ -100,7 +100,7 @@ def test_failing_metrics_never_drop_an_engine(tmp_path, fault):
     engines = {}
     for name in ("flaky", "steady"):
         _, engines[name] = start_engine(tmp_path, MODEL, name, max_num_seqs=4, time_scale=2)
-    envoy, status_url = start_gateway(tmp_path, engines)
+    envoy, admin = start_gateway(tmp_path, engines)
     # The flaky engine is busy when its metrics stop: its last weight was low.
     load = LoadGenerator(engines["flaky"], MODEL, concurrency=10)
     try:
@@ -109,8 +109,8 @@ def test_failing_metrics_never_drop_an_engine(tmp_path, fault):
                        {"Content-Type": "application/json"}).status == 200
     finally:
         load.stop()
-    wait_until(lambda: status(status_url, engines)["flaky"]["health"] == "stale", 5, "its metrics to be stale")
-    report = status(status_url, engines)
+    wait_until(lambda: status(admin, engines)["flaky"]["health"] == "stale", 5, "its metrics to be stale")
+    report = status(admin, engines)
     assert report["flaky"]["scrape_error"] in ("timeout", "HTTP 500")
     # A hung scrape does not hold up the others.
     assert report["steady"]["health"] == "ok" and report["steady"]["scrape_age_s"] < 0.6
@@ -125,19 +125,21 @@ def test_failing_metrics_never_drop_an_engine(tmp_path, fault):
 def test_status_command_shows_load_and_weights(tmp_path):
     engines = {}
     _, engines["e1"] = start_engine(tmp_path, MODEL, "e1")
-    envoy, status_url = start_gateway(tmp_path, engines)
-    wait_until(lambda: status(status_url, engines)["e1"]["health"] == "ok", 5, "a first scrape")
-    result = subprocess.run([PYTHON, "-m", "control_plane", "status", "--url", status_url], capture_output=True,
-                            text=True, timeout=30, cwd=REPO)
+    envoy, admin = start_gateway(tmp_path, engines)
+    wait_until(lambda: status(admin, engines)["e1"]["health"] == "ok", 5, "a first scrape")
+    cli = [PYTHON, "-m", "control_plane", "status", "--url", admin.url, "--state-dir", str(tmp_path / "state")]
+    result = subprocess.run(cli, capture_output=True, text=True, timeout=30, cwd=REPO)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0].split() == ["BACKEND", "MODEL", "HEALTH", "RUNNING", "WAITING", "KV", "WEIGHT", "S/REQ", "AGE"]
+    assert lines[0].split() == ["ID", "URL", "MODEL", "STATE", "HEALTH", "RUNNING", "WAITING", "KV", "WEIGHT", "S/REQ", "AGE"]
     row = lines[1].split()
-    assert row[:7] == [engines["e1"], MODEL, "ok", "0", "0", "0", "128"]
+    assert row[1:9] == [engines["e1"], MODEL, "active", "ok", "0", "0", "0", "128"]
     assert any(line.startswith("envoy envoy ") for line in lines)
-    as_json = subprocess.run([PYTHON, "-m", "control_plane", "status", "--url", status_url, "--json"],
-                             capture_output=True, text=True, timeout=30, cwd=REPO)
+    as_json = subprocess.run(cli + ["--json"], capture_output=True, text=True, timeout=30, cwd=REPO)
     assert json.loads(as_json.stdout)["endpoints"][0]["weight"] == 128
-    down = subprocess.run([PYTHON, "-m", "control_plane", "status", "--url", f"http://127.0.0.1:{free_port()}"],
-                          capture_output=True, text=True, timeout=30, cwd=REPO)
+    down = subprocess.run(cli[:5] + [f"http://127.0.0.1:{free_port()}"] + cli[6:], capture_output=True, text=True,
+                          timeout=30, cwd=REPO)
     assert down.returncode == 1 and "cannot reach the control plane" in down.stderr
+    no_token = subprocess.run(cli[:7] + [str(tmp_path / "elsewhere")], capture_output=True, text=True, timeout=30,
+                              cwd=REPO)
+    assert no_token.returncode == 1 and "HTTP 401" in no_token.stderr

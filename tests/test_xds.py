@@ -13,7 +13,9 @@ import pytest
 from control_plane.app import ControlPlane
 from control_plane.builders import build_resources
 from control_plane.config import parse_config
+from control_plane.app import config_entries
 from control_plane.discovery import resolve_fleet
+from control_plane.registry import Registry
 from control_plane.xds.snapshot import Snapshot
 from control_plane.xds.types import CLUSTER
 from tests.harness import (
@@ -207,11 +209,17 @@ def test_two_envoys_restarts_of_either_side(tmp_path, engines):
     assert _served_by(first.url, MODEL, ["e1", "e2"], count=12)["e2"] > 0
 
 
+def registry_of(config) -> Registry:
+    registry = Registry.empty()
+    registry.config_entries = config_entries(config)
+    return registry
+
+
 def test_publish_refuses_an_inconsistent_snapshot(tmp_path):
     """A route to a cluster that does not exist never reaches an Envoy."""
     raw = base_config(free_port(), free_port(), [{"name": MODEL}], [{"url": "http://127.0.0.1:9", "models": [MODEL]}])
     config = parse_config(raw)
-    fleet = asyncio.run(resolve_fleet(config))
+    fleet = asyncio.run(resolve_fleet(config, registry_of(config)))
     resources = build_resources(config, fleet, "")
     resources[CLUSTER] = [c for c in resources[CLUSTER] if c.name != f"model:{MODEL}"]
     snapshot = Snapshot.from_resources(resources)

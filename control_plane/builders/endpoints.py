@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
-from envoy.config.core.v3 import address_pb2, health_check_pb2
+from envoy.config.core.v3 import address_pb2, base_pb2, health_check_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from google.protobuf import wrappers_pb2
 
 from control_plane.builders.names import cluster_name
 from control_plane.fleet import Backend, Fleet
+
+
+def _url_metadata(url: str) -> base_pb2.Metadata:
+    """The backend's URL travels with its endpoint, so Envoy's config dump names it."""
+    metadata = base_pb2.Metadata()
+    metadata.filter_metadata["whisper_gateway"].update({"url": url})
+    return metadata
 
 
 def _lb_endpoint(backend: Backend, weight: int) -> endpoint_components_pb2.LbEndpoint:
@@ -17,6 +24,7 @@ def _lb_endpoint(backend: Backend, weight: int) -> endpoint_components_pb2.LbEnd
     status = health_check_pb2.DRAINING if backend.draining else health_check_pb2.UNKNOWN
     return endpoint_components_pb2.LbEndpoint(
         endpoint=endpoint_components_pb2.Endpoint(address=address, hostname=backend.id),
+        metadata=_url_metadata(backend.url),
         health_status=status,
         load_balancing_weight=wrappers_pb2.UInt32Value(value=weight),
     )
