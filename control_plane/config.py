@@ -48,12 +48,20 @@ class TimeoutsConfig:
     route_s: float = 600.0
     connect_s: float = 2.0
     stream_idle_s: float = 300.0
+    # Whole request (headers and body) received within this: a slow-drip upload ends with 408.
+    request_s: float = 300.0
+    request_headers_s: float = 10.0
 
 
 @dataclass(frozen=True)
 class LimitsConfig:
     # vLLM's own default upload limit.
     max_upload_mb: float = 25.0
+    max_request_headers_kb: int = 60
+    max_requests_per_model: int = 1024
+    # Buffered uploads are real memory: Envoy stops taking new requests near this heap size.
+    max_heap_mb: int = 2048
+    max_connections: int = 4096
 
     @property
     def max_upload_bytes(self) -> int:
@@ -71,6 +79,29 @@ class RoutingConfig:
     hysteresis: float = 0.2
     # Envoy holds weight-only updates this long to merge them; its 1 s default delays reactions.
     update_merge_window_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class ResilienceConfig:
+    """Health checks, outlier detection and retries, tuned for fleets of 1 to 10 engines."""
+
+    health_path: str = "/health"
+    # vLLM's /health can take many seconds on a busy engine: a short timeout would eject the busiest.
+    health_interval_s: float = 3.0
+    health_timeout_s: float = 10.0
+    unhealthy_threshold: int = 3
+    healthy_threshold: int = 1
+    consecutive_gateway_failures: int = 3
+    consecutive_5xx: int = 5
+    ejection_s: float = 5.0
+    max_ejection_percent: int = 50
+    retries: int = 2
+    # Cuts an attempt that sends and receives nothing this long (0: off). Requests already on an
+    # engine that hangs otherwise wait out timeouts.route_s; keep it above the longest silent
+    # transcription (non-streamed answers come only at the end).
+    per_try_idle_s: float = 0.0
+    # Retrying after the engine may have started transcribing doubles work: off unless you say so.
+    retry_after_reset: bool = False
 
 
 @dataclass(frozen=True)
@@ -128,6 +159,7 @@ class GatewayConfig:
     timeouts: TimeoutsConfig = TimeoutsConfig()
     limits: LimitsConfig = LimitsConfig()
     routing: RoutingConfig = RoutingConfig()
+    resilience: ResilienceConfig = ResilienceConfig()
     models: tuple[ModelConfig, ...] = ()
     backends: tuple[BackendConfig, ...] = ()
     engines: tuple[EngineConfig, ...] = ()
@@ -218,19 +250,59 @@ def _read_listen(raw: Any) -> ListenConfig:
 
 def _read_timeouts(raw: Any) -> TimeoutsConfig:
     section = _mapping(raw, "timeouts")
-    _reject_unknown(section, {"route_s", "connect_s", "stream_idle_s"}, "timeouts")
     d = TimeoutsConfig()
+    _reject_unknown(section, set(d.__dataclass_fields__), "timeouts")
     return TimeoutsConfig(
         route_s=_number(section, "route_s", "timeouts", d.route_s, 1, 86400),
         connect_s=_number(section, "connect_s", "timeouts", d.connect_s, 0.01, 60),
         stream_idle_s=_number(section, "stream_idle_s", "timeouts", d.stream_idle_s, 1, 86400),
+        request_s=_number(section, "request_s", "timeouts", d.request_s, 1, 86400),
+        request_headers_s=_number(section, "request_headers_s", "timeouts", d.request_headers_s, 1, 600),
     )
 
 
 def _read_limits(raw: Any) -> LimitsConfig:
     section = _mapping(raw, "limits")
-    _reject_unknown(section, {"max_upload_mb"}, "limits")
-    return LimitsConfig(max_upload_mb=_number(section, "max_upload_mb", "limits", LimitsConfig().max_upload_mb, 0.01, 1024))
+    d = LimitsConfig()
+    _reject_unknown(section, set(d.__dataclass_fields__), "limits")
+    return LimitsConfig(
+        max_upload_mb=_number(section, "max_upload_mb", "limits", d.max_upload_mb, 0.01, 1024),
+        max_request_headers_kb=_number(section, "max_request_headers_kb", "limits", d.max_request_headers_kb, 1, 8192,
+                                       integer=True),
+        max_requests_per_model=_number(section, "max_requests_per_model", "limits", d.max_requests_per_model, 1,
+                                       1_000_000, integer=True),
+        max_heap_mb=_number(section, "max_heap_mb", "limits", d.max_heap_mb, 64, 1_048_576, integer=True),
+        max_connections=_number(section, "max_connections", "limits", d.max_connections, 1, 1_000_000, integer=True),
+    )
+
+
+def _read_resilience(raw: Any) -> ResilienceConfig:
+    section = _mapping(raw, "resilience")
+    d = ResilienceConfig()
+    _reject_unknown(section, set(d.__dataclass_fields__), "resilience")
+    path = section.get("health_path", d.health_path)
+    if not isinstance(path, str) or not path.startswith("/"):
+        raise ConfigError(f"resilience.health_path: expected a path starting with /, got {path!r}")
+    retry_after_reset = section.get("retry_after_reset", d.retry_after_reset)
+    if not isinstance(retry_after_reset, bool):
+        raise ConfigError(f"resilience.retry_after_reset: expected true or false, got {retry_after_reset!r}")
+    key = "resilience"
+    return ResilienceConfig(
+        health_path=path,
+        health_interval_s=_number(section, "health_interval_s", key, d.health_interval_s, 0.1, 3600),
+        health_timeout_s=_number(section, "health_timeout_s", key, d.health_timeout_s, 0.1, 600),
+        unhealthy_threshold=_number(section, "unhealthy_threshold", key, d.unhealthy_threshold, 1, 100, integer=True),
+        healthy_threshold=_number(section, "healthy_threshold", key, d.healthy_threshold, 1, 100, integer=True),
+        consecutive_gateway_failures=_number(section, "consecutive_gateway_failures", key,
+                                             d.consecutive_gateway_failures, 1, 1000, integer=True),
+        consecutive_5xx=_number(section, "consecutive_5xx", key, d.consecutive_5xx, 1, 1000, integer=True),
+        ejection_s=_number(section, "ejection_s", key, d.ejection_s, 0.1, 3600),
+        max_ejection_percent=_number(section, "max_ejection_percent", key, d.max_ejection_percent, 0, 100,
+                                     integer=True),
+        retries=_number(section, "retries", key, d.retries, 0, 10, integer=True),
+        per_try_idle_s=_number(section, "per_try_idle_s", key, d.per_try_idle_s, 0, 86400),
+        retry_after_reset=retry_after_reset,
+    )
 
 
 def _read_routing(raw: Any) -> RoutingConfig:
@@ -401,8 +473,8 @@ def _read_discovery(raw: Any, served: set[str]) -> tuple[DiscoveryConfig, ...]:
 def parse_config(raw: Any) -> GatewayConfig:
     """Builds a config from parsed YAML; raises ConfigError naming the first bad key."""
     top = _mapping(raw, "config")
-    _reject_unknown(top, {"listen", "timeouts", "limits", "routing", "models", "backends", "engines", "discovery",
-                          "drain_timeout_s"}, "")
+    _reject_unknown(top, {"listen", "timeouts", "limits", "routing", "resilience", "models", "backends", "engines",
+                          "discovery", "drain_timeout_s"}, "")
     models = _read_models(top.get("models"))
     if not models:
         raise ConfigError("models: at least one model is required")
@@ -412,6 +484,7 @@ def parse_config(raw: Any) -> GatewayConfig:
         timeouts=_read_timeouts(top.get("timeouts")),
         limits=_read_limits(top.get("limits")),
         routing=_read_routing(top.get("routing")),
+        resilience=_read_resilience(top.get("resilience")),
         models=models,
         backends=_read_backends(top.get("backends"), served),
         engines=_read_engines(top.get("engines"), served),

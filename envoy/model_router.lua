@@ -9,6 +9,8 @@
 -- filter_context: models = {name or alias -> model}.
 
 local MODEL_HEADER = "x-whisper-model"
+-- Marks the filter's own answers so Envoy's local-reply mapper leaves them as they are.
+local REPLY_HEADER = "x-whisper-lua-reply"
 local WINDOW = 4096
 local MAX_MODEL_BYTES = 256
 
@@ -27,7 +29,12 @@ end
 local function reply(h, status, message, error_type, param)
   local body = '{"error":{"message":' .. json_string(message) .. ',"type":' .. json_string(error_type)
     .. ',"param":' .. (param and json_string(param) or "null") .. ',"code":' .. status .. "}}"
+  h:headers():replace(REPLY_HEADER, "1")
   h:respond({[":status"] = tostring(status), ["content-type"] = "application/json"}, body)
+end
+
+local function bad_request(h, message, param)
+  return reply(h, 400, message, "BadRequestError", param)
 end
 
 -- The boundary parameter of a multipart/form-data Content-Type, quoted or not.
@@ -47,24 +54,29 @@ local function boundary_of(content_type)
   return value
 end
 
--- The `name` parameter of a part's Content-Disposition header (not the tail of `filename`).
-local function part_name(headers)
-  local lowered = lower(headers)
-  local start = find(lowered, "content%-disposition:")
-  if not start then return nil end
-  local line_end = find(headers, "\r\n", start, true) or (#headers + 1)
-  local line = sub(headers, start, line_end - 1)
-  local _, e = find(lower(line), "[;%s]name%s*=%s*")
+-- A parameter (`name`, `filename`) of a part's Content-Disposition header, quoted or not.
+local function disposition_param(line, lowered_line, param)
+  local _, e = find(lowered_line, "[;%s]" .. param .. "%s*=%s*")
   if not e then return nil end
   local rest = sub(line, e + 1)
   if sub(rest, 1, 1) == '"' then return rest:match('^"([^"]*)"') end
   return rest:match("^([^;%s]+)")
 end
 
--- Appends to `found` the body positions {start, stop} (0-based, stop exclusive) of every
--- complete `model` value in `s`, a piece of the body that starts at body offset `base`.
--- Returns true when a part of interest runs past the end of the piece.
-local function scan(s, delim, base, found)
+local function disposition(headers)
+  local lowered = lower(headers)
+  local start = find(lowered, "content%-disposition:")
+  if not start then return nil, nil end
+  local line_end = find(headers, "\r\n", start, true) or (#headers + 1)
+  local line = sub(headers, start, line_end - 1)
+  local lowered_line = lower(line)
+  return disposition_param(line, lowered_line, "name"), disposition_param(line, lowered_line, "filename")
+end
+
+-- Appends to `parts` every part that starts in `s`, a piece of the body beginning at body offset
+-- `base`: {name, filename, start, stop} with 0-based body offsets of its value (stop exclusive,
+-- nil when the value runs past the piece). Returns true when a part's headers are cut off.
+local function scan(s, delim, base, parts)
   local pos = 1
   while true do
     local d = find(s, delim, pos, true)
@@ -74,35 +86,44 @@ local function scan(s, delim, base, found)
       if sub(s, after, after + 1) == "--" then return false end -- the closing delimiter
       local header_end = find(s, "\r\n\r\n", after, true)
       if not header_end then return true end
+      local name, filename = disposition(sub(s, after, header_end - 1))
       local value_start = header_end + 4
-      if part_name(sub(s, after, header_end - 1)) == "model" then
-        local value_end = find(s, "\r\n" .. delim, value_start, true)
-        if not value_end then return true end
-        found[#found + 1] = {base + value_start - 1, base + value_end - 1}
-        pos = value_end + 2
-      else
-        pos = value_start
-      end
+      local value_end = find(s, "\r\n" .. delim, value_start, true)
+      parts[#parts + 1] = {name = name, filename = filename, start = base + value_start - 1,
+        stop = value_end and (base + value_end - 1) or nil}
+      if not value_end then return false end -- the rest of the piece is this part's value
+      pos = value_end + 2
     else
       pos = after
     end
   end
 end
 
-local function model_positions(body, delim)
-  local length = body:length()
+local function count(parts, name)
   local found = {}
-  if length <= 2 * WINDOW then
-    scan(body:getBytes(0, length), delim, 0, found)
-    return found
-  end
-  local cut = scan(body:getBytes(0, WINDOW), delim, 0, found)
-  cut = scan(body:getBytes(length - WINDOW, WINDOW), delim, length - WINDOW, found) or cut
-  if cut or #found == 0 then
-    found = {}
-    scan(body:getBytes(0, length), delim, 0, found)
+  for _, part in ipairs(parts) do
+    if part.name == name then found[#found + 1] = part end
   end
   return found
+end
+
+-- The form's parts. The fields sit around the one large part (the audio), so a window at each
+-- end finds them; the whole body is copied only when they are not all there.
+local function form_parts(body, delim)
+  local length = body:length()
+  local parts = {}
+  if length <= 2 * WINDOW then
+    scan(body:getBytes(0, length), delim, 0, parts)
+    return parts
+  end
+  local cut = scan(body:getBytes(0, WINDOW), delim, 0, parts)
+  cut = scan(body:getBytes(length - WINDOW, WINDOW), delim, length - WINDOW, parts) or cut
+  local models = count(parts, "model")
+  if cut or #models ~= 1 or models[1].stop == nil or #count(parts, "file") == 0 then
+    parts = {}
+    scan(body:getBytes(0, length), delim, 0, parts)
+  end
+  return parts
 end
 
 local function served_names(models)
@@ -110,6 +131,38 @@ local function served_names(models)
   for name, _ in pairs(models) do names[#names + 1] = name end
   table.sort(names)
   return table.concat(names, ", ")
+end
+
+-- Why the form cannot be transcribed, or nil; `model` is the one `model` part when it is fine.
+local function form_problem(body, delim, parts)
+  local length = body:length()
+  local tail_length = math.min(length, #delim + 256)
+  if not find(body:getBytes(length - tail_length, tail_length), delim .. "--", 1, true) then
+    return "The multipart body is truncated: its closing boundary is missing.", nil
+  end
+  for _, part in ipairs(parts) do
+    if part.name == nil then return "A form part has no Content-Disposition name.", nil end
+    if find(part.name, "[^\32-\126]") then
+      return "Form field names must be printable ASCII.", nil
+    end
+  end
+  local models, files = count(parts, "model"), count(parts, "file")
+  if #models == 0 then return "Missing form field `model`.", "model" end
+  if #models > 1 then return "The form field `model` is given more than once.", "model" end
+  if #files == 0 then return "Missing form field `file` (the audio).", "file" end
+  if #files > 1 then return "The form field `file` is given more than once.", "file" end
+  local file = files[1]
+  if file.stop ~= nil and file.stop == file.start then return "The uploaded file is empty.", "file" end
+  if file.filename and (find(file.filename, "[/\\%c]") or file.filename == ".." ) then
+    return "The file name must be a plain name, without a path.", "file"
+  end
+  local model = models[1]
+  if model.stop == nil then return "The multipart body is truncated.", nil end
+  if model.stop == model.start then return "The form field `model` is empty.", "model" end
+  if model.stop - model.start > MAX_MODEL_BYTES then
+    return "The form field `model` is longer than " .. MAX_MODEL_BYTES .. " bytes.", "model"
+  end
+  return nil, nil
 end
 
 function envoy_on_request(h)
@@ -121,32 +174,22 @@ function envoy_on_request(h)
   local content_type = headers:get("content-type")
   local boundary = content_type and boundary_of(content_type)
   if not boundary then
-    return reply(h, 400, "Expected a multipart/form-data body with a boundary; Content-Type was "
-      .. (content_type or "missing") .. ".", "BadRequestError", nil)
+    return bad_request(h, "Expected a multipart/form-data body with a boundary; Content-Type was "
+      .. (content_type or "missing") .. ".", nil)
   end
   local body = h:body()
   -- h:body() yields: handles taken before it are no longer valid.
   if body == nil or body:length() == 0 then
-    return reply(h, 400, "Missing form field `model` (the request has no body).", "BadRequestError", "model")
+    return bad_request(h, "Missing form field `model` (the request has no body).", "model")
   end
-  local found = model_positions(body, "--" .. boundary)
-  if #found == 0 then
-    return reply(h, 400, "Missing form field `model`.", "BadRequestError", "model")
-  end
-  if #found > 1 then
-    return reply(h, 400, "The form field `model` is given more than once.", "BadRequestError", "model")
-  end
-  local start, stop = found[1][1], found[1][2]
-  if stop == start then
-    return reply(h, 400, "The form field `model` is empty.", "BadRequestError", "model")
-  end
-  if stop - start > MAX_MODEL_BYTES then
-    return reply(h, 400, "The form field `model` is longer than " .. MAX_MODEL_BYTES .. " bytes.",
-      "BadRequestError", "model")
-  end
-  local name = body:getBytes(start, stop - start)
+  local delim = "--" .. boundary
+  local parts = form_parts(body, delim)
+  local problem, param = form_problem(body, delim, parts)
+  if problem then return bad_request(h, problem, param) end
+  local part = count(parts, "model")[1]
+  local name = body:getBytes(part.start, part.stop - part.start)
   if find(name, "%c") then
-    return reply(h, 400, "The form field `model` contains control characters.", "BadRequestError", "model")
+    return bad_request(h, "The form field `model` contains control characters.", "model")
   end
   local models = h:filterContext():get("models") or {}
   local model = models[name]
@@ -157,8 +200,9 @@ function envoy_on_request(h)
   if model ~= name then
     -- An alias: engines know only the model's own name, so the form must carry that.
     local whole = body:getBytes(0, body:length())
-    body:setBytes(sub(whole, 1, start) .. model .. sub(whole, stop + 1))
+    body:setBytes(sub(whole, 1, part.start) .. model .. sub(whole, part.stop + 1))
   end
   h:headers():replace(MODEL_HEADER, model)
+  h:headers():remove(REPLY_HEADER)
   h:clearRouteCache()
 end

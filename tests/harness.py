@@ -240,6 +240,7 @@ class Envoy:
         return versions
 
     def stat(self, name: str) -> int:
+        """A counter or gauge; Envoy writes the colon in cluster names (model:x) as an underscore."""
         text = request("GET", self.admin + f"/stats?filter=^{name}$", timeout=5).text
         for line in text.splitlines():
             key, _, value = line.partition(": ")
@@ -304,3 +305,32 @@ class LoadGenerator:
         for thread in self._threads:
             thread.join(60)
         return self.statuses
+
+
+def raw_http(port: int, data: bytes, timeout: float = 10.0, drip: list[bytes] | None = None,
+             drip_every: float = 0.0) -> Response:
+    """Sends bytes as they are (for requests no HTTP library would send) and reads one answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as connection:
+        connection.sendall(data)
+        for piece in drip or []:
+            time.sleep(drip_every)
+            try:
+                connection.sendall(piece)
+            except OSError:
+                break
+        received = b""
+        while b"\r\n\r\n" not in received:
+            chunk = connection.recv(65536)
+            if not chunk:
+                break
+            received += chunk
+        head, _, body = received.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+        length = int(headers.get("content-length", "0"))
+        while len(body) < length:
+            chunk = connection.recv(65536)
+            if not chunk:
+                break
+            body += chunk
+        return Response(int(lines[0].split()[1]), body, headers)

@@ -132,12 +132,14 @@ def test_missing_language_costs_a_detection_request(engine):
 
 
 @pytest.mark.parametrize("body,param", [(b'{"metrics": "bogus"}', "metrics"), (b'{"nope": "ok"}', "nope"),
-                                        (b"not json", None), (b"[1]", None)])
+                                        (b"not json", None), (b"[1]", None), (b'{"slowdown": 0.5}', "slowdown"),
+                                        (b'{"crash": "yes"}', "crash"), (b'{"requests": "ok", "health": 5}', "health")])
 def test_fault_switch_rejects_bad_input(engine, body, param):
     response = request("POST", engine + "/_sim/faults", body, {"Content-Type": "application/json"})
     assert response.status == 400
     assert response.json()["error"]["param"] == param
-    assert request("GET", engine + "/_sim/faults").json() == {"metrics": "ok"}
+    assert request("GET", engine + "/_sim/faults").json() == {"metrics": "ok", "health": "ok", "requests": "ok",
+                                                              "slowdown": 1.0}
 
 
 def test_metrics_faults_switch_on_and_off(engine):
@@ -146,7 +148,7 @@ def test_metrics_faults_switch_on_and_off(engine):
                        {"Content-Type": "application/json"})
 
     try:
-        assert switch("error").json() == {"metrics": "error"}
+        assert switch("error").json()["metrics"] == "error"
         assert request("GET", engine + "/metrics").status == 500
         switch("hang")
         with pytest.raises(OSError):
@@ -155,3 +157,29 @@ def test_metrics_faults_switch_on_and_off(engine):
     finally:
         switch("ok")
     assert request("GET", engine + "/metrics").status == 200
+
+
+def test_request_faults(tmp_path):
+    process, url = start_engine(tmp_path, MODEL, "faulty", time_scale=0.1)
+
+    def switch(**changes):
+        return request("POST", url + "/_sim/faults", json.dumps(changes).encode(), {"Content-Type": "application/json"})
+
+    switch(requests="503")
+    answer = post(url, clip())
+    assert answer.status == 503 and answer.json()["error"]["type"] == "ServiceUnavailableError"
+    switch(requests="500")
+    assert post(url, clip()).status == 500
+    switch(requests="drop")
+    with pytest.raises(Exception):
+        post(url, clip()).json()
+    switch(requests="ok", health="error")
+    assert request("GET", url + "/health").status == 503
+    switch(health="hang")
+    with pytest.raises(OSError):
+        request("GET", url + "/health", timeout=0.5)
+    switch(health="ok", slowdown=20)
+    assert post(url, clip(), ("language", "en", None)).status == 200
+    assert switch(crash=True).status == 200
+    process.popen.wait(5)
+    assert process.popen.returncode == 137

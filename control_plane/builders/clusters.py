@@ -2,17 +2,66 @@
 
 from __future__ import annotations
 
-from envoy.config.cluster.v3 import cluster_pb2
-from envoy.config.core.v3 import config_source_pb2, protocol_pb2
+from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2, outlier_detection_pb2
+from envoy.config.core.v3 import config_source_pb2, health_check_pb2, protocol_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.type.v3 import percent_pb2
+from google.protobuf import wrappers_pb2
 
 from control_plane.builders.common import pack, seconds
 from control_plane.builders.names import UNROUTED_CLUSTER, cluster_name
 from control_plane.config import GatewayConfig
 
 HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+
+
+def _uint(value: int) -> wrappers_pb2.UInt32Value:
+    return wrappers_pb2.UInt32Value(value=value)
+
+
+def _health_check(config: GatewayConfig) -> health_check_pb2.HealthCheck:
+    r = config.resilience
+    return health_check_pb2.HealthCheck(
+        timeout=seconds(r.health_timeout_s),
+        interval=seconds(r.health_interval_s),
+        # Envoy checks idle clusters only every 60 s by default; engines are often idle.
+        no_traffic_interval=seconds(r.health_interval_s),
+        unhealthy_threshold=_uint(r.unhealthy_threshold),
+        healthy_threshold=_uint(r.healthy_threshold),
+        http_health_check=health_check_pb2.HealthCheck.HttpHealthCheck(path=r.health_path),
+    )
+
+
+def _outlier_detection(config: GatewayConfig) -> outlier_detection_pb2.OutlierDetection:
+    """Ejects an engine that keeps failing, at most half a small fleet (one of two, five of ten)."""
+    r = config.resilience
+    return outlier_detection_pb2.OutlierDetection(
+        consecutive_5xx=_uint(r.consecutive_5xx),
+        consecutive_gateway_failure=_uint(r.consecutive_gateway_failures),
+        enforcing_consecutive_gateway_failure=_uint(100),
+        split_external_local_origin_errors=True,
+        consecutive_local_origin_failure=_uint(r.consecutive_gateway_failures),
+        enforcing_consecutive_local_origin_failure=_uint(100),
+        enforcing_success_rate=_uint(0),
+        interval=seconds(1),
+        base_ejection_time=seconds(r.ejection_s),
+        max_ejection_time=seconds(max(60.0, r.ejection_s)),
+        max_ejection_percent=_uint(r.max_ejection_percent),
+    )
+
+
+def _circuit_breakers(config: GatewayConfig) -> circuit_breaker_pb2.CircuitBreakers:
+    limit = config.limits.max_requests_per_model
+    thresholds = circuit_breaker_pb2.CircuitBreakers.Thresholds(
+        max_connections=_uint(limit),
+        max_pending_requests=_uint(limit),
+        max_requests=_uint(limit),
+        # Envoy's default allows 3 retries at once per cluster: far too few when an engine dies.
+        retry_budget=circuit_breaker_pb2.CircuitBreakers.Thresholds.RetryBudget(
+            budget_percent=percent_pb2.Percent(value=25.0), min_retry_concurrency=_uint(16)),
+    )
+    return circuit_breaker_pb2.CircuitBreakers(thresholds=[thresholds])
 
 
 def build_cluster(model: str, config: GatewayConfig) -> cluster_pb2.Cluster:
@@ -38,6 +87,14 @@ def build_cluster(model: str, config: GatewayConfig) -> cluster_pb2.Cluster:
             update_merge_window=seconds(config.routing.update_merge_window_s),
         ),
         typed_extension_protocol_options={HTTP_PROTOCOL_OPTIONS: pack(protocol)},
+        health_checks=[_health_check(config)],
+        # Idle connections to an engine that failed its health checks are closed at once.
+        close_connections_on_host_health_failure=True,
+        # The control plane drains before it removes; a removed engine must not linger until it
+        # fails a health check (Envoy's default when health checks are on).
+        ignore_health_on_host_removal=True,
+        outlier_detection=_outlier_detection(config),
+        circuit_breakers=_circuit_breakers(config),
     )
 
 

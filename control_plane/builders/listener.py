@@ -6,7 +6,7 @@ fleet, so fleet changes do not drain client connections.
 
 from __future__ import annotations
 
-from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2
+from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, protocol_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.extensions.filters.http.lua.v3 import lua_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
@@ -31,6 +31,11 @@ def build_listener(config: GatewayConfig, lua_source: str) -> listener_pb2.Liste
             route_config_name=ROUTE_CONFIG_NAME,
         ),
         stream_idle_timeout=seconds(config.timeouts.stream_idle_s),
+        request_timeout=seconds(config.timeouts.request_s),
+        request_headers_timeout=seconds(config.timeouts.request_headers_s),
+        max_request_headers_kb=wrappers_pb2.UInt32Value(value=config.limits.max_request_headers_kb),
+        common_http_protocol_options=protocol_pb2.HttpProtocolOptions(
+            max_headers_count=wrappers_pb2.UInt32Value(value=100), idle_timeout=seconds(300)),
         normalize_path=wrappers_pb2.BoolValue(value=True),
         merge_slashes=True,
         server_name="whisper-gateway",

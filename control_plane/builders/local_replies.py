@@ -1,31 +1,59 @@
-"""Envoy's own answers (too large, ...) in OpenAI's error shape instead of plain text."""
+"""Every answer Envoy makes itself (no engine, timeout, too large, bad HTTP) in OpenAI's error shape.
+
+The Lua filter's own answers are already OpenAI JSON: it marks the request with LUA_REPLY_HEADER
+before answering, and the first mapper passes those through untouched.
+"""
 
 from __future__ import annotations
 
 from envoy.config.accesslog.v3 import accesslog_pb2
 from envoy.config.core.v3 import base_pb2, substitution_format_string_pb2
+from envoy.config.route.v3 import route_components_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
 from google.protobuf import struct_pb2
 
 from control_plane.config import GatewayConfig
 
+LUA_REPLY_HEADER = "x-whisper-lua-reply"
+Format = substitution_format_string_pb2.SubstitutionFormatString
 
-def _status_is(code: int) -> accesslog_pb2.AccessLogFilter:
+
+def _status(op: int, code: int) -> accesslog_pb2.AccessLogFilter:
     comparison = accesslog_pb2.ComparisonFilter(
-        op=accesslog_pb2.ComparisonFilter.EQ,
-        value=base_pb2.RuntimeUInt32(default_value=code, runtime_key=f"whisper_gateway.local_reply.{code}"),
-    )
+        op=op, value=base_pb2.RuntimeUInt32(default_value=code, runtime_key=f"whisper_gateway.local_reply.{code}"))
     return accesslog_pb2.AccessLogFilter(status_code_filter=accesslog_pb2.StatusCodeFilter(comparison=comparison))
 
 
-def _json_error(message: str, error_type: str, code: int) -> substitution_format_string_pb2.SubstitutionFormatString:
+def _json_error(message: str, error_type: str) -> Format:
     body = struct_pb2.Struct()
-    body.update({"error": {"message": message, "type": error_type, "param": None, "code": code}})
-    return substitution_format_string_pb2.SubstitutionFormatString(json_format=body, content_type="application/json")
+    body.update({"error": {"message": message, "type": error_type, "param": None, "code": "%RESPONSE_CODE%"}})
+    return Format(json_format=body, content_type="application/json")
+
+
+def _mapper(code: int, message: str, error_type: str) -> hcm.ResponseMapper:
+    return hcm.ResponseMapper(filter=_status(accesslog_pb2.ComparisonFilter.EQ, code),
+                              body_format_override=_json_error(message, error_type))
 
 
 def build_local_reply_config(config: GatewayConfig) -> hcm.LocalReplyConfig:
+    lua_reply = accesslog_pb2.AccessLogFilter(header_filter=accesslog_pb2.HeaderFilter(
+        header=route_components_pb2.HeaderMatcher(name=LUA_REPLY_HEADER, present_match=True)))
+    passthrough = Format(text_format_source=base_pb2.DataSource(inline_string="%LOCAL_REPLY_BODY%"),
+                         content_type="application/json")
     limit_mb = f"{config.limits.max_upload_mb:g}"
-    too_large = _json_error(f"Request body is larger than the gateway's upload limit of {limit_mb} MiB.",
-                            "RequestTooLargeError", 413)
-    return hcm.LocalReplyConfig(mappers=[hcm.ResponseMapper(filter=_status_is(413), body_format_override=too_large)])
+    mappers = [
+        hcm.ResponseMapper(filter=lua_reply, body_format_override=passthrough),
+        _mapper(413, f"Request body is larger than the gateway's upload limit of {limit_mb} MiB.",
+                "RequestTooLargeError"),
+        _mapper(408, f"The request was not received in time (limit {config.timeouts.request_s:g} s).",
+                "RequestTimeoutError"),
+        _mapper(431, f"Request headers are too large (limit {config.limits.max_request_headers_kb} kB "
+                     "or 100 headers).", "BadRequestError"),
+        _mapper(400, "Malformed HTTP request: %LOCAL_REPLY_BODY%", "BadRequestError"),
+        _mapper(404, "%LOCAL_REPLY_BODY%", "NotFoundError"),
+        _mapper(503, "No engine could take the request: %LOCAL_REPLY_BODY%", "ServiceUnavailableError"),
+        _mapper(504, "The engine did not answer in time: %LOCAL_REPLY_BODY%", "TimeoutError"),
+        hcm.ResponseMapper(filter=_status(accesslog_pb2.ComparisonFilter.GE, 400),
+                           body_format_override=_json_error("%LOCAL_REPLY_BODY%", "GatewayError")),
+    ]
+    return hcm.LocalReplyConfig(mappers=mappers)

@@ -13,6 +13,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.config.route.v3 import route_components_pb2 as rc
 from envoy.config.route.v3 import route_pb2
 from envoy.extensions.filters.http.lua.v3 import lua_pb2
+from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
 from envoy.type.matcher.v3 import string_pb2
 from google.protobuf import struct_pb2, wrappers_pb2
 
@@ -34,10 +35,6 @@ JSON_HEADER = base_pb2.HeaderValueOption(
     header=base_pb2.HeaderValue(key="content-type", value="application/json"),
     append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
 )
-
-
-def openai_error(message: str, error_type: str, code: int, param: str | None = None) -> str:
-    return json.dumps({"error": {"message": message, "type": error_type, "param": param, "code": code}})
 
 
 def _lua_off() -> dict:
@@ -66,9 +63,32 @@ def _model_routes(config: GatewayConfig, fleet: Fleet) -> list[rc.Route]:
             routes.append(rc.Route(
                 name=f"{model}:{name}:{path.rsplit('/', 1)[-1]}",
                 match=rc.RouteMatch(path=path, headers=[header]),
-                route=rc.RouteAction(cluster=cluster_name(model), timeout=seconds(config.timeouts.route_s)),
+                route=rc.RouteAction(cluster=cluster_name(model), timeout=seconds(config.timeouts.route_s),
+                                     retry_policy=_retry_policy(config)),
             ))
     return routes
+
+
+def _retry_policy(config: GatewayConfig) -> rc.RetryPolicy:
+    """Another engine on connect failure, reset before the request went out, or 503 (queue full).
+
+    Each retry replays the buffered body (the virtual host's buffer limit holds the largest
+    upload), and never goes to an engine this request already tried.
+    """
+    retry_on = "connect-failure,reset-before-request,retriable-status-codes"
+    if config.resilience.retry_after_reset:
+        retry_on += ",reset"
+    idle = config.resilience.per_try_idle_s
+    return rc.RetryPolicy(
+        per_try_idle_timeout=seconds(idle) if idle else None,
+        retry_on=retry_on,
+        retriable_status_codes=[503],
+        num_retries=wrappers_pb2.UInt32Value(value=config.resilience.retries),
+        retry_host_predicate=[rc.RetryPolicy.RetryHostPredicate(
+            name="envoy.retry_host_predicates.previous_hosts",
+            typed_config=pack(previous_hosts_pb2.PreviousHostsPredicate()))],
+        host_selection_retry_max_attempts=5,
+    )
 
 
 def _listing_routes(fleet: Fleet) -> list[rc.Route]:
@@ -90,12 +110,9 @@ def _fallback_routes() -> list[rc.Route]:
                  route=rc.RouteAction(cluster=UNROUTED_CLUSTER))
         for path in AUDIO_PATHS
     ]
-    unknown_path = openai_error(
-        "Unknown path. This gateway serves POST /v1/audio/transcriptions, POST /v1/audio/translations "
-        "and GET /v1/models.",
-        "NotFoundError",
-        404,
-    )
+    # A plain message: Envoy's local reply mapper gives every error it answers OpenAI's shape.
+    unknown_path = ("Unknown path. This gateway serves POST /v1/audio/transcriptions, POST /v1/audio/translations "
+                    "and GET /v1/models.")
     routes.append(_answer(rc.RouteMatch(prefix="/"), 404, unknown_path, "unknown-path"))
     return routes
 

@@ -46,7 +46,7 @@ async def serve(args: argparse.Namespace) -> None:
     backend = SimulatedBackend(args.name or f"sim-{args.port}", tuple(args.model), profile)
     backend.metrics = VllmMetrics(args.model[0], backend.load)
     app = EngineApp(backend, backend.metrics, max_upload_bytes=int(args.max_upload_mb * 2**20)).build()
-    install_faults(app, Faults())
+    install_faults(app, Faults(), backend.queue.set_slowdown)
     try:
         await serve_until_signal(app, args.host, args.port, f"simulated engine {backend.name} serving {args.model}")
     finally:

@@ -64,6 +64,12 @@ class GpuQueue:
     _running: list = field(default_factory=list)
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _task: asyncio.Task | None = None
+    _slowdown: float = 1.0
+
+    def set_slowdown(self, factor: float) -> None:
+        """A GPU that slowed down (thermal throttling, a noisy neighbour): work takes `factor` times longer."""
+        self._slowdown = factor
+        self._wake.set()
 
     def load(self) -> EngineLoad:
         running = len(self._running)
@@ -105,7 +111,7 @@ class GpuQueue:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            rate = self.profile.per_request_rate(len(self._running))
+            rate = self.profile.per_request_rate(len(self._running)) / self._slowdown
             until_next = min(job.remaining for job in self._running) / rate
             self._wake.clear()
             started = loop.time()

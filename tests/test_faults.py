@@ -1,0 +1,277 @@
+"""Failing engines and malformed requests cost at most those requests, never the gateway."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import pytest
+
+from engines.common.audio import silent_wav
+from tests.harness import (
+    Envoy,
+    GatewayConfigFile,
+    LoadGenerator,
+    base_config,
+    engine_names_in,
+    free_port,
+    multipart,
+    post_form,
+    raw_http,
+    request,
+    start_control_plane,
+    start_engine,
+    transcribe,
+    wait_until,
+)
+
+MODEL = "whisper-large-v3-turbo"
+# Tight enough for tests: an engine that stops answering is out within about two seconds.
+FAST_RESILIENCE = {"health_interval_s": 0.5, "health_timeout_s": 1.0, "unhealthy_threshold": 2,
+                   "healthy_threshold": 1, "ejection_s": 2}
+
+
+class FaultGateway:
+    def __init__(self, tmp_path, names: list[str], **sections):
+        self.tmp_path = tmp_path
+        self.engines = {}
+        self.processes = {}
+        for name in names:
+            self.processes[name], self.engines[name] = start_engine(tmp_path, MODEL, name, time_scale=0.2)
+        sections.setdefault("resilience", FAST_RESILIENCE)
+        self.raw = base_config(free_port(), free_port(), [{"name": MODEL}],
+                               [{"url": url, "models": [MODEL]} for url in self.engines.values()], **sections)
+        self.config = GatewayConfigFile(tmp_path / "gateway.yaml")
+        self.config.write(self.raw)
+        self.plane = start_control_plane(tmp_path, self.config.path)
+        self.envoy = Envoy(tmp_path, self.raw)
+        self.envoy.wait_serving()
+        wait_until(lambda: all(h.get("health_flags") == "healthy" for h in self.hosts().values()), 10,
+                   "every engine healthy")
+
+    def hosts(self) -> dict[str, dict]:
+        return self.envoy.endpoints().get(f"model:{MODEL}", {})
+
+    def flags(self, name: str) -> str:
+        return self.hosts()[self.engines[name].removeprefix("http://")]["health_flags"]
+
+    def fault(self, name: str, **changes) -> None:
+        answer = request("POST", self.engines[name] + "/_sim/faults", json.dumps(changes).encode(),
+                         {"Content-Type": "application/json"})
+        assert answer.status == 200, answer.text
+
+    def served_by(self, count: int) -> dict[str, int]:
+        text = ""
+        for _ in range(count):
+            response = transcribe(self.envoy.url, MODEL)
+            assert response.status == 200, response.text
+            text += response.json()["text"]
+        return engine_names_in(text, list(self.engines))
+
+    def upstream_requests(self) -> int:
+        return self.envoy.stat(f"cluster.model_{MODEL}.upstream_rq_total")
+
+
+def test_killed_engine_leaves_rotation_and_rejoins(tmp_path):
+    gateway = FaultGateway(tmp_path, ["e1", "e2", "e3"])
+    load = LoadGenerator(gateway.envoy.url, MODEL, concurrency=6, seconds=5)
+    try:
+        wait_until(lambda: len(load.statuses) >= 12, 10, "load to flow")
+        gateway.processes["e3"].signal(signal.SIGKILL)
+        wait_until(lambda: gateway.flags("e3") != "healthy", 5, "the dead engine to leave rotation")
+        after_kill = len(load.statuses)
+        wait_until(lambda: len(load.statuses) >= after_kill + 30, 15, "more load after the kill")
+    finally:
+        statuses = load.stop()
+    failed = [s for s in statuses if s != 200]
+    # Only requests in flight on the killed engine may fail (six clients: at most six), as 503s.
+    assert len(failed) <= 6 and set(failed) <= {503}, failed
+    assert gateway.served_by(12)["e3"] == 0
+    # It comes back on the same address and rejoins.
+    gateway.processes["e3"], _ = start_engine(tmp_path, MODEL, "e3", port=int(gateway.engines["e3"].rsplit(":", 1)[1]),
+                                              time_scale=0.2)
+    wait_until(lambda: gateway.flags("e3") == "healthy", 10, "the engine to rejoin")
+    wait_until(lambda: gateway.served_by(6)["e3"] > 0, 10, "traffic on the returned engine")
+
+
+def test_hung_engine_costs_only_what_it_holds_then_leaves_rotation(tmp_path):
+    # Requests already on a hung engine end at the route timeout (short here) or the per-try
+    # idle timeout; new ones stop going there once it fails its health checks.
+    gateway = FaultGateway(tmp_path, ["e1", "e2"], timeouts={"route_s": 3})
+    load = LoadGenerator(gateway.envoy.url, MODEL, concurrency=4, seconds=5)
+    try:
+        wait_until(lambda: len(load.statuses) >= 8, 10, "load to flow")
+        gateway.fault("e2", requests="hang", health="hang", metrics="hang")
+        wait_until(lambda: gateway.flags("e2") != "healthy", 10, "the hung engine to fail its health checks")
+        after = len(load.statuses)
+        wait_until(lambda: len(load.statuses) >= after + 20, 15, "load to go on")
+    finally:
+        statuses = load.stop()
+    # Every request ended (a client gives up after 30 s: none had to); failures are the few that
+    # were on the hung engine before it left rotation, answered with an honest 504.
+    assert 0 not in statuses
+    failed = [s for s in statuses if s != 200]
+    assert len(failed) <= 4 and set(failed) <= {504}, failed
+    assert gateway.served_by(10) == {"e1": 10, "e2": 0}
+
+
+def test_503_queue_full_is_retried_on_another_engine(tmp_path):
+    gateway = FaultGateway(tmp_path, ["e1", "e2"], resilience={**FAST_RESILIENCE, "consecutive_gateway_failures": 1000})
+    gateway.fault("e2", requests="503")
+    load = LoadGenerator(gateway.envoy.url, MODEL, concurrency=4, seconds=2, max_requests=40)
+    statuses = load.stop() if wait_until(lambda: len(load.statuses) >= 40, 30, "40 requests") else []
+    assert len(statuses) == 40 and set(statuses) == {200}
+    assert gateway.envoy.stat(f"cluster.model_{MODEL}.upstream_rq_retry") > 0
+
+
+def test_answers_envoy_makes_itself_are_openai_json(tmp_path):
+    gateway = FaultGateway(tmp_path, ["e1"], timeouts={"route_s": 1.5}, limits={"max_requests_per_model": 1})
+
+    def error_of(response, status: int) -> dict:
+        assert response.status == status, response.text
+        assert response.headers.get("content-type", "").startswith("application/json")
+        error = response.json()["error"]
+        assert error["code"] == status and error["message"] and error["type"]
+        return error
+
+    # Timeout: the engine takes longer than the route allows.
+    gateway.fault("e1", slowdown=100)
+    assert "did not answer in time" in error_of(transcribe(gateway.envoy.url, MODEL, seconds=30), 504)["message"]
+    gateway.fault("e1", slowdown=1)
+    # No healthy engine.
+    gateway.fault("e1", health="error")
+    wait_until(lambda: gateway.flags("e1") != "healthy", 10, "the only engine to fail its checks")
+    assert "No engine could take the request" in error_of(transcribe(gateway.envoy.url, MODEL), 503)["message"]
+    assert request("GET", gateway.plane.state_dir.parent and gateway.envoy.admin + "/ready").status == 200
+
+
+def _bad_inputs(port: int, boundary: str = "xyzBOUNDARY") -> list[tuple[str, object, int]]:
+    """(what, request, expected status): bytes for raw requests, else (headers, body) for POST."""
+    clip = silent_wav(1)
+    path = "/v1/audio/transcriptions"
+
+    def form(parts, b=boundary):
+        return ({"Content-Type": f"multipart/form-data; boundary={b}"}, multipart(parts, b))
+
+    good_file = ("file", clip, "a.wav")
+    good_model = ("model", MODEL, None)
+    whole = multipart([good_model, good_file], boundary)
+    http = f"POST {path} HTTP/1.1\r\nHost: x\r\n".encode()
+    return [
+        ("no body", ({"Content-Type": f"multipart/form-data; boundary={boundary}"}, b""), 400),
+        ("GET", b"GET " + path.encode() + b" HTTP/1.1\r\nHost: x\r\n\r\n", 405),
+        ("PUT", b"PUT " + path.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n", 405),
+        ("JSON body", ({"Content-Type": "application/json"}, json.dumps({"model": MODEL}).encode()), 400),
+        ("text body", ({"Content-Type": "text/plain"}, b"hello"), 400),
+        ("multipart without boundary", ({"Content-Type": "multipart/form-data"}, whole), 400),
+        ("boundary over 70 characters", form([good_model, good_file], "b" * 80), 400),
+        ("boundary not in the body", ({"Content-Type": "multipart/form-data; boundary=other"}, whole), 400),
+        ("truncated body", ({"Content-Type": f"multipart/form-data; boundary={boundary}"}, whole[:-60]), 400),
+        ("no closing boundary", ({"Content-Type": f"multipart/form-data; boundary={boundary}"},
+                                 whole[:whole.rindex(f"--{boundary}--".encode())]), 400),
+        ("part without a name", ({"Content-Type": f"multipart/form-data; boundary={boundary}"},
+                                 f"--{boundary}\r\nContent-Type: text/plain\r\n\r\nx\r\n".encode() + whole), 400),
+        ("missing file", form([good_model]), 400),
+        ("empty file", form([good_model, ("file", b"", "a.wav")]), 400),
+        ("missing model", form([good_file]), 400),
+        ("empty model", form([("model", "", None), good_file]), 400),
+        ("two models", form([good_model, ("model", MODEL, None), good_file]), 400),
+        ("model with CR/LF", form([("model", MODEL + "\r\nx-evil: 1", None), good_file]), 400),
+        ("model 10 kB long", form([("model", "m" * 10_000, None), good_file]), 400),
+        ("unknown model", form([("model", "whisper-huge", None), good_file]), 404),
+        ("non-UTF-8 field name", form([good_model, ("caf\udcc3\udca9".encode("utf-8", "surrogateescape").decode(
+            "latin-1"), "x", None), good_file]), 400),
+        ("path traversal in the filename", form([good_model, ("file", clip, "../../etc/passwd")]), 400),
+        ("body over the limit", form([good_model, ("file", silent_wav(70), "big.wav")]), 413),
+        ("header flood", http + b"".join(b"X-Flood-%d: %s\r\n" % (i, b"v" * 100) for i in range(150)) + b"\r\n", 431),
+        ("huge header", http + b"X-Big: " + b"v" * 70_000 + b"\r\n\r\n", 431),
+        ("broken chunked encoding", http + b"Content-Type: multipart/form-data; boundary=x\r\n"
+                                           b"Transfer-Encoding: chunked\r\n\r\nZZZ\r\nabc\r\n", 400),
+        ("unknown path", b"GET /v1/chat/completions HTTP/1.1\r\nHost: x\r\n\r\n", 404),
+        ("path escaping upwards", b"GET /v1/audio/../../../etc/passwd HTTP/1.1\r\nHost: x\r\n\r\n", 404),
+    ]
+
+
+@pytest.fixture(scope="module")
+def bad_input_gateway(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("bad-input")
+    gateway = FaultGateway(tmp_path, ["e1", "e2"], limits={"max_upload_mb": 2}, timeouts={"request_s": 2})
+    yield gateway
+    for process in [gateway.envoy.process, gateway.plane, *gateway.processes.values()]:
+        process.stop()
+
+
+CASES = _bad_inputs(0)
+
+
+@pytest.mark.parametrize("what,sent,status", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_matrix(bad_input_gateway, what, sent, status):
+    gateway = bad_input_gateway
+    before = gateway.upstream_requests()
+    port = gateway.envoy.listen_port
+    if isinstance(sent, bytes):
+        response = raw_http(port, sent)
+    else:
+        headers, body = sent
+        response = request("POST", gateway.envoy.url + "/v1/audio/transcriptions", body, headers)
+    assert response.status == status, response.text
+    assert response.headers.get("content-type", "").startswith("application/json"), response.headers
+    error = json.loads(response.body)["error"]
+    assert error["code"] == status and error["message"] and error["type"]
+    assert gateway.upstream_requests() == before, "an engine received it"
+    assert request("GET", gateway.envoy.admin + "/ready").status == 200
+    assert gateway.plane.alive()
+
+
+def test_slow_drip_upload_times_out_with_408(bad_input_gateway):
+    gateway = bad_input_gateway
+    body = multipart([("model", MODEL, None), ("file", silent_wav(1), "a.wav")])
+    head = (f"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
+            "Content-Type: multipart/form-data; boundary=wgboundary7MA4YWxk\r\n\r\n").encode()
+    before = gateway.upstream_requests()
+    response = raw_http(gateway.envoy.listen_port, head + body[:100],
+                        drip=[body[i:i + 10] for i in range(100, 400, 10)], drip_every=0.3)
+    assert response.status == 408
+    assert "not received in time" in json.loads(response.body)["error"]["message"]
+    assert gateway.upstream_requests() == before
+
+
+def test_chunked_upload_without_length_is_fine(bad_input_gateway):
+    """Documented: chunked transfer encoding is valid HTTP/1.1 and is transcribed like any upload."""
+    gateway = bad_input_gateway
+    body = multipart([("model", MODEL, None), ("file", silent_wav(2), "a.wav")])
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + 4000]), body[i:i + 4000]) for i in range(0, len(body), 4000))
+    sent = (b"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+            b"Content-Type: multipart/form-data; boundary=wgboundary7MA4YWxk\r\n\r\n" + chunks + b"0\r\n\r\n")
+    response = raw_http(gateway.envoy.listen_port, sent)
+    assert response.status == 200, response.body
+    assert "transcribed" in json.loads(response.body)["text"]
+
+
+def test_control_plane_killed_and_restarted_under_load(tmp_path):
+    gateway = FaultGateway(tmp_path, ["e1", "e2"])
+    load = LoadGenerator(gateway.envoy.url, MODEL, concurrency=4, seconds=5)
+    try:
+        wait_until(lambda: len(load.statuses) >= 10, 10, "load to flow")
+        gateway.plane.kill()
+        served = len(load.statuses)
+        wait_until(lambda: len(load.statuses) >= served + 20, 15, "serving with the control plane gone")
+        gateway.plane = start_control_plane(tmp_path, gateway.config.path, name="control-plane-again",
+                                            state_dir=gateway.plane.state_dir)
+        wait_until(lambda: len(gateway.plane.log_text().splitlines()) and any(
+            e for e in [gateway.envoy.config_versions()]), 10, "the control plane back")
+        served = len(load.statuses)
+        wait_until(lambda: len(load.statuses) >= served + 20, 15, "serving after the restart")
+    finally:
+        statuses = load.stop()
+    assert statuses and set(statuses) == {200}
+
+
+def test_envoy_restarted_gets_the_full_configuration(tmp_path):
+    gateway = FaultGateway(tmp_path, ["e1", "e2"])
+    versions = gateway.envoy.config_versions()
+    gateway.envoy.stop()
+    gateway.envoy = Envoy(tmp_path, gateway.raw, name="envoy-again")
+    gateway.envoy.wait_serving()
+    wait_until(lambda: gateway.envoy.config_versions() == versions, 10, "the same configuration")
+    assert sum(gateway.served_by(10).values()) == 10
