@@ -31,6 +31,7 @@ bench: deps venv
 	$(BIN)/python -m bench.parse_cost
 	$(BIN)/python -m bench.reaction_time --trials 20
 	$(BIN)/python -m bench.cpu_engine
+	$(BIN)/python -m bench.soak --seconds 120
 
 clean:
 	rm -rf $(VENV) .pytest_cache .gateway-run
