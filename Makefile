@@ -2,7 +2,7 @@
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
-DEBIAN_PACKAGES := curl espeak-ng sox
+DEBIAN_PACKAGES := curl espeak-ng sox docker-compose chromium
 
 .PHONY: up test bench deps venv clean
 

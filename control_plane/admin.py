@@ -11,6 +11,8 @@ import asyncio
 import hmac
 import json
 
+from pathlib import Path
+
 import aiohttp
 from aiohttp import web
 
@@ -19,10 +21,14 @@ from control_plane.config import MAX_WEIGHT, MODEL_NAME_PATTERN, ConfigError, va
 from control_plane.openapi import OPENAPI
 from control_plane.registry import Entry
 from control_plane.status import endpoint_rows, status_report
+from control_plane.telemetry import render as render_metrics
 
 MAX_BODY_BYTES = 64 * 1024
 MAX_MODELS = 32
-OPEN_PATHS = frozenset({"/healthz", "/openapi.json"})
+# Open: liveness, the API description, Prometheus metrics, and the status page (whose script
+# asks for the token and sends it with every call).
+OPEN_PATHS = frozenset({"/healthz", "/openapi.json", "/metrics", "/", "/ui"})
+STATUS_PAGE = Path(__file__).parent / "static" / "status.html"
 
 
 class ApiError(Exception):
@@ -107,6 +113,12 @@ def build_admin_app(plane) -> web.Application:
     async def openapi(request: web.Request) -> web.Response:
         return web.json_response(OPENAPI)
 
+    async def metrics(request: web.Request) -> web.Response:
+        return web.Response(body=render_metrics(), content_type="text/plain", charset="utf-8")
+
+    async def page(request: web.Request) -> web.Response:
+        return web.Response(text=STATUS_PAGE.read_text(), content_type="text/html")
+
     async def status(request: web.Request) -> web.Response:
         return web.json_response(status_report(plane, asyncio.get_running_loop().time()))
 
@@ -178,6 +190,9 @@ def build_admin_app(plane) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/openapi.json", openapi)
     app.router.add_get("/status", status)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/ui", page)
+    app.router.add_get("/", page)
     app.router.add_get("/backends", list_backends)
     app.router.add_post("/backends", add_backend)
     app.router.add_get("/backends/{id}", get_backend)

@@ -23,6 +23,7 @@ from control_plane.dns_discovery import DnsDiscovery
 from control_plane.discovery import resolve_fleet
 from control_plane.fleet import Fleet
 from control_plane.registry import ACTIVE, DRAINED, DRAINING, Entry, Registry
+from control_plane.telemetry import forget_fleet, watch_fleet
 from control_plane.state_store import StateStore, configured_token, ensure_token, state_dir
 from control_plane.xds.cache import InconsistentSnapshot, SnapshotCache
 from control_plane.xds.server import start_ads_server
@@ -80,6 +81,7 @@ class ControlPlane:
             self.token, self.token_path = ensure_token(self.state_directory)
         else:
             self.token = configured_token()
+        watch_fleet(self)
         self._admin = web.AppRunner(build_admin_app(self), access_log=None)
         await self._admin.setup()
         await web.TCPSite(self._admin, listen.admin_address, listen.admin_port).start()
@@ -107,6 +109,7 @@ class ControlPlane:
             await self._server.stop(grace)
         if self._admin is not None:
             await self._admin.cleanup()
+        forget_fleet(self)
 
     # -- config ------------------------------------------------------------------------------
 

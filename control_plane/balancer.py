@@ -18,6 +18,7 @@ from control_plane.fleet import Backend, Fleet
 from control_plane.load_tracker import LoadTracker
 from control_plane.metrics_parser import load_for_model, parse_loads
 from control_plane.policy import compute_weights
+from control_plane.telemetry import SCRAPE_FAILURES, SCRAPE_SECONDS, WEIGHT_UPDATES
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,14 @@ class ScrapeFailure:
 
 
 async def scrape(session: aiohttp.ClientSession, backend: Backend, timeout: float) -> str | ScrapeFailure:
+    with SCRAPE_SECONDS.time():
+        result = await _fetch(session, backend, timeout)
+    if isinstance(result, ScrapeFailure):
+        SCRAPE_FAILURES.labels(backend.id).inc()
+    return result
+
+
+async def _fetch(session: aiohttp.ClientSession, backend: Backend, timeout: float) -> str | ScrapeFailure:
     try:
         async with session.get(f"{backend.url}/metrics", timeout=aiohttp.ClientTimeout(total=timeout)) as response:
             if response.status != 200:
@@ -94,6 +103,7 @@ class Balancer:
         weights = weights_for(fleet, self.tracker, self.routing, now)
         if weights != fleet.weights:
             self.weight_pushes_total += 1
+            WEIGHT_UPDATES.inc()
             await self.plane.set_weights(weights)
 
     def record(self, fleet: Fleet, pages: list, now: float) -> None:

@@ -24,6 +24,8 @@ def render_bootstrap(template: str, config: GatewayConfig, node_id: str, xds_hos
         admin_port=admin_port if admin_port is not None else config.listen.envoy_admin_port,
         xds_host=host,
         xds_port=config.listen.xds_port,
+        metrics_address=config.listen.address,
+        metrics_port=config.listen.envoy_metrics_port,
         max_heap_bytes=config.limits.max_heap_mb * 1024 * 1024,
         max_connections=config.limits.max_connections,
     )

@@ -53,6 +53,12 @@ def _parser() -> argparse.ArgumentParser:
     backends.add_argument("--timeout", type=float, help="with drain: seconds before removal anyway")
     backends.add_argument("--force", action="store_true", help="with remove: now, without draining")
 
+    envoy = with_config(commands.add_parser(
+        "envoy", help="run Envoy for this config: write its bootstrap, then become Envoy (containers use this)"))
+    envoy.add_argument("--node-id", default=None, help="Envoy node id (default: envoy-<hostname>)")
+    envoy.add_argument("--xds-host", default=None, help="host Envoy dials for xDS (default: listen.xds_address)")
+    envoy.add_argument("--bootstrap", type=Path, default=None, help="where to write the bootstrap (default: a temp file)")
+
     boot = with_config(commands.add_parser("envoy-bootstrap", help="write Envoy's bootstrap for this config"))
     boot.add_argument("--node-id", default=None, help="Envoy node id (default: envoy-<hostname>)")
     boot.add_argument("--xds-host", default=None, help="host Envoy dials for xDS (default: listen.xds_address)")
@@ -75,6 +81,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(asyncio.run(serve(args.config, args.state_dir)))
     if args.command in ("status", "backends"):
         sys.exit(_run_api_command(args, config))
+    if args.command == "envoy":
+        _exec_envoy(args, config)
     if args.command == "envoy-bootstrap":
         text = render_bootstrap(BOOTSTRAP_TEMPLATE.read_text(), config, node_id=args.node_id or default_node_id(),
                                 xds_host=args.xds_host, admin_port=args.admin_port)
@@ -167,3 +175,16 @@ def _run_api_command(args: argparse.Namespace, config: GatewayConfig) -> int:
     except ApiFailure as failure:
         print(f"whisper-gateway: {failure}", file=sys.stderr)
         return 1
+
+
+def _exec_envoy(args: argparse.Namespace, config: GatewayConfig) -> None:
+    """Replaces this process with Envoy, so signals (SIGTERM from a container runtime) reach it."""
+    import os
+
+    from control_plane.supervisor import ENVOY_FLAGS, find_envoy
+
+    path = args.bootstrap or Path(tempfile.mkdtemp(prefix="whisper-gateway-envoy-")) / "bootstrap.yaml"
+    path.write_text(render_bootstrap(BOOTSTRAP_TEMPLATE.read_text(), config, node_id=args.node_id or default_node_id(),
+                                     xds_host=args.xds_host))
+    binary = find_envoy()
+    os.execv(binary, [binary, *ENVOY_FLAGS, "-c", str(path)])

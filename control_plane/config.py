@@ -35,6 +35,8 @@ class ListenConfig:
     address: str = "0.0.0.0"
     port: int = 8080
     envoy_admin_port: int = 9901
+    # Envoy's Prometheus metrics (only /stats/prometheus), on listen.address.
+    envoy_metrics_port: int = 9902
     xds_address: str = "127.0.0.1"
     xds_port: int = 18000
     # The control plane's own HTTP API (status); loopback unless you mean otherwise.
@@ -229,22 +231,23 @@ def _model_name(value: Any, key: str) -> str:
 
 def _read_listen(raw: Any) -> ListenConfig:
     section = _mapping(raw, "listen")
-    _reject_unknown(section, {"address", "port", "envoy_admin_port", "xds_address", "xds_port", "admin_address",
-                              "admin_port"}, "listen")
+    _reject_unknown(section, {"address", "port", "envoy_admin_port", "envoy_metrics_port", "xds_address", "xds_port",
+                              "admin_address", "admin_port"}, "listen")
     d = ListenConfig()
     listen = ListenConfig(
         address=_address(section, "address", "listen", d.address),
         port=_port(section, "port", "listen", d.port),
         envoy_admin_port=_port(section, "envoy_admin_port", "listen", d.envoy_admin_port),
+        envoy_metrics_port=_port(section, "envoy_metrics_port", "listen", d.envoy_metrics_port),
         xds_address=_address(section, "xds_address", "listen", d.xds_address),
         xds_port=_port(section, "xds_port", "listen", d.xds_port),
         admin_address=_address(section, "admin_address", "listen", d.admin_address),
         admin_port=_port(section, "admin_port", "listen", d.admin_port),
     )
-    ports = {"port": listen.port, "envoy_admin_port": listen.envoy_admin_port, "xds_port": listen.xds_port,
-             "admin_port": listen.admin_port}
+    ports = {"port": listen.port, "envoy_admin_port": listen.envoy_admin_port,
+             "envoy_metrics_port": listen.envoy_metrics_port, "xds_port": listen.xds_port, "admin_port": listen.admin_port}
     if len(set(ports.values())) != len(ports):
-        raise ConfigError(f"listen: port, envoy_admin_port, xds_port and admin_port must differ, got {ports}")
+        raise ConfigError(f"listen: the ports must all differ, got {ports}")
     return listen
 
 

@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1
 READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 10.0
+# How every Envoy of the gateway runs: no shared-memory hot restart (several Envoys share a host
+# in tests and compose), quiet logs, a short drain.
+ENVOY_FLAGS = ["--disable-hot-restart", "--log-level", "warn", "--drain-time-s", "5"]
 # Longest a stop waits for requests in flight through Envoy to finish.
 DRAIN_TIMEOUT_S = 30.0
 
@@ -66,6 +69,7 @@ def ports_in_use(config: GatewayConfig) -> list[str]:
     """Ports `up` would bind that something else holds already, named by their config key."""
     wanted = [("listen.port", config.listen.address, config.listen.port),
               ("listen.envoy_admin_port", "127.0.0.1", config.listen.envoy_admin_port),
+              ("listen.envoy_metrics_port", config.listen.address, config.listen.envoy_metrics_port),
               ("listen.xds_port", config.listen.xds_address, config.listen.xds_port),
               ("listen.admin_port", config.listen.admin_address, config.listen.admin_port)]
     wanted += [(f"engines[{i}].port", "127.0.0.1", e.port) for i, e in enumerate(config.engines)]
@@ -173,8 +177,7 @@ async def up(config: GatewayConfig, config_path: Path | None, run_dir: Path, sta
             plane = [sys.executable, "-m", "control_plane", "serve", "--config", str(config_path or DEFAULT_CONFIG_PATH),
                      "--state-dir", str(state_directory)]
             children.append(await _spawn("control-plane", plane, run_dir))
-            envoy = [find_envoy(), "-c", str(bootstrap), "--disable-hot-restart", "--log-level", "warn",
-                     "--drain-time-s", "5"]
+            envoy = [find_envoy(), *ENVOY_FLAGS, "-c", str(bootstrap)]
             children.append(await _spawn("envoy", envoy, run_dir))
             host = "127.0.0.1" if config.listen.address in ("0.0.0.0", "::") else config.listen.address
             await _wait_http_ok(session, f"http://{host}:{config.listen.port}/v1/models", deadline, children)

@@ -255,7 +255,8 @@ class Envoy:
 def base_config(xds_port: int, listen_port: int, models: list, backends: list, **sections) -> dict:
     raw = {
         "listen": {"address": "127.0.0.1", "port": listen_port, "xds_port": xds_port,
-                   "envoy_admin_port": free_port(), "admin_port": free_port()},
+                   "envoy_admin_port": free_port(), "admin_port": free_port(),
+                   "envoy_metrics_port": free_port()},
         "models": models,
         "backends": backends,
     }
@@ -334,3 +335,43 @@ def raw_http(port: int, data: bytes, timeout: float = 10.0, drip: list[bytes] | 
                 break
             body += chunk
         return Response(int(lines[0].split()[1]), body, headers)
+
+
+def served_by(url: str, model: str, names: list[str], count: int) -> dict[str, int]:
+    """Sends `count` requests through `url`; how many each named engine answered."""
+    text = ""
+    for _ in range(count):
+        response = transcribe(url, model)
+        assert response.status == 200, response.text
+        text += response.json()["text"]
+    return engine_names_in(text, names)
+
+
+class GatewayStack:
+    """A control plane (own state dir) and an Envoy over a config with the given backends."""
+
+    def __init__(self, tmp_path: Path, model: str, backends: list[str], **sections):
+        self.tmp_path = tmp_path
+        self.model = model
+        self.raw = base_config(free_port(), free_port(), [{"name": model}],
+                               [{"url": url, "models": [model]} for url in backends], **sections)
+        self.config = GatewayConfigFile(tmp_path / "gateway.yaml")
+        self.config.write(self.raw)
+        self.plane = start_control_plane(tmp_path, self.config.path)
+        self.envoy = Envoy(tmp_path, self.raw)
+        self.envoy.wait_serving()
+        self.admin = AdminClient(f"http://127.0.0.1:{self.raw['listen']['admin_port']}", self.plane.state_dir)
+
+    def hosts(self) -> dict[str, dict]:
+        """The model's endpoints in Envoy, by host:port."""
+        return self.envoy.endpoints().get(f"model:{self.model}", {})
+
+    def restart_plane(self, kill: bool = False) -> None:
+        self.plane.kill() if kill else self.plane.stop()
+        self.plane = start_control_plane(self.tmp_path, self.config.path, name="control-plane-again",
+                                         state_dir=self.plane.state_dir)
+        self.admin = AdminClient(self.admin.url, self.plane.state_dir)
+
+    def stop(self) -> None:
+        self.envoy.stop()
+        self.plane.stop()

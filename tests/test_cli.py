@@ -28,7 +28,7 @@ SAMPLE_SENTENCE = "Welcome. Your speech was sent through the gateway and turned 
 def up_config(tmp_path: Path) -> tuple[Path, dict]:
     raw = {
         "listen": {"address": "127.0.0.1", "port": free_port(), "envoy_admin_port": free_port(),
-                   "xds_port": free_port(), "admin_port": free_port()},
+                   "xds_port": free_port(), "admin_port": free_port(), "envoy_metrics_port": free_port()},
         "models": [{"name": "whisper-large-v3-turbo", "aliases": ["whisper-1"]}, {"name": "whisper-small"}],
         "engines": [
             {"kind": "simulated", "port": free_port(), "model": "whisper-large-v3-turbo", "name": "turbo-a",
@@ -61,7 +61,8 @@ def alive(pid: int) -> bool:
 def default_config_on_free_ports(tmp_path: Path) -> tuple[Path, dict]:
     """The embedded default (real CPU Whisper engines), moved to ports nothing else uses."""
     raw = yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())
-    raw["listen"].update(port=free_port(), envoy_admin_port=free_port(), xds_port=free_port(), admin_port=free_port())
+    raw["listen"].update(port=free_port(), envoy_admin_port=free_port(), xds_port=free_port(), admin_port=free_port(),
+                         envoy_metrics_port=free_port())
     for engine in raw["engines"]:
         engine["port"] = free_port()
     path = tmp_path / "default.yaml"
@@ -157,7 +158,8 @@ def test_envoy_bootstrap_is_valid_for_envoy(tmp_path):
     bootstrap = yaml.safe_load(out.read_text())
     assert bootstrap["node"]["id"] == "edge-1"
     assert bootstrap["admin"]["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": 9999}
-    endpoint = bootstrap["static_resources"]["clusters"][0]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]
+    clusters = {c["name"]: c for c in bootstrap["static_resources"]["clusters"]}
+    endpoint = clusters["xds_cluster"]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]
     assert endpoint["endpoint"]["address"]["socket_address"] == {"address": "control-plane", "port_value": 18000}
     validate = subprocess.run([find_envoy(), "--mode", "validate", "-c", str(out)], capture_output=True, text=True,
                               timeout=60)

@@ -47,7 +47,7 @@ def test_a_model_may_be_given_as_a_plain_name():
         ({"models": []}, "models: at least one model is required"),
         (minimal(listen={"port": 0}), "listen.port: 0 is out of range"),
         (minimal(listen={"port": "80"}), "listen.port: expected an integer"),
-        (minimal(listen={"port": 9000, "xds_port": 9000}), "listen: port, envoy_admin_port, xds_port and admin_port must differ"),
+        (minimal(listen={"port": 9000, "xds_port": 9000}), "listen: the ports must all differ"),
         (minimal(listen={"prot": 1}), "listen.prot: unknown key"),
         (minimal(bakends=[]), "bakends: unknown key"),
         (minimal(timeouts={"route_s": -1}), "timeouts.route_s: -1 is out of range"),

@@ -10,16 +10,12 @@ import pytest
 from engines.common.audio import silent_wav
 from tests.harness import (
     Envoy,
-    GatewayConfigFile,
+    GatewayStack,
     LoadGenerator,
-    base_config,
-    engine_names_in,
-    free_port,
     multipart,
-    post_form,
     raw_http,
     request,
-    start_control_plane,
+    served_by,
     start_engine,
     transcribe,
     wait_until,
@@ -31,26 +27,17 @@ FAST_RESILIENCE = {"health_interval_s": 0.5, "health_timeout_s": 1.0, "unhealthy
                    "healthy_threshold": 1, "ejection_s": 2}
 
 
-class FaultGateway:
+class FaultGateway(GatewayStack):
+    """Simulated engines by name behind a gateway tuned to notice failures quickly."""
+
     def __init__(self, tmp_path, names: list[str], **sections):
-        self.tmp_path = tmp_path
-        self.engines = {}
-        self.processes = {}
+        self.engines, self.processes = {}, {}
         for name in names:
             self.processes[name], self.engines[name] = start_engine(tmp_path, MODEL, name, time_scale=0.2)
         sections.setdefault("resilience", FAST_RESILIENCE)
-        self.raw = base_config(free_port(), free_port(), [{"name": MODEL}],
-                               [{"url": url, "models": [MODEL]} for url in self.engines.values()], **sections)
-        self.config = GatewayConfigFile(tmp_path / "gateway.yaml")
-        self.config.write(self.raw)
-        self.plane = start_control_plane(tmp_path, self.config.path)
-        self.envoy = Envoy(tmp_path, self.raw)
-        self.envoy.wait_serving()
+        super().__init__(tmp_path, MODEL, list(self.engines.values()), **sections)
         wait_until(lambda: all(h.get("health_flags") == "healthy" for h in self.hosts().values()), 10,
                    "every engine healthy")
-
-    def hosts(self) -> dict[str, dict]:
-        return self.envoy.endpoints().get(f"model:{MODEL}", {})
 
     def flags(self, name: str) -> str:
         return self.hosts()[self.engines[name].removeprefix("http://")]["health_flags"]
@@ -61,12 +48,7 @@ class FaultGateway:
         assert answer.status == 200, answer.text
 
     def served_by(self, count: int) -> dict[str, int]:
-        text = ""
-        for _ in range(count):
-            response = transcribe(self.envoy.url, MODEL)
-            assert response.status == 200, response.text
-            text += response.json()["text"]
-        return engine_names_in(text, list(self.engines))
+        return served_by(self.envoy.url, MODEL, list(self.engines), count)
 
     def upstream_requests(self) -> int:
         return self.envoy.stat(f"cluster.model_{MODEL}.upstream_rq_total")
@@ -142,7 +124,7 @@ def test_answers_envoy_makes_itself_are_openai_json(tmp_path):
     gateway.fault("e1", health="error")
     wait_until(lambda: gateway.flags("e1") != "healthy", 10, "the only engine to fail its checks")
     assert "No engine could take the request" in error_of(transcribe(gateway.envoy.url, MODEL), 503)["message"]
-    assert request("GET", gateway.plane.state_dir.parent and gateway.envoy.admin + "/ready").status == 200
+    assert request("GET", gateway.envoy.admin + "/ready").status == 200
 
 
 def _bad_inputs(port: int, boundary: str = "xyzBOUNDARY") -> list[tuple[str, object, int]]:
@@ -197,7 +179,8 @@ def bad_input_gateway(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("bad-input")
     gateway = FaultGateway(tmp_path, ["e1", "e2"], limits={"max_upload_mb": 2}, timeouts={"request_s": 2})
     yield gateway
-    for process in [gateway.envoy.process, gateway.plane, *gateway.processes.values()]:
+    gateway.stop()
+    for process in gateway.processes.values():
         process.stop()
 
 
@@ -256,10 +239,9 @@ def test_control_plane_killed_and_restarted_under_load(tmp_path):
         gateway.plane.kill()
         served = len(load.statuses)
         wait_until(lambda: len(load.statuses) >= served + 20, 15, "serving with the control plane gone")
-        gateway.plane = start_control_plane(tmp_path, gateway.config.path, name="control-plane-again",
-                                            state_dir=gateway.plane.state_dir)
-        wait_until(lambda: len(gateway.plane.log_text().splitlines()) and any(
-            e for e in [gateway.envoy.config_versions()]), 10, "the control plane back")
+        gateway.restart_plane()
+        wait_until(lambda: gateway.plane.state_dir and gateway.admin.call("GET", "/healthz").status == 200, 10,
+                   "the control plane back")
         served = len(load.statuses)
         wait_until(lambda: len(load.statuses) >= served + 20, 15, "serving after the restart")
     finally:

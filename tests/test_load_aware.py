@@ -10,16 +10,14 @@ import pytest
 
 from tests.harness import (
     PYTHON,
-    AdminClient,
     REPO,
+    AdminClient,
     Envoy,
-    GatewayConfigFile,
+    GatewayStack,
     LoadGenerator,
-    base_config,
     engine_names_in,
     free_port,
     request,
-    start_control_plane,
     start_engine,
     transcribe,
     wait_until,
@@ -28,15 +26,9 @@ from tests.harness import (
 MODEL = "whisper-large-v3-turbo"
 
 
-def start_gateway(tmp_path, engines: dict[str, str]):
-    raw = base_config(free_port(), free_port(), [{"name": MODEL}],
-                      [{"url": url, "models": [MODEL]} for url in engines.values()])
-    config = GatewayConfigFile(tmp_path / "gateway.yaml")
-    config.write(raw)
-    plane = start_control_plane(tmp_path, config.path)
-    envoy = Envoy(tmp_path, raw)
-    envoy.wait_serving()
-    return envoy, AdminClient(f"http://127.0.0.1:{raw['listen']['admin_port']}", plane.state_dir)
+def start_gateway(tmp_path, engines: dict[str, str]) -> tuple[Envoy, AdminClient]:
+    stack = GatewayStack(tmp_path, MODEL, list(engines.values()))
+    return stack.envoy, stack.admin
 
 
 def weights(envoy: Envoy, engines: dict[str, str]) -> dict[str, int]:

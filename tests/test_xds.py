@@ -22,7 +22,7 @@ from tests.harness import (
     Envoy,
     GatewayConfigFile,
     base_config,
-    engine_names_in,
+    served_by,
     free_port,
     start_control_plane,
     start_engine,
@@ -57,22 +57,13 @@ def _serve_one_model(tmp_path, engine_url: str) -> tuple[dict, GatewayConfigFile
 # Processes a test starts are stopped by the reap_processes fixture, pass or fail.
 
 
-def _served_by(url: str, model: str, names: list[str], count: int = 8) -> dict[str, int]:
-    text = ""
-    for _ in range(count):
-        response = transcribe(url, model)
-        assert response.status == 200, response.text
-        text += response.json()["text"]
-    return engine_names_in(text, names)
-
-
 def test_config_reload_changes_endpoints_and_traffic_follows(tmp_path, engines):
     e1, e2 = engines
     raw, config, plane = _serve_one_model(tmp_path, e1)
     envoy = Envoy(tmp_path, raw)
     envoy.wait_serving()
     assert set(envoy.endpoints()[f"model:{MODEL}"]) == {_host(e1)}
-    assert _served_by(envoy.url, MODEL, ["e1", "e2"]) == {"e1": 8, "e2": 0}
+    assert served_by(envoy.url, MODEL, ["e1", "e2"], 8) == {"e1": 8, "e2": 0}
 
     # Swap e1 for e2: Envoy's endpoints change, and so does where requests go.
     swapped = copy.deepcopy(raw)
@@ -80,7 +71,7 @@ def test_config_reload_changes_endpoints_and_traffic_follows(tmp_path, engines):
     config.write(swapped)
     plane.signal(signal.SIGHUP)
     wait_until(lambda: set(envoy.endpoints()[f"model:{MODEL}"]) == {_host(e2)}, 10, "e2 to replace e1")
-    assert _served_by(envoy.url, MODEL, ["e1", "e2"]) == {"e1": 0, "e2": 8}
+    assert served_by(envoy.url, MODEL, ["e1", "e2"], 8) == {"e1": 0, "e2": 8}
 
     # A new model becomes routable; removing it again makes it unknown.
     assert transcribe(envoy.url, OTHER).status == 404
@@ -206,7 +197,7 @@ def test_two_envoys_restarts_of_either_side(tmp_path, engines):
     for envoy in (first, late):
         wait_until(lambda envoy=envoy: set(envoy.endpoints()[f"model:{MODEL}"]) == {_host(e1), _host(e2)}, 20,
                    f"{envoy.process.name} to re-join")
-    assert _served_by(first.url, MODEL, ["e1", "e2"], count=12)["e2"] > 0
+    assert served_by(first.url, MODEL, ["e1", "e2"], 12)["e2"] > 0
 
 
 def registry_of(config) -> Registry:

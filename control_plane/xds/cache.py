@@ -7,6 +7,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from control_plane.telemetry import NACKS, PUSH_TO_ACK_SECONDS
 from control_plane.xds.snapshot import Snapshot
 from control_plane.xds.types import SHORT_NAMES
 
@@ -46,6 +47,7 @@ class SnapshotCache:
         self.envoys: dict[int, EnvoyStatus] = {}
         self.nacks_total = 0
         self.last_nack: Nack | None = None
+        self._published_at: dict[str, tuple[str, float]] = {}  # type -> (version, when)
 
     @property
     def snapshot(self) -> Snapshot | None:
@@ -58,6 +60,10 @@ class SnapshotCache:
             raise InconsistentSnapshot("; ".join(errors))
         if self._snapshot is not None and self._snapshot.versions == snapshot.versions:
             return False
+        now = time.monotonic()
+        for type_url, version in snapshot.versions.items():
+            if self._snapshot is None or self._snapshot.versions.get(type_url) != version:
+                self._published_at[type_url] = (version, now)
         self._snapshot = snapshot
         for event in self._watchers:
             event.set()
@@ -85,6 +91,9 @@ class SnapshotCache:
     async def record_ack(self, stream_id: int, type_url: str, version: str) -> None:
         status = self.envoys.get(stream_id)
         if status is not None:
+            if status.acked.get(type_url) != version and self._published_at.get(type_url, ("",))[0] == version:
+                PUSH_TO_ACK_SECONDS.labels(SHORT_NAMES.get(type_url, type_url)).observe(
+                    time.monotonic() - self._published_at[type_url][1])
             status.acked[type_url] = version
         async with self._acks:
             self._acks.notify_all()
@@ -92,6 +101,7 @@ class SnapshotCache:
     def record_nack(self, stream_id: int, type_url: str, version: str, message: str) -> None:
         nack = Nack(type_url=type_url, version=version, message=message, at=time.time())
         self.nacks_total += 1
+        NACKS.labels(SHORT_NAMES.get(type_url, type_url)).inc()
         self.last_nack = nack
         status = self.envoys.get(stream_id)
         if status is not None:

@@ -1,0 +1,81 @@
+"""The control plane's own Prometheus metrics, served at the admin API's /metrics."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+REGISTRY = CollectorRegistry()
+
+SCRAPE_SECONDS = Histogram(
+    "whisper_gateway_scrape_duration_seconds", "Time to fetch and parse one engine's /metrics.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0), registry=REGISTRY)
+SCRAPE_FAILURES = Counter(
+    "whisper_gateway_scrape_failures", "Engine /metrics fetches that failed or timed out.", ["backend"],
+    registry=REGISTRY)
+PUSHES = Counter("whisper_gateway_xds_pushes", "xDS responses sent to Envoys, by type.", ["type"], registry=REGISTRY)
+PUSH_TO_ACK_SECONDS = Histogram(
+    "whisper_gateway_xds_push_ack_seconds", "From publishing a version to an Envoy's ACK of it.", ["type"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0), registry=REGISTRY)
+NACKS = Counter("whisper_gateway_xds_nacks", "Configuration versions an Envoy rejected.", ["type"], registry=REGISTRY)
+WEIGHT_UPDATES = Counter("whisper_gateway_weight_updates", "Endpoint-weight snapshots published.", registry=REGISTRY)
+
+
+class FleetCollector:
+    """Per-endpoint gauges read from the running control plane at scrape time."""
+
+    def __init__(self, plane):
+        self.plane = plane
+
+    def collect(self):
+        from control_plane.status import endpoint_rows
+
+        import asyncio
+
+        envoys = GaugeMetricFamily("whisper_gateway_connected_envoys", "Envoys with an open ADS stream.")
+        envoys.add_metric([], len(self.plane.cache.envoys))
+        yield envoys
+        if self.plane.fleet is None:
+            return
+        labels = ["backend", "url", "model"]
+        families = {
+            "weight": GaugeMetricFamily("whisper_gateway_endpoint_weight", "Weight published to Envoy.", labels=labels),
+            "running": GaugeMetricFamily("whisper_gateway_endpoint_running", "Engine requests running.", labels=labels),
+            "waiting": GaugeMetricFamily("whisper_gateway_endpoint_waiting", "Engine requests waiting.", labels=labels),
+            "kv_cache_usage": GaugeMetricFamily("whisper_gateway_endpoint_kv_cache_usage", "KV-cache use, 0..1.",
+                                                labels=labels),
+        }
+        healthy = GaugeMetricFamily("whisper_gateway_endpoint_metrics_fresh",
+                                    "1 when the engine's metrics are fresh, else 0.", labels=labels)
+        draining = GaugeMetricFamily("whisper_gateway_endpoint_draining", "1 while draining or drained.", labels=labels)
+        try:
+            now = asyncio.get_running_loop().time()
+        except RuntimeError:
+            return
+        for row in endpoint_rows(self.plane, now):
+            key = [row["id"], row["url"], row["model"]]
+            for name, family in families.items():
+                if row[name] is not None:
+                    family.add_metric(key, row[name])
+            healthy.add_metric(key, 1 if row["health"] == "ok" else 0)
+            draining.add_metric(key, 0 if row["state"] == "active" else 1)
+        yield from families.values()
+        yield healthy
+        yield draining
+
+
+def watch_fleet(plane) -> None:
+    """Registers the per-endpoint gauges of `plane` (one control plane per process)."""
+    collector = FleetCollector(plane)
+    REGISTRY.register(collector)
+    plane.telemetry_collector = collector
+
+
+def forget_fleet(plane) -> None:
+    collector = getattr(plane, "telemetry_collector", None)
+    if collector is not None:
+        REGISTRY.unregister(collector)
+
+
+def render() -> bytes:
+    return generate_latest(REGISTRY)

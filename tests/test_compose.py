@@ -1,0 +1,133 @@
+"""compose.yaml checked without a Docker engine: a real compose parser, and every entry point
+of the project's image run here with the arguments compose gives it."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from control_plane.config import load_config
+from tests.harness import PYTHON, REPO, Process, free_port, request, wait_until
+
+COMPOSE = REPO / "compose.yaml"
+TOKEN = "test-token-for-compose"
+# Interpolation as a test sets it: Envoy dials the control plane here instead of by service name.
+ENV = {"WHISPER_GATEWAY_ADMIN_TOKEN": TOKEN, "XDS_HOST": "127.0.0.1"}
+
+
+def compose_config() -> dict:
+    """What Debian's docker-compose (no engine needed) makes of compose.yaml, profiles included."""
+    if shutil.which("docker-compose") is None:
+        pytest.fail("docker-compose is not installed (make test installs it)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WHISPER_GATEWAY")} | ENV
+    result = subprocess.run(["docker-compose", "-f", str(COMPOSE), "--profile", "cpu", "--profile", "observability",
+                             "config"], capture_output=True, text=True, env=env, cwd=REPO, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return yaml.safe_load(result.stdout)
+
+
+def test_compose_file_is_valid_and_complete():
+    services = compose_config()["services"]
+    assert set(services) == {"control-plane", "envoy", "engine", "engine-cpu", "prometheus", "grafana"}
+    gpu = services["engine"]["deploy"]["resources"]["reservations"]["devices"][0]
+    assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
+    assert services["engine"]["healthcheck"]["start_period"] in ("15m", "900s", "15m0s")
+    assert "openai/whisper-large-v3-turbo" in services["engine"]["command"]
+    # The admin API is published on the host's loopback only.
+    admin = services["control-plane"]["ports"][0]
+    assert (admin.get("host_ip") if isinstance(admin, dict) else admin.split(":")[0]) == "127.0.0.1"
+
+
+def test_the_admin_token_is_required():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WHISPER_GATEWAY")}
+    result = subprocess.run(["docker-compose", "-f", str(COMPOSE), "config"], capture_output=True, text=True,
+                            env=env, cwd=REPO, timeout=60)
+    assert result.returncode != 0 and "WHISPER_GATEWAY_ADMIN_TOKEN" in result.stderr
+
+
+def test_files_ports_and_variables_exist():
+    raw = yaml.safe_load(COMPOSE.read_text())
+    for name, service in raw["services"].items():
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("./"):
+                assert (REPO / source).exists(), f"{name}: {source} is missing"
+    variables = set(re.findall(r"\$\{([A-Z_]+)", COMPOSE.read_text()))
+    documented = set(re.findall(r"^([A-Z_]+)=", (REPO / ".env.example").read_text(), re.M))
+    assert variables <= documented, variables - documented
+    gateway = load_config(REPO / "deploy" / "gateway.yaml")
+    assert gateway.listen.port == 8080 and gateway.listen.admin_port == 18001
+    assert {d.name for d in gateway.discovery} == {"engine", "engine-cpu"}
+    assert "--served-model-name" in raw["services"]["engine"]["command"]
+    served = raw["services"]["engine"]["command"][raw["services"]["engine"]["command"].index("--served-model-name") + 1]
+    assert served == gateway.models[0].name
+    prometheus = yaml.safe_load((REPO / "deploy" / "prometheus.yml").read_text())
+    targets = {job["job_name"]: job for job in prometheus["scrape_configs"]}
+    assert targets["envoy"]["static_configs"][0]["targets"] == [f"envoy:{gateway.listen.envoy_metrics_port}"]
+    assert targets["control-plane"]["static_configs"][0]["targets"] == [f"control-plane:{gateway.listen.admin_port}"]
+    dashboard = json.loads((REPO / "deploy" / "grafana" / "dashboards" / "whisper-gateway.json").read_text())
+    assert len(dashboard["panels"]) >= 8
+    dockerfile = (REPO / "Dockerfile").read_text()
+    for copied in re.findall(r"^COPY (\S+)", dockerfile, re.M):
+        assert (REPO / copied).exists(), copied
+
+
+def _host_command(service: dict, tmp_path: Path, config: Path) -> list[str]:
+    """The service's entry point and arguments, with container paths mapped to this checkout."""
+    entrypoint = service.get("entrypoint") or ["whisper-gateway"]
+    command = [PYTHON, "-m", "control_plane"] if entrypoint == ["whisper-gateway"] else (
+        [PYTHON] + entrypoint[1:] if entrypoint[0] == "python" else entrypoint)
+    mapped = []
+    for argument in service["command"]:
+        argument = argument.replace("/etc/whisper-gateway/gateway.yaml", str(config))
+        argument = argument.replace("/var/lib/whisper-gateway", str(tmp_path / "state"))
+        mapped.append(argument)
+    return command + mapped
+
+
+def test_the_images_entry_points_run_with_composes_arguments(tmp_path):
+    services = compose_config()["services"]
+    # The mounted config, on free ports so the test can run beside anything.
+    raw = yaml.safe_load((REPO / "deploy" / "gateway.yaml").read_text())
+    raw["listen"].update(port=free_port(), envoy_metrics_port=free_port(), xds_port=free_port(),
+                         admin_port=free_port(), envoy_admin_port=free_port())
+    engine_port = free_port()
+    raw["discovery"] = []
+    raw["backends"] = [{"url": f"http://127.0.0.1:{engine_port}", "models": ["whisper"]}]
+    config = tmp_path / "gateway.yaml"
+    config.write_text(yaml.safe_dump(raw))
+
+    cpu = _host_command(services["engine-cpu"], tmp_path, config)
+    cpu[cpu.index("--port") + 1] = str(engine_port)
+    engine = Process("engine-cpu", cpu, tmp_path)
+    plane = Process("control-plane", _host_command(services["control-plane"], tmp_path, config), tmp_path,
+                    env={"WHISPER_GATEWAY_ADMIN_TOKEN": TOKEN})
+    envoy = Process("envoy", _host_command(services["envoy"], tmp_path, config), tmp_path)
+    listen = raw["listen"]
+    wait_until(lambda: request("GET", f"http://127.0.0.1:{engine_port}/health", timeout=2).status == 200, 60,
+               "the CPU engine")
+    wait_until(lambda: request("GET", f"http://127.0.0.1:{listen['admin_port']}/healthz", timeout=2).status == 200, 20,
+               "the control plane")
+    wait_until(lambda: request("GET", f"http://127.0.0.1:{listen['port']}/v1/models", timeout=2).status == 200, 30,
+               "Envoy, configured by the control plane")
+    # The healthchecks compose runs inside the containers pass here too.
+    for name, port in (("control-plane", listen["admin_port"]), ("envoy", listen["port"])):
+        test = services[name]["healthcheck"]["test"]
+        script = test[test.index("-c") + 1].replace("18001", str(port)).replace("8080", str(port))
+        assert subprocess.run([PYTHON, "-c", script], timeout=30).returncode == 0, name
+    # Prometheus's targets: Envoy's metrics listener and the control plane's /metrics.
+    envoy_metrics = request("GET", f"http://127.0.0.1:{listen['envoy_metrics_port']}/stats/prometheus")
+    assert envoy_metrics.status == 200 and "envoy_cluster_upstream_rq" in envoy_metrics.text
+    assert request("GET", f"http://127.0.0.1:{listen['envoy_metrics_port']}/quitquitquit").status == 404
+    plane_metrics = request("GET", f"http://127.0.0.1:{listen['admin_port']}/metrics").text
+    assert "whisper_gateway_connected_envoys 1.0" in plane_metrics
+    assert 'whisper_gateway_endpoint_weight{backend="' in plane_metrics
+    for process in (envoy, plane, engine):
+        process.stop()
