@@ -109,11 +109,14 @@ def parse_form(form, task: str, backend: SpeechBackend) -> SpeechRequest:
         raise missing_field("file", len(form) + 13)
     response_format = str(form.get("response_format", "json"))
     if response_format not in KNOWN_FORMATS and response_format != "diarized_json":
+        # vLLM's pydantic union of two literals, word for word.
         expected = "'json', 'text', 'srt', 'verbose_json' or 'vtt'"
         message = (
-            "1 validation error:\n"
+            "2 validation errors:\n"
             f"  {{'type': 'literal_error', 'loc': 'body.response_format', 'msg': \"Input should be {expected}\", "
-            f"'input': {response_format!r}}}"
+            f"'input': {response_format!r}, 'ctx': {{'expected': \"{expected}\"}}}}\n"
+            f"  {{'type': 'literal_error', 'loc': 'body.response_format', 'msg': \"Input should be 'diarized_json'\", "
+            f"'input': {response_format!r}, 'ctx': {{'expected': \"'diarized_json'\"}}}}"
         )
         raise EngineError(400, message, "Bad Request", "body.response_format")
     model = str(form.get("model") or backend.served_models[0])
@@ -128,10 +131,8 @@ def parse_form(form, task: str, backend: SpeechBackend) -> SpeechRequest:
     if language is not None and language not in LANGUAGES:
         raise EngineError(400, f"Unsupported language: {language!r}.  Must be one of {list(LANGUAGES)}.")
     if response_format not in backend.response_formats:
-        supported = ", ".join(f"`{f}`" for f in backend.response_formats[:-1])
-        raise EngineError(
-            400, f"Currently only support response_format: {supported} or `{backend.response_formats[-1]}`"
-        )
+        raise EngineError(400, "Currently only support response_format: `text`, `json`, `verbose_json` or "
+                               "`diarized_json`")
     audio = upload.file.read()
     if not audio:
         raise EngineError(400, INVALID_AUDIO)
