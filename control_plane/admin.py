@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from control_plane.registry import Entry
 from control_plane.status import endpoint_rows, status_report
 from control_plane.telemetry import render as render_metrics
 
+log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 64 * 1024
 MAX_MODELS = 32
 # Open: liveness, the API description, Prometheus metrics, and the status page (whose script
@@ -60,7 +62,7 @@ async def _json_object(request: web.Request, allowed: set[str], required: set[st
     else:
         try:
             body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
             raise ApiError(400, f"request body is not valid JSON: {error}") from None
     if not isinstance(body, dict):
         raise ApiError(400, "request body must be a JSON object")
@@ -106,6 +108,9 @@ def build_admin_app(plane) -> web.Application:
                             "method_not_allowed").response()
         except web.HTTPNotFound:
             return ApiError(404, f"no such path: {request.path}", "not_found_error").response()
+        except Exception as error:  # nothing half-done: changes roll back (ControlPlane.change)
+            log.exception("admin request %s %s failed", request.method, request.path)
+            return ApiError(500, f"the change was not applied: {error}", "server_error").response()
 
     async def healthz(request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -149,7 +154,7 @@ def build_admin_app(plane) -> web.Application:
                                     "give them as `models`", param="models") from None
         aliases = {alias: m.name for m in plane.config.models for alias in m.aliases}
         for i, model in enumerate(models):
-            if not isinstance(model, str) or not MODEL_NAME_PATTERN.match(model):
+            if not isinstance(model, str) or not MODEL_NAME_PATTERN.fullmatch(model):
                 raise ApiError(400, f"models[{i}]: {json.dumps(model)} is not a valid model name", param="models")
             if model in aliases:
                 raise ApiError(400, f"models[{i}]: {model!r} is an alias of {aliases[model]!r}; use the model's name",

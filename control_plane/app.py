@@ -86,7 +86,8 @@ class ControlPlane:
         await self._admin.setup()
         await web.TCPSite(self._admin, listen.admin_address, listen.admin_port).start()
         self._server = await start_ads_server(self.cache, listen.xds_address, listen.xds_port)
-        self._tasks = [asyncio.create_task(self.balancer.run()), *self.discovery.start(self.config.discovery)]
+        self._tasks = [asyncio.create_task(self.balancer.run())]
+        await self.discovery.restart(self.config.discovery)
         log.info("admin API on http://%s:%d (token %s)", listen.admin_address, listen.admin_port,
                  f"in {self.token_path}" if self.token_path else "from the environment")
         log.info("xDS (ADS) listening on %s:%d", listen.xds_address, listen.xds_port)
@@ -102,6 +103,7 @@ class ControlPlane:
                                "(or WHISPER_GATEWAY_ADMIN_TOKEN_FILE) before exposing the admin API")
 
     async def stop(self, grace: float = 2.0) -> None:
+        await self.discovery.stop()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -133,6 +135,7 @@ class ControlPlane:
                 log.error("reload refused, keeping the running config: %s", error)
                 return False
         self.balancer.configure(config.routing)
+        await self.discovery.restart(config.discovery)
         log.info("config reloaded from %s", self.config_path)
         return True
 
@@ -162,6 +165,9 @@ class ControlPlane:
 
     async def publish(self, snapshot: Snapshot) -> None:
         """Make before break: a removed cluster goes only after every Envoy stopped routing to it."""
+        errors = snapshot.consistency_errors()
+        if errors:  # checked before any bridge goes out: nothing of a bad change reaches Envoy
+            raise InconsistentSnapshot("; ".join(errors))
         current = self.cache.snapshot
         removed = current.names(CLUSTER) - snapshot.names(CLUSTER) if current else frozenset()
         if removed:
@@ -221,14 +227,17 @@ class ControlPlane:
 
     async def check_drains(self) -> None:
         """Finishes drains: when the engine is idle for every Envoy, or when its time is up."""
-        snapshot = self.cache.snapshot
-        applied = all(e.acked.get(ENDPOINT) == snapshot.versions[ENDPOINT] for e in self.cache.envoys.values())
-        now_wall, now = time.time(), asyncio.get_running_loop().time()
-        for entry in [e for e in self.registry.entries() if e.state == DRAINING]:
-            if entry.drain_deadline is not None and now_wall >= entry.drain_deadline:
+        for entry_id in [e.id for e in self.registry.entries() if e.state == DRAINING]:
+            entry = self.registry.get(entry_id)  # re-read: an earlier finish awaited, things move
+            if entry is None or entry.state != DRAINING:
+                self._idle_scrapes.pop(entry_id, None)
+                continue
+            if entry.drain_deadline is not None and time.time() >= entry.drain_deadline:
                 log.warning("drain of %s timed out with requests possibly in flight", entry.id)
                 await self._finish_drain(entry)
                 continue
+            snapshot, now = self.cache.snapshot, asyncio.get_running_loop().time()
+            applied = all(e.acked.get(ENDPOINT) == snapshot.versions[ENDPOINT] for e in self.cache.envoys.values())
             idle = applied and all(_idle(self.balancer.tracker.state(entry.id, m, 1, now), self.config) for m in entry.models)
             self._idle_scrapes[entry.id] = self._idle_scrapes.get(entry.id, 0) + 1 if idle else 0
             if self._idle_scrapes[entry.id] >= IDLE_SCRAPES_TO_FINISH_DRAIN:
@@ -236,7 +245,9 @@ class ControlPlane:
 
     async def _finish_drain(self, entry: Entry) -> None:
         self._idle_scrapes.pop(entry.id, None)
-        if entry.source == "config":
+        # Config backends, and DNS backends an operator drained while their record stays, are
+        # parked; API backends and vanished DNS records go.
+        if entry.source == "config" or (entry.source.startswith("dns:") and entry.drain_reason != "dns"):
             await self.change(lambda r: r.set_state(entry.id, DRAINED))
             log.info("drained %s (%s): out of rotation until resumed", entry.id, entry.url)
         else:

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 import yaml
 
 DEFAULT_CONFIG_PATH = Path(__file__).parent / "defaults" / "gateway.yaml"
-MODEL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$")
+MODEL_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}")  # use fullmatch
 # Options each engine kind takes in the config, with their types (they become --flags).
 ENGINE_OPTIONS = {
     "simulated": {"max_num_seqs": int, "speed": float, "time_scale": float, "seconds_per_chunk": float,
@@ -222,7 +222,7 @@ def _address(section: dict, name: str, key: str, default: str) -> str:
 
 
 def _model_name(value: Any, key: str) -> str:
-    if not isinstance(value, str) or not MODEL_NAME_PATTERN.match(value):
+    if not isinstance(value, str) or not MODEL_NAME_PATTERN.fullmatch(value):
         raise ConfigError(
             f"{key}: {value!r} is not a valid model name (1-128 characters: letters, digits, . _ : / @ + -)"
         )
@@ -377,7 +377,7 @@ def validate_backend_url(url: Any, key: str) -> str:
         raise ConfigError(f"{key}: {url!r} needs an explicit port")
     if parts.path not in ("", "/") or parts.query or parts.fragment:
         raise ConfigError(f"{key}: {url!r} must be scheme://host:port with no path")
-    return f"{parts.scheme}://{parts.netloc}"
+    return f"{parts.scheme}://{parts.netloc.lower()}"  # one backend, one spelling
 
 
 def _read_backends(raw: Any, served: set[str]) -> tuple[BackendConfig, ...]:

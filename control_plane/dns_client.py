@@ -33,9 +33,19 @@ def _skip_name(message: bytes, offset: int) -> int:
 
 def parse_addresses(message: bytes, query_id: int, record_type: int) -> list[str]:
     """Addresses of `record_type` in a response; [] for a name that does not exist."""
+    try:
+        return _parse(message, query_id, record_type)
+    except (struct.error, IndexError):
+        raise OSError("malformed DNS answer") from None
+
+
+def _parse(message: bytes, query_id: int, record_type: int) -> list[str]:
     answer_id, flags, questions, answers, _, _ = struct.unpack_from(">HHHHHH", message, 0)
     if answer_id != query_id:
         raise OSError("DNS answer for another query")
+    if flags & 0x0200:
+        # Truncated: a partial record set taken as whole would drain the missing backends.
+        raise OSError("DNS answer truncated (more records than fit in UDP)")
     rcode = flags & 0x000F
     if rcode == _NXDOMAIN:
         return []
@@ -71,19 +81,25 @@ class _Exchange(asyncio.DatagramProtocol):
             self.answer.set_exception(error)
 
 
-async def lookup(name: str, nameserver: tuple[str, int], timeout: float = 2.0) -> list[str]:
-    """A then AAAA records of `name` from `nameserver`."""
+async def _query(name: str, record_type: int, nameserver: tuple[str, int], timeout: float) -> list[str]:
     loop = asyncio.get_running_loop()
-    addresses: list[str] = []
-    for record_type in (A, AAAA):
-        query_id = secrets.randbelow(65536)
-        transport, protocol = await loop.create_datagram_endpoint(_Exchange, remote_addr=nameserver)
-        try:
-            transport.sendto(build_query(name, record_type, query_id))
-            reply = await asyncio.wait_for(protocol.answer, timeout)
-        except TimeoutError:
-            raise OSError(f"no answer from DNS server {nameserver[0]}:{nameserver[1]}") from None
-        finally:
-            transport.close()
-        addresses += parse_addresses(reply, query_id, record_type)
+    query_id = secrets.randbelow(65536)
+    transport, protocol = await loop.create_datagram_endpoint(_Exchange, remote_addr=nameserver)
+    try:
+        transport.sendto(build_query(name, record_type, query_id))
+        reply = await asyncio.wait_for(protocol.answer, timeout)
+    except TimeoutError:
+        raise OSError(f"no answer from DNS server {nameserver[0]}:{nameserver[1]}") from None
+    finally:
+        transport.close()
+    return parse_addresses(reply, query_id, record_type)
+
+
+async def lookup(name: str, nameserver: tuple[str, int], timeout: float = 2.0) -> list[str]:
+    """A records of `name` from `nameserver`, then AAAA ones if the server answers for those."""
+    addresses = await _query(name, A, nameserver, timeout)
+    try:
+        addresses += await _query(name, AAAA, nameserver, timeout)
+    except OSError:
+        pass  # many servers ignore AAAA; the A answer stands
     return addresses

@@ -14,7 +14,7 @@ import time
 
 from control_plane.config import DiscoveryConfig
 from control_plane.dns_client import lookup
-from control_plane.registry import ACTIVE, DRAINING, Entry, Registry
+from control_plane.registry import ACTIVE, DRAINING, Entry, Registry  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -41,31 +41,49 @@ def plan(registry: Registry, item: DiscoveryConfig, addresses: list[str], drain_
     source = f"dns:{item.name}"
     wanted = {url_for(a, item.port) for a in addresses}
 
+    # An address another source (the config, the API, another name) already serves stays theirs.
+    wanted -= {e.url for e in registry.entries() if e.source != source}
+    mine = {e.url: e for e in registry.entries() if e.source == source}
+    added = wanted - set(mine)
+    vanished = {url for url, e in mine.items() if url not in wanted and e.state == ACTIVE}
+    # Only drains DNS started itself are undone by the record coming back; an operator's stay.
+    returned = {url for url, e in mine.items() if url in wanted and e.state == DRAINING and e.drain_reason == "dns"}
+
     def apply(r: Registry) -> None:
-        current = {e.url: e for e in r.dns_entries.values() if e.source == source}
-        for url in wanted - set(current):
+        for url in added:
             entry = Entry.create(url, item.models, item.weight, source)
             r.dns_entries[entry.id] = entry
             r.overrides.pop(entry.id, None)
-        for url, entry in current.items():
-            state = r.overrides[entry.id].state if entry.id in r.overrides else ACTIVE
-            if url in wanted and state == DRAINING:
-                r.set_state(entry.id, ACTIVE)
-            elif url not in wanted and state == ACTIVE:
-                r.set_state(entry.id, DRAINING, time.time() + drain_timeout_s)
+        for url in vanished:
+            r.set_state(mine[url].id, DRAINING, time.time() + drain_timeout_s, reason="dns")
+        for url in returned:
+            r.set_state(mine[url].id, ACTIVE)
 
-    current = {e.url for e in registry.dns_entries.values() if e.source == source}
-    draining = {e.url for e in registry.entries() if e.source == source and e.state == DRAINING}
-    changed = bool(wanted - current) or bool((current - wanted) - draining) or bool(wanted & draining)
-    return apply if changed else None
+    return apply if added or vanished or returned else None
 
 
 class DnsDiscovery:
     def __init__(self, plane):
         self.plane = plane
+        self.items: tuple[DiscoveryConfig, ...] = ()
+        self._tasks: list[asyncio.Task] = []
 
-    def start(self, items: tuple[DiscoveryConfig, ...]) -> list[asyncio.Task]:
-        return [asyncio.create_task(self._watch(item)) for item in items]
+    async def restart(self, items: tuple[DiscoveryConfig, ...]) -> None:
+        """Watches `items` from now on; names no longer listed have their backends drained."""
+        await self.stop()
+        for gone in {i.name for i in self.items} - {i.name for i in items}:
+            old = next(i for i in self.items if i.name == gone)
+            change = plan(self.plane.registry, old, [], self.plane.config.drain_timeout_s)
+            if change is not None:
+                await self.plane.change(change)
+        self.items = items
+        self._tasks = [asyncio.create_task(self._watch(item)) for item in items]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
 
     async def _watch(self, item: DiscoveryConfig) -> None:
         while True:

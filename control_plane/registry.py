@@ -28,6 +28,7 @@ class Entry:
     source: str = "config"
     state: str = ACTIVE
     drain_deadline: float | None = None  # wall-clock seconds; a drain ends by then whatever happens
+    drain_reason: str | None = None  # "admin", or "dns" when its record vanished
 
     @classmethod
     def create(cls, url: str, models, weight: int = 1, source: str = "config") -> "Entry":
@@ -38,13 +39,14 @@ class Entry:
 
     @classmethod
     def from_json(cls, data: dict) -> "Entry":
-        return cls(**{**data, "models": tuple(data["models"])})
+        return cls(**{**data, "models": tuple(data["models"])})  # older files lack drain_reason: default
 
 
 @dataclass(frozen=True)
 class DrainState:
     state: str
     deadline: float | None = None
+    reason: str = "admin"
 
 
 @dataclass
@@ -63,7 +65,8 @@ class Registry:
         merged = []
         for entry in [*self.config_entries.values(), *self.dns_entries.values()]:
             override = self.overrides.get(entry.id)
-            merged.append(replace(entry, state=override.state, drain_deadline=override.deadline) if override else entry)
+            merged.append(replace(entry, state=override.state, drain_deadline=override.deadline,
+                                  drain_reason=override.reason) if override else entry)
         return merged + list(self.api_entries.values())
 
     def get(self, entry_id: str) -> Entry | None:
@@ -72,13 +75,14 @@ class Registry:
     def find_url(self, url: str) -> Entry | None:
         return next((e for e in self.entries() if e.url == url), None)
 
-    def set_state(self, entry_id: str, state: str, deadline: float | None = None) -> None:
+    def set_state(self, entry_id: str, state: str, deadline: float | None = None, reason: str = "admin") -> None:
         if entry_id in self.api_entries:
-            self.api_entries[entry_id] = replace(self.api_entries[entry_id], state=state, drain_deadline=deadline)
+            self.api_entries[entry_id] = replace(self.api_entries[entry_id], state=state, drain_deadline=deadline,
+                                                 drain_reason=None if state == ACTIVE else reason)
         elif state == ACTIVE:
             self.overrides.pop(entry_id, None)
         else:
-            self.overrides[entry_id] = DrainState(state, deadline)
+            self.overrides[entry_id] = DrainState(state, deadline, reason)
 
     def remove(self, entry_id: str) -> None:
         """API and vanished DNS backends go for good; config ones leave rotation until resumed."""

@@ -59,11 +59,12 @@ class StateStore:
 
 def configured_token() -> str | None:
     """The admin token from the environment (value, or a file holding it), if any."""
+    token = None
     if os.environ.get(TOKEN_ENV):
-        return os.environ[TOKEN_ENV].strip()
-    if os.environ.get(TOKEN_FILE_ENV):
-        return Path(os.environ[TOKEN_FILE_ENV]).read_text().strip()
-    return None
+        token = os.environ[TOKEN_ENV].strip()
+    elif os.environ.get(TOKEN_FILE_ENV):
+        token = Path(os.environ[TOKEN_FILE_ENV]).read_text().strip()
+    return token or None  # a blank token is no token
 
 
 def ensure_token(directory: Path) -> tuple[str, Path | None]:

@@ -103,3 +103,9 @@ def test_unreadable_and_invalid_files_are_errors(tmp_path):
     good = tmp_path / "good.yaml"
     good.write_text(yaml.safe_dump(minimal()))
     assert load_config(good).models[0].aliases == ("alias",)
+
+
+def test_backend_urls_have_one_spelling():
+    from control_plane.config import validate_backend_url
+
+    assert validate_backend_url("http://Engine-A.Example:8000/", "url") == "http://engine-a.example:8000"

@@ -44,7 +44,7 @@ class _TypeState:
     sent_names: frozenset[str] | None = None
     sent_hashes: dict[str, str] = field(default_factory=dict)  # per resource, for types fetched by name
     nonce: str = ""
-    answered: bool = False  # Envoy ACKed or NACKed the latest response
+    acked_version: str | None = None
     resend: bool = False
 
 
@@ -65,11 +65,11 @@ class AdsStream:
         if request.response_nonce:
             if request.response_nonce != state.nonce:
                 return  # answers an older response; a newer one is on its way
-            state.answered = True
             if request.HasField("error_detail"):
                 self.cache.record_nack(self.stream_id, request.type_url, state.sent_version or "",
                                        request.error_detail.message)
             else:
+                state.acked_version = request.version_info
                 await self.cache.record_ack(self.stream_id, request.type_url, request.version_info)
         state.subscribed = True
         if request.type_url in WILDCARD_TYPES:
@@ -101,7 +101,7 @@ class AdsStream:
             if names is not None:
                 state.sent_hashes.update({n: snapshot.hashes[type_url][n] for n in names if n in snapshot.hashes[type_url]})
             state.sent_version, state.sent_names, state.nonce = version, state.names, nonce
-            state.answered, state.resend = False, False
+            state.resend = False
             if type_url == CLUSTER:
                 # A changed cluster warms until its endpoints arrive, even when its name did not change.
                 self.types[ENDPOINT].resend = True
@@ -120,7 +120,9 @@ class AdsStream:
     def _clusters_ready(self, snapshot: Snapshot) -> bool:
         """Clusters applied and every one of them given its endpoints: routes may now point at them."""
         clusters, endpoints = self.types[CLUSTER], self.types[ENDPOINT]
-        if clusters.sent_version != snapshot.versions[CLUSTER] or not clusters.answered:
+        # Applied, not merely answered: after a NACK Envoy lacks these clusters, so routes to them
+        # wait (Envoy keeps serving its last good routes) until a good cluster set is ACKed.
+        if clusters.acked_version != snapshot.versions[CLUSTER]:
             return False
         needed = snapshot.names(ENDPOINT)  # the EDS clusters; static ones carry their endpoints
         if not needed:
