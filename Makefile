@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 DEBIAN_PACKAGES := curl espeak-ng sox docker-compose chromium
 
-.PHONY: up test bench deps venv clean
+.PHONY: up test test-vllm bench deps venv clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ up: venv
 
 test: deps venv
 	$(BIN)/pytest -q
+
+# The gateway against real vLLM engines (CPU build, tiny checkpoint); builds them once (~2 min).
+test-vllm: deps venv
+	PYTHON=$(BIN)/python bash engines/vllm/setup_cpu.sh
+	$(BIN)/pytest -q tests_vllm
 
 # Benchmarks (not tests): numbers for the docs and the release notes.
 bench: deps venv

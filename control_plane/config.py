@@ -22,6 +22,9 @@ ENGINE_OPTIONS = {
     "simulated": {"max_num_seqs": int, "speed": float, "time_scale": float, "seconds_per_chunk": float,
                   "seconds_per_request": float, "batch_penalty": float},
     "whisper_cpu": {"max_num_seqs": int, "cpu_threads": int},
+    # Real vLLM (python -m engines.vllm): model_path is a Hugging Face id or a folder; cpu adds the
+    # settings of vLLM's CPU build for the tiny test checkpoint.
+    "vllm": {"model_path": str, "max_num_seqs": int, "cpu": bool},
 }
 MAX_WEIGHT = 128
 
@@ -437,11 +440,20 @@ def _engine_options(kind: str, section: dict, key: str) -> dict:
     _reject_unknown(section, set(allowed) | {"kind", "port", "model", "name"}, key)
     options = {}
     for name, value in section.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        wanted = allowed[name]
+        if wanted is bool:
+            if not isinstance(value, bool):
+                raise ConfigError(f"{key}.{name}: expected true or false, got {value!r}")
+        elif wanted is str:
+            if not isinstance(value, str) or not value:
+                raise ConfigError(f"{key}.{name}: expected a non-empty string, got {value!r}")
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
             raise ConfigError(f"{key}.{name}: expected a positive number, got {value!r}")
-        if allowed[name] is int and not isinstance(value, int):
+        elif wanted is int and not isinstance(value, int):
             raise ConfigError(f"{key}.{name}: expected an integer, got {value!r}")
         options[name] = value
+    if kind == "vllm" and "model_path" not in options:
+        raise ConfigError(f"{key}.model_path: required (a Hugging Face id or a folder)")
     return options
 
 

@@ -61,7 +61,11 @@ def engine_command(engine: EngineConfig) -> list[str]:
     command = [sys.executable, "-m", f"engines.{engine.kind}", "--host", "127.0.0.1", "--port", str(engine.port),
                "--model", engine.model, "--name", engine.name]
     for option, value in sorted(engine.options.items()):
-        command += [f"--{option.replace('_', '-')}", str(value)]
+        flag = f"--{option.replace('_', '-')}"
+        if value is True:
+            command.append(flag)
+        elif value is not False:
+            command += [flag, str(value)]
     return command
 
 

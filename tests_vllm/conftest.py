@@ -1,0 +1,71 @@
+"""Two real vLLM engines (CPU build, tiny checkpoint) behind the gateway, started once."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.harness import PYTHON, STARTED, GatewayStack, Process, free_port, request, wait_until
+
+MODEL = "whisper-tiny"
+HOME = Path(os.environ.get("WHISPER_GATEWAY_VLLM_HOME", Path.home() / ".cache" / "whisper-gateway"))
+CHECKPOINT = HOME / "models" / "tiny-whisper"
+# vLLM on 2 CPU cores loads in about 40 s; two at once take longer.
+START_TIMEOUT_S = 300
+
+
+CORES = {"a": "0", "b": "1"}
+
+
+def start_vllm(log_dir: Path, name: str, port: int) -> Process:
+    # Each engine on a core of its own, as each GPU engine has its own GPU: otherwise load on one
+    # engine slows the other, and the gateway rightly measures both as slow.
+    return Process(f"vllm-{name}", [PYTHON, "-m", "engines.vllm", "--cpu", "--port", str(port), "--model", MODEL,
+                                    "--model-path", str(CHECKPOINT), "--max-num-seqs", "2", "--name", name], log_dir,
+                   env={"VLLM_CPU_OMP_THREADS_BIND": CORES[name]})
+
+
+def wait_healthy(process: Process, url: str) -> None:
+    wait_until(lambda: process.alive() and request("GET", url + "/health", timeout=5).status == 200, START_TIMEOUT_S,
+               f"{process.name} to load")
+
+
+class RealStack:
+    def __init__(self, log_dir: Path):
+        if not (CHECKPOINT / "model.safetensors").exists():
+            pytest.fail("no vLLM CPU build: run `make test-vllm` (it builds one with engines/vllm/setup_cpu.sh)")
+        self.log_dir = log_dir
+        self.ports = {"a": free_port(), "b": free_port()}
+        self.urls = {name: f"http://127.0.0.1:{port}" for name, port in self.ports.items()}
+        self.engines = {name: start_vllm(log_dir, name, port) for name, port in self.ports.items()}
+        for name, process in self.engines.items():
+            wait_healthy(process, self.urls[name])
+        # vLLM's CPU build answers /metrics slowly while it decodes on both cores: give scrapes
+        # the time a GPU engine would never need.
+        self.gateway = GatewayStack(log_dir, MODEL, list(self.urls.values()), resilience={
+            "health_interval_s": 1, "health_timeout_s": 5, "unhealthy_threshold": 2, "healthy_threshold": 1},
+            routing={"scrape_interval_s": 1.0, "scrape_timeout_s": 0.9, "stale_after_s": 4.0})
+
+    def restart(self, name: str) -> None:
+        self.engines[name] = start_vllm(self.log_dir, name, self.ports[name])
+        wait_healthy(self.engines[name], self.urls[name])
+
+    def weights(self) -> dict[str, int]:
+        hosts = self.gateway.hosts()
+        return {name: int(hosts[url.removeprefix("http://")]["weight"]) for name, url in self.urls.items()}
+
+    def host_counts(self) -> dict[str, int]:
+        """Requests Envoy sent to each engine so far (its per-host counters)."""
+        hosts = self.gateway.hosts()
+        return {name: int(hosts.get(url.removeprefix("http://"), {}).get("rq_total", 0))
+                for name, url in self.urls.items()}
+
+
+@pytest.fixture(scope="session")
+def real(tmp_path_factory):
+    stack = RealStack(tmp_path_factory.mktemp("real-vllm"))
+    yield stack
+    for process in reversed(STARTED):
+        process.stop()
