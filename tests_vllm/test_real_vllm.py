@@ -46,8 +46,11 @@ def test_streams_through_the_gateway_equal_the_engines(real):
         return [json.loads(e) for e in events[:-1]]
 
     direct, through = chunks(real.urls["a"]), chunks(real.gateway.envoy.url)
-    strip = lambda cs: [(c["object"], c["model"], c["choices"]) for c in cs]  # noqa: E731 - ids and times differ
-    assert strip(through) == strip(direct)
+    # How vLLM cuts the text into chunks varies from run to run; the text and the ending do not.
+    text = lambda cs: "".join(c["choices"][0]["delta"].get("content", "") for c in cs)  # noqa: E731
+    assert text(through) == text(direct) and text(direct)
+    assert through[-1]["choices"] == direct[-1]["choices"]
+    assert {(c["object"], c["model"]) for c in through} == {("transcription.chunk", MODEL)}
 
 
 @pytest.mark.parametrize("audio,fields", [
