@@ -15,30 +15,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from tests.harness import (
-    PYTHON,
-    STARTED,
-    Envoy,
-    GatewayConfigFile,
-    Process,
-    base_config,
-    free_port,
-    post_form,
-    request,
-    start_control_plane,
-    wait_until,
-)
+from tests.harness import STARTED, GatewayStack, post_form, start_cpu_engine
 from tests.speech import SENTENCES, join_clips, speak
 
 MODEL = "whisper-tiny.en"
-
-
-def start_cpu_engine(log_dir: Path, name: str) -> str:
-    port = free_port()
-    process = Process(name, [PYTHON, "-m", "engines.whisper_cpu", "--port", str(port), "--model", MODEL], log_dir)
-    url = f"http://127.0.0.1:{port}"
-    wait_until(lambda: process.alive() and request("GET", url + "/health", timeout=2).status == 200, 60, name)
-    return url
 
 
 def clip_seconds(path: Path) -> float:
@@ -64,17 +44,12 @@ def main() -> None:
         clip_path = join_clips(parts, log_dir / "clip.wav", gap_s=0.1)
         clip, audio_s = clip_path.read_bytes(), clip_seconds(clip_path)
 
-        engines = [start_cpu_engine(log_dir, f"cpu-{i}") for i in range(2)]
+        engines = [start_cpu_engine(log_dir, MODEL, f"cpu-{i}")[1] for i in range(2)]
         one(engines[0], clip)  # warm up
         direct = [one(engines[0], clip) for _ in range(10)]
         rtf = statistics.median(direct) / audio_s
 
-        raw = base_config(free_port(), free_port(), [{"name": MODEL}], [{"url": u, "models": [MODEL]} for u in engines])
-        config = GatewayConfigFile(log_dir / "gateway.yaml")
-        config.write(raw)
-        start_control_plane(log_dir, config.path)
-        envoy = Envoy(log_dir, raw)
-        envoy.wait_serving()
+        envoy = GatewayStack(log_dir, MODEL, engines).envoy
         one(envoy.url, clip)
         latencies: list[float] = []
         deadline = time.monotonic() + args.seconds

@@ -69,9 +69,6 @@ class Balancer:
         self.plane = plane
         self.tracker = LoadTracker()
         self.configure(routing)
-        self.scrapes_total = 0
-        self.scrape_failures_total = 0
-        self.weight_pushes_total = 0
 
     def configure(self, routing: RoutingConfig) -> None:
         self.routing = routing
@@ -102,15 +99,12 @@ class Balancer:
         fleet = self.plane.fleet  # a finished drain may have changed it
         weights = weights_for(fleet, self.tracker, self.routing, now)
         if weights != fleet.weights:
-            self.weight_pushes_total += 1
             WEIGHT_UPDATES.inc()
             await self.plane.set_weights(weights)
 
     def record(self, fleet: Fleet, pages: list, now: float) -> None:
-        self.scrapes_total += len(pages)
         for backend, page in zip(fleet.backends, pages):
             if isinstance(page, ScrapeFailure):
-                self.scrape_failures_total += 1
                 for model in backend.models:
                     self.tracker.record_failure(backend.id, model, page.reason, now)
                 continue

@@ -26,7 +26,6 @@ class Track:
     speed_at: float | None = None
     counters: tuple[float, float] | None = None  # (inference seconds, count) at the last scrape
     error: str | None = None
-    failed_at: float | None = None
 
 
 class LoadTracker:
@@ -50,7 +49,7 @@ class LoadTracker:
 
     def record_failure(self, backend_id: str, model: str, error: str, now: float) -> None:
         track = self.tracks.setdefault((backend_id, model), Track())
-        track.error, track.failed_at = error, now
+        track.error = error
 
     def state(self, backend_id: str, model: str, base_weight: int, now: float) -> EndpointState:
         track = self.tracks.get((backend_id, model))

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
+
+from control_plane.status import endpoint_rows
 
 REGISTRY = CollectorRegistry()
 
@@ -28,10 +32,6 @@ class FleetCollector:
         self.plane = plane
 
     def collect(self):
-        from control_plane.status import endpoint_rows
-
-        import asyncio
-
         envoys = GaugeMetricFamily("whisper_gateway_connected_envoys", "Envoys with an open ADS stream.")
         envoys.add_metric([], len(self.plane.cache.envoys))
         yield envoys

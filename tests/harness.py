@@ -150,6 +150,17 @@ def start_engine(log_dir: Path, model: str, name: str, port: int | None = None, 
     return process, url
 
 
+def start_cpu_engine(log_dir: Path, model: str, name: str, port: int | None = None) -> tuple[Process, str]:
+    """A real Whisper (faster-whisper, tiny.en) engine; loading its model takes a few seconds."""
+    port = port or free_port()
+    process = Process(f"engine-{name}", [PYTHON, "-m", "engines.whisper_cpu", "--port", str(port), "--model", model,
+                                         "--name", name], log_dir)
+    url = f"http://127.0.0.1:{port}"
+    wait_until(lambda: process.alive() and request("GET", url + "/health", timeout=2).status == 200, 60,
+               f"{name} to load its model")
+    return process, url
+
+
 @dataclass
 class GatewayConfigFile:
     """A config file a test can rewrite while the control plane runs."""
@@ -350,10 +361,10 @@ def served_by(url: str, model: str, names: list[str], count: int) -> dict[str, i
 class GatewayStack:
     """A control plane (own state dir) and an Envoy over a config with the given backends."""
 
-    def __init__(self, tmp_path: Path, model: str, backends: list[str], **sections):
+    def __init__(self, tmp_path: Path, model: str, backends: list[str], aliases: tuple[str, ...] = (), **sections):
         self.tmp_path = tmp_path
         self.model = model
-        self.raw = base_config(free_port(), free_port(), [{"name": model}],
+        self.raw = base_config(free_port(), free_port(), [{"name": model, "aliases": list(aliases)}],
                                [{"url": url, "models": [model]} for url in backends], **sections)
         self.config = GatewayConfigFile(tmp_path / "gateway.yaml")
         self.config.write(self.raw)

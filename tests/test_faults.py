@@ -240,8 +240,7 @@ def test_control_plane_killed_and_restarted_under_load(tmp_path):
         served = len(load.statuses)
         wait_until(lambda: len(load.statuses) >= served + 20, 15, "serving with the control plane gone")
         gateway.restart_plane()
-        wait_until(lambda: gateway.plane.state_dir and gateway.admin.call("GET", "/healthz").status == 200, 10,
-                   "the control plane back")
+        wait_until(lambda: gateway.admin.call("GET", "/healthz").status == 200, 10, "the control plane back")
         served = len(load.statuses)
         wait_until(lambda: len(load.statuses) >= served + 20, 15, "serving after the restart")
     finally:

@@ -7,18 +7,7 @@ import threading
 import pytest
 from openai import OpenAI
 
-from tests.harness import (
-    Envoy,
-    GatewayConfigFile,
-    Process,
-    PYTHON,
-    base_config,
-    free_port,
-    post_form,
-    request,
-    start_control_plane,
-    wait_until,
-)
+from tests.harness import GatewayStack, post_form, request, start_cpu_engine, wait_until
 from tests.speech import SENTENCES, join_clips, speak, word_error_rate
 
 MODEL = "whisper-tiny.en"
@@ -37,26 +26,12 @@ def clips(tmp_path_factory):
 @pytest.fixture(scope="module")
 def cpu_gateway(tmp_path_factory):
     log_dir = tmp_path_factory.mktemp("cpu-gateway")
-    engines = {}
-    for name in ("cpu-a", "cpu-b"):
-        port = free_port()
-        process = Process(f"engine-{name}", [PYTHON, "-m", "engines.whisper_cpu", "--port", str(port),
-                                             "--model", MODEL, "--name", name], log_dir)
-        engines[name] = (process, f"http://127.0.0.1:{port}")
-    for name, (process, url) in engines.items():
-        wait_until(lambda: process.alive() and request("GET", url + "/health", timeout=2).status == 200, 60,
-                   f"{name} to load its model")
-    raw = base_config(free_port(), free_port(), [{"name": MODEL, "aliases": ["whisper-1"]}],
-                      [{"url": url, "models": [MODEL]} for _, url in engines.values()], limits={"max_upload_mb": 4})
-    config = GatewayConfigFile(log_dir / "gateway.yaml")
-    config.write(raw)
-    processes = [p for p, _ in engines.values()]
-    processes.append(start_control_plane(log_dir, config.path))
-    envoy = Envoy(log_dir, raw)
-    processes.append(envoy.process)
-    envoy.wait_serving()
-    yield envoy, {name: url for name, (_, url) in engines.items()}
-    for process in reversed(processes):
+    engines = {name: start_cpu_engine(log_dir, MODEL, name) for name in ("cpu-a", "cpu-b")}
+    stack = GatewayStack(log_dir, MODEL, [url for _, url in engines.values()], aliases=("whisper-1",),
+                         limits={"max_upload_mb": 4})
+    yield stack.envoy, {name: url for name, (_, url) in engines.items()}
+    stack.stop()
+    for process, _ in engines.values():
         process.stop()
 
 

@@ -6,7 +6,7 @@ import pytest
 
 from engines.common.audio import silent_wav
 from tests.conftest import MODEL_A, MODEL_B
-from tests.harness import engine_names_in, post_form, request, transcribe
+from tests.harness import engine_names_in, multipart, post_form, request, transcribe
 
 
 @pytest.mark.parametrize("model_first", [True, False], ids=["model-before-file", "model-after-file"])
@@ -70,7 +70,6 @@ def test_traffic_spreads_over_the_engines_of_a_model(gateway):
 def test_client_cannot_route_by_setting_the_header_itself(gateway):
     parts = [("model", MODEL_B, None), ("file", silent_wav(1), "a.wav")]
     body_only = post_form(gateway.url + "/v1/audio/transcriptions", parts)
-    from tests.harness import multipart
     spoofed = request("POST", gateway.url + "/v1/audio/transcriptions", multipart(parts),
                       {"Content-Type": "multipart/form-data; boundary=wgboundary7MA4YWxk",
                        "x-whisper-model": MODEL_A})

@@ -89,7 +89,8 @@ def _parse_bool(value: str, name: str) -> bool:
         return True
     if lowered in ("false", "0", "no", "off", ""):
         return False
-    raise EngineError(400, f"Input should be a valid boolean, unable to interpret input: {value!r}", "Bad Request", f"body.{name}")
+    raise EngineError(400, f"Input should be a valid boolean, unable to interpret input: {value!r}", "Bad Request",
+                      f"body.{name}")
 
 
 def _parse_temperature(value: str) -> float:

@@ -23,7 +23,7 @@ from transformers import (
     WhisperTokenizerFast,
 )
 
-SOT, EOT, EN, TRANSCRIBE, TRANSLATE, NO_TIMESTAMPS = 50257, 50256, 50258, 50358, 50357, 50362
+SOT, EOT, NO_TIMESTAMPS = 50257, 50256, 50362
 
 
 def build(output: Path, tokenizer_json: Path) -> None:
