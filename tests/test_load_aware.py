@@ -26,8 +26,13 @@ from tests.harness import (
 MODEL = "whisper-large-v3-turbo"
 
 
+# On a 2-core machine running the whole suite a 200 ms scrape can time out for every engine at
+# once, which (rightly) falls back to equal weights; these tests check the weights, not that.
+ROUTING = {"scrape_interval_s": 0.5, "scrape_timeout_s": 0.45, "stale_after_s": 2.0}
+
+
 def start_gateway(tmp_path, engines: dict[str, str]) -> tuple[Envoy, AdminClient]:
-    stack = GatewayStack(tmp_path, MODEL, list(engines.values()))
+    stack = GatewayStack(tmp_path, MODEL, list(engines.values()), routing=ROUTING)
     return stack.envoy, stack.admin
 
 
@@ -105,7 +110,7 @@ def test_failing_metrics_never_drop_an_engine(tmp_path, fault):
     report = status(admin, engines)
     assert report["flaky"]["scrape_error"] in ("timeout", "HTTP 500")
     # A hung scrape does not hold up the others.
-    assert report["steady"]["health"] == "ok" and report["steady"]["scrape_age_s"] < 0.6
+    assert report["steady"]["health"] == "ok" and report["steady"]["scrape_age_s"] < 1.0
     # The rule: old news is not trusted to have improved (no better than the fresh median),
     # and the engine stays in rotation: every request succeeds, some on it.
     current = weights(envoy, engines)
