@@ -11,7 +11,9 @@ from tests.harness import PYTHON, STARTED, GatewayStack, Process, free_port, req
 
 MODEL = "whisper-tiny"
 HOME = Path(os.environ.get("WHISPER_GATEWAY_VLLM_HOME", Path.home() / ".cache" / "whisper-gateway"))
-CHECKPOINT = HOME / "models" / "tiny-whisper"
+# Weights that answer PHRASE (engines/vllm/make_tiny_model.py) for any audio, in a few steps.
+CHECKPOINT = HOME / "models" / "tiny-whisper-phrase"
+PHRASE = " The gateway heard you."
 # vLLM on 2 CPU cores loads in about 40 s; two at once take longer.
 START_TIMEOUT_S = 300
 
