@@ -8,9 +8,9 @@ import ipaddress
 import logging
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
 
 from aiohttp import web
 
@@ -19,12 +19,12 @@ from control_plane.balancer import Balancer
 from control_plane.bootstrap import read_lua_filter
 from control_plane.builders import build_load_assignments, build_resources
 from control_plane.config import ConfigError, GatewayConfig, load_config
-from control_plane.dns_discovery import DnsDiscovery
 from control_plane.discovery import resolve_fleet
+from control_plane.dns_discovery import DnsDiscovery
 from control_plane.fleet import Fleet
 from control_plane.registry import ACTIVE, DRAINED, DRAINING, Entry, Registry
-from control_plane.telemetry import forget_fleet, watch_fleet
 from control_plane.state_store import StateStore, configured_token, ensure_token, state_dir
+from control_plane.telemetry import forget_fleet, watch_fleet
 from control_plane.xds.cache import InconsistentSnapshot, SnapshotCache
 from control_plane.xds.server import start_ads_server
 from control_plane.xds.snapshot import Snapshot
@@ -147,7 +147,8 @@ class ControlPlane:
             fleet = await resolve_fleet(config, self.registry)
             if self.fleet is not None:  # endpoints that stay keep their load-derived weights
                 keep = fleet.endpoint_keys()
-                fleet = replace(fleet, weights={k: w for k, w in self.fleet.weights.items() if k in keep})
+                fleet = replace(fleet, weights={k: w for k, w in self.fleet.weights.items() if k in keep},
+                                long_uploads=self.fleet.long_uploads & keep)
             async with self._publishing:
                 await self.publish(Snapshot.from_resources(build_resources(config, fleet, self.lua_source)))
                 self.config, self.fleet = config, fleet
@@ -155,11 +156,13 @@ class ControlPlane:
             self.registry.config_entries = previous
             raise
 
-    async def set_weights(self, weights: dict[tuple[str, str], int]) -> None:
-        """Publishes new endpoint weights; only the endpoints are rebuilt and sent."""
+    async def set_weights(self, weights: dict[tuple[str, str], int],
+                          long_uploads: frozenset[tuple[str, str]] = frozenset()) -> None:
+        """Publishes new endpoint weights (and long-upload endpoints); only the endpoints are rebuilt and sent."""
         async with self._publishing:
             keep = self.fleet.endpoint_keys()
-            fleet = replace(self.fleet, weights={k: w for k, w in weights.items() if k in keep})
+            fleet = replace(self.fleet, weights={k: w for k, w in weights.items() if k in keep},
+                            long_uploads=long_uploads & keep)
             self.cache.set_snapshot(self.cache.snapshot.with_type(ENDPOINT, build_load_assignments(fleet)))
             self.fleet = fleet
 

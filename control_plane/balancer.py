@@ -17,7 +17,7 @@ from control_plane.config import RoutingConfig
 from control_plane.fleet import Backend, Fleet
 from control_plane.load_tracker import LoadTracker
 from control_plane.metrics_parser import load_for_model, parse_loads
-from control_plane.policy import compute_weights
+from control_plane.policy import compute_weights, long_upload_endpoints
 from control_plane.telemetry import SCRAPE_FAILURES, SCRAPE_SECONDS, WEIGHT_UPDATES
 
 log = logging.getLogger(__name__)
@@ -46,22 +46,25 @@ async def _fetch(session: aiohttp.ClientSession, backend: Backend, timeout: floa
                 return ScrapeFailure(f"HTTP {response.status}")
             body = await response.content.read(MAX_PAGE_BYTES)
             return body.decode("utf-8", errors="replace")
-    except asyncio.TimeoutError:
+    except TimeoutError:
         return ScrapeFailure("timeout")
     except aiohttp.ClientError as error:
         return ScrapeFailure(type(error).__name__)
 
 
-def weights_for(fleet: Fleet, tracker: LoadTracker, settings: RoutingConfig, now: float) -> dict[tuple[str, str], int]:
-    """Every endpoint's new weight, cluster by cluster."""
-    weights = {}
+def routing_for(fleet: Fleet, tracker: LoadTracker, settings: RoutingConfig,
+                now: float) -> tuple[dict[tuple[str, str], int], frozenset[tuple[str, str]]]:
+    """Every endpoint's new weight, and the endpoints for long uploads, cluster by cluster."""
+    weights, long_uploads = {}, set()
     for model in fleet.model_names():
         backends = fleet.backends_for(model)
         states = [tracker.state(b.id, model, b.weight, now) for b in backends]
         previous = {b.id: fleet.weights[(b.id, model)] for b in backends if (b.id, model) in fleet.weights}
         for backend_id, weight in compute_weights(states, previous, settings).items():
             weights[(backend_id, model)] = weight
-    return weights
+        if settings.long_upload_kb:
+            long_uploads |= {(backend_id, model) for backend_id in long_upload_endpoints(states, settings)}
+    return weights, frozenset(long_uploads)
 
 
 class Balancer:
@@ -97,10 +100,10 @@ class Balancer:
         if not self.routing.load_aware:
             return
         fleet = self.plane.fleet  # a finished drain may have changed it
-        weights = weights_for(fleet, self.tracker, self.routing, now)
-        if weights != fleet.weights:
+        weights, long_uploads = routing_for(fleet, self.tracker, self.routing, now)
+        if weights != fleet.weights or long_uploads != fleet.long_uploads:
             WEIGHT_UPDATES.inc()
-            await self.plane.set_weights(weights)
+            await self.plane.set_weights(weights, long_uploads)
 
     def record(self, fleet: Fleet, pages: list, now: float) -> None:
         for backend, page in zip(fleet.backends, pages):

@@ -27,6 +27,7 @@ ENGINE_OPTIONS = {
     "vllm": {"model_path": str, "max_num_seqs": int, "cpu": bool},
 }
 MAX_WEIGHT = 128
+LB_POLICIES = ("least_request", "round_robin")
 
 
 class ConfigError(ValueError):
@@ -78,12 +79,23 @@ class RoutingConfig:
     """How engine load becomes endpoint weights (see control_plane/policy.py)."""
 
     load_aware: bool = True
+    # Envoy's balancer within a model's cluster. least_request (weight / (own in-flight + 1))
+    # combines the weights with this Envoy's instant view; round_robin ignores in-flight counts
+    # and is there for comparison (bench/routing), not for production.
+    lb_policy: str = "least_request"
     scrape_interval_s: float = 0.25
     scrape_timeout_s: float = 0.2
     stale_after_s: float = 1.0
     hysteresis: float = 0.2
     # Envoy holds weight-only updates this long to merge them; its 1 s default delays reactions.
     update_merge_window_s: float = 0.0
+    # Uploads at least this large (0: off) go to the engines that would finish them soonest
+    # (control_plane/policy.py). 2 MB is about a minute of 16 kHz WAV or two of MP3.
+    long_upload_kb: float = 2048.0
+
+    @property
+    def long_upload_bytes(self) -> int:
+        return int(self.long_upload_kb * 1024)
 
 
 @dataclass(frozen=True)
@@ -318,13 +330,18 @@ def _read_routing(raw: Any) -> RoutingConfig:
     load_aware = section.get("load_aware", d.load_aware)
     if not isinstance(load_aware, bool):
         raise ConfigError(f"routing.load_aware: expected true or false, got {load_aware!r}")
+    lb_policy = section.get("lb_policy", d.lb_policy)
+    if lb_policy not in LB_POLICIES:
+        raise ConfigError(f"routing.lb_policy: expected one of {', '.join(LB_POLICIES)}, got {lb_policy!r}")
     routing = RoutingConfig(
         load_aware=load_aware,
+        lb_policy=lb_policy,
         scrape_interval_s=_number(section, "scrape_interval_s", "routing", d.scrape_interval_s, 0.05, 60),
         scrape_timeout_s=_number(section, "scrape_timeout_s", "routing", d.scrape_timeout_s, 0.01, 60),
         stale_after_s=_number(section, "stale_after_s", "routing", d.stale_after_s, 0.05, 3600),
         hysteresis=_number(section, "hysteresis", "routing", d.hysteresis, 0, 0.9),
         update_merge_window_s=_number(section, "update_merge_window_s", "routing", d.update_merge_window_s, 0, 10),
+        long_upload_kb=_number(section, "long_upload_kb", "routing", d.long_upload_kb, 0, 10**7),
     )
     if routing.scrape_timeout_s >= routing.scrape_interval_s:
         raise ConfigError(f"routing.scrape_timeout_s: {routing.scrape_timeout_s} must be shorter than "

@@ -26,6 +26,8 @@ class Fleet:
     backends: tuple[Backend, ...]
     # Load-derived weights by (backend id, model); an endpoint without one uses its base weight.
     weights: dict[tuple[str, str], int] = field(default_factory=dict)
+    # Endpoints that take long uploads, by (backend id, model); a model with none: all take them.
+    long_uploads: frozenset[tuple[str, str]] = frozenset()
 
     def weight(self, backend: Backend, model: str) -> int:
         return self.weights.get((backend.id, model), backend.weight)

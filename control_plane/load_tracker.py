@@ -1,20 +1,23 @@
 """What the scrapes said, per (backend, model): last load, its age, and a running speed estimate.
 
-Speed is measured, not configured: each scrape's change in vLLM's inference-time counters gives
-the mean seconds an engine request spent running since the last scrape; an exponentially
-weighted average of those is the endpoint's seconds_per_request. It is evidence from recent
-work only: it includes the slowdown of whatever batch the engine was running, so an engine that
-has finished nothing for SPEED_MEMORY_S is taken as typical again rather than as slow forever.
+Speed is measured, not configured: the changes in vLLM's inference-time counters (seconds spent
+running engine requests, and their count) are summed with exponential decay (time constant
+SPEED_TAU_S), and their ratio is the endpoint's seconds_per_request. Weighting by completions,
+not by scrape, keeps it steady: a scrape interval in which one short or one long request
+finished does not swing it. It is evidence from recent work only: it includes the slowdown of
+whatever batch the engine was running, so an engine that has finished nothing for
+SPEED_MEMORY_S is taken as typical again rather than as slow forever.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from control_plane.metrics_parser import ModelLoad
 from control_plane.policy import EndpointState
 
-SPEED_SMOOTHING = 0.3  # weight of the newest sample in the average
+SPEED_TAU_S = 2.0
 SPEED_MEMORY_S = 5.0
 
 
@@ -24,6 +27,7 @@ class Track:
     scraped_at: float | None = None
     seconds_per_request: float | None = None
     speed_at: float | None = None
+    decayed: tuple[float, float] = (0.0, 0.0)  # (inference seconds, count), time-decayed sums
     counters: tuple[float, float] | None = None  # (inference seconds, count) at the last scrape
     error: str | None = None
 
@@ -38,11 +42,10 @@ class LoadTracker:
         if track.counters is not None:
             seconds, count = counters[0] - track.counters[0], counters[1] - track.counters[1]
             if count > 0 and seconds >= 0:
-                sample = seconds / count
-                previous = track.seconds_per_request
-                recent = previous is not None and now - track.speed_at <= SPEED_MEMORY_S
-                track.seconds_per_request = (SPEED_SMOOTHING * sample + (1 - SPEED_SMOOTHING) * previous
-                                             if recent else sample)
+                recent = track.speed_at is not None and now - track.speed_at <= SPEED_MEMORY_S
+                decay = math.exp(-(now - track.scraped_at) / SPEED_TAU_S) if recent else 0.0
+                track.decayed = (track.decayed[0] * decay + seconds, track.decayed[1] * decay + count)
+                track.seconds_per_request = track.decayed[0] / track.decayed[1]
                 track.speed_at = now
         track.counters = counters  # a restarted engine's counters start again from here
         track.load, track.scraped_at, track.error = load, now, None

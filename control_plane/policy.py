@@ -23,13 +23,20 @@ has fresh metrics, weights fall back to the configured base weights (plain least
 
 Hysteresis: a weight moves only when it changes by at least `hysteresis` (relative), so noise
 does not cause pushes.
+
+Long uploads: weights split requests in proportion, so an engine four times slower still gets
+some of them. For a short clip that costs little; a ten-minute clip (twenty engine requests)
+landing there becomes the latency tail. So uploads of at least `long_upload_kb` go to a subset:
+the engines whose estimate for such a clip, (running + waiting + LONG_UPLOAD_REQUESTS) x
+seconds_per_request x kv_pressure, is within PREFER_WITHIN of the best. No subset (every engine)
+while speeds are unknown or every engine qualifies.
 """
 
 from __future__ import annotations
 
 import statistics
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 from control_plane.config import RoutingConfig
 from control_plane.metrics_parser import ModelLoad
@@ -37,6 +44,8 @@ from control_plane.metrics_parser import ModelLoad
 MIN_WEIGHT, MAX_WEIGHT = 1, 128
 FORGET_AFTER = 10  # stale periods after which an endpoint's last weight no longer holds it down
 KV_PRESSURE_FROM = 0.8  # KV-cache use above which an engine counts as more loaded
+LONG_UPLOAD_REQUESTS = 8  # engine requests (30 s chunks) a long upload is reckoned to make
+PREFER_WITHIN = 1.5
 
 
 @dataclass(frozen=True)
@@ -63,27 +72,45 @@ def _kv_pressure(usage: float) -> float:
     return 1.0 + min(1.0, max(0.0, usage - KV_PRESSURE_FROM) / (1.0 - KV_PRESSURE_FROM))
 
 
+def _fresh(endpoints: Sequence[EndpointState], settings: RoutingConfig) -> list[EndpointState]:
+    return [e for e in endpoints if e.load is not None and e.age_s is not None and e.age_s <= settings.stale_after_s]
+
+
+def _finish_estimates(fresh: Sequence[EndpointState], engine_requests: int) -> dict[str, float]:
+    """Seconds until a new request of `engine_requests` would be through each endpoint's queue."""
+    measured = [e.seconds_per_request for e in fresh if e.seconds_per_request]
+    typical = statistics.median(measured) if measured else 1.0
+    return {e.backend_id: (e.load.running + e.load.waiting + engine_requests) * (e.seconds_per_request or typical)
+            * _kv_pressure(e.load.kv_cache_usage) for e in fresh}
+
+
 def target_weights(endpoints: Sequence[EndpointState], previous: Mapping[str, int],
                    settings: RoutingConfig) -> dict[str, int]:
     """Weights before hysteresis."""
     if not endpoints:
         return {}
-    fresh = [e for e in endpoints if e.load is not None and e.age_s is not None and e.age_s <= settings.stale_after_s]
+    fresh = _fresh(endpoints, settings)
     if not fresh:
         return _scaled({e.backend_id: e.base_weight for e in endpoints})
-    measured = [e.seconds_per_request for e in fresh if e.seconds_per_request]
-    typical = statistics.median(measured) if measured else 1.0
-    raw = {}
-    for e in fresh:
-        score = (e.load.running + e.load.waiting + 1) * (e.seconds_per_request or typical)
-        raw[e.backend_id] = e.base_weight / (score * _kv_pressure(e.load.kv_cache_usage))
-    weights = _scaled(raw)
+    bases = {e.backend_id: e.base_weight for e in fresh}
+    weights = _scaled({key: bases[key] / finish for key, finish in _finish_estimates(fresh, 1).items()})
     neutral = _clamp(statistics.median(weights.values()))
     for e in endpoints:
         if e.backend_id not in weights:
             forgotten = e.age_s is None or e.age_s > FORGET_AFTER * settings.stale_after_s
             weights[e.backend_id] = neutral if forgotten else min(previous.get(e.backend_id, neutral), neutral)
     return weights
+
+
+def long_upload_endpoints(endpoints: Sequence[EndpointState], settings: RoutingConfig) -> frozenset[str]:
+    """The endpoints long uploads go to; empty: all of them."""
+    fresh = _fresh(endpoints, settings)
+    if len(fresh) < 2 or not all(e.seconds_per_request for e in fresh):
+        return frozenset()
+    finish = _finish_estimates(fresh, LONG_UPLOAD_REQUESTS)
+    best = min(finish.values())
+    chosen = frozenset(key for key, value in finish.items() if value <= PREFER_WITHIN * best)
+    return frozenset() if len(chosen) == len(endpoints) else chosen
 
 
 def compute_weights(endpoints: Sequence[EndpointState], previous: Mapping[str, int],

@@ -9,6 +9,9 @@
 -- filter_context: models = {name or alias -> model}.
 
 local MODEL_HEADER = "x-whisper-model"
+-- Set on uploads of at least filter_context.long_upload_bytes (0: never): their routes prefer
+-- the engines that finish long clips soonest.
+local LONG_UPLOAD_HEADER = "x-whisper-long-upload"
 -- Marks the filter's own answers so Envoy's local-reply mapper leaves them as they are.
 local REPLY_HEADER = "x-whisper-lua-reply"
 local WINDOW = 4096
@@ -191,7 +194,8 @@ function envoy_on_request(h)
   if find(name, "%c") then
     return bad_request(h, "The form field `model` contains control characters.", "model")
   end
-  local models = h:filterContext():get("models") or {}
+  local context = h:filterContext()
+  local models = context:get("models") or {}
   local model = models[name]
   if model == nil then
     return reply(h, 404, "The model `" .. name .. "` does not exist. Served models: " .. served_names(models) .. ".",
@@ -203,6 +207,12 @@ function envoy_on_request(h)
     body:setBytes(sub(whole, 1, part.start) .. model .. sub(whole, part.stop + 1))
   end
   h:headers():replace(MODEL_HEADER, model)
+  local long_upload_bytes = context:get("long_upload_bytes") or 0
+  if long_upload_bytes > 0 and body:length() >= long_upload_bytes then
+    h:headers():replace(LONG_UPLOAD_HEADER, "1")
+  else
+    h:headers():remove(LONG_UPLOAD_HEADER)
+  end
   h:headers():remove(REPLY_HEADER)
   h:clearRouteCache()
 end

@@ -11,9 +11,9 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import yaml
 
@@ -96,7 +96,7 @@ def transcribe(base_url: str, model: str | None, seconds: float = 1.0, model_fir
     return post_form(base_url + path, parts + (extra or []))
 
 
-STARTED: list["Process"] = []
+STARTED: list[Process] = []
 
 
 class Process:
@@ -210,7 +210,8 @@ class AdminClient:
 
 
 class Envoy:
-    def __init__(self, log_dir: Path, raw_config: dict, name: str = "envoy", node_id: str | None = None):
+    def __init__(self, log_dir: Path, raw_config: dict, name: str = "envoy", node_id: str | None = None,
+                 extra_args: tuple[str, ...] = ()):
         config = parse_config(raw_config)
         self.listen_port = config.listen.port
         self.admin_port = free_port()
@@ -218,7 +219,7 @@ class Envoy:
         bootstrap.write_text(render_bootstrap(BOOTSTRAP_TEMPLATE.read_text(), config, node_id=node_id or name,
                                               admin_port=self.admin_port))
         self.process = Process(name, [find_envoy(), "-c", str(bootstrap), "--disable-hot-restart",
-                                      "--log-level", "warn", "--drain-time-s", "1"], log_dir)
+                                      "--log-level", "warn", "--drain-time-s", "1", *extra_args], log_dir)
         self.url = f"http://127.0.0.1:{self.listen_port}"
         self.admin = f"http://127.0.0.1:{self.admin_port}"
 
@@ -361,7 +362,8 @@ def served_by(url: str, model: str, names: list[str], count: int) -> dict[str, i
 class GatewayStack:
     """A control plane (own state dir) and an Envoy over a config with the given backends."""
 
-    def __init__(self, tmp_path: Path, model: str, backends: list[str], aliases: tuple[str, ...] = (), **sections):
+    def __init__(self, tmp_path: Path, model: str, backends: list[str], aliases: tuple[str, ...] = (),
+                 envoy_args: tuple[str, ...] = (), **sections):
         self.tmp_path = tmp_path
         self.model = model
         self.raw = base_config(free_port(), free_port(), [{"name": model, "aliases": list(aliases)}],
@@ -369,7 +371,7 @@ class GatewayStack:
         self.config = GatewayConfigFile(tmp_path / "gateway.yaml")
         self.config.write(self.raw)
         self.plane = start_control_plane(tmp_path, self.config.path)
-        self.envoy = Envoy(tmp_path, self.raw)
+        self.envoy = Envoy(tmp_path, self.raw, extra_args=envoy_args)
         self.envoy.wait_serving()
         self.admin = AdminClient(f"http://127.0.0.1:{self.raw['listen']['admin_port']}", self.plane.state_dir)
 

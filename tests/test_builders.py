@@ -6,7 +6,14 @@ from envoy.config.core.v3 import health_check_pb2
 from envoy.extensions.filters.http.lua.v3 import lua_pb2
 
 from control_plane.builders import build_resources
-from control_plane.builders.names import LUA_FILTER, MODEL_HEADER, UNROUTED_CLUSTER
+from control_plane.builders.names import (
+    LB_METADATA,
+    LONG_UPLOAD_HEADER,
+    LONG_UPLOAD_KEY,
+    LUA_FILTER,
+    MODEL_HEADER,
+    UNROUTED_CLUSTER,
+)
 from control_plane.config import parse_config
 from control_plane.fleet import Backend, Fleet
 from control_plane.xds.snapshot import Snapshot
@@ -41,6 +48,56 @@ def test_a_cluster_and_an_assignment_per_model():
         ("10.0.0.1", 7), ("10.0.0.2", 1)]
     assert big[1].health_status == health_check_pb2.DRAINING
     assert len(assignments["model:small"].endpoints[0].lb_endpoints) == 1
+
+
+def test_round_robin_is_an_option_for_comparisons():
+    raw = dict(RAW, routing={"lb_policy": "round_robin"})
+    clusters = {c.name: c for c in build_resources(parse_config(raw), fleet(Backend("http://a:1", "10.0.0.1", 1, ("big",))),
+                                                   "-- lua")[CLUSTER]}
+    assert clusters["model:big"].lb_policy == clusters["model:big"].ROUND_ROBIN
+
+
+def test_long_uploads_select_the_marked_endpoints_of_the_same_cluster():
+    a, b = Backend("http://a:1", "10.0.0.1", 1, ("big",)), Backend("http://b:1", "10.0.0.2", 1, ("big",))
+    config = parse_config(RAW)
+    fleet_ = Fleet(models=config.models, backends=(a, b), long_uploads=frozenset({(a.id, "big")}))
+    resources = build_resources(config, fleet_, "-- lua")
+    cluster = {c.name: c for c in resources[CLUSTER]}["model:big"]
+    assert list(cluster.lb_subset_config.subset_selectors[0].keys) == [LONG_UPLOAD_KEY]
+    assert cluster.lb_subset_config.fallback_policy == cluster.lb_subset_config.ANY_ENDPOINT
+    endpoints = {a_.cluster_name: a_ for a_ in resources[ENDPOINT]}["model:big"].endpoints[0].lb_endpoints
+    marked = [e.endpoint.hostname for e in endpoints if LONG_UPLOAD_KEY in e.metadata.filter_metadata[LB_METADATA]]
+    assert marked == [a.id]
+    routes = resources[ROUTE][0].virtual_hosts[0].routes
+    by_name = {r.name: r for r in routes}
+    long_route, plain = by_name["big:big:transcriptions:long"], by_name["big:big:transcriptions"]
+    # The long route comes first and differs only in its header and subset.
+    assert [r.name for r in routes].index(long_route.name) < [r.name for r in routes].index(plain.name)
+    assert [h.name for h in long_route.match.headers] == [MODEL_HEADER, LONG_UPLOAD_HEADER]
+    assert long_route.route.metadata_match.filter_metadata[LB_METADATA][LONG_UPLOAD_KEY] is True
+    assert long_route.route.cluster == plain.route.cluster and long_route.route.timeout == plain.route.timeout
+    assert not plain.route.HasField("metadata_match")
+    context = resources[ROUTE][0].virtual_hosts[0].typed_per_filter_config[LUA_FILTER]
+    per_route = lua_pb2.LuaPerRoute()
+    context.Unpack(per_route)
+    assert per_route.filter_context["long_upload_bytes"] == 2048 * 1024
+
+
+def test_long_upload_routing_can_be_switched_off():
+    for routing in ({"long_upload_kb": 0}, {"load_aware": False}):
+        resources = build_resources(parse_config(dict(RAW, routing=routing)), fleet(), "-- lua")
+        assert not any(c.HasField("lb_subset_config") for c in resources[CLUSTER])
+        assert not any(r.name.endswith(":long") for r in resources[ROUTE][0].virtual_hosts[0].routes)
+
+
+def test_retries_off_means_no_retry_policy_and_no_body_copy():
+    def policies(resilience):
+        resources = build_resources(parse_config(dict(RAW, resilience=resilience)), fleet(), "-- lua")
+        return [r.route.HasField("retry_policy") for r in resources[ROUTE][0].virtual_hosts[0].routes
+                if r.route.cluster.startswith("model:")]
+    assert all(policies({}))  # two retries by default
+    assert not any(policies({"retries": 0}))
+    assert all(policies({"retries": 0, "per_try_idle_s": 30}))  # the idle timeout lives in the policy
 
 
 def test_a_model_without_backends_gets_an_empty_assignment():

@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from engines.common.audio import silent_wav
 from tests.harness import (
     PYTHON,
     REPO,
@@ -17,6 +18,7 @@ from tests.harness import (
     LoadGenerator,
     engine_names_in,
     free_port,
+    multipart,
     request,
     start_engine,
     transcribe,
@@ -90,6 +92,35 @@ def test_the_faster_engine_gets_the_larger_share(tmp_path):
     report = status(admin, engines)
     # Speed is measured from each engine's own counters, not configured.
     assert report["fast"]["seconds_per_request"] < report["slow"]["seconds_per_request"]
+
+
+def test_long_uploads_go_to_the_engine_that_finishes_them_soonest(tmp_path):
+    engines = {}
+    _, engines["fast"] = start_engine(tmp_path, MODEL, "fast", max_num_seqs=8, speed=4)
+    _, engines["slow"] = start_engine(tmp_path, MODEL, "slow", max_num_seqs=8, speed=1)
+    envoy, admin = start_gateway(tmp_path, engines)
+    # Shorter clips through the gateway keep both engines' speeds measured. They are 30 s, one
+    # full chunk like each of a long clip's: speed is seconds per engine request, so engines
+    # are compared on like work.
+    short = LoadGenerator(envoy.url, MODEL, concurrency=1, seconds=30)
+    try:
+        wait_until(lambda: (r := status(admin, engines))["fast"]["long_uploads"] and not r["slow"]["long_uploads"],
+                   15, "the fast engine to be the one for long uploads")
+        # Two minutes of 16 kHz WAV: 3.8 MB, over the default 2 MB. One at a time: a fast engine
+        # piled high with long clips would (rightly) stop being the only choice.
+        long_counts = through_gateway(envoy, ["fast", "slow"], 8, concurrency=1, seconds=120)
+        # The header that selects those engines is the gateway's: short clips that send it are
+        # routed like any short clip, so some still reach the slow engine.
+        body = multipart([("file", silent_wav(1), "a.wav"), ("model", MODEL, None), ("language", "en", None)])
+        headers = {"Content-Type": "multipart/form-data; boundary=wgboundary7MA4YWxk", "x-whisper-long-upload": "1"}
+        claimed = [request("POST", envoy.url + "/v1/audio/transcriptions", body, headers) for _ in range(40)]
+        marks = {name: row["long_uploads"] for name, row in status(admin, engines).items()}
+    finally:
+        statuses = short.stop()
+    assert long_counts["slow"] == 0 and long_counts["fast"] == 8 * 4, long_counts  # four chunks each
+    assert {r.status for r in claimed} == {200} and set(statuses) == {200}
+    assert marks == {"fast": True, "slow": False}  # the subset held all along: the claim was ignored
+    assert engine_names_in("".join(r.json()["text"] for r in claimed), ["slow"])["slow"] >= 1
 
 
 @pytest.mark.parametrize("fault", ["hang", "error"])

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
-from control_plane.load_tracker import LoadTracker
-from control_plane.metrics_parser import ModelLoad
 from control_plane.config import RoutingConfig
-from control_plane.policy import EndpointState, compute_weights
+from control_plane.load_tracker import SPEED_TAU_S, LoadTracker
+from control_plane.metrics_parser import ModelLoad
+from control_plane.policy import EndpointState, compute_weights, long_upload_endpoints
 
 S = RoutingConfig(stale_after_s=1.0, hysteresis=0.2)
 
@@ -58,17 +60,35 @@ def test_policy(what, endpoints, previous, expected):
     assert all(1 <= w <= 128 for w in weights.values())
 
 
+
+LONG_CASES = [
+    # (what it shows, endpoints, the endpoints long uploads go to; empty: all)
+    ("the fastest of idle engines", [fresh("a", spr=1.0), fresh("b", spr=0.25), fresh("c", spr=0.3)], {"b", "c"}),
+    ("a fast engine's queue counts", [fresh("a", spr=1.0), fresh("b", spr=0.25, waiting=60)], {"a"}),
+    ("all close: no subset", [fresh("a", spr=0.3), fresh("b", spr=0.25)], set()),
+    ("an unmeasured speed: no subset", [fresh("a", spr=1.0), fresh("b")], set()),
+    ("stale metrics: the rest decide", [fresh("a", spr=1.0), fresh("b", spr=0.25), stale("c")], {"b"}),
+    ("one fresh endpoint: no subset", [fresh("a", spr=1.0), stale("b")], set()),
+]
+
+
+@pytest.mark.parametrize("what,endpoints,expected", LONG_CASES, ids=[c[0] for c in LONG_CASES])
+def test_long_uploads(what, endpoints, expected):
+    assert long_upload_endpoints(endpoints, S) == expected
+
 def test_speed_is_measured_from_counter_deltas():
     tracker = LoadTracker()
     tracker.record_load("a", "m", ModelLoad(inference_seconds=10.0, inference_count=20), now=0.0)
     assert tracker.state("a", "m", 1, now=0.0).seconds_per_request is None  # one reading: no rate yet
     tracker.record_load("a", "m", ModelLoad(inference_seconds=12.0, inference_count=24), now=0.25)
     assert tracker.state("a", "m", 1, now=0.25).seconds_per_request == pytest.approx(0.5)
+    # Ten requests of 0.1 s outweigh the four of 0.5 s (decayed by e^(-0.25/2)): completions count.
     tracker.record_load("a", "m", ModelLoad(inference_seconds=13.0, inference_count=34), now=0.5)
-    assert tracker.state("a", "m", 1, now=0.5).seconds_per_request == pytest.approx(0.3 * 0.1 + 0.7 * 0.5)
+    decay = math.exp(-0.25 / SPEED_TAU_S)
+    assert tracker.state("a", "m", 1, now=0.5).seconds_per_request == pytest.approx((2 * decay + 1) / (4 * decay + 10))
     # An engine restart resets its counters: the estimate is kept, not spoiled by a negative delta.
     tracker.record_load("a", "m", ModelLoad(inference_seconds=0.5, inference_count=1), now=0.75)
-    assert tracker.state("a", "m", 1, now=0.75).seconds_per_request == pytest.approx(0.38)
+    assert tracker.state("a", "m", 1, now=0.75).seconds_per_request == pytest.approx((2 * decay + 1) / (4 * decay + 10))
     # An engine that finished nothing for a while is typical again, not slow forever.
     tracker.record_load("a", "m", ModelLoad(inference_seconds=0.5, inference_count=1), now=6.0)
     assert tracker.state("a", "m", 1, now=6.0).seconds_per_request is None

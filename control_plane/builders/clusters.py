@@ -10,7 +10,8 @@ from envoy.type.v3 import percent_pb2
 from google.protobuf import wrappers_pb2
 
 from control_plane.builders.common import pack, seconds
-from control_plane.builders.names import UNROUTED_CLUSTER, cluster_name
+from control_plane.builders.names import LONG_UPLOAD_KEY, UNROUTED_CLUSTER, cluster_name
+from control_plane.builders.routes import long_uploads_routed
 from control_plane.config import GatewayConfig
 
 HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
@@ -75,12 +76,20 @@ def build_cluster(model: str, config: GatewayConfig) -> cluster_pb2.Cluster:
         ),
         common_http_protocol_options=protocol_pb2.HttpProtocolOptions(idle_timeout=seconds(60)),
     )
+    # Long uploads select the endpoints marked for them; anything else, or no marked endpoint,
+    # balances over all of them.
+    subsets = cluster_pb2.Cluster.LbSubsetConfig(
+        fallback_policy=cluster_pb2.Cluster.LbSubsetConfig.ANY_ENDPOINT,
+        subset_selectors=[cluster_pb2.Cluster.LbSubsetConfig.LbSubsetSelector(keys=[LONG_UPLOAD_KEY])],
+    ) if long_uploads_routed(config) else None
     return cluster_pb2.Cluster(
         name=cluster_name(model),
+        lb_subset_config=subsets,
         type=cluster_pb2.Cluster.EDS,
         eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(eds_config=ads),
         connect_timeout=seconds(config.timeouts.connect_s),
-        lb_policy=cluster_pb2.Cluster.LEAST_REQUEST,
+        lb_policy=cluster_pb2.Cluster.ROUND_ROBIN if config.routing.lb_policy == "round_robin"
+        else cluster_pb2.Cluster.LEAST_REQUEST,
         # Envoy's 50% panic default would spray traffic onto unhealthy engines of a small fleet.
         common_lb_config=cluster_pb2.Cluster.CommonLbConfig(
             healthy_panic_threshold=percent_pb2.Percent(value=0.0),

@@ -6,25 +6,28 @@ from envoy.config.core.v3 import address_pb2, base_pb2, health_check_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from google.protobuf import wrappers_pb2
 
-from control_plane.builders.names import cluster_name
+from control_plane.builders.names import LB_METADATA, LONG_UPLOAD_KEY, cluster_name
 from control_plane.fleet import Backend, Fleet
 
 
-def _url_metadata(url: str) -> base_pb2.Metadata:
-    """The backend's URL travels with its endpoint, so Envoy's config dump names it."""
+def _metadata(url: str, long_uploads: bool) -> base_pb2.Metadata:
+    """The backend's URL travels with its endpoint, so Envoy's config dump names it; the subset
+    key marks the engines that take long uploads (routes.py matches it)."""
     metadata = base_pb2.Metadata()
     metadata.filter_metadata["whisper_gateway"].update({"url": url})
+    if long_uploads:
+        metadata.filter_metadata[LB_METADATA].update({LONG_UPLOAD_KEY: True})
     return metadata
 
 
-def _lb_endpoint(backend: Backend, weight: int) -> endpoint_components_pb2.LbEndpoint:
+def _lb_endpoint(backend: Backend, weight: int, long_uploads: bool) -> endpoint_components_pb2.LbEndpoint:
     address = address_pb2.Address(
         socket_address=address_pb2.SocketAddress(address=backend.address, port_value=backend.port)
     )
     status = health_check_pb2.DRAINING if backend.draining else health_check_pb2.UNKNOWN
     return endpoint_components_pb2.LbEndpoint(
         endpoint=endpoint_components_pb2.Endpoint(address=address, hostname=backend.id),
-        metadata=_url_metadata(backend.url),
+        metadata=_metadata(backend.url, long_uploads),
         health_status=status,
         load_balancing_weight=wrappers_pb2.UInt32Value(value=weight),
     )
@@ -32,6 +35,6 @@ def _lb_endpoint(backend: Backend, weight: int) -> endpoint_components_pb2.LbEnd
 
 def build_load_assignment(model: str, fleet: Fleet) -> endpoint_pb2.ClusterLoadAssignment:
     ordered = sorted(fleet.backends_for(model), key=lambda b: (b.address, b.port))
-    lb_endpoints = [_lb_endpoint(b, fleet.weight(b, model)) for b in ordered]
+    lb_endpoints = [_lb_endpoint(b, fleet.weight(b, model), (b.id, model) in fleet.long_uploads) for b in ordered]
     endpoints = [endpoint_components_pb2.LocalityLbEndpoints(lb_endpoints=lb_endpoints)]
     return endpoint_pb2.ClusterLoadAssignment(cluster_name=cluster_name(model), endpoints=endpoints if ordered else [])

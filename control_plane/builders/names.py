@@ -5,6 +5,11 @@ ROUTE_CONFIG_NAME = "whisper_routes"
 VIRTUAL_HOST_NAME = "whisper"
 # Set by the Lua filter from the multipart `model` field; routes match on it.
 MODEL_HEADER = "x-whisper-model"
+# Set by the Lua filter on uploads of at least routing.long_upload_kb; their routes select the
+# endpoints whose LB_METADATA carries LONG_UPLOAD_KEY (control_plane/policy.py picks them).
+LONG_UPLOAD_HEADER = "x-whisper-long-upload"
+LB_METADATA = "envoy.lb"
+LONG_UPLOAD_KEY = "long_uploads"
 LUA_FILTER = "envoy.filters.http.lua"
 AUDIO_PATHS = ("/v1/audio/transcriptions", "/v1/audio/translations")
 
