@@ -3,8 +3,9 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 DEBIAN_PACKAGES := curl espeak-ng sox docker-compose chromium
+BENCH_PACKAGES := wrk nginx
 
-.PHONY: up test test-vllm bench deps venv clean
+.PHONY: up test test-vllm bench bench-full deps bench-deps venv clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,8 +32,23 @@ test-vllm: deps venv
 	PYTHON=$(BIN)/python bash engines/vllm/setup_cpu.sh
 	$(BIN)/pytest -q tests_vllm
 
-# Benchmarks (not tests): numbers for the docs and the release notes.
-bench: deps venv
+# The load generator and the reverse proxy the data-path benchmark compares, and plotting.
+bench-deps: deps venv
+	@missing=""; for p in $(BENCH_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then apt-get update -q && apt-get install -y -q $$missing; fi
+	$(BIN)/python -c "import matplotlib" 2>/dev/null || $(BIN)/pip install -q -e '.[cpu,test,bench]'
+
+# Benchmarks (not tests): numbers for the docs and the release notes; results in bench/results/.
+bench: bench-deps
+	$(BIN)/python -m bench.datapath --quick
+	$(BIN)/python -m bench.routing
+	$(BIN)/python -m bench.parse_cost
+	$(BIN)/python -m bench.reaction_time --trials 20
+
+# The long versions, for docs/benchmarks.md (about an hour on 2 cores).
+bench-full: bench-deps
+	$(BIN)/python -m bench.datapath --full
+	$(BIN)/python -m bench.routing --full
 	$(BIN)/python -m bench.parse_cost
 	$(BIN)/python -m bench.reaction_time --trials 20
 	$(BIN)/python -m bench.cpu_engine

@@ -16,15 +16,20 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.harness import STARTED, Envoy, GatewayConfigFile, LoadGenerator, base_config, free_port, start_control_plane
-from tests.harness import start_engine, wait_until
+from bench.workload import percentile
+from tests.harness import (
+    STARTED,
+    Envoy,
+    GatewayConfigFile,
+    LoadGenerator,
+    base_config,
+    free_port,
+    start_control_plane,
+    start_engine,
+    wait_until,
+)
 
 MODEL = "whisper-large-v3-turbo"
-
-
-def percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
 def main() -> None:

@@ -1,0 +1,390 @@
+"""Routing quality: how fast transcriptions finish behind each balancing policy, same seeds.
+
+Simulated engines (a queueing model of a GPU, engines/simulated) behind a real control plane
+and real Envoy. An open-loop client sends real multipart requests with Poisson arrivals and
+long-tailed audio lengths, and records each one's latency. Every policy gets the same requests
+at the same times:
+
+- round_robin: Envoy round robin, equal weights;
+- least_request: Envoy least request with equal weights (the usual Envoy setup);
+- whisper-gateway: least request with the control plane's load-aware weights;
+- oracle: the client itself sends each request straight to the engine that would finish it
+  first, from an exact copy of every engine's scheduler (bench/workload.py), proxy-free.
+
+Scenarios (../ARCHITECTURE's list): unequal engine speeds, foreign load straight to one engine,
+two Envoys sharing the engines, a load step, an engine that slows mid-run; each at 70% and 90%
+of the fleet's capacity (the quick run: 90% only, shorter).
+
+    .venv/bin/python -m bench.routing [--full] [--scenario NAME] [--seconds S]
+
+Writes bench/results/routing.{json,md} and routing-*.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import aiohttp
+
+from bench.machine import describe_machine
+from bench.workload import Arrival, VirtualEngine, arrivals, engine_capacity, mean_work, oracle_choice, percentile, request_work
+from control_plane.metrics_parser import load_for_model, parse_loads
+from engines.common.audio import silent_wav
+from engines.simulated.queue_model import GpuProfile
+from tests.harness import STARTED, Envoy, GatewayStack, multipart, request, start_engine, wait_until
+
+MODEL = "whisper-large-v3-turbo"
+RESULTS = Path(__file__).parent / "results"
+POLICIES = ("round_robin", "least_request", "whisper-gateway", "oracle")
+PROFILE = GpuProfile(max_num_seqs=8)
+# Uploads carry the length the engines model, not speech: 200 samples a second keeps a
+# 10-minute clip at 240 kB, so the client and Envoy are not what is measured.
+SAMPLE_RATE = 200
+LONG_UPLOAD_AUDIO_S = 60
+WARMUP_FRACTION = 0.1  # requests arriving in the first tenth are not counted
+SLOWDOWN = 3.0
+SAMPLE_EVERY_S = 0.2
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    speeds: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0)
+    envoys: int = 1
+    foreign_share: float = 0.0  # of all arrivals, sent straight to engine 0
+    step_at: float | None = None  # fraction of the run where the rate steps up from half
+    slow_at: float | None = None  # fraction of the run where engine 0 slows SLOWDOWN-fold
+    what: str = ""
+
+    def capacity(self) -> float:
+        """Requests per second the fleet finishes with full batches (after any slowdown)."""
+        speeds = list(self.speeds)
+        if self.slow_at is not None:
+            speeds[0] /= SLOWDOWN
+        return sum(engine_capacity(PROFILE, s) for s in speeds) / mean_work(PROFILE)
+
+
+SCENARIOS = (
+    Scenario("unequal-speeds", speeds=(0.5, 1.0, 1.0, 2.0), what="engine speeds 0.5, 1, 1, 2"),
+    Scenario("foreign-load", foreign_share=0.15, what="15% of all requests sent straight to engine 0"),
+    Scenario("two-envoys", speeds=(0.5, 1.0, 1.0, 2.0), envoys=2,
+             what="two Envoys share the unequal engines (connections split by the kernel)"),
+    Scenario("load-step", step_at=0.4, what="load at half the level until 40% of the run, then full"),
+    Scenario("engine-slows", slow_at=0.4, what=f"engine 0 slows {SLOWDOWN:g}x at 40% of the run"),
+)
+
+
+@dataclass
+class Outcome:
+    latency_s: list[float] = field(default_factory=list)
+    records: list[tuple[float, float, int]] = field(default_factory=list)  # (audio s, latency s, engine)
+    failed: int = 0
+    unfinished: int = 0
+    samples: list[dict] = field(default_factory=list)  # {t, queues: [...], weights: [...]}
+    served: list[int] = field(default_factory=list)  # requests per engine (oracle and foreign: known)
+
+
+def plan(scenario: Scenario, load: float, seconds: float, seed: int) -> list[Arrival]:
+    full = load * scenario.capacity()
+    rate = (lambda t: full / 2 if t < scenario.step_at * seconds else full) if scenario.step_at else (lambda t: full)
+    return arrivals(seed, seconds, rate, scenario.foreign_share)
+
+
+def body_for(audio_s: float) -> bytes:
+    return multipart([("model", MODEL, None), ("language", "en", None),
+                      ("file", silent_wav(audio_s, SAMPLE_RATE), "clip.wav")])
+
+
+def engine_queue(text: str) -> int:
+    load = load_for_model(parse_loads(text), MODEL)
+    return int(load.running + load.waiting) if load else 0
+
+
+class Run:
+    """One policy over one scenario's arrivals, against engines already running."""
+
+    def __init__(self, scenario: Scenario, engines: list[str], arrivals_: list[Arrival], seconds: float,
+                 entry_urls: list[str], envoy: Envoy | None, oracle: bool):
+        self.scenario, self.engines, self.arrivals, self.seconds = scenario, engines, arrivals_, seconds
+        self.entry_urls, self.envoy, self.oracle = entry_urls, envoy, oracle
+        self.virtual = [VirtualEngine(PROFILE, speed) for speed in scenario.speeds]
+        self.outcome = Outcome(served=[0] * len(engines))
+
+    async def execute(self) -> Outcome:
+        connector = aiohttp.TCPConnector(limit=0, force_close=self.scenario.envoys > 1)
+        async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None)) as session:
+            self.session = session
+            start = time.monotonic()
+            sampler = asyncio.create_task(self._sample(start))
+            events = [asyncio.create_task(self._slow_engine(start))] if self.scenario.slow_at else []
+            tasks = []
+            for index, arrival in enumerate(self.arrivals):
+                delay = start + arrival.at - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                tasks.append(asyncio.create_task(self._send(index, arrival, start)))
+            # Requests still open this long after the last arrival count as unfinished.
+            _, pending = await asyncio.wait(tasks, timeout=max(30.0, self.seconds))
+            for task in pending:
+                task.cancel()
+            self.outcome.unfinished = sum(1 for i in range(len(tasks)) if tasks[i] in pending and self._counted(i))
+            sampler.cancel()
+            for task in events:
+                task.cancel()
+            await asyncio.gather(sampler, *events, *pending, return_exceptions=True)
+        return self.outcome
+
+    def _counted(self, index: int) -> bool:
+        arrival = self.arrivals[index]
+        return not arrival.foreign and arrival.at >= WARMUP_FRACTION * self.seconds
+
+    def _target(self, arrival: Arrival, index: int) -> str:
+        works = request_work(PROFILE, arrival.audio_s)
+        if arrival.foreign:
+            chosen = 0
+        elif self.oracle:
+            chosen = oracle_choice(self.virtual, arrival.at, works)
+        else:
+            return self.entry_urls[index % len(self.entry_urls)]
+        self.virtual[chosen].submit(works, arrival.at)
+        self.outcome.served[chosen] += 1
+        return self.engines[chosen]
+
+    async def _send(self, index: int, arrival: Arrival, start: float) -> None:
+        url = self._target(arrival, index) + "/v1/audio/transcriptions"
+        body = body_for(arrival.audio_s)
+        sent = time.monotonic()
+        try:
+            async with self.session.post(url, data=body, headers={
+                    "Content-Type": "multipart/form-data; boundary=wgboundary7MA4YWxk"}) as response:
+                text = await response.text()
+                ok = response.status == 200
+        except aiohttp.ClientError:
+            ok = False
+        if not self._counted(index):
+            return
+        if ok:
+            latency = time.monotonic() - sent
+            self.outcome.latency_s.append(latency)
+            engine = next((i for i in range(len(self.engines)) if f"-{i} transcribed" in text), -1)
+            self.outcome.records.append((arrival.audio_s, round(latency, 4), engine))
+        else:
+            self.outcome.failed += 1
+
+    async def _slow_engine(self, start: float) -> None:
+        await asyncio.sleep(self.scenario.slow_at * self.seconds)
+        async with self.session.post(self.engines[0] + "/_sim/faults", json={"slowdown": SLOWDOWN}) as response:
+            assert response.status == 200, await response.text()
+        self.virtual[0].advance(time.monotonic() - start)
+        self.virtual[0].slowdown = SLOWDOWN
+
+    async def _sample(self, start: float) -> None:
+        """Queue lengths from every engine's /metrics, weights from the (first) Envoy's /clusters."""
+        hosts = [url.removeprefix("http://") for url in self.engines]
+        while True:
+            pages = await asyncio.gather(*(self._get(url + "/metrics") for url in self.engines))
+            weights = [None] * len(hosts)
+            if self.envoy is not None:
+                text = await self._get(self.envoy.admin + "/clusters")
+                for line in text.splitlines():
+                    parts = line.split("::")
+                    if len(parts) == 4 and parts[2] == "weight" and parts[1] in hosts:
+                        weights[hosts.index(parts[1])] = int(parts[3])
+            self.outcome.samples.append({"t": round(time.monotonic() - start, 3),
+                                         "queues": [engine_queue(page) for page in pages], "weights": weights})
+            await asyncio.sleep(SAMPLE_EVERY_S)
+
+    async def _get(self, url: str) -> str:
+        try:
+            async with self.session.get(url) as response:
+                return await response.text()
+        except aiohttp.ClientError:
+            return ""
+
+
+def gateway_sections(policy: str) -> dict:
+    routing = {"load_aware": policy == "whisper-gateway",
+               "lb_policy": "round_robin" if policy == "round_robin" else "least_request",
+               # A minute of this benchmark's audio (the default assumes 16 kHz WAV or MP3).
+               "long_upload_kb": LONG_UPLOAD_AUDIO_S * SAMPLE_RATE * 2 / 1024}
+    return {"routing": routing}
+
+
+def wait_idle(engines: list[str]) -> None:
+    wait_until(lambda: all(engine_queue(request("GET", url + "/metrics", timeout=5).text) == 0 for url in engines),
+               120, "engines to finish the previous run")
+
+
+def reset_faults(engines: list[str]) -> None:
+    for url in engines:
+        response = request("POST", url + "/_sim/faults", json.dumps({"slowdown": 1}).encode(),
+                           {"Content-Type": "application/json"})
+        assert response.status == 200, response.text
+
+
+def run_policy(log_dir: Path, scenario: Scenario, engines: list[str], policy: str, plan_: list[Arrival],
+               seconds: float) -> Outcome:
+    wait_idle(engines)
+    reset_faults(engines)
+    if policy == "oracle":
+        return asyncio.run(Run(scenario, engines, plan_, seconds, [], None, oracle=True).execute())
+    run_dir = Path(tempfile.mkdtemp(prefix=f"{scenario.name}-{policy}-", dir=log_dir))
+    stack = GatewayStack(run_dir, MODEL, engines, **gateway_sections(policy))
+    envoys = [stack.envoy] + [Envoy(run_dir, stack.raw, name=f"envoy-{i + 2}") for i in range(scenario.envoys - 1)]
+    try:
+        for envoy in envoys[1:]:
+            envoy.wait_serving()
+        wait_until(lambda: len(stack.hosts()) == len(engines)
+                   and all(h.get("health_flags") == "healthy" for h in stack.hosts().values()), 30, "all engines healthy")
+        # Both Envoys listen on one port (SO_REUSEPORT): the kernel spreads connections across them.
+        return asyncio.run(Run(scenario, engines, plan_, seconds, [stack.envoy.url], stack.envoy, oracle=False).execute())
+    finally:
+        for envoy in envoys[1:]:
+            envoy.stop()
+        stack.stop()
+
+
+def summarize(outcome: Outcome) -> dict:
+    values = outcome.latency_s
+    return {"requests": len(values), "failed": outcome.failed, "unfinished": outcome.unfinished,
+            "p50": percentile(values, 0.5), "p90": percentile(values, 0.9), "p99": percentile(values, 0.99)}
+
+
+def run_scenario(log_dir: Path, scenario: Scenario, loads: list[float], seconds: float, seed: int,
+                 policies: tuple[str, ...] = POLICIES) -> dict:
+    processes, engines = [], []
+    for index, speed in enumerate(scenario.speeds):
+        process, url = start_engine(log_dir, MODEL, f"{scenario.name}-{index}", max_num_seqs=PROFILE.max_num_seqs,
+                                    speed=speed)
+        processes.append(process)
+        engines.append(url)
+    results = {}
+    try:
+        for load in loads:
+            plan_ = plan(scenario, load, seconds, seed)
+            for policy in policies:
+                outcome = run_policy(log_dir, scenario, engines, policy, plan_, seconds)
+                summary = summarize(outcome)
+                print(f"{scenario.name} {load:.0%} {policy}: {json.dumps(summary)}", flush=True)
+                results[f"{load:.2f}/{policy}"] = {"load": load, "policy": policy, **summary,
+                                                    "latency_s": outcome.latency_s, "samples": outcome.samples,
+                                                    "records": outcome.records}
+    finally:
+        for process in processes:
+            process.stop()
+    return results
+
+
+def targets(scenario: str, rows: dict[str, dict]) -> dict:
+    """The issue's targets against least request with equal weights, and the oracle."""
+    gateway, equal, oracle = rows["whisper-gateway"]["p99"], rows["least_request"]["p99"], rows["oracle"]["p99"]
+    ratio = gateway / equal
+    limit = 0.7 if scenario in ("unequal-speeds", "two-envoys") else 1.05
+    return {"vs_least_request": round(ratio, 3), "limit": limit, "met": ratio <= limit,
+            "vs_oracle": round(gateway / oracle, 3), "oracle_met": gateway / oracle <= 1.25}
+
+
+def markdown(report: dict) -> str:
+    machine = report["machine"]
+    heading = (f"Routing quality, {report['date']}, commit {report['commit']}, {machine['nproc']} cores "
+               f"({machine['cpu_model']}), load average {machine['load_average_at_start'][0]} at start; "
+               f"{report['seconds']:g} s of arrivals per run, seed {report['seed']}, latency in seconds "
+               "(simulated engines in real time).")
+    lines = [heading, "",
+             "| scenario | load | policy | requests | p50 | p90 | p99 | failed | unfinished |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for scenario, rows in report["scenarios"].items():
+        for row in rows.values():
+            lines.append(f"| {scenario} | {row['load']:.0%} | {row['policy']} | {row['requests']} | {row['p50']:.2f} | "
+                         f"{row['p90']:.2f} | {row['p99']:.2f} | {row['failed']} | {row['unfinished']} |")
+    lines += ["", "| scenario | load | whisper-gateway p99 / least_request p99 | target | oracle ratio (<= 1.25) |",
+              "|---|---|---|---|---|"]
+    for scenario, by_load in report["targets"].items():
+        for load, t in by_load.items():
+            lines.append(f"| {scenario} | {float(load):.0%} | {t['vs_least_request']:.2f} | <= {t['limit']} "
+                         f"{'met' if t['met'] else 'MISSED'} | {t['vs_oracle']:.2f} {'met' if t['oracle_met'] else 'MISSED'} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict) -> list[Path]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    written = []
+    for scenario, rows in report["scenarios"].items():
+        loads = sorted({row["load"] for row in rows.values()})
+        figure, axes = plt.subplots(len(loads), 3, figsize=(16, 4.2 * len(loads)), squeeze=False)
+        for line, load in enumerate(loads):
+            cdf, weights, queues = axes[line]
+            for row in (r for r in rows.values() if r["load"] == load):
+                values = sorted(row["latency_s"])
+                if values:
+                    cdf.plot(values, [(i + 1) / len(values) for i in range(len(values))], label=row["policy"])
+            cdf.set(title=f"{scenario} at {load:.0%}: latency CDF", xlabel="latency (s)", ylabel="fraction",
+                    xscale="log")
+            cdf.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            cdf.legend()
+            gateway = rows.get(f"{load:.2f}/whisper-gateway", {}).get("samples", [])
+            for engine in range(len(gateway[0]["queues"]) if gateway else 0):
+                times = [s["t"] for s in gateway]
+                weights.plot(times, [s["weights"][engine] for s in gateway], label=f"engine {engine}")
+                queues.plot(times, [s["queues"][engine] for s in gateway], label=f"engine {engine}")
+            weights.set(title="whisper-gateway: weights in Envoy", xlabel="time (s)", ylabel="weight")
+            queues.set(title="whisper-gateway: running + waiting per engine", xlabel="time (s)", ylabel="requests")
+            weights.legend()
+            queues.legend()
+        figure.tight_layout()
+        path = RESULTS / f"routing-{scenario}.png"
+        figure.savefig(path, dpi=80)
+        plt.close(figure)
+        written.append(path)
+    return written
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--full", action="store_true", help="70% and 90% load, longer runs")
+    parser.add_argument("--scenario", action="append", choices=[s.name for s in SCENARIOS])
+    parser.add_argument("--seconds", type=float, help="seconds of arrivals per run (default 12, --full 40)")
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--policy", action="append", choices=POLICIES, help="only these (targets need all)")
+    args = parser.parse_args()
+    seconds = args.seconds or (40.0 if args.full else 12.0)
+    loads = [0.7, 0.9] if args.full else [0.9]
+    chosen = [s for s in SCENARIOS if not args.scenario or s.name in args.scenario]
+    RESULTS.mkdir(exist_ok=True)
+    log_dir = Path(tempfile.mkdtemp(prefix="bench-routing-"))
+    machine = describe_machine()
+    report = {"date": machine["date"], "commit": machine["git_commit"], "machine": machine, "seconds": seconds,
+              "seed": args.seed, "loads": loads, "scenarios": {}, "targets": {},
+              "descriptions": {s.name: s.what for s in chosen}, "profile": asdict(PROFILE)}
+    try:
+        for scenario in chosen:
+            rows = run_scenario(log_dir, scenario, loads, seconds, args.seed, args.policy or POLICIES)
+            report["scenarios"][scenario.name] = rows
+            if args.policy:
+                continue
+            report["targets"][scenario.name] = {
+                f"{load:.2f}": targets(scenario.name, {r["policy"]: r for r in rows.values() if r["load"] == load})
+                for load in loads}
+    finally:
+        for process in reversed(STARTED):
+            process.stop()
+    text = markdown(report)
+    (RESULTS / "routing.md").write_text(text)
+    (RESULTS / "routing.json").write_text(json.dumps(report))
+    plot(report)
+    print(text)
+    print(f"logs: {log_dir}; results: {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

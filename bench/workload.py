@@ -1,0 +1,113 @@
+"""The routing benchmark's pure parts: seeded arrivals, the oracle's view of each engine, percentiles.
+
+Nothing here does I/O, so the same seed gives every policy the same requests at the same times,
+and the oracle's bookkeeping can be checked on its own.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+
+from engines.simulated.queue_model import GpuProfile
+
+CHUNK_SECONDS = 30.0
+# Long-tailed audio lengths: half the clips under 15 s, one in a hundred over three minutes.
+MEDIAN_AUDIO_S, AUDIO_SIGMA, MIN_AUDIO_S, MAX_AUDIO_S = 15.0, 1.0, 1.0, 600.0
+
+
+@dataclass(frozen=True)
+class Arrival:
+    at: float  # seconds after the run starts (simulated time)
+    audio_s: float
+    foreign: bool = False  # sent straight to engine 0, past any router
+
+
+def request_work(profile: GpuProfile, audio_s: float) -> list[float]:
+    """The engine requests one clip becomes (one per 30 s chunk, as vLLM splits it), in GPU seconds."""
+    count = max(1, math.ceil(audio_s / CHUNK_SECONDS))
+    return [profile.chunk_work(min(CHUNK_SECONDS, audio_s - i * CHUNK_SECONDS)) for i in range(count)]
+
+
+def audio_lengths(rng: random.Random, count: int) -> list[float]:
+    return [min(MAX_AUDIO_S, max(MIN_AUDIO_S, rng.lognormvariate(math.log(MEDIAN_AUDIO_S), AUDIO_SIGMA)))
+            for _ in range(count)]
+
+
+def mean_work(profile: GpuProfile, seed: int = 0, samples: int = 20000) -> float:
+    """Mean GPU seconds per request of this length distribution, for sizing the arrival rate."""
+    lengths = audio_lengths(random.Random(seed), samples)
+    return sum(sum(request_work(profile, length)) for length in lengths) / samples
+
+
+def engine_capacity(profile: GpuProfile, speed: float) -> float:
+    """GPU seconds of work an engine finishes per second with its batch full."""
+    slots = profile.max_num_seqs
+    return speed * slots / (1.0 + profile.batch_penalty * (slots - 1))
+
+
+def arrivals(seed: int, duration_s: float, rate_at, foreign_share: float = 0.0) -> list[Arrival]:
+    """Poisson arrivals at `rate_at(t)` requests per second (piecewise constant), seeded."""
+    rng = random.Random(seed)
+    result, now = [], 0.0
+    while True:
+        now += rng.expovariate(rate_at(now))
+        if now >= duration_s:
+            return result
+        length = audio_lengths(rng, 1)[0]
+        result.append(Arrival(round(now, 6), round(length, 3), rng.random() < foreign_share))
+
+
+@dataclass
+class VirtualEngine:
+    """The oracle's exact copy of a simulated engine's scheduler (engines/simulated/queue_model.py):
+    FIFO admission into `max_num_seqs` slots, processor sharing with the batch penalty.
+
+    Fed the same requests at the same times, it knows each engine's outstanding work without
+    asking the engine, as an oracle router would.
+    """
+
+    profile: GpuProfile
+    speed: float
+    slowdown: float = 1.0
+    now: float = 0.0
+    waiting: list[float] = field(default_factory=list)
+    running: list[float] = field(default_factory=list)
+
+    def advance(self, until: float) -> None:
+        while self.now < until:
+            while self.waiting and len(self.running) < self.profile.max_num_seqs:
+                self.running.append(self.waiting.pop(0))
+            if not self.running:
+                self.now = until
+                return
+            rate = self.speed / self.slowdown / (1.0 + self.profile.batch_penalty * (len(self.running) - 1))
+            step = min(until - self.now, min(self.running) / rate)
+            self.running = [left - step * rate for left in self.running if left - step * rate > 1e-9]
+            self.now += step
+
+    def submit(self, works: list[float], at: float) -> None:
+        self.advance(at)
+        self.waiting.extend(works)
+
+    def expected_drain_s(self, at: float) -> float:
+        """Seconds this engine needs for all it holds, at its full-batch rate."""
+        self.advance(at)
+        outstanding = sum(self.running) + sum(self.waiting)
+        return outstanding / engine_capacity(self.profile, self.speed / self.slowdown)
+
+
+def oracle_choice(engines: list[VirtualEngine], at: float, works: list[float]) -> int:
+    """Joins the engine where this request's work would be done soonest if queued behind the rest."""
+    def finish(index: int) -> float:
+        engine = engines[index]
+        return engine.expected_drain_s(at) + sum(works) / engine_capacity(engine.profile, engine.speed / engine.slowdown)
+    return min(range(len(engines)), key=finish)
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(fraction * len(ordered)) - 1))]
