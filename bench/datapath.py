@@ -8,6 +8,7 @@ two upload sizes (5 s of 16 kHz 16-bit mono audio, about 160 kB, and 30 s, about
   envoy     plain Envoy: static round robin over both engines, router filter only, no Lua
   nginx     Debian's nginx: round robin over both engines, default request buffering
   gateway   whisper-gateway: control plane + Envoy with the model-routing Lua filter
+  gateway-r0  the same with resilience.retries 0 (Envoy then keeps no copy of each body)
   target    --target URL: any OpenAI-compatible router already running (no CPU figure)
 
 Reported per path and size: requests/s, latency p50/p99, latency added over `direct`, and the
@@ -19,9 +20,8 @@ uses both engines because every proxy spreads its load over both: a Python engin
 than two behind a proxy on 1 MB uploads, and "added latency" would come out negative. wrk runs
 two threads on every path (four connections each at -c 8). Every proxy runs one worker
 (--workers): Envoy --concurrency 1, nginx worker_processes 1, leaving the other core of a 2-core
-machine to wrk and the engines. The gateway's Envoy gets the same flag through a wrapper around
-the envoy binary: tests.harness (like `whisper-gateway up`) starts Envoy with its default of one
-worker per core. Plain Envoy's and nginx's settings: bench/datapath_envoy.yaml, datapath_nginx.conf.
+machine to wrk and the engines (the gateway's Envoy gets the same flag; by default Envoy runs a
+worker per core). Plain Envoy's and nginx's settings: bench/datapath_envoy.yaml, datapath_nginx.conf.
 
     .venv/bin/python -m bench.datapath [--quick|--full] [--target URL]
 

@@ -11,7 +11,7 @@ at the same times:
 - oracle: the client itself sends each request straight to the engine that would finish it
   first, from an exact copy of every engine's scheduler (bench/workload.py), proxy-free.
 
-Scenarios (../ARCHITECTURE's list): unequal engine speeds, foreign load straight to one engine,
+Scenarios: unequal engine speeds, foreign load straight to one engine,
 two Envoys sharing the engines, a load step, an engine that slows mid-run; each at 70% and 90%
 of the fleet's capacity (the quick run: 90% only, shorter).
 
@@ -87,7 +87,6 @@ class Outcome:
     failed: int = 0
     unfinished: int = 0
     samples: list[dict] = field(default_factory=list)  # {t, queues: [...], weights: [...]}
-    served: list[int] = field(default_factory=list)  # requests per engine (oracle and foreign: known)
 
 
 def plan(scenario: Scenario, load: float, seconds: float, seed: int) -> list[Arrival]:
@@ -114,7 +113,7 @@ class Run:
         self.scenario, self.engines, self.arrivals, self.seconds = scenario, engines, arrivals_, seconds
         self.entry_urls, self.envoy, self.oracle = entry_urls, envoy, oracle
         self.virtual = [VirtualEngine(PROFILE, speed) for speed in scenario.speeds]
-        self.outcome = Outcome(served=[0] * len(engines))
+        self.outcome = Outcome()
 
     async def execute(self) -> Outcome:
         connector = aiohttp.TCPConnector(limit=0, force_close=self.scenario.envoys > 1)
@@ -153,7 +152,6 @@ class Run:
         else:
             return self.entry_urls[index % len(self.entry_urls)]
         self.virtual[chosen].submit(works, arrival.at)
-        self.outcome.served[chosen] += 1
         return self.engines[chosen]
 
     async def _send(self, index: int, arrival: Arrival, start: float) -> None:
