@@ -147,8 +147,9 @@ class ControlPlane:
             fleet = await resolve_fleet(config, self.registry)
             if self.fleet is not None:  # endpoints that stay keep their load-derived weights
                 keep = fleet.endpoint_keys()
+                long_uploads = self.fleet.long_uploads & keep if config.routing.load_aware else frozenset()
                 fleet = replace(fleet, weights={k: w for k, w in self.fleet.weights.items() if k in keep},
-                                long_uploads=self.fleet.long_uploads & keep)
+                                long_uploads=long_uploads)
             async with self._publishing:
                 await self.publish(Snapshot.from_resources(build_resources(config, fleet, self.lua_source)))
                 self.config, self.fleet = config, fleet

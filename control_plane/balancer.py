@@ -63,7 +63,8 @@ def routing_for(fleet: Fleet, tracker: LoadTracker, settings: RoutingConfig,
         for backend_id, weight in compute_weights(states, previous, settings).items():
             weights[(backend_id, model)] = weight
         if settings.long_upload_kb:
-            long_uploads |= {(backend_id, model) for backend_id in long_upload_endpoints(states, settings)}
+            serving = [s for s, b in zip(states, backends) if not b.draining]
+            long_uploads |= {(backend_id, model) for backend_id in long_upload_endpoints(serving, settings)}
     return weights, frozenset(long_uploads)
 
 

@@ -343,6 +343,8 @@ def _read_routing(raw: Any) -> RoutingConfig:
         update_merge_window_s=_number(section, "update_merge_window_s", "routing", d.update_merge_window_s, 0, 10),
         long_upload_kb=_number(section, "long_upload_kb", "routing", d.long_upload_kb, 0, 10**7),
     )
+    if 0 < routing.long_upload_kb < 1:
+        raise ConfigError(f"routing.long_upload_kb: {routing.long_upload_kb} is under 1 KB; 0 turns it off")
     if routing.scrape_timeout_s >= routing.scrape_interval_s:
         raise ConfigError(f"routing.scrape_timeout_s: {routing.scrape_timeout_s} must be shorter than "
                           f"scrape_interval_s ({routing.scrape_interval_s})")

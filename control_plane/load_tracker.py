@@ -43,7 +43,7 @@ class LoadTracker:
             seconds, count = counters[0] - track.counters[0], counters[1] - track.counters[1]
             if count > 0 and seconds >= 0:
                 recent = track.speed_at is not None and now - track.speed_at <= SPEED_MEMORY_S
-                decay = math.exp(-(now - track.scraped_at) / SPEED_TAU_S) if recent else 0.0
+                decay = math.exp(-(now - track.speed_at) / SPEED_TAU_S) if recent else 0.0
                 track.decayed = (track.decayed[0] * decay + seconds, track.decayed[1] * decay + count)
                 track.seconds_per_request = track.decayed[0] / track.decayed[1]
                 track.speed_at = now

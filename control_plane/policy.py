@@ -28,8 +28,8 @@ Long uploads: weights split requests in proportion, so an engine four times slow
 some of them. For a short clip that costs little; a ten-minute clip (twenty engine requests)
 landing there becomes the latency tail. So uploads of at least `long_upload_kb` go to a subset:
 the engines whose estimate for such a clip, (running + waiting + LONG_UPLOAD_REQUESTS) x
-seconds_per_request x kv_pressure, is within PREFER_WITHIN of the best. No subset (every engine)
-while speeds are unknown or every engine qualifies.
+seconds_per_request x kv_pressure, is within PREFER_WITHIN of the best, and never fewer than two.
+No subset (every engine) while speeds are unknown or every engine qualifies.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ FORGET_AFTER = 10  # stale periods after which an endpoint's last weight no long
 KV_PRESSURE_FROM = 0.8  # KV-cache use above which an engine counts as more loaded
 LONG_UPLOAD_REQUESTS = 8  # engine requests (30 s chunks) a long upload is reckoned to make
 PREFER_WITHIN = 1.5
+MIN_LONG_UPLOAD_ENDPOINTS = 2
 
 
 @dataclass(frozen=True)
@@ -103,14 +104,20 @@ def target_weights(endpoints: Sequence[EndpointState], previous: Mapping[str, in
 
 
 def long_upload_endpoints(endpoints: Sequence[EndpointState], settings: RoutingConfig) -> frozenset[str]:
-    """The endpoints long uploads go to; empty: all of them."""
+    """The endpoints long uploads go to; empty: all of them.
+
+    Never fewer than two: inside the subset a retry must have another engine to go to, and one
+    marked engine that dies would fail every long upload until its metrics went stale.
+    Endpoints without fresh metrics (a dead engine's stop within `stale_after_s`) and draining
+    ones (left out by the caller) are never marked.
+    """
     fresh = _fresh(endpoints, settings)
-    if len(fresh) < 2 or not all(e.seconds_per_request for e in fresh):
+    if not any(e.seconds_per_request for e in fresh):
         return frozenset()
     finish = _finish_estimates(fresh, LONG_UPLOAD_REQUESTS)
-    best = min(finish.values())
-    chosen = frozenset(key for key, value in finish.items() if value <= PREFER_WITHIN * best)
-    return frozenset() if len(chosen) == len(endpoints) else chosen
+    ranked = sorted(finish, key=finish.__getitem__)
+    chosen = {key for key in ranked if finish[key] <= PREFER_WITHIN * finish[ranked[0]]} | set(ranked[:MIN_LONG_UPLOAD_ENDPOINTS])
+    return frozenset() if len(chosen) < MIN_LONG_UPLOAD_ENDPOINTS or len(chosen) == len(endpoints) else frozenset(chosen)
 
 
 def compute_weights(endpoints: Sequence[EndpointState], previous: Mapping[str, int],

@@ -87,6 +87,7 @@ def test_a_model_may_be_given_as_a_plain_name():
         (minimal(routing={"stale_after_s": 0.1}), "routing.stale_after_s: 0.1 must be at least"),
         (minimal(routing={"load_aware": "yes"}), "routing.load_aware: expected true or false"),
         (minimal(routing={"lb_policy": "random"}), "routing.lb_policy: expected one of least_request, round_robin"),
+        (minimal(routing={"long_upload_kb": 0.5}), "routing.long_upload_kb: 0.5 is under 1 KB"),
         (minimal(routing={"hysteresis": 2}), "routing.hysteresis: 2 is out of range"),
         (minimal(routing={"interval": 1}), "routing.interval: unknown key"),
     ],

@@ -64,10 +64,15 @@ def test_policy(what, endpoints, previous, expected):
 LONG_CASES = [
     # (what it shows, endpoints, the endpoints long uploads go to; empty: all)
     ("the fastest of idle engines", [fresh("a", spr=1.0), fresh("b", spr=0.25), fresh("c", spr=0.3)], {"b", "c"}),
-    ("a fast engine's queue counts", [fresh("a", spr=1.0), fresh("b", spr=0.25, waiting=60)], {"a"}),
-    ("all close: no subset", [fresh("a", spr=0.3), fresh("b", spr=0.25)], set()),
-    ("an unmeasured speed: no subset", [fresh("a", spr=1.0), fresh("b")], set()),
-    ("stale metrics: the rest decide", [fresh("a", spr=1.0), fresh("b", spr=0.25), stale("c")], {"b"}),
+    ("never fewer than two (retries need another)",
+     [fresh("a", spr=1.0), fresh("b", spr=0.25), fresh("c", spr=1.0), fresh("d", spr=1.0)], {"a", "b"}),
+    ("a fast engine's queue counts",
+     [fresh("a", spr=1.0), fresh("b", spr=0.25, waiting=60), fresh("c", spr=1.0)], {"a", "c"}),
+    ("two engines: both, so no subset", [fresh("a", spr=1.0), fresh("b", spr=0.25)], set()),
+    ("unmeasured speed is taken as the median",
+     [fresh("a", spr=1.0), fresh("b"), fresh("c", spr=0.25)], {"b", "c"}),
+    ("no speeds at all: no subset", [fresh("a"), fresh("b"), fresh("c")], set()),
+    ("stale metrics: never marked", [fresh("a", spr=1.0), fresh("b", spr=0.25), stale("c")], {"a", "b"}),
     ("one fresh endpoint: no subset", [fresh("a", spr=1.0), stale("b")], set()),
 ]
 
@@ -95,6 +100,17 @@ def test_speed_is_measured_from_counter_deltas():
     tracker.record_load("a", "m", ModelLoad(inference_seconds=0.7, inference_count=2), now=6.25)
     assert tracker.state("a", "m", 1, now=6.25).seconds_per_request == pytest.approx(0.2)  # a fresh start
 
+
+
+def test_old_completions_fade_with_time_not_with_scrapes():
+    tracker = LoadTracker()
+    tracker.record_load("a", "m", ModelLoad(inference_seconds=0.0, inference_count=0), now=0.0)
+    tracker.record_load("a", "m", ModelLoad(inference_seconds=100.0, inference_count=100), now=0.25)
+    for idle in (0.5, 1.0, 2.0, 4.0):  # scrapes that saw nothing finish
+        tracker.record_load("a", "m", ModelLoad(inference_seconds=100.0, inference_count=100), now=idle)
+    tracker.record_load("a", "m", ModelLoad(inference_seconds=100.1, inference_count=101), now=4.75)
+    decay = math.exp(-4.5 / SPEED_TAU_S)
+    assert tracker.state("a", "m", 1, now=4.75).seconds_per_request == pytest.approx((100 * decay + 0.1) / (100 * decay + 1))
 
 def test_failures_age_the_last_good_reading():
     tracker = LoadTracker()
