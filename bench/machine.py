@@ -8,7 +8,7 @@ import platform
 import subprocess
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from tests.harness import REPO
 
 
 def command_output(command: list[str]) -> str:

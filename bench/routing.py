@@ -27,7 +27,7 @@ import asyncio
 import json
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import aiohttp
@@ -67,7 +67,7 @@ class Scenario:
         speeds = list(self.speeds)
         if self.slow_at is not None:
             speeds[0] /= SLOWDOWN
-        return sum(engine_capacity(PROFILE, s) for s in speeds) / mean_work(PROFILE)
+        return sum(engine_capacity(replace(PROFILE, speed=s)) for s in speeds) / mean_work(PROFILE)
 
 
 SCENARIOS = (
@@ -112,7 +112,7 @@ class Run:
                  entry_urls: list[str], envoy: Envoy | None, oracle: bool):
         self.scenario, self.engines, self.arrivals, self.seconds = scenario, engines, arrivals_, seconds
         self.entry_urls, self.envoy, self.oracle = entry_urls, envoy, oracle
-        self.virtual = [VirtualEngine(PROFILE, speed) for speed in scenario.speeds]
+        self.virtual = [VirtualEngine(replace(PROFILE, speed=speed)) for speed in scenario.speeds]
         self.outcome = Outcome()
 
     async def execute(self) -> Outcome:

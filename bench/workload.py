@@ -11,8 +11,8 @@ import random
 from dataclasses import dataclass, field
 
 from engines.simulated.queue_model import GpuProfile
+from engines.simulated.server import chunk_lengths
 
-CHUNK_SECONDS = 30.0
 # Long-tailed audio lengths: half the clips under 15 s, one in a hundred over three minutes.
 MEDIAN_AUDIO_S, AUDIO_SIGMA, MIN_AUDIO_S, MAX_AUDIO_S = 15.0, 1.0, 1.0, 600.0
 
@@ -26,8 +26,7 @@ class Arrival:
 
 def request_work(profile: GpuProfile, audio_s: float) -> list[float]:
     """The engine requests one clip becomes (one per 30 s chunk, as vLLM splits it), in GPU seconds."""
-    count = max(1, math.ceil(audio_s / CHUNK_SECONDS))
-    return [profile.chunk_work(min(CHUNK_SECONDS, audio_s - i * CHUNK_SECONDS)) for i in range(count)]
+    return [profile.chunk_work(length) for length in chunk_lengths(audio_s)]
 
 
 def audio_lengths(rng: random.Random, count: int) -> list[float]:
@@ -41,10 +40,9 @@ def mean_work(profile: GpuProfile, seed: int = 0, samples: int = 20000) -> float
     return sum(sum(request_work(profile, length)) for length in lengths) / samples
 
 
-def engine_capacity(profile: GpuProfile, speed: float) -> float:
+def engine_capacity(profile: GpuProfile) -> float:
     """GPU seconds of work an engine finishes per second with its batch full."""
-    slots = profile.max_num_seqs
-    return speed * slots / (1.0 + profile.batch_penalty * (slots - 1))
+    return profile.max_num_seqs * profile.per_request_rate(profile.max_num_seqs)
 
 
 def arrivals(seed: int, duration_s: float, rate_at, foreign_share: float = 0.0) -> list[Arrival]:
@@ -68,8 +66,7 @@ class VirtualEngine:
     asking the engine, as an oracle router would.
     """
 
-    profile: GpuProfile
-    speed: float
+    profile: GpuProfile  # its speed is the engine's
     slowdown: float = 1.0
     now: float = 0.0
     waiting: list[float] = field(default_factory=list)
@@ -82,7 +79,7 @@ class VirtualEngine:
             if not self.running:
                 self.now = until
                 return
-            rate = self.speed / self.slowdown / (1.0 + self.profile.batch_penalty * (len(self.running) - 1))
+            rate = self.profile.per_request_rate(len(self.running)) / self.slowdown
             step = min(until - self.now, min(self.running) / rate)
             self.running = [left - step * rate for left in self.running if left - step * rate > 1e-9]
             self.now += step
@@ -95,14 +92,17 @@ class VirtualEngine:
         """Seconds this engine needs for all it holds, at its full-batch rate."""
         self.advance(at)
         outstanding = sum(self.running) + sum(self.waiting)
-        return outstanding / engine_capacity(self.profile, self.speed / self.slowdown)
+        return outstanding / self.capacity()
+
+    def capacity(self) -> float:
+        return engine_capacity(self.profile) / self.slowdown
 
 
 def oracle_choice(engines: list[VirtualEngine], at: float, works: list[float]) -> int:
     """Joins the engine where this request's work would be done soonest if queued behind the rest."""
     def finish(index: int) -> float:
         engine = engines[index]
-        return engine.expected_drain_s(at) + sum(works) / engine_capacity(engine.profile, engine.speed / engine.slowdown)
+        return engine.expected_drain_s(at) + sum(works) / engine.capacity()
     return min(range(len(engines)), key=finish)
 
 

@@ -147,7 +147,7 @@ class ControlPlane:
             fleet = await resolve_fleet(config, self.registry)
             if self.fleet is not None:  # endpoints that stay keep their load-derived weights
                 keep = fleet.endpoint_keys()
-                long_uploads = self.fleet.long_uploads & keep if config.routing.load_aware else frozenset()
+                long_uploads = self.fleet.long_uploads & keep if config.routing.long_upload_bytes else frozenset()
                 fleet = replace(fleet, weights={k: w for k, w in self.fleet.weights.items() if k in keep},
                                 long_uploads=long_uploads)
             async with self._publishing:

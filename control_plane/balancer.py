@@ -62,7 +62,7 @@ def routing_for(fleet: Fleet, tracker: LoadTracker, settings: RoutingConfig,
         previous = {b.id: fleet.weights[(b.id, model)] for b in backends if (b.id, model) in fleet.weights}
         for backend_id, weight in compute_weights(states, previous, settings).items():
             weights[(backend_id, model)] = weight
-        if settings.long_upload_kb:
+        if settings.long_upload_bytes:
             serving = [s for s, b in zip(states, backends) if not b.draining]
             long_uploads |= {(backend_id, model) for backend_id in long_upload_endpoints(serving, settings)}
     return weights, frozenset(long_uploads)

@@ -95,7 +95,8 @@ class RoutingConfig:
 
     @property
     def long_upload_bytes(self) -> int:
-        return int(self.long_upload_kb * 1024)
+        """The Lua filter's threshold; 0: long uploads are not routed apart (also when not load-aware)."""
+        return int(self.long_upload_kb * 1024) if self.load_aware else 0
 
 
 @dataclass(frozen=True)

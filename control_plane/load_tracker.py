@@ -25,11 +25,14 @@ SPEED_MEMORY_S = 5.0
 class Track:
     load: ModelLoad | None = None
     scraped_at: float | None = None
-    seconds_per_request: float | None = None
     speed_at: float | None = None
     decayed: tuple[float, float] = (0.0, 0.0)  # (inference seconds, count), time-decayed sums
     counters: tuple[float, float] | None = None  # (inference seconds, count) at the last scrape
     error: str | None = None
+
+    @property
+    def seconds_per_request(self) -> float | None:
+        return self.decayed[0] / self.decayed[1] if self.decayed[1] else None
 
 
 class LoadTracker:
@@ -45,7 +48,6 @@ class LoadTracker:
                 recent = track.speed_at is not None and now - track.speed_at <= SPEED_MEMORY_S
                 decay = math.exp(-(now - track.speed_at) / SPEED_TAU_S) if recent else 0.0
                 track.decayed = (track.decayed[0] * decay + seconds, track.decayed[1] * decay + count)
-                track.seconds_per_request = track.decayed[0] / track.decayed[1]
                 track.speed_at = now
         track.counters = counters  # a restarted engine's counters start again from here
         track.load, track.scraped_at, track.error = load, now, None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from bench.workload import VirtualEngine, arrivals, engine_capacity, oracle_choice, percentile, request_work
@@ -25,7 +27,7 @@ def test_a_clip_becomes_one_engine_request_per_30_s_chunk():
 
 
 def test_the_virtual_engine_schedules_like_the_simulated_one():
-    engine = VirtualEngine(PROFILE, speed=2.0)
+    engine = VirtualEngine(replace(PROFILE, speed=2.0))
     engine.submit([1.0, 1.0, 1.0], at=0.0)
     # Two run at 2 / 1.5 work-s per second each and finish at 0.75 s; the third waits for a slot,
     # then runs alone at 2 work-s per second.
@@ -35,11 +37,11 @@ def test_the_virtual_engine_schedules_like_the_simulated_one():
     assert engine.waiting == [] and engine.running == pytest.approx([0.5])
     engine.advance(1.25)
     assert engine.running == [] and engine.waiting == []
-    assert engine_capacity(PROFILE, 2.0) == pytest.approx(2.0 * 2 / 1.5)
+    assert engine_capacity(replace(PROFILE, speed=2.0)) == pytest.approx(2.0 * 2 / 1.5)
 
 
 def test_the_oracle_joins_the_engine_that_finishes_soonest():
-    slow, fast = VirtualEngine(PROFILE, speed=1.0), VirtualEngine(PROFILE, speed=3.0)
+    slow, fast = VirtualEngine(replace(PROFILE, speed=1.0)), VirtualEngine(replace(PROFILE, speed=3.0))
     assert oracle_choice([slow, fast], 0.0, [0.25]) == 1
     fast.submit([1.0] * 6, at=0.0)
     assert oracle_choice([slow, fast], 0.0, [0.25]) == 0

@@ -11,7 +11,6 @@ from google.protobuf import wrappers_pb2
 
 from control_plane.builders.common import pack, seconds
 from control_plane.builders.names import LONG_UPLOAD_KEY, UNROUTED_CLUSTER, cluster_name
-from control_plane.builders.routes import long_uploads_routed
 from control_plane.config import GatewayConfig
 
 HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
@@ -81,7 +80,7 @@ def build_cluster(model: str, config: GatewayConfig) -> cluster_pb2.Cluster:
     subsets = cluster_pb2.Cluster.LbSubsetConfig(
         fallback_policy=cluster_pb2.Cluster.LbSubsetConfig.ANY_ENDPOINT,
         subset_selectors=[cluster_pb2.Cluster.LbSubsetConfig.LbSubsetSelector(keys=[LONG_UPLOAD_KEY])],
-    ) if long_uploads_routed(config) else None
+    ) if config.routing.long_upload_bytes else None
     return cluster_pb2.Cluster(
         name=cluster_name(model),
         lb_subset_config=subsets,

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from envoy.config.core.v3 import base_pb2
 from google.protobuf import any_pb2, duration_pb2
 from google.protobuf.message import Message
+
+from control_plane.builders.names import LB_METADATA, LONG_UPLOAD_KEY
 
 
 def pack(message: Message) -> any_pb2.Any:
@@ -16,3 +19,10 @@ def seconds(value: float) -> duration_pb2.Duration:
     duration = duration_pb2.Duration()
     duration.FromNanoseconds(int(round(value * 1e9)))
     return duration
+
+
+def long_upload_metadata() -> base_pb2.Metadata:
+    """What marks an endpoint for long uploads, and what their routes' metadata_match asks for."""
+    metadata = base_pb2.Metadata()
+    metadata.filter_metadata[LB_METADATA].update({LONG_UPLOAD_KEY: True})
+    return metadata

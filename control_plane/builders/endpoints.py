@@ -6,7 +6,8 @@ from envoy.config.core.v3 import address_pb2, base_pb2, health_check_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from google.protobuf import wrappers_pb2
 
-from control_plane.builders.names import LB_METADATA, LONG_UPLOAD_KEY, cluster_name
+from control_plane.builders.common import long_upload_metadata
+from control_plane.builders.names import cluster_name
 from control_plane.fleet import Backend, Fleet
 
 
@@ -16,7 +17,7 @@ def _metadata(url: str, long_uploads: bool) -> base_pb2.Metadata:
     metadata = base_pb2.Metadata()
     metadata.filter_metadata["whisper_gateway"].update({"url": url})
     if long_uploads:
-        metadata.filter_metadata[LB_METADATA].update({LONG_UPLOAD_KEY: True})
+        metadata.MergeFrom(long_upload_metadata())
     return metadata
 
 

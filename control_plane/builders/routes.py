@@ -17,12 +17,10 @@ from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
 from envoy.type.matcher.v3 import string_pb2
 from google.protobuf import struct_pb2, wrappers_pb2
 
-from control_plane.builders.common import pack, seconds
+from control_plane.builders.common import long_upload_metadata, pack, seconds
 from control_plane.builders.names import (
     AUDIO_PATHS,
-    LB_METADATA,
     LONG_UPLOAD_HEADER,
-    LONG_UPLOAD_KEY,
     LUA_FILTER,
     MODEL_HEADER,
     ROUTE_CONFIG_NAME,
@@ -58,16 +56,6 @@ def _model_object(name: str, root: str) -> dict:
     return {"id": name, "object": "model", "created": 0, "owned_by": "whisper-gateway", "root": root}
 
 
-def long_uploads_routed(config: GatewayConfig) -> bool:
-    return config.routing.load_aware and config.routing.long_upload_kb > 0
-
-
-def _long_upload_subset() -> base_pb2.Metadata:
-    metadata = base_pb2.Metadata()
-    metadata.filter_metadata[LB_METADATA].update({LONG_UPLOAD_KEY: True})
-    return metadata
-
-
 def _model_routes(config: GatewayConfig, fleet: Fleet) -> list[rc.Route]:
     routes = []
     long_upload = rc.HeaderMatcher(name=LONG_UPLOAD_HEADER, present_match=True)
@@ -77,11 +65,11 @@ def _model_routes(config: GatewayConfig, fleet: Fleet) -> list[rc.Route]:
             route_name = f"{model}:{name}:{path.rsplit('/', 1)[-1]}"
             action = rc.RouteAction(cluster=cluster_name(model), timeout=seconds(config.timeouts.route_s),
                                     retry_policy=_retry_policy(config))
-            if long_uploads_routed(config):
+            if config.routing.long_upload_bytes:
                 # Same cluster, only the endpoints marked for long uploads (all when none is).
                 long_action = rc.RouteAction()
                 long_action.CopyFrom(action)
-                long_action.metadata_match.CopyFrom(_long_upload_subset())
+                long_action.metadata_match.CopyFrom(long_upload_metadata())
                 routes.append(rc.Route(name=route_name + ":long", route=long_action,
                                        match=rc.RouteMatch(path=path, headers=[header, long_upload])))
             routes.append(rc.Route(name=route_name, match=rc.RouteMatch(path=path, headers=[header]), route=action))
@@ -143,7 +131,7 @@ def _fallback_routes() -> list[rc.Route]:
 def _filter_context(config: GatewayConfig, fleet: Fleet) -> struct_pb2.Struct:
     context = struct_pb2.Struct()
     context.update({"models": fleet.name_to_model(),
-                    "long_upload_bytes": config.routing.long_upload_bytes if long_uploads_routed(config) else 0})
+                    "long_upload_bytes": config.routing.long_upload_bytes})
     return context
 
 

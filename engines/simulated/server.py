@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 from engines.common.api import Segment, SpeechRequest, Transcript
 from engines.common.audio import audio_duration_seconds
@@ -15,6 +15,12 @@ CHUNK_SECONDS = 30.0
 # Rough token counts per engine request, for the token counters only.
 ENCODER_PROMPT_TOKENS = 4
 TOKENS_PER_AUDIO_SECOND = 3
+
+
+def chunk_lengths(duration: float) -> list[float]:
+    """Audio seconds in each 30 s chunk: vLLM makes one engine request of each."""
+    count = max(1, math.ceil(duration / CHUNK_SECONDS))
+    return [min(CHUNK_SECONDS, duration - i * CHUNK_SECONDS) for i in range(count)]
 
 
 class SimulatedBackend:
@@ -51,8 +57,8 @@ class SimulatedBackend:
     async def _segments(self, request: SpeechRequest, duration: float) -> AsyncIterator[Segment]:
         if request.language is None and request.task == "transcribe":
             await self._engine_request(self.profile.seconds_per_detection, 1)
-        count = max(1, math.ceil(duration / CHUNK_SECONDS))
-        lengths = [min(CHUNK_SECONDS, duration - i * CHUNK_SECONDS) for i in range(count)]
+        lengths = chunk_lengths(duration)
+        count = len(lengths)
         # vLLM submits every chunk at once and merges the results in order.
         chunks = [
             asyncio.ensure_future(
