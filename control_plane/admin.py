@@ -17,8 +17,9 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from control_plane.discovery import read_engine_models
-from control_plane.config import MAX_WEIGHT, MODEL_NAME_PATTERN, ConfigError, validate_backend_url
+from control_plane.addresses import AddressError, parse_backend_url
+from control_plane.config import MAX_WEIGHT, MODEL_NAME_PATTERN
+from control_plane.discovery import dialable_address, read_engine_models
 from control_plane.openapi import OPENAPI
 from control_plane.registry import Entry
 from control_plane.status import endpoint_rows, status_report
@@ -62,7 +63,7 @@ async def _json_object(request: web.Request, allowed: set[str], required: set[st
     else:
         try:
             body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
+        except (ValueError, RecursionError) as error:  # ValueError: bad JSON, or a 4,300-digit number
             raise ApiError(400, f"request body is not valid JSON: {error}") from None
     if not isinstance(body, dict):
         raise ApiError(400, "request body must be a JSON object")
@@ -136,9 +137,10 @@ def build_admin_app(plane) -> web.Application:
     async def add_backend(request: web.Request) -> web.Response:
         body = await _json_object(request, {"url", "models", "weight"}, {"url"})
         try:
-            url = validate_backend_url(body["url"], "url")
-        except ConfigError as error:
-            raise ApiError(400, str(error).removeprefix("url: "), param="url") from None
+            url = parse_backend_url(body["url"])[0]
+            await dialable_address(url, plane.config.listen)
+        except AddressError as error:
+            raise ApiError(400, str(error), param="url") from None
         if (existing := plane.registry.find_url(url)) is not None:
             raise ApiError(409, f"{url} is already backend {existing.id} ({existing.source})", "conflict_error", "url")
         weight = _number(body, "weight", 1, MAX_WEIGHT, integer=True) if "weight" in body else 1

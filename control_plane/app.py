@@ -13,15 +13,18 @@ from dataclasses import replace
 from pathlib import Path
 
 from aiohttp import web
+from envoy.service.accesslog.v3 import als_pb2_grpc
 
 from control_plane.admin import build_admin_app
 from control_plane.balancer import Balancer
 from control_plane.bootstrap import read_lua_filter
 from control_plane.builders import build_load_assignments, build_resources
+from control_plane.builders.names import cluster_name
 from control_plane.config import ConfigError, GatewayConfig, load_config
 from control_plane.discovery import resolve_fleet
 from control_plane.dns_discovery import DnsDiscovery
 from control_plane.fleet import Fleet
+from control_plane.outcomes import AccessLogServicer
 from control_plane.registry import ACTIVE, DRAINED, DRAINING, Entry, Registry
 from control_plane.state_store import StateStore, configured_token, ensure_token, state_dir
 from control_plane.telemetry import forget_fleet, watch_fleet
@@ -85,7 +88,9 @@ class ControlPlane:
         self._admin = web.AppRunner(build_admin_app(self), access_log=None)
         await self._admin.setup()
         await web.TCPSite(self._admin, listen.admin_address, listen.admin_port).start()
-        self._server = await start_ads_server(self.cache, listen.xds_address, listen.xds_port)
+        self._server = await start_ads_server(self.cache, listen.xds_address, listen.xds_port, [
+            lambda server: als_pb2_grpc.add_AccessLogServiceServicer_to_server(
+                AccessLogServicer(self.balancer.outcomes, time.monotonic), server)])
         self._tasks = [asyncio.create_task(self.balancer.run())]
         await self.discovery.restart(self.config.discovery)
         log.info("admin API on http://%s:%d (token %s)", listen.admin_address, listen.admin_port,
@@ -240,8 +245,9 @@ class ControlPlane:
                 log.warning("drain of %s timed out with requests possibly in flight", entry.id)
                 await self._finish_drain(entry)
                 continue
-            snapshot, now = self.cache.snapshot, asyncio.get_running_loop().time()
-            applied = all(e.acked.get(ENDPOINT) == snapshot.versions[ENDPOINT] for e in self.cache.envoys.values())
+            now = asyncio.get_running_loop().time()
+            # Applied by every Envoy (ACKed, not just sent) in the content that drains it.
+            applied = self.cache.applied_everywhere(ENDPOINT, {cluster_name(m) for m in entry.models})
             idle = applied and all(_idle(self.balancer.tracker.state(entry.id, m, 1, now), self.config) for m in entry.models)
             self._idle_scrapes[entry.id] = self._idle_scrapes.get(entry.id, 0) + 1 if idle else 0
             if self._idle_scrapes[entry.id] >= IDLE_SCRAPES_TO_FINISH_DRAIN:

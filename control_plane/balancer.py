@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import aiohttp
 
@@ -17,6 +17,7 @@ from control_plane.config import RoutingConfig
 from control_plane.fleet import Backend, Fleet
 from control_plane.load_tracker import LoadTracker
 from control_plane.metrics_parser import load_for_model, parse_loads
+from control_plane.outcomes import Outcomes
 from control_plane.policy import compute_weights, long_upload_endpoints
 from control_plane.telemetry import SCRAPE_FAILURES, SCRAPE_SECONDS, WEIGHT_UPDATES
 
@@ -52,13 +53,14 @@ async def _fetch(session: aiohttp.ClientSession, backend: Backend, timeout: floa
         return ScrapeFailure(type(error).__name__)
 
 
-def routing_for(fleet: Fleet, tracker: LoadTracker, settings: RoutingConfig,
+def routing_for(fleet: Fleet, tracker: LoadTracker, outcomes: Outcomes, settings: RoutingConfig,
                 now: float) -> tuple[dict[tuple[str, str], int], frozenset[tuple[str, str]]]:
     """Every endpoint's new weight, and the endpoints for long uploads, cluster by cluster."""
     weights, long_uploads = {}, set()
     for model in fleet.model_names():
         backends = fleet.backends_for(model)
-        states = [tracker.state(b.id, model, b.weight, now) for b in backends]
+        states = [replace(tracker.state(b.id, model, b.weight, now),
+                          failure_ratio=outcomes.failure_ratio(f"{b.address}:{b.port}", now)) for b in backends]
         previous = {b.id: fleet.weights[(b.id, model)] for b in backends if (b.id, model) in fleet.weights}
         for backend_id, weight in compute_weights(states, previous, settings).items():
             weights[(backend_id, model)] = weight
@@ -72,6 +74,7 @@ class Balancer:
     def __init__(self, plane, routing: RoutingConfig):
         self.plane = plane
         self.tracker = LoadTracker()
+        self.outcomes = Outcomes()
         self.configure(routing)
 
     def configure(self, routing: RoutingConfig) -> None:
@@ -101,7 +104,7 @@ class Balancer:
         if not self.routing.load_aware:
             return
         fleet = self.plane.fleet  # a finished drain may have changed it
-        weights, long_uploads = routing_for(fleet, self.tracker, self.routing, now)
+        weights, long_uploads = routing_for(fleet, self.tracker, self.outcomes, self.routing, now)
         if weights != fleet.weights or long_uploads != fleet.long_uploads:
             WEIGHT_UPDATES.inc()
             await self.plane.set_weights(weights, long_uploads)
@@ -120,3 +123,4 @@ class Balancer:
                 else:
                     self.tracker.record_load(backend.id, model, load, now)
         self.tracker.retain(fleet.endpoint_keys())
+        self.outcomes.retain({f"{b.address}:{b.port}" for b in fleet.backends})

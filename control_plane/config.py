@@ -15,6 +15,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from control_plane.addresses import AddressError, own_port_problem, parse_backend_url
+
 DEFAULT_CONFIG_PATH = Path(__file__).parent / "defaults" / "gateway.yaml"
 MODEL_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}")  # use fullmatch
 # Options each engine kind takes in the config, with their types (they become --flags).
@@ -46,6 +48,14 @@ class ListenConfig:
     # The control plane's own HTTP API (status); loopback unless you mean otherwise.
     admin_address: str = "127.0.0.1"
     admin_port: int = 18001
+
+    def own_endpoints(self) -> dict[str, tuple[str, int]]:
+        """Every address and port the gateway itself listens on: never a backend (a loop)."""
+        return {"listener (listen.port)": (self.address, self.port),
+                "Envoy metrics listener": (self.address, self.envoy_metrics_port),
+                "Envoy admin": ("127.0.0.1", self.envoy_admin_port),
+                "xDS server": (self.xds_address, self.xds_port),
+                "admin API": (self.admin_address, self.admin_port)}
 
 
 @dataclass(frozen=True)
@@ -110,7 +120,9 @@ class ResilienceConfig:
     unhealthy_threshold: int = 3
     healthy_threshold: int = 1
     consecutive_gateway_failures: int = 3
-    consecutive_5xx: int = 5
+    # Plain 500s eject an engine only when this is set (0: never): a client's odd upload can make
+    # vLLM answer 500, and nobody may get healthy engines ejected by sending such uploads.
+    consecutive_5xx: int = 0
     ejection_s: float = 5.0
     max_ejection_percent: int = 50
     retries: int = 2
@@ -118,8 +130,14 @@ class ResilienceConfig:
     # engine that hangs otherwise wait out timeouts.route_s; keep it above the longest silent
     # transcription (non-streamed answers come only at the end).
     per_try_idle_s: float = 0.0
-    # Retrying after the engine may have started transcribing doubles work: off unless you say so.
-    retry_after_reset: bool = False
+    # A transcription has no side effects: a request cut by an engine that died is retried on
+    # another (within the retry budget), so an engine crash loses nothing.
+    retry_after_reset: bool = True
+    # A try that has not answered within hedge_after_s + hedge_per_mb_s x the upload's MiB is
+    # hedged: another engine is asked too and the first answer wins (0 and 0: never). This bounds
+    # what an engine that hangs costs the requests it holds. Needs retries and retry_after_reset.
+    hedge_after_s: float = 30.0
+    hedge_per_mb_s: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -133,15 +151,6 @@ class BackendConfig:
     url: str
     models: tuple[str, ...]
     weight: int = 1
-
-    @property
-    def host(self) -> str:
-        return urlsplit(self.url).hostname or ""
-
-    @property
-    def port(self) -> int:
-        parts = urlsplit(self.url)
-        return parts.port or (443 if parts.scheme == "https" else 80)
 
 
 @dataclass(frozen=True)
@@ -314,13 +323,15 @@ def _read_resilience(raw: Any) -> ResilienceConfig:
         healthy_threshold=_number(section, "healthy_threshold", key, d.healthy_threshold, 1, 100, integer=True),
         consecutive_gateway_failures=_number(section, "consecutive_gateway_failures", key,
                                              d.consecutive_gateway_failures, 1, 1000, integer=True),
-        consecutive_5xx=_number(section, "consecutive_5xx", key, d.consecutive_5xx, 1, 1000, integer=True),
+        consecutive_5xx=_number(section, "consecutive_5xx", key, d.consecutive_5xx, 0, 1000, integer=True),
         ejection_s=_number(section, "ejection_s", key, d.ejection_s, 0.1, 3600),
         max_ejection_percent=_number(section, "max_ejection_percent", key, d.max_ejection_percent, 0, 100,
                                      integer=True),
         retries=_number(section, "retries", key, d.retries, 0, 10, integer=True),
         per_try_idle_s=_number(section, "per_try_idle_s", key, d.per_try_idle_s, 0, 86400),
         retry_after_reset=retry_after_reset,
+        hedge_after_s=_number(section, "hedge_after_s", key, d.hedge_after_s, 0, 86400),
+        hedge_per_mb_s=_number(section, "hedge_per_mb_s", key, d.hedge_per_mb_s, 0, 86400),
     )
 
 
@@ -379,28 +390,11 @@ def _read_models(raw: Any) -> tuple[ModelConfig, ...]:
 
 
 def validate_backend_url(url: Any, key: str) -> str:
-    """http(s) with a host and an explicit port, nothing else: the gateway dials exactly this."""
-    if not isinstance(url, str):
-        raise ConfigError(f"{key}: expected a URL string, got {url!r}")
-    parts = urlsplit(url)
-    if parts.scheme == "https":
-        raise ConfigError(f"{key}: {url!r}: https backends are not supported yet; serve engines over http "
-                          "(terminate TLS in front of them if needed)")
-    if parts.scheme != "http":
-        raise ConfigError(f"{key}: {url!r} must start with http://")
-    if parts.username or parts.password:
-        raise ConfigError(f"{key}: {url!r} must not carry user info")
-    if not parts.hostname:
-        raise ConfigError(f"{key}: {url!r} has no host")
+    """http with a host Envoy can dial and an explicit port, nothing else (control_plane/addresses.py)."""
     try:
-        port = parts.port
-    except ValueError:
-        raise ConfigError(f"{key}: {url!r} has an invalid port") from None
-    if port is None:
-        raise ConfigError(f"{key}: {url!r} needs an explicit port")
-    if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise ConfigError(f"{key}: {url!r} must be scheme://host:port with no path")
-    return f"{parts.scheme}://{parts.netloc.lower()}"  # one backend, one spelling
+        return parse_backend_url(url)[0]
+    except AddressError as error:
+        raise ConfigError(f"{key}: {error}") from None
 
 
 def _read_backends(raw: Any, served: set[str]) -> tuple[BackendConfig, ...]:
@@ -530,6 +524,11 @@ def parse_config(raw: Any) -> GatewayConfig:
     for i, url in enumerate(urls):
         if url in urls[:i]:
             raise ConfigError(f"backends: {url} is listed twice (engines count as backends)")
+        host = urlsplit(url).hostname
+        if is_ip_address(host) and ipaddress.ip_address(host).is_loopback:  # others: checked when resolved
+            problem = own_port_problem(host, urlsplit(url).port, config.listen.own_endpoints())
+            if problem:
+                raise ConfigError(f"backends: {url}: {problem}")
     return config
 
 

@@ -10,7 +10,8 @@ import aiohttp
 
 from urllib.parse import urlsplit
 
-from control_plane.config import GatewayConfig, ModelConfig, is_ip_address
+from control_plane.addresses import AddressError, check_resolved, own_port_problem
+from control_plane.config import GatewayConfig, ListenConfig, ModelConfig, is_ip_address
 from control_plane.fleet import Backend, Fleet
 from control_plane.registry import DRAINED, DRAINING, Entry, Registry
 
@@ -28,13 +29,27 @@ async def resolve_host(host: str, port: int) -> str:
     return infos[0][4][0]
 
 
-async def _resolve(entry: Entry) -> Backend | None:
-    parts = urlsplit(entry.url)
+async def dialable_address(url: str, listen: ListenConfig) -> str:
+    """The IP Envoy will dial for a backend URL; AddressError when there is none it may dial."""
+    parts = urlsplit(url)
     try:
         address = await resolve_host(parts.hostname, parts.port)
-    except OSError as error:
-        # Left out until it resolves (next change or reload); the other backends keep serving.
-        log.warning("backend %s left out: cannot resolve %s: %s", entry.url, parts.hostname, error)
+    except (OSError, UnicodeError) as error:
+        raise AddressError(f"{parts.hostname} does not resolve ({error})") from None
+    check_resolved(address)
+    problem = own_port_problem(address, parts.port, listen.own_endpoints())
+    if problem:
+        raise AddressError(problem)
+    return address
+
+
+async def _resolve(entry: Entry, listen: ListenConfig) -> Backend | None:
+    parts = urlsplit(entry.url)
+    try:
+        address = await dialable_address(entry.url, listen)
+    except AddressError as error:
+        # Left out until it resolves to a good address (next change or reload); the others keep serving.
+        log.warning("backend %s left out: %s", entry.url, error)
         return None
     return Backend(id=entry.id, address=address, port=parts.port, models=entry.models, weight=entry.weight,
                    draining=entry.state == DRAINING, url=entry.url)
@@ -48,7 +63,7 @@ def served_models(config: GatewayConfig, registry: Registry) -> tuple[ModelConfi
 
 async def resolve_fleet(config: GatewayConfig, registry: Registry) -> Fleet:
     entries = [e for e in registry.entries() if e.state != DRAINED]
-    resolved = await asyncio.gather(*(_resolve(e) for e in entries))
+    resolved = await asyncio.gather(*(_resolve(e, config.listen) for e in entries))
     return Fleet(models=served_models(config, registry), backends=tuple(b for b in resolved if b is not None))
 
 

@@ -58,6 +58,7 @@ class EndpointState:
     load: ModelLoad | None = None  # from the last good scrape; None: never scraped
     age_s: float | None = None  # since that scrape
     seconds_per_request: float | None = None  # measured speed; None: unknown yet
+    failure_ratio: float = 0.0  # recent tries the engine failed, as Envoys saw them (outcomes.py)
 
 
 def _clamp(weight: float) -> int:
@@ -66,11 +67,18 @@ def _clamp(weight: float) -> int:
 
 def _scaled(raw: Mapping[str, float]) -> dict[str, int]:
     top = max(raw.values())
+    if top <= 0:  # every endpoint failing alike: none is better than another
+        return {key: MAX_WEIGHT for key in raw}
     return {key: _clamp(MAX_WEIGHT * value / top) for key, value in raw.items()}
 
 
 def _kv_pressure(usage: float) -> float:
     return 1.0 + min(1.0, max(0.0, usage - KV_PRESSURE_FROM) / (1.0 - KV_PRESSURE_FROM))
+
+
+def _reliability(endpoint: EndpointState) -> float:
+    """1 for an engine whose tries succeed, falling to 0 as they fail: a failing engine never gains share."""
+    return (1.0 - min(1.0, max(0.0, endpoint.failure_ratio))) ** 2
 
 
 def _fresh(endpoints: Sequence[EndpointState], settings: RoutingConfig) -> list[EndpointState]:
@@ -92,14 +100,16 @@ def target_weights(endpoints: Sequence[EndpointState], previous: Mapping[str, in
         return {}
     fresh = _fresh(endpoints, settings)
     if not fresh:
-        return _scaled({e.backend_id: e.base_weight for e in endpoints})
-    bases = {e.backend_id: e.base_weight for e in fresh}
-    weights = _scaled({key: bases[key] / finish for key, finish in _finish_estimates(fresh, 1).items()})
+        return _scaled({e.backend_id: e.base_weight * _reliability(e) for e in endpoints})
+    by_id = {e.backend_id: e for e in endpoints}
+    weights = _scaled({key: by_id[key].base_weight * _reliability(by_id[key]) / finish
+                       for key, finish in _finish_estimates(fresh, 1).items()})
     neutral = _clamp(statistics.median(weights.values()))
     for e in endpoints:
         if e.backend_id not in weights:
             forgotten = e.age_s is None or e.age_s > FORGET_AFTER * settings.stale_after_s
-            weights[e.backend_id] = neutral if forgotten else min(previous.get(e.backend_id, neutral), neutral)
+            held = neutral if forgotten else min(previous.get(e.backend_id, neutral), neutral)
+            weights[e.backend_id] = _clamp(held * _reliability(e))
     return weights
 
 

@@ -88,7 +88,10 @@ class Registry:
         """API and vanished DNS backends go for good; config ones leave rotation until resumed."""
         self.overrides.pop(entry_id, None)
         if entry_id in self.api_entries:
-            del self.api_entries[entry_id]
+            gone = self.api_entries.pop(entry_id)
+            # A model the API introduced goes with its last backend: 404 again, not 503 for ever.
+            still_served = {m for e in self.api_entries.values() for m in e.models}
+            self.api_models = [m for m in self.api_models if m not in gone.models or m in still_served]
         elif entry_id in self.dns_entries:
             del self.dns_entries[entry_id]
         else:

@@ -56,6 +56,10 @@ def status_report(plane, now: float) -> dict:
         "last_nack": None if envoy.last_nack is None else {
             "type": SHORT_NAMES.get(envoy.last_nack.type_url), "version": envoy.last_nack.version,
             "message": envoy.last_nack.message},
+        # Resources this Envoy refused and still lacks: it serves its last good ones meanwhile.
+        "rejected": [{"type": SHORT_NAMES.get(t), "resource": name, "version": nack.version,
+                      "message": nack.message, "since": nack.at}
+                     for (t, name), nack in sorted(envoy.rejected.items())],
     } for envoy in cache.envoys.values()]
     snapshot = cache.snapshot
     return {
@@ -91,6 +95,8 @@ def render_table(report: dict) -> str:
         nack = envoy["last_nack"]
         lines.append(f"envoy {envoy['node_id']} ({envoy['peer']}): " + ", ".join(f"{t} {v}" for t, v in envoy["acked"].items())
                      + (f"; last NACK {nack['type']}: {nack['message']}" if nack else ""))
+        for rejected in envoy["rejected"]:
+            lines.append(f"  refused {rejected['type']} {rejected['resource']}: {rejected['message']}")
     if not report["envoys"]:
         lines.append("no Envoy connected")
     return "\n".join(lines)

@@ -12,10 +12,21 @@ local MODEL_HEADER = "x-whisper-model"
 -- Set on uploads of at least filter_context.long_upload_bytes (0: never): their routes prefer
 -- the engines that finish long clips soonest.
 local LONG_UPLOAD_HEADER = "x-whisper-long-upload"
--- Marks the filter's own answers so Envoy's local-reply mapper leaves them as they are.
-local REPLY_HEADER = "x-whisper-lua-reply"
+-- Marks the filter's own answers (dynamic metadata: a client cannot forge it) so Envoy's
+-- local-reply mapper leaves them as they are.
+local METADATA_NAMESPACE = "whisper_gateway"
+local REPLY_KEY = "lua_reply"
+-- Set on every request Envoy proxies (route config); one arriving with it has come round a loop
+-- (a gateway that is its own backend, or two gateways pointed at each other).
+local HOP_HEADER = "x-whisper-gateway-hop"
+-- Per try, before another engine is asked too (hedged: the first answer wins): the router reads
+-- this header, set here from the upload's size so long files get longer.
+local PER_TRY_HEADER = "x-envoy-upstream-rq-per-try-timeout-ms"
 local WINDOW = 4096
 local MAX_MODEL_BYTES = 256
+-- A part's header block: engines' form parsers fail (HTTP 500) on huge or binary ones.
+local MAX_PART_HEADER_BYTES = 8192
+local PART_HEADER_CONTROL = "[%z\1-\8\11\12\14-\31\127]"
 
 local find, sub, lower = string.find, string.sub, string.lower
 
@@ -32,7 +43,7 @@ end
 local function reply(h, status, message, error_type, param)
   local body = '{"error":{"message":' .. json_string(message) .. ',"type":' .. json_string(error_type)
     .. ',"param":' .. (param and json_string(param) or "null") .. ',"code":' .. status .. "}}"
-  h:headers():replace(REPLY_HEADER, "1")
+  h:streamInfo():dynamicMetadata():set(METADATA_NAMESPACE, REPLY_KEY, "1")
   h:respond({[":status"] = tostring(status), ["content-type"] = "application/json"}, body)
 end
 
@@ -89,11 +100,13 @@ local function scan(s, delim, base, parts)
       if sub(s, after, after + 1) == "--" then return false end -- the closing delimiter
       local header_end = find(s, "\r\n\r\n", after, true)
       if not header_end then return true end
-      local name, filename = disposition(sub(s, after, header_end - 1))
+      local headers = sub(s, after, header_end - 1)
+      local name, filename = disposition(headers)
       local value_start = header_end + 4
       local value_end = find(s, "\r\n" .. delim, value_start, true)
       parts[#parts + 1] = {name = name, filename = filename, start = base + value_start - 1,
-        stop = value_end and (base + value_end - 1) or nil}
+        stop = value_end and (base + value_end - 1) or nil,
+        bad_headers = #headers > MAX_PART_HEADER_BYTES or find(headers, PART_HEADER_CONTROL) ~= nil}
       if not value_end then return false end -- the rest of the piece is this part's value
       pos = value_end + 2
     else
@@ -144,6 +157,10 @@ local function form_problem(body, delim, parts)
     return "The multipart body is truncated: its closing boundary is missing.", nil
   end
   for _, part in ipairs(parts) do
+    if part.bad_headers then
+      return "A form part's headers are over " .. MAX_PART_HEADER_BYTES
+        .. " bytes or contain control characters.", nil
+    end
     if part.name == nil then return "A form part has no Content-Disposition name.", nil end
     if find(part.name, "[^\32-\126]") then
       return "Form field names must be printable ASCII.", nil
@@ -170,6 +187,10 @@ end
 
 function envoy_on_request(h)
   local headers = h:headers()
+  if headers:get(HOP_HEADER) ~= nil then
+    return reply(h, 508, "Loop detected: this request already passed through a whisper-gateway. "
+      .. "A backend is the gateway itself, or two gateways point at each other.", "LoopDetected", nil)
+  end
   if headers:get(":method") ~= "POST" then
     return reply(h, 405, "Method Not Allowed: send POST with a multipart/form-data body.",
       "MethodNotAllowed", nil)
@@ -213,6 +234,12 @@ function envoy_on_request(h)
   else
     h:headers():remove(LONG_UPLOAD_HEADER)
   end
-  h:headers():remove(REPLY_HEADER)
+  local try_ms = (context:get("per_try_base_ms") or 0)
+    + math.floor(body:length() * (context:get("per_try_ms_per_mb") or 0) / 1048576)
+  if try_ms > 0 then
+    h:headers():replace(PER_TRY_HEADER, tostring(try_ms))
+  else
+    h:headers():remove(PER_TRY_HEADER)
+  end
   h:clearRouteCache()
 end

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
@@ -308,7 +309,7 @@ class LoadGenerator:
         while self._take():
             try:
                 status = transcribe(base_url, model, seconds=seconds, extra=[("language", "en", None)]).status
-            except OSError:
+            except (OSError, http.client.HTTPException):  # refused, reset, or a body cut short
                 status = 0
             with self._lock:
                 self.statuses.append(status)

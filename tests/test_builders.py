@@ -156,3 +156,27 @@ def test_consistency_catches_bad_weights():
     resources = build(Backend("http://a:1", "10.0.0.1", 1, ("big",)))
     resources[ENDPOINT][0].endpoints[0].lb_endpoints[0].load_balancing_weight.value = 0
     assert "has weight 0" in " ".join(Snapshot.from_resources(resources).consistency_errors())
+
+
+def test_versions_are_the_same_in_every_process():
+    """Hash versions survive restarts: map fields (filter_context, metadata) pack in a fixed order."""
+    import subprocess
+    import sys
+
+    script = (
+        "import asyncio;"
+        "from control_plane.config import load_config;"
+        "from control_plane.app import config_entries;"
+        "from control_plane.registry import Registry;"
+        "from control_plane.discovery import resolve_fleet;"
+        "from control_plane.builders import build_resources;"
+        "from control_plane.bootstrap import read_lua_filter;"
+        "from control_plane.xds.snapshot import Snapshot;"
+        "c = load_config('examples/simulated.yaml'); r = Registry.empty(); r.config_entries = config_entries(c);"
+        "f = asyncio.run(resolve_fleet(c, r));"
+        "print(sorted(Snapshot.from_resources(build_resources(c, f, read_lua_filter())).versions.items()))"
+    )
+    outputs = {subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                              env={**__import__("os").environ, "PYTHONHASHSEED": seed}).stdout
+               for seed in ("1", "2", "3")}
+    assert len(outputs) == 1, outputs

@@ -33,7 +33,7 @@ def test_defaults_fill_what_is_not_given():
     assert config.listen.port == 8080 and config.listen.xds_port == 18000
     assert config.timeouts.route_s == 600  # never Envoy's 15 s default
     assert config.limits.max_upload_bytes == 25 * 1024 * 1024
-    assert config.backends[0].weight == 1 and config.backends[0].port == 8000
+    assert config.backends[0].weight == 1 and config.backends[0].url.endswith(":8000")
 
 
 def test_a_model_may_be_given_as_a_plain_name():

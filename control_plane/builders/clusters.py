@@ -37,7 +37,9 @@ def _outlier_detection(config: GatewayConfig) -> outlier_detection_pb2.OutlierDe
     """Ejects an engine that keeps failing, at most half a small fleet (one of two, five of ten)."""
     r = config.resilience
     return outlier_detection_pb2.OutlierDetection(
-        consecutive_5xx=_uint(r.consecutive_5xx),
+        consecutive_5xx=_uint(r.consecutive_5xx or 5),
+        # Plain 500s may be the client's doing (an odd upload): they eject only when configured.
+        enforcing_consecutive_5xx=_uint(100 if r.consecutive_5xx else 0),
         consecutive_gateway_failure=_uint(r.consecutive_gateway_failures),
         enforcing_consecutive_gateway_failure=_uint(100),
         split_external_local_origin_errors=True,

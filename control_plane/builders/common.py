@@ -10,8 +10,9 @@ from control_plane.builders.names import LB_METADATA, LONG_UPLOAD_KEY
 
 
 def pack(message: Message) -> any_pb2.Any:
+    """Deterministic bytes (map fields sorted), so equal config gives equal versions in every process."""
     wrapped = any_pb2.Any()
-    wrapped.Pack(message)
+    wrapped.Pack(message, deterministic=True)
     return wrapped
 
 

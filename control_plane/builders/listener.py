@@ -6,8 +6,10 @@ fleet, so fleet changes do not drain client connections.
 
 from __future__ import annotations
 
-from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, protocol_pb2
+from envoy.config.accesslog.v3 import accesslog_pb2
+from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, grpc_service_pb2, protocol_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
+from envoy.extensions.access_loggers.grpc.v3 import als_pb2 as grpc_als_pb2
 from envoy.extensions.filters.http.lua.v3 import lua_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
@@ -15,8 +17,21 @@ from google.protobuf import wrappers_pb2
 
 from control_plane.builders.common import pack, seconds
 from control_plane.builders.local_replies import build_local_reply_config
-from control_plane.builders.names import LISTENER_NAME, LUA_FILTER, ROUTE_CONFIG_NAME
+from control_plane.builders.names import LISTENER_NAME, LUA_FILTER, ROUTE_CONFIG_NAME, UPSTREAM_LOG_NAME, XDS_CLUSTER
 from control_plane.config import GatewayConfig
+
+
+def _upstream_try_log() -> accesslog_pb2.AccessLog:
+    """Every try at an engine, with its outcome, to the control plane (control_plane/outcomes.py)."""
+    common = grpc_als_pb2.CommonGrpcAccessLogConfig(
+        log_name=UPSTREAM_LOG_NAME,
+        transport_api_version=config_source_pb2.V3,
+        grpc_service=grpc_service_pb2.GrpcService(
+            envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=XDS_CLUSTER)),
+        buffer_flush_interval=seconds(0.1),  # Envoy's 1 s default would delay the evidence
+    )
+    return accesslog_pb2.AccessLog(name="envoy.access_loggers.http_grpc",
+                                   typed_config=pack(grpc_als_pb2.HttpGrpcAccessLogConfig(common_config=common)))
 
 
 def build_listener(config: GatewayConfig, lua_source: str) -> listener_pb2.Listener:
@@ -43,7 +58,8 @@ def build_listener(config: GatewayConfig, lua_source: str) -> listener_pb2.Liste
         use_remote_address=wrappers_pb2.BoolValue(value=True),
         http_filters=[
             hcm.HttpFilter(name=LUA_FILTER, typed_config=pack(lua)),
-            hcm.HttpFilter(name="envoy.filters.http.router", typed_config=pack(router_pb2.Router())),
+            hcm.HttpFilter(name="envoy.filters.http.router",
+                           typed_config=pack(router_pb2.Router(upstream_log=[_upstream_try_log()]))),
         ],
     )
     address = address_pb2.Address(

@@ -1,20 +1,21 @@
 """Every answer Envoy makes itself (no engine, timeout, too large, bad HTTP) in OpenAI's error shape.
 
-The Lua filter's own answers are already OpenAI JSON: it marks the request with LUA_REPLY_HEADER
-before answering, and the first mapper passes those through untouched.
+The Lua filter's own answers are already OpenAI JSON: it marks them with dynamic metadata
+(which, unlike a header, no client can send) before answering, and the first mapper passes
+those through untouched.
 """
 
 from __future__ import annotations
 
 from envoy.config.accesslog.v3 import accesslog_pb2
 from envoy.config.core.v3 import base_pb2, substitution_format_string_pb2
-from envoy.config.route.v3 import route_components_pb2
+from envoy.type.matcher.v3 import metadata_pb2, value_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
-from google.protobuf import struct_pb2
+from google.protobuf import struct_pb2, wrappers_pb2
 
+from control_plane.builders.names import LUA_REPLY_KEY, METADATA_NAMESPACE
 from control_plane.config import GatewayConfig
 
-LUA_REPLY_HEADER = "x-whisper-lua-reply"
 Format = substitution_format_string_pb2.SubstitutionFormatString
 
 
@@ -36,8 +37,11 @@ def _mapper(code: int, message: str, error_type: str) -> hcm.ResponseMapper:
 
 
 def build_local_reply_config(config: GatewayConfig) -> hcm.LocalReplyConfig:
-    lua_reply = accesslog_pb2.AccessLogFilter(header_filter=accesslog_pb2.HeaderFilter(
-        header=route_components_pb2.HeaderMatcher(name=LUA_REPLY_HEADER, present_match=True)))
+    lua_reply = accesslog_pb2.AccessLogFilter(metadata_filter=accesslog_pb2.MetadataFilter(
+        matcher=metadata_pb2.MetadataMatcher(
+            filter=METADATA_NAMESPACE, path=[metadata_pb2.MetadataMatcher.PathSegment(key=LUA_REPLY_KEY)],
+            value=value_pb2.ValueMatcher(present_match=True)),
+        match_if_key_not_found=wrappers_pb2.BoolValue(value=False)))
     passthrough = Format(text_format_source=base_pb2.DataSource(inline_string="%LOCAL_REPLY_BODY%"),
                          content_type="application/json")
     limit_mb = f"{config.limits.max_upload_mb:g}"

@@ -9,6 +9,11 @@ MODEL_HEADER = "x-whisper-model"
 # endpoints whose LB_METADATA carries LONG_UPLOAD_KEY (control_plane/policy.py picks them).
 LONG_UPLOAD_HEADER = "x-whisper-long-upload"
 LB_METADATA = "envoy.lb"
+# Added to every request Envoy proxies; the Lua filter answers 508 to one that arrives with it.
+HOP_HEADER = "x-whisper-gateway-hop"
+# Dynamic metadata the Lua filter sets on its own answers (METADATA_NAMESPACE.LUA_REPLY_KEY).
+METADATA_NAMESPACE = "whisper_gateway"
+LUA_REPLY_KEY = "lua_reply"
 LONG_UPLOAD_KEY = "long_uploads"
 LUA_FILTER = "envoy.filters.http.lua"
 AUDIO_PATHS = ("/v1/audio/transcriptions", "/v1/audio/translations")
@@ -19,3 +24,8 @@ def cluster_name(model: str) -> str:
 
 # A cluster with no endpoints, for requests that reach no model route.
 UNROUTED_CLUSTER = "whisper:unrouted"
+
+# The bootstrap's static cluster to the control plane (ADS, and the upstream-try log).
+XDS_CLUSTER = "xds_cluster"
+# The gRPC access log of every upstream try (control_plane/outcomes.py).
+UPSTREAM_LOG_NAME = "whisper_upstream_tries"

@@ -20,6 +20,7 @@ from google.protobuf import struct_pb2, wrappers_pb2
 from control_plane.builders.common import long_upload_metadata, pack, seconds
 from control_plane.builders.names import (
     AUDIO_PATHS,
+    HOP_HEADER,
     LONG_UPLOAD_HEADER,
     LUA_FILTER,
     MODEL_HEADER,
@@ -87,7 +88,7 @@ def _retry_policy(config: GatewayConfig) -> rc.RetryPolicy | None:
     idle = config.resilience.per_try_idle_s
     if config.resilience.retries == 0 and not idle:
         return None
-    retry_on = "connect-failure,reset-before-request,retriable-status-codes"
+    retry_on = "connect-failure,refused-stream,reset-before-request,retriable-status-codes"
     if config.resilience.retry_after_reset:
         retry_on += ",reset"
     return rc.RetryPolicy(
@@ -128,10 +129,24 @@ def _fallback_routes() -> list[rc.Route]:
     return routes
 
 
+def hedging(config: GatewayConfig) -> tuple[int, int]:
+    """(base ms, ms per MiB) of the per-try deadline the Lua filter sets; (0, 0): none.
+
+    A per-try timeout without a retry (or with retries that never follow a reset) would fail
+    the request instead of asking another engine, so it is set only where it can hedge.
+    """
+    r = config.resilience
+    if not (r.retries and r.retry_after_reset):
+        return 0, 0
+    return int(r.hedge_after_s * 1000), int(r.hedge_per_mb_s * 1000)
+
+
 def _filter_context(config: GatewayConfig, fleet: Fleet) -> struct_pb2.Struct:
+    base_ms, per_mb_ms = hedging(config)
     context = struct_pb2.Struct()
     context.update({"models": fleet.name_to_model(),
-                    "long_upload_bytes": config.routing.long_upload_bytes})
+                    "long_upload_bytes": config.routing.long_upload_bytes,
+                    "per_try_base_ms": base_ms, "per_try_ms_per_mb": per_mb_ms})
     return context
 
 
@@ -144,6 +159,12 @@ def build_route_configuration(config: GatewayConfig, fleet: Fleet) -> route_pb2.
         # before the filter sets the model header, so it must sit on the virtual host.
         request_body_buffer_limit=wrappers_pb2.UInt64Value(value=config.limits.max_upload_bytes),
         typed_per_filter_config={LUA_FILTER: pack(lua_pb2.LuaPerRoute(filter_context=_filter_context(config, fleet)))},
+        # Every proxied request carries it; the Lua filter refuses one that arrives with it (a loop).
+        request_headers_to_add=[base_pb2.HeaderValueOption(
+            header=base_pb2.HeaderValue(key=HOP_HEADER, value="1"),
+            append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD)],
+        # The per-try deadline (hedging()) starts another try without cutting the first.
+        hedge_policy=rc.HedgePolicy(hedge_on_per_try_timeout=True),
     )
     return route_pb2.RouteConfiguration(
         name=ROUTE_CONFIG_NAME,

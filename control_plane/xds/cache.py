@@ -34,9 +34,12 @@ class EnvoyStatus:
     node_id: str
     cluster: str
     peer: str
-    connected_at: float = field(default_factory=time.time)
     acked: dict[str, str] = field(default_factory=dict)
     last_nack: Nack | None = None
+    # Types fetched by name: the content hash of each resource this Envoy ACKed, and the
+    # resources it refused (by type and name), with the reason, until a good one replaces them.
+    applied: dict[str, dict[str, str]] = field(default_factory=dict)
+    rejected: dict[tuple[str, str], Nack] = field(default_factory=dict)
 
 
 class SnapshotCache:
@@ -88,9 +91,12 @@ class SnapshotCache:
         if status is not None:
             log.info("envoy %s (%s) disconnected", status.node_id, status.peer)
 
-    async def record_ack(self, stream_id: int, type_url: str, version: str) -> None:
+    async def record_ack(self, stream_id: int, type_url: str, version: str,
+                         hashes: dict[str, str] | None = None) -> None:
         status = self.envoys.get(stream_id)
         if status is not None:
+            if hashes:
+                status.applied.setdefault(type_url, {}).update(hashes)
             if status.acked.get(type_url) != version and self._published_at.get(type_url, ("",))[0] == version:
                 PUSH_TO_ACK_SECONDS.labels(SHORT_NAMES.get(type_url, type_url)).observe(
                     time.monotonic() - self._published_at[type_url][1])
@@ -108,6 +114,26 @@ class SnapshotCache:
             status.last_nack = nack
         node = status.node_id if status else "?"
         log.warning("envoy %s rejected %s version %s: %s", node, SHORT_NAMES.get(type_url, type_url), version, message)
+
+    def record_rejection(self, stream_id: int, type_url: str, name: str, message: str | None,
+                         version: str = "") -> None:
+        """One resource an Envoy refused (message), or accepted again (None)."""
+        status = self.envoys.get(stream_id)
+        if status is None:
+            return
+        if message is None:
+            status.rejected.pop((type_url, name), None)
+            log.info("envoy %s applied %s %s again", status.node_id, SHORT_NAMES.get(type_url, type_url), name)
+            return
+        status.rejected[(type_url, name)] = Nack(type_url=type_url, version=version, message=message, at=time.time())
+        log.error("envoy %s refused %s %s; it keeps its last good one: %s", status.node_id,
+                  SHORT_NAMES.get(type_url, type_url), name, message)
+
+    def applied_everywhere(self, type_url: str, names: set[str] | frozenset[str]) -> bool:
+        """Every connected Envoy ACKed the current content of each named resource (not just got it)."""
+        current = self._snapshot.hashes[type_url] if self._snapshot else {}
+        return all(status.applied.get(type_url, {}).get(name) == current.get(name)
+                   for status in self.envoys.values() for name in names)
 
     async def wait_for_acks(self, type_url: str, version: str, timeout: float) -> bool:
         """Waits until every connected Envoy has applied `version` of a type (or the timeout)."""

@@ -14,6 +14,7 @@ import asyncio
 import itertools
 import logging
 from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -37,12 +38,29 @@ SERVER_OPTIONS = (
 
 
 @dataclass
+class _Sent:
+    """What one response carried: for types fetched by name, each resource's content hash."""
+
+    version: str
+    hashes: dict[str, str] | None  # None: a wildcard type (the whole set)
+
+
+@dataclass
 class _TypeState:
     subscribed: bool = False
     names: frozenset[str] | None = None  # None: wildcard
     sent_version: str | None = None
     sent_names: frozenset[str] | None = None
-    sent_hashes: dict[str, str] = field(default_factory=dict)  # per resource, for types fetched by name
+    # Per resource (types fetched by name): what Envoy holds or is being sent, what it ACKed, and
+    # what it refused (not sent again until its content changes).
+    sent_hashes: dict[str, str] = field(default_factory=dict)
+    applied: dict[str, str] = field(default_factory=dict)
+    rejected: dict[str, str] = field(default_factory=dict)
+    in_flight: dict[str, _Sent] = field(default_factory=dict)  # by nonce, oldest first
+    # After a NACKed response of several resources: those resources, sent one per response until
+    # the one Envoy refuses is known. Envoy applies a batch resource by resource and stops at the
+    # bad one, so what else it took is unknown: each is sent again.
+    isolate: list[str] = field(default_factory=list)
     nonce: str = ""
     acked_version: str | None = None
     resend: bool = False
@@ -58,24 +76,57 @@ class AdsStream:
         self._nonces = itertools.count(1)
 
     async def on_request(self, request: discovery_pb2.DiscoveryRequest) -> None:
-        state = self.types.get(request.type_url)
+        type_url = request.type_url
+        state = self.types.get(type_url)
         if state is None:
-            log.warning("stream %d asked for unsupported type %s", self.stream_id, request.type_url)
+            log.warning("stream %d asked for unsupported type %s", self.stream_id, type_url)
             return
         if request.response_nonce:
-            if request.response_nonce != state.nonce:
-                return  # answers an older response; a newer one is on its way
+            sent = state.in_flight.get(request.response_nonce)
+            if sent is None:
+                return  # answers a response already accounted for
+            for older in list(state.in_flight):
+                if older == request.response_nonce:
+                    break
+                self._forget(state, state.in_flight.pop(older))  # never answered on its own: unknown
+            del state.in_flight[request.response_nonce]
             if request.HasField("error_detail"):
-                self.cache.record_nack(self.stream_id, request.type_url, state.sent_version or "",
-                                       request.error_detail.message)
+                self._on_nack(type_url, state, sent, request.error_detail.message)
             else:
                 state.acked_version = request.version_info
-                await self.cache.record_ack(self.stream_id, request.type_url, request.version_info)
+                for name, digest in (sent.hashes or {}).items():
+                    state.applied[name] = digest
+                    if state.rejected.pop(name, None) is not None:
+                        self.cache.record_rejection(self.stream_id, type_url, name, None)
+                await self.cache.record_ack(self.stream_id, type_url, request.version_info, sent.hashes)
+            if request.response_nonce != state.nonce:
+                return  # a newer response is on its way; its answer carries the current subscription
         state.subscribed = True
-        if request.type_url in WILDCARD_TYPES:
+        if type_url in WILDCARD_TYPES:
             state.names = None
         else:
             state.names = frozenset(request.resource_names)
+
+    @staticmethod
+    def _forget(state: _TypeState, sent: _Sent) -> None:
+        """What a response carried is not known to be applied: it is sent again where it differs."""
+        for name in sent.hashes or {}:
+            if name in state.applied:
+                state.sent_hashes[name] = state.applied[name]
+            else:
+                state.sent_hashes.pop(name, None)
+
+    def _on_nack(self, type_url: str, state: _TypeState, sent: _Sent, message: str) -> None:
+        self.cache.record_nack(self.stream_id, type_url, sent.version, message)
+        if sent.hashes is None:
+            return  # a wildcard set: Envoy keeps its last good one, and this version is not resent
+        self._forget(state, sent)
+        if len(sent.hashes) == 1:
+            (name, digest), = sent.hashes.items()
+            state.rejected[name] = digest
+            self.cache.record_rejection(self.stream_id, type_url, name, message, digest)
+        else:
+            state.isolate = sorted(set(state.isolate) | set(sent.hashes))
 
     def responses(self, snapshot: Snapshot) -> list[discovery_pb2.DiscoveryResponse]:
         out = []
@@ -83,39 +134,61 @@ class AdsStream:
             state = self.types[type_url]
             if not state.subscribed or (state.names is not None and not state.names):
                 continue
-            version = snapshot.versions[type_url]
-            due = state.sent_version != version or state.sent_names != state.names or state.resend
-            if not due:
-                continue
             if type_url in (LISTENER, ROUTE) and not self._clusters_ready(snapshot):
                 continue
-            names = self._names_to_send(type_url, state, snapshot)
-            if names is not None and not names:
-                # Nothing this Envoy asked for changed; it is up to date with this version.
-                state.sent_version = version
-                continue
-            nonce = str(next(self._nonces))
-            out.append(discovery_pb2.DiscoveryResponse(
-                version_info=version, resources=snapshot.select(type_url, names), type_url=type_url, nonce=nonce,
-            ))
-            if names is not None:
-                state.sent_hashes.update({n: snapshot.hashes[type_url][n] for n in names if n in snapshot.hashes[type_url]})
-            state.sent_version, state.sent_names, state.nonce = version, state.names, nonce
-            state.resend = False
+            version = snapshot.versions[type_url]
+            if state.names is None:
+                if state.sent_version == version and not state.resend:
+                    continue
+                names = None
+            else:
+                self._settle_rejections(type_url, state, snapshot)
+                names = self._names_to_send(type_url, state, snapshot)
+                if state.isolate and names:
+                    if state.in_flight:
+                        continue  # one resource at a time until the refused one is known
+                    while state.isolate and state.isolate[0] not in names:
+                        state.isolate.pop(0)
+                    if state.isolate:
+                        names = frozenset([state.isolate.pop(0)])
+                if not names:
+                    # Nothing this Envoy asked for is missing; it is up to date with this version.
+                    state.sent_version, state.sent_names, state.resend = version, state.names, False
+                    continue
+            out.append(self._respond(type_url, state, snapshot, names))
             if type_url == CLUSTER:
                 # A changed cluster warms until its endpoints arrive, even when its name did not change.
                 self.types[ENDPOINT].resend = True
         return out
 
-    @staticmethod
-    def _names_to_send(type_url: str, state: _TypeState, snapshot: Snapshot) -> frozenset[str] | None:
-        """None: everything (wildcard types). Else the asked names whose content this stream lacks."""
-        if state.names is None:
-            return None
+    def _respond(self, type_url: str, state: _TypeState, snapshot: Snapshot,
+                 names: frozenset[str] | None) -> discovery_pb2.DiscoveryResponse:
+        version, nonce = snapshot.versions[type_url], str(next(self._nonces))
+        hashes = None
+        if names is not None:
+            hashes = {n: snapshot.hashes[type_url][n] for n in names}
+            state.sent_hashes.update(hashes)
+            state.sent_names = state.names
+        state.in_flight[nonce] = _Sent(version, hashes)
+        state.sent_version, state.nonce, state.resend = version, nonce, False
+        return discovery_pb2.DiscoveryResponse(version_info=version, resources=snapshot.select(type_url, names),
+                                               type_url=type_url, nonce=nonce)
+
+    def _settle_rejections(self, type_url: str, state: _TypeState, snapshot: Snapshot) -> None:
+        """A refused resource whose content went back to what Envoy holds is refused no more."""
         current = snapshot.hashes[type_url]
-        if state.resend or state.sent_names != state.names:
-            return frozenset(n for n in state.names if n in current)
-        return frozenset(n for n in state.names if n in current and state.sent_hashes.get(n) != current[n])
+        for name in [n for n, digest in state.rejected.items() if current.get(n) != digest]:
+            if name not in current or state.applied.get(name) == current[name]:
+                del state.rejected[name]
+                self.cache.record_rejection(self.stream_id, type_url, name, None)
+
+    @staticmethod
+    def _names_to_send(type_url: str, state: _TypeState, snapshot: Snapshot) -> frozenset[str]:
+        """The asked names whose current content this stream has not sent, less what Envoy refused."""
+        current = snapshot.hashes[type_url]
+        everything = state.resend or state.sent_names != state.names
+        return frozenset(n for n in state.names if n in current and state.rejected.get(n) != current[n]
+                         and (everything or state.sent_hashes.get(n) != current[n]))
 
     def _clusters_ready(self, snapshot: Snapshot) -> bool:
         """Clusters applied and every one of them given its endpoints: routes may now point at them."""
@@ -127,12 +200,9 @@ class AdsStream:
         needed = snapshot.names(ENDPOINT)  # the EDS clusters; static ones carry their endpoints
         if not needed:
             return True
-        return (
-            endpoints.sent_version == snapshot.versions[ENDPOINT]
-            and not endpoints.resend
-            and endpoints.sent_names is not None
-            and needed <= endpoints.sent_names
-        )
+        # Endpoints Envoy refused do not hold the routes back: it keeps its last good ones.
+        return (endpoints.names is not None and needed <= endpoints.names and not endpoints.isolate
+                and not self._names_to_send(ENDPOINT, endpoints, snapshot))
 
 
 class AggregatedDiscoveryServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
@@ -185,9 +255,13 @@ class AggregatedDiscoveryServicer(ads_pb2_grpc.AggregatedDiscoveryServiceService
             self.cache.stream_closed(stream.stream_id)
 
 
-async def start_ads_server(cache: SnapshotCache, address: str, port: int) -> grpc.aio.Server:
+async def start_ads_server(cache: SnapshotCache, address: str, port: int,
+                           more_services: Sequence[Callable[[grpc.aio.Server], None]] = ()) -> grpc.aio.Server:
+    """ADS, plus whatever else Envoys reach on the same port (`more_services` add their servicers)."""
     server = grpc.aio.server(options=SERVER_OPTIONS)
     ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(AggregatedDiscoveryServicer(cache), server)
+    for add in more_services:
+        add(server)
     bound = server.add_insecure_port(f"{address}:{port}")
     if bound == 0:
         raise OSError(f"cannot listen for xDS on {address}:{port}")

@@ -231,8 +231,12 @@ class EngineApp:
     async def _speech(self, request: web.Request, task: str) -> web.StreamResponse:
         try:
             form = await request.post()
-        except ValueError as error:
-            raise EngineError(400, f"Malformed multipart body: {error}", "Bad Request") from None
+        except web.HTTPRequestEntityTooLarge:
+            raise
+        except Exception as error:  # noqa: BLE001 - any parser failure is the client's malformed form
+            # vLLM answers malformed forms with a 400; a 500 here would count against the engine.
+            raise EngineError(400, f"Malformed multipart body: {type(error).__name__}: {error}"[:500],
+                              "Bad Request") from None
         speech = parse_form(form, task, self.backend)
         transcript = await self.backend.transcribe(speech)
         if speech.stream:

@@ -1,0 +1,99 @@
+"""What every Envoy saw happen on each try at each engine, as decayed failure ratios.
+
+Engine metrics say how busy an engine is, not whether its answers arrive. An engine that sends
+200 headers and then cuts the connection, or answers every request at once with a 503, looks
+idle on /metrics, finishes fastest, and so would win least-request picks; Envoy itself counts
+such a cut as a success (its host stats, load reports and outlier detection all see the 200).
+Each Envoy's router therefore logs every upstream try over gRPC (the access log service) to
+the control plane, which classifies it and sums outcomes per endpoint across Envoys with
+exponential decay. The policy holds a failing endpoint's weight down by its failure ratio.
+
+A failure is what only the engine or the path to it causes: no response, a reset or a cut
+stream, a timeout, 502/503/504. Plain 500s are not counted: a client's odd upload can make
+vLLM answer 500, and nobody may lower a healthy engine's share by sending such uploads.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+from envoy.data.accesslog.v3 import accesslog_pb2
+from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+OUTCOMES_TAU_S = 5.0  # how fast old outcomes fade
+MIN_EVIDENCE = 3.0  # decayed tries before a failure ratio counts
+FAILED_STATUSES = frozenset({502, 503, 504})
+FAILURE_FLAGS = ("upstream_request_timeout", "upstream_remote_reset", "upstream_connection_failure",
+                 "upstream_connection_termination", "upstream_protocol_error", "upstream_max_stream_duration_reached",
+                 "stream_idle_timeout", "duration_timeout")
+
+
+def failed(entry: accesslog_pb2.HTTPAccessLogEntry) -> bool:
+    """True when the engine (or the way to it) failed this try; the client's doing never counts."""
+    flags = entry.common_properties.response_flags
+    if any(getattr(flags, name) for name in FAILURE_FLAGS):
+        return True
+    status = entry.response.response_code.value
+    return status == 0 or status in FAILED_STATUSES
+
+
+@dataclass
+class _Tally:
+    ok: float = 0.0
+    failed: float = 0.0
+    at: float = 0.0
+
+    def decay_to(self, now: float) -> None:
+        factor = math.exp(-max(0.0, now - self.at) / OUTCOMES_TAU_S)
+        self.ok, self.failed, self.at = self.ok * factor, self.failed * factor, now
+
+
+class Outcomes:
+    """Decayed counts of good and failed tries per endpoint ("ip:port"), over every Envoy."""
+
+    def __init__(self) -> None:
+        self._tallies: dict[str, _Tally] = {}
+
+    def record(self, endpoint: str, ok: bool, now: float) -> None:
+        tally = self._tallies.setdefault(endpoint, _Tally(at=now))
+        tally.decay_to(now)
+        if ok:
+            tally.ok += 1
+        else:
+            tally.failed += 1
+
+    def failure_ratio(self, endpoint: str, now: float) -> float:
+        """Recent failed tries / recent tries; 0 until there is enough evidence."""
+        tally = self._tallies.get(endpoint)
+        if tally is None:
+            return 0.0
+        tally.decay_to(now)
+        total = tally.ok + tally.failed
+        return tally.failed / total if total >= MIN_EVIDENCE else 0.0
+
+    def retain(self, endpoints: set[str]) -> None:
+        """Forgets endpoints that left the fleet."""
+        for key in set(self._tallies) - endpoints:
+            del self._tallies[key]
+
+
+class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):
+    """Receives every Envoy's upstream-try log; records each try's outcome by endpoint."""
+
+    def __init__(self, outcomes: Outcomes, clock: Callable[[], float]):
+        self.outcomes, self.clock = outcomes, clock
+
+    async def StreamAccessLogs(self, request_iterator, context: grpc.aio.ServicerContext):
+        async for message in request_iterator:
+            now = self.clock()
+            for entry in message.http_logs.log_entry:
+                address = entry.common_properties.upstream_remote_address.socket_address
+                if address.address:
+                    self.outcomes.record(f"{address.address}:{address.port_value}", not failed(entry), now)
+        return als_pb2.StreamAccessLogsResponse()
