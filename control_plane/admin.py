@@ -79,7 +79,8 @@ def _number(body: dict, key: str, low: float, high: float, integer: bool):
     if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
         raise ApiError(400, f"{key} must be {'an integer' if integer else 'a number'}, got {json.dumps(value)}", param=key)
     if not low <= value <= high:
-        raise ApiError(400, f"{key} must be between {low} and {high}, got {value}", param=key)
+        shown = str(value) if len(str(value)) <= 40 else str(value)[:40] + "..."
+        raise ApiError(400, f"{key} must be between {low} and {high}, got {shown}", param=key)
     return value
 
 

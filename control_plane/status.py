@@ -43,6 +43,9 @@ def endpoint_rows(plane, now: float) -> list[dict]:
                 "base_weight": entry.weight,
                 "scrape_age_s": round(now - track.scraped_at, 3) if track and track.scraped_at is not None else None,
                 "scrape_error": track.error if track else None,
+                # Recent tries this engine failed (cut, reset, 502-504), as the Envoys saw them.
+                "failure_ratio": round(plane.balancer.outcomes.failure_ratio(f"{backend.address}:{backend.port}", now),
+                                       3) if backend else None,
             })
     return rows
 

@@ -65,6 +65,15 @@ def test_a_backend_with_a_new_model_gets_its_route(tmp_path):
     assert gateway.admin.call("POST", "/backends", {"url": other, "models": ["whisper-medium"]}).status == 201
     wait_until(lambda: transcribe(gateway.envoy.url, "whisper-medium").status == 200, 5, "the new model's route")
     assert "whisper-medium" in [m["id"] for m in request("GET", gateway.envoy.url + "/v1/models").json()["data"]]
+    # The model goes with its last backend: 404 again (not 503 for ever), and a restart keeps it gone.
+    other_id = gateway.admin.backends()[other]["id"]
+    assert gateway.admin.call("DELETE", f"/backends/{other_id}?force=true").status == 200
+    wait_until(lambda: transcribe(gateway.envoy.url, "whisper-medium").status == 404, 5, "the model to go")
+    assert "whisper-medium" not in [m["id"] for m in request("GET", gateway.envoy.url + "/v1/models").json()["data"]]
+    gateway.restart_plane()
+    wait_until(lambda: gateway.admin.call("GET", "/healthz").status == 200, 10, "the control plane back")
+    assert json.loads((gateway.plane.state_dir / "state.json").read_text())["models"] == []
+    assert transcribe(gateway.envoy.url, MODEL).status == 200
 
 
 def test_drain_and_delete_under_load_lose_nothing(tmp_path):
@@ -224,6 +233,31 @@ BAD_REQUESTS = [
     ("drain unknown id", "POST", "/backends/b-0000000000/drain", {}, None, 404, "id"),
     ("delete unknown id", "DELETE", "/backends/b-0000000000", None, None, 404, "id"),
     ("wrong method", "PUT", "/backends", {}, None, 405, None),
+    # Addresses Envoy would refuse (one poisoned a whole model) or that no engine can be on.
+    ("IPv6 zone id", "POST", "/backends", {"url": "http://[fe80::1%25lo]:28107", "models": [MODEL]}, None, 400,
+     "url"),
+    ("space in the host", "POST", "/backends", {"url": "http://engine a:8000", "models": [MODEL]}, None, 400, "url"),
+    ("NUL in the host", "POST", "/backends", {"url": "http://engine\u0000:8000", "models": [MODEL]}, None, 400,
+     "url"),
+    ("HTML in the host", "POST", "/backends", {"url": "http://<b>x</b>:8000", "models": [MODEL]}, None, 400, "url"),
+    ("CRLF in the URL", "POST", "/backends", {"url": "http://127.0.0.1:9\r\nHost: evil", "models": [MODEL]}, None,
+     400, "url"),
+    ("port 0", "POST", "/backends", {"url": "http://127.0.0.1:0", "models": [MODEL]}, None, 400, "url"),
+    ("decimal IPv4", "POST", "/backends", {"url": "http://2130706433:8000", "models": [MODEL]}, None, 400, "url"),
+    ("cloud metadata address", "POST", "/backends", {"url": "http://169.254.169.254:80", "models": [MODEL]}, None,
+     400, "url"),
+    ("unspecified address", "POST", "/backends", {"url": "http://0.0.0.0:8000", "models": [MODEL]}, None, 400, "url"),
+    ("unclosed IPv6 bracket", "POST", "/backends", {"url": "http://[::1:28105", "models": [MODEL]}, None, 400, "url"),
+    ("300-character host", "POST", "/backends", {"url": "http://" + "a" * 300 + ":8000", "models": [MODEL]}, None,
+     400, "url"),
+    ("64-character label", "POST", "/backends", {"url": "http://" + "a" * 64 + ".example:8000", "models": [MODEL]},
+     None, 400, "url"),
+    ("name that does not resolve", "POST", "/backends", {"url": "http://no-such-engine.invalid:8000",
+                                                         "models": [MODEL]}, None, 400, "url"),
+    ("5,000-digit weight", "POST", "/backends", b'{"url": "http://127.0.0.1:9", "models": ["' + MODEL.encode()
+     + b'"], "weight": ' + b"9" * 5000 + b"}", None, 400, None),
+    ("4,000-digit weight", "POST", "/backends", b'{"url": "http://127.0.0.1:9", "models": ["' + MODEL.encode()
+     + b'"], "weight": ' + b"9" * 4000 + b"}", None, 400, "weight"),
     ("unknown path", "GET", "/nothing", None, None, 404, None),
 ]
 
@@ -244,6 +278,19 @@ def test_bad_admin_requests_change_nothing(quiet_gateway, what, method, path, bo
         assert response.headers.get("WWW-Authenticate") == "Bearer"
     assert durable(gateway.admin.backends()) == before
     assert (state_file.read_bytes() if state_file.exists() else None) == state_before
+
+
+def test_the_gateways_own_addresses_are_not_backends(quiet_gateway):
+    gateway, _ = quiet_gateway
+    listen = gateway.raw["listen"]
+    for name, port in [("listener", listen["port"]), ("admin API", listen["admin_port"]),
+                       ("xDS server", listen["xds_port"]), ("Envoy metrics listener", listen["envoy_metrics_port"]),
+                       ("Envoy admin", listen["envoy_admin_port"])]:
+        for host_name in ("127.0.0.1", "localhost"):
+            answer = gateway.admin.call("POST", "/backends", {"url": f"http://{host_name}:{port}", "models": [MODEL]})
+            assert answer.status == 400, (name, answer.text)
+            assert "gateway's own" in answer.json()["error"]["message"] and name in answer.json()["error"]["message"]
+    assert len(gateway.admin.backends()) == 1
 
 
 def test_conflicts_with_existing_backends(quiet_gateway):

@@ -10,12 +10,16 @@ import pytest
 from engines.common.audio import silent_wav
 from tests.harness import (
     Envoy,
+    GatewayConfigFile,
     GatewayStack,
     LoadGenerator,
     multipart,
     raw_http,
     request,
+    base_config,
+    free_port,
     served_by,
+    start_control_plane,
     start_engine,
     transcribe,
     wait_until,
@@ -65,9 +69,8 @@ def test_killed_engine_leaves_rotation_and_rejoins(tmp_path):
         wait_until(lambda: len(load.statuses) >= after_kill + 30, 15, "more load after the kill")
     finally:
         statuses = load.stop()
-    failed = [s for s in statuses if s != 200]
-    # Only requests in flight on the killed engine may fail (six clients: at most six), as 503s.
-    assert len(failed) <= 6 and set(failed) <= {503}, failed
+    # A transcription has no side effects: what the killed engine held is retried on another.
+    assert statuses and set(statuses) == {200}, [s for s in statuses if s != 200]
     assert gateway.served_by(12)["e3"] == 0
     # It comes back on the same address and rejoins.
     gateway.processes["e3"], _ = start_engine(tmp_path, MODEL, "e3", port=int(gateway.engines["e3"].rsplit(":", 1)[1]),
@@ -76,10 +79,12 @@ def test_killed_engine_leaves_rotation_and_rejoins(tmp_path):
     wait_until(lambda: gateway.served_by(6)["e3"] > 0, 10, "traffic on the returned engine")
 
 
-def test_hung_engine_costs_only_what_it_holds_then_leaves_rotation(tmp_path):
-    # Requests already on a hung engine end at the route timeout (short here) or the per-try
-    # idle timeout; new ones stop going there once it fails its health checks.
-    gateway = FaultGateway(tmp_path, ["e1", "e2"], timeouts={"route_s": 3})
+def test_hung_engine_costs_no_request_and_leaves_rotation(tmp_path):
+    # A try that has not answered within the hedge deadline (short here) is hedged: another engine
+    # is asked too and the first answer wins, so what the hung engine held still gets answered;
+    # new requests stop going there once it fails its health checks.
+    gateway = FaultGateway(tmp_path, ["e1", "e2"], timeouts={"route_s": 30},
+                           resilience={**FAST_RESILIENCE, "hedge_after_s": 1, "hedge_per_mb_s": 0})
     load = LoadGenerator(gateway.envoy.url, MODEL, concurrency=4, seconds=5)
     try:
         wait_until(lambda: len(load.statuses) >= 8, 10, "load to flow")
@@ -89,12 +94,48 @@ def test_hung_engine_costs_only_what_it_holds_then_leaves_rotation(tmp_path):
         wait_until(lambda: len(load.statuses) >= after + 20, 15, "load to go on")
     finally:
         statuses = load.stop()
-    # Every request ended (a client gives up after 30 s: none had to); failures are the few that
-    # were on the hung engine before it left rotation, answered with an honest 504.
-    assert 0 not in statuses
-    failed = [s for s in statuses if s != 200]
-    assert len(failed) <= 4 and set(failed) <= {504}, failed
+    assert statuses and set(statuses) == {200}, [s for s in statuses if s != 200]
+    assert gateway.envoy.stat(f"cluster.model_{MODEL}.upstream_rq_retry") > 0  # the hedged tries
     assert gateway.served_by(10) == {"e1": 10, "e2": 0}
+
+
+def test_without_hedging_a_hung_engine_holds_its_requests_until_the_route_timeout(tmp_path):
+    """What remains with hedging off: the requests a hung engine holds end at route_s (504)."""
+    gateway = FaultGateway(tmp_path, ["e1", "e2"], timeouts={"route_s": 3},
+                           resilience={**FAST_RESILIENCE, "hedge_after_s": 0, "hedge_per_mb_s": 0})
+    gateway.fault("e2", requests="hang")
+    statuses = [transcribe(gateway.envoy.url, MODEL).status for _ in range(4)]
+    assert set(statuses) <= {200, 504} and 504 in statuses, statuses
+
+
+def test_500s_from_an_engine_do_not_eject_it(tmp_path):
+    """A client's odd upload can make vLLM answer 500: sending many must not take healthy engines out."""
+    gateway = FaultGateway(tmp_path, ["e1", "e2"])
+    gateway.fault("e2", requests="500")
+    load = LoadGenerator(gateway.envoy.url, MODEL, concurrency=5, seconds=1, max_requests=30)
+    wait_until(lambda: len(load.statuses) >= 30, 30, "30 requests")
+    statuses = load.stop()
+    assert 500 in statuses and set(statuses) <= {200, 500}
+    assert gateway.envoy.stat(f"cluster.model_{MODEL}.outlier_detection.ejections_enforced_total") == 0
+    assert gateway.flags("e2") == "healthy"
+
+
+def test_an_engine_that_cuts_its_answers_loses_its_share(tmp_path):
+    """200 headers, then a cut connection: Envoy counts it a success; the gateway does not."""
+    gateway = FaultGateway(tmp_path, ["e1", "e2", "e3"])
+    gateway.fault("e3", requests="drop")
+    load = LoadGenerator(gateway.envoy.url, MODEL, concurrency=6, seconds=1, max_requests=240)
+    wait_until(lambda: len(load.statuses) >= 240, 60, "240 requests")
+    statuses = load.stop()
+    cut, late = statuses.count(0), statuses[len(statuses) // 2:].count(0)
+    # Least request hands the fastest finisher about half (47% measured before the fix); an equal
+    # share is a third. The first cuts are the evidence; once it is in, the engine gets little.
+    assert 0 < cut < len(statuses) / 3, (cut, len(statuses))
+    assert late <= len(statuses) / 20, (late, len(statuses))
+    e3 = gateway.engines["e3"].removeprefix("http://")
+    assert int(gateway.hosts()[e3]["weight"]) <= 8
+    row = next(r for r in gateway.admin.status()["endpoints"] if r["url"] == gateway.engines["e3"])
+    assert row["failure_ratio"] > 0.5
 
 
 def test_503_queue_full_is_retried_on_another_engine(tmp_path):
@@ -170,6 +211,15 @@ def _bad_inputs(port: int, boundary: str = "xyzBOUNDARY") -> list[tuple[str, obj
         ("broken chunked encoding", http + b"Content-Type: multipart/form-data; boundary=x\r\n"
                                            b"Transfer-Encoding: chunked\r\n\r\nZZZ\r\nabc\r\n", 400),
         ("unknown path", b"GET /v1/chat/completions HTTP/1.1\r\nHost: x\r\n\r\n", 404),
+        ("forged reply marker on a local reply",
+         b"GET /v1/chat/completions HTTP/1.1\r\nHost: x\r\nx-whisper-lua-reply: 1\r\n\r\n", 404),
+        ("part header with a NUL byte", ({"Content-Type": f"multipart/form-data; boundary={boundary}"},
+                                         whole.replace(b'name="model"', b'name="model"; x="\x00"', 1)), 400),
+        ("100 kB part-header line", ({"Content-Type": f"multipart/form-data; boundary={boundary}"},
+                                     whole.replace(b'name="model"', b'name="model"; x="' + b"a" * 100_000 + b'"', 1)),
+         400),
+        ("request that came round a loop", ({"Content-Type": f"multipart/form-data; boundary={boundary}",
+                                             "x-whisper-gateway-hop": "1"}, whole), 508),
         ("path escaping upwards", b"GET /v1/audio/../../../etc/passwd HTTP/1.1\r\nHost: x\r\n\r\n", 404),
     ]
 
@@ -256,3 +306,26 @@ def test_envoy_restarted_gets_the_full_configuration(tmp_path):
     gateway.envoy.wait_serving()
     wait_until(lambda: gateway.envoy.config_versions() == versions, 10, "the same configuration")
     assert sum(gateway.served_by(10).values()) == 10
+
+
+def test_two_gateways_pointed_at_each_other_stop_at_the_first_hop(tmp_path):
+    """Each gateway is the other's backend: one request is one 508, not a thousand stuck ones."""
+    port_a, port_b = free_port(), free_port()
+    envoys = []
+    for name, port, other in (("a", port_a, port_b), ("b", port_b, port_a)):
+        raw = base_config(free_port(), port, [{"name": MODEL}], [{"url": f"http://127.0.0.1:{other}", "models": [MODEL]}])
+        config = GatewayConfigFile(tmp_path / f"gateway-{name}.yaml")
+        config.write(raw)
+        start_control_plane(tmp_path, config.path, name=f"control-plane-{name}", state_dir=tmp_path / f"state-{name}")
+        envoys.append(Envoy(tmp_path, raw, name=f"envoy-{name}"))
+    a, b = envoys
+    for envoy in envoys:
+        envoy.wait_serving()
+        # Each passes the other's health checks: only the hop header can stop the loop.
+        wait_until(lambda envoy=envoy: all(h["health_flags"] == "healthy" for h in envoy.endpoints()[f"model:{MODEL}"].values()),
+                   10, "the other gateway to look healthy")
+    response = transcribe(a.url, MODEL, seconds=100)  # 3.2 MB
+    assert response.status == 508, response.text
+    assert response.json()["error"]["type"] == "LoopDetected"
+    assert a.stat(f"cluster.model_{MODEL}.upstream_rq_total") == 1
+    assert b.stat(f"cluster.model_{MODEL}.upstream_rq_total") == 0

@@ -183,3 +183,16 @@ def test_request_faults(tmp_path):
     assert switch(crash=True).status == 200
     process.popen.wait(5)
     assert process.popen.returncode == 137
+
+
+@pytest.mark.parametrize("header", [b'form-data; name="model"; x="\x00"', b'form-data; name="model"; x="' + b"a" * 100_000 + b'"'],
+                         ids=["NUL in a part header", "100 kB part-header line"])
+def test_malformed_form_is_a_400_not_a_500(engine, header):
+    """A 500 would count against the engine; a client's broken form is the client's 400, as in vLLM."""
+    body = (b"--bnd\r\nContent-Disposition: " + header + b"\r\n\r\n" + MODEL.encode() + b"\r\n"
+            b'--bnd\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\n' + silent_wav(1)
+            + b"\r\n--bnd--\r\n")
+    response = request("POST", engine + "/v1/audio/transcriptions", body,
+                       {"Content-Type": "multipart/form-data; boundary=bnd"})
+    assert response.status == 400, response.text
+    assert response.json()["error"]["code"] == 400

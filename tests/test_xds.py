@@ -17,7 +17,7 @@ from control_plane.app import config_entries
 from control_plane.discovery import resolve_fleet
 from control_plane.registry import Registry
 from control_plane.xds.snapshot import Snapshot
-from control_plane.xds.types import CLUSTER
+from control_plane.xds.types import CLUSTER, ENDPOINT
 from tests.harness import (
     Envoy,
     GatewayConfigFile,
@@ -217,3 +217,103 @@ def test_publish_refuses_an_inconsistent_snapshot(tmp_path):
     errors = snapshot.consistency_errors()
     assert any("points at missing cluster" in e for e in errors)
     assert any("has no cluster" in e for e in errors)
+
+
+BAD_ADDRESS = "fe80::1%25lo"  # as the poisonous URL reached Envoy, which refuses it; validation now keeps it out
+
+
+def _poisonable(monkeypatch) -> set[str]:
+    """Models whose ClusterLoadAssignments get an endpoint Envoy refuses, while they are in the set."""
+    from control_plane import builders
+    from envoy.config.endpoint.v3 import endpoint_components_pb2
+
+    poisoned: set[str] = set()
+    real = builders.build_load_assignment
+
+    def build(model, fleet):
+        assignment = real(model, fleet)
+        if model in poisoned:
+            bad = endpoint_components_pb2.LbEndpoint()
+            bad.CopyFrom(assignment.endpoints[0].lb_endpoints[0])
+            bad.endpoint.address.socket_address.address = BAD_ADDRESS
+            bad.endpoint.hostname = "poison"
+            assignment.endpoints[0].lb_endpoints.append(bad)
+        return assignment
+
+    monkeypatch.setattr(builders, "build_load_assignment", build)
+    return poisoned
+
+
+def _scrape_rounds(plane, key, rounds: int) -> None:
+    """Waits until the control plane has scraped `key` (backend id, model) `rounds` more times."""
+    seen = []
+    wait_until(lambda: (at := plane.balancer.tracker.tracks[key].scraped_at) is not None
+               and (not seen or seen[-1] != at) and seen.append(at) is None and len(seen) > rounds,
+               10, f"{rounds} scrape rounds", interval=0.02)
+
+
+def test_a_refused_endpoint_update_never_takes_good_ones_down(tmp_path, monkeypatch):
+    poisoned = _poisonable(monkeypatch)
+    (_, e1), (_, e2), (_, e3) = [start_engine(tmp_path, model, name) for model, name in
+                                 [(MODEL, "e1"), (MODEL, "e2"), (OTHER, "e3")]]
+    raw = base_config(free_port(), free_port(), [{"name": MODEL}, {"name": OTHER}],
+                      [{"url": e1, "models": [MODEL]}, {"url": e2, "models": [MODEL]}, {"url": e3, "models": [OTHER]}],
+                      routing={"load_aware": False})
+    inproc = InProcessControlPlane(raw)
+    plane = inproc.plane
+    envoy = Envoy(tmp_path, raw, name="envoy-1")
+    late = None
+    try:
+        envoy.wait_serving()
+        # One change: MODEL's endpoints turn bad while OTHER's weight changes with them.
+        poisoned.add(MODEL)
+        changed = copy.deepcopy(raw)
+        changed["backends"][2]["weight"] = 5
+        inproc.run(plane.apply(parse_config(changed)))
+        wait_until(lambda: envoy.endpoints()[f"model:{OTHER}"][_host(e3)]["weight"] == "5", 10,
+                   "the good update that travelled with the bad one")
+        report = wait_until(lambda: (r := inproc.run(_status(plane)))["envoys"][0]["rejected"] and r, 10,
+                            "the refusal to show on /status")
+        (refused,) = report["envoys"][0]["rejected"]
+        assert refused["type"] == "EDS" and refused["resource"] == f"model:{MODEL}"
+        assert "malformed IP address" in refused["message"]
+        # Envoy keeps MODEL's last good endpoints and serves it.
+        assert set(envoy.endpoints()[f"model:{MODEL}"]) == {_host(e1), _host(e2)}
+        assert transcribe(envoy.url, MODEL).status == 200 and transcribe(envoy.url, OTHER).status == 200
+        nacks = plane.cache.nacks_total
+
+        # A drain whose endpoints Envoy refuses is not finished: Envoy still routes to the engine.
+        e1_id = plane.registry.find_url(e1).id
+        inproc.run(plane.drain(e1_id, 300))
+        wait_until(lambda: plane.cache.nacks_total > nacks, 10, "Envoy to refuse the draining endpoints")
+        _scrape_rounds(plane, (e1_id, MODEL), 4)  # two idle rounds would finish an applied drain
+        assert plane.registry.get(e1_id).state == "draining"
+        assert envoy.endpoints()[f"model:{MODEL}"][_host(e1)]["health_flags"] == "healthy"
+
+        # A new Envoy joining while the bad resource is pending gets every good one.
+        late = Envoy(tmp_path, raw, name="envoy-late")
+        late.wait_serving()
+        wait_until(lambda: transcribe(late.url, OTHER).status == 200, 10, "the late Envoy to serve the good model")
+        wait_until(lambda: len(plane.cache.envoys) == 2 and all(
+            (ENDPOINT, f"model:{MODEL}") in s.rejected for s in plane.cache.envoys.values()), 10,
+            "both Envoys to report the refused resource")
+
+        # Fixed: the endpoints are applied everywhere, the refusals clear, and the drain finishes.
+        poisoned.clear()
+        inproc.run(plane.apply(plane.config))
+        wait_until(lambda: plane.registry.get(e1_id).state == "drained", 10, "the drain to finish")
+        assert set(envoy.endpoints()[f"model:{MODEL}"]) == {_host(e2)}
+        assert set(late.endpoints()[f"model:{MODEL}"]) == {_host(e2)}
+        assert all(not s.rejected for s in plane.cache.envoys.values())
+        assert served_by(late.url, MODEL, ["e1", "e2"], 6) == {"e1": 0, "e2": 6}
+    finally:
+        envoy.stop()
+        if late is not None:
+            late.stop()
+        inproc.stop()
+
+
+async def _status(plane) -> dict:
+    from control_plane.status import status_report
+
+    return status_report(plane, asyncio.get_running_loop().time())

@@ -31,6 +31,7 @@ from control_plane.builders.names import (
 )
 from control_plane.config import GatewayConfig
 from control_plane.fleet import Fleet
+from control_plane.xds.snapshot import MAX_WEIGHT
 
 MAX_DIRECT_RESPONSE_BYTES = 1024 * 1024
 JSON_HEADER = base_pb2.HeaderValueOption(
@@ -99,7 +100,9 @@ def _retry_policy(config: GatewayConfig) -> rc.RetryPolicy | None:
         retry_host_predicate=[rc.RetryPolicy.RetryHostPredicate(
             name="envoy.retry_host_predicates.previous_hosts",
             typed_config=pack(previous_hosts_pb2.PreviousHostsPredicate()))],
-        host_selection_retry_max_attempts=5,
+        # Weighted picks follow a schedule: with weights 128 and 1, the light engine comes up once in
+        # 129 picks, and a retry must be able to reach it when the heavy one just failed.
+        host_selection_retry_max_attempts=MAX_WEIGHT + 1,
     )
 
 
