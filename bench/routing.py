@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -349,12 +351,16 @@ def plot(report: dict) -> list[Path]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--full", action="store_true", help="70% and 90% load, longer runs")
+    parser.add_argument("--full", action="store_true", help="70%% and 90%% load, longer runs")
     parser.add_argument("--scenario", action="append", choices=[s.name for s in SCENARIOS])
     parser.add_argument("--seconds", type=float, help="seconds of arrivals per run (default 12, --full 40)")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--policy", action="append", choices=POLICIES, help="only these (targets need all)")
     args = parser.parse_args()
+    plotting = importlib.util.find_spec("matplotlib") is not None
+    if not plotting:
+        print("matplotlib is missing, so there will be no plots (the tables and JSON are written): "
+              "pip install -e '.[bench]', or run `make bench-deps`", file=sys.stderr, flush=True)
     seconds = args.seconds or (40.0 if args.full else 12.0)
     loads = [0.7, 0.9] if args.full else [0.9]
     chosen = [s for s in SCENARIOS if not args.scenario or s.name in args.scenario]
@@ -368,6 +374,7 @@ def main() -> None:
         for scenario in chosen:
             rows = run_scenario(log_dir, scenario, loads, seconds, args.seed, args.policy or POLICIES)
             report["scenarios"][scenario.name] = rows
+            (RESULTS / "routing.json").write_text(json.dumps(report))  # each finished scenario is kept
             if args.policy:
                 continue
             report["targets"][scenario.name] = {
@@ -379,8 +386,9 @@ def main() -> None:
     text = markdown(report)
     (RESULTS / "routing.md").write_text(text)
     (RESULTS / "routing.json").write_text(json.dumps(report))
-    plot(report)
     print(text)
+    if plotting:
+        plot(report)
     print(f"logs: {log_dir}; results: {RESULTS}")
 
 

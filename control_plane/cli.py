@@ -59,6 +59,15 @@ def _parser() -> argparse.ArgumentParser:
     envoy.add_argument("--xds-host", default=None, help="host Envoy dials for xDS (default: listen.xds_address)")
     envoy.add_argument("--bootstrap", type=Path, default=None, help="where to write the bootstrap (default: a temp file)")
 
+    drain = with_config(commands.add_parser(
+        "envoy-drain", help="drain an Envoy before restarting it: fail /health, close listeners, wait for "
+                            "requests in flight; exits 0 when idle, 1 at the timeout"))
+    drain.add_argument("--admin", default=None, help="Envoy's admin URL (default: http://127.0.0.1:listen.envoy_admin_port)")
+    drain.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for requests in flight")
+    drain.add_argument("--lb-grace", type=float, default=0.0,
+                       help="seconds between failing /health and closing listeners (your load balancer's "
+                            "health-check interval x threshold)")
+
     boot = with_config(commands.add_parser("envoy-bootstrap", help="write Envoy's bootstrap for this config"))
     boot.add_argument("--node-id", default=None, help="Envoy node id (default: envoy-<hostname>)")
     boot.add_argument("--xds-host", default=None, help="host Envoy dials for xDS (default: listen.xds_address)")
@@ -83,6 +92,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(_run_api_command(args, config))
     if args.command == "envoy":
         _exec_envoy(args, config)
+    if args.command == "envoy-drain":
+        sys.exit(asyncio.run(_drain(args, config)))
     if args.command == "envoy-bootstrap":
         text = render_bootstrap(BOOTSTRAP_TEMPLATE.read_text(), config, node_id=args.node_id or default_node_id(),
                                 xds_host=args.xds_host, admin_port=args.admin_port)
@@ -95,6 +106,25 @@ def main(argv: list[str] | None = None) -> None:
 
     run_dir = args.run_dir or Path(tempfile.mkdtemp(prefix="whisper-gateway-"))
     sys.exit(asyncio.run(up(config, args.config, run_dir, state_dir(args.state_dir))))
+
+
+async def _drain(args: argparse.Namespace, config: GatewayConfig) -> int:
+    import aiohttp
+
+    from control_plane.supervisor import drain_envoy
+
+    admin = (args.admin or f"http://127.0.0.1:{config.listen.envoy_admin_port}").rstrip("/")
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+        try:
+            async with session.get(f"{admin}/ready"):
+                pass
+        except aiohttp.ClientError as error:
+            print(f"whisper-gateway: cannot reach Envoy's admin at {admin}: {error}", file=sys.stderr)
+            return 1
+        idle = await drain_envoy(session, admin, args.timeout, args.lb_grace)
+    print(f"Envoy at {admin}: " + ("drained, no request in flight; restart it now" if idle
+                                   else f"requests still in flight after {args.timeout:g} s"), flush=True)
+    return 0 if idle else 1
 
 
 class ApiFailure(Exception):

@@ -119,9 +119,14 @@ async def _wait_http_ok(session: aiohttp.ClientSession, url: str, deadline: floa
     raise TimeoutError(f"{url} not ready after {READY_TIMEOUT_S:.0f} s")
 
 
-async def _drain_envoy(session: aiohttp.ClientSession, admin: str, timeout: float) -> None:
-    """Stops new connections and waits (bounded) for requests in flight, so stopping loses none."""
+async def drain_envoy(session: aiohttp.ClientSession, admin: str, timeout: float, lb_grace_s: float = 0.0) -> bool:
+    """Drain before a stop or restart: fail /health (load balancers stop sending), wait `lb_grace_s`
+    for them to notice, close listeners gracefully, then wait (bounded) until no request is in
+    flight. True when Envoy went idle in time."""
     try:
+        async with session.post(f"{admin}/healthcheck/fail"):
+            pass
+        await asyncio.sleep(lb_grace_s)
         async with session.post(f"{admin}/drain_listeners?graceful&inboundonly"):
             pass
         deadline = time.monotonic() + timeout
@@ -129,10 +134,11 @@ async def _drain_envoy(session: aiohttp.ClientSession, admin: str, timeout: floa
             async with session.get(f"{admin}/stats?filter=^http.whisper.downstream_rq_active$") as response:
                 text = await response.text()
             if text.strip().endswith(": 0") or not text.strip():
-                return
+                return True
             await asyncio.sleep(0.1)
     except aiohttp.ClientError:
-        pass
+        return True  # Envoy is gone: nothing is in flight on it
+    return False
 
 
 async def _stop(children: list[Child]) -> None:
@@ -207,7 +213,7 @@ async def up(config: GatewayConfig, config_path: Path | None, run_dir: Path, sta
         status = 1
     stopper.cancel()
     async with aiohttp.ClientSession() as session:
-        await _drain_envoy(session, f"http://127.0.0.1:{config.listen.envoy_admin_port}", DRAIN_TIMEOUT_S)
+        await drain_envoy(session, f"http://127.0.0.1:{config.listen.envoy_admin_port}", DRAIN_TIMEOUT_S)
     await _stop(children)
     print("whisper-gateway stopped", flush=True)
     return status

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 
 import pytest
 
@@ -329,3 +330,61 @@ def test_two_gateways_pointed_at_each_other_stop_at_the_first_hop(tmp_path):
     assert response.json()["error"]["type"] == "LoopDetected"
     assert a.stat(f"cluster.model_{MODEL}.upstream_rq_total") == 1
     assert b.stat(f"cluster.model_{MODEL}.upstream_rq_total") == 0
+
+
+def test_near_its_heap_limit_envoy_refuses_new_requests_and_recovers(tmp_path):
+    """Slow uploads fill Envoy's buffers: new requests get a 503 in OpenAI's shape, nothing crashes,
+    and once those uploads go, requests are served again."""
+    gateway = FaultGateway(tmp_path, ["e1"], limits={"max_heap_mb": 128})
+    body = multipart([("model", MODEL, None), ("file", b"\x01" * (20 * 1024 * 1024), "a.wav")])
+    head = (f"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
+            "Content-Type: multipart/form-data; boundary=wgboundary7MA4YWxk\r\n\r\n").encode()
+    held = []
+    try:
+        def overloaded() -> bool:
+            if len(held) < 12:  # each holds 20 MiB short of its last bytes: buffered, never finished
+                connection = socket.create_connection(("127.0.0.1", gateway.envoy.listen_port))
+                held.append(connection)
+                try:
+                    connection.sendall(head + body[:-50])
+                except OSError:
+                    pass  # refused or reset under pressure: that is the point
+            return gateway.envoy.stat("overload.envoy.overload_actions.stop_accepting_requests.active") == 1
+
+        wait_until(overloaded, 30, "Envoy to reach its heap limit", interval=0.05)
+        refused = transcribe(gateway.envoy.url, MODEL)
+        assert refused.status == 503, refused.text
+        assert refused.json()["error"]["code"] == 503 and "overloaded" in refused.json()["error"]["message"]
+        assert gateway.envoy.process.alive()
+    finally:
+        for connection in held:
+            connection.close()
+    wait_until(lambda: transcribe(gateway.envoy.url, MODEL).status == 200, 30, "requests served again")
+
+
+def test_envoy_drain_lets_requests_in_flight_finish_before_a_restart(tmp_path):
+    import subprocess
+    import threading
+
+    from tests.harness import PYTHON, REPO
+
+    gateway = FaultGateway(tmp_path, ["e1"])
+    gateway.fault("e1", slowdown=50)  # a 30 s clip now takes a few seconds
+    answers = []
+    in_flight = threading.Thread(target=lambda: answers.append(transcribe(gateway.envoy.url, MODEL, seconds=30)))
+    in_flight.start()
+    wait_until(lambda: gateway.envoy.stat("http.whisper.downstream_rq_active") == 1, 10, "a request in flight")
+    drain = subprocess.Popen([PYTHON, "-m", "control_plane", "envoy-drain", "--config", str(gateway.config.path),
+                              "--admin", gateway.envoy.admin, "--timeout", "60"], cwd=REPO, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    # A load balancer in front sees the health check fail at once.
+    wait_until(lambda: request("GET", gateway.envoy.url + "/health").status == 503, 10, "/health to fail")
+    output, _ = drain.communicate(timeout=60)
+    in_flight.join(30)
+    assert drain.returncode == 0 and "drained" in output, output
+    assert answers and answers[0].status == 200, answers
+    gateway.envoy.stop()
+    gateway.envoy = Envoy(tmp_path, gateway.raw, name="envoy-again")
+    gateway.envoy.wait_serving()
+    assert request("GET", gateway.envoy.url + "/health").json() == {"status": "ok"}
+    assert transcribe(gateway.envoy.url, MODEL).status == 200

@@ -111,7 +111,6 @@ def _listing_routes(fleet: Fleet) -> list[rc.Route]:
     routes = [_answer(rc.RouteMatch(path="/v1/models"), 200, json.dumps({"object": "list", "data": objects}), "models")]
     for obj in objects:
         routes.append(_answer(rc.RouteMatch(path=f"/v1/models/{obj['id']}"), 200, json.dumps(obj), f"model:{obj['id']}"))
-    routes.append(_answer(rc.RouteMatch(path="/health"), 200, json.dumps({"status": "ok"}), "health"))
     return routes
 
 
