@@ -88,10 +88,11 @@ def render_rows(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[st
 
 def render_table(report: dict) -> str:
     """The report as an aligned text table for a terminal."""
-    header = ("ID", "URL", "MODEL", "STATE", "HEALTH", "RUNNING", "WAITING", "KV", "WEIGHT", "S/REQ", "AGE")
+    header = ("ID", "URL", "MODEL", "STATE", "HEALTH", "RUNNING", "WAITING", "KV", "WEIGHT", "S/REQ", "FAILED", "AGE")
     rows = [(
         e["id"], e["url"], e["model"], e["state"], e["health"], _cell(e["running"]), _cell(e["waiting"]),
-        _cell(e["kv_cache_usage"]), _cell(e["weight"]), _cell(e["seconds_per_request"], 3), _cell(e["scrape_age_s"]),
+        _cell(e["kv_cache_usage"]), _cell(e["weight"]), _cell(e["seconds_per_request"], 3),
+        _cell(e["failure_ratio"], 2), _cell(e["scrape_age_s"]),
     ) for e in report["endpoints"]]
     lines = render_rows(header, rows) + [""]
     for envoy in report["envoys"]:

@@ -236,3 +236,17 @@ def test_responses_never_answered_on_their_own_are_sent_again():
     envoy.request(ENDPOINT, envoy.names[ENDPOINT], second.nonce, second.version_info)
     assert sent_names(envoy.stream.responses(two), ENDPOINT) == [["model:m1"]]
     assert first.nonce != second.nonce
+
+
+def test_a_new_subscription_echoing_an_answered_nonce_is_served():
+    """Envoy asks for a new cluster's endpoints with the last EDS nonce it already ACKed."""
+    cache, snap = SnapshotCache(), snapshot({})
+    cache.set_snapshot(snap)
+    envoy = ScriptedEnvoy(cache)
+    envoy.subscribe_all()
+    envoy.pump(snap)
+    last = envoy.stream.types[ENDPOINT].nonce
+    grown = snapshot({}, models=MODELS + ("m4",))
+    cache.set_snapshot(grown)
+    envoy.request(ENDPOINT, sorted(grown.names(ENDPOINT)), nonce=last, version="whatever")
+    assert "model:m4" in sum(sent_names(envoy.stream.responses(grown), ENDPOINT), [])

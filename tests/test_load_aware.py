@@ -160,7 +160,7 @@ def test_status_command_shows_load_and_weights(tmp_path):
     result = subprocess.run(cli, capture_output=True, text=True, timeout=30, cwd=REPO)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0].split() == ["ID", "URL", "MODEL", "STATE", "HEALTH", "RUNNING", "WAITING", "KV", "WEIGHT", "S/REQ", "AGE"]
+    assert lines[0].split() == ["ID", "URL", "MODEL", "STATE", "HEALTH", "RUNNING", "WAITING", "KV", "WEIGHT", "S/REQ", "FAILED", "AGE"]
     row = lines[1].split()
     assert row[1:9] == [engines["e1"], MODEL, "active", "ok", "0", "0", "0", "128"]
     assert any(line.startswith("envoy envoy ") for line in lines)

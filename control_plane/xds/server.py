@@ -82,30 +82,35 @@ class AdsStream:
             log.warning("stream %d asked for unsupported type %s", self.stream_id, type_url)
             return
         if request.response_nonce:
-            sent = state.in_flight.get(request.response_nonce)
-            if sent is None:
-                return  # answers a response already accounted for
-            for older in list(state.in_flight):
-                if older == request.response_nonce:
-                    break
-                self._forget(state, state.in_flight.pop(older))  # never answered on its own: unknown
-            del state.in_flight[request.response_nonce]
-            if request.HasField("error_detail"):
-                self._on_nack(type_url, state, sent, request.error_detail.message)
-            else:
-                state.acked_version = request.version_info
-                for name, digest in (sent.hashes or {}).items():
-                    state.applied[name] = digest
-                    if state.rejected.pop(name, None) is not None:
-                        self.cache.record_rejection(self.stream_id, type_url, name, None)
-                await self.cache.record_ack(self.stream_id, type_url, request.version_info, sent.hashes)
-            if request.response_nonce != state.nonce:
+            nonce = request.response_nonce
+            if nonce not in state.in_flight and nonce != state.nonce:
+                return  # answers an older response; a newer one is on its way
+            if nonce in state.in_flight:  # else: the newest nonce again, only the subscription changes
+                await self._on_answer(type_url, state, request)
+            if nonce != state.nonce:
                 return  # a newer response is on its way; its answer carries the current subscription
         state.subscribed = True
         if type_url in WILDCARD_TYPES:
             state.names = None
         else:
             state.names = frozenset(request.resource_names)
+
+    async def _on_answer(self, type_url: str, state: _TypeState, request: discovery_pb2.DiscoveryRequest) -> None:
+        """An ACK or NACK of a response in flight; those sent before it got no answer of their own."""
+        for older in list(state.in_flight):
+            if older == request.response_nonce:
+                break
+            self._forget(state, state.in_flight.pop(older))  # outcome unknown: sent again where it differs
+        sent = state.in_flight.pop(request.response_nonce)
+        if request.HasField("error_detail"):
+            self._on_nack(type_url, state, sent, request.error_detail.message)
+            return
+        state.acked_version = request.version_info
+        for name, digest in (sent.hashes or {}).items():
+            state.applied[name] = digest
+            if state.rejected.pop(name, None) is not None:
+                self.cache.record_rejection(self.stream_id, type_url, name, None)
+        await self.cache.record_ack(self.stream_id, type_url, request.version_info, sent.hashes)
 
     @staticmethod
     def _forget(state: _TypeState, sent: _Sent) -> None:
