@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from bench.machine import describe_machine
+from engines.common.audio import silent_wav
 from tests.harness import STARTED, Envoy, GatewayConfigFile, base_config, free_port, multipart, request, \
     start_control_plane, start_engine
 
@@ -40,7 +41,8 @@ def run(log_dir: Path, model_field: str, clients: int, mb: int, rounds: int) -> 
     envoy.wait_serving()
     pid = envoy.process.popen.pid
     idle = rss_mib(pid)
-    body = multipart([("model", model_field, None), ("file", b"\x01" * (mb * 1024 * 1024), "a.wav")])
+    audio = silent_wav(mb * 1024 * 1024 / 32000)  # 16 kHz, 16-bit: 32 kB a second
+    body = multipart([("model", model_field, None), ("file", audio, "a.wav")])
     headers = {"Content-Type": "multipart/form-data; boundary=wgboundary7MA4YWxk"}
     peak, done, statuses = [idle], threading.Event(), []
 
