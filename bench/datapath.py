@@ -9,7 +9,7 @@ two upload sizes (5 s of 16 kHz 16-bit mono audio, about 160 kB, and 30 s, about
   nginx     Debian's nginx: round robin over both engines, default request buffering
   gateway   whisper-gateway: control plane + Envoy with the model-routing Lua filter
   gateway-r0  the same with resilience.retries 0 (Envoy then keeps no copy of each body)
-  target    --target URL: any OpenAI-compatible router already running (no CPU figure)
+  target    --target URL: any OpenAI-compatible router already running (CPU only with --target-pid)
 
 Reported per path and size: requests/s, latency p50/p99, latency added over `direct`, and the
 proxy's CPU seconds per 1000 requests (utime+stime of Envoy, or of nginx's master and workers).
@@ -398,6 +398,9 @@ def parse_args() -> argparse.Namespace:
     mode.add_argument("--full", action="store_const", dest="mode", const="full", help="20 s runs, three rounds")
     parser.add_argument("--target", help="an OpenAI-compatible router already running, measured as path `target`")
     parser.add_argument("--target-model", default=MODEL, help="the model name the --target router serves")
+    parser.add_argument("--target-pid", type=int, action="append",
+                        help="a process of the --target router whose CPU to count (repeat); e.g. another build's "
+                             "Envoy, measured interleaved with this one")
     parser.add_argument("--seconds", type=int, help="seconds per measured run (overrides the mode)")
     parser.add_argument("--rounds", type=int, help="rounds over every path (overrides the mode)")
     parser.add_argument("--warmup", type=int, default=1, help="seconds of warm-up before each measured run")
@@ -425,7 +428,8 @@ def run(args: argparse.Namespace, log_dir: Path) -> tuple[list[Measurement], dic
     ours = build_uploads(log_dir, MODEL, not args.model_last)
     uploads = {path.name: ours for path in paths}
     if args.target:
-        paths.append(DataPath("target", target_url(args.target)))
+        pids = list(args.target_pid or [])
+        paths.append(DataPath("target", target_url(args.target), proxy_pids=lambda: pids, measures_cpu=bool(pids)))
         uploads["target"] = build_uploads(log_dir, args.target_model, not args.model_last)
     for path in paths:
         wait_answering(path, uploads[path.name][0])

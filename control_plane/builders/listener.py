@@ -10,17 +10,14 @@ from envoy.config.accesslog.v3 import accesslog_pb2
 from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, grpc_service_pb2, protocol_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.extensions.access_loggers.grpc.v3 import als_pb2 as grpc_als_pb2
-from envoy.config.route.v3 import route_components_pb2
-from envoy.extensions.filters.http.health_check.v3 import health_check_pb2
 from envoy.extensions.filters.http.lua.v3 import lua_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
-from envoy.type.matcher.v3 import string_pb2
 from google.protobuf import wrappers_pb2
 
 from control_plane.builders.common import pack, seconds
 from control_plane.builders.local_replies import build_local_reply_config
-from control_plane.builders.names import HEALTH_PATH, LISTENER_NAME, LUA_FILTER, ROUTE_CONFIG_NAME, UPSTREAM_LOG_NAME, XDS_CLUSTER
+from control_plane.builders.names import LISTENER_NAME, LUA_FILTER, ROUTE_CONFIG_NAME, UPSTREAM_LOG_NAME, XDS_CLUSTER
 from control_plane.config import GatewayConfig
 
 
@@ -60,12 +57,6 @@ def build_listener(config: GatewayConfig, lua_source: str) -> listener_pb2.Liste
         local_reply_config=build_local_reply_config(config),
         use_remote_address=wrappers_pb2.BoolValue(value=True),
         http_filters=[
-            # GET /health: 200 while serving; 503 once told to fail (/healthcheck/fail) or while
-            # draining, so a load balancer in front stops sending before Envoy restarts.
-            hcm.HttpFilter(name="envoy.filters.http.health_check", typed_config=pack(health_check_pb2.HealthCheck(
-                pass_through_mode=wrappers_pb2.BoolValue(value=False),
-                headers=[route_components_pb2.HeaderMatcher(
-                    name=":path", string_match=string_pb2.StringMatcher(exact=HEALTH_PATH))]))),
             hcm.HttpFilter(name=LUA_FILTER, typed_config=pack(lua)),
             hcm.HttpFilter(name="envoy.filters.http.router",
                            typed_config=pack(router_pb2.Router(upstream_log=[_upstream_try_log()]))),

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 from envoy.config.accesslog.v3 import accesslog_pb2
 from envoy.config.core.v3 import base_pb2, substitution_format_string_pb2
-from envoy.config.route.v3 import route_components_pb2
-from envoy.type.matcher.v3 import metadata_pb2, string_pb2, value_pb2
+from envoy.type.matcher.v3 import metadata_pb2, value_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
 from google.protobuf import struct_pb2, wrappers_pb2
 
-from control_plane.builders.names import HEALTH_PATH, LUA_REPLY_KEY, METADATA_NAMESPACE
+from control_plane.builders.names import LUA_REPLY_KEY, METADATA_NAMESPACE
 from control_plane.config import GatewayConfig
 
 Format = substitution_format_string_pb2.SubstitutionFormatString
@@ -24,13 +23,6 @@ def _status(op: int, code: int) -> accesslog_pb2.AccessLogFilter:
     comparison = accesslog_pb2.ComparisonFilter(
         op=op, value=base_pb2.RuntimeUInt32(default_value=code, runtime_key=f"whisper_gateway.local_reply.{code}"))
     return accesslog_pb2.AccessLogFilter(status_code_filter=accesslog_pb2.StatusCodeFilter(comparison=comparison))
-
-
-def _health(code: int) -> accesslog_pb2.AccessLogFilter:
-    path = accesslog_pb2.AccessLogFilter(header_filter=accesslog_pb2.HeaderFilter(header=route_components_pb2.HeaderMatcher(
-        name=":path", string_match=string_pb2.StringMatcher(exact=HEALTH_PATH))))
-    return accesslog_pb2.AccessLogFilter(and_filter=accesslog_pb2.AndFilter(filters=[path, _status(
-        accesslog_pb2.ComparisonFilter.EQ, code)]))
 
 
 def _json_error(message: str, error_type: str) -> Format:
@@ -53,16 +45,8 @@ def build_local_reply_config(config: GatewayConfig) -> hcm.LocalReplyConfig:
     passthrough = Format(text_format_source=base_pb2.DataSource(inline_string="%LOCAL_REPLY_BODY%"),
                          content_type="application/json")
     limit_mb = f"{config.limits.max_upload_mb:g}"
-    ok = struct_pb2.Struct()
-    ok.update({"status": "ok"})
     mappers = [
         hcm.ResponseMapper(filter=lua_reply, body_format_override=passthrough),
-        # The health-check filter's answers (GET /health).
-        hcm.ResponseMapper(filter=_health(200), body_format_override=Format(json_format=ok,
-                                                                              content_type="application/json")),
-        hcm.ResponseMapper(filter=_health(503), body_format_override=_json_error(
-            "The gateway is draining or was told to fail its health checks; send requests elsewhere.",
-            "ServiceUnavailableError")),
         _mapper(413, f"Request body is larger than the gateway's upload limit of {limit_mb} MiB.",
                 "RequestTooLargeError"),
         _mapper(408, f"The request was not received in time (limit {config.timeouts.request_s:g} s).",

@@ -16,8 +16,6 @@ METADATA_NAMESPACE = "whisper_gateway"
 LUA_REPLY_KEY = "lua_reply"
 LONG_UPLOAD_KEY = "long_uploads"
 LUA_FILTER = "envoy.filters.http.lua"
-# Answered by Envoy's health-check filter: 200, or 503 while draining (`whisper-gateway envoy-drain`).
-HEALTH_PATH = "/health"
 AUDIO_PATHS = ("/v1/audio/transcriptions", "/v1/audio/translations")
 
 

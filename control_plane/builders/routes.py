@@ -111,6 +111,8 @@ def _listing_routes(fleet: Fleet) -> list[rc.Route]:
     routes = [_answer(rc.RouteMatch(path="/v1/models"), 200, json.dumps({"object": "list", "data": objects}), "models")]
     for obj in objects:
         routes.append(_answer(rc.RouteMatch(path=f"/v1/models/{obj['id']}"), 200, json.dumps(obj), f"model:{obj['id']}"))
+    # Always 200 here; the drain-aware check for load balancers is on the metrics port (bootstrap).
+    routes.append(_answer(rc.RouteMatch(path="/health"), 200, json.dumps({"status": "ok"}), "health"))
     return routes
 
 
