@@ -27,7 +27,7 @@ from control_plane.fleet import Fleet
 from control_plane.outcomes import AccessLogServicer
 from control_plane.registry import ACTIVE, DRAINED, DRAINING, Entry, Registry
 from control_plane.state_store import StateStore, configured_token, ensure_token, state_dir
-from control_plane.telemetry import forget_fleet, watch_fleet
+from control_plane.telemetry import XdsMetrics, forget_fleet, watch_fleet
 from control_plane.xds.cache import InconsistentSnapshot, SnapshotCache
 from control_plane.xds.server import start_ads_server
 from control_plane.xds.snapshot import Snapshot
@@ -55,7 +55,7 @@ class ControlPlane:
         self.state_directory = state_directory
         self.store = StateStore(state_directory) if state_directory is not None else None
         self.registry = Registry.empty()
-        self.cache = SnapshotCache()
+        self.cache = SnapshotCache(XdsMetrics())
         self.fleet: Fleet | None = None
         self.balancer = Balancer(self, config.routing)
         self.discovery = DnsDiscovery(self)

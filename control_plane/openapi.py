@@ -32,7 +32,10 @@ OPENAPI = {
                 "drain_deadline": {"type": "number", "nullable": True},
                 "endpoints": {"type": "array", "items": {"type": "object"}}}},
             "NewBackend": {"type": "object", "required": ["url"], "additionalProperties": False, "properties": {
-                "url": {"type": "string", "description": "http://host:port, no path or user info"},
+                "url": {"type": "string", "description": (
+                    "http://host:port, no path or user info; host is a dotted IPv4 address, a bracketed IPv6 "
+                    "address without a zone id, or a host name that resolves; link-local, unspecified, "
+                    "multicast addresses and the gateway's own ports are refused")},
                 "models": {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 32,
                            "description": "default: read from the engine's /v1/models"},
                 "weight": {"type": "integer", "minimum": 1, "maximum": 128}}},

@@ -8,6 +8,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily
 
 from control_plane.status import endpoint_rows
+from control_plane.xds.types import SHORT_NAMES
 
 REGISTRY = CollectorRegistry()
 
@@ -23,6 +24,20 @@ PUSH_TO_ACK_SECONDS = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0), registry=REGISTRY)
 NACKS = Counter("whisper_gateway_xds_nacks", "Configuration versions an Envoy rejected.", ["type"], registry=REGISTRY)
 WEIGHT_UPDATES = Counter("whisper_gateway_weight_updates", "Endpoint-weight snapshots published.", registry=REGISTRY)
+
+
+class XdsMetrics:
+    """The xDS layer's callbacks (control_plane/xds/cache.py) as Prometheus metrics."""
+
+    def on_push(self, type_url: str) -> None:
+        PUSHES.labels(SHORT_NAMES.get(type_url, type_url)).inc()
+
+    def on_ack(self, type_url: str, push_to_ack_s: float | None) -> None:
+        if push_to_ack_s is not None:
+            PUSH_TO_ACK_SECONDS.labels(SHORT_NAMES.get(type_url, type_url)).observe(push_to_ack_s)
+
+    def on_nack(self, type_url: str) -> None:
+        NACKS.labels(SHORT_NAMES.get(type_url, type_url)).inc()
 
 
 class FleetCollector:

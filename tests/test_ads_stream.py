@@ -250,3 +250,34 @@ def test_a_new_subscription_echoing_an_answered_nonce_is_served():
     cache.set_snapshot(grown)
     envoy.request(ENDPOINT, sorted(grown.names(ENDPOINT)), nonce=last, version="whatever")
     assert "model:m4" in sum(sent_names(envoy.stream.responses(grown), ENDPOINT), [])
+
+
+def test_pushes_acks_and_nacks_reach_the_callbacks():
+    """Telemetry listens through callbacks; the xDS layer imports nothing above it."""
+    import re
+    from pathlib import Path
+
+    seen = []
+
+    class Recorder:
+        def on_push(self, type_url):
+            seen.append(("push", type_url))
+
+        def on_ack(self, type_url, push_to_ack_s):
+            seen.append(("ack", type_url))
+
+        def on_nack(self, type_url):
+            seen.append(("nack", type_url))
+
+    cache = SnapshotCache(Recorder())
+    cache.set_snapshot(good := snapshot({}))
+    envoy = ScriptedEnvoy(cache)
+    envoy.subscribe_all()
+    envoy.pump(good)
+    cache.set_snapshot(bad := snapshot({"m1": BAD_ADDRESS}))
+    envoy.pump(bad)
+    assert ("ack", CLUSTER) in seen and ("nack", ENDPOINT) in seen
+    xds = Path(__file__).resolve().parent.parent / "control_plane" / "xds"
+    for module in xds.glob("*.py"):
+        imports = re.findall(r"^(?:from|import) (control_plane\.\w+)", module.read_text(), re.M)
+        assert all(name == "control_plane.xds" for name in imports), (module.name, imports)

@@ -18,7 +18,7 @@ import yaml
 from control_plane.config import DEFAULT_CONFIG_PATH
 from control_plane.supervisor import find_envoy
 from tests.speech import word_error_rate
-from tests.harness import PYTHON, REPO, Process, free_port, transcribe, wait_until
+from tests.harness import PYTHON, REPO, Process, free_port, request, transcribe, wait_until
 
 CLI = [PYTHON, "-m", "control_plane"]
 # What control_plane/defaults/sample.wav says (espeak-ng -v en -s 150).
@@ -112,7 +112,9 @@ def test_stopping_up_lets_requests_in_flight_finish(tmp_path):
     # the stop arrives while it runs.
     with ThreadPoolExecutor(1) as pool:
         pending = pool.submit(transcribe, url, "whisper-small", 90)
-        time.sleep(0.5)
+        admin = f"http://127.0.0.1:{raw['listen']['envoy_admin_port']}"
+        wait_until(lambda: "downstream_rq_active: 1" in request(
+            "GET", admin + "/stats?filter=^http.whisper.downstream_rq_active$").text, 10, "the request in flight")
         os.kill(process.popen.pid, signal.SIGTERM)
         response = pending.result(30)
     assert response.status == 200, response.text
@@ -123,9 +125,11 @@ def test_stopping_up_lets_requests_in_flight_finish(tmp_path):
 def test_children_die_when_up_is_killed_outright(tmp_path):
     process, raw = start_up(tmp_path)
     children = children_of(process.popen.pid)
+    assert len(children) >= 3, children  # engines, control plane, Envoy
     os.kill(process.popen.pid, signal.SIGKILL)
     process.popen.wait(10)
     wait_until(lambda: not any(alive(pid) for pid in children), 15, "the orphaned children to exit")
+    assert [pid for pid in children if alive(pid)] == []
 
 
 def test_up_refuses_busy_ports_by_name(tmp_path):

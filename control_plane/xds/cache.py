@@ -6,8 +6,8 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
-from control_plane.telemetry import NACKS, PUSH_TO_ACK_SECONDS
 from control_plane.xds.snapshot import Snapshot
 from control_plane.xds.types import SHORT_NAMES
 
@@ -42,8 +42,31 @@ class EnvoyStatus:
     rejected: dict[tuple[str, str], Nack] = field(default_factory=dict)
 
 
+class Callbacks(Protocol):
+    """What the xDS layer reports to whoever listens (telemetry), as go-control-plane's Callbacks:
+    the layer itself depends on nothing above it."""
+
+    def on_push(self, type_url: str) -> None: ...
+
+    def on_ack(self, type_url: str, push_to_ack_s: float | None) -> None: ...
+
+    def on_nack(self, type_url: str) -> None: ...
+
+
+class NoCallbacks:
+    def on_push(self, type_url: str) -> None:
+        pass
+
+    def on_ack(self, type_url: str, push_to_ack_s: float | None) -> None:
+        pass
+
+    def on_nack(self, type_url: str) -> None:
+        pass
+
+
 class SnapshotCache:
-    def __init__(self) -> None:
+    def __init__(self, callbacks: Callbacks | None = None) -> None:
+        self.callbacks: Callbacks = callbacks or NoCallbacks()
         self._snapshot: Snapshot | None = None
         self._watchers: set[asyncio.Event] = set()
         self._acks = asyncio.Condition()
@@ -97,9 +120,8 @@ class SnapshotCache:
         if status is not None:
             if hashes:
                 status.applied.setdefault(type_url, {}).update(hashes)
-            if status.acked.get(type_url) != version and self._published_at.get(type_url, ("",))[0] == version:
-                PUSH_TO_ACK_SECONDS.labels(SHORT_NAMES.get(type_url, type_url)).observe(
-                    time.monotonic() - self._published_at[type_url][1])
+            first = status.acked.get(type_url) != version and self._published_at.get(type_url, ("",))[0] == version
+            self.callbacks.on_ack(type_url, time.monotonic() - self._published_at[type_url][1] if first else None)
             status.acked[type_url] = version
         async with self._acks:
             self._acks.notify_all()
@@ -107,7 +129,7 @@ class SnapshotCache:
     def record_nack(self, stream_id: int, type_url: str, version: str, message: str) -> None:
         nack = Nack(type_url=type_url, version=version, message=message, at=time.time())
         self.nacks_total += 1
-        NACKS.labels(SHORT_NAMES.get(type_url, type_url)).inc()
+        self.callbacks.on_nack(type_url)
         self.last_nack = nack
         status = self.envoys.get(stream_id)
         if status is not None:

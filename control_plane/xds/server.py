@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
-from control_plane.telemetry import PUSHES
 from control_plane.xds.cache import EnvoyStatus, SnapshotCache
 from control_plane.xds.snapshot import Snapshot
 from control_plane.xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE, SEND_ORDER, SHORT_NAMES, WILDCARD_TYPES
@@ -253,7 +252,7 @@ class AggregatedDiscoveryServicer(ads_pb2_grpc.AggregatedDiscoveryServiceService
                     log.debug("stream %d: %s version %s (%d resources)", stream.stream_id,
                               SHORT_NAMES[response.type_url], response.version_info, len(response.resources))
                     await context.write(response)
-                    PUSHES.labels(SHORT_NAMES[response.type_url]).inc()
+                    self.cache.callbacks.on_push(response.type_url)
         finally:
             reader.cancel()
             self.cache.unwatch(wake)
