@@ -16,18 +16,21 @@ from aiohttp import web
 from envoy.service.accesslog.v3 import als_pb2_grpc
 
 from control_plane.admin import build_admin_app
-from control_plane.balancer import Balancer
 from control_plane.bootstrap import read_lua_filter
 from control_plane.builders import build_load_assignments, build_resources
 from control_plane.builders.names import cluster_name
 from control_plane.config import ConfigError, GatewayConfig, load_config
 from control_plane.discovery import resolve_fleet
 from control_plane.dns_discovery import DnsDiscovery
+from control_plane.dns_discovery import plan as plan_dns
 from control_plane.fleet import Fleet
-from control_plane.outcomes import AccessLogServicer
+from control_plane.load_tracker import LoadTracker
+from control_plane.outcomes import AccessLogServicer, Outcomes
+from control_plane.policy import decide_routing
+from control_plane import scraper
 from control_plane.registry import ACTIVE, DRAINED, DRAINING, Entry, Registry
 from control_plane.state_store import StateStore, configured_token, ensure_token, state_dir
-from control_plane.telemetry import XdsMetrics, forget_fleet, watch_fleet
+from control_plane.telemetry import WEIGHT_UPDATES, XdsMetrics, forget_fleet, watch_fleet
 from control_plane.xds.cache import InconsistentSnapshot, SnapshotCache
 from control_plane.xds.server import start_ads_server
 from control_plane.xds.snapshot import Snapshot
@@ -57,8 +60,9 @@ class ControlPlane:
         self.registry = Registry.empty()
         self.cache = SnapshotCache(XdsMetrics())
         self.fleet: Fleet | None = None
-        self.balancer = Balancer(self, config.routing)
-        self.discovery = DnsDiscovery(self)
+        self.tracker = LoadTracker()  # what the scrapes said, per endpoint
+        self.outcomes = Outcomes()  # what the Envoys saw of each engine's tries
+        self.discovery = DnsDiscovery(self.on_dns_records)
         self.token: str | None = None
         self.token_path: Path | None = None
         self._server = None
@@ -90,8 +94,8 @@ class ControlPlane:
         await web.TCPSite(self._admin, listen.admin_address, listen.admin_port).start()
         self._server = await start_ads_server(self.cache, listen.xds_address, listen.xds_port, [
             lambda server: als_pb2_grpc.add_AccessLogServiceServicer_to_server(
-                AccessLogServicer(self.balancer.outcomes, time.monotonic), server)])
-        self._tasks = [asyncio.create_task(self.balancer.run())]
+                AccessLogServicer(self.outcomes, time.monotonic), server)])
+        self._tasks = [asyncio.create_task(self._load_loop())]
         await self.discovery.restart(self.config.discovery)
         log.info("admin API on http://%s:%d (token %s)", listen.admin_address, listen.admin_port,
                  f"in {self.token_path}" if self.token_path else "from the environment")
@@ -139,7 +143,6 @@ class ControlPlane:
             except InconsistentSnapshot as error:
                 log.error("reload refused, keeping the running config: %s", error)
                 return False
-        self.balancer.configure(config.routing)
         await self.discovery.restart(config.discovery)
         log.info("config reloaded from %s", self.config_path)
         return True
@@ -161,6 +164,38 @@ class ControlPlane:
         except Exception:
             self.registry.config_entries = previous
             raise
+
+    # -- the load loop: observe -> decide -> publish, every routing.scrape_interval_s ------------
+
+    async def _load_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        async with scraper.session() as client:
+            while True:
+                started = loop.time()
+                try:
+                    await self.load_step(client)
+                except Exception:  # a bug here must not stop routing updates for good
+                    log.exception("load step failed")
+                await asyncio.sleep(max(0.0, self.config.routing.scrape_interval_s - (loop.time() - started)))
+
+    async def load_step(self, client) -> None:
+        """One round: scrape and record (observe), finish drains and weigh (decide), push (publish)."""
+        fleet, routing = self.fleet, self.config.routing
+        if fleet is None:
+            return
+        pages = await scraper.scrape_all(client, fleet, routing.scrape_timeout_s)
+        now = asyncio.get_running_loop().time()
+        scraper.record(self.tracker, fleet, pages, now)
+        self.outcomes.retain({f"{b.address}:{b.port}" for b in fleet.backends})
+        await self.check_drains()
+        if not routing.load_aware:
+            return
+        fleet = self.fleet  # a finished drain may have changed it
+        weights, long_uploads = decide_routing(fleet, scraper.endpoint_states(fleet, self.tracker, self.outcomes, now),
+                                               routing)
+        if weights != fleet.weights or long_uploads != fleet.long_uploads:
+            WEIGHT_UPDATES.inc()
+            await self.set_weights(weights, long_uploads)
 
     async def set_weights(self, weights: dict[tuple[str, str], int],
                           long_uploads: frozenset[tuple[str, str]] = frozenset()) -> None:
@@ -234,6 +269,13 @@ class ControlPlane:
         self._idle_scrapes.pop(entry_id, None)
         log.info("removed %s", entry_id)
 
+    async def on_dns_records(self, item, addresses: list[str]) -> None:
+        """DNS discovery reports a name's records; they become registry changes here."""
+        change = plan_dns(self.registry, item, addresses, self.config.drain_timeout_s)
+        if change is not None:
+            log.info("DNS %s now has %s", item.name, addresses or "no records")
+            await self.change(change)
+
     async def check_drains(self) -> None:
         """Finishes drains: when the engine is idle for every Envoy, or when its time is up."""
         for entry_id in [e.id for e in self.registry.entries() if e.state == DRAINING]:
@@ -248,7 +290,7 @@ class ControlPlane:
             now = asyncio.get_running_loop().time()
             # Applied by every Envoy (ACKed, not just sent) in the content that drains it.
             applied = self.cache.applied_everywhere(ENDPOINT, {cluster_name(m) for m in entry.models})
-            idle = applied and all(_idle(self.balancer.tracker.state(entry.id, m, 1, now), self.config) for m in entry.models)
+            idle = applied and all(_idle(self.tracker.state(entry.id, m, 1, now), self.config) for m in entry.models)
             self._idle_scrapes[entry.id] = self._idle_scrapes.get(entry.id, 0) + 1 if idle else 0
             if self._idle_scrapes[entry.id] >= IDLE_SCRAPES_TO_FINISH_DRAIN:
                 await self._finish_drain(entry)

@@ -11,6 +11,7 @@ import ipaddress
 import logging
 import socket
 import time
+from collections.abc import Awaitable, Callable
 
 from control_plane.config import DiscoveryConfig
 from control_plane.dns_client import lookup
@@ -63,19 +64,18 @@ def plan(registry: Registry, item: DiscoveryConfig, addresses: list[str], drain_
 
 
 class DnsDiscovery:
-    def __init__(self, plane):
-        self.plane = plane
+    """Watches DNS names and reports each one's records; it changes nothing itself."""
+
+    def __init__(self, on_records: Callable[[DiscoveryConfig, list[str]], Awaitable[None]]):
+        self.on_records = on_records
         self.items: tuple[DiscoveryConfig, ...] = ()
         self._tasks: list[asyncio.Task] = []
 
     async def restart(self, items: tuple[DiscoveryConfig, ...]) -> None:
-        """Watches `items` from now on; names no longer listed have their backends drained."""
+        """Watches `items` from now on; names no longer listed are reported with no records."""
         await self.stop()
         for gone in {i.name for i in self.items} - {i.name for i in items}:
-            old = next(i for i in self.items if i.name == gone)
-            change = plan(self.plane.registry, old, [], self.plane.config.drain_timeout_s)
-            if change is not None:
-                await self.plane.change(change)
+            await self.on_records(next(i for i in self.items if i.name == gone), [])
         self.items = items
         self._tasks = [asyncio.create_task(self._watch(item)) for item in items]
 
@@ -88,11 +88,7 @@ class DnsDiscovery:
     async def _watch(self, item: DiscoveryConfig) -> None:
         while True:
             try:
-                addresses = await resolve_all(item)
-                change = plan(self.plane.registry, item, addresses, self.plane.config.drain_timeout_s)
-                if change is not None:
-                    log.info("DNS %s now has %s", item.name, addresses or "no records")
-                    await self.plane.change(change)
+                await self.on_records(item, await resolve_all(item))
             except OSError as error:
                 log.warning("DNS lookup of %s failed, keeping its backends: %s", item.name, error)
             except Exception:

@@ -39,6 +39,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from control_plane.config import RoutingConfig
+from control_plane.fleet import Fleet
 from control_plane.metrics_parser import ModelLoad
 
 MIN_WEIGHT, MAX_WEIGHT = 1, 128
@@ -128,6 +129,24 @@ def long_upload_endpoints(endpoints: Sequence[EndpointState], settings: RoutingC
     ranked = sorted(finish, key=finish.__getitem__)
     chosen = {key for key in ranked if finish[key] <= PREFER_WITHIN * finish[ranked[0]]} | set(ranked[:MIN_LONG_UPLOAD_ENDPOINTS])
     return frozenset() if len(chosen) < MIN_LONG_UPLOAD_ENDPOINTS or len(chosen) == len(endpoints) else frozenset(chosen)
+
+
+def decide_routing(fleet: Fleet, states: Mapping[str, Sequence[EndpointState]],
+                   settings: RoutingConfig) -> tuple[dict[tuple[str, str], int], frozenset[tuple[str, str]]]:
+    """Every endpoint's new weight, and the endpoints for long uploads, cluster by cluster.
+
+    `states` holds each model's endpoints in `fleet.backends_for(model)` order.
+    """
+    weights, long_uploads = {}, set()
+    for model, endpoints in states.items():
+        backends = fleet.backends_for(model)
+        previous = {b.id: fleet.weights[(b.id, model)] for b in backends if (b.id, model) in fleet.weights}
+        for backend_id, weight in compute_weights(endpoints, previous, settings).items():
+            weights[(backend_id, model)] = weight
+        if settings.long_upload_bytes:
+            serving = [s for s, b in zip(endpoints, backends) if not b.draining]
+            long_uploads |= {(backend_id, model) for backend_id in long_upload_endpoints(serving, settings)}
+    return weights, frozenset(long_uploads)
 
 
 def compute_weights(endpoints: Sequence[EndpointState], previous: Mapping[str, int],

@@ -18,7 +18,7 @@ def _health(track, stale_after_s: float, now: float) -> str:
 
 def endpoint_rows(plane, now: float) -> list[dict]:
     """One row per (backend, model), drained backends included."""
-    fleet, tracker = plane.fleet, plane.balancer.tracker
+    fleet, tracker = plane.fleet, plane.tracker
     in_fleet = {b.id: b for b in fleet.backends}
     rows = []
     for entry in plane.registry.entries():
@@ -44,7 +44,7 @@ def endpoint_rows(plane, now: float) -> list[dict]:
                 "scrape_age_s": round(now - track.scraped_at, 3) if track and track.scraped_at is not None else None,
                 "scrape_error": track.error if track else None,
                 # Recent tries this engine failed (cut, reset, 502-504), as the Envoys saw them.
-                "failure_ratio": round(plane.balancer.outcomes.failure_ratio(f"{backend.address}:{backend.port}", now),
+                "failure_ratio": round(plane.outcomes.failure_ratio(f"{backend.address}:{backend.port}", now),
                                        3) if backend else None,
             })
     return rows

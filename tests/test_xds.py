@@ -247,7 +247,7 @@ def _poisonable(monkeypatch) -> set[str]:
 def _scrape_rounds(plane, key, rounds: int) -> None:
     """Waits until the control plane has scraped `key` (backend id, model) `rounds` more times."""
     seen = []
-    wait_until(lambda: (at := plane.balancer.tracker.tracks[key].scraped_at) is not None
+    wait_until(lambda: (at := plane.tracker.tracks[key].scraped_at) is not None
                and (not seen or seen[-1] != at) and seen.append(at) is None and len(seen) > rounds,
                10, f"{rounds} scrape rounds", interval=0.02)
 

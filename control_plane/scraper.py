@@ -1,0 +1,87 @@
+"""Observe: fetch every engine's /metrics and record what each page says.
+
+One aiohttp session for all scrapes, a bounded number at once, each with a timeout shorter
+than the interval, so one hung engine delays nothing. What is observed goes into the load
+tracker; nothing here decides or publishes (control_plane/app.py runs the loop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, replace
+
+import aiohttp
+
+from control_plane.fleet import Backend, Fleet
+from control_plane.load_tracker import LoadTracker
+from control_plane.metrics_parser import load_for_model, parse_loads
+from control_plane.outcomes import Outcomes
+from control_plane.policy import EndpointState
+from control_plane.telemetry import SCRAPE_FAILURES, SCRAPE_SECONDS
+
+log = logging.getLogger(__name__)
+
+MAX_CONCURRENT_SCRAPES = 64
+MAX_PAGE_BYTES = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ScrapeFailure:
+    reason: str
+
+
+def session() -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=MAX_CONCURRENT_SCRAPES))
+
+
+async def scrape_all(client: aiohttp.ClientSession, fleet: Fleet, timeout: float) -> list[str | ScrapeFailure]:
+    """Every backend's page (or why there is none), in fleet order."""
+    return await asyncio.gather(*(scrape(client, b, timeout) for b in fleet.backends))
+
+
+async def scrape(client: aiohttp.ClientSession, backend: Backend, timeout: float) -> str | ScrapeFailure:
+    with SCRAPE_SECONDS.time():
+        result = await _fetch(client, backend, timeout)
+    if isinstance(result, ScrapeFailure):
+        SCRAPE_FAILURES.labels(backend.id).inc()
+    return result
+
+
+async def _fetch(client: aiohttp.ClientSession, backend: Backend, timeout: float) -> str | ScrapeFailure:
+    try:
+        async with client.get(f"{backend.url}/metrics", timeout=aiohttp.ClientTimeout(total=timeout)) as response:
+            if response.status != 200:
+                return ScrapeFailure(f"HTTP {response.status}")
+            body = await response.content.read(MAX_PAGE_BYTES)
+            return body.decode("utf-8", errors="replace")
+    except TimeoutError:
+        return ScrapeFailure("timeout")
+    except aiohttp.ClientError as error:
+        return ScrapeFailure(type(error).__name__)
+
+
+def record(tracker: LoadTracker, fleet: Fleet, pages: list[str | ScrapeFailure], now: float) -> None:
+    """Each page's loads, per model the backend serves, into the tracker; failures as failures."""
+    for backend, page in zip(fleet.backends, pages):
+        if isinstance(page, ScrapeFailure):
+            for model in backend.models:
+                tracker.record_failure(backend.id, model, page.reason, now)
+            continue
+        loads = parse_loads(page)
+        for model in backend.models:
+            load = load_for_model(loads, model)
+            if load is None:
+                tracker.record_failure(backend.id, model, f"no vLLM metrics for {model}", now)
+            else:
+                tracker.record_load(backend.id, model, load, now)
+    tracker.retain(fleet.endpoint_keys())
+
+
+def endpoint_states(fleet: Fleet, tracker: LoadTracker, outcomes: Outcomes,
+                    now: float) -> dict[str, list[EndpointState]]:
+    """What is known of every endpoint, by model (in fleet order): the policy's input."""
+    return {model: [replace(tracker.state(b.id, model, b.weight, now),
+                            failure_ratio=outcomes.failure_ratio(f"{b.address}:{b.port}", now))
+                    for b in fleet.backends_for(model)]
+            for model in fleet.model_names()}
