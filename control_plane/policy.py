@@ -62,70 +62,93 @@ class EndpointState:
     failure_ratio: float = 0.0  # recent tries the engine failed, as Envoys saw them (outcomes.py)
 
 
-def _clamp(weight: float) -> int:
+# -- the steps, each with a one-line contract and its own table test (tests/test_policy.py) ------
+
+def clamp(weight: float) -> int:
+    """Clamp: a real weight to Envoy's 1..128 (0 is refused by Envoy, so never below 1)."""
     return max(MIN_WEIGHT, min(MAX_WEIGHT, round(weight)))
 
 
-def _scaled(raw: Mapping[str, float]) -> dict[str, int]:
+def normalise(raw: Mapping[str, float]) -> dict[str, int]:
+    """Normalise: the best endpoint gets 128, the others in proportion, at least 1."""
     top = max(raw.values())
     if top <= 0:  # every endpoint failing alike: none is better than another
         return {key: MAX_WEIGHT for key in raw}
-    return {key: _clamp(MAX_WEIGHT * value / top) for key, value in raw.items()}
+    return {key: clamp(MAX_WEIGHT * value / top) for key, value in raw.items()}
 
 
-def _kv_pressure(usage: float) -> float:
+def kv_pressure(usage: float) -> float:
+    """Scorer: 1 up to 80% KV-cache use, rising to 2 at 100% (vLLM starts queueing there)."""
     return 1.0 + min(1.0, max(0.0, usage - KV_PRESSURE_FROM) / (1.0 - KV_PRESSURE_FROM))
 
 
-def _reliability(endpoint: EndpointState) -> float:
-    """1 for an engine whose tries succeed, falling to 0 as they fail: a failing engine never gains share."""
+def reliability(endpoint: EndpointState) -> float:
+    """Scorer: 1 for an engine whose tries succeed, falling to 0 as they fail (never gains share)."""
     return (1.0 - min(1.0, max(0.0, endpoint.failure_ratio))) ** 2
 
 
-def _fresh(endpoints: Sequence[EndpointState], settings: RoutingConfig) -> list[EndpointState]:
+def fresh(endpoints: Sequence[EndpointState], settings: RoutingConfig) -> list[EndpointState]:
+    """Filter: the endpoints whose last good scrape is at most `stale_after_s` old."""
     return [e for e in endpoints if e.load is not None and e.age_s is not None and e.age_s <= settings.stale_after_s]
 
 
-def _finish_estimates(fresh: Sequence[EndpointState], engine_requests: int) -> dict[str, float]:
-    """Seconds until a new request of `engine_requests` would be through each endpoint's queue."""
-    measured = [e.seconds_per_request for e in fresh if e.seconds_per_request]
+def queue_seconds(endpoints: Sequence[EndpointState], engine_requests: int) -> dict[str, float]:
+    """Scorer: seconds until a new request of `engine_requests` would be through each fresh
+    endpoint's queue, at its measured speed (the median of the measured when unknown)."""
+    measured = [e.seconds_per_request for e in endpoints if e.seconds_per_request]
     typical = statistics.median(measured) if measured else 1.0
     return {e.backend_id: (e.load.running + e.load.waiting + engine_requests) * (e.seconds_per_request or typical)
-            * _kv_pressure(e.load.kv_cache_usage) for e in fresh}
+            * kv_pressure(e.load.kv_cache_usage) for e in endpoints}
 
+
+def hold_stale(endpoint: EndpointState, previous: int | None, neutral: int, settings: RoutingConfig) -> int:
+    """Stale rule: no better than the fresh median (`neutral`) on old news; the median once forgotten."""
+    forgotten = endpoint.age_s is None or endpoint.age_s > FORGET_AFTER * settings.stale_after_s
+    held = neutral if forgotten or previous is None else min(previous, neutral)
+    return clamp(held * reliability(endpoint))
+
+
+def hysteresis(target: int, previous: int | None, settings: RoutingConfig) -> int:
+    """Hysteresis: the previous weight stays unless the target moved by `hysteresis` or more."""
+    if previous is not None and abs(target - previous) < settings.hysteresis * max(target, previous):
+        return previous
+    return target
+
+
+# -- the steps put together ----------------------------------------------------------------------
 
 def target_weights(endpoints: Sequence[EndpointState], previous: Mapping[str, int],
                    settings: RoutingConfig) -> dict[str, int]:
-    """Weights before hysteresis."""
+    """Weights before hysteresis: fresh endpoints by base x reliability / queue seconds,
+    normalised; the others held by the stale rule; none fresh: the base weights."""
     if not endpoints:
         return {}
-    fresh = _fresh(endpoints, settings)
-    if not fresh:
-        return _scaled({e.backend_id: e.base_weight * _reliability(e) for e in endpoints})
+    trusted = fresh(endpoints, settings)
+    if not trusted:
+        return normalise({e.backend_id: e.base_weight * reliability(e) for e in endpoints})
     by_id = {e.backend_id: e for e in endpoints}
-    weights = _scaled({key: by_id[key].base_weight * _reliability(by_id[key]) / finish
-                       for key, finish in _finish_estimates(fresh, 1).items()})
-    neutral = _clamp(statistics.median(weights.values()))
+    weights = normalise({key: by_id[key].base_weight * reliability(by_id[key]) / seconds
+                         for key, seconds in queue_seconds(trusted, 1).items()})
+    neutral = clamp(statistics.median(weights.values()))
     for e in endpoints:
         if e.backend_id not in weights:
-            forgotten = e.age_s is None or e.age_s > FORGET_AFTER * settings.stale_after_s
-            held = neutral if forgotten else min(previous.get(e.backend_id, neutral), neutral)
-            weights[e.backend_id] = _clamp(held * _reliability(e))
+            weights[e.backend_id] = hold_stale(e, previous.get(e.backend_id), neutral, settings)
     return weights
 
 
 def long_upload_endpoints(endpoints: Sequence[EndpointState], settings: RoutingConfig) -> frozenset[str]:
-    """The endpoints long uploads go to; empty: all of them.
+    """Picker: the endpoints long uploads go to (those within PREFER_WITHIN of the soonest to
+    finish one); empty: all of them.
 
     Never fewer than two: inside the subset a retry must have another engine to go to, and one
     marked engine that dies would fail every long upload until its metrics went stale.
     Endpoints without fresh metrics (a dead engine's stop within `stale_after_s`) and draining
     ones (left out by the caller) are never marked.
     """
-    fresh = _fresh(endpoints, settings)
-    if not any(e.seconds_per_request for e in fresh):
+    trusted = fresh(endpoints, settings)
+    if not any(e.seconds_per_request for e in trusted):
         return frozenset()
-    finish = _finish_estimates(fresh, LONG_UPLOAD_REQUESTS)
+    finish = queue_seconds(trusted, LONG_UPLOAD_REQUESTS)
     ranked = sorted(finish, key=finish.__getitem__)
     chosen = {key for key in ranked if finish[key] <= PREFER_WITHIN * finish[ranked[0]]} | set(ranked[:MIN_LONG_UPLOAD_ENDPOINTS])
     return frozenset() if len(chosen) < MIN_LONG_UPLOAD_ENDPOINTS or len(chosen) == len(endpoints) else frozenset(chosen)
@@ -152,11 +175,5 @@ def decide_routing(fleet: Fleet, states: Mapping[str, Sequence[EndpointState]],
 def compute_weights(endpoints: Sequence[EndpointState], previous: Mapping[str, int],
                     settings: RoutingConfig) -> dict[str, int]:
     """The weights to publish for one cluster: targets, held where the change is too small."""
-    result = {}
-    for backend_id, target in target_weights(endpoints, previous, settings).items():
-        old = previous.get(backend_id)
-        if old is not None and abs(target - old) < settings.hysteresis * max(target, old):
-            result[backend_id] = old
-        else:
-            result[backend_id] = target
-    return result
+    return {backend_id: hysteresis(target, previous.get(backend_id), settings)
+            for backend_id, target in target_weights(endpoints, previous, settings).items()}

@@ -9,6 +9,7 @@ import pytest
 from control_plane.config import RoutingConfig
 from control_plane.load_tracker import SPEED_TAU_S, LoadTracker
 from control_plane.metrics_parser import ModelLoad
+from control_plane import policy as steps  # each step by name (`fresh` below builds states)
 from control_plane.policy import EndpointState, compute_weights, long_upload_endpoints
 
 S = RoutingConfig(stale_after_s=1.0, hysteresis=0.2)
@@ -121,3 +122,64 @@ def test_failures_age_the_last_good_reading():
     assert tracker.state("b", "m", 1, now=12.0).load is None
     tracker.retain({("b", "m")})
     assert ("a", "m") not in tracker.tracks
+
+
+# -- each step on its own ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("weight,expected", [(0.2, 1), (0, 1), (-5, 1), (64.4, 64), (127.6, 128), (500, 128)])
+def test_clamp(weight, expected):
+    assert steps.clamp(weight) == expected
+
+
+@pytest.mark.parametrize("raw,expected", [
+    ({"a": 2.0, "b": 1.0}, {"a": 128, "b": 64}),
+    ({"a": 1000.0, "b": 1.0}, {"a": 128, "b": 1}),
+    ({"a": 0.0, "b": 0.0}, {"a": 128, "b": 128}),  # all failing alike: none preferred
+    ({"a": 3.0}, {"a": 128}),
+])
+def test_normalise(raw, expected):
+    assert steps.normalise(raw) == expected
+
+
+@pytest.mark.parametrize("usage,expected", [(0.0, 1.0), (0.8, 1.0), (0.9, 1.5), (1.0, 2.0), (1.2, 2.0)])
+def test_kv_pressure(usage, expected):
+    assert steps.kv_pressure(usage) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("ratio,expected", [(0.0, 1.0), (0.5, 0.25), (1.0, 0.0), (1.5, 0.0), (-1.0, 1.0)])
+def test_reliability(ratio, expected):
+    assert steps.reliability(EndpointState("a", failure_ratio=ratio)) == pytest.approx(expected)
+
+
+def test_fresh_filter():
+    endpoints = [fresh("ok"), stale("old", age=1.5), new("never"), fresh("edge")]
+    edge = EndpointState("edge", 1, ModelLoad(), 1.0)
+    assert [e.backend_id for e in steps.fresh(endpoints[:3] + [edge], S)] == ["ok", "edge"]
+
+
+@pytest.mark.parametrize("endpoints,requests,expected", [
+    ([fresh("a", running=1, waiting=2, spr=0.5)], 1, {"a": 2.0}),
+    ([fresh("a", spr=0.5), fresh("b")], 1, {"a": 0.5, "b": 0.5}),  # unknown speed: the median
+    ([fresh("a")], 8, {"a": 8.0}),  # nothing measured: 1 s a request
+    ([fresh("a", kv=1.0, spr=1.0)], 1, {"a": 2.0}),
+])
+def test_queue_seconds(endpoints, requests, expected):
+    assert steps.queue_seconds(endpoints, requests) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("endpoint,previous,expected", [
+    (stale("c"), 128, 96),  # old news is not better than the median
+    (stale("c"), 10, 10),  # a low weight stays low
+    (stale("c", age=11.0), 10, 96),  # forgotten after FORGET_AFTER stale periods
+    (new("c"), None, 96),  # new: the median
+    (EndpointState("c", 1, ModelLoad(), 5.0, None, 0.5), 100, 24),  # failing too
+])
+def test_hold_stale(endpoint, previous, expected):
+    assert steps.hold_stale(endpoint, previous, 96, S) == expected
+
+
+@pytest.mark.parametrize("target,previous,expected", [(70, None, 70), (80, 70, 70), (90, 70, 90), (60, 70, 70),
+                                                      (52, 64, 64), (40, 64, 40)])
+def test_hysteresis(target, previous, expected):
+    assert steps.hysteresis(target, previous, S) == expected
