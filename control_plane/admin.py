@@ -18,7 +18,8 @@ import aiohttp
 from aiohttp import web
 
 from control_plane.addresses import AddressError, parse_backend_url
-from control_plane.config import MAX_WEIGHT, MODEL_NAME_PATTERN
+from control_plane.config import MODEL_NAME_PATTERN
+from control_plane.xds.snapshot import MAX_WEIGHT
 from control_plane.discovery import dialable_address, read_engine_models
 from control_plane.openapi import OPENAPI
 from control_plane.registry import Entry

@@ -26,7 +26,7 @@ from control_plane.dns_discovery import plan as plan_dns
 from control_plane.fleet import Fleet
 from control_plane.load_tracker import LoadTracker
 from control_plane.outcomes import AccessLogServicer, Outcomes
-from control_plane.policy import decide_routing
+from control_plane.policy import decide_routing, is_fresh
 from control_plane import scraper
 from control_plane.registry import ACTIVE, DRAINED, DRAINING, Entry, Registry
 from control_plane.state_store import StateStore, configured_token, ensure_token, state_dir
@@ -154,10 +154,8 @@ class ControlPlane:
         try:
             fleet = await resolve_fleet(config, self.registry)
             if self.fleet is not None:  # endpoints that stay keep their load-derived weights
-                keep = fleet.endpoint_keys()
-                long_uploads = self.fleet.long_uploads & keep if config.routing.long_upload_bytes else frozenset()
-                fleet = replace(fleet, weights={k: w for k, w in self.fleet.weights.items() if k in keep},
-                                long_uploads=long_uploads)
+                fleet = fleet.with_routing(self.fleet.weights,
+                                           self.fleet.long_uploads if config.routing.long_upload_bytes else frozenset())
             async with self._publishing:
                 await self.publish(Snapshot.from_resources(build_resources(config, fleet, self.lua_source)))
                 self.config, self.fleet = config, fleet
@@ -201,9 +199,7 @@ class ControlPlane:
                           long_uploads: frozenset[tuple[str, str]] = frozenset()) -> None:
         """Publishes new endpoint weights (and long-upload endpoints); only the endpoints are rebuilt and sent."""
         async with self._publishing:
-            keep = self.fleet.endpoint_keys()
-            fleet = replace(self.fleet, weights={k: w for k, w in weights.items() if k in keep},
-                            long_uploads=long_uploads & keep)
+            fleet = self.fleet.with_routing(weights, long_uploads)
             self.cache.set_snapshot(self.cache.snapshot.with_type(ENDPOINT, build_load_assignments(fleet)))
             self.fleet = fleet
 
@@ -307,8 +303,7 @@ class ControlPlane:
 
 
 def _idle(state, config: GatewayConfig) -> bool:
-    return (state.load is not None and state.age_s is not None and state.age_s <= config.routing.stale_after_s
-            and state.load.running == 0 and state.load.waiting == 0)
+    return is_fresh(state, config.routing) and state.load.running == 0 and state.load.waiting == 0
 
 
 def config_entries(config: GatewayConfig) -> dict[str, Entry]:

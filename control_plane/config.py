@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from control_plane.addresses import AddressError, own_port_problem, parse_backend_url
+from control_plane.xds.snapshot import MAX_WEIGHT
 
 DEFAULT_CONFIG_PATH = Path(__file__).parent / "defaults" / "gateway.yaml"
 MODEL_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}")  # use fullmatch
@@ -28,7 +29,6 @@ ENGINE_OPTIONS = {
     # settings of vLLM's CPU build for the tiny test checkpoint.
     "vllm": {"model_path": str, "max_num_seqs": int, "cpu": bool},
 }
-MAX_WEIGHT = 128
 LB_POLICIES = ("least_request", "round_robin")
 
 

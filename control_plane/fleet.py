@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from control_plane.config import ModelConfig
 
@@ -28,6 +28,13 @@ class Fleet:
     weights: dict[tuple[str, str], int] = field(default_factory=dict)
     # Endpoints that take long uploads, by (backend id, model); a model with none: all take them.
     long_uploads: frozenset[tuple[str, str]] = frozenset()
+
+    def with_routing(self, weights: dict[tuple[str, str], int],
+                     long_uploads: frozenset[tuple[str, str]]) -> "Fleet":
+        """This fleet with load-derived weights and long-upload marks, kept only for its own endpoints."""
+        keep = self.endpoint_keys()
+        return replace(self, weights={k: w for k, w in weights.items() if k in keep},
+                       long_uploads=frozenset(long_uploads) & keep)
 
     def weight(self, backend: Backend, model: str) -> int:
         return self.weights.get((backend.id, model), backend.weight)

@@ -41,8 +41,8 @@ from dataclasses import dataclass
 from control_plane.config import RoutingConfig
 from control_plane.fleet import Fleet
 from control_plane.metrics_parser import ModelLoad
+from control_plane.xds.snapshot import MAX_WEIGHT, MIN_WEIGHT
 
-MIN_WEIGHT, MAX_WEIGHT = 1, 128
 FORGET_AFTER = 10  # stale periods after which an endpoint's last weight no longer holds it down
 KV_PRESSURE_FROM = 0.8  # KV-cache use above which an engine counts as more loaded
 LONG_UPLOAD_REQUESTS = 8  # engine requests (30 s chunks) a long upload is reckoned to make
@@ -87,9 +87,14 @@ def reliability(endpoint: EndpointState) -> float:
     return (1.0 - min(1.0, max(0.0, endpoint.failure_ratio))) ** 2
 
 
+def is_fresh(endpoint: EndpointState, settings: RoutingConfig) -> bool:
+    """Whether an endpoint's last good scrape is at most `stale_after_s` old: the one definition."""
+    return endpoint.load is not None and endpoint.age_s is not None and endpoint.age_s <= settings.stale_after_s
+
+
 def fresh(endpoints: Sequence[EndpointState], settings: RoutingConfig) -> list[EndpointState]:
-    """Filter: the endpoints whose last good scrape is at most `stale_after_s` old."""
-    return [e for e in endpoints if e.load is not None and e.age_s is not None and e.age_s <= settings.stale_after_s]
+    """Filter: the endpoints whose metrics are fresh (`is_fresh`)."""
+    return [e for e in endpoints if is_fresh(e, settings)]
 
 
 def queue_seconds(endpoints: Sequence[EndpointState], engine_requests: int) -> dict[str, float]:

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from control_plane.policy import is_fresh
 from control_plane.xds.types import SHORT_NAMES
 
 
-def _health(track, stale_after_s: float, now: float) -> str:
+def _health(track, state, routing) -> str:
     """From the scrapes: `ok` (fresh metrics), `stale`, `failing` (never answered), `unknown`."""
     if track is None:
         return "unknown"
-    if track.scraped_at is not None and now - track.scraped_at <= stale_after_s:
+    if is_fresh(state, routing):
         return "ok"
     if track.scraped_at is not None:
         return "stale"
@@ -33,7 +34,7 @@ def endpoint_rows(plane, now: float) -> list[dict]:
                 "source": entry.source,
                 "state": entry.state,
                 "drain_deadline": entry.drain_deadline,
-                "health": _health(track, plane.config.routing.stale_after_s, now),
+                "health": _health(track, tracker.state(entry.id, model, entry.weight, now), plane.config.routing),
                 "running": load.running if load else None,
                 "waiting": load.waiting if load else None,
                 "kv_cache_usage": round(load.kv_cache_usage, 4) if load else None,

@@ -21,7 +21,7 @@ from google.protobuf.message import Message
 from control_plane.xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE, SEND_ORDER
 
 Resources = dict[str, list[Message]]
-MIN_WEIGHT, MAX_WEIGHT = 1, 128
+MIN_WEIGHT, MAX_WEIGHT = 1, 128  # Envoy's endpoint weights (0 is refused): the one definition
 
 
 def resource_name(message: Message) -> str:
