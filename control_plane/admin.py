@@ -13,6 +13,7 @@ import json
 import logging
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
@@ -25,6 +26,9 @@ from control_plane.openapi import OPENAPI
 from control_plane.registry import Entry
 from control_plane.status import endpoint_rows, status_report
 from control_plane.telemetry import render as render_metrics
+
+if TYPE_CHECKING:
+    from control_plane.app import ControlPlane
 
 log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 64 * 1024
@@ -85,127 +89,164 @@ def _number(body: dict, key: str, low: float, high: float, integer: bool):
     return value
 
 
-def build_admin_app(plane) -> web.Application:
-    def entry_or_404(request: web.Request) -> Entry:
-        entry = plane.registry.get(request.match_info["id"])
-        if entry is None:
-            raise ApiError(404, f"no backend with id {request.match_info['id']!r}", "not_found_error", "id")
-        return entry
+PLANE: web.AppKey["ControlPlane"] = web.AppKey("plane")
+routes = web.RouteTableDef()
 
-    def view(entry: Entry) -> dict:
-        now = asyncio.get_running_loop().time()
-        rows = [row for row in endpoint_rows(plane, now) if row["id"] == entry.id]
-        return entry.to_json() | {"endpoints": [{k: row[k] for k in (
-            "model", "health", "running", "waiting", "kv_cache_usage", "weight", "scrape_age_s")} for row in rows]}
 
-    @web.middleware
-    async def guard(request: web.Request, handler):
+def _plane(request: web.Request) -> "ControlPlane":
+    return request.app[PLANE]
+
+
+def _entry_or_404(request: web.Request) -> Entry:
+    entry = _plane(request).registry.get(request.match_info["id"])
+    if entry is None:
+        raise ApiError(404, f"no backend with id {request.match_info['id']!r}", "not_found_error", "id")
+    return entry
+
+
+def _view(plane: "ControlPlane", entry: Entry) -> dict:
+    """A backend as the API shows it: its record and, per model, its live endpoint figures."""
+    now = asyncio.get_running_loop().time()
+    rows = [row for row in endpoint_rows(plane, now) if row["id"] == entry.id]
+    return entry.to_json() | {"endpoints": [{k: row[k] for k in (
+        "model", "health", "running", "waiting", "kv_cache_usage", "weight", "scrape_age_s")} for row in rows]}
+
+
+@web.middleware
+async def guard(request: web.Request, handler):
+    """Auth first; every error answered in OpenAI's shape, saying what failed."""
+    try:
+        if request.path not in OPEN_PATHS and not _authorized(request, _plane(request).token):
+            raise ApiError(401, "missing or wrong bearer token", "authentication_error")
+        return await handler(request)
+    except ApiError as error:
+        return error.response()
+    except web.HTTPMethodNotAllowed as error:
+        return ApiError(405, f"{request.method} is not allowed here (allowed: {', '.join(sorted(error.allowed_methods))})",
+                        "method_not_allowed").response()
+    except web.HTTPNotFound:
+        return ApiError(404, f"no such path: {request.path}", "not_found_error").response()
+    except Exception as error:  # changes roll back whole (ControlPlane.change): say which kind of call failed
+        log.exception("admin request %s %s failed", request.method, request.path)
+        what = "the change was not applied" if request.method not in ("GET", "HEAD") else \
+            f"cannot answer {request.method} {request.path}"
+        return ApiError(500, f"{what}: {type(error).__name__}: {error}", "server_error").response()
+
+
+@routes.get("/healthz")
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+@routes.get("/openapi.json")
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(OPENAPI)
+
+
+@routes.get("/metrics")
+async def metrics(request: web.Request) -> web.Response:
+    return web.Response(body=render_metrics(), content_type="text/plain", charset="utf-8")
+
+
+@routes.get("/")
+@routes.get("/ui")
+async def page(request: web.Request) -> web.Response:
+    return web.Response(text=STATUS_PAGE.read_text(), content_type="text/html")
+
+
+@routes.get("/status")
+async def status(request: web.Request) -> web.Response:
+    return web.json_response(status_report(_plane(request), asyncio.get_running_loop().time()))
+
+
+@routes.get("/backends")
+async def list_backends(request: web.Request) -> web.Response:
+    plane = _plane(request)
+    return web.json_response({"object": "list", "data": [_view(plane, e) for e in plane.registry.entries()]})
+
+
+@routes.get("/backends/{id}")
+async def get_backend(request: web.Request) -> web.Response:
+    return web.json_response(_view(_plane(request), _entry_or_404(request)))
+
+
+async def _models_of(plane: "ControlPlane", url: str, body: dict) -> list[str]:
+    """The models a new backend serves: given, or read from its /v1/models; checked as names."""
+    if "models" in body:
+        models = body["models"]
+        if not isinstance(models, list) or not 1 <= len(models) <= MAX_MODELS:
+            raise ApiError(400, f"models must be a list of 1 to {MAX_MODELS} model names", param="models")
+    else:
         try:
-            if request.path not in OPEN_PATHS and not _authorized(request, plane.token):
-                raise ApiError(401, "missing or wrong bearer token", "authentication_error")
-            return await handler(request)
-        except ApiError as error:
-            return error.response()
-        except web.HTTPMethodNotAllowed as error:
-            return ApiError(405, f"{request.method} is not allowed here (allowed: {', '.join(sorted(error.allowed_methods))})",
-                            "method_not_allowed").response()
-        except web.HTTPNotFound:
-            return ApiError(404, f"no such path: {request.path}", "not_found_error").response()
-        except Exception as error:  # nothing half-done: changes roll back (ControlPlane.change)
-            log.exception("admin request %s %s failed", request.method, request.path)
-            return ApiError(500, f"the change was not applied: {error}", "server_error").response()
+            models = await read_engine_models(url)
+        except (ValueError, aiohttp.ClientError, asyncio.TimeoutError) as error:
+            raise ApiError(400, f"cannot read the engine's models ({error or type(error).__name__}); "
+                                "give them as `models`", param="models") from None
+    aliases = {alias: m.name for m in plane.config.models for alias in m.aliases}
+    for i, model in enumerate(models):
+        if not isinstance(model, str) or not MODEL_NAME_PATTERN.fullmatch(model):
+            raise ApiError(400, f"models[{i}]: {json.dumps(model)} is not a valid model name", param="models")
+        if model in aliases:
+            raise ApiError(400, f"models[{i}]: {model!r} is an alias of {aliases[model]!r}; use the model's name",
+                           param="models")
+    if len(set(models)) != len(models):
+        raise ApiError(400, "models lists a name twice", param="models")
+    return models
 
-    async def healthz(request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
 
-    async def openapi(request: web.Request) -> web.Response:
-        return web.json_response(OPENAPI)
+@routes.post("/backends")
+async def add_backend(request: web.Request) -> web.Response:
+    plane = _plane(request)
+    body = await _json_object(request, {"url", "models", "weight"}, {"url"})
+    try:
+        url = parse_backend_url(body["url"])[0]
+        await dialable_address(url, plane.config.listen)
+    except AddressError as error:
+        raise ApiError(400, str(error), param="url") from None
+    if (existing := plane.registry.find_url(url)) is not None:
+        raise ApiError(409, f"{url} is already backend {existing.id} ({existing.source})", "conflict_error", "url")
+    weight = _number(body, "weight", 1, MAX_WEIGHT, integer=True) if "weight" in body else 1
+    models = await _models_of(plane, url, body)
+    entry = await plane.add_backend(Entry.create(url, models, weight, "api"))
+    return web.json_response(_view(plane, entry), status=201)
 
-    async def metrics(request: web.Request) -> web.Response:
-        return web.Response(body=render_metrics(), content_type="text/plain", charset="utf-8")
 
-    async def page(request: web.Request) -> web.Response:
-        return web.Response(text=STATUS_PAGE.read_text(), content_type="text/html")
+@routes.post("/backends/{id}/drain")
+async def drain(request: web.Request) -> web.Response:
+    plane, entry = _plane(request), _entry_or_404(request)
+    body = await _json_object(request, {"timeout_s"})
+    timeout = _number(body, "timeout_s", 1, 86400, integer=False) if "timeout_s" in body else plane.config.drain_timeout_s
+    return web.json_response(_view(plane, await plane.drain(entry.id, timeout)), status=202)
 
-    async def status(request: web.Request) -> web.Response:
-        return web.json_response(status_report(plane, asyncio.get_running_loop().time()))
 
-    async def list_backends(request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [view(e) for e in plane.registry.entries()]})
+@routes.post("/backends/{id}/resume")
+async def resume(request: web.Request) -> web.Response:
+    plane, entry = _plane(request), _entry_or_404(request)
+    await _json_object(request, set())
+    return web.json_response(_view(plane, await plane.resume(entry.id)))
 
-    async def get_backend(request: web.Request) -> web.Response:
-        return web.json_response(view(entry_or_404(request)))
 
-    async def add_backend(request: web.Request) -> web.Response:
-        body = await _json_object(request, {"url", "models", "weight"}, {"url"})
-        try:
-            url = parse_backend_url(body["url"])[0]
-            await dialable_address(url, plane.config.listen)
-        except AddressError as error:
-            raise ApiError(400, str(error), param="url") from None
-        if (existing := plane.registry.find_url(url)) is not None:
-            raise ApiError(409, f"{url} is already backend {existing.id} ({existing.source})", "conflict_error", "url")
-        weight = _number(body, "weight", 1, MAX_WEIGHT, integer=True) if "weight" in body else 1
-        if "models" in body:
-            models = body["models"]
-            if not isinstance(models, list) or not 1 <= len(models) <= MAX_MODELS:
-                raise ApiError(400, f"models must be a list of 1 to {MAX_MODELS} model names", param="models")
-        else:
-            try:
-                models = await read_engine_models(url)
-            except (ValueError, aiohttp.ClientError, asyncio.TimeoutError) as error:
-                raise ApiError(400, f"cannot read the engine's models ({error or type(error).__name__}); "
-                                    "give them as `models`", param="models") from None
-        aliases = {alias: m.name for m in plane.config.models for alias in m.aliases}
-        for i, model in enumerate(models):
-            if not isinstance(model, str) or not MODEL_NAME_PATTERN.fullmatch(model):
-                raise ApiError(400, f"models[{i}]: {json.dumps(model)} is not a valid model name", param="models")
-            if model in aliases:
-                raise ApiError(400, f"models[{i}]: {model!r} is an alias of {aliases[model]!r}; use the model's name",
-                               param="models")
-        if len(set(models)) != len(models):
-            raise ApiError(400, "models lists a name twice", param="models")
-        entry = await plane.add_backend(Entry.create(url, models, weight, "api"))
-        return web.json_response(view(entry), status=201)
+@routes.delete("/backends/{id}")
+async def delete(request: web.Request) -> web.Response:
+    plane, entry = _plane(request), _entry_or_404(request)
+    force = request.query.get("force", "false").lower()
+    if force not in ("true", "false") or set(request.query) - {"force"}:
+        raise ApiError(400, "the only query parameter is force=true|false", param="force")
+    if entry.source == "config":
+        raise ApiError(409, f"{entry.id} is defined in the config file: remove it there, or drain it",
+                       "conflict_error", "id")
+    if entry.source.startswith("dns:"):
+        raise ApiError(409, f"{entry.id} comes from DNS ({entry.source[4:]}): remove its record, or drain it",
+                       "conflict_error", "id")
+    if force == "true":
+        await plane.remove_now(entry.id)
+        return web.json_response(entry.to_json() | {"state": "removed"})
+    return web.json_response(_view(plane, await plane.drain(entry.id, plane.config.drain_timeout_s)), status=202)
 
-    async def drain(request: web.Request) -> web.Response:
-        entry = entry_or_404(request)
-        body = await _json_object(request, {"timeout_s"})
-        timeout = _number(body, "timeout_s", 1, 86400, integer=False) if "timeout_s" in body else plane.config.drain_timeout_s
-        return web.json_response(view(await plane.drain(entry.id, timeout)), status=202)
 
-    async def resume(request: web.Request) -> web.Response:
-        entry = entry_or_404(request)
-        await _json_object(request, set())
-        return web.json_response(view(await plane.resume(entry.id)))
-
-    async def delete(request: web.Request) -> web.Response:
-        entry = entry_or_404(request)
-        force = request.query.get("force", "false").lower()
-        if force not in ("true", "false") or set(request.query) - {"force"}:
-            raise ApiError(400, "the only query parameter is force=true|false", param="force")
-        if entry.source == "config":
-            raise ApiError(409, f"{entry.id} is defined in the config file: remove it there, or drain it",
-                           "conflict_error", "id")
-        if entry.source.startswith("dns:"):
-            raise ApiError(409, f"{entry.id} comes from DNS ({entry.source[4:]}): remove its record, or drain it",
-                           "conflict_error", "id")
-        if force == "true":
-            await plane.remove_now(entry.id)
-            return web.json_response(entry.to_json() | {"state": "removed"})
-        return web.json_response(view(await plane.drain(entry.id, plane.config.drain_timeout_s)), status=202)
-
+def build_admin_app(plane: "ControlPlane") -> web.Application:
+    """The admin API over `plane`, which handlers reach through the PLANE app key."""
     app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[guard])
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/openapi.json", openapi)
-    app.router.add_get("/status", status)
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/ui", page)
-    app.router.add_get("/", page)
-    app.router.add_get("/backends", list_backends)
-    app.router.add_post("/backends", add_backend)
-    app.router.add_get("/backends/{id}", get_backend)
-    app.router.add_delete("/backends/{id}", delete)
-    app.router.add_post("/backends/{id}/drain", drain)
-    app.router.add_post("/backends/{id}/resume", resume)
+    app[PLANE] = plane
+    app.add_routes(routes)
     return app
