@@ -15,8 +15,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from tests.harness import STARTED, GatewayStack, post_form, start_cpu_engine
-from tests.speech import SENTENCES, join_clips, speak
+from harness.processes import STARTED, GatewayStack, post_form, start_cpu_engine
+from harness.speech import SENTENCES, join_clips, speak
 
 MODEL = "whisper-tiny.en"
 

@@ -52,7 +52,7 @@ from bench.machine import command_output, describe_machine
 from control_plane.config import LimitsConfig
 from control_plane.supervisor import ENVOY_FLAGS, find_envoy
 from engines.common.audio import silent_wav
-from tests.harness import STARTED, GatewayStack, Process, free_port, multipart, request, start_engine, wait_until
+from harness.processes import STARTED, GatewayStack, Process, free_port, multipart, request, start_engine, wait_until
 
 MODEL = "whisper-large-v3-turbo"
 AUDIO_PATH = "/v1/audio/transcriptions"

@@ -8,7 +8,7 @@ import platform
 import subprocess
 from pathlib import Path
 
-from tests.harness import REPO
+from harness.processes import REPO
 
 
 def command_output(command: list[str]) -> str:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from bench.machine import describe_machine
 from engines.common.audio import silent_wav
-from tests.harness import STARTED, Envoy, GatewayConfigFile, base_config, free_port, multipart, request, \
+from harness.processes import STARTED, Envoy, GatewayConfigFile, base_config, free_port, multipart, request, \
     start_control_plane, start_engine
 
 RESULTS = Path(__file__).parent / "results"

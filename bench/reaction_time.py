@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from bench.workload import percentile
-from tests.harness import (
+from harness.processes import (
     STARTED,
     Envoy,
     GatewayConfigFile,

@@ -39,7 +39,7 @@ from bench.workload import Arrival, VirtualEngine, arrivals, engine_capacity, me
 from control_plane.metrics_parser import load_for_model, parse_loads
 from engines.common.audio import silent_wav
 from engines.simulated.queue_model import GpuProfile
-from tests.harness import STARTED, Envoy, GatewayStack, multipart, request, start_engine, wait_until
+from harness.processes import STARTED, Envoy, GatewayStack, multipart, request, start_engine, wait_until
 
 MODEL = "whisper-large-v3-turbo"
 RESULTS = Path(__file__).parent / "results"

@@ -22,7 +22,7 @@ import threading
 import time
 from pathlib import Path
 
-from tests.harness import (
+from harness.processes import (
     STARTED,
     Envoy,
     GatewayConfigFile,

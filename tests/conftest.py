@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import (
+from harness.processes import (
     STARTED,
     Envoy,
     GatewayConfigFile,

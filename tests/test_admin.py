@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.harness import (
+from harness.processes import (
     PYTHON,
     REPO,
     GatewayConfigFile,

@@ -17,8 +17,8 @@ import yaml
 
 from control_plane.config import DEFAULT_CONFIG_PATH
 from control_plane.supervisor import find_envoy
-from tests.speech import word_error_rate
-from tests.harness import PYTHON, REPO, Process, free_port, request, transcribe, wait_until
+from harness.speech import word_error_rate
+from harness.processes import PYTHON, REPO, Process, free_port, request, transcribe, wait_until
 
 CLI = [PYTHON, "-m", "control_plane"]
 # What control_plane/defaults/sample.wav says (espeak-ng -v en -s 150).

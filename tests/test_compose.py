@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from control_plane.config import load_config
-from tests.harness import PYTHON, REPO, Process, free_port, request, wait_until
+from harness.processes import PYTHON, REPO, Process, free_port, request, wait_until
 
 COMPOSE = REPO / "compose.yaml"
 TOKEN = "test-token-for-compose"

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from control_plane.config import DEFAULT_CONFIG_PATH, ConfigError, load_config, parse_config
-from tests.harness import REPO
+from harness.processes import REPO
 
 
 def minimal(**extra) -> dict:

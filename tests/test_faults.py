@@ -9,7 +9,7 @@ import socket
 import pytest
 
 from engines.common.audio import silent_wav
-from tests.harness import (
+from harness.processes import (
     Envoy,
     GatewayConfigFile,
     GatewayStack,
@@ -366,7 +366,7 @@ def test_envoy_drain_lets_requests_in_flight_finish_before_a_restart(tmp_path):
     import subprocess
     import threading
 
-    from tests.harness import PYTHON, REPO
+    from harness.processes import PYTHON, REPO
 
     gateway = FaultGateway(tmp_path, ["e1"])
     gateway.fault("e1", slowdown=50)  # a 30 s clip now takes a few seconds

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from engines.common.audio import silent_wav
-from tests.harness import (
+from harness.processes import (
     PYTHON,
     REPO,
     AdminClient,

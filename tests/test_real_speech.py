@@ -7,8 +7,8 @@ import threading
 import pytest
 from openai import OpenAI
 
-from tests.harness import GatewayStack, post_form, request, start_cpu_engine, wait_until
-from tests.speech import SENTENCES, join_clips, speak, word_error_rate
+from harness.processes import GatewayStack, post_form, request, start_cpu_engine, wait_until
+from harness.speech import SENTENCES, join_clips, speak, word_error_rate
 
 MODEL = "whisper-tiny.en"
 MAX_WER = 0.3

@@ -6,7 +6,7 @@ import pytest
 
 from engines.common.audio import silent_wav
 from tests.conftest import MODEL_A, MODEL_B
-from tests.harness import engine_names_in, multipart, post_form, request, transcribe
+from harness.processes import engine_names_in, multipart, post_form, request, transcribe
 
 
 @pytest.mark.parametrize("model_first", [True, False], ids=["model-before-file", "model-after-file"])

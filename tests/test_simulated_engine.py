@@ -10,7 +10,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from engines.common.audio import silent_wav
-from tests.harness import post_form, request, start_engine, wait_until
+from harness.processes import post_form, request, start_engine, wait_until
 
 MODEL = "whisper-tiny"
 

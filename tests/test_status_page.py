@@ -10,7 +10,7 @@ from html.parser import HTMLParser
 
 import pytest
 
-from tests.harness import GatewayStack, start_engine, wait_until
+from harness.processes import GatewayStack, start_engine, wait_until
 
 MODEL = "whisper-large-v3-turbo"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -96,7 +96,7 @@ def test_status_page_shows_what_the_api_says_and_follows_a_drain(tmp_path):
 
 
 def test_page_is_served_without_the_token_but_data_is_not(tmp_path):
-    from tests.harness import request
+    from harness.processes import request
 
     engine = start_engine(tmp_path, MODEL, "e1")[1]
     gateway = GatewayStack(tmp_path, MODEL, [engine])

@@ -13,7 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from engines.common.audio import silent_wav
-from tests.harness import post_form, request, start_engine
+from harness.processes import post_form, request, start_engine
 
 FIXTURES = Path(__file__).parent / "fixtures" / "vllm"
 MODEL = "whisper-tiny"

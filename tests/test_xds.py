@@ -18,7 +18,7 @@ from control_plane.discovery import resolve_fleet
 from control_plane.registry import Registry
 from control_plane.xds.snapshot import Snapshot
 from control_plane.xds.types import CLUSTER, ENDPOINT
-from tests.harness import (
+from harness.processes import (
     Envoy,
     GatewayConfigFile,
     base_config,

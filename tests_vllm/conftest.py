@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import PYTHON, STARTED, GatewayStack, Process, free_port, request, wait_until
+from harness.processes import PYTHON, STARTED, GatewayStack, Process, free_port, request, wait_until
 
 MODEL = "whisper-tiny"
 HOME = Path(os.environ.get("WHISPER_GATEWAY_VLLM_HOME", Path.home() / ".cache" / "whisper-gateway"))

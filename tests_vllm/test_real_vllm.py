@@ -13,7 +13,7 @@ import signal
 import pytest
 
 from engines.common.audio import silent_wav
-from tests.harness import LoadGenerator, post_form, wait_until
+from harness.processes import LoadGenerator, post_form, wait_until
 from tests_vllm.conftest import MODEL, PHRASE
 
 CLIP = silent_wav(2)
