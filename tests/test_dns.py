@@ -1,13 +1,16 @@
-"""DNS discovery's decisions (pure) and the DNS client's parsing of hostile answers."""
+"""DNS discovery's decisions (pure) and how a named nameserver's hostile answers are taken."""
 
 from __future__ import annotations
 
+import asyncio
+import socket
 import struct
+import threading
 
 import pytest
 
 from control_plane.config import DiscoveryConfig
-from control_plane.dns_client import A, build_query, parse_addresses
+from control_plane.dns_client import lookup
 from control_plane.dns_discovery import plan
 from control_plane.registry import ACTIVE, DRAINING, Entry, Registry
 
@@ -52,18 +55,68 @@ def test_addresses_another_source_serves_stay_theirs():
         ("http://10.0.0.1:8000", "config"), ("http://10.0.0.3:8000", "dns:engine")]
 
 
-def _answer(query_id: int, flags: int, answers: bytes, count: int) -> bytes:
-    question = build_query("engine", A, query_id)[12:]
-    return struct.pack(">HHHHHH", query_id, flags, 1, count, 0, 0) + question + answers
+class HostileDns:
+    """A real UDP nameserver on loopback that answers each query as `reply(query)` says."""
+
+    def __init__(self, reply):
+        self.socket = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.socket.bind(("127.0.0.1", 0))
+        self.address = self.socket.getsockname()
+        self.reply = reply
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                query, peer = self.socket.recvfrom(4096)
+            except OSError:
+                return
+            answer = self.reply(query)
+            if answer is not None:
+                self.socket.sendto(answer, peer)
+
+    def close(self) -> None:
+        self.socket.close()
 
 
-def test_parses_a_records_and_refuses_truncated_or_broken_answers():
-    record = b"\xc0\x0c" + struct.pack(">HHIH", A, 1, 30, 4) + bytes([10, 0, 0, 9])
-    assert parse_addresses(_answer(7, 0x8180, record, 1), 7, A) == ["10.0.0.9"]
-    assert parse_addresses(_answer(7, 0x8183, b"", 0), 7, A) == []  # NXDOMAIN: no engines
-    with pytest.raises(OSError, match="truncated"):
-        parse_addresses(_answer(7, 0x8380, record, 1), 7, A)
-    with pytest.raises(OSError, match="malformed"):
-        parse_addresses(_answer(7, 0x8180, record[:5], 3), 7, A)
-    with pytest.raises(OSError, match="another query"):
-        parse_addresses(_answer(8, 0x8180, record, 1), 7, A)
+def _question(query: bytes) -> tuple[bytes, int]:
+    """The question section of a query, and its record type."""
+    offset = 12
+    while query[offset]:
+        offset += query[offset] + 1
+    end = offset + 5
+    return query[12:end], struct.unpack(">H", query[end - 4:end - 2])[0]
+
+
+def _answer(flags: int, record: bytes = b"", count: int = 1, other_id: bool = False):
+    def reply(query: bytes) -> bytes:
+        question, record_type = _question(query)
+        query_id = (query[0] << 8 | query[1]) ^ (1 if other_id else 0)
+        answers, n = (record, count) if record_type == A else (b"", 0)
+        return struct.pack(">HHHHHH", query_id, flags, 1, n, 0, 0) + question + answers
+    return reply
+
+
+A = 1
+RECORD = b"\xc0\x0c" + struct.pack(">HHIH", A, 1, 30, 4) + bytes([10, 0, 0, 9])
+HOSTILE = [
+    ("an A record", _answer(0x8180, RECORD), ["10.0.0.9"]),
+    ("NXDOMAIN: no engines", _answer(0x8183, b"", 0), []),
+    ("truncated (and no TCP)", _answer(0x8380, RECORD), OSError),
+    ("malformed: fewer records than counted", _answer(0x8180, RECORD[:5], 3), OSError),
+    ("an answer to another query", _answer(0x8180, RECORD, other_id=True), OSError),
+]
+
+
+@pytest.mark.parametrize("what,reply,expected", HOSTILE, ids=[c[0] for c in HOSTILE])
+def test_a_named_nameservers_answers_are_trusted_only_when_sound(what, reply, expected):
+    server = HostileDns(reply)
+    try:
+        if expected is OSError:
+            with pytest.raises(OSError):
+                asyncio.run(lookup("engine.test", server.address, timeout=0.5))
+        else:
+            assert asyncio.run(lookup("engine.test", server.address, timeout=0.5)) == expected
+    finally:
+        server.close()
