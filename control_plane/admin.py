@@ -23,7 +23,7 @@ from control_plane.config import MODEL_NAME_PATTERN
 from control_plane.xds.snapshot import MAX_WEIGHT
 from control_plane.discovery import dialable_address, read_engine_models
 from control_plane.openapi import OPENAPI
-from control_plane.registry import Entry
+from control_plane.registry import Entry, Source
 from control_plane.status import endpoint_rows, status_report
 from control_plane.telemetry import render as render_metrics
 
@@ -204,10 +204,10 @@ async def add_backend(request: web.Request) -> web.Response:
     except AddressError as error:
         raise ApiError(400, str(error), param="url") from None
     if (existing := plane.registry.find_url(url)) is not None:
-        raise ApiError(409, f"{url} is already backend {existing.id} ({existing.source})", "conflict_error", "url")
+        raise ApiError(409, f"{url} is already backend {existing.id} ({existing.origin})", "conflict_error", "url")
     weight = _number(body, "weight", 1, MAX_WEIGHT, integer=True) if "weight" in body else 1
     models = await _models_of(plane, url, body)
-    entry = await plane.add_backend(Entry.create(url, models, weight, "api"))
+    entry = await plane.add_backend(Entry.create(url, models, weight, Source.API))
     return web.json_response(_view(plane, entry), status=201)
 
 
@@ -232,11 +232,11 @@ async def delete(request: web.Request) -> web.Response:
     force = request.query.get("force", "false").lower()
     if force not in ("true", "false") or set(request.query) - {"force"}:
         raise ApiError(400, "the only query parameter is force=true|false", param="force")
-    if entry.source == "config":
+    if entry.source is Source.CONFIG:
         raise ApiError(409, f"{entry.id} is defined in the config file: remove it there, or drain it",
                        "conflict_error", "id")
-    if entry.source.startswith("dns:"):
-        raise ApiError(409, f"{entry.id} comes from DNS ({entry.source[4:]}): remove its record, or drain it",
+    if entry.source is Source.DNS:
+        raise ApiError(409, f"{entry.id} comes from DNS ({entry.dns_name}): remove its record, or drain it",
                        "conflict_error", "id")
     if force == "true":
         await plane.remove_now(entry.id)

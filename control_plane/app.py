@@ -28,7 +28,7 @@ from control_plane.load_tracker import LoadTracker
 from control_plane.outcomes import AccessLogServicer, Outcomes
 from control_plane.policy import decide_routing, is_fresh
 from control_plane import scraper
-from control_plane.registry import ACTIVE, DRAINED, DRAINING, Entry, Registry
+from control_plane.registry import ACTIVE, DRAINED, DRAINING, Entry, Registry, Source
 from control_plane.state_store import StateStore, configured_token, ensure_token, state_dir
 from control_plane.telemetry import WEIGHT_UPDATES, XdsMetrics, forget_fleet, watch_fleet
 from control_plane.xds.cache import InconsistentSnapshot, SnapshotCache
@@ -149,8 +149,8 @@ class ControlPlane:
 
     async def apply(self, config: GatewayConfig) -> None:
         """Publishes `config` with the registry's runtime changes; on failure nothing changes."""
-        previous = self.registry.config_entries
-        self.registry.config_entries = config_entries(config)
+        previous = copy.deepcopy(self.registry)
+        self.registry.set_config(config_entries(config))
         try:
             fleet = await resolve_fleet(config, self.registry)
             if self.fleet is not None:  # endpoints that stay keep their load-derived weights
@@ -160,7 +160,7 @@ class ControlPlane:
                 await self.publish(Snapshot.from_resources(build_resources(config, fleet, self.lua_source)))
                 self.config, self.fleet = config, fleet
         except Exception:
-            self.registry.config_entries = previous
+            self.registry = previous
             raise
 
     # -- the load loop: observe -> decide -> publish, every routing.scrape_interval_s ------------
@@ -242,7 +242,7 @@ class ControlPlane:
         served = {m.name for m in self.fleet.models}
 
         def add(registry: Registry) -> None:
-            registry.api_entries[entry.id] = entry
+            registry.add(entry)
             registry.api_models += [m for m in entry.models if m not in served and m not in registry.api_models]
 
         await self.change(add)
@@ -295,7 +295,7 @@ class ControlPlane:
         self._idle_scrapes.pop(entry.id, None)
         # Config backends, and DNS backends an operator drained while their record stays, are
         # parked; API backends and vanished DNS records go.
-        if entry.source == "config" or (entry.source.startswith("dns:") and entry.drain_reason != "dns"):
+        if entry.source is Source.CONFIG or (entry.source is Source.DNS and entry.drain_reason != "dns"):
             await self.change(lambda r: r.set_state(entry.id, DRAINED))
             log.info("drained %s (%s): out of rotation until resumed", entry.id, entry.url)
         else:
@@ -306,9 +306,8 @@ def _idle(state, config: GatewayConfig) -> bool:
     return is_fresh(state, config.routing) and state.load.running == 0 and state.load.waiting == 0
 
 
-def config_entries(config: GatewayConfig) -> dict[str, Entry]:
-    entries = (Entry.create(b.url, b.models, b.weight, "config") for b in config.all_backends())
-    return {e.id: e for e in entries}
+def config_entries(config: GatewayConfig) -> list[Entry]:
+    return [Entry.create(b.url, b.models, b.weight, Source.CONFIG) for b in config.all_backends()]
 
 
 async def serve(config_path: Path | None, state_directory: Path | None = None) -> int:

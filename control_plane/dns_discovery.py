@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 
 from control_plane.config import DiscoveryConfig
 from control_plane.dns_client import lookup
-from control_plane.registry import ACTIVE, DRAINING, Entry, Registry  # noqa: F401
+from control_plane.registry import ACTIVE, DRAINING, Entry, Registry, Source
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +39,14 @@ def url_for(address: str, port: int) -> str:
 
 def plan(registry: Registry, item: DiscoveryConfig, addresses: list[str], drain_timeout_s: float):
     """The registry change that makes `item`'s backends match `addresses` (pure)."""
-    source = f"dns:{item.name}"
     wanted = {url_for(a, item.port) for a in addresses}
 
+    def is_mine(entry: Entry) -> bool:
+        return entry.source is Source.DNS and entry.dns_name == item.name
+
     # An address another source (the config, the API, another name) already serves stays theirs.
-    wanted -= {e.url for e in registry.entries() if e.source != source}
-    mine = {e.url: e for e in registry.entries() if e.source == source}
+    wanted -= {e.url for e in registry.entries() if not is_mine(e)}
+    mine = {e.url: e for e in registry.entries() if is_mine(e)}
     added = wanted - set(mine)
     vanished = {url for url, e in mine.items() if url not in wanted and e.state == ACTIVE}
     # Only drains DNS started itself are undone by the record coming back; an operator's stay.
@@ -52,9 +54,9 @@ def plan(registry: Registry, item: DiscoveryConfig, addresses: list[str], drain_
 
     def apply(r: Registry) -> None:
         for url in added:
-            entry = Entry.create(url, item.models, item.weight, source)
-            r.dns_entries[entry.id] = entry
-            r.overrides.pop(entry.id, None)
+            entry = Entry.create(url, item.models, item.weight, Source.DNS, dns_name=item.name)
+            r.parked.pop(entry.id, None)  # newly seen: whatever drain was kept for it is over
+            r.add(entry)
         for url in vanished:
             r.set_state(mine[url].id, DRAINING, time.time() + drain_timeout_s, reason="dns")
         for url in returned:

@@ -1,17 +1,25 @@
-"""Every backend the gateway knows, where it came from, and whether it takes new requests.
+"""Every backend the gateway knows: one record each, with where it came from and its drain.
 
-Sources: `config` (the YAML file, including engines `up` starts), `api` (added at runtime) and
-`dns:<name>` (discovered). The config file owns its backends: the API may drain and resume them
-but not delete them. What the API changes (its backends, models it introduced, drain states)
-is what the state file keeps.
+Sources: the config file (including engines `up` starts), the admin API, and DNS discovery
+(with the name). The config file owns its backends: the API may drain and resume them but not
+delete them. What the state file keeps: API backends, the models they introduced, and the
+drains of config and DNS backends (those backends are rebuilt from the file or from DNS, so a
+drain of one not present right now is kept aside, in `parked`, until it is).
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
+from enum import Enum
 
 ACTIVE, DRAINING, DRAINED = "active", "draining", "drained"
+
+
+class Source(str, Enum):
+    CONFIG = "config"
+    API = "api"
+    DNS = "dns"
 
 
 def backend_id(url: str) -> str:
@@ -20,96 +28,131 @@ def backend_id(url: str) -> str:
 
 
 @dataclass(frozen=True)
+class Drain:
+    state: str  # DRAINING, or DRAINED (config and DNS backends an operator parked)
+    deadline: float | None = None  # wall-clock seconds; a drain ends by then whatever happens
+    reason: str = "admin"  # or "dns" when its record vanished
+
+
+@dataclass(frozen=True)
 class Entry:
+    """One backend: the one record the registry, the admin API, discovery and drains share."""
+
     id: str
     url: str
     models: tuple[str, ...]
     weight: int = 1
-    source: str = "config"
-    state: str = ACTIVE
-    drain_deadline: float | None = None  # wall-clock seconds; a drain ends by then whatever happens
-    drain_reason: str | None = None  # "admin", or "dns" when its record vanished
+    source: Source = Source.CONFIG
+    dns_name: str | None = None  # the DNS name it was discovered under
+    drain: Drain | None = None  # None: active
 
     @classmethod
-    def create(cls, url: str, models, weight: int = 1, source: str = "config") -> "Entry":
-        return cls(id=backend_id(url), url=url, models=tuple(models), weight=weight, source=source)
+    def create(cls, url: str, models, weight: int = 1, source: Source = Source.CONFIG,
+               dns_name: str | None = None) -> "Entry":
+        return cls(id=backend_id(url), url=url, models=tuple(models), weight=weight, source=Source(source),
+                   dns_name=dns_name)
+
+    @property
+    def state(self) -> str:
+        return self.drain.state if self.drain else ACTIVE
+
+    @property
+    def drain_deadline(self) -> float | None:
+        return self.drain.deadline if self.drain else None
+
+    @property
+    def drain_reason(self) -> str | None:
+        return self.drain.reason if self.drain else None
+
+    @property
+    def origin(self) -> str:
+        """How the API names the source: config, api, or dns:<name>."""
+        return f"dns:{self.dns_name}" if self.source is Source.DNS else self.source.value
 
     def to_json(self) -> dict:
-        return asdict(self) | {"models": list(self.models)}
+        return {"id": self.id, "url": self.url, "models": list(self.models), "weight": self.weight,
+                "source": self.origin, "state": self.state, "drain_deadline": self.drain_deadline,
+                "drain_reason": self.drain_reason}
 
     @classmethod
     def from_json(cls, data: dict) -> "Entry":
-        return cls(**{**data, "models": tuple(data["models"])})  # older files lack drain_reason: default
-
-
-@dataclass(frozen=True)
-class DrainState:
-    state: str
-    deadline: float | None = None
-    reason: str = "admin"
+        """An API backend as the state file keeps it (older files lack drain_reason)."""
+        state = data.get("state", ACTIVE)
+        drain = None if state == ACTIVE else Drain(state, data.get("drain_deadline"), data.get("drain_reason") or "admin")
+        return cls(id=data["id"], url=data["url"], models=tuple(data["models"]), weight=data.get("weight", 1),
+                   source=Source.API, drain=drain)
 
 
 @dataclass
 class Registry:
-    config_entries: dict[str, Entry]
-    api_entries: dict[str, Entry]
-    dns_entries: dict[str, Entry]
+    by_id: dict[str, Entry]
     api_models: list[str]
-    overrides: dict[str, DrainState]  # drain states of config and DNS backends
+    parked: dict[str, Drain]  # drains of config and DNS backends that are not present right now
 
     @classmethod
     def empty(cls) -> "Registry":
-        return cls({}, {}, {}, [], {})
+        return cls({}, [], {})
 
     def entries(self) -> list[Entry]:
-        merged = []
-        for entry in [*self.config_entries.values(), *self.dns_entries.values()]:
-            override = self.overrides.get(entry.id)
-            merged.append(replace(entry, state=override.state, drain_deadline=override.deadline,
-                                  drain_reason=override.reason) if override else entry)
-        return merged + list(self.api_entries.values())
+        """Config backends, then discovered ones, then API ones."""
+        order = {Source.CONFIG: 0, Source.DNS: 1, Source.API: 2}
+        return sorted(self.by_id.values(), key=lambda e: order[e.source])
 
     def get(self, entry_id: str) -> Entry | None:
-        return next((e for e in self.entries() if e.id == entry_id), None)
+        return self.by_id.get(entry_id)
 
     def find_url(self, url: str) -> Entry | None:
-        return next((e for e in self.entries() if e.url == url), None)
+        return next((e for e in self.by_id.values() if e.url == url), None)
+
+    def add(self, entry: Entry) -> None:
+        """A backend joins; a config or DNS one takes up a drain kept for it."""
+        if entry.source is not Source.API and entry.id in self.parked:
+            entry = replace(entry, drain=self.parked.pop(entry.id))
+        self.by_id[entry.id] = entry
+
+    def set_config(self, entries: list[Entry]) -> None:
+        """The config file's backends now; those that stay keep their drains, those that go keep them aside."""
+        for entry in [e for e in self.by_id.values() if e.source is Source.CONFIG]:
+            if entry.drain is not None:
+                self.parked[entry.id] = entry.drain
+            del self.by_id[entry.id]
+        for entry in entries:
+            self.add(entry)
 
     def set_state(self, entry_id: str, state: str, deadline: float | None = None, reason: str = "admin") -> None:
-        if entry_id in self.api_entries:
-            self.api_entries[entry_id] = replace(self.api_entries[entry_id], state=state, drain_deadline=deadline,
-                                                 drain_reason=None if state == ACTIVE else reason)
-        elif state == ACTIVE:
-            self.overrides.pop(entry_id, None)
-        else:
-            self.overrides[entry_id] = DrainState(state, deadline, reason)
+        entry = self.by_id[entry_id]
+        self.by_id[entry_id] = replace(entry, drain=None if state == ACTIVE else Drain(state, deadline, reason))
 
     def remove(self, entry_id: str) -> None:
         """API and vanished DNS backends go for good; config ones leave rotation until resumed."""
-        self.overrides.pop(entry_id, None)
-        if entry_id in self.api_entries:
-            gone = self.api_entries.pop(entry_id)
+        entry = self.by_id[entry_id]
+        if entry.source is Source.CONFIG:
+            self.by_id[entry_id] = replace(entry, drain=Drain(DRAINED))
+            return
+        del self.by_id[entry_id]
+        if entry.source is Source.API:
             # A model the API introduced goes with its last backend: 404 again, not 503 for ever.
-            still_served = {m for e in self.api_entries.values() for m in e.models}
-            self.api_models = [m for m in self.api_models if m not in gone.models or m in still_served]
-        elif entry_id in self.dns_entries:
-            del self.dns_entries[entry_id]
-        else:
-            self.overrides[entry_id] = DrainState(DRAINED)
+            still_served = {m for e in self.by_id.values() if e.source is Source.API for m in e.models}
+            self.api_models = [m for m in self.api_models if m not in entry.models or m in still_served]
 
     # -- what the state file keeps -----------------------------------------------------------
 
     def to_json(self) -> dict:
+        drains = dict(self.parked)
+        drains.update({e.id: e.drain for e in self.by_id.values() if e.source is not Source.API and e.drain})
         return {
             "version": 1,
             "models": list(self.api_models),
-            "backends": [e.to_json() for e in self.api_entries.values()],
-            "drains": {i: asdict(d) for i, d in self.overrides.items()},
+            "backends": [e.to_json() | {"source": "api"} for e in self.by_id.values() if e.source is Source.API],
+            "drains": {i: {"state": d.state, "deadline": d.deadline, "reason": d.reason} for i, d in drains.items()},
         }
 
     def restore(self, data: dict) -> None:
         if data.get("version") != 1:
             raise ValueError(f"unknown state file version {data.get('version')!r}")
         self.api_models = [str(m) for m in data.get("models", [])]
-        self.api_entries = {e.id: e for e in (Entry.from_json(b) for b in data.get("backends", []))}
-        self.overrides = {i: DrainState(**d) for i, d in data.get("drains", {}).items()}
+        for entry in (Entry.from_json(b) for b in data.get("backends", [])):
+            self.by_id[entry.id] = entry
+        self.parked = {i: Drain(**d) for i, d in data.get("drains", {}).items()}
+        for entry in [e for e in self.by_id.values() if e.source is not Source.API and e.id in self.parked]:
+            self.by_id[entry.id] = replace(entry, drain=self.parked.pop(entry.id))

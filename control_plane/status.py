@@ -31,7 +31,7 @@ def endpoint_rows(plane, now: float) -> list[dict]:
                 "id": entry.id,
                 "url": entry.url,
                 "model": model,
-                "source": entry.source,
+                "source": entry.origin,
                 "state": entry.state,
                 "drain_deadline": entry.drain_deadline,
                 "health": _health(track, tracker.state(entry.id, model, entry.weight, now), plane.config.routing),

@@ -172,7 +172,7 @@ def test_versions_are_the_same_in_every_process():
         "from control_plane.builders import build_resources;"
         "from control_plane.bootstrap import read_lua_filter;"
         "from control_plane.xds.snapshot import Snapshot;"
-        "c = load_config('examples/simulated.yaml'); r = Registry.empty(); r.config_entries = config_entries(c);"
+        "c = load_config('examples/simulated.yaml'); r = Registry.empty(); r.set_config(config_entries(c));"
         "f = asyncio.run(resolve_fleet(c, r));"
         "print(sorted(Snapshot.from_resources(build_resources(c, f, read_lua_filter())).versions.items()))"
     )

@@ -12,7 +12,7 @@ import pytest
 from control_plane.config import DiscoveryConfig
 from control_plane.dns_client import lookup
 from control_plane.dns_discovery import plan
-from control_plane.registry import ACTIVE, DRAINING, Entry, Registry
+from control_plane.registry import ACTIVE, DRAINING, Entry, Registry, Source
 
 ITEM = DiscoveryConfig(name="engine", port=8000, models=("m",))
 
@@ -48,10 +48,9 @@ def test_an_operators_drain_is_not_undone_by_the_record_staying():
 
 def test_addresses_another_source_serves_stay_theirs():
     registry = Registry.empty()
-    configured = Entry.create("http://10.0.0.1:8000", ["m"], source="config")
-    registry.config_entries = {configured.id: configured}
+    registry.add(Entry.create("http://10.0.0.1:8000", ["m"], source=Source.CONFIG))
     registry_after(registry, ["10.0.0.1", "10.0.0.3"])
-    assert sorted((e.url, e.source) for e in registry.entries()) == [
+    assert sorted((e.url, e.origin) for e in registry.entries()) == [
         ("http://10.0.0.1:8000", "config"), ("http://10.0.0.3:8000", "dns:engine")]
 
 

@@ -202,7 +202,7 @@ def test_two_envoys_restarts_of_either_side(tmp_path, engines):
 
 def registry_of(config) -> Registry:
     registry = Registry.empty()
-    registry.config_entries = config_entries(config)
+    registry.set_config(config_entries(config))
     return registry
 
 
