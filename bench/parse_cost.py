@@ -11,7 +11,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from control_plane.metrics_parser import parse_loads
+from control_plane.observe.metrics_parser import parse_loads
 
 PAGES = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "vllm"
 

@@ -36,7 +36,7 @@ import aiohttp
 
 from bench.machine import describe_machine
 from bench.workload import Arrival, VirtualEngine, arrivals, engine_capacity, mean_work, oracle_choice, percentile, request_work
-from control_plane.metrics_parser import load_for_model, parse_loads
+from control_plane.observe.metrics_parser import load_for_model, parse_loads
 from engines.common.audio import silent_wav
 from engines.simulated.queue_model import GpuProfile
 from harness.processes import STARTED, Envoy, GatewayStack, multipart, request, start_engine, wait_until

@@ -15,22 +15,22 @@ from pathlib import Path
 from aiohttp import web
 from envoy.service.accesslog.v3 import als_pb2_grpc
 
-from control_plane.admin import build_admin_app
+from control_plane.operator.admin import build_admin_app
 from control_plane.bootstrap import read_lua_filter
 from control_plane.builders import build_load_assignments, build_resources
 from control_plane.builders.names import cluster_name
 from control_plane.config import ConfigError, GatewayConfig, load_config
-from control_plane.discovery import resolve_fleet
-from control_plane.dns_discovery import DnsDiscovery
-from control_plane.dns_discovery import plan as plan_dns
-from control_plane.fleet import Fleet
-from control_plane.load_tracker import LoadTracker
-from control_plane.outcomes import AccessLogServicer, Outcomes
-from control_plane.policy import decide_routing, is_fresh
-from control_plane import scraper
-from control_plane.registry import ACTIVE, DRAINED, DRAINING, Entry, Registry, Source
-from control_plane.state_store import StateStore, configured_token, ensure_token, state_dir
-from control_plane.telemetry import WEIGHT_UPDATES, XdsMetrics, forget_fleet, watch_fleet
+from control_plane.fleet.resolve import resolve_fleet
+from control_plane.fleet.dns_discovery import DnsDiscovery
+from control_plane.fleet.dns_discovery import plan as plan_dns
+from control_plane.fleet.state import Fleet
+from control_plane.observe.load_tracker import LoadTracker
+from control_plane.observe.outcomes import AccessLogServicer, Outcomes
+from control_plane.decide.policy import decide_routing, is_fresh
+from control_plane.observe import scraper
+from control_plane.fleet.registry import ACTIVE, DRAINED, DRAINING, Entry, Registry, Source
+from control_plane.fleet.state_store import StateStore, configured_token, ensure_token, state_dir
+from control_plane.operator.telemetry import WEIGHT_UPDATES, XdsMetrics, forget_fleet, watch_fleet
 from control_plane.xds.cache import InconsistentSnapshot, SnapshotCache
 from control_plane.xds.server import start_ads_server
 from control_plane.xds.snapshot import Snapshot

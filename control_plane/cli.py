@@ -14,7 +14,7 @@ from pathlib import Path
 
 from control_plane.bootstrap import BOOTSTRAP_TEMPLATE, default_node_id, render_bootstrap
 from control_plane.config import ConfigError, GatewayConfig, load_config
-from control_plane.state_store import client_token, state_dir
+from control_plane.fleet.state_store import client_token, state_dir
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -162,7 +162,7 @@ def _backend_id(args, config, target: str) -> str:
 
 
 def _backends_table(backends: list[dict]) -> str:
-    from control_plane.status import render_rows
+    from control_plane.operator.status import render_rows
 
     header = ("ID", "URL", "MODELS", "SOURCE", "STATE", "WEIGHT")
     rows = [(b["id"], b["url"], ",".join(b["models"]), b["source"], b["state"],
@@ -172,7 +172,7 @@ def _backends_table(backends: list[dict]) -> str:
 
 
 def _run_api_command(args: argparse.Namespace, config: GatewayConfig) -> int:
-    from control_plane.status import render_table
+    from control_plane.operator.status import render_table
 
     try:
         if args.command == "status":

@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from control_plane.addresses import AddressError, own_port_problem, parse_backend_url
+from control_plane.fleet.addresses import AddressError, own_port_problem, parse_backend_url
 from control_plane.xds.snapshot import MAX_WEIGHT
 
 DEFAULT_CONFIG_PATH = Path(__file__).parent / "defaults" / "gateway.yaml"
@@ -86,7 +86,7 @@ class LimitsConfig:
 
 @dataclass(frozen=True)
 class RoutingConfig:
-    """How engine load becomes endpoint weights (see control_plane/policy.py)."""
+    """How engine load becomes endpoint weights (see control_plane/decide/policy.py)."""
 
     load_aware: bool = True
     # Envoy's balancer within a model's cluster. least_request (weight / (own in-flight + 1))
@@ -100,7 +100,7 @@ class RoutingConfig:
     # Envoy holds weight-only updates this long to merge them; its 1 s default delays reactions.
     update_merge_window_s: float = 0.0
     # Uploads at least this large (0: off) go to the engines that would finish them soonest
-    # (control_plane/policy.py). 2 MB is about a minute of 16 kHz WAV or two of MP3.
+    # (control_plane/decide/policy.py). 2 MB is about a minute of 16 kHz WAV or two of MP3.
     long_upload_kb: float = 2048.0
 
     @property
@@ -390,7 +390,7 @@ def _read_models(raw: Any) -> tuple[ModelConfig, ...]:
 
 
 def validate_backend_url(url: Any, key: str) -> str:
-    """http with a host Envoy can dial and an explicit port, nothing else (control_plane/addresses.py)."""
+    """http with a host Envoy can dial and an explicit port, nothing else (control_plane/fleet/addresses.py)."""
     try:
         return parse_backend_url(url)[0]
     except AddressError as error:

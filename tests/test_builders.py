@@ -15,7 +15,7 @@ from control_plane.builders.names import (
     UNROUTED_CLUSTER,
 )
 from control_plane.config import parse_config
-from control_plane.fleet import Backend, Fleet
+from control_plane.fleet.state import Backend, Fleet
 from control_plane.xds.snapshot import Snapshot
 from control_plane.xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE
 
@@ -167,8 +167,8 @@ def test_versions_are_the_same_in_every_process():
         "import asyncio;"
         "from control_plane.config import load_config;"
         "from control_plane.app import config_entries;"
-        "from control_plane.registry import Registry;"
-        "from control_plane.discovery import resolve_fleet;"
+        "from control_plane.fleet.registry import Registry;"
+        "from control_plane.fleet.resolve import resolve_fleet;"
         "from control_plane.builders import build_resources;"
         "from control_plane.bootstrap import read_lua_filter;"
         "from control_plane.xds.snapshot import Snapshot;"

@@ -10,9 +10,9 @@ import threading
 import pytest
 
 from control_plane.config import DiscoveryConfig
-from control_plane.dns_client import lookup
-from control_plane.dns_discovery import plan
-from control_plane.registry import ACTIVE, DRAINING, Entry, Registry, Source
+from control_plane.fleet.dns_client import lookup
+from control_plane.fleet.dns_discovery import plan
+from control_plane.fleet.registry import ACTIVE, DRAINING, Entry, Registry, Source
 
 ITEM = DiscoveryConfig(name="engine", port=8000, models=("m",))
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from control_plane.metrics_parser import ModelLoad, load_for_model, parse_loads
+from control_plane.observe.metrics_parser import ModelLoad, load_for_model, parse_loads
 
 FIXTURES = Path(__file__).parent / "fixtures" / "vllm"
 

@@ -7,10 +7,10 @@ import math
 import pytest
 
 from control_plane.config import RoutingConfig
-from control_plane.load_tracker import SPEED_TAU_S, LoadTracker
-from control_plane.metrics_parser import ModelLoad
-from control_plane import policy as steps  # each step by name (`fresh` below builds states)
-from control_plane.policy import EndpointState, compute_weights, long_upload_endpoints
+from control_plane.observe.load_tracker import SPEED_TAU_S, LoadTracker
+from control_plane.observe.metrics_parser import ModelLoad
+from control_plane.decide import policy as steps  # each step by name (`fresh` below builds states)
+from control_plane.decide.policy import EndpointState, compute_weights, long_upload_endpoints
 
 S = RoutingConfig(stale_after_s=1.0, hysteresis=0.2)
 

@@ -10,8 +10,8 @@ import pytest
 
 from control_plane.app import IDLE_SCRAPES_TO_FINISH_DRAIN, ControlPlane
 from control_plane.config import parse_config
-from control_plane.metrics_parser import ModelLoad
-from control_plane.registry import ACTIVE, DRAINED, DRAINING, Entry, Registry, Source
+from control_plane.observe.metrics_parser import ModelLoad
+from control_plane.fleet.registry import ACTIVE, DRAINED, DRAINING, Entry, Registry, Source
 from control_plane.xds.cache import EnvoyStatus
 from control_plane.xds.types import ENDPOINT
 

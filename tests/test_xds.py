@@ -14,8 +14,8 @@ from control_plane.app import ControlPlane
 from control_plane.builders import build_resources
 from control_plane.config import parse_config
 from control_plane.app import config_entries
-from control_plane.discovery import resolve_fleet
-from control_plane.registry import Registry
+from control_plane.fleet.resolve import resolve_fleet
+from control_plane.fleet.registry import Registry
 from control_plane.xds.snapshot import Snapshot
 from control_plane.xds.types import CLUSTER, ENDPOINT
 from harness.processes import (
@@ -314,6 +314,6 @@ def test_a_refused_endpoint_update_never_takes_good_ones_down(tmp_path, monkeypa
 
 
 async def _status(plane) -> dict:
-    from control_plane.status import status_report
+    from control_plane.operator.status import status_report
 
     return status_report(plane, asyncio.get_running_loop().time())

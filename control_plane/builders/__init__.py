@@ -7,7 +7,7 @@ from control_plane.builders.endpoints import build_load_assignment
 from control_plane.builders.listener import build_listener
 from control_plane.builders.routes import build_route_configuration
 from control_plane.config import GatewayConfig
-from control_plane.fleet import Fleet
+from control_plane.fleet.state import Fleet
 from control_plane.xds.snapshot import Resources
 from control_plane.xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE
 

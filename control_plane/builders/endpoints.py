@@ -8,7 +8,7 @@ from google.protobuf import wrappers_pb2
 
 from control_plane.builders.common import long_upload_metadata
 from control_plane.builders.names import cluster_name
-from control_plane.fleet import Backend, Fleet
+from control_plane.fleet.state import Backend, Fleet
 
 
 def _metadata(url: str, long_uploads: bool) -> base_pb2.Metadata:

@@ -22,7 +22,7 @@ from control_plane.config import GatewayConfig
 
 
 def _upstream_try_log() -> accesslog_pb2.AccessLog:
-    """Every try at an engine, with its outcome, to the control plane (control_plane/outcomes.py)."""
+    """Every try at an engine, with its outcome, to the control plane (control_plane/observe/outcomes.py)."""
     common = grpc_als_pb2.CommonGrpcAccessLogConfig(
         log_name=UPSTREAM_LOG_NAME,
         transport_api_version=config_source_pb2.V3,

@@ -6,7 +6,7 @@ VIRTUAL_HOST_NAME = "whisper"
 # Set by the Lua filter from the multipart `model` field; routes match on it.
 MODEL_HEADER = "x-whisper-model"
 # Set by the Lua filter on uploads of at least routing.long_upload_kb; their routes select the
-# endpoints whose LB_METADATA carries LONG_UPLOAD_KEY (control_plane/policy.py picks them).
+# endpoints whose LB_METADATA carries LONG_UPLOAD_KEY (control_plane/decide/policy.py picks them).
 LONG_UPLOAD_HEADER = "x-whisper-long-upload"
 LB_METADATA = "envoy.lb"
 # Added to every request Envoy proxies; the Lua filter answers 508 to one that arrives with it.
@@ -27,5 +27,5 @@ UNROUTED_CLUSTER = "whisper:unrouted"
 
 # The bootstrap's static cluster to the control plane (ADS, and the upstream-try log).
 XDS_CLUSTER = "xds_cluster"
-# The gRPC access log of every upstream try (control_plane/outcomes.py).
+# The gRPC access log of every upstream try (control_plane/observe/outcomes.py).
 UPSTREAM_LOG_NAME = "whisper_upstream_tries"

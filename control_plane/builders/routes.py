@@ -30,7 +30,7 @@ from control_plane.builders.names import (
     cluster_name,
 )
 from control_plane.config import GatewayConfig
-from control_plane.fleet import Fleet
+from control_plane.fleet.state import Fleet
 from control_plane.xds.snapshot import MAX_WEIGHT
 
 MAX_DIRECT_RESPONSE_BYTES = 1024 * 1024

@@ -13,12 +13,12 @@ from dataclasses import dataclass, replace
 
 import aiohttp
 
-from control_plane.fleet import Backend, Fleet
-from control_plane.load_tracker import LoadTracker
-from control_plane.metrics_parser import load_for_model, parse_loads
-from control_plane.outcomes import Outcomes
-from control_plane.policy import EndpointState
-from control_plane.telemetry import SCRAPE_FAILURES, SCRAPE_SECONDS
+from control_plane.fleet.state import Backend, Fleet
+from control_plane.observe.load_tracker import LoadTracker
+from control_plane.observe.metrics_parser import load_for_model, parse_loads
+from control_plane.observe.outcomes import Outcomes
+from control_plane.decide.policy import EndpointState
+from control_plane.operator.telemetry import SCRAPE_FAILURES, SCRAPE_SECONDS
 
 log = logging.getLogger(__name__)
 

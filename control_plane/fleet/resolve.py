@@ -10,10 +10,10 @@ import aiohttp
 
 from urllib.parse import urlsplit
 
-from control_plane.addresses import AddressError, check_resolved, own_port_problem
+from control_plane.fleet.addresses import AddressError, check_resolved, own_port_problem
 from control_plane.config import GatewayConfig, ListenConfig, ModelConfig, is_ip_address
-from control_plane.fleet import Backend, Fleet
-from control_plane.registry import DRAINED, DRAINING, Entry, Registry
+from control_plane.fleet.state import Backend, Fleet
+from control_plane.fleet.registry import DRAINED, DRAINING, Entry, Registry
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from control_plane.policy import is_fresh
+from control_plane.decide.policy import is_fresh
 from control_plane.xds.types import SHORT_NAMES
 
 

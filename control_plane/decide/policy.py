@@ -39,8 +39,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from control_plane.config import RoutingConfig
-from control_plane.fleet import Fleet
-from control_plane.metrics_parser import ModelLoad
+from control_plane.fleet.state import Fleet
+from control_plane.observe.metrics_parser import ModelLoad
 from control_plane.xds.snapshot import MAX_WEIGHT, MIN_WEIGHT
 
 FORGET_AFTER = 10  # stale periods after which an endpoint's last weight no longer holds it down

@@ -14,8 +14,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from control_plane.metrics_parser import ModelLoad
-from control_plane.policy import EndpointState
+from control_plane.observe.metrics_parser import ModelLoad
+from control_plane.decide.policy import EndpointState
 
 SPEED_TAU_S = 2.0
 SPEED_MEMORY_S = 5.0

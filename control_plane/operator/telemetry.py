@@ -7,7 +7,7 @@ import asyncio
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
-from control_plane.status import endpoint_rows
+from control_plane.operator.status import endpoint_rows
 from control_plane.xds.types import SHORT_NAMES
 
 REGISTRY = CollectorRegistry()

@@ -18,14 +18,14 @@ from typing import TYPE_CHECKING
 import aiohttp
 from aiohttp import web
 
-from control_plane.addresses import AddressError, parse_backend_url
+from control_plane.fleet.addresses import AddressError, parse_backend_url
 from control_plane.config import MODEL_NAME_PATTERN
 from control_plane.xds.snapshot import MAX_WEIGHT
-from control_plane.discovery import dialable_address, read_engine_models
-from control_plane.openapi import OPENAPI
-from control_plane.registry import Entry, Source
-from control_plane.status import endpoint_rows, status_report
-from control_plane.telemetry import render as render_metrics
+from control_plane.fleet.resolve import dialable_address, read_engine_models
+from control_plane.operator.openapi import OPENAPI
+from control_plane.fleet.registry import Entry, Source
+from control_plane.operator.status import endpoint_rows, status_report
+from control_plane.operator.telemetry import render as render_metrics
 
 if TYPE_CHECKING:
     from control_plane.app import ControlPlane

@@ -14,8 +14,8 @@ import time
 from collections.abc import Awaitable, Callable
 
 from control_plane.config import DiscoveryConfig
-from control_plane.dns_client import lookup
-from control_plane.registry import ACTIVE, DRAINING, Entry, Registry, Source
+from control_plane.fleet.dns_client import lookup
+from control_plane.fleet.registry import ACTIVE, DRAINING, Entry, Registry, Source
 
 log = logging.getLogger(__name__)
 

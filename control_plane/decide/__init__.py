@@ -1,0 +1,1 @@
+"""Decide: pure steps from observations to weights and long-upload subsets (no I/O)."""

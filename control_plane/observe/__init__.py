@@ -1,0 +1,1 @@
+"""Observe: what the engines' metrics and the Envoys' try logs say (scrapes, parsing, tracking)."""
