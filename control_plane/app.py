@@ -15,21 +15,21 @@ from pathlib import Path
 from aiohttp import web
 from envoy.service.accesslog.v3 import als_pb2_grpc
 
-from control_plane.operator.admin import build_admin_app
 from control_plane.bootstrap import read_lua_filter
 from control_plane.builders import build_load_assignments, build_resources
 from control_plane.builders.names import cluster_name
 from control_plane.config import ConfigError, GatewayConfig, load_config
-from control_plane.fleet.resolve import resolve_fleet
+from control_plane.decide.policy import decide_routing, is_fresh
 from control_plane.fleet.dns_discovery import DnsDiscovery
 from control_plane.fleet.dns_discovery import plan as plan_dns
+from control_plane.fleet.registry import ACTIVE, DRAINED, DRAINING, Entry, Registry, Source
+from control_plane.fleet.resolve import resolve_fleet
 from control_plane.fleet.state import Fleet
+from control_plane.fleet.state_store import StateStore, configured_token, ensure_token, state_dir
+from control_plane.observe import scraper
 from control_plane.observe.load_tracker import LoadTracker
 from control_plane.observe.outcomes import AccessLogServicer, Outcomes
-from control_plane.decide.policy import decide_routing, is_fresh
-from control_plane.observe import scraper
-from control_plane.fleet.registry import ACTIVE, DRAINED, DRAINING, Entry, Registry, Source
-from control_plane.fleet.state_store import StateStore, configured_token, ensure_token, state_dir
+from control_plane.operator.admin import build_admin_app
 from control_plane.operator.telemetry import WEIGHT_UPDATES, XdsMetrics, forget_fleet, watch_fleet
 from control_plane.xds.cache import InconsistentSnapshot, SnapshotCache
 from control_plane.xds.server import start_ads_server
@@ -150,18 +150,22 @@ class ControlPlane:
     async def apply(self, config: GatewayConfig) -> None:
         """Publishes `config` with the registry's runtime changes; on failure nothing changes."""
         previous = copy.deepcopy(self.registry)
-        self.registry.set_config(config_entries(config))
         try:
-            fleet = await resolve_fleet(config, self.registry)
-            if self.fleet is not None:  # endpoints that stay keep their load-derived weights
-                fleet = fleet.with_routing(self.fleet.weights,
-                                           self.fleet.long_uploads if config.routing.long_upload_bytes else frozenset())
-            async with self._publishing:
-                await self.publish(Snapshot.from_resources(build_resources(config, fleet, self.lua_source)))
-                self.config, self.fleet = config, fleet
+            await self._publish_config(config)
         except Exception:
             self.registry = previous
             raise
+
+    async def _publish_config(self, config: GatewayConfig) -> None:
+        """apply() without its rollback: for callers that hold their own copy (change())."""
+        self.registry.set_config(config_entries(config))
+        fleet = await resolve_fleet(config, self.registry)
+        if self.fleet is not None:  # endpoints that stay keep their load-derived weights
+            fleet = fleet.with_routing(self.fleet.weights,
+                                       self.fleet.long_uploads if config.routing.long_upload_bytes else frozenset())
+        async with self._publishing:
+            await self.publish(Snapshot.from_resources(build_resources(config, fleet, self.lua_source)))
+            self.config, self.fleet = config, fleet
 
     # -- the load loop: observe -> decide -> publish, every routing.scrape_interval_s ------------
 
@@ -184,7 +188,7 @@ class ControlPlane:
         pages = await scraper.scrape_all(client, fleet, routing.scrape_timeout_s)
         now = asyncio.get_running_loop().time()
         scraper.record(self.tracker, fleet, pages, now)
-        self.outcomes.retain({f"{b.address}:{b.port}" for b in fleet.backends})
+        self.outcomes.retain({b.endpoint for b in fleet.backends})
         await self.check_drains()
         if not routing.load_aware:
             return
@@ -231,7 +235,7 @@ class ControlPlane:
             try:
                 if self.store is not None:
                     await asyncio.to_thread(self.store.save, self.registry.to_json())
-                await self.apply(self.config)
+                await self._publish_config(self.config)
             except Exception:
                 self.registry = before
                 if self.store is not None:

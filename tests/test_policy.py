@@ -10,7 +10,8 @@ from control_plane.config import RoutingConfig
 from control_plane.observe.load_tracker import SPEED_TAU_S, LoadTracker
 from control_plane.observe.metrics_parser import ModelLoad
 from control_plane.decide import policy as steps  # each step by name (`fresh` below builds states)
-from control_plane.decide.policy import EndpointState, compute_weights, long_upload_endpoints
+from control_plane.decide.policy import compute_weights, long_upload_endpoints
+from control_plane.observe.load_tracker import EndpointState
 
 S = RoutingConfig(stale_after_s=1.0, hysteresis=0.2)
 
@@ -183,3 +184,13 @@ def test_hold_stale(endpoint, previous, expected):
                                                       (52, 64, 64), (40, 64, 40)])
 def test_hysteresis(target, previous, expected):
     assert steps.hysteresis(target, previous, S) == expected
+
+
+def test_the_loop_runs_one_way():
+    """decide/ reads observe/'s types; observe/ never reaches into decide/."""
+    import re
+    from pathlib import Path
+
+    observe = Path(__file__).resolve().parent.parent / "control_plane" / "observe"
+    for module in observe.glob("*.py"):
+        assert not re.search(r"^(from|import) control_plane\.decide", module.read_text(), re.M), module.name

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from envoy.config.accesslog.v3 import accesslog_pb2
 from envoy.config.core.v3 import base_pb2, substitution_format_string_pb2
-from envoy.type.matcher.v3 import metadata_pb2, value_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
+from envoy.type.matcher.v3 import metadata_pb2, value_pb2
 from google.protobuf import struct_pb2, wrappers_pb2
 
 from control_plane.builders.names import LUA_REPLY_KEY, METADATA_NAMESPACE

@@ -36,11 +36,10 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 from control_plane.config import RoutingConfig
 from control_plane.fleet.state import Fleet
-from control_plane.observe.metrics_parser import ModelLoad
+from control_plane.observe.load_tracker import EndpointState
 from control_plane.xds.snapshot import MAX_WEIGHT, MIN_WEIGHT
 
 FORGET_AFTER = 10  # stale periods after which an endpoint's last weight no longer holds it down
@@ -48,18 +47,6 @@ KV_PRESSURE_FROM = 0.8  # KV-cache use above which an engine counts as more load
 LONG_UPLOAD_REQUESTS = 8  # engine requests (30 s chunks) a long upload is reckoned to make
 PREFER_WITHIN = 1.5
 MIN_LONG_UPLOAD_ENDPOINTS = 2
-
-
-@dataclass(frozen=True)
-class EndpointState:
-    """What is known about one endpoint of a cluster (one backend serving one model)."""
-
-    backend_id: str
-    base_weight: int = 1
-    load: ModelLoad | None = None  # from the last good scrape; None: never scraped
-    age_s: float | None = None  # since that scrape
-    seconds_per_request: float | None = None  # measured speed; None: unknown yet
-    failure_ratio: float = 0.0  # recent tries the engine failed, as Envoys saw them (outcomes.py)
 
 
 # -- the steps, each with a one-line contract and its own table test (tests/test_policy.py) ------

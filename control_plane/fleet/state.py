@@ -19,6 +19,11 @@ class Backend:
     draining: bool = False
     url: str = ""
 
+    @property
+    def endpoint(self) -> str:
+        """"ip:port", as Envoy names the host (its try log, control_plane/observe/outcomes.py)."""
+        return f"{self.address}:{self.port}"
+
 
 @dataclass(frozen=True)
 class Fleet:

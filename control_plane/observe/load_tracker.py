@@ -15,10 +15,21 @@ import math
 from dataclasses import dataclass
 
 from control_plane.observe.metrics_parser import ModelLoad
-from control_plane.decide.policy import EndpointState
 
 SPEED_TAU_S = 2.0
 SPEED_MEMORY_S = 5.0
+
+
+@dataclass(frozen=True)
+class EndpointState:
+    """What is known about one endpoint of a cluster (one backend serving one model)."""
+
+    backend_id: str
+    base_weight: int = 1
+    load: ModelLoad | None = None  # from the last good scrape; None: never scraped
+    age_s: float | None = None  # since that scrape
+    seconds_per_request: float | None = None  # measured speed; None: unknown yet
+    failure_ratio: float = 0.0  # recent tries the engine failed, as Envoys saw them (outcomes.py)
 
 
 @dataclass

@@ -14,10 +14,9 @@ from dataclasses import dataclass, replace
 import aiohttp
 
 from control_plane.fleet.state import Backend, Fleet
-from control_plane.observe.load_tracker import LoadTracker
+from control_plane.observe.load_tracker import EndpointState, LoadTracker
 from control_plane.observe.metrics_parser import load_for_model, parse_loads
 from control_plane.observe.outcomes import Outcomes
-from control_plane.decide.policy import EndpointState
 from control_plane.operator.telemetry import SCRAPE_FAILURES, SCRAPE_SECONDS
 
 log = logging.getLogger(__name__)
@@ -82,6 +81,6 @@ def endpoint_states(fleet: Fleet, tracker: LoadTracker, outcomes: Outcomes,
                     now: float) -> dict[str, list[EndpointState]]:
     """What is known of every endpoint, by model (in fleet order): the policy's input."""
     return {model: [replace(tracker.state(b.id, model, b.weight, now),
-                            failure_ratio=outcomes.failure_ratio(f"{b.address}:{b.port}", now))
+                            failure_ratio=outcomes.failure_ratio(b.endpoint, now))
                     for b in fleet.backends_for(model)]
             for model in fleet.model_names()}

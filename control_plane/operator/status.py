@@ -45,7 +45,7 @@ def endpoint_rows(plane, now: float) -> list[dict]:
                 "scrape_age_s": round(now - track.scraped_at, 3) if track and track.scraped_at is not None else None,
                 "scrape_error": track.error if track else None,
                 # Recent tries this engine failed (cut, reset, 502-504), as the Envoys saw them.
-                "failure_ratio": round(plane.outcomes.failure_ratio(f"{backend.address}:{backend.port}", now),
+                "failure_ratio": round(plane.outcomes.failure_ratio(backend.endpoint, now),
                                        3) if backend else None,
             })
     return rows
