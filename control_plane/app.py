@@ -30,11 +30,12 @@ from control_plane.observe import scraper
 from control_plane.observe.load_tracker import LoadTracker
 from control_plane.observe.outcomes import AccessLogServicer, Outcomes
 from control_plane.operator.admin import build_admin_app
+from control_plane.operator import telemetry
 from control_plane.operator.telemetry import WEIGHT_UPDATES, XdsMetrics, forget_fleet, watch_fleet
 from control_plane.xds.cache import InconsistentSnapshot, SnapshotCache
 from control_plane.xds.server import start_ads_server
 from control_plane.xds.snapshot import Snapshot
-from control_plane.xds.types import CLUSTER, ENDPOINT, ROUTE
+from control_plane.xds.types import ENDPOINT
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +112,10 @@ class ControlPlane:
             raise StartupError(f"listen.admin_address {address} is not loopback: set WHISPER_GATEWAY_ADMIN_TOKEN "
                                "(or WHISPER_GATEWAY_ADMIN_TOKEN_FILE) before exposing the admin API")
 
-    async def stop(self, grace: float = 2.0) -> None:
+    async def stop(self, grace: float = 0.2) -> None:
+        """Stops serving. ADS and access-log streams never end on their own, so a long gRPC grace
+        would only be waited out in full: `grace` lets responses being written finish, and each
+        Envoy reconnects (to this plane restarted, or another) and keeps its last config meanwhile."""
         await self.discovery.stop()
         for task in self._tasks:
             task.cancel()
@@ -158,7 +162,7 @@ class ControlPlane:
 
     async def _publish_config(self, config: GatewayConfig) -> None:
         """apply() without its rollback: for callers that hold their own copy (change())."""
-        self.registry.set_config(config_entries(config))
+        self.registry.set_config(config.all_backends())
         fleet = await resolve_fleet(config, self.registry)
         if self.fleet is not None:  # endpoints that stay keep their load-derived weights
             fleet = fleet.with_routing(self.fleet.weights,
@@ -185,7 +189,7 @@ class ControlPlane:
         fleet, routing = self.fleet, self.config.routing
         if fleet is None:
             return
-        pages = await scraper.scrape_all(client, fleet, routing.scrape_timeout_s)
+        pages = await scraper.scrape_all(client, fleet, routing.scrape_timeout_s, telemetry.on_scrape)
         now = asyncio.get_running_loop().time()
         scraper.record(self.tracker, fleet, pages, now)
         self.outcomes.retain({b.endpoint for b in fleet.backends})
@@ -208,21 +212,8 @@ class ControlPlane:
             self.fleet = fleet
 
     async def publish(self, snapshot: Snapshot) -> None:
-        """Make before break: a removed cluster goes only after every Envoy stopped routing to it."""
-        errors = snapshot.consistency_errors()
-        if errors:  # checked before any bridge goes out: nothing of a bad change reaches Envoy
-            raise InconsistentSnapshot("; ".join(errors))
-        current = self.cache.snapshot
-        removed = current.names(CLUSTER) - snapshot.names(CLUSTER) if current else frozenset()
-        if removed:
-            resources = {t: list(snapshot.resources[t].values()) for t in snapshot.resources}
-            resources[CLUSTER] += [current.resources[CLUSTER][name] for name in removed]
-            resources[ENDPOINT] += [current.resources[ENDPOINT][name] for name in removed
-                                    if name in current.resources[ENDPOINT]]
-            bridge = Snapshot.from_resources(resources)
-            if self.cache.set_snapshot(bridge):
-                await self.cache.wait_for_acks(ROUTE, bridge.versions[ROUTE], REMOVAL_ACK_TIMEOUT_S)
-        if self.cache.set_snapshot(snapshot):
+        """Serves `snapshot` (the cache checks it once and removes clusters make-before-break)."""
+        if await self.cache.publish(snapshot, REMOVAL_ACK_TIMEOUT_S):
             log.info("published snapshot %s", {k.rsplit(".", 1)[-1]: v for k, v in snapshot.versions.items()})
 
     # -- runtime changes (the admin API, DNS discovery, finished drains) ---------------------
@@ -308,10 +299,6 @@ class ControlPlane:
 
 def _idle(state, config: GatewayConfig) -> bool:
     return is_fresh(state, config.routing) and state.load.running == 0 and state.load.waiting == 0
-
-
-def config_entries(config: GatewayConfig) -> list[Entry]:
-    return [Entry.create(b.url, b.models, b.weight, Source.CONFIG) for b in config.all_backends()]
 
 
 async def serve(config_path: Path | None, state_directory: Path | None = None) -> int:

@@ -1,53 +1,76 @@
 """The gateway's one YAML file, checked whole before anything starts.
 
-A typo must stop the process with the key that is wrong, not become a default silently, so
-unknown keys are errors too.
+Each section is a dataclass whose fields carry their bounds (control_plane/validation.py checks
+them and names the failing key). A typo must stop the process with the key that is wrong, not
+become a default silently, so unknown keys are errors too. The admin API checks its fields
+with the same types.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import re
-from dataclasses import dataclass, field
+from dataclasses import fields
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlsplit
+from typing import Annotated, Any, Literal, Union
 
 import yaml
+from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic.dataclasses import dataclass
 
-from control_plane.fleet.addresses import AddressError, own_port_problem, parse_backend_url
-from control_plane.xds.snapshot import MAX_WEIGHT
+from control_plane.fleet.addresses import AddressError, is_ip_address, own_port_problem, parse_backend_url
+from control_plane.fleet.registry import Entry, Source
+from control_plane.validation import ConfigError, check, fail, matching, within
+from control_plane.xds.snapshot import MAX_WEIGHT, MIN_WEIGHT
 
 DEFAULT_CONFIG_PATH = Path(__file__).parent / "defaults" / "gateway.yaml"
 MODEL_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}")  # use fullmatch
-# Options each engine kind takes in the config, with their types (they become --flags).
-ENGINE_OPTIONS = {
-    "simulated": {"max_num_seqs": int, "speed": float, "time_scale": float, "seconds_per_chunk": float,
-                  "seconds_per_request": float, "batch_penalty": float},
-    "whisper_cpu": {"max_num_seqs": int, "cpu_threads": int},
-    # Real vLLM (python -m engines.vllm): model_path is a Hugging Face id or a folder; cpu adds the
-    # settings of vLLM's CPU build for the tiny test checkpoint.
-    "vllm": {"model_path": str, "max_num_seqs": int, "cpu": bool},
-}
-LB_POLICIES = ("least_request", "round_robin")
+_DNS_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,252})")
+SECTION = ConfigDict(extra="forbid")
 
 
-class ConfigError(ValueError):
-    """A config problem, phrased as `key: problem`."""
+def _backend_url(value: Any) -> str:
+    try:
+        return parse_backend_url(value)[0]
+    except AddressError as error:
+        fail(str(error))
 
 
-@dataclass(frozen=True)
+def _ip_port(value: Any) -> tuple[str, int]:
+    host, _, port = str(value).rpartition(":")
+    if not is_ip_address(host) or not port.isdigit() or not 0 < int(port) < 65536:
+        fail(f"expected IP:port, got {value!r}")
+    return host, int(port)
+
+
+Port = Annotated[StrictInt, within(1, 65535)]
+Weight = Annotated[StrictInt, within(MIN_WEIGHT, MAX_WEIGHT)]
+Count = Annotated[StrictInt, within(1, 1_000_000)]
+_positive = AfterValidator(lambda v: v if v > 0 else fail(f"expected a positive number, got {v!r}"))
+Positive = Annotated[StrictFloat, _positive]
+PositiveInt = Annotated[StrictInt, _positive]
+ModelName = Annotated[StrictStr, matching(MODEL_NAME_PATTERN, "{!r} is not a valid model name (1-128 characters: "
+                                                               "letters, digits, . _ : / @ + -)")]
+BackendUrl = Annotated[Any, AfterValidator(_backend_url)]
+Address = Annotated[StrictStr, Field(min_length=1)]
+DrainTimeout = Annotated[StrictFloat, within(1, 86400)]
+
+
+def seconds(low: float, high: float):
+    return Annotated[StrictFloat, within(low, high)]
+
+
+@dataclass(frozen=True, config=SECTION)
 class ListenConfig:
-    address: str = "0.0.0.0"
-    port: int = 8080
-    envoy_admin_port: int = 9901
+    address: Address = "0.0.0.0"
+    port: Port = 8080
+    envoy_admin_port: Port = 9901
     # Envoy's Prometheus metrics (only /stats/prometheus), on listen.address.
-    envoy_metrics_port: int = 9902
-    xds_address: str = "127.0.0.1"
-    xds_port: int = 18000
+    envoy_metrics_port: Port = 9902
+    xds_address: Address = "127.0.0.1"
+    xds_port: Port = 18000
     # The control plane's own HTTP API (status); loopback unless you mean otherwise.
-    admin_address: str = "127.0.0.1"
-    admin_port: int = 18001
+    admin_address: Address = "127.0.0.1"
+    admin_port: Port = 18001
 
     def own_endpoints(self) -> dict[str, tuple[str, int]]:
         """Every address and port the gateway itself listens on: never a backend (a loop)."""
@@ -58,50 +81,50 @@ class ListenConfig:
                 "admin API": (self.admin_address, self.admin_port)}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SECTION)
 class TimeoutsConfig:
     # Long audio takes minutes; Envoy's 15 s default would cut it.
-    route_s: float = 600.0
-    connect_s: float = 2.0
-    stream_idle_s: float = 300.0
+    route_s: seconds(1, 86400) = 600.0
+    connect_s: seconds(0.01, 60) = 2.0
+    stream_idle_s: seconds(1, 86400) = 300.0
     # Whole request (headers and body) received within this: a slow-drip upload ends with 408.
-    request_s: float = 300.0
-    request_headers_s: float = 10.0
+    request_s: seconds(1, 86400) = 300.0
+    request_headers_s: seconds(1, 600) = 10.0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SECTION)
 class LimitsConfig:
     # vLLM's own default upload limit.
-    max_upload_mb: float = 25.0
-    max_request_headers_kb: int = 60
-    max_requests_per_model: int = 1024
+    max_upload_mb: Annotated[StrictFloat, within(0.01, 1024)] = 25.0
+    max_request_headers_kb: Annotated[StrictInt, within(1, 8192)] = 60
+    max_requests_per_model: Count = 1024
     # Buffered uploads are real memory: Envoy stops taking new requests near this heap size.
-    max_heap_mb: int = 2048
-    max_connections: int = 4096
+    max_heap_mb: Annotated[StrictInt, within(64, 1_048_576)] = 2048
+    max_connections: Count = 4096
 
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SECTION)
 class RoutingConfig:
     """How engine load becomes endpoint weights (see control_plane/decide/policy.py)."""
 
-    load_aware: bool = True
+    load_aware: StrictBool = True
     # Envoy's balancer within a model's cluster. least_request (weight / (own in-flight + 1))
     # combines the weights with this Envoy's instant view; round_robin ignores in-flight counts
     # and is there for comparison (bench/routing), not for production.
-    lb_policy: str = "least_request"
-    scrape_interval_s: float = 0.25
-    scrape_timeout_s: float = 0.2
-    stale_after_s: float = 1.0
-    hysteresis: float = 0.2
+    lb_policy: Literal["least_request", "round_robin"] = "least_request"
+    scrape_interval_s: seconds(0.05, 60) = 0.25
+    scrape_timeout_s: seconds(0.01, 60) = 0.2
+    stale_after_s: seconds(0.05, 3600) = 1.0
+    hysteresis: seconds(0, 0.9) = 0.2
     # Envoy holds weight-only updates this long to merge them; its 1 s default delays reactions.
-    update_merge_window_s: float = 0.0
+    update_merge_window_s: seconds(0, 10) = 0.0
     # Uploads at least this large (0: off) go to the engines that would finish them soonest
     # (control_plane/decide/policy.py). 2 MB is about a minute of 16 kHz WAV or two of MP3.
-    long_upload_kb: float = 2048.0
+    long_upload_kb: seconds(0, 10**7) = 2048.0
 
     @property
     def long_upload_bytes(self) -> int:
@@ -109,252 +132,168 @@ class RoutingConfig:
         return int(self.long_upload_kb * 1024) if self.load_aware else 0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SECTION)
 class ResilienceConfig:
     """Health checks, outlier detection and retries, tuned for fleets of 1 to 10 engines."""
 
-    health_path: str = "/health"
+    health_path: Annotated[StrictStr, matching(re.compile(r"/.*"), "expected a path starting with /, got {!r}")] = "/health"
     # vLLM's /health can take many seconds on a busy engine: a short timeout would eject the busiest.
-    health_interval_s: float = 3.0
-    health_timeout_s: float = 10.0
-    unhealthy_threshold: int = 3
-    healthy_threshold: int = 1
-    consecutive_gateway_failures: int = 3
+    health_interval_s: seconds(0.1, 3600) = 3.0
+    health_timeout_s: seconds(0.1, 600) = 10.0
+    unhealthy_threshold: Annotated[StrictInt, within(1, 100)] = 3
+    healthy_threshold: Annotated[StrictInt, within(1, 100)] = 1
+    consecutive_gateway_failures: Annotated[StrictInt, within(1, 1000)] = 3
     # Plain 500s eject an engine only when this is set (0: never): a client's odd upload can make
     # vLLM answer 500, and nobody may get healthy engines ejected by sending such uploads.
-    consecutive_5xx: int = 0
-    ejection_s: float = 5.0
-    max_ejection_percent: int = 50
-    retries: int = 2
+    consecutive_5xx: Annotated[StrictInt, within(0, 1000)] = 0
+    ejection_s: seconds(0.1, 3600) = 5.0
+    max_ejection_percent: Annotated[StrictInt, within(0, 100)] = 50
+    retries: Annotated[StrictInt, within(0, 10)] = 2
     # Cuts an attempt that sends and receives nothing this long (0: off). Requests already on an
     # engine that hangs otherwise wait out timeouts.route_s; keep it above the longest silent
     # transcription (non-streamed answers come only at the end).
-    per_try_idle_s: float = 0.0
+    per_try_idle_s: seconds(0, 86400) = 0.0
     # A transcription has no side effects: a request cut by an engine that died is retried on
     # another (within the retry budget), so an engine crash loses nothing.
-    retry_after_reset: bool = True
+    retry_after_reset: StrictBool = True
     # A try that has not answered within hedge_after_s + hedge_per_mb_s x the upload's MiB is
     # hedged: another engine is asked too and the first answer wins (0 and 0: never). This bounds
     # what an engine that hangs costs the requests it holds. Needs retries and retry_after_reset.
-    hedge_after_s: float = 30.0
-    hedge_per_mb_s: float = 30.0
+    hedge_after_s: seconds(0, 86400) = 30.0
+    hedge_per_mb_s: seconds(0, 86400) = 30.0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SECTION)
 class ModelConfig:
-    name: str
-    aliases: tuple[str, ...] = ()
+    name: ModelName
+    aliases: tuple[ModelName, ...] = ()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SECTION)
 class BackendConfig:
-    url: str
-    models: tuple[str, ...]
-    weight: int = 1
+    """A backend as the config file gives it; the registry keeps it as an `Entry`."""
+
+    url: BackendUrl
+    models: tuple[StrictStr, ...] = ()
+    weight: Weight = 1
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=ConfigDict(extra="forbid"), kw_only=True)
 class EngineConfig:
     """An engine process that `whisper-gateway up` starts and serves as a backend."""
 
     kind: str
-    port: int
-    model: str
-    name: str
-    options: dict = field(default_factory=dict)
+    port: Port
+    model: StrictStr
+    name: Address = ""
+
+    def __post_init__(self):
+        if not self.name:
+            object.__setattr__(self, "name", f"{self.kind}-{self.port}")
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def options(self) -> dict:
+        """The kind's own settings that were given; each becomes a --flag."""
+        own = [f.name for f in fields(self) if f.name not in {"kind", "port", "model", "name"}]
+        return {name: getattr(self, name) for name in own if getattr(self, name) is not None}
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, config=SECTION, kw_only=True)
+class SimulatedEngine(EngineConfig):
+    kind: Literal["simulated"]
+    max_num_seqs: PositiveInt | None = None
+    speed: Positive | None = None
+    time_scale: Positive | None = None
+    seconds_per_chunk: Positive | None = None
+    seconds_per_request: Positive | None = None
+    batch_penalty: Positive | None = None
+
+
+@dataclass(frozen=True, config=SECTION, kw_only=True)
+class WhisperCpuEngine(EngineConfig):
+    kind: Literal["whisper_cpu"]
+    max_num_seqs: PositiveInt | None = None
+    cpu_threads: PositiveInt | None = None
+
+
+@dataclass(frozen=True, config=SECTION, kw_only=True)
+class VllmEngine(EngineConfig):
+    """Real vLLM (python -m engines.vllm); cpu adds the settings of vLLM's CPU build for the tiny checkpoint."""
+
+    kind: Literal["vllm"]
+    model_path: Address  # a Hugging Face id or a folder
+    max_num_seqs: PositiveInt | None = None
+    cpu: StrictBool | None = None
+
+
+AnyEngine = Annotated[Union[SimulatedEngine, WhisperCpuEngine, VllmEngine], Field(discriminator="kind")]
+
+
+@dataclass(frozen=True, config=SECTION)
 class DiscoveryConfig:
     """A DNS name whose A/AAAA records are engines (compose `--scale`, Kubernetes headless services)."""
 
-    name: str
-    port: int
-    models: tuple[str, ...]
-    weight: int = 1
-    interval_s: float = 5.0
-    nameserver: tuple[str, int] | None = None  # None: the system resolver
+    name: Annotated[StrictStr, matching(_DNS_NAME, "expected a DNS name, got {!r}")]
+    port: Port
+    models: tuple[StrictStr, ...] = ()
+    weight: Weight = 1
+    interval_s: seconds(0.1, 3600) = 5.0
+    nameserver: Annotated[tuple[str, int] | None, BeforeValidator(lambda v: v if v is None else _ip_port(v))] = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SECTION)
 class GatewayConfig:
     listen: ListenConfig = ListenConfig()
     timeouts: TimeoutsConfig = TimeoutsConfig()
     limits: LimitsConfig = LimitsConfig()
     routing: RoutingConfig = RoutingConfig()
     resilience: ResilienceConfig = ResilienceConfig()
-    models: tuple[ModelConfig, ...] = ()
+    models: tuple[Annotated[ModelConfig, BeforeValidator(lambda v: {"name": v} if isinstance(v, str) else v)], ...] = ()
     backends: tuple[BackendConfig, ...] = ()
-    engines: tuple[EngineConfig, ...] = ()
+    engines: tuple[AnyEngine, ...] = ()
     discovery: tuple[DiscoveryConfig, ...] = ()
     # How long a drain may take before the backend is removed anyway.
-    drain_timeout_s: float = 300.0
+    drain_timeout_s: DrainTimeout = 300.0
 
-    def all_backends(self) -> tuple[BackendConfig, ...]:
-        """Configured backends plus the engines `up` runs."""
-        started = tuple(BackendConfig(url=e.url, models=(e.model,)) for e in self.engines)
-        return self.backends + started
+    def all_backends(self) -> list[Entry]:
+        """Configured backends plus the engines `up` runs, as the registry keeps them."""
+        given = [Entry.create(b.url, b.models, b.weight, Source.CONFIG) for b in self.backends]
+        return given + [Entry.create(e.url, (e.model,), 1, Source.CONFIG) for e in self.engines]
 
 
 # --- reading -------------------------------------------------------------------------------
 
-def _mapping(value: Any, key: str) -> dict:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
-    return value
-
-
-def _list(value: Any, key: str) -> list:
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        raise ConfigError(f"{key}: expected a list, got {type(value).__name__}")
-    return value
-
-
-def _reject_unknown(section: dict, allowed: set[str], key: str) -> None:
-    unknown = sorted(set(section) - allowed)
-    if unknown:
-        where = f"{key}." if key else ""
-        raise ConfigError(f"{where}{unknown[0]}: unknown key (allowed: {', '.join(sorted(allowed))})")
-
-
-def _number(section: dict, name: str, key: str, default: float, low: float, high: float, integer: bool = False):
-    value = section.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
-        kind = "an integer" if integer else "a number"
-        raise ConfigError(f"{key}.{name}: expected {kind}, got {value!r}")
-    if not low <= value <= high:
-        raise ConfigError(f"{key}.{name}: {value} is out of range {low}..{high}")
-    return value
-
-
-def _port(section: dict, name: str, key: str, default: int) -> int:
-    return _number(section, name, key, default, 1, 65535, integer=True)
-
-
-def _address(section: dict, name: str, key: str, default: str) -> str:
-    value = section.get(name, default)
-    if not isinstance(value, str) or not value:
-        raise ConfigError(f"{key}.{name}: expected a host name or IP address, got {value!r}")
-    return value
-
-
-def _model_name(value: Any, key: str) -> str:
-    if not isinstance(value, str) or not MODEL_NAME_PATTERN.fullmatch(value):
-        raise ConfigError(
-            f"{key}: {value!r} is not a valid model name (1-128 characters: letters, digits, . _ : / @ + -)"
-        )
-    return value
-
-
-def _read_listen(raw: Any) -> ListenConfig:
-    section = _mapping(raw, "listen")
-    _reject_unknown(section, {"address", "port", "envoy_admin_port", "envoy_metrics_port", "xds_address", "xds_port",
-                              "admin_address", "admin_port"}, "listen")
-    d = ListenConfig()
-    listen = ListenConfig(
-        address=_address(section, "address", "listen", d.address),
-        port=_port(section, "port", "listen", d.port),
-        envoy_admin_port=_port(section, "envoy_admin_port", "listen", d.envoy_admin_port),
-        envoy_metrics_port=_port(section, "envoy_metrics_port", "listen", d.envoy_metrics_port),
-        xds_address=_address(section, "xds_address", "listen", d.xds_address),
-        xds_port=_port(section, "xds_port", "listen", d.xds_port),
-        admin_address=_address(section, "admin_address", "listen", d.admin_address),
-        admin_port=_port(section, "admin_port", "listen", d.admin_port),
-    )
-    ports = {"port": listen.port, "envoy_admin_port": listen.envoy_admin_port,
-             "envoy_metrics_port": listen.envoy_metrics_port, "xds_port": listen.xds_port, "admin_port": listen.admin_port}
-    if len(set(ports.values())) != len(ports):
-        raise ConfigError(f"listen: the ports must all differ, got {ports}")
-    return listen
-
-
-def _read_timeouts(raw: Any) -> TimeoutsConfig:
-    section = _mapping(raw, "timeouts")
-    d = TimeoutsConfig()
-    _reject_unknown(section, set(d.__dataclass_fields__), "timeouts")
-    return TimeoutsConfig(
-        route_s=_number(section, "route_s", "timeouts", d.route_s, 1, 86400),
-        connect_s=_number(section, "connect_s", "timeouts", d.connect_s, 0.01, 60),
-        stream_idle_s=_number(section, "stream_idle_s", "timeouts", d.stream_idle_s, 1, 86400),
-        request_s=_number(section, "request_s", "timeouts", d.request_s, 1, 86400),
-        request_headers_s=_number(section, "request_headers_s", "timeouts", d.request_headers_s, 1, 600),
-    )
-
-
-def _read_limits(raw: Any) -> LimitsConfig:
-    section = _mapping(raw, "limits")
-    d = LimitsConfig()
-    _reject_unknown(section, set(d.__dataclass_fields__), "limits")
-    return LimitsConfig(
-        max_upload_mb=_number(section, "max_upload_mb", "limits", d.max_upload_mb, 0.01, 1024),
-        max_request_headers_kb=_number(section, "max_request_headers_kb", "limits", d.max_request_headers_kb, 1, 8192,
-                                       integer=True),
-        max_requests_per_model=_number(section, "max_requests_per_model", "limits", d.max_requests_per_model, 1,
-                                       1_000_000, integer=True),
-        max_heap_mb=_number(section, "max_heap_mb", "limits", d.max_heap_mb, 64, 1_048_576, integer=True),
-        max_connections=_number(section, "max_connections", "limits", d.max_connections, 1, 1_000_000, integer=True),
-    )
-
-
-def _read_resilience(raw: Any) -> ResilienceConfig:
-    section = _mapping(raw, "resilience")
-    d = ResilienceConfig()
-    _reject_unknown(section, set(d.__dataclass_fields__), "resilience")
-    path = section.get("health_path", d.health_path)
-    if not isinstance(path, str) or not path.startswith("/"):
-        raise ConfigError(f"resilience.health_path: expected a path starting with /, got {path!r}")
-    retry_after_reset = section.get("retry_after_reset", d.retry_after_reset)
-    if not isinstance(retry_after_reset, bool):
-        raise ConfigError(f"resilience.retry_after_reset: expected true or false, got {retry_after_reset!r}")
-    key = "resilience"
-    return ResilienceConfig(
-        health_path=path,
-        health_interval_s=_number(section, "health_interval_s", key, d.health_interval_s, 0.1, 3600),
-        health_timeout_s=_number(section, "health_timeout_s", key, d.health_timeout_s, 0.1, 600),
-        unhealthy_threshold=_number(section, "unhealthy_threshold", key, d.unhealthy_threshold, 1, 100, integer=True),
-        healthy_threshold=_number(section, "healthy_threshold", key, d.healthy_threshold, 1, 100, integer=True),
-        consecutive_gateway_failures=_number(section, "consecutive_gateway_failures", key,
-                                             d.consecutive_gateway_failures, 1, 1000, integer=True),
-        consecutive_5xx=_number(section, "consecutive_5xx", key, d.consecutive_5xx, 0, 1000, integer=True),
-        ejection_s=_number(section, "ejection_s", key, d.ejection_s, 0.1, 3600),
-        max_ejection_percent=_number(section, "max_ejection_percent", key, d.max_ejection_percent, 0, 100,
-                                     integer=True),
-        retries=_number(section, "retries", key, d.retries, 0, 10, integer=True),
-        per_try_idle_s=_number(section, "per_try_idle_s", key, d.per_try_idle_s, 0, 86400),
-        retry_after_reset=retry_after_reset,
-        hedge_after_s=_number(section, "hedge_after_s", key, d.hedge_after_s, 0, 86400),
-        hedge_per_mb_s=_number(section, "hedge_per_mb_s", key, d.hedge_per_mb_s, 0, 86400),
-    )
-
-
-def _read_routing(raw: Any) -> RoutingConfig:
-    section = _mapping(raw, "routing")
-    d = RoutingConfig()
-    _reject_unknown(section, set(d.__dataclass_fields__), "routing")
-    load_aware = section.get("load_aware", d.load_aware)
-    if not isinstance(load_aware, bool):
-        raise ConfigError(f"routing.load_aware: expected true or false, got {load_aware!r}")
-    lb_policy = section.get("lb_policy", d.lb_policy)
-    if lb_policy not in LB_POLICIES:
-        raise ConfigError(f"routing.lb_policy: expected one of {', '.join(LB_POLICIES)}, got {lb_policy!r}")
-    routing = RoutingConfig(
-        load_aware=load_aware,
-        lb_policy=lb_policy,
-        scrape_interval_s=_number(section, "scrape_interval_s", "routing", d.scrape_interval_s, 0.05, 60),
-        scrape_timeout_s=_number(section, "scrape_timeout_s", "routing", d.scrape_timeout_s, 0.01, 60),
-        stale_after_s=_number(section, "stale_after_s", "routing", d.stale_after_s, 0.05, 3600),
-        hysteresis=_number(section, "hysteresis", "routing", d.hysteresis, 0, 0.9),
-        update_merge_window_s=_number(section, "update_merge_window_s", "routing", d.update_merge_window_s, 0, 10),
-        long_upload_kb=_number(section, "long_upload_kb", "routing", d.long_upload_kb, 0, 10**7),
-    )
+def _cross_checks(config: GatewayConfig) -> None:
+    """What one section cannot see: names used twice, models nobody declared, ports and URLs that clash."""
+    owner: dict[str, str] = {}
+    for i, model in enumerate(config.models):
+        names = [(f"models[{i}].name", model.name)] + [(f"models[{i}].aliases[{j}]", a) for j, a in enumerate(model.aliases)]
+        for label, value in names:
+            if value in owner:
+                raise ConfigError(f"{label}: {value!r} is already used by model {owner[value]!r}")
+            owner[value] = model.name
+    if not config.models:
+        raise ConfigError("models: at least one model is required")
+    served = {m.name for m in config.models}
+    for section in ("backends", "discovery"):
+        for i, item in enumerate(getattr(config, section)):
+            if not item.models:
+                raise ConfigError(f"{section}[{i}].models: list the models this backend serves")
+            for j, name in enumerate(item.models):
+                if name not in served:
+                    raise ConfigError(f"{section}[{i}].models[{j}]: {name!r} is not a model name under models "
+                                      f"(known: {sorted(served)})")
+    for i, engine in enumerate(config.engines):
+        if engine.model not in served:
+            raise ConfigError(f"engines[{i}].model: {engine.model!r} is not a model name under models "
+                              f"(known: {sorted(served)})")
+        if engine.port in [e.port for e in config.engines[:i]]:
+            raise ConfigError(f"engines[{i}].port: {engine.port} is used by another engine")
+    routing = config.routing
     if 0 < routing.long_upload_kb < 1:
         raise ConfigError(f"routing.long_upload_kb: {routing.long_upload_kb} is under 1 KB; 0 turns it off")
     if routing.scrape_timeout_s >= routing.scrape_interval_s:
@@ -363,172 +302,25 @@ def _read_routing(raw: Any) -> RoutingConfig:
     if routing.stale_after_s < routing.scrape_interval_s:
         raise ConfigError(f"routing.stale_after_s: {routing.stale_after_s} must be at least "
                           f"scrape_interval_s ({routing.scrape_interval_s})")
-    return routing
-
-
-def _read_models(raw: Any) -> tuple[ModelConfig, ...]:
-    models: list[ModelConfig] = []
-    owner: dict[str, str] = {}
-    for i, item in enumerate(_list(raw, "models")):
-        key = f"models[{i}]"
-        if isinstance(item, str):
-            item = {"name": item}
-        section = _mapping(item, key)
-        _reject_unknown(section, {"name", "aliases"}, key)
-        if "name" not in section:
-            raise ConfigError(f"{key}.name: required")
-        name = _model_name(section["name"], f"{key}.name")
-        aliases = tuple(
-            _model_name(alias, f"{key}.aliases[{j}]") for j, alias in enumerate(_list(section.get("aliases"), f"{key}.aliases"))
-        )
-        for label, value in [(f"{key}.name", name)] + [(f"{key}.aliases[{j}]", a) for j, a in enumerate(aliases)]:
-            if value in owner:
-                raise ConfigError(f"{label}: {value!r} is already used by model {owner[value]!r}")
-            owner[value] = name
-        models.append(ModelConfig(name=name, aliases=aliases))
-    return tuple(models)
-
-
-def validate_backend_url(url: Any, key: str) -> str:
-    """http with a host Envoy can dial and an explicit port, nothing else (control_plane/fleet/addresses.py)."""
-    try:
-        return parse_backend_url(url)[0]
-    except AddressError as error:
-        raise ConfigError(f"{key}: {error}") from None
-
-
-def _read_backends(raw: Any, served: set[str]) -> tuple[BackendConfig, ...]:
-    backends: list[BackendConfig] = []
-    for i, item in enumerate(_list(raw, "backends")):
-        key = f"backends[{i}]"
-        section = _mapping(item, key)
-        _reject_unknown(section, {"url", "models", "weight"}, key)
-        if "url" not in section:
-            raise ConfigError(f"{key}.url: required")
-        url = validate_backend_url(section["url"], f"{key}.url")
-        models = _backend_models(section.get("models"), f"{key}.models", served)
-        weight = _number(section, "weight", key, 1, 1, MAX_WEIGHT, integer=True)
-        backends.append(BackendConfig(url=url, models=models, weight=weight))
-    return tuple(backends)
-
-
-def _backend_models(raw: Any, key: str, served: set[str]) -> tuple[str, ...]:
-    names = _list(raw, key)
-    if not names:
-        raise ConfigError(f"{key}: list the models this backend serves")
-    for j, name in enumerate(names):
-        if name not in served:
-            raise ConfigError(f"{key}[{j}]: {name!r} is not a model name under models (known: {sorted(served)})")
-    return tuple(names)
-
-
-def _read_engines(raw: Any, served: set[str]) -> tuple[EngineConfig, ...]:
-    engines: list[EngineConfig] = []
-    for i, item in enumerate(_list(raw, "engines")):
-        key = f"engines[{i}]"
-        section = dict(_mapping(item, key))
-        kind = section.pop("kind", None)
-        if kind not in ENGINE_OPTIONS:
-            raise ConfigError(f"{key}.kind: expected one of {list(ENGINE_OPTIONS)}, got {kind!r}")
-        port = _port(section, "port", key, 0) if "port" in section else None
-        if port is None:
-            raise ConfigError(f"{key}.port: required")
-        section.pop("port")
-        model = section.pop("model", None)
-        if model not in served:
-            raise ConfigError(f"{key}.model: {model!r} is not a model name under models (known: {sorted(served)})")
-        name = section.pop("name", f"{kind}-{port}")
-        if not isinstance(name, str) or not name:
-            raise ConfigError(f"{key}.name: expected a non-empty string")
-        options = _engine_options(kind, section, key)
-        engines.append(EngineConfig(kind=kind, port=port, model=model, name=name, options=options))
-    ports = [e.port for e in engines]
-    for i, port in enumerate(ports):
-        if port in ports[:i]:
-            raise ConfigError(f"engines[{i}].port: {port} is used by another engine")
-    return tuple(engines)
-
-
-def _engine_options(kind: str, section: dict, key: str) -> dict:
-    allowed = ENGINE_OPTIONS[kind]
-    _reject_unknown(section, set(allowed) | {"kind", "port", "model", "name"}, key)
-    options = {}
-    for name, value in section.items():
-        wanted = allowed[name]
-        if wanted is bool:
-            if not isinstance(value, bool):
-                raise ConfigError(f"{key}.{name}: expected true or false, got {value!r}")
-        elif wanted is str:
-            if not isinstance(value, str) or not value:
-                raise ConfigError(f"{key}.{name}: expected a non-empty string, got {value!r}")
-        elif isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            raise ConfigError(f"{key}.{name}: expected a positive number, got {value!r}")
-        elif wanted is int and not isinstance(value, int):
-            raise ConfigError(f"{key}.{name}: expected an integer, got {value!r}")
-        options[name] = value
-    if kind == "vllm" and "model_path" not in options:
-        raise ConfigError(f"{key}.model_path: required (a Hugging Face id or a folder)")
-    return options
-
-
-def _read_discovery(raw: Any, served: set[str]) -> tuple[DiscoveryConfig, ...]:
-    found = []
-    for i, item in enumerate(_list(raw, "discovery")):
-        key = f"discovery[{i}]"
-        section = _mapping(item, key)
-        _reject_unknown(section, {"name", "port", "models", "weight", "interval_s", "nameserver"}, key)
-        name = section.get("name")
-        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,252})", name):
-            raise ConfigError(f"{key}.name: expected a DNS name, got {name!r}")
-        if "port" not in section:
-            raise ConfigError(f"{key}.port: required")
-        nameserver = section.get("nameserver")
-        if nameserver is not None:
-            host, _, port = str(nameserver).rpartition(":")
-            if not is_ip_address(host) or not port.isdigit() or not 0 < int(port) < 65536:
-                raise ConfigError(f"{key}.nameserver: expected IP:port, got {nameserver!r}")
-            nameserver = (host, int(port))
-        found.append(DiscoveryConfig(
-            name=name,
-            port=_port(section, "port", key, 0),
-            models=_backend_models(section.get("models"), f"{key}.models", served),
-            weight=_number(section, "weight", key, 1, 1, MAX_WEIGHT, integer=True),
-            interval_s=_number(section, "interval_s", key, 5.0, 0.1, 3600),
-            nameserver=nameserver,
-        ))
-    return tuple(found)
-
-
-def parse_config(raw: Any) -> GatewayConfig:
-    """Builds a config from parsed YAML; raises ConfigError naming the first bad key."""
-    top = _mapping(raw, "config")
-    _reject_unknown(top, {"listen", "timeouts", "limits", "routing", "resilience", "models", "backends", "engines",
-                          "discovery", "drain_timeout_s"}, "")
-    models = _read_models(top.get("models"))
-    if not models:
-        raise ConfigError("models: at least one model is required")
-    served = {m.name for m in models}
-    config = GatewayConfig(
-        listen=_read_listen(top.get("listen")),
-        timeouts=_read_timeouts(top.get("timeouts")),
-        limits=_read_limits(top.get("limits")),
-        routing=_read_routing(top.get("routing")),
-        resilience=_read_resilience(top.get("resilience")),
-        models=models,
-        backends=_read_backends(top.get("backends"), served),
-        engines=_read_engines(top.get("engines"), served),
-        discovery=_read_discovery(top.get("discovery"), served),
-        drain_timeout_s=_number(top, "drain_timeout_s", "config", 300.0, 1, 86400),
-    )
+    ports = {name: port for name, (_, port) in config.listen.own_endpoints().items()}
+    if len(set(ports.values())) != len(ports):
+        raise ConfigError(f"listen: the ports must all differ, got {ports}")
     urls = [b.url for b in config.all_backends()]
     for i, url in enumerate(urls):
         if url in urls[:i]:
             raise ConfigError(f"backends: {url} is listed twice (engines count as backends)")
-        host = urlsplit(url).hostname
-        if is_ip_address(host) and ipaddress.ip_address(host).is_loopback:  # others: checked when resolved
-            problem = own_port_problem(host, urlsplit(url).port, config.listen.own_endpoints())
-            if problem:
+        _, host, port = parse_backend_url(url)
+        if is_ip_address(host):  # names: checked when resolved
+            if problem := own_port_problem(host, port, config.listen.own_endpoints()):
                 raise ConfigError(f"backends: {url}: {problem}")
+
+
+def parse_config(raw: Any) -> GatewayConfig:
+    """Builds a config from parsed YAML; raises ConfigError naming the first bad key."""
+    if isinstance(raw, dict):
+        raw = {key: value for key, value in raw.items() if value is not None}  # `listen:` with nothing under it
+    config = check(GatewayConfig, raw)
+    _cross_checks(config)
     return config
 
 
@@ -547,11 +339,3 @@ def load_config(path: Path | str | None = None) -> GatewayConfig:
         return parse_config(raw)
     except ConfigError as error:
         raise ConfigError(f"{path}: {error}") from None
-
-
-def is_ip_address(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True

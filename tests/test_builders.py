@@ -166,13 +166,12 @@ def test_versions_are_the_same_in_every_process():
     script = (
         "import asyncio;"
         "from control_plane.config import load_config;"
-        "from control_plane.app import config_entries;"
         "from control_plane.fleet.registry import Registry;"
         "from control_plane.fleet.resolve import resolve_fleet;"
         "from control_plane.builders import build_resources;"
         "from control_plane.bootstrap import read_lua_filter;"
         "from control_plane.xds.snapshot import Snapshot;"
-        "c = load_config('examples/simulated.yaml'); r = Registry.empty(); r.set_config(config_entries(c));"
+        "c = load_config('examples/simulated.yaml'); r = Registry.empty(); r.set_config(c.all_backends());"
         "f = asyncio.run(resolve_fleet(c, r));"
         "print(sorted(Snapshot.from_resources(build_resources(c, f, read_lua_filter())).versions.items()))"
     )

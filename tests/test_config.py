@@ -90,12 +90,24 @@ def test_a_model_may_be_given_as_a_plain_name():
         (minimal(routing={"long_upload_kb": 0.5}), "routing.long_upload_kb: 0.5 is under 1 KB"),
         (minimal(routing={"hysteresis": 2}), "routing.hysteresis: 2 is out of range"),
         (minimal(routing={"interval": 1}), "routing.interval: unknown key"),
+        (minimal(drain_timeout_s=0), "drain_timeout_s: 0 is out of range 1..86400"),  # the key as written
+        (minimal(limits={"max_heap_mb": 10**5000}), "limits.max_heap_mb: a 5001-digit number is out of range"),
+        (minimal(engines=[{"port": 1, "model": "m"}]), "engines[0].kind: required"),
+        (minimal(engines=[{"kind": "simulated", "port": 1, "model": "m", "name": ""}]),
+         "engines[0].name: expected a non-empty string"),
+        (minimal(models=[{"name": "m", "alias": ["a"]}]), "models[0].alias: unknown key (allowed: aliases, name)"),
     ],
 )
 def test_mistakes_name_the_key_and_the_problem(raw, message):
     with pytest.raises(ConfigError) as caught:
         parse_config(raw)
     assert message in str(caught.value)
+
+
+def test_a_top_level_key_is_named_as_written():
+    with pytest.raises(ConfigError) as caught:
+        parse_config(minimal(drain_timeout_s="soon"))
+    assert str(caught.value) == "drain_timeout_s: expected a number, got 'soon'"
 
 
 def test_unreadable_and_invalid_files_are_errors(tmp_path):
@@ -111,6 +123,6 @@ def test_unreadable_and_invalid_files_are_errors(tmp_path):
 
 
 def test_backend_urls_have_one_spelling():
-    from control_plane.config import validate_backend_url
+    from control_plane.config import BackendUrl, check
 
-    assert validate_backend_url("http://Engine-A.Example:8000/", "url") == "http://engine-a.example:8000"
+    assert check(BackendUrl, "http://Engine-A.Example:8000/", "url") == "http://engine-a.example:8000"

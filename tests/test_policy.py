@@ -184,13 +184,3 @@ def test_hold_stale(endpoint, previous, expected):
                                                       (52, 64, 64), (40, 64, 40)])
 def test_hysteresis(target, previous, expected):
     assert steps.hysteresis(target, previous, S) == expected
-
-
-def test_the_loop_runs_one_way():
-    """decide/ reads observe/'s types; observe/ never reaches into decide/."""
-    import re
-    from pathlib import Path
-
-    observe = Path(__file__).resolve().parent.parent / "control_plane" / "observe"
-    for module in observe.glob("*.py"):
-        assert not re.search(r"^(from|import) control_plane\.decide", module.read_text(), re.M), module.name

@@ -140,3 +140,11 @@ def _same_ip(bound: str, address: str) -> bool:
         return ipaddress.ip_address(bound) == ipaddress.ip_address(address)
     except ValueError:
         return bound == "localhost" and ipaddress.ip_address(address).is_loopback
+
+
+def is_ip_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True

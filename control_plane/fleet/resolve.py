@@ -10,8 +10,8 @@ import aiohttp
 
 from urllib.parse import urlsplit
 
-from control_plane.fleet.addresses import AddressError, check_resolved, own_port_problem
-from control_plane.config import GatewayConfig, ListenConfig, ModelConfig, is_ip_address
+from control_plane.fleet.addresses import AddressError, check_resolved, is_ip_address, own_port_problem
+from control_plane.config import GatewayConfig, ListenConfig, ModelConfig
 from control_plane.fleet.state import Backend, Fleet
 from control_plane.fleet.registry import DRAINED, DRAINING, Entry, Registry
 
@@ -58,7 +58,7 @@ async def _resolve(entry: Entry, listen: ListenConfig) -> Backend | None:
 def served_models(config: GatewayConfig, registry: Registry) -> tuple[ModelConfig, ...]:
     """The config's models, then those first seen through the API."""
     known = {m.name for m in config.models}
-    return config.models + tuple(ModelConfig(name) for name in registry.api_models if name not in known)
+    return config.models + tuple(ModelConfig(name=name) for name in registry.api_models if name not in known)
 
 
 async def resolve_fleet(config: GatewayConfig, registry: Registry) -> Fleet:

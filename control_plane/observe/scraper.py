@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, replace
+from typing import Callable
 
 import aiohttp
 
@@ -17,7 +19,6 @@ from control_plane.fleet.state import Backend, Fleet
 from control_plane.observe.load_tracker import EndpointState, LoadTracker
 from control_plane.observe.metrics_parser import load_for_model, parse_loads
 from control_plane.observe.outcomes import Outcomes
-from control_plane.operator.telemetry import SCRAPE_FAILURES, SCRAPE_SECONDS
 
 log = logging.getLogger(__name__)
 
@@ -34,16 +35,22 @@ def session() -> aiohttp.ClientSession:
     return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=MAX_CONCURRENT_SCRAPES))
 
 
-async def scrape_all(client: aiohttp.ClientSession, fleet: Fleet, timeout: float) -> list[str | ScrapeFailure]:
+# Told of each scrape: the backend, how long it took, and whether it failed (telemetry listens).
+OnScrape = Callable[[Backend, float, bool], None]
+
+
+async def scrape_all(client: aiohttp.ClientSession, fleet: Fleet, timeout: float,
+                     on_scrape: OnScrape | None = None) -> list[str | ScrapeFailure]:
     """Every backend's page (or why there is none), in fleet order."""
-    return await asyncio.gather(*(scrape(client, b, timeout) for b in fleet.backends))
+    return await asyncio.gather(*(scrape(client, b, timeout, on_scrape) for b in fleet.backends))
 
 
-async def scrape(client: aiohttp.ClientSession, backend: Backend, timeout: float) -> str | ScrapeFailure:
-    with SCRAPE_SECONDS.time():
-        result = await _fetch(client, backend, timeout)
-    if isinstance(result, ScrapeFailure):
-        SCRAPE_FAILURES.labels(backend.id).inc()
+async def scrape(client: aiohttp.ClientSession, backend: Backend, timeout: float,
+                 on_scrape: OnScrape | None = None) -> str | ScrapeFailure:
+    started = time.perf_counter()
+    result = await _fetch(client, backend, timeout)
+    if on_scrape is not None:
+        on_scrape(backend, time.perf_counter() - started, isinstance(result, ScrapeFailure))
     return result
 
 

@@ -19,8 +19,7 @@ import aiohttp
 from aiohttp import web
 
 from control_plane.fleet.addresses import AddressError, parse_backend_url
-from control_plane.config import MODEL_NAME_PATTERN
-from control_plane.xds.snapshot import MAX_WEIGHT
+from control_plane.config import ConfigError, DrainTimeout, ModelName, Weight, check
 from control_plane.fleet.resolve import dialable_address, read_engine_models
 from control_plane.operator.openapi import OPENAPI
 from control_plane.fleet.registry import Entry, Source
@@ -79,14 +78,12 @@ async def _json_object(request: web.Request, allowed: set[str], required: set[st
     return body
 
 
-def _number(body: dict, key: str, low: float, high: float, integer: bool):
-    value = body[key]
-    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
-        raise ApiError(400, f"{key} must be {'an integer' if integer else 'a number'}, got {json.dumps(value)}", param=key)
-    if not low <= value <= high:
-        shown = str(value) if len(str(value)) <= 40 else str(value)[:40] + "..."
-        raise ApiError(400, f"{key} must be between {low} and {high}, got {shown}", param=key)
-    return value
+def _field(kind, body: dict, key: str):
+    """One field, checked as the config file checks the same setting (control_plane/config.py)."""
+    try:
+        return check(kind, body[key], key)
+    except ConfigError as error:
+        raise ApiError(400, str(error), param=key) from None
 
 
 PLANE: web.AppKey["ControlPlane"] = web.AppKey("plane")
@@ -184,8 +181,10 @@ async def _models_of(plane: "ControlPlane", url: str, body: dict) -> list[str]:
                                 "give them as `models`", param="models") from None
     aliases = {alias: m.name for m in plane.config.models for alias in m.aliases}
     for i, model in enumerate(models):
-        if not isinstance(model, str) or not MODEL_NAME_PATTERN.fullmatch(model):
-            raise ApiError(400, f"models[{i}]: {json.dumps(model)} is not a valid model name", param="models")
+        try:
+            check(ModelName, model, f"models[{i}]")
+        except ConfigError as error:
+            raise ApiError(400, str(error), param="models") from None
         if model in aliases:
             raise ApiError(400, f"models[{i}]: {model!r} is an alias of {aliases[model]!r}; use the model's name",
                            param="models")
@@ -205,7 +204,7 @@ async def add_backend(request: web.Request) -> web.Response:
         raise ApiError(400, str(error), param="url") from None
     if (existing := plane.registry.find_url(url)) is not None:
         raise ApiError(409, f"{url} is already backend {existing.id} ({existing.origin})", "conflict_error", "url")
-    weight = _number(body, "weight", 1, MAX_WEIGHT, integer=True) if "weight" in body else 1
+    weight = _field(Weight, body, "weight") if "weight" in body else 1
     models = await _models_of(plane, url, body)
     entry = await plane.add_backend(Entry.create(url, models, weight, Source.API))
     return web.json_response(_view(plane, entry), status=201)
@@ -215,7 +214,7 @@ async def add_backend(request: web.Request) -> web.Response:
 async def drain(request: web.Request) -> web.Response:
     plane, entry = _plane(request), _entry_or_404(request)
     body = await _json_object(request, {"timeout_s"})
-    timeout = _number(body, "timeout_s", 1, 86400, integer=False) if "timeout_s" in body else plane.config.drain_timeout_s
+    timeout = _field(DrainTimeout, body, "timeout_s") if "timeout_s" in body else plane.config.drain_timeout_s
     return web.json_response(_view(plane, await plane.drain(entry.id, timeout)), status=202)
 
 

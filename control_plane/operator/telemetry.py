@@ -40,6 +40,13 @@ class XdsMetrics:
         NACKS.labels(SHORT_NAMES.get(type_url, type_url)).inc()
 
 
+def on_scrape(backend, seconds: float, failed: bool) -> None:
+    """The scrape step's callback (control_plane/observe/scraper.py)."""
+    SCRAPE_SECONDS.observe(seconds)
+    if failed:
+        SCRAPE_FAILURES.labels(backend.id).inc()
+
+
 class FleetCollector:
     """Per-endpoint gauges read from the running control plane at scrape time."""
 

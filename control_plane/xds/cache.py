@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from control_plane.xds.snapshot import Snapshot
-from control_plane.xds.types import SHORT_NAMES
+from control_plane.xds.types import CLUSTER, ENDPOINT, ROUTE, SHORT_NAMES
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +81,32 @@ class SnapshotCache:
 
     def set_snapshot(self, snapshot: Snapshot) -> bool:
         """Serves `snapshot` from now on; False when nothing changed. Refuses inconsistent ones."""
+        self._check(snapshot)
+        return self._serve(snapshot)
+
+    async def publish(self, snapshot: Snapshot, removal_ack_timeout_s: float = 5.0) -> bool:
+        """set_snapshot, make before break: a removed cluster goes only after every Envoy stopped
+        routing to it (the routes without it ACKed, or the timeout), so no request meets a missing cluster."""
+        self._check(snapshot)  # once, before anything of it goes out
+        current = self._snapshot
+        removed = current.names(CLUSTER) - snapshot.names(CLUSTER) if current else frozenset()
+        if removed:  # the new snapshot plus the removed clusters and their endpoints: consistent too
+            resources = {t: list(snapshot.resources[t].values()) for t in snapshot.resources}
+            resources[CLUSTER] += [current.resources[CLUSTER][name] for name in removed]
+            resources[ENDPOINT] += [current.resources[ENDPOINT][name] for name in removed
+                                    if name in current.resources[ENDPOINT]]
+            bridge = Snapshot.from_resources(resources)
+            if self._serve(bridge):
+                await self.wait_for_acks(ROUTE, bridge.versions[ROUTE], removal_ack_timeout_s)
+        return self._serve(snapshot)
+
+    @staticmethod
+    def _check(snapshot: Snapshot) -> None:
         errors = snapshot.consistency_errors()
         if errors:
             raise InconsistentSnapshot("; ".join(errors))
+
+    def _serve(self, snapshot: Snapshot) -> bool:
         if self._snapshot is not None and self._snapshot.versions == snapshot.versions:
             return False
         now = time.monotonic()

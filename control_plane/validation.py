@@ -1,0 +1,123 @@
+"""Checked values for the config file and the admin API: pydantic does the checking, this says why.
+
+A field's bounds and pattern live in its annotation (`within`, `matching`); `check` validates a
+value against such a type or a whole dataclass and phrases the first failure the way an
+operator wrote the key: `listen.port: 0 is out of range 1..65535`, `models[1].name: required`.
+Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+from pydantic import AfterValidator, TypeAdapter, ValidationError
+from pydantic_core import PydanticCustomError
+
+
+class ConfigError(ValueError):
+    """A bad value, phrased as `key: problem`."""
+
+
+def shown(value: Any) -> str:
+    """A value as an error message quotes it: numbers plain, strings quoted, long ones cut."""
+    if isinstance(value, int) and value.bit_length() > 128:  # str() refuses over 4,300 digits
+        return f"a {int(value.bit_length() * 0.30103) + 1}-digit number"
+    text = str(value) if isinstance(value, (int, float)) else repr(value)
+    return text if len(text) <= 40 else text[:40] + "..."
+
+
+def fail(message: str, kind: str = "gateway"):
+    """Inside a validator: the field is wrong, and `message` says how."""
+    raise PydanticCustomError(kind, message)
+
+
+def within(low: float, high: float) -> AfterValidator:
+    """A number's bounds: outside them is `<value as given> is out of range low..high`."""
+    def check_range(value):
+        if not low <= value <= high:
+            fail(f"is out of range {low}..{high}", "out_of_range")
+        return value
+    return AfterValidator(check_range)
+
+
+def matching(pattern: re.Pattern, problem: str) -> AfterValidator:
+    """A string's pattern; `problem` says what is wrong with {!r}."""
+    def check_pattern(value: str) -> str:
+        if not pattern.fullmatch(value):
+            fail(problem.format(value))
+        return value
+    return AfterValidator(check_pattern)
+
+
+_EXPECTED = {"int_type": "an integer", "float_type": "a number", "bool_type": "true or false",
+             "string_type": "a string", "tuple_type": "a list", "list_type": "a list", "dataclass_type": "a mapping"}
+
+
+def _dataclasses_in(hint) -> list[type]:
+    if hasattr(hint, "__dataclass_fields__"):
+        return [hint]
+    return [found for arg in get_args(hint) for found in _dataclasses_in(arg)]
+
+
+def _tags(section: type) -> tuple:
+    kind = get_type_hints(section).get("kind")
+    return get_args(kind) if get_origin(kind) is Literal else ()
+
+
+def _walk(root: type, loc: tuple) -> tuple[list, list[type]]:
+    """The key path as the file spells it (a tagged union's tag is no key) and the sections it ends in."""
+    spelled, here = [], [root]
+    for part in loc:
+        if isinstance(part, str) and not any(part in s.__dataclass_fields__ for s in here):
+            tagged = [s for s in here if part in _tags(s)]
+            if tagged:
+                here = tagged
+                continue
+        spelled.append(part)
+        if isinstance(part, str):
+            here = [d for s in here if part in s.__dataclass_fields__ for d in _dataclasses_in(get_type_hints(s)[part])]
+    return spelled, here
+
+
+def _problem(error: dict, root: type) -> str:
+    kind, value, ctx = error["type"], error.get("input"), error.get("ctx") or {}
+    if kind == "missing":
+        return "required"
+    if kind == "unexpected_keyword_argument":
+        sections = _walk(root, error["loc"][:-1])[1]
+        return f"unknown key (allowed: {', '.join(sorted(sections[0].__dataclass_fields__))})" if sections else "unknown key"
+    if kind in _EXPECTED:
+        got = type(value).__name__ if kind in ("tuple_type", "list_type", "dataclass_type") else shown(value)
+        return f"expected {_EXPECTED[kind]}, got {got}"
+    if kind in ("literal_error", "union_tag_invalid", "union_tag_not_found"):
+        expected = (ctx.get("expected") or ctx.get("expected_tags") or "").replace(" or ", ", ").replace("'", "")
+        got = value.get("kind") if kind.startswith("union_tag") and isinstance(value, dict) else value
+        return f"expected one of {expected}, got {shown(got)}" if expected else "required"
+    if kind == "out_of_range":
+        return f"{shown(value)} {error['msg']}"
+    if kind == "string_too_short":
+        return f"expected a non-empty string, got {shown(value)}"
+    return error["msg"]
+
+
+def _config_error(error: ValidationError, root: type, prefix: str) -> ConfigError:
+    first = error.errors()[0]
+    loc = tuple(first["loc"]) + (("kind",) if first["type"].startswith("union_tag") else ())
+    spelled = _walk(root, loc)[0] if hasattr(root, "__dataclass_fields__") else list(loc)
+    key = prefix + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in spelled)
+    return ConfigError(f"{key.lstrip('.') or 'config'}: {_problem(first, root)}")
+
+
+@lru_cache(maxsize=None)
+def _adapter(kind) -> TypeAdapter:
+    return TypeAdapter(kind)
+
+
+def check(kind, value: Any, key: str = ""):
+    """`value` as `kind` (a field type or a whole dataclass); ConfigError names the key under `key`."""
+    try:
+        return _adapter(kind).validate_python(value)
+    except ValidationError as error:
+        raise _config_error(error, kind, key) from None
