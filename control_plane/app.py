@@ -28,7 +28,9 @@ from control_plane.fleet.state import Fleet
 from control_plane.fleet.state_store import StateStore, configured_token, ensure_token, state_dir
 from control_plane.observe import scraper
 from control_plane.observe.load_tracker import LoadTracker
-from control_plane.observe.outcomes import AccessLogServicer, Outcomes
+from control_plane.observe.access_logs import AccessLogServicer
+from control_plane.observe.ledger import Ledger
+from control_plane.observe.outcomes import Outcomes
 from control_plane.operator.admin import build_admin_app
 from control_plane.operator import telemetry
 from control_plane.operator.telemetry import WEIGHT_UPDATES, XdsMetrics, forget_fleet, watch_fleet
@@ -63,6 +65,7 @@ class ControlPlane:
         self.fleet: Fleet | None = None
         self.tracker = LoadTracker()  # what the scrapes said, per endpoint
         self.outcomes = Outcomes()  # what the Envoys saw of each engine's tries
+        self.ledger = Ledger()  # audio-seconds in flight per engine, its speed, and metering
         self.discovery = DnsDiscovery(self.on_dns_records)
         self.token: str | None = None
         self.token_path: Path | None = None
@@ -95,7 +98,7 @@ class ControlPlane:
         await web.TCPSite(self._admin, listen.admin_address, listen.admin_port).start()
         self._server = await start_ads_server(self.cache, listen.xds_address, listen.xds_port, [
             lambda server: als_pb2_grpc.add_AccessLogServiceServicer_to_server(
-                AccessLogServicer(self.outcomes, time.monotonic), server)])
+                AccessLogServicer(self.outcomes, self.ledger, time.monotonic), server)])
         self._tasks = [asyncio.create_task(self._load_loop())]
         await self.discovery.restart(self.config.discovery)
         log.info("admin API on http://%s:%d (token %s)", listen.admin_address, listen.admin_port,
@@ -193,11 +196,13 @@ class ControlPlane:
         now = asyncio.get_running_loop().time()
         scraper.record(self.tracker, fleet, pages, now)
         self.outcomes.retain({b.endpoint for b in fleet.backends})
+        self.ledger.retain({b.endpoint for b in fleet.backends})
+        self.ledger.expire(now, self.config.timeouts.route_s + 60)  # no try lasts longer
         await self.check_drains()
         if not routing.load_aware:
             return
         fleet = self.fleet  # a finished drain may have changed it
-        weights, long_uploads = decide_routing(fleet, scraper.endpoint_states(fleet, self.tracker, self.outcomes, now),
+        weights, long_uploads = decide_routing(fleet, scraper.endpoint_states(fleet, self.tracker, self.outcomes, self.ledger, now),
                                                routing)
         if weights != fleet.weights or long_uploads != fleet.long_uploads:
             WEIGHT_UPDATES.inc()

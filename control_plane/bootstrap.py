@@ -10,7 +10,8 @@ from control_plane.config import GatewayConfig
 
 ENVOY_DIR = Path(__file__).resolve().parent.parent / "envoy"
 BOOTSTRAP_TEMPLATE = ENVOY_DIR / "bootstrap.yaml"
-LUA_FILTER_PATH = ENVOY_DIR / "model_router.lua"
+# The Lua filter is one source: the duration reader's functions, then the router that calls them.
+LUA_FILTER_PATHS = (ENVOY_DIR / "audio_duration.lua", ENVOY_DIR / "model_router.lua")
 
 
 def render_bootstrap(template: str, config: GatewayConfig, node_id: str, xds_host: str | None = None,
@@ -35,5 +36,5 @@ def default_node_id() -> str:
     return f"envoy-{socket.gethostname()}"
 
 
-def read_lua_filter(path: Path = LUA_FILTER_PATH) -> str:
-    return path.read_text()
+def read_lua_filter(paths: tuple[Path, ...] = LUA_FILTER_PATHS) -> str:
+    return "\n".join(path.read_text() for path in paths)

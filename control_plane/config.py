@@ -101,6 +101,9 @@ class LimitsConfig:
     # Buffered uploads are real memory: Envoy stops taking new requests near this heap size.
     max_heap_mb: Annotated[StrictInt, within(64, 1_048_576)] = 2048
     max_connections: Count = 4096
+    # The most audio-seconds one upload is counted as: a header claiming more is not trusted
+    # (envoy/audio_duration.lua estimates from the size instead, capped here too).
+    max_audio_s: Annotated[StrictFloat, within(1, 86400)] = 14400.0
 
     @property
     def max_upload_bytes(self) -> int:

@@ -22,6 +22,9 @@ local HOP_HEADER = "x-whisper-gateway-hop"
 -- Per try, before another engine is asked too (hedged: the first answer wins): the router reads
 -- this header, set here from the upload's size so long files get longer.
 local PER_TRY_HEADER = "x-envoy-upstream-rq-per-try-timeout-ms"
+-- The upload's audio-seconds, and "1" when that is an estimate (envoy/audio_duration.lua).
+local AUDIO_SECONDS_HEADER = "x-whisper-audio-seconds"
+local AUDIO_ESTIMATED_HEADER = "x-whisper-audio-estimated"
 local WINDOW = 4096
 local MAX_MODEL_BYTES = 256
 -- A part's header block: engines' form parsers fail (HTTP 500) on huge or binary ones.
@@ -95,8 +98,9 @@ local function disposition(headers)
 end
 
 -- Appends to `parts` every part that starts in `s`, a piece of the body beginning at body offset
--- `base`: {name, filename, start, stop} with 0-based body offsets of its value (stop exclusive,
--- nil when the value runs past the piece). Returns true when a part's headers are cut off.
+-- `base`: {name, filename, at, start, stop} with 0-based body offsets of its delimiter and its
+-- value (stop exclusive, nil when the value runs past the piece); parts.closing is the closing
+-- delimiter's offset. Returns true when a part's headers are cut off.
 local function scan(s, delim, base, parts)
   local pos = 1
   while true do
@@ -104,14 +108,17 @@ local function scan(s, delim, base, parts)
     if not d then return false end
     local after = d + #delim
     if d == 1 or sub(s, d - 2, d - 1) == "\r\n" then
-      if sub(s, after, after + 1) == "--" then return false end -- the closing delimiter
+      if sub(s, after, after + 1) == "--" then -- the closing delimiter
+        parts.closing = base + d - 1
+        return false
+      end
       local header_end = find(s, "\r\n\r\n", after, true)
       if not header_end then return true end
       local headers = sub(s, after, header_end - 1)
       local name, filename = disposition(headers)
       local value_start = header_end + 4
       local value_end = find(s, "\r\n" .. delim, value_start, true)
-      parts[#parts + 1] = {name = name, filename = filename, start = base + value_start - 1,
+      parts[#parts + 1] = {name = name, filename = filename, at = base + d - 1, start = base + value_start - 1,
         stop = value_end and (base + value_end - 1) or nil,
         bad_headers = #headers > MAX_PART_HEADER_BYTES or find(headers, PART_HEADER_CONTROL) ~= nil}
       if not value_end then return false end -- the rest of the piece is this part's value
@@ -148,6 +155,28 @@ local function form_parts(body, delim)
     release(length)
   end
   return parts
+end
+
+-- Where a part's value ends: known from its own piece, or just before the next delimiter.
+local function value_end(part, parts)
+  if part.stop then return part.stop end
+  local next_at = parts.closing
+  for _, other in ipairs(parts) do
+    if other.at > part.start and (next_at == nil or other.at < next_at) then next_at = other.at end
+  end
+  return next_at and next_at - 2 or nil
+end
+
+-- Seconds of audio in the upload (envoy/audio_duration.lua), as headers the routes, the engines
+-- and the access logs see; a client's own values are replaced.
+local function measure_audio(h, body, parts, context)
+  local headers = h:headers()
+  local file = count(parts, "file")[1]
+  local stop = value_end(file, parts) or body:length()
+  local seconds, estimated = audio_duration(function(offset, n) return body:getBytes(file.start + offset, n) end,
+    stop - file.start, file.filename, context:get("max_audio_seconds") or 14400)
+  headers:replace(AUDIO_SECONDS_HEADER, string.format("%.3f", seconds))
+  if estimated then headers:replace(AUDIO_ESTIMATED_HEADER, "1") else headers:remove(AUDIO_ESTIMATED_HEADER) end
 end
 
 local function served_names(models)
@@ -230,6 +259,7 @@ function envoy_on_request(h)
     return reply(h, 404, "The model `" .. name .. "` does not exist. Served models: " .. served_names(models) .. ".",
       "NotFoundError", "model")
   end
+  measure_audio(h, body, parts, context) -- before an alias moves the bytes
   if model ~= name then
     -- An alias: engines know only the model's own name, so the form must carry that. Lua
     -- memory is outside Envoy's heap (and its overload manager), so the copy is made once, in

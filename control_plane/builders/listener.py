@@ -17,21 +17,34 @@ from google.protobuf import wrappers_pb2
 
 from control_plane.builders.common import pack, seconds
 from control_plane.builders.local_replies import build_local_reply_config
-from control_plane.builders.names import LISTENER_NAME, LUA_FILTER, ROUTE_CONFIG_NAME, UPSTREAM_LOG_NAME, XDS_CLUSTER
+from control_plane.builders.names import LISTENER_NAME, LUA_FILTER, REQUEST_LOG_NAME, ROUTE_CONFIG_NAME, UPSTREAM_LOG_NAME, XDS_CLUSTER
 from control_plane.config import GatewayConfig
 
 
-def _upstream_try_log() -> accesslog_pb2.AccessLog:
-    """Every try at an engine, with its outcome, to the control plane (control_plane/observe/outcomes.py)."""
+# What the control plane reads from each logged request: its model and its audio-seconds, as
+# the Lua filter set them (envoy/audio_duration.lua).
+LOGGED_HEADERS = ["x-whisper-model", "x-whisper-audio-seconds", "x-whisper-audio-estimated"]
+
+
+def _grpc_log(log_name: str) -> accesslog_pb2.AccessLog:
+    """An access log streamed to the control plane (control_plane/observe/outcomes.py)."""
     common = grpc_als_pb2.CommonGrpcAccessLogConfig(
-        log_name=UPSTREAM_LOG_NAME,
+        log_name=log_name,
         transport_api_version=config_source_pb2.V3,
         grpc_service=grpc_service_pb2.GrpcService(
             envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=XDS_CLUSTER)),
         buffer_flush_interval=seconds(0.1),  # Envoy's 1 s default would delay the evidence
     )
-    return accesslog_pb2.AccessLog(name="envoy.access_loggers.http_grpc",
-                                   typed_config=pack(grpc_als_pb2.HttpGrpcAccessLogConfig(common_config=common)))
+    logged = grpc_als_pb2.HttpGrpcAccessLogConfig(common_config=common, additional_request_headers_to_log=LOGGED_HEADERS)
+    return accesslog_pb2.AccessLog(name="envoy.access_loggers.http_grpc", typed_config=pack(logged))
+
+
+def _router() -> router_pb2.Router:
+    """The router logs every try at an engine twice: when its stream to the engine starts (the
+    ledger of work in flight) and when it ends (its outcome, and the work done)."""
+    return router_pb2.Router(
+        upstream_log=[_grpc_log(UPSTREAM_LOG_NAME)],
+        upstream_log_options=router_pb2.Router.UpstreamAccessLogOptions(flush_upstream_log_on_upstream_stream=True))
 
 
 def build_listener(config: GatewayConfig, lua_source: str) -> listener_pb2.Listener:
@@ -56,10 +69,11 @@ def build_listener(config: GatewayConfig, lua_source: str) -> listener_pb2.Liste
         server_name="whisper-gateway",
         local_reply_config=build_local_reply_config(config),
         use_remote_address=wrappers_pb2.BoolValue(value=True),
+        access_log=[_grpc_log(REQUEST_LOG_NAME)],  # each request once, at its end: metering
         http_filters=[
             hcm.HttpFilter(name=LUA_FILTER, typed_config=pack(lua)),
             hcm.HttpFilter(name="envoy.filters.http.router",
-                           typed_config=pack(router_pb2.Router(upstream_log=[_upstream_try_log()]))),
+                           typed_config=pack(_router())),
         ],
     )
     address = address_pb2.Address(

@@ -29,3 +29,4 @@ UNROUTED_CLUSTER = "whisper:unrouted"
 XDS_CLUSTER = "xds_cluster"
 # The gRPC access log of every upstream try (control_plane/observe/outcomes.py).
 UPSTREAM_LOG_NAME = "whisper_upstream_tries"
+REQUEST_LOG_NAME = "whisper_requests"

@@ -150,6 +150,7 @@ def _filter_context(config: GatewayConfig, fleet: Fleet) -> struct_pb2.Struct:
     context = struct_pb2.Struct()
     context.update({"models": fleet.name_to_model(),
                     "long_upload_bytes": config.routing.long_upload_bytes,
+                    "max_audio_seconds": config.limits.max_audio_s,
                     "per_try_base_ms": base_ms, "per_try_ms_per_mb": per_mb_ms})
     return context
 

@@ -93,6 +93,14 @@ def queue_seconds(endpoints: Sequence[EndpointState], engine_requests: int) -> d
             * kv_pressure(e.load.kv_cache_usage) for e in endpoints}
 
 
+def finish_seconds(endpoint: EndpointState, clip_s: float) -> float | None:
+    """Scorer: seconds until a new clip of `clip_s` audio-seconds would be answered, from the
+    audio-seconds the engine holds and its measured audio-seconds per second; None unmeasured."""
+    if not endpoint.audio_rate:
+        return None
+    return (endpoint.audio_in_flight + clip_s) / endpoint.audio_rate
+
+
 def hold_stale(endpoint: EndpointState, previous: int | None, neutral: int, settings: RoutingConfig) -> int:
     """Stale rule: no better than the fresh median (`neutral`) on old news; the median once forgotten."""
     forgotten = endpoint.age_s is None or endpoint.age_s > FORGET_AFTER * settings.stale_after_s

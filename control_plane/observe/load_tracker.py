@@ -30,6 +30,8 @@ class EndpointState:
     age_s: float | None = None  # since that scrape
     seconds_per_request: float | None = None  # measured speed; None: unknown yet
     failure_ratio: float = 0.0  # recent tries the engine failed, as Envoys saw them (outcomes.py)
+    audio_in_flight: float = 0.0  # audio-seconds sent to it and not yet answered (ledger.py)
+    audio_rate: float | None = None  # audio-seconds it answers per busy second; None: not measured
 
 
 @dataclass

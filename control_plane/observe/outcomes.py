@@ -5,8 +5,8 @@ Engine metrics say how busy an engine is, not whether its answers arrive. An eng
 idle on /metrics, finishes fastest, and so would win least-request picks; Envoy itself counts
 such a cut as a success (its host stats, load reports and outlier detection all see the 200).
 Each Envoy's router therefore logs every upstream try over gRPC (the access log service) to
-the control plane, which classifies it and sums outcomes per endpoint across Envoys with
-exponential decay. The policy holds a failing endpoint's weight down by its failure ratio.
+the control plane (control_plane/observe/access_logs.py), which classifies it and sums
+outcomes per endpoint across Envoys with exponential decay. The policy holds a failing endpoint's weight down by its failure ratio.
 
 A failure is what only the engine or the path to it causes: no response, a reset or a cut
 stream, a timeout, 502/503/504. Plain 500s are not counted: a client's odd upload can make
@@ -17,12 +17,9 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
-import grpc
 from envoy.data.accesslog.v3 import accesslog_pb2
-from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -81,19 +78,3 @@ class Outcomes:
         """Forgets endpoints that left the fleet."""
         for key in set(self._tallies) - endpoints:
             del self._tallies[key]
-
-
-class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):
-    """Receives every Envoy's upstream-try log; records each try's outcome by endpoint."""
-
-    def __init__(self, outcomes: Outcomes, clock: Callable[[], float]):
-        self.outcomes, self.clock = outcomes, clock
-
-    async def StreamAccessLogs(self, request_iterator, context: grpc.aio.ServicerContext):
-        async for message in request_iterator:
-            now = self.clock()
-            for entry in message.http_logs.log_entry:
-                address = entry.common_properties.upstream_remote_address.socket_address
-                if address.address:
-                    self.outcomes.record(f"{address.address}:{address.port_value}", not failed(entry), now)
-        return als_pb2.StreamAccessLogsResponse()

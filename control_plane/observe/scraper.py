@@ -16,6 +16,7 @@ from typing import Callable
 import aiohttp
 
 from control_plane.fleet.state import Backend, Fleet
+from control_plane.observe.ledger import Ledger
 from control_plane.observe.load_tracker import EndpointState, LoadTracker
 from control_plane.observe.metrics_parser import load_for_model, parse_loads
 from control_plane.observe.outcomes import Outcomes
@@ -84,10 +85,11 @@ def record(tracker: LoadTracker, fleet: Fleet, pages: list[str | ScrapeFailure],
     tracker.retain(fleet.endpoint_keys())
 
 
-def endpoint_states(fleet: Fleet, tracker: LoadTracker, outcomes: Outcomes,
+def endpoint_states(fleet: Fleet, tracker: LoadTracker, outcomes: Outcomes, ledger: Ledger,
                     now: float) -> dict[str, list[EndpointState]]:
     """What is known of every endpoint, by model (in fleet order): the policy's input."""
     return {model: [replace(tracker.state(b.id, model, b.weight, now),
-                            failure_ratio=outcomes.failure_ratio(b.endpoint, now))
+                            failure_ratio=outcomes.failure_ratio(b.endpoint, now),
+                            audio_in_flight=ledger.in_flight(b.endpoint), audio_rate=ledger.rate(b.endpoint, now))
                     for b in fleet.backends_for(model)]
             for model in fleet.model_names()}

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from control_plane.decide.policy import is_fresh
+from control_plane.decide.policy import finish_seconds, is_fresh
+from control_plane.observe.load_tracker import EndpointState
 from control_plane.xds.types import SHORT_NAMES
 
 
@@ -15,6 +16,9 @@ def _health(track, state, routing) -> str:
     if track.scraped_at is not None:
         return "stale"
     return "failing" if track.error else "unknown"
+
+
+WAIT_CLIP_S = 30.0  # the clip the expected wait is quoted for: one engine request's worth
 
 
 def endpoint_rows(plane, now: float) -> list[dict]:
@@ -47,7 +51,42 @@ def endpoint_rows(plane, now: float) -> list[dict]:
                 # Recent tries this engine failed (cut, reset, 502-504), as the Envoys saw them.
                 "failure_ratio": round(plane.outcomes.failure_ratio(backend.endpoint, now),
                                        3) if backend else None,
+                # Audio-seconds sent and not yet answered, over every Envoy; and how many it
+                # answers per second of being busy (control_plane/observe/ledger.py).
+                "audio_in_flight_s": round(plane.ledger.in_flight(backend.endpoint), 3) if backend else None,
+                "audio_rate": _rounded(plane.ledger.rate(backend.endpoint, now)) if backend else None,
             })
+    return rows
+
+
+def _rounded(value: float | None, digits: int = 3) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+def model_rows(plane, now: float) -> list[dict]:
+    """Per model: audio-seconds metered, the backlog, the fleet's drain rate and the expected
+    wait for a new 30 s clip (the number to autoscale on)."""
+    rows = []
+    endpoints = endpoint_rows(plane, now)
+    for model in plane.fleet.model_names() if plane.fleet else ():
+        serving = [e for e in endpoints if e["model"] == model and e["state"] == "active" and e["weight"] is not None]
+        metered = plane.ledger.metered.get(model)
+        waits = [finish_seconds(EndpointState(e["id"], audio_in_flight=e["audio_in_flight_s"] or 0.0,
+                                              audio_rate=e["audio_rate"]), WAIT_CLIP_S) for e in serving]
+        waits = [w for w in waits if w is not None]
+        rates = [e["audio_rate"] for e in serving if e["audio_rate"]]
+        rows.append({
+            "model": model,
+            "requests": metered.requests if metered else 0,
+            "audio_received_s": round(metered.received, 3) if metered else 0.0,
+            "audio_served_s": round(metered.served, 3) if metered else 0.0,
+            "audio_failed_s": round(metered.failed, 3) if metered else 0.0,
+            "audio_estimated_s": round(metered.estimated, 3) if metered else 0.0,
+            "longest_upload_s": round(metered.longest, 3) if metered else 0.0,
+            "backlog_audio_s": round(sum(e["audio_in_flight_s"] or 0.0 for e in serving), 3),
+            "drain_rate": round(sum(rates), 3) if rates else None,
+            "expected_wait_s": round(min(waits), 3) if waits else None,
+        })
     return rows
 
 
@@ -68,6 +107,7 @@ def status_report(plane, now: float) -> dict:
     snapshot = cache.snapshot
     return {
         "endpoints": endpoint_rows(plane, now),
+        "models": model_rows(plane, now),
         "envoys": envoys,
         "versions": {SHORT_NAMES[t]: v for t, v in snapshot.versions.items()} if snapshot else {},
         "nacks_total": cache.nacks_total,
@@ -89,13 +129,21 @@ def render_rows(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[st
 
 def render_table(report: dict) -> str:
     """The report as an aligned text table for a terminal."""
-    header = ("ID", "URL", "MODEL", "STATE", "HEALTH", "RUNNING", "WAITING", "KV", "WEIGHT", "S/REQ", "FAILED", "AGE")
+    header = ("ID", "URL", "MODEL", "STATE", "HEALTH", "RUNNING", "WAITING", "KV", "WEIGHT", "S/REQ", "AUDIO-S",
+              "AUDIO-S/S", "FAILED", "AGE")
     rows = [(
         e["id"], e["url"], e["model"], e["state"], e["health"], _cell(e["running"]), _cell(e["waiting"]),
         _cell(e["kv_cache_usage"]), _cell(e["weight"]), _cell(e["seconds_per_request"], 3),
-        _cell(e["failure_ratio"], 2), _cell(e["scrape_age_s"]),
+        _cell(e["audio_in_flight_s"], 1), _cell(e["audio_rate"], 1), _cell(e["failure_ratio"], 2),
+        _cell(e["scrape_age_s"]),
     ) for e in report["endpoints"]]
     lines = render_rows(header, rows) + [""]
+    models = [(m["model"], str(m["requests"]), _cell(m["audio_received_s"], 1), _cell(m["audio_served_s"], 1),
+               _cell(m["audio_failed_s"], 1), _cell(m["backlog_audio_s"], 1), _cell(m["drain_rate"], 1),
+               _cell(m["expected_wait_s"], 1)) for m in report.get("models", [])]
+    if models:
+        lines += render_rows(("MODEL", "REQUESTS", "RECEIVED-S", "SERVED-S", "FAILED-S", "BACKLOG-S", "DRAIN-S/S",
+                              "WAIT-30S"), models) + [""]
     for envoy in report["envoys"]:
         nack = envoy["last_nack"]
         lines.append(f"envoy {envoy['node_id']} ({envoy['peer']}): " + ", ".join(f"{t} {v}" for t, v in envoy["acked"].items())

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from control_plane.operator.status import endpoint_rows
+from control_plane.operator.status import endpoint_rows, model_rows
 from control_plane.xds.types import SHORT_NAMES
 
 REGISTRY = CollectorRegistry()
@@ -66,6 +66,10 @@ class FleetCollector:
             "waiting": GaugeMetricFamily("whisper_gateway_endpoint_waiting", "Engine requests waiting.", labels=labels),
             "kv_cache_usage": GaugeMetricFamily("whisper_gateway_endpoint_kv_cache_usage", "KV-cache use, 0..1.",
                                                 labels=labels),
+            "audio_in_flight_s": GaugeMetricFamily("whisper_gateway_endpoint_audio_in_flight_seconds",
+                                                   "Audio-seconds sent to the engine and not yet answered.", labels=labels),
+            "audio_rate": GaugeMetricFamily("whisper_gateway_endpoint_audio_rate",
+                                            "Audio-seconds the engine answers per second of being busy.", labels=labels),
         }
         healthy = GaugeMetricFamily("whisper_gateway_endpoint_metrics_fresh",
                                     "1 when the engine's metrics are fresh, else 0.", labels=labels)
@@ -84,6 +88,35 @@ class FleetCollector:
         yield from families.values()
         yield healthy
         yield draining
+        yield from self._models(now)
+
+    def _models(self, now: float):
+        """Per model: metered audio-seconds (counters) and the backlog an autoscaler reads."""
+        audio = CounterMetricFamily("whisper_gateway_audio_seconds", "Audio-seconds of requests that ended, by outcome "
+                                    "(received = served + failed).", labels=["model", "outcome"])
+        estimated = CounterMetricFamily("whisper_gateway_audio_seconds_estimated", "Of the received audio-seconds, "
+                                        "those estimated from the upload's size.", labels=["model"])
+        gauges = {
+            "backlog_audio_s": GaugeMetricFamily("whisper_gateway_model_backlog_audio_seconds",
+                                                 "Audio-seconds sent to the model's engines and not yet answered.",
+                                                 labels=["model"]),
+            "drain_rate": GaugeMetricFamily("whisper_gateway_model_drain_rate",
+                                            "Audio-seconds per second the model's engines answer when busy.",
+                                            labels=["model"]),
+            "expected_wait_s": GaugeMetricFamily("whisper_gateway_model_expected_wait_seconds",
+                                                 "Seconds until a new 30 s clip would be answered: scale on this.",
+                                                 labels=["model"]),
+        }
+        for row in model_rows(self.plane, now):
+            for outcome in ("received", "served", "failed"):
+                audio.add_metric([row["model"], outcome], row[f"audio_{outcome}_s"])
+            estimated.add_metric([row["model"]], row["audio_estimated_s"])
+            for name, family in gauges.items():
+                if row[name] is not None:
+                    family.add_metric([row["model"]], row[name])
+        yield audio
+        yield estimated
+        yield from gauges.values()
 
 
 def watch_fleet(plane) -> None:

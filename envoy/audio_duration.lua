@@ -1,0 +1,370 @@
+-- whisper-gateway: how many seconds of audio an upload holds, read from its container's header.
+--
+-- Whisper's work is audio-seconds, not requests. The filter that holds each upload reads the
+-- duration from small slices of the file part (its first few KiB, a box or page header, its
+-- last few KiB), never the whole body and never by decoding. Layouts: WAV, FLAC, MP3 (Xing/Info
+-- with LAME's delay and padding, VBRI, else constant bitrate), Ogg Opus and Vorbis, MP4/M4A/MOV
+-- (`mvhd`, wherever `moov` is), WebM/Matroska (Segment Info Duration). Anything else, or a
+-- header that cannot be trusted, is estimated from the size and a per-format bitrate, and says
+-- so. A lying header never routes as huge: sizes are clamped to the bytes sent, and a result
+-- that is not a positive number under the limit falls back to the estimate.
+
+local byte, sub, find, floor = string.byte, string.sub, string.find, math.floor
+local HEAD = 4096
+local TAIL_FIRST, TAIL_MAX = 8192, 65536
+
+-- Bits per second of audio by format, for estimates (a size/bitrate guess, marked as one).
+local ESTIMATE_BPS = {wav = 256000, flac = 400000, mp3 = 128000, ogg = 48000, mp4 = 128000,
+  webm = 48000, aac = 128000, amr = 12200, other = 128000}
+local EXTENSIONS = {wav = "wav", wave = "wav", flac = "flac", mp3 = "mp3", mpga = "mp3", mpeg = "mp3",
+  ogg = "ogg", oga = "ogg", opus = "ogg", m4a = "mp4", mp4 = "mp4", mov = "mp4", webm = "webm",
+  mkv = "webm", aac = "aac", amr = "amr"}
+
+local function u16le(s, i) local a, b = byte(s, i, i + 1); return a + b * 256 end
+local function u32le(s, i) local a, b, c, d = byte(s, i, i + 3); return a + b * 256 + c * 65536 + d * 16777216 end
+local function u32be(s, i) local a, b, c, d = byte(s, i, i + 3); return ((a * 256 + b) * 256 + c) * 256 + d end
+local function u64le(s, i) return u32le(s, i) + u32le(s, i + 4) * 4294967296 end
+local function u64be(s, i) return u32be(s, i) * 4294967296 + u32be(s, i + 4) end
+
+-- A view of the file part: peek(offset, n) returns up to n bytes at a 0-based offset.
+local function view(read, size)
+  local head = read(0, math.min(size, HEAD))
+  return function(offset, n)
+    if offset < 0 or offset >= size then return "" end
+    n = math.min(n, size - offset)
+    if offset + n <= #head then return sub(head, offset + 1, offset + n) end
+    return read(offset, n)
+  end, head
+end
+
+local function wav(peek, head, size)
+  local riff = sub(head, 1, 4)
+  local offset, byte_rate, ds64_data = 12, nil, nil
+  for _ = 1, 64 do
+    local chunk = peek(offset, 8)
+    if #chunk < 8 then return nil end
+    local id, n = sub(chunk, 1, 4), u32le(chunk, 5)
+    if id == "ds64" then
+      ds64_data = u64le(peek(offset + 8, 24), 9)
+    elseif id == "fmt " then
+      byte_rate = u32le(peek(offset + 8, 16), 9)
+    elseif id == "data" then
+      local present = size - offset - 8
+      local data = n
+      if riff == "RF64" and n == 4294967295 and ds64_data then
+        data = ds64_data
+      elseif n == 0 or n == 4294967295 then -- a streaming writer: the bytes that follow
+        data = present
+      end
+      if not byte_rate or byte_rate == 0 then return nil end
+      return math.min(data, present) / byte_rate
+    end
+    offset = offset + 8 + n + n % 2
+  end
+  return nil
+end
+
+local function id3v2_size(peek, offset)
+  local h = peek(offset, 10)
+  if #h < 10 or sub(h, 1, 3) ~= "ID3" then return 0 end
+  local a, b, c, d = byte(h, 7, 10)
+  local footer = (byte(h, 6) % 32 >= 16) and 10 or 0
+  return 10 + ((a * 128 + b) * 128 + c) * 128 + d + footer
+end
+
+local function flac(peek, start)
+  local info = peek(start + 8, 18) -- STREAMINFO follows "fLaC" and its 4-byte block header
+  if #info < 18 then return nil end
+  local b10, b11, b12, b13 = byte(info, 11, 14)
+  local rate = b10 * 4096 + b11 * 16 + floor(b12 / 16)
+  local samples = (b13 % 16) * 4294967296 + u32be(info, 15)
+  if rate == 0 or samples == 0 then return nil end
+  return samples / rate
+end
+
+local MP3_BITRATES = {
+  [1] = {32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320}, -- MPEG-1 Layer III
+  [2] = {8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160}, -- MPEG-2/2.5 Layer III
+}
+local MP3_RATES = {[3] = {44100, 48000, 32000}, [2] = {22050, 24000, 16000}, [0] = {11025, 12000, 8000}}
+
+-- A Layer III frame header at `offset`: its fields, or nil.
+local function mp3_frame(peek, offset)
+  local h = peek(offset, 4)
+  if #h < 4 then return nil end
+  local b1, b2, b3, b4 = byte(h, 1, 4)
+  local version, layer = floor(b2 / 8) % 4, floor(b2 / 2) % 4
+  if b1 ~= 255 or b2 < 224 or version == 1 or layer ~= 1 then return nil end
+  local bitrate = MP3_BITRATES[version == 3 and 1 or 2][floor(b3 / 16)]
+  local rate = MP3_RATES[version][floor(b3 / 4) % 4 + 1]
+  if not bitrate or not rate then return nil end
+  local mono = floor(b4 / 64) == 3
+  return {mpeg1 = version == 3, rate = rate, bitrate = bitrate * 1000, mono = mono,
+    samples = version == 3 and 1152 or 576,
+    side = version == 3 and (mono and 17 or 32) or (mono and 9 or 17)}
+end
+
+local function mp3(peek, size)
+  local start = id3v2_size(peek, 0)
+  local frame
+  for skip = 0, 2047 do -- some writers leave junk before the first frame
+    frame = mp3_frame(peek, start + skip)
+    if frame then start = start + skip; break end
+  end
+  if not frame then return nil end
+  local xing = start + 4 + frame.side
+  local tag = peek(xing, 12)
+  local id = sub(tag, 1, 4)
+  if (id == "Xing" or id == "Info") and #tag == 12 then
+    local flags = u32be(tag, 5)
+    if flags % 2 == 1 then
+      local frames = u32be(tag, 9)
+      local lame = xing + 8 + 4 + (floor(flags / 2) % 2) * 4 + (floor(flags / 4) % 2) * 100 + (floor(flags / 8) % 2) * 4
+      local skip = 0
+      local l = peek(lame, 24)
+      if #l == 24 and sub(l, 1, 4) == "LAME" then
+        local a, b, c = byte(l, 22, 24)
+        skip = (a * 16 + floor(b / 16)) + ((b % 16) * 256 + c) -- encoder delay + padding, in samples
+      end
+      return math.max(0, frames * frame.samples - skip) / frame.rate
+    end
+  end
+  local vbri = peek(start + 36, 18)
+  if sub(vbri, 1, 4) == "VBRI" and #vbri == 18 then
+    return u32be(vbri, 15) * frame.samples / frame.rate
+  end
+  -- Constant bitrate: the audio bytes over the first frame's bitrate (a VBR file without a
+  -- header would be wrong here, so it is an estimate).
+  local audio = size - start - (peek(size - 128, 3) == "TAG" and 128 or 0)
+  return audio * 8 / frame.bitrate, true
+end
+
+local function ogg(peek, head, size)
+  local segments = byte(head, 27)
+  if not segments then return nil end
+  local packet = 28 + segments -- 1-based in head
+  local serial = sub(head, 15, 18)
+  local rate, preskip
+  if sub(head, packet, packet + 7) == "OpusHead" then
+    rate, preskip = 48000, u16le(head, packet + 10)
+  elseif sub(head, packet, packet + 6) == "\1vorbis" then
+    rate, preskip = u32le(head, packet + 12), 0
+  else
+    return nil
+  end
+  local window = TAIL_FIRST
+  while true do
+    local length = math.min(size, window)
+    local tail = peek(size - length, length)
+    local last, pos = nil, 1
+    while true do
+      local at = find(tail, "OggS", pos, true)
+      if not at then break end
+      if sub(tail, at + 14, at + 17) == serial and #tail >= at + 13 and sub(tail, at + 6, at + 13) ~= "\255\255\255\255\255\255\255\255" then
+        last = at
+      end
+      pos = at + 4
+    end
+    if last then
+      if rate == 0 then return nil end
+      return (u64le(tail, last + 6) - preskip) / rate
+    end
+    if length >= size or window >= TAIL_MAX then return nil end
+    window = TAIL_MAX
+  end
+end
+
+local function mp4(peek, size)
+  local offset = 0
+  for _ = 1, 64 do
+    local box = peek(offset, 16)
+    if #box < 8 then return nil end
+    local n, kind = u32be(box, 1), sub(box, 5, 8)
+    local header = 8
+    if n == 1 then n, header = u64be(box, 9), 16 elseif n == 0 then n = size - offset end
+    if n < header then return nil end
+    if kind == "moov" then
+      local child = offset + header
+      for _ = 1, 64 do
+        local c = peek(child, 8)
+        if #c < 8 then return nil end
+        local m, ckind = u32be(c, 1), sub(c, 5, 8)
+        if ckind == "mvhd" then
+          local mvhd = peek(child + 8, 32)
+          if #mvhd < 32 then return nil end
+          local scale, duration
+          if byte(mvhd, 1) == 1 then
+            scale, duration = u32be(mvhd, 21), u64be(mvhd, 25)
+          else
+            scale, duration = u32be(mvhd, 13), u32be(mvhd, 17)
+          end
+          if scale == 0 or duration == 4294967295 then return nil end
+          return duration / scale
+        end
+        if m < 8 then return nil end
+        child = child + m
+      end
+      return nil
+    end
+    offset = offset + n
+  end
+  return nil
+end
+
+-- An EBML variable-length integer at 1-based `i` of `s`: value, length (the marker bit
+-- stripped when `strip`); an all-ones size is unknown (-1).
+local function vint(s, i, strip)
+  local first = byte(s, i)
+  if not first or first == 0 then return nil, nil end
+  local length, mask = 1, 128
+  while first < mask do length, mask = length + 1, mask / 2 end
+  local value = strip and (first - mask) or first
+  local ones = value == mask - 1
+  for k = 1, length - 1 do
+    local b = byte(s, i + k)
+    if not b then return nil, nil end
+    value, ones = value * 256 + b, ones and b == 255
+  end
+  if strip and ones then return -1, length end
+  return value, length
+end
+
+local function float_be(s, i, n)
+  local b = {byte(s, i, i + n - 1)}
+  if #b ~= n then return nil end
+  local sign = b[1] >= 128 and -1 or 1
+  if n == 4 then
+    local exp = (b[1] % 128) * 2 + floor(b[2] / 128)
+    local mant = ((b[2] % 128) * 256 + b[3]) * 256 + b[4]
+    if exp == 255 then return nil end
+    if exp == 0 then return sign * mant * 2 ^ -149 end
+    return sign * (1 + mant / 8388608) * 2 ^ (exp - 127)
+  end
+  local exp = (b[1] % 128) * 16 + floor(b[2] / 16)
+  local mant = b[2] % 16
+  for k = 3, 8 do mant = mant * 256 + b[k] end
+  if exp == 2047 then return nil end
+  if exp == 0 then return sign * mant * 2 ^ -1074 end
+  return sign * (1 + mant / 4503599627370496) * 2 ^ (exp - 1023)
+end
+
+local EBML_CONTAINERS = {[0x18538067] = true, [0x1549A966] = true} -- Segment, Info
+local CLUSTER_ID = "\31\67\182\117"
+
+local function uint(s, i, n)
+  local value = 0
+  for k = 0, n - 1 do value = value * 256 + (byte(s, i + k) or 0) end
+  return value
+end
+
+-- Segment Info's Duration x TimecodeScale, from the head; nil (and the scale) without one.
+local function webm_head(head)
+  local i, scale, duration = 1, 1000000, nil
+  while i <= #head do
+    local id, idl = vint(head, i, false)
+    if not id then break end
+    local n, nl = vint(head, i + idl, true)
+    if not n then break end
+    local data = i + idl + nl
+    if id == 0x1F43B675 then break end -- the first Cluster: Info comes before it or not at all
+    if EBML_CONTAINERS[id] then
+      i = data -- descend
+    else
+      if n < 0 then break end
+      if id == 0x2AD7B1 then
+        scale = uint(head, data, n)
+      elseif id == 0x4489 and (n == 4 or n == 8) then
+        duration = float_be(head, data, n)
+      end
+      i = data + n
+    end
+  end
+  return duration and duration * scale / 1e9, scale
+end
+
+-- Without a Duration (browsers' MediaRecorder): the last Cluster's Timecode plus its last
+-- block's, in the tail; short by that block's length (20 ms for Opus), so an estimate.
+local function webm_tail(peek, size, scale)
+  local length = math.min(size, TAIL_MAX)
+  local tail = peek(size - length, length)
+  local last, pos = nil, 1
+  while true do
+    local at = find(tail, CLUSTER_ID, pos, true)
+    if not at then break end
+    local _, nl = vint(tail, at + 4, true)
+    if nl and byte(tail, at + 4 + nl) == 0xE7 then last = at end -- a Cluster starts with its Timecode
+    pos = at + 4
+  end
+  if not last then return nil end
+  local _, nl = vint(tail, last + 4, true)
+  local i, cluster, block = last + 4 + nl, nil, 0
+  while i <= #tail do
+    local id, idl = vint(tail, i, false)
+    if not id then break end
+    local n, ml = vint(tail, i + idl, true)
+    if not n or n < 0 then break end
+    local data = i + idl + ml
+    if id == 0xE7 then
+      cluster = uint(tail, data, n)
+    elseif id == 0xA3 or id == 0xA1 then -- SimpleBlock, Block: track number, then an int16 timecode
+      local _, tl = vint(tail, data, true)
+      local hi, lo = byte(tail, data + tl, data + tl + 1)
+      if hi and lo then block = math.max(block, (hi * 256 + lo + 32768) % 65536 - 32768) end
+    end
+    i = (id == 0xA0) and data or data + n -- a BlockGroup holds its Block
+  end
+  return cluster and (cluster + block) * scale / 1e9, true
+end
+
+local function webm(peek, head, size)
+  local seconds, scale = webm_head(head)
+  if seconds then return seconds end
+  return webm_tail(peek, size, scale)
+end
+
+-- The format by its first bytes; nil when unknown.
+local function format_of(head)
+  local four = sub(head, 1, 4)
+  if (four == "RIFF" or four == "RF64") and sub(head, 9, 12) == "WAVE" then return "wav" end
+  if four == "fLaC" then return "flac" end
+  if four == "OggS" then return "ogg" end
+  if four == "\26\69\223\163" then return "webm" end
+  if sub(head, 5, 8) == "ftyp" then return "mp4" end
+  if sub(head, 1, 3) == "ID3" or (byte(head, 1) == 255 and (byte(head, 2) or 0) >= 224) then return "mp3" end
+  return nil
+end
+
+local function measure(kind, peek, head, size)
+  if kind == "wav" then return wav(peek, head, size) end
+  if kind == "flac" then return flac(peek, 0) end
+  if kind == "ogg" then return ogg(peek, head, size) end
+  if kind == "mp4" then return mp4(peek, size) end
+  if kind == "webm" then return webm(peek, head, size) end
+  if kind == "mp3" then
+    local id3 = id3v2_size(peek, 0)
+    if peek(id3, 4) == "fLaC" then return flac(peek, id3) end -- FLAC behind an ID3 tag
+    return mp3(peek, size)
+  end
+  return nil
+end
+
+local function extension_of(filename)
+  local ext = filename and filename:match("%.([%w]+)$")
+  return ext and ext:lower() or ""
+end
+
+-- Seconds of audio in a file part of `size` bytes, read through read(offset, n); whether that
+-- is an estimate; the format. Never more than max_seconds; never an error.
+local function audio_duration(read, size, filename, max_seconds)
+  local kind, seconds, estimated = nil, nil, false
+  local ok = pcall(function()
+    local peek, head = view(read, size)
+    kind = format_of(head)
+    if kind then seconds, estimated = measure(kind, peek, head, size) end
+  end)
+  if not ok or not seconds or seconds ~= seconds or seconds <= 0 or seconds > max_seconds then
+    kind = kind or EXTENSIONS[extension_of(filename)]
+    seconds, estimated = math.min(max_seconds, size * 8 / ESTIMATE_BPS[kind or "other"]), true
+  end
+  return seconds, estimated == true, kind or "unknown"
+end
