@@ -34,9 +34,14 @@ def audio_lengths(rng: random.Random, count: int) -> list[float]:
             for _ in range(count)]
 
 
-def mean_work(profile: GpuProfile, seed: int = 0, samples: int = 20000) -> float:
+def mixed_lengths(rng: random.Random, count: int) -> list[float]:
+    """Voice commands and meetings: 90% clips of 2 to 8 s, 10% recordings of 5 to 30 minutes."""
+    return [rng.uniform(2, 8) if rng.random() < 0.9 else rng.uniform(300, 1800) for _ in range(count)]
+
+
+def mean_work(profile: GpuProfile, seed: int = 0, samples: int = 20000, lengths_of=audio_lengths) -> float:
     """Mean GPU seconds per request of this length distribution, for sizing the arrival rate."""
-    lengths = audio_lengths(random.Random(seed), samples)
+    lengths = lengths_of(random.Random(seed), samples)
     return sum(sum(request_work(profile, length)) for length in lengths) / samples
 
 
@@ -45,7 +50,8 @@ def engine_capacity(profile: GpuProfile) -> float:
     return profile.max_num_seqs * profile.per_request_rate(profile.max_num_seqs)
 
 
-def arrivals(seed: int, duration_s: float, rate_at, foreign_share: float = 0.0) -> list[Arrival]:
+def arrivals(seed: int, duration_s: float, rate_at, foreign_share: float = 0.0,
+             lengths_of=audio_lengths) -> list[Arrival]:
     """Poisson arrivals at `rate_at(t)` requests per second (piecewise constant), seeded."""
     rng = random.Random(seed)
     result, now = [], 0.0
@@ -53,7 +59,7 @@ def arrivals(seed: int, duration_s: float, rate_at, foreign_share: float = 0.0) 
         now += rng.expovariate(rate_at(now))
         if now >= duration_s:
             return result
-        length = audio_lengths(rng, 1)[0]
+        length = lengths_of(rng, 1)[0]
         result.append(Arrival(round(now, 6), round(length, 3), rng.random() < foreign_share))
 
 

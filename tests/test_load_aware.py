@@ -156,13 +156,19 @@ def test_status_command_shows_load_and_weights(tmp_path):
     _, engines["e1"] = start_engine(tmp_path, MODEL, "e1")
     envoy, admin = start_gateway(tmp_path, engines)
     wait_until(lambda: status(admin, engines)["e1"]["health"] == "ok", 5, "a first scrape")
+    assert transcribe(envoy.url, MODEL, seconds=12.0).status == 200
+    wait_until(lambda: admin.status()["models"][0]["requests"] == 1, 10, "the request metered")
     cli = [PYTHON, "-m", "control_plane", "status", "--url", admin.url, "--state-dir", str(tmp_path / "state")]
     result = subprocess.run(cli, capture_output=True, text=True, timeout=30, cwd=REPO)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0].split() == ["ID", "URL", "MODEL", "STATE", "HEALTH", "RUNNING", "WAITING", "KV", "WEIGHT", "S/REQ", "FAILED", "AGE"]
+    assert lines[0].split() == ["ID", "URL", "MODEL", "STATE", "HEALTH", "RUNNING", "WAITING", "KV", "WEIGHT", "S/REQ",
+                                "AUDIO-S", "AUDIO-S/S", "FAILED", "AGE"]
     row = lines[1].split()
     assert row[1:9] == [engines["e1"], MODEL, "active", "ok", "0", "0", "0", "128"]
+    models = lines.index(next(line for line in lines if line.startswith("MODEL ")))
+    assert lines[models].split()[:5] == ["MODEL", "REQUESTS", "RECEIVED-S", "SERVED-S", "FAILED-S"]
+    assert lines[models + 1].split()[:5] == [MODEL, "1", "12", "12", "0"]
     assert any(line.startswith("envoy envoy ") for line in lines)
     as_json = subprocess.run(cli + ["--json"], capture_output=True, text=True, timeout=30, cwd=REPO)
     assert json.loads(as_json.stdout)["endpoints"][0]["weight"] == 128

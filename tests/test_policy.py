@@ -28,6 +28,13 @@ def new(backend_id, base=1):
     return EndpointState(backend_id, base)
 
 
+def working(backend_id, audio=0.0, rate=None, requests=None, running=0, waiting=0, kv=0.0):
+    """Fresh, with the Envoys' view of its audio (observe/ledger.py)."""
+    chunks = requests if requests is not None else (math.ceil(audio / 30) if audio else 0)
+    return EndpointState(backend_id, 1, ModelLoad(running=running, waiting=waiting, kv_cache_usage=kv), 0.1, None,
+                         audio_in_flight=audio, requests_in_flight=chunks, audio_rate=rate)
+
+
 CASES = [
     # (what it shows, endpoints, previous weights, expected weights)
     ("idle equals get the top weight", [fresh("a"), fresh("b")], {}, {"a": 128, "b": 128}),
@@ -52,6 +59,17 @@ CASES = [
     ("small changes are held", [fresh("a", running=1), fresh("b")], {"a": 70, "b": 128}, {"a": 70, "b": 128}),
     ("large changes go through", [fresh("a", running=1), fresh("b")], {"a": 100, "b": 128}, {"a": 64, "b": 128}),
     ("no endpoints, no weights", [], {}, {}),
+    # Audio-seconds: once speeds are measured, the weight is 1 / seconds to finish a 30 s clip.
+    ("an engine twice as fast gets twice the weight", [working("a", rate=20), working("b", rate=10)], {},
+     {"a": 128, "b": 64}),
+    ("held audio counts at the engine's speed", [working("a", 90, 20), working("b", 0, 10)], {},
+     {"a": 64, "b": 128}),
+    ("the engine's own queue shows load the Envoys did not send",
+     [working("a", 30, 10, running=4), working("b", 30, 10)], {}, {"a": 51, "b": 128}),
+    ("an engine not yet measured is taken at the median speed", [working("a", 0, 10), working("b", 30, None)], {},
+     {"a": 128, "b": 64}),
+    ("speeds unmeasured everywhere: engine requests as before", [working("a", 60, None), working("b")], {},
+     {"a": 43, "b": 128}),
 ]
 
 
@@ -184,3 +202,34 @@ def test_hold_stale(endpoint, previous, expected):
                                                       (52, 64, 64), (40, 64, 40)])
 def test_hysteresis(target, previous, expected):
     assert steps.hysteresis(target, previous, S) == expected
+
+
+FINISH = [
+    # (what, endpoint, clip seconds, expected seconds to finish)
+    ("unmeasured: no estimate", working("a", 30, None), 30, None),
+    ("idle: the clip at its speed", working("a", 0, 15), 30, 2.0),
+    ("held audio first", working("a", 60, 15), 30, 6.0),
+]
+
+
+@pytest.mark.parametrize("what,endpoint,clip,expected", FINISH, ids=[c[0] for c in FINISH])
+def test_finish_seconds(what, endpoint, clip, expected):
+    assert steps.finish_seconds(endpoint, clip) == expected
+
+
+HELD = [
+    # (what, endpoint, expected audio-seconds held)
+    ("the Envoys' count", working("a", 45), 45),
+    ("the engine's larger queue, at the Envoys' audio per request", working("a", 45, requests=3, running=6), 90),
+    ("nothing sent: half a chunk per queued request", working("a", running=2), 30),
+]
+
+
+@pytest.mark.parametrize("what,endpoint,expected", HELD, ids=[c[0] for c in HELD])
+def test_held_audio(what, endpoint, expected):
+    assert steps.held_audio(endpoint) == expected
+
+
+def test_queued_requests_takes_the_larger_view():
+    assert steps.queued_requests(working("a", 95, running=1)) == 4  # 95 s sent: four 30 s chunks
+    assert steps.queued_requests(working("a", 10, running=3, waiting=2)) == 5

@@ -10,7 +10,7 @@ from html.parser import HTMLParser
 
 import pytest
 
-from harness.processes import GatewayStack, start_engine, wait_until
+from harness.processes import GatewayStack, start_engine, transcribe, wait_until
 
 MODEL = "whisper-large-v3-turbo"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -25,7 +25,7 @@ def chromium() -> str:
 
 
 class Rows(HTMLParser):
-    """The engines table's rows: data-url -> cell texts."""
+    """The engines table's rows (data-url -> cell texts) and the models table's (data-model -> ...)."""
 
     def __init__(self):
         super().__init__()
@@ -35,8 +35,8 @@ class Rows(HTMLParser):
 
     def handle_starttag(self, tag, attrs):
         attrs = dict(attrs)
-        if tag == "tr" and "data-url" in attrs:
-            self._url = attrs["data-url"]
+        if tag == "tr" and ("data-url" in attrs or "data-model" in attrs):
+            self._url = attrs.get("data-url") or "model:" + attrs["data-model"]
             self.rows[self._url] = []
         elif tag == "td" and self._url:
             self._cell = ""
@@ -76,7 +76,11 @@ def test_status_page_shows_what_the_api_says_and_follows_a_drain(tmp_path):
     wait_until(lambda: all(e["health"] == "ok" for e in api.status()["endpoints"]), 5, "fresh metrics")
     url = f"{api.url}/ui#token={api.token}"
 
+    assert transcribe(gateway.envoy.url, MODEL, seconds=7.5).status == 200
+    wait_until(lambda: api.status()["models"][0]["requests"] == 1, 10, "the request metered")
     rows = page_rows(url)
+    # columns: model, requests, audio received, served, failed, estimated, backlog, drain rate, wait
+    assert rows.pop(f"model:{MODEL}")[:5] == [MODEL, "1", "7.5 s", "7.5 s", "0.0 s"]
     expected = {e["url"]: e for e in api.status()["endpoints"]}
     assert set(rows) == set(expected)
     for engine_url, cells in rows.items():
@@ -90,6 +94,7 @@ def test_status_page_shows_what_the_api_says_and_follows_a_drain(tmp_path):
     wait_until(lambda: api.backends()[engines[1]]["state"] == "drained", 10, "the drain")
     rows = page_rows(url)
     assert rows[engines[1]][4] == "drained" and rows[engines[0]][4] == "active"
+    assert f"model:{MODEL}" in rows
 
     # Without a token the page asks for one and shows no data.
     assert page_rows(f"{api.url}/ui") == {}

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 
 from control_plane.config import RoutingConfig
 from control_plane.fleet.state import Fleet
@@ -45,6 +46,8 @@ from control_plane.xds.snapshot import MAX_WEIGHT, MIN_WEIGHT
 FORGET_AFTER = 10  # stale periods after which an endpoint's last weight no longer holds it down
 KV_PRESSURE_FROM = 0.8  # KV-cache use above which an engine counts as more loaded
 LONG_UPLOAD_REQUESTS = 8  # engine requests (30 s chunks) a long upload is reckoned to make
+CHUNK_S = 30.0  # Whisper's window: one engine request per 30 audio-seconds
+NEW_CLIP_S = CHUNK_S  # the clip a weight is the expected finishing time of
 PREFER_WITHIN = 1.5
 MIN_LONG_UPLOAD_ENDPOINTS = 2
 
@@ -89,8 +92,15 @@ def queue_seconds(endpoints: Sequence[EndpointState], engine_requests: int) -> d
     endpoint's queue, at its measured speed (the median of the measured when unknown)."""
     measured = [e.seconds_per_request for e in endpoints if e.seconds_per_request]
     typical = statistics.median(measured) if measured else 1.0
-    return {e.backend_id: (e.load.running + e.load.waiting + engine_requests) * (e.seconds_per_request or typical)
+    return {e.backend_id: (queued_requests(e) + engine_requests) * (e.seconds_per_request or typical)
             * kv_pressure(e.load.kv_cache_usage) for e in endpoints}
+
+
+def queued_requests(endpoint: EndpointState) -> int:
+    """Scorer: the engine requests an endpoint holds, the larger of two views: its own count
+    (running + waiting: every client's, as of the last scrape) and the Envoys' (the 30 s chunks
+    of the audio they sent it and have no answer for: instant, and before the engine sees it)."""
+    return max(endpoint.load.running + endpoint.load.waiting, endpoint.requests_in_flight)
 
 
 def finish_seconds(endpoint: EndpointState, clip_s: float) -> float | None:
@@ -99,6 +109,26 @@ def finish_seconds(endpoint: EndpointState, clip_s: float) -> float | None:
     if not endpoint.audio_rate:
         return None
     return (endpoint.audio_in_flight + clip_s) / endpoint.audio_rate
+
+
+def held_audio(endpoint: EndpointState) -> float:
+    """Scorer: the audio-seconds an endpoint holds, the larger of two views: the Envoys' (sent, not
+    answered: instant) and the engine's own (running + waiting engine requests at the audio each
+    of the Envoys' makes, half a chunk when unknown): load from other clients shows only there."""
+    per_request = endpoint.audio_in_flight / endpoint.requests_in_flight if endpoint.requests_in_flight else CHUNK_S / 2
+    return max(endpoint.audio_in_flight, (endpoint.load.running + endpoint.load.waiting) * per_request)
+
+
+def work_seconds(endpoints: Sequence[EndpointState], clip_s: float) -> dict[str, float] | None:
+    """Scorer: `finish_seconds` of a clip for each fresh endpoint, x kv_pressure, with the median
+    measured speed where an engine has none yet; None while no engine's speed is measured."""
+    rates = [e.audio_rate for e in endpoints if e.audio_rate]
+    if not rates:
+        return None
+    typical = statistics.median(rates)
+    return {e.backend_id: finish_seconds(replace(e, audio_in_flight=held_audio(e), audio_rate=e.audio_rate or typical),
+                                         clip_s)
+            * kv_pressure(e.load.kv_cache_usage) for e in endpoints}
 
 
 def hold_stale(endpoint: EndpointState, previous: int | None, neutral: int, settings: RoutingConfig) -> int:
@@ -127,8 +157,9 @@ def target_weights(endpoints: Sequence[EndpointState], previous: Mapping[str, in
     if not trusted:
         return normalise({e.backend_id: e.base_weight * reliability(e) for e in endpoints})
     by_id = {e.backend_id: e for e in endpoints}
+    expected = work_seconds(trusted, NEW_CLIP_S) or queue_seconds(trusted, 1)
     weights = normalise({key: by_id[key].base_weight * reliability(by_id[key]) / seconds
-                         for key, seconds in queue_seconds(trusted, 1).items()})
+                         for key, seconds in expected.items()})
     neutral = clamp(statistics.median(weights.values()))
     for e in endpoints:
         if e.backend_id not in weights:
@@ -146,9 +177,11 @@ def long_upload_endpoints(endpoints: Sequence[EndpointState], settings: RoutingC
     ones (left out by the caller) are never marked.
     """
     trusted = fresh(endpoints, settings)
-    if not any(e.seconds_per_request for e in trusted):
-        return frozenset()
-    finish = queue_seconds(trusted, LONG_UPLOAD_REQUESTS)
+    finish = work_seconds(trusted, LONG_UPLOAD_REQUESTS * CHUNK_S)
+    if finish is None:
+        if not any(e.seconds_per_request for e in trusted):
+            return frozenset()
+        finish = queue_seconds(trusted, LONG_UPLOAD_REQUESTS)
     ranked = sorted(finish, key=finish.__getitem__)
     chosen = {key for key in ranked if finish[key] <= PREFER_WITHIN * finish[ranked[0]]} | set(ranked[:MIN_LONG_UPLOAD_ENDPOINTS])
     return frozenset() if len(chosen) < MIN_LONG_UPLOAD_ENDPOINTS or len(chosen) == len(endpoints) else frozenset(chosen)

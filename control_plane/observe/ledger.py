@@ -20,7 +20,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-RATE_TAU_S = 30.0  # how fast old evidence of an engine's speed fades
+RATE_TAU_S = 10.0  # how fast old evidence of an engine's speed fades
+CHUNK_S = 30.0  # Whisper's window: vLLM makes one engine request per 30 s of audio
 
 
 @dataclass
@@ -106,6 +107,11 @@ class Ledger:
         """Audio-seconds sent to `endpoint` and not yet answered, over every Envoy."""
         engine = self.engines.get(endpoint)
         return sum(seconds for seconds, _ in engine.tries.values()) if engine else 0.0
+
+    def requests_in_flight(self, endpoint: str) -> int:
+        """Engine requests those make: vLLM runs one per started 30 s of audio (at least one)."""
+        engine = self.engines.get(endpoint)
+        return sum(max(1, math.ceil(seconds / CHUNK_S)) for seconds, _ in engine.tries.values()) if engine else 0
 
     def rate(self, endpoint: str, now: float) -> float | None:
         """Audio-seconds `endpoint` answers per second of being busy; None until measured."""

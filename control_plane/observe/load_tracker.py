@@ -31,6 +31,7 @@ class EndpointState:
     seconds_per_request: float | None = None  # measured speed; None: unknown yet
     failure_ratio: float = 0.0  # recent tries the engine failed, as Envoys saw them (outcomes.py)
     audio_in_flight: float = 0.0  # audio-seconds sent to it and not yet answered (ledger.py)
+    requests_in_flight: int = 0  # the engine requests (30 s chunks) those make
     audio_rate: float | None = None  # audio-seconds it answers per busy second; None: not measured
 
 

@@ -90,6 +90,8 @@ def endpoint_states(fleet: Fleet, tracker: LoadTracker, outcomes: Outcomes, ledg
     """What is known of every endpoint, by model (in fleet order): the policy's input."""
     return {model: [replace(tracker.state(b.id, model, b.weight, now),
                             failure_ratio=outcomes.failure_ratio(b.endpoint, now),
-                            audio_in_flight=ledger.in_flight(b.endpoint), audio_rate=ledger.rate(b.endpoint, now))
+                            audio_in_flight=ledger.in_flight(b.endpoint),
+                            requests_in_flight=ledger.requests_in_flight(b.endpoint),
+                            audio_rate=ledger.rate(b.endpoint, now))
                     for b in fleet.backends_for(model)]
             for model in fleet.model_names()}

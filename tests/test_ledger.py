@@ -1,0 +1,107 @@
+"""The audio-seconds ledger and the access-log entries that feed it, case by case (no I/O)."""
+
+from __future__ import annotations
+
+import pytest
+from envoy.config.core.v3 import address_pb2
+from envoy.data.accesslog.v3 import accesslog_pb2
+from google.protobuf import wrappers_pb2
+
+from control_plane.observe.access_logs import REQUEST_ENDED, TRY_ENDED, TRY_STARTED, record
+from control_plane.observe.ledger import Ledger
+from control_plane.observe.outcomes import Outcomes
+
+E1, E2 = "10.0.0.1:8000", "10.0.0.2:8000"
+
+
+def test_work_in_flight_is_what_was_sent_and_not_answered():
+    ledger = Ledger()
+    ledger.started(1, "r1", E1, 60.0, now=0.0)
+    ledger.started(1, "r2", E1, 5.0, now=0.0)
+    ledger.started(2, "r1", E2, 60.0, now=0.0)  # a hedge of r1 from another Envoy's stream
+    assert (ledger.in_flight(E1), ledger.requests_in_flight(E1)) == (65.0, 3)
+    ledger.started(1, "r2", E1, 5.0, now=0.1)  # the same start logged twice counts once
+    assert ledger.in_flight(E1) == 65.0
+    ledger.ended(1, "r1", E1, answered=True, now=2.0)
+    assert ledger.in_flight(E1) == 5.0 and ledger.in_flight(E2) == 60.0
+    ledger.ended(1, "nobody", E1, answered=True, now=2.0)  # an end without a start changes nothing
+    assert ledger.in_flight(E1) == 5.0
+
+
+def test_speed_is_audio_answered_per_second_of_being_busy():
+    ledger = Ledger()
+    assert ledger.rate(E1, now=0.0) is None
+    ledger.started(1, "r1", E1, 30.0, now=0.0)
+    ledger.ended(1, "r1", E1, answered=True, now=2.0)
+    ledger.started(1, "r2", E1, 30.0, now=10.0)  # idle from 2 s to 10 s: not counted as busy
+    ledger.ended(1, "r2", E1, answered=True, now=12.0)
+    assert ledger.rate(E1, now=12.0) == pytest.approx(15.0, rel=0.15)  # decay weighs the two a little apart
+    ledger.started(1, "r3", E1, 30.0, now=12.0)
+    ledger.ended(1, "r3", E1, answered=False, now=14.0)  # failed: busy, but nothing answered
+    assert ledger.rate(E1, now=14.0) < 15.0
+
+
+def test_tries_of_an_envoy_that_went_away_or_lost_their_end_leave_the_ledger():
+    ledger = Ledger()
+    ledger.started(1, "r1", E1, 30.0, now=0.0)
+    ledger.started(2, "r2", E1, 20.0, now=0.0)
+    ledger.stream_closed(1, now=1.0)
+    assert ledger.in_flight(E1) == 20.0
+    ledger.expire(now=700.0, max_age_s=660.0)
+    assert ledger.in_flight(E1) == 0.0
+    ledger.retain(set())
+    assert ledger.rate(E1, now=700.0) is None
+
+
+def test_metering_counts_each_request_once_by_outcome():
+    ledger = Ledger()
+    ledger.meter("m", 7.5, estimated=False, served=True)
+    ledger.meter("m", 2.0, estimated=True, served=False)
+    metered = ledger.metered["m"]
+    assert (metered.requests, metered.received, metered.served, metered.failed, metered.estimated, metered.longest) == (
+        2, 9.5, 7.5, 2.0, 2.0, 7.5)
+
+
+def entry(kind, endpoint=E1, status=0, seconds="12.5", model="m", request_id="r1", estimated=False,
+          reset=False) -> accesslog_pb2.HTTPAccessLogEntry:
+    host, port = endpoint.rsplit(":", 1) if endpoint else ("", "0")
+    headers = {"x-whisper-model": model, "x-whisper-audio-seconds": seconds} if seconds is not None else {}
+    if estimated:
+        headers["x-whisper-audio-estimated"] = "1"
+    common = accesslog_pb2.AccessLogCommon(access_log_type=kind, upstream_remote_address=address_pb2.Address(
+        socket_address=address_pb2.SocketAddress(address=host, port_value=int(port))))
+    common.response_flags.upstream_remote_reset = reset
+    return accesslog_pb2.HTTPAccessLogEntry(
+        common_properties=common,
+        request=accesslog_pb2.HTTPRequestProperties(request_id=request_id, request_headers=headers),
+        response=accesslog_pb2.HTTPResponseProperties(response_code=wrappers_pb2.UInt32Value(value=status)))
+
+
+ENTRIES = [
+    # (what, entries, audio in flight at E1 after, failure evidence (ok, failed), metered (received, served, failed))
+    ("a try starts", [entry(TRY_STARTED)], 12.5, (0, 0), None),
+    ("a try starts and is answered", [entry(TRY_STARTED), entry(TRY_ENDED, status=200)], 0.0, (1, 0), None),
+    ("a try cut by the engine: a failure, nothing answered",
+     [entry(TRY_STARTED), entry(TRY_ENDED, status=200, reset=True)], 0.0, (0, 1), None),
+    ("an engine's 400 is not the engine failing", [entry(TRY_STARTED), entry(TRY_ENDED, status=400)], 0.0, (1, 0),
+     None),
+    ("a start without the filter's header is not work we can count", [entry(TRY_STARTED, seconds=None)], 0.0, (0, 0),
+     None),
+    ("a header that is not a number is ignored", [entry(TRY_STARTED, seconds="1e999")], 0.0, (0, 0), None),
+    ("a request ends served", [entry(REQUEST_ENDED, endpoint=None, status=200)], 0.0, (0, 0), (12.5, 12.5, 0.0)),
+    ("a request ends failed", [entry(REQUEST_ENDED, endpoint=None, status=503)], 0.0, (0, 0), (12.5, 0.0, 12.5)),
+    ("a request the filter refused has no model: not metered",
+     [entry(REQUEST_ENDED, endpoint=None, status=400, seconds=None)], 0.0, (0, 0), None),
+]
+
+
+@pytest.mark.parametrize("what,entries,in_flight,evidence,metered", ENTRIES, ids=[c[0] for c in ENTRIES])
+def test_access_log_entries(what, entries, in_flight, evidence, metered):
+    ledger, outcomes = Ledger(), Outcomes()
+    for item in entries:
+        record(item, 1, outcomes, ledger, now=1.0)
+    assert ledger.in_flight(E1) == in_flight
+    tally = outcomes._tallies.get(E1)
+    assert ((round(tally.ok), round(tally.failed)) if tally else (0, 0)) == evidence
+    got = ledger.metered.get("m")
+    assert ((got.received, got.served, got.failed) if got else None) == metered
