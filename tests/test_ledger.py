@@ -39,6 +39,7 @@ def test_speed_is_audio_answered_per_second_of_being_busy():
     ledger.started(1, "r3", E1, 30.0, now=12.0)
     ledger.ended(1, "r3", E1, answered=False, now=14.0)  # failed: busy, but nothing answered
     assert ledger.rate(E1, now=14.0) < 15.0
+    assert ledger.rate(E1, now=17.1) is None  # nothing answered for over 5 s: unmeasured again
 
 
 def test_tries_of_an_envoy_that_went_away_or_lost_their_end_leave_the_ledger():

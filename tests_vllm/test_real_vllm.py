@@ -8,6 +8,7 @@ built on one engine is the only thing that tells the engines apart.
 from __future__ import annotations
 
 import json
+import math
 import signal
 
 import pytest
@@ -104,3 +105,22 @@ def test_a_killed_engine_leaves_and_rejoins(real):
     before = real.host_counts()["b"]
     wait_until(lambda: ask(real.gateway.envoy.url).status == 200 and real.host_counts()["b"] > before, 60,
                "traffic on the returned engine")
+
+
+@pytest.mark.parametrize("seconds", [2.0, 7.25])
+def test_metered_audio_agrees_with_vllms_own_usage(real, seconds):
+    """What the gateway meters for an upload and what vLLM reports as `usage.seconds` (whole
+    seconds) describe the same audio."""
+    def metered():
+        return next(m for m in real.gateway.admin.status()["models"] if m["model"] == MODEL)
+
+    before = metered()
+    answer = ask(real.gateway.envoy.url, audio=silent_wav(seconds))
+    assert answer.status == 200, answer.text
+    wait_until(lambda: metered()["requests"] == before["requests"] + 1, 10, "the request metered")
+    counted = metered()["audio_received_s"] - before["audio_received_s"]
+    assert counted == pytest.approx(seconds, abs=0.01)
+    usage = answer.json().get("usage")
+    assert usage is not None and usage["type"] == "duration", answer.text
+    assert abs(usage["seconds"] - counted) < 1 and usage["seconds"] in (round(counted), math.ceil(counted - 0.001)), (
+        usage, counted)

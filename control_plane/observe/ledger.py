@@ -21,6 +21,7 @@ import math
 from dataclasses import dataclass, field
 
 RATE_TAU_S = 10.0  # how fast old evidence of an engine's speed fades
+RATE_MEMORY_S = 5.0  # an engine that answered nothing for this long has no measured speed
 CHUNK_S = 30.0  # Whisper's window: vLLM makes one engine request per 30 s of audio
 
 
@@ -30,6 +31,7 @@ class _Engine:
     done: float = 0.0  # decayed audio-seconds answered
     busy: float = 0.0  # decayed seconds with work in flight
     at: float | None = None
+    answered_at: float | None = None
 
     def advance(self, now: float) -> None:
         """Counts the time since the last event as busy when work was in flight, and decays."""
@@ -76,6 +78,7 @@ class Ledger:
             return
         if answered:
             engine.done += entry[0]
+            engine.answered_at = now
 
     def meter(self, model: str, seconds: float, estimated: bool, served: bool) -> None:
         """A request for `model` ended: served (2xx) or failed, whoever failed it."""
@@ -114,9 +117,11 @@ class Ledger:
         return sum(max(1, math.ceil(seconds / CHUNK_S)) for seconds, _ in engine.tries.values()) if engine else 0
 
     def rate(self, endpoint: str, now: float) -> float | None:
-        """Audio-seconds `endpoint` answers per second of being busy; None until measured."""
+        """Audio-seconds `endpoint` answers per second of being busy; None until measured, and
+        again once it answered nothing for RATE_MEMORY_S: a speed measured under a batch that
+        is gone would hold it down for ever (the scrapes' speed is forgotten the same way)."""
         engine = self.engines.get(endpoint)
-        if engine is None:
+        if engine is None or engine.answered_at is None or now - engine.answered_at > RATE_MEMORY_S:
             return None
         engine.advance(now)
         return engine.done / engine.busy if engine.busy > 0 and engine.done > 0 else None
