@@ -11,7 +11,7 @@ at the same times:
 - oracle: the client itself sends each request straight to the engine that would finish it
   first, from an exact copy of every engine's scheduler (bench/workload.py), proxy-free.
 
-Scenarios: unequal engine speeds, foreign load straight to one engine,
+Scenarios: unequal engine speeds, foreign load straight to one engine, mixed clip lengths,
 two Envoys sharing the engines, a load step, an engine that slows mid-run; each at 70% and 90%
 of the fleet's capacity (the quick run: 90% only, shorter).
 
