@@ -17,7 +17,7 @@ from envoy.service.accesslog.v3 import als_pb2_grpc
 
 from control_plane.bootstrap import read_lua_filter
 from control_plane.builders import build_load_assignments, build_resources
-from control_plane.builders.names import cluster_name
+from control_plane.names import cluster_name
 from control_plane.config import ConfigError, GatewayConfig, load_config
 from control_plane.decide.policy import decide_routing, is_fresh
 from control_plane.fleet.dns_discovery import DnsDiscovery
@@ -198,6 +198,9 @@ class ControlPlane:
         self.outcomes.retain({b.endpoint for b in fleet.backends})
         self.ledger.retain({b.endpoint for b in fleet.backends})
         self.ledger.expire(now, self.config.timeouts.route_s + 60)  # no try lasts longer
+        for backend in fleet.backends:  # an engine that holds nothing has no tries open
+            if all(_idle(self.tracker.state(backend.id, m, backend.weight, now), self.config) for m in backend.models):
+                self.ledger.settle(backend.endpoint, now)
         await self.check_drains()
         if not routing.load_aware:
             return

@@ -88,11 +88,10 @@ local MP3_BITRATES = {
 }
 local MP3_RATES = {[3] = {44100, 48000, 32000}, [2] = {22050, 24000, 16000}, [0] = {11025, 12000, 8000}}
 
--- A Layer III frame header at `offset`: its fields, or nil.
-local function mp3_frame(peek, offset)
-  local h = peek(offset, 4)
-  if #h < 4 then return nil end
-  local b1, b2, b3, b4 = byte(h, 1, 4)
+-- A Layer III frame header at 1-based `i` of `h`: its fields, or nil.
+local function mp3_frame(h, i)
+  if #h < i + 3 then return nil end
+  local b1, b2, b3, b4 = byte(h, i, i + 3)
   local version, layer = floor(b2 / 8) % 4, floor(b2 / 2) % 4
   if b1 ~= 255 or b2 < 224 or version == 1 or layer ~= 1 then return nil end
   local bitrate = MP3_BITRATES[version == 3 and 1 or 2][floor(b3 / 16)]
@@ -106,9 +105,10 @@ end
 
 local function mp3(peek, size)
   local start = id3v2_size(peek, 0)
+  local window = peek(start, 2052) -- some writers leave junk before the first frame: one slice
   local frame
-  for skip = 0, 2047 do -- some writers leave junk before the first frame
-    frame = mp3_frame(peek, start + skip)
+  for skip = 0, #window - 4 do
+    frame = mp3_frame(window, skip + 1)
     if frame then start = start + skip; break end
   end
   if not frame then return nil end
@@ -251,7 +251,10 @@ end
 local EBML_CONTAINERS = {[0x18538067] = true, [0x1549A966] = true} -- Segment, Info
 local CLUSTER_ID = "\31\67\182\117"
 
+-- An unsigned big-endian integer of n bytes; nil when n is not 1 to 8 (a lying size must not
+-- make this loop for long: pcall does not stop a loop).
 local function uint(s, i, n)
+  if n < 1 or n > 8 then return nil end
   local value = 0
   for k = 0, n - 1 do value = value * 256 + (byte(s, i + k) or 0) end
   return value
@@ -273,6 +276,7 @@ local function webm_head(head)
       if n < 0 then break end
       if id == 0x2AD7B1 then
         scale = uint(head, data, n)
+        if not scale then return nil, 1000000 end
       elseif id == 0x4489 and (n == 4 or n == 8) then
         duration = float_be(head, data, n)
       end

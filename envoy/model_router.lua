@@ -12,10 +12,12 @@ local MODEL_HEADER = "x-whisper-model"
 -- Set on uploads of at least filter_context.long_upload_bytes (0: never): their routes prefer
 -- the engines that finish long clips soonest.
 local LONG_UPLOAD_HEADER = "x-whisper-long-upload"
--- Marks the filter's own answers (dynamic metadata: a client cannot forge it) so Envoy's
--- local-reply mapper leaves them as they are.
+-- Dynamic metadata (a client cannot forge it, control_plane/names.py): REPLY_KEY marks the
+-- filter's own answers so Envoy's local-reply mapper leaves them as they are; the others carry
+-- a routed request's model and audio-seconds to the request log, which meters them.
 local METADATA_NAMESPACE = "whisper_gateway"
 local REPLY_KEY = "lua_reply"
+local MODEL_KEY, SECONDS_KEY, ESTIMATED_KEY = "model", "audio_seconds", "audio_estimated"
 -- Set on every request Envoy proxies (route config); one arriving with it has come round a loop
 -- (a gateway that is its own backend, or two gateways pointed at each other).
 local HOP_HEADER = "x-whisper-gateway-hop"
@@ -25,6 +27,8 @@ local PER_TRY_HEADER = "x-envoy-upstream-rq-per-try-timeout-ms"
 -- The upload's audio-seconds, and "1" when that is an estimate (envoy/audio_duration.lua).
 local AUDIO_SECONDS_HEADER = "x-whisper-audio-seconds"
 local AUDIO_ESTIMATED_HEADER = "x-whisper-audio-estimated"
+-- What this filter sets: a client's own values never reach a route, an engine or a log.
+local OWN_HEADERS = {MODEL_HEADER, LONG_UPLOAD_HEADER, AUDIO_SECONDS_HEADER, AUDIO_ESTIMATED_HEADER}
 local WINDOW = 4096
 local MAX_MODEL_BYTES = 256
 -- A part's header block: engines' form parsers fail (HTTP 500) on huge or binary ones.
@@ -167,16 +171,38 @@ local function value_end(part, parts)
   return next_at and next_at - 2 or nil
 end
 
--- Seconds of audio in the upload (envoy/audio_duration.lua), as headers the routes, the engines
--- and the access logs see; a client's own values are replaced.
-local function measure_audio(h, body, parts, context)
+-- Seconds of audio in the upload (envoy/audio_duration.lua), as headers the engines and the
+-- upload's tries' logs see, and as dynamic metadata for the request's log.
+local function measure_audio(h, body, parts, context, model)
   local headers = h:headers()
   local file = count(parts, "file")[1]
   local stop = value_end(file, parts) or body:length()
   local seconds, estimated = audio_duration(function(offset, n) return body:getBytes(file.start + offset, n) end,
-    stop - file.start, file.filename, context:get("max_audio_seconds") or 14400)
-  headers:replace(AUDIO_SECONDS_HEADER, string.format("%.3f", seconds))
-  if estimated then headers:replace(AUDIO_ESTIMATED_HEADER, "1") else headers:remove(AUDIO_ESTIMATED_HEADER) end
+    stop - file.start, file.filename, context:get("max_audio_seconds") or math.huge)
+  local shown = string.format("%.3f", seconds)
+  headers:replace(AUDIO_SECONDS_HEADER, shown)
+  if estimated then headers:replace(AUDIO_ESTIMATED_HEADER, "1") end
+  local metadata = h:streamInfo():dynamicMetadata()
+  metadata:set(METADATA_NAMESPACE, MODEL_KEY, model)
+  metadata:set(METADATA_NAMESPACE, SECONDS_KEY, shown)
+  if estimated then metadata:set(METADATA_NAMESPACE, ESTIMATED_KEY, "1") end
+end
+
+-- Where the router sends the request: the model's route, the long-upload subset, and the
+-- deadline of each try (hedged after it: the first answer wins), longer for larger uploads.
+local function set_routing(h, body, context, model)
+  local headers = h:headers()
+  headers:replace(MODEL_HEADER, model)
+  local long_upload_bytes = context:get("long_upload_bytes") or 0
+  if long_upload_bytes > 0 and body:length() >= long_upload_bytes then headers:replace(LONG_UPLOAD_HEADER, "1") end
+  local try_ms = (context:get("per_try_base_ms") or 0)
+    + math.floor(body:length() * (context:get("per_try_ms_per_mb") or 0) / 1048576)
+  if try_ms > 0 then
+    headers:replace(PER_TRY_HEADER, tostring(try_ms))
+  else
+    headers:remove(PER_TRY_HEADER)
+  end
+  h:clearRouteCache()
 end
 
 local function served_names(models)
@@ -224,6 +250,7 @@ end
 
 function envoy_on_request(h)
   local headers = h:headers()
+  for _, name in ipairs(OWN_HEADERS) do headers:remove(name) end
   if headers:get(HOP_HEADER) ~= nil then
     return reply(h, 508, "Loop detected: this request already passed through a whisper-gateway. "
       .. "A backend is the gateway itself, or two gateways point at each other.", "LoopDetected", nil)
@@ -259,7 +286,7 @@ function envoy_on_request(h)
     return reply(h, 404, "The model `" .. name .. "` does not exist. Served models: " .. served_names(models) .. ".",
       "NotFoundError", "model")
   end
-  measure_audio(h, body, parts, context) -- before an alias moves the bytes
+  measure_audio(h, body, parts, context, model) -- before an alias moves the bytes
   if model ~= name then
     -- An alias: engines know only the model's own name, so the form must carry that. Lua
     -- memory is outside Envoy's heap (and its overload manager), so the copy is made once, in
@@ -269,19 +296,5 @@ function envoy_on_request(h)
       body:getBytes(part.stop, length - part.stop)}))
     release(length)
   end
-  h:headers():replace(MODEL_HEADER, model)
-  local long_upload_bytes = context:get("long_upload_bytes") or 0
-  if long_upload_bytes > 0 and body:length() >= long_upload_bytes then
-    h:headers():replace(LONG_UPLOAD_HEADER, "1")
-  else
-    h:headers():remove(LONG_UPLOAD_HEADER)
-  end
-  local try_ms = (context:get("per_try_base_ms") or 0)
-    + math.floor(body:length() * (context:get("per_try_ms_per_mb") or 0) / 1048576)
-  if try_ms > 0 then
-    h:headers():replace(PER_TRY_HEADER, tostring(try_ms))
-  else
-    h:headers():remove(PER_TRY_HEADER)
-  end
-  h:clearRouteCache()
+  set_routing(h, body, context, model)
 end

@@ -6,7 +6,7 @@ from envoy.config.core.v3 import health_check_pb2
 from envoy.extensions.filters.http.lua.v3 import lua_pb2
 
 from control_plane.builders import build_resources
-from control_plane.builders.names import (
+from control_plane.names import (
     LB_METADATA,
     LONG_UPLOAD_HEADER,
     LONG_UPLOAD_KEY,

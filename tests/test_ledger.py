@@ -20,8 +20,9 @@ def test_work_in_flight_is_what_was_sent_and_not_answered():
     ledger.started(1, "r2", E1, 5.0, now=0.0)
     ledger.started(2, "r1", E2, 60.0, now=0.0)  # a hedge of r1 from another Envoy's stream
     assert (ledger.in_flight(E1), ledger.requests_in_flight(E1)) == (65.0, 3)
-    ledger.started(1, "r2", E1, 5.0, now=0.1)  # the same start logged twice counts once
-    assert ledger.in_flight(E1) == 65.0
+    ledger.started(1, "r2", E1, 5.0, now=0.1)  # hedged to the same (only) engine: two tries at once
+    assert ledger.in_flight(E1) == 70.0
+    ledger.ended(1, "r2", E1, answered=False, now=0.5)  # the loser, cut
     ledger.ended(1, "r1", E1, answered=True, now=2.0)
     assert ledger.in_flight(E1) == 5.0 and ledger.in_flight(E2) == 60.0
     ledger.ended(1, "nobody", E1, answered=True, now=2.0)  # an end without a start changes nothing
@@ -39,7 +40,24 @@ def test_speed_is_audio_answered_per_second_of_being_busy():
     ledger.started(1, "r3", E1, 30.0, now=12.0)
     ledger.ended(1, "r3", E1, answered=False, now=14.0)  # failed: busy, but nothing answered
     assert ledger.rate(E1, now=14.0) < 15.0
-    assert ledger.rate(E1, now=17.1) is None  # nothing answered for over 5 s: unmeasured again
+    assert ledger.rate(E1, now=19.1) is None  # idle for over 5 s: unmeasured again
+
+
+def test_a_long_try_keeps_its_engines_speed():
+    ledger = Ledger()
+    ledger.started(1, "r1", E1, 30.0, now=0.0)
+    ledger.ended(1, "r1", E1, answered=True, now=2.0)
+    ledger.started(1, "r2", E1, 600.0, now=2.0)
+    assert ledger.rate(E1, now=30.0) is not None  # 28 s without an answer, but busy all along
+    assert ledger.rate(E1, now=30.0) == ledger.rate(E1, now=30.0)  # reading it changes nothing
+
+
+def test_an_engine_that_holds_nothing_settles_tries_whose_end_was_lost():
+    ledger = Ledger()
+    ledger.started(1, "old", E1, 30.0, now=0.0)
+    ledger.started(1, "new", E1, 10.0, now=9.0)  # may still be on its way to the engine
+    ledger.settle(E1, now=10.0)
+    assert ledger.in_flight(E1) == 10.0
 
 
 def test_tries_of_an_envoy_that_went_away_or_lost_their_end_leave_the_ledger():
@@ -63,15 +81,17 @@ def test_metering_counts_each_request_once_by_outcome():
         2, 9.5, 7.5, 2.0, 2.0, 7.5)
 
 
-def entry(kind, endpoint=E1, status=0, seconds="12.5", model="m", request_id="r1", estimated=False,
+def entry(kind, endpoint=E1, status=0, seconds="12.5", model="m", request_id="r1", routed=True,
           reset=False) -> accesslog_pb2.HTTPAccessLogEntry:
+    """A log entry as Envoy sends it: headers as the request carried them; for a request the Lua
+    filter routed, its dynamic metadata."""
     host, port = endpoint.rsplit(":", 1) if endpoint else ("", "0")
     headers = {"x-whisper-model": model, "x-whisper-audio-seconds": seconds} if seconds is not None else {}
-    if estimated:
-        headers["x-whisper-audio-estimated"] = "1"
     common = accesslog_pb2.AccessLogCommon(access_log_type=kind, upstream_remote_address=address_pb2.Address(
         socket_address=address_pb2.SocketAddress(address=host, port_value=int(port))))
     common.response_flags.upstream_remote_reset = reset
+    if routed and seconds is not None:
+        common.metadata.filter_metadata["whisper_gateway"].update({"model": model, "audio_seconds": seconds})
     return accesslog_pb2.HTTPAccessLogEntry(
         common_properties=common,
         request=accesslog_pb2.HTTPRequestProperties(request_id=request_id, request_headers=headers),
@@ -88,11 +108,12 @@ ENTRIES = [
      None),
     ("a start without the filter's header is not work we can count", [entry(TRY_STARTED, seconds=None)], 0.0, (0, 0),
      None),
-    ("a header that is not a number is ignored", [entry(TRY_STARTED, seconds="1e999")], 0.0, (0, 0), None),
+    ("a header that is not a number is ignored", [entry(TRY_STARTED, seconds="twelve")], 0.0, (0, 0), None),
+    ("an infinite one too", [entry(TRY_STARTED, seconds="1e999")], 0.0, (0, 0), None),
     ("a request ends served", [entry(REQUEST_ENDED, endpoint=None, status=200)], 0.0, (0, 0), (12.5, 12.5, 0.0)),
     ("a request ends failed", [entry(REQUEST_ENDED, endpoint=None, status=503)], 0.0, (0, 0), (12.5, 0.0, 12.5)),
-    ("a request the filter refused has no model: not metered",
-     [entry(REQUEST_ENDED, endpoint=None, status=400, seconds=None)], 0.0, (0, 0), None),
+    ("a request the filter refused, with a client's forged headers: not metered",
+     [entry(REQUEST_ENDED, endpoint=None, status=404, seconds="9999999", routed=False)], 0.0, (0, 0), None),
 ]
 
 

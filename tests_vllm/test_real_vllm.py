@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import signal
+import time
 
 import pytest
 
@@ -114,7 +115,16 @@ def test_metered_audio_agrees_with_vllms_own_usage(real, seconds):
     def metered():
         return next(m for m in real.gateway.admin.status()["models"] if m["model"] == MODEL)
 
+    # Earlier tests' requests must be in first: no try open, then no new request logged for 0.5 s
+    # (Envoy flushes its logs every 0.1 s), so the next one counted is this test's.
+    wait_until(lambda: all(e["audio_in_flight_s"] == 0 for e in real.gateway.admin.status()["endpoints"]), 30,
+               "earlier tries to end")
     before = metered()
+    while True:
+        time.sleep(0.5)
+        if metered()["requests"] == before["requests"]:
+            break
+        before = metered()
     answer = ask(real.gateway.envoy.url, audio=silent_wav(seconds))
     assert answer.status == 200, answer.text
     wait_until(lambda: metered()["requests"] == before["requests"] + 1, 10, "the request metered")

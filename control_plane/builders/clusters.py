@@ -10,7 +10,7 @@ from envoy.type.v3 import percent_pb2
 from google.protobuf import wrappers_pb2
 
 from control_plane.builders.common import pack, seconds
-from control_plane.builders.names import LONG_UPLOAD_KEY, UNROUTED_CLUSTER, cluster_name
+from control_plane.names import LONG_UPLOAD_KEY, UNROUTED_CLUSTER, cluster_name
 from control_plane.config import GatewayConfig
 
 HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"

@@ -6,7 +6,7 @@ from envoy.config.core.v3 import base_pb2
 from google.protobuf import any_pb2, duration_pb2
 from google.protobuf.message import Message
 
-from control_plane.builders.names import LB_METADATA, LONG_UPLOAD_KEY
+from control_plane.names import LB_METADATA, LONG_UPLOAD_KEY
 
 
 def pack(message: Message) -> any_pb2.Any:

@@ -7,7 +7,7 @@ from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from google.protobuf import wrappers_pb2
 
 from control_plane.builders.common import long_upload_metadata
-from control_plane.builders.names import cluster_name
+from control_plane.names import cluster_name
 from control_plane.fleet.state import Backend, Fleet
 
 

@@ -17,17 +17,18 @@ from google.protobuf import wrappers_pb2
 
 from control_plane.builders.common import pack, seconds
 from control_plane.builders.local_replies import build_local_reply_config
-from control_plane.builders.names import LISTENER_NAME, LUA_FILTER, REQUEST_LOG_NAME, ROUTE_CONFIG_NAME, UPSTREAM_LOG_NAME, XDS_CLUSTER
+from control_plane.names import (AUDIO_SECONDS_HEADER, LISTENER_NAME, LUA_FILTER, REQUEST_LOG_NAME, ROUTE_CONFIG_NAME,
+                                 UPSTREAM_LOG_NAME, XDS_CLUSTER)
 from control_plane.config import GatewayConfig
 
 
-# What the control plane reads from each logged request: its model and its audio-seconds, as
-# the Lua filter set them (envoy/audio_duration.lua).
-LOGGED_HEADERS = ["x-whisper-model", "x-whisper-audio-seconds", "x-whisper-audio-estimated"]
+# What the control plane reads from each logged try: the upload's audio-seconds as the Lua
+# filter set them (envoy/audio_duration.lua); requests' logs carry them as dynamic metadata.
+LOGGED_HEADERS = [AUDIO_SECONDS_HEADER]
 
 
 def _grpc_log(log_name: str) -> accesslog_pb2.AccessLog:
-    """An access log streamed to the control plane (control_plane/observe/outcomes.py)."""
+    """An access log streamed to the control plane (control_plane/observe/access_logs.py)."""
     common = grpc_als_pb2.CommonGrpcAccessLogConfig(
         log_name=log_name,
         transport_api_version=config_source_pb2.V3,

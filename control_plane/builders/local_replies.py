@@ -13,7 +13,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import http_con
 from envoy.type.matcher.v3 import metadata_pb2, value_pb2
 from google.protobuf import struct_pb2, wrappers_pb2
 
-from control_plane.builders.names import LUA_REPLY_KEY, METADATA_NAMESPACE
+from control_plane.names import LUA_REPLY_KEY, METADATA_NAMESPACE
 from control_plane.config import GatewayConfig
 
 Format = substitution_format_string_pb2.SubstitutionFormatString

@@ -18,7 +18,7 @@ from envoy.type.matcher.v3 import string_pb2
 from google.protobuf import struct_pb2, wrappers_pb2
 
 from control_plane.builders.common import long_upload_metadata, pack, seconds
-from control_plane.builders.names import (
+from control_plane.names import (
     AUDIO_PATHS,
     HOP_HEADER,
     LONG_UPLOAD_HEADER,

@@ -40,14 +40,14 @@ from dataclasses import replace
 
 from control_plane.config import RoutingConfig
 from control_plane.fleet.state import Fleet
+from control_plane.observe.ledger import CHUNK_S
 from control_plane.observe.load_tracker import EndpointState
 from control_plane.xds.snapshot import MAX_WEIGHT, MIN_WEIGHT
 
 FORGET_AFTER = 10  # stale periods after which an endpoint's last weight no longer holds it down
 KV_PRESSURE_FROM = 0.8  # KV-cache use above which an engine counts as more loaded
 LONG_UPLOAD_REQUESTS = 8  # engine requests (30 s chunks) a long upload is reckoned to make
-CHUNK_S = 30.0  # Whisper's window: one engine request per 30 audio-seconds
-NEW_CLIP_S = CHUNK_S  # the clip a weight is the expected finishing time of
+NEW_CLIP_S = CHUNK_S  # the clip a weight is the expected finishing time of: one engine request's worth
 PREFER_WITHIN = 1.5
 MIN_LONG_UPLOAD_ENDPOINTS = 2
 

@@ -2,42 +2,42 @@
 
 Envoy's router logs a try when its stream to the engine starts (UpstreamPoolReady) and when it
 ends (UpstreamEnd); the connection manager logs each request once, at its end (DownstreamEnd).
-Each entry carries the model and the upload's audio-seconds that the Lua filter set as headers
-(control_plane/builders/listener.py lists them). Starts and ends feed the ledger of work in
-flight, ends the failure ratios, requests the metering. Nothing here is in a request's path:
-Envoy sends the logs in batches, and a control plane that is down loses only evidence.
+A try's entry carries the model and the upload's audio-seconds as the headers the Lua filter
+set on the request it routed (a client's own are removed first); a request's entry carries them
+as the filter's dynamic metadata, which a client cannot forge, so a request the filter did not
+route (a refusal, `/health`) is never metered. Starts and ends feed the ledger of work in
+flight, ends the failure ratios, requests the metering (control_plane/builders/listener.py
+sets the logs up). Nothing here is in a request's path: Envoy sends the logs in batches, and a
+control plane that is down loses only evidence.
 """
 
 from __future__ import annotations
 
 import itertools
-import logging
+import math
 from collections.abc import Callable
 
 import grpc
 from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
+from control_plane.names import (AUDIO_SECONDS_HEADER, ESTIMATED_KEY, METADATA_NAMESPACE, MODEL_KEY,
+                                 SECONDS_KEY)
 from control_plane.observe.ledger import Ledger
 from control_plane.observe.outcomes import Outcomes, failed
 
-log = logging.getLogger(__name__)
-
-MODEL_HEADER = "x-whisper-model"
-SECONDS_HEADER = "x-whisper-audio-seconds"
-ESTIMATED_HEADER = "x-whisper-audio-estimated"
 TRY_STARTED = accesslog_pb2.AccessLogType.UpstreamPoolReady
 TRY_ENDED = accesslog_pb2.AccessLogType.UpstreamEnd
 REQUEST_ENDED = accesslog_pb2.AccessLogType.DownstreamEnd
 
 
-def audio_seconds(entry: accesslog_pb2.HTTPAccessLogEntry) -> float | None:
-    """The upload's audio-seconds as the filter measured them; None for requests it did not route."""
+def as_seconds(text: str) -> float | None:
+    """A non-negative, finite number of seconds, or None."""
     try:
-        seconds = float(entry.request.request_headers.get(SECONDS_HEADER, ""))
-    except ValueError:
+        seconds = float(text)
+    except (TypeError, ValueError):
         return None
-    return seconds if 0 <= seconds < 10**7 else None
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
 
 
 def endpoint_of(entry: accesslog_pb2.HTTPAccessLogEntry) -> str | None:
@@ -45,20 +45,29 @@ def endpoint_of(entry: accesslog_pb2.HTTPAccessLogEntry) -> str | None:
     return f"{address.address}:{address.port_value}" if address.address else None
 
 
+def _meter(entry: accesslog_pb2.HTTPAccessLogEntry, ledger: Ledger) -> None:
+    fields = entry.common_properties.metadata.filter_metadata.get(METADATA_NAMESPACE)
+    if fields is None or MODEL_KEY not in fields.fields:
+        return  # not a request the filter routed
+    seconds = as_seconds(fields.fields[SECONDS_KEY].string_value) if SECONDS_KEY in fields.fields else None
+    if seconds is not None:
+        status = entry.response.response_code.value
+        ledger.meter(fields.fields[MODEL_KEY].string_value, seconds, ESTIMATED_KEY in fields.fields,
+                     200 <= status < 300)
+
+
 def record(entry: accesslog_pb2.HTTPAccessLogEntry, stream: int, outcomes: Outcomes, ledger: Ledger,
            now: float) -> None:
     """One log entry into the failure ratios, the ledger or the metering, by what it reports."""
-    kind, seconds = entry.common_properties.access_log_type, audio_seconds(entry)
+    kind = entry.common_properties.access_log_type
     if kind == REQUEST_ENDED:
-        model = entry.request.request_headers.get(MODEL_HEADER)
-        if model and seconds is not None:
-            status = entry.response.response_code.value
-            ledger.meter(model, seconds, ESTIMATED_HEADER in entry.request.request_headers, 200 <= status < 300)
+        _meter(entry, ledger)
         return
     endpoint = endpoint_of(entry)
     if endpoint is None:
         return
     if kind == TRY_STARTED:
+        seconds = as_seconds(entry.request.request_headers.get(AUDIO_SECONDS_HEADER, ""))
         if seconds is not None:
             ledger.started(stream, entry.request.request_id, endpoint, seconds, now)
     elif kind == TRY_ENDED:
@@ -69,7 +78,8 @@ def record(entry: accesslog_pb2.HTTPAccessLogEntry, stream: int, outcomes: Outco
 
 
 class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):
-    """Receives every Envoy's logs; each stream is one Envoy's, so its tries go when it does."""
+    """Receives every Envoy's logs. Envoy opens a stream per worker thread and log; a try's start
+    and end come on the same one, so when a stream ends its open tries go with it."""
 
     def __init__(self, outcomes: Outcomes, ledger: Ledger, clock: Callable[[], float]):
         self.outcomes, self.ledger, self.clock = outcomes, ledger, clock

@@ -2,14 +2,14 @@
 
 vLLM runs one engine request per 30 s chunk, so request counts say little about how much work
 an engine holds: a ten-minute recording is twenty of them, a voice command one. Every Envoy's
-Lua filter reads each upload's duration (envoy/audio_duration.lua) and puts it in a header,
-and every Envoy logs each try at an engine over gRPC twice, when its stream to the engine
-starts and when it ends (control_plane/observe/outcomes.py). From those the ledger knows, over
-all Envoys and with no call in the request path:
+Lua filter reads each upload's duration (envoy/audio_duration.lua), and every Envoy logs each
+try at an engine over gRPC twice, when its stream to the engine starts and when it ends, and
+each request at its end (control_plane/observe/access_logs.py). From those the ledger knows,
+over all Envoys and with no call in the request path:
 
-- per engine: the audio-seconds sent and not yet answered, and the audio-seconds it finishes
-  per second of being busy (decayed sums, time constant RATE_TAU_S): its measured speed, which
-  does not depend on how long the clips it happened to get were;
+- per engine: the audio-seconds sent and not yet answered, and the audio-seconds it answers
+  per second of having work in flight (decayed sums, time constant RATE_TAU_S): its measured
+  speed, which does not depend on how long the clips it happened to get were;
 - per model: audio-seconds received, served and failed (each request once, at its end).
 
 Pure: no I/O, and time is passed in.
@@ -20,27 +20,42 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from control_plane.observe.load_tracker import SPEED_MEMORY_S
+
 RATE_TAU_S = 10.0  # how fast old evidence of an engine's speed fades
-RATE_MEMORY_S = 5.0  # an engine that answered nothing for this long has no measured speed
-CHUNK_S = 30.0  # Whisper's window: vLLM makes one engine request per 30 s of audio
+CHUNK_S = 30.0  # Whisper's window: vLLM makes one engine request per started 30 s of audio
+# A try this old that its engine does not hold (running + waiting 0) is over: longer than an
+# upload takes to reach the engine on a slow link.
+SETTLE_AFTER_S = 5.0
+
+
+@dataclass
+class _Try:
+    seconds: float
+    started: float
+    open: int = 1  # tries of one request at one engine at once (a hedge to the only engine)
 
 
 @dataclass
 class _Engine:
-    tries: dict[tuple[int, str], tuple[float, float]] = field(default_factory=dict)  # -> (seconds, started)
-    done: float = 0.0  # decayed audio-seconds answered
-    busy: float = 0.0  # decayed seconds with work in flight
+    tries: dict[tuple[int, str], _Try] = field(default_factory=dict)  # (log stream, request id) ->
+    done: float = 0.0  # decayed audio-seconds answered, as of `at`
+    busy: float = 0.0  # decayed seconds with work in flight, as of `at`
     at: float | None = None
-    answered_at: float | None = None
+    last_event: float | None = None
+
+    def decayed(self, now: float) -> tuple[float, float]:
+        """(done, busy) brought forward to `now`: the time since `at` counts as busy if work was in flight."""
+        if self.at is None or now <= self.at:
+            return self.done, self.busy
+        elapsed = now - self.at
+        factor = math.exp(-elapsed / RATE_TAU_S)
+        return self.done * factor, self.busy * factor + (elapsed if self.tries else 0.0)
 
     def advance(self, now: float) -> None:
-        """Counts the time since the last event as busy when work was in flight, and decays."""
-        if self.at is not None and now > self.at:
-            elapsed = now - self.at
-            factor = math.exp(-elapsed / RATE_TAU_S)
-            self.done *= factor
-            self.busy = self.busy * factor + (elapsed if self.tries else 0.0)
+        self.done, self.busy = self.decayed(now)
         self.at = now if self.at is None else max(self.at, now)
+        self.last_event = self.at
 
 
 @dataclass
@@ -55,33 +70,41 @@ class Metered:
     longest: float = 0.0  # the longest single upload
 
 
+def engine_requests(seconds: float) -> int:
+    """The engine requests vLLM makes of an upload: one per started 30 s, at least one."""
+    return max(1, math.ceil(seconds / CHUNK_S))
+
+
 class Ledger:
     def __init__(self) -> None:
         self.engines: dict[str, _Engine] = {}
         self.metered: dict[str, Metered] = {}
 
     def started(self, stream: int, request_id: str, endpoint: str, seconds: float, now: float) -> None:
-        """A try of `seconds` of audio began at `endpoint` ("ip:port"), logged by Envoy stream `stream`."""
+        """A try of `seconds` of audio began at `endpoint` ("ip:port"), logged on Envoy stream `stream`."""
         engine = self.engines.setdefault(endpoint, _Engine())
         engine.advance(now)
         key = (stream, request_id)
-        engine.tries.setdefault(key, (seconds, now))
+        if key in engine.tries:
+            engine.tries[key].open += 1
+        else:
+            engine.tries[key] = _Try(seconds, now)
 
     def ended(self, stream: int, request_id: str, endpoint: str, answered: bool, now: float) -> None:
         """That try ended; answered: the engine transcribed it (its audio counts as done)."""
         engine = self.engines.get(endpoint)
-        if engine is None:
-            return
-        engine.advance(now)
-        entry = engine.tries.pop((stream, request_id), None)
+        entry = engine.tries.get((stream, request_id)) if engine else None
         if entry is None:
             return
+        engine.advance(now)
+        entry.open -= 1
+        if entry.open <= 0:
+            del engine.tries[(stream, request_id)]
         if answered:
-            engine.done += entry[0]
-            engine.answered_at = now
+            engine.done += entry.seconds
 
     def meter(self, model: str, seconds: float, estimated: bool, served: bool) -> None:
-        """A request for `model` ended: served (2xx) or failed, whoever failed it."""
+        """A request the filter routed to `model` ended: served (2xx) or failed, whoever failed it."""
         metered = self.metered.setdefault(model, Metered())
         metered.requests += 1
         metered.received += seconds
@@ -92,39 +115,52 @@ class Ledger:
         else:
             metered.failed += seconds
 
-    def stream_closed(self, stream: int, now: float) -> None:
-        """An Envoy's log stream ended: its tries will not be reported as ended (it restarted, or
-        will resend nothing of them), so they leave the ledger rather than count for ever."""
+    def _drop(self, now: float, gone) -> None:
         for engine in self.engines.values():
             engine.advance(now)
-            for key in [k for k in engine.tries if k[0] == stream]:
+            for key in [k for k, entry in engine.tries.items() if gone(k, entry)]:
                 del engine.tries[key]
 
+    def stream_closed(self, stream: int, now: float) -> None:
+        """An Envoy's log stream ended: its open tries will not be reported as ended there, so they
+        leave the ledger rather than count for ever."""
+        self._drop(now, lambda key, _: key[0] == stream)
+
     def expire(self, now: float, max_age_s: float) -> None:
-        """Forgets tries older than any request may last (an end event lost on the way)."""
-        for engine in self.engines.values():
-            for key in [k for k, (_, started) in engine.tries.items() if now - started > max_age_s]:
+        """Forgets tries older than any request may last (an end lost on the way)."""
+        self._drop(now, lambda _, entry: now - entry.started > max_age_s)
+
+    def settle(self, endpoint: str, now: float, older_than_s: float = SETTLE_AFTER_S) -> None:
+        """The engine says it holds nothing (running + waiting 0): tries it was sent more than
+        `older_than_s` ago are over, whatever became of their end entries (Envoy drops log
+        entries when its buffer is full)."""
+        engine = self.engines.get(endpoint)
+        if engine is not None and engine.tries:
+            engine.advance(now)
+            for key in [k for k, entry in engine.tries.items() if now - entry.started > older_than_s]:
                 del engine.tries[key]
 
     def in_flight(self, endpoint: str) -> float:
         """Audio-seconds sent to `endpoint` and not yet answered, over every Envoy."""
         engine = self.engines.get(endpoint)
-        return sum(seconds for seconds, _ in engine.tries.values()) if engine else 0.0
+        return sum(t.seconds * t.open for t in engine.tries.values()) if engine else 0.0
 
     def requests_in_flight(self, endpoint: str) -> int:
-        """Engine requests those make: vLLM runs one per started 30 s of audio (at least one)."""
+        """The engine requests those make."""
         engine = self.engines.get(endpoint)
-        return sum(max(1, math.ceil(seconds / CHUNK_S)) for seconds, _ in engine.tries.values()) if engine else 0
+        return sum(engine_requests(t.seconds) * t.open for t in engine.tries.values()) if engine else 0
 
     def rate(self, endpoint: str, now: float) -> float | None:
-        """Audio-seconds `endpoint` answers per second of being busy; None until measured, and
-        again once it answered nothing for RATE_MEMORY_S: a speed measured under a batch that
-        is gone would hold it down for ever (the scrapes' speed is forgotten the same way)."""
+        """Audio-seconds `endpoint` answers per second of having work in flight; None until
+        measured, and again once it has been idle for SPEED_MEMORY_S (a speed measured under a
+        batch that is gone would hold it down; the scrapes' speed is forgotten the same way)."""
         engine = self.engines.get(endpoint)
-        if engine is None or engine.answered_at is None or now - engine.answered_at > RATE_MEMORY_S:
+        if engine is None or engine.last_event is None:
             return None
-        engine.advance(now)
-        return engine.done / engine.busy if engine.busy > 0 and engine.done > 0 else None
+        if not engine.tries and now - engine.last_event > SPEED_MEMORY_S:
+            return None
+        done, busy = engine.decayed(now)
+        return done / busy if busy > 0 and done > 0 else None
 
     def retain(self, endpoints: set[str]) -> None:
         """Forgets engines that left the fleet."""

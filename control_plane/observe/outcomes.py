@@ -15,13 +15,10 @@ vLLM answer 500, and nobody may lower a healthy engine's share by sending such u
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 
 from envoy.data.accesslog.v3 import accesslog_pb2
-
-log = logging.getLogger(__name__)
 
 OUTCOMES_TAU_S = 5.0  # how fast old outcomes fade
 MIN_EVIDENCE = 3.0  # decayed tries before a failure ratio counts

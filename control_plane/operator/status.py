@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from control_plane.decide.policy import finish_seconds, is_fresh
+from control_plane.observe.ledger import CHUNK_S
 from control_plane.observe.load_tracker import EndpointState
 from control_plane.xds.types import SHORT_NAMES
 
@@ -16,9 +17,6 @@ def _health(track, state, routing) -> str:
     if track.scraped_at is not None:
         return "stale"
     return "failing" if track.error else "unknown"
-
-
-WAIT_CLIP_S = 30.0  # the clip the expected wait is quoted for: one engine request's worth
 
 
 def endpoint_rows(plane, now: float) -> list[dict]:
@@ -63,16 +61,15 @@ def _rounded(value: float | None, digits: int = 3) -> float | None:
     return None if value is None else round(value, digits)
 
 
-def model_rows(plane, now: float) -> list[dict]:
-    """Per model: audio-seconds metered, the backlog, the fleet's drain rate and the expected
-    wait for a new 30 s clip (the number to autoscale on)."""
+def model_rows(plane, endpoints: list[dict]) -> list[dict]:
+    """Per model (from its `endpoint_rows`): audio-seconds metered, the backlog, the fleet's
+    drain rate and the expected wait for a new 30 s clip (the number to autoscale on)."""
     rows = []
-    endpoints = endpoint_rows(plane, now)
     for model in plane.fleet.model_names() if plane.fleet else ():
         serving = [e for e in endpoints if e["model"] == model and e["state"] == "active" and e["weight"] is not None]
         metered = plane.ledger.metered.get(model)
         waits = [finish_seconds(EndpointState(e["id"], audio_in_flight=e["audio_in_flight_s"] or 0.0,
-                                              audio_rate=e["audio_rate"]), WAIT_CLIP_S) for e in serving]
+                                              audio_rate=e["audio_rate"]), CHUNK_S) for e in serving]
         waits = [w for w in waits if w is not None]
         rates = [e["audio_rate"] for e in serving if e["audio_rate"]]
         rows.append({
@@ -92,6 +89,7 @@ def model_rows(plane, now: float) -> list[dict]:
 
 def status_report(plane, now: float) -> dict:
     cache = plane.cache
+    endpoints = endpoint_rows(plane, now)
     envoys = [{
         "node_id": envoy.node_id,
         "peer": envoy.peer,
@@ -106,8 +104,8 @@ def status_report(plane, now: float) -> dict:
     } for envoy in cache.envoys.values()]
     snapshot = cache.snapshot
     return {
-        "endpoints": endpoint_rows(plane, now),
-        "models": model_rows(plane, now),
+        "endpoints": endpoints,
+        "models": model_rows(plane, endpoints),
         "envoys": envoys,
         "versions": {SHORT_NAMES[t]: v for t, v in snapshot.versions.items()} if snapshot else {},
         "nacks_total": cache.nacks_total,

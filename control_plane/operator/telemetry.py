@@ -78,7 +78,8 @@ class FleetCollector:
             now = asyncio.get_running_loop().time()
         except RuntimeError:
             return
-        for row in endpoint_rows(self.plane, now):
+        rows = endpoint_rows(self.plane, now)
+        for row in rows:
             key = [row["id"], row["url"], row["model"]]
             for name, family in families.items():
                 if row[name] is not None:
@@ -88,9 +89,9 @@ class FleetCollector:
         yield from families.values()
         yield healthy
         yield draining
-        yield from self._models(now)
+        yield from self._models(model_rows(self.plane, rows))
 
-    def _models(self, now: float):
+    def _models(self, rows: list[dict]):
         """Per model: metered audio-seconds (counters) and the backlog an autoscaler reads."""
         audio = CounterMetricFamily("whisper_gateway_audio_seconds", "Audio-seconds of requests that ended, by outcome "
                                     "(received = served + failed).", labels=["model", "outcome"])
@@ -107,7 +108,7 @@ class FleetCollector:
                                                  "Seconds until a new 30 s clip would be answered: scale on this.",
                                                  labels=["model"]),
         }
-        for row in model_rows(self.plane, now):
+        for row in rows:
             for outcome in ("received", "served", "failed"):
                 audio.add_metric([row["model"], outcome], row[f"audio_{outcome}_s"])
             estimated.add_metric([row["model"]], row["audio_estimated_s"])

@@ -1,4 +1,4 @@
-"""Names shared by the builders, the Lua filter and the tests."""
+"""Names shared by the builders, the Lua filter, the access-log reader and the tests."""
 
 LISTENER_NAME = "whisper_http"
 ROUTE_CONFIG_NAME = "whisper_routes"
@@ -11,9 +11,18 @@ LONG_UPLOAD_HEADER = "x-whisper-long-upload"
 LB_METADATA = "envoy.lb"
 # Added to every request Envoy proxies; the Lua filter answers 508 to one that arrives with it.
 HOP_HEADER = "x-whisper-gateway-hop"
-# Dynamic metadata the Lua filter sets on its own answers (METADATA_NAMESPACE.LUA_REPLY_KEY).
+# Set by the Lua filter on every request it routes: the upload's audio-seconds, and "1" when
+# that is an estimate (envoy/audio_duration.lua); a client's own values are replaced.
+AUDIO_SECONDS_HEADER = "x-whisper-audio-seconds"
+AUDIO_ESTIMATED_HEADER = "x-whisper-audio-estimated"
+# Dynamic metadata the Lua filter sets (a client cannot forge it): LUA_REPLY_KEY on its own
+# answers; MODEL_KEY, SECONDS_KEY and ESTIMATED_KEY on every request it routes (the request log
+# meters those, never headers a client could have sent).
 METADATA_NAMESPACE = "whisper_gateway"
 LUA_REPLY_KEY = "lua_reply"
+MODEL_KEY = "model"
+SECONDS_KEY = "audio_seconds"
+ESTIMATED_KEY = "audio_estimated"
 LONG_UPLOAD_KEY = "long_uploads"
 LUA_FILTER = "envoy.filters.http.lua"
 AUDIO_PATHS = ("/v1/audio/transcriptions", "/v1/audio/translations")
@@ -27,6 +36,6 @@ UNROUTED_CLUSTER = "whisper:unrouted"
 
 # The bootstrap's static cluster to the control plane (ADS, and the upstream-try log).
 XDS_CLUSTER = "xds_cluster"
-# The gRPC access log of every upstream try (control_plane/observe/outcomes.py).
+# The gRPC access logs of every upstream try and every request (control_plane/observe/access_logs.py).
 UPSTREAM_LOG_NAME = "whisper_upstream_tries"
 REQUEST_LOG_NAME = "whisper_requests"
