@@ -40,6 +40,7 @@ def test_speed_is_audio_answered_per_second_of_being_busy():
     ledger.started(1, "r3", E1, 30.0, now=12.0)
     ledger.ended(1, "r3", E1, answered=False, now=14.0)  # failed: busy, but nothing answered
     assert ledger.rate(E1, now=14.0) < 15.0
+    ledger.expire(now=19.0, max_age_s=660.0)  # the load loop's housekeeping is no activity
     assert ledger.rate(E1, now=19.1) is None  # idle for over 5 s: unmeasured again
 
 

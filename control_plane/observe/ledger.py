@@ -42,7 +42,7 @@ class _Engine:
     done: float = 0.0  # decayed audio-seconds answered, as of `at`
     busy: float = 0.0  # decayed seconds with work in flight, as of `at`
     at: float | None = None
-    last_event: float | None = None
+    last_event: float | None = None  # the last try that started or ended here
 
     def decayed(self, now: float) -> tuple[float, float]:
         """(done, busy) brought forward to `now`: the time since `at` counts as busy if work was in flight."""
@@ -55,7 +55,6 @@ class _Engine:
     def advance(self, now: float) -> None:
         self.done, self.busy = self.decayed(now)
         self.at = now if self.at is None else max(self.at, now)
-        self.last_event = self.at
 
 
 @dataclass
@@ -84,6 +83,7 @@ class Ledger:
         """A try of `seconds` of audio began at `endpoint` ("ip:port"), logged on Envoy stream `stream`."""
         engine = self.engines.setdefault(endpoint, _Engine())
         engine.advance(now)
+        engine.last_event = now
         key = (stream, request_id)
         if key in engine.tries:
             engine.tries[key].open += 1
@@ -97,6 +97,7 @@ class Ledger:
         if entry is None:
             return
         engine.advance(now)
+        engine.last_event = now
         entry.open -= 1
         if entry.open <= 0:
             del engine.tries[(stream, request_id)]
@@ -117,9 +118,11 @@ class Ledger:
 
     def _drop(self, now: float, gone) -> None:
         for engine in self.engines.values():
-            engine.advance(now)
-            for key in [k for k, entry in engine.tries.items() if gone(k, entry)]:
-                del engine.tries[key]
+            keys = [k for k, entry in engine.tries.items() if gone(k, entry)]
+            if keys:
+                engine.advance(now)
+                for key in keys:
+                    del engine.tries[key]
 
     def stream_closed(self, stream: int, now: float) -> None:
         """An Envoy's log stream ended: its open tries will not be reported as ended there, so they
