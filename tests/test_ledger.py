@@ -29,6 +29,14 @@ def test_work_in_flight_is_what_was_sent_and_not_answered():
     assert ledger.in_flight(E1) == 5.0
 
 
+def test_audio_per_engine_request_follows_what_was_sent_lately():
+    ledger = Ledger()
+    assert ledger.audio_per_request(E1) is None
+    ledger.started(1, "r1", E1, 4.0, now=0.0)
+    ledger.started(1, "r2", E1, 90.0, now=0.0)  # three engine requests of 30 s
+    assert ledger.audio_per_request(E1) == pytest.approx(0.8 * 4.0 + 0.2 * 30.0)
+
+
 def test_speed_is_audio_answered_per_second_of_being_busy():
     ledger = Ledger()
     assert ledger.rate(E1, now=0.0) is None

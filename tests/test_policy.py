@@ -28,11 +28,14 @@ def new(backend_id, base=1):
     return EndpointState(backend_id, base)
 
 
-def working(backend_id, audio=0.0, rate=None, requests=None, running=0, waiting=0, kv=0.0):
-    """Fresh, with the Envoys' view of its audio (observe/ledger.py)."""
+def working(backend_id, audio=0.0, rate=None, requests=None, running=0, waiting=0, kv=0.0, per_request=None):
+    """Fresh, with the Envoys' view of its audio (observe/ledger.py); lately, requests carried
+    what the ones in flight do."""
     chunks = requests if requests is not None else (math.ceil(audio / 30) if audio else 0)
+    per_request = per_request or (audio / chunks if chunks else None)
     return EndpointState(backend_id, 1, ModelLoad(running=running, waiting=waiting, kv_cache_usage=kv), 0.1, None,
-                         audio_in_flight=audio, requests_in_flight=chunks, audio_rate=rate)
+                         audio_in_flight=audio, requests_in_flight=chunks, audio_rate=rate,
+                         audio_per_request=per_request)
 
 
 CASES = [
@@ -221,7 +224,8 @@ HELD = [
     # (what, endpoint, expected audio-seconds held)
     ("the Envoys' count", working("a", 45), 45),
     ("the engine's larger queue, at the Envoys' audio per request", working("a", 45, requests=3, running=6), 90),
-    ("nothing sent: half a chunk per queued request", working("a", running=2), 30),
+    ("nothing in flight: what requests carried lately", working("a", running=2, per_request=4.0), 8),
+    ("nothing ever sent: half a chunk per queued request", working("a", running=2), 30),
 ]
 
 

@@ -113,9 +113,10 @@ def finish_seconds(endpoint: EndpointState, clip_s: float) -> float | None:
 
 def held_audio(endpoint: EndpointState) -> float:
     """Scorer: the audio-seconds an endpoint holds, the larger of two views: the Envoys' (sent, not
-    answered: instant) and the engine's own (running + waiting engine requests at the audio each
-    of the Envoys' makes, half a chunk when unknown): load from other clients shows only there."""
-    per_request = endpoint.audio_in_flight / endpoint.requests_in_flight if endpoint.requests_in_flight else CHUNK_S / 2
+    answered: instant) and the engine's own (running + waiting engine requests, at the audio the
+    ones sent there lately carried; half a chunk when none was): load from other clients shows
+    only there."""
+    per_request = endpoint.audio_per_request or CHUNK_S / 2
     return max(endpoint.audio_in_flight, (endpoint.load.running + endpoint.load.waiting) * per_request)
 
 

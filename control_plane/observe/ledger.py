@@ -43,6 +43,7 @@ class _Engine:
     busy: float = 0.0  # decayed seconds with work in flight, as of `at`
     at: float | None = None
     last_event: float | None = None  # the last try that started or ended here
+    per_request: float | None = None  # recent audio-seconds per engine request (moving average)
 
     def decayed(self, now: float) -> tuple[float, float]:
         """(done, busy) brought forward to `now`: the time since `at` counts as busy if work was in flight."""
@@ -84,6 +85,8 @@ class Ledger:
         engine = self.engines.setdefault(endpoint, _Engine())
         engine.advance(now)
         engine.last_event = now
+        share = seconds / engine_requests(seconds)
+        engine.per_request = share if engine.per_request is None else 0.8 * engine.per_request + 0.2 * share
         key = (stream, request_id)
         if key in engine.tries:
             engine.tries[key].open += 1
@@ -152,6 +155,11 @@ class Ledger:
         """The engine requests those make."""
         engine = self.engines.get(endpoint)
         return sum(engine_requests(t.seconds) * t.open for t in engine.tries.values()) if engine else 0
+
+    def audio_per_request(self, endpoint: str) -> float | None:
+        """The audio-seconds an engine request sent here lately carried (a moving average)."""
+        engine = self.engines.get(endpoint)
+        return engine.per_request if engine else None
 
     def rate(self, endpoint: str, now: float) -> float | None:
         """Audio-seconds `endpoint` answers per second of having work in flight; None until

@@ -32,6 +32,7 @@ class EndpointState:
     failure_ratio: float = 0.0  # recent tries the engine failed, as Envoys saw them (outcomes.py)
     audio_in_flight: float = 0.0  # audio-seconds sent to it and not yet answered (ledger.py)
     requests_in_flight: int = 0  # the engine requests (30 s chunks) those make
+    audio_per_request: float | None = None  # audio-seconds an engine request sent here lately carried
     audio_rate: float | None = None  # audio-seconds it answers per busy second; None: not measured
 
 

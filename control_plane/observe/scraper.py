@@ -92,6 +92,7 @@ def endpoint_states(fleet: Fleet, tracker: LoadTracker, outcomes: Outcomes, ledg
                             failure_ratio=outcomes.failure_ratio(b.endpoint, now),
                             audio_in_flight=ledger.in_flight(b.endpoint),
                             requests_in_flight=ledger.requests_in_flight(b.endpoint),
+                            audio_per_request=ledger.audio_per_request(b.endpoint),
                             audio_rate=ledger.rate(b.endpoint, now))
                     for b in fleet.backends_for(model)]
             for model in fleet.model_names()}
