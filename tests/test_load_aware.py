@@ -77,9 +77,11 @@ def test_foreign_load_moves_traffic_to_the_other_engine(tmp_path):
     finally:
         statuses = load.stop()
     assert statuses and all(s == 200 for s in statuses)
-    # Once the foreign load is gone, the weights even out again.
-    # (its speed, measured under that batch, is forgotten 5 s after it last finished a request)
-    wait_until(lambda: weights(envoy, engines) == {"busy": 128, "idle": 128}, 15, "weights to recover")
+    # Once the foreign load is gone, the weights even out again, to within the hysteresis band
+    # (20%: a smaller difference is not pushed). Speeds measured under that batch are forgotten
+    # once the engine has been idle for 5 s.
+    wait_until(lambda: (w := weights(envoy, engines))["busy"] >= 0.8 * w["idle"] and w["idle"] == 128, 15,
+               "weights to recover")
 
 
 def test_the_faster_engine_gets_the_larger_share(tmp_path):
