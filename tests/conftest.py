@@ -20,6 +20,15 @@ MODEL_A = "whisper-large-v3-turbo"
 MODEL_B = "whisper-small"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def reap_at_exit():
+    """What module and session fixtures started is stopped when the run ends, whatever happened."""
+    yield
+    for process in reversed(STARTED):
+        if process.alive():
+            process.stop()
+
+
 @pytest.fixture(autouse=True)
 def reap_processes():
     """Whatever a test started and left running is stopped when it ends, pass or fail."""

@@ -33,11 +33,13 @@ def corpus(tmp_path_factory) -> list:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("audio-seconds")
-    engines = [start_engine(tmp_path, MODEL, name, max_num_seqs=64, time_scale=0.0001)[1] for name in ("a1", "a2")]
-    gateway = GatewayStack(tmp_path, MODEL, engines, aliases=("whisper-1",),
+    engines = [start_engine(tmp_path, MODEL, name, max_num_seqs=64, time_scale=0.0001) for name in ("a1", "a2")]
+    gateway = GatewayStack(tmp_path, MODEL, [url for _, url in engines], aliases=("whisper-1",),
                            limits={"max_upload_mb": 64.0, "max_audio_s": MAX_AUDIO_S})
     yield gateway
     gateway.stop()
+    for process, _ in engines:
+        process.stop()
 
 
 def metered(stack) -> dict:
