@@ -181,7 +181,7 @@ class BackendConfig:
     weight: Weight = 1
 
 
-@dataclass(frozen=True, config=ConfigDict(extra="forbid"), kw_only=True)
+@dataclass(frozen=True, config=SECTION, kw_only=True)
 class EngineConfig:
     """An engine process that `whisper-gateway up` starts and serves as a backend."""
 

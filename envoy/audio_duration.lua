@@ -98,13 +98,12 @@ local function mp3_frame(h, i)
   local rate = MP3_RATES[version][floor(b3 / 4) % 4 + 1]
   if not bitrate or not rate then return nil end
   local mono = floor(b4 / 64) == 3
-  return {mpeg1 = version == 3, rate = rate, bitrate = bitrate * 1000, mono = mono,
-    samples = version == 3 and 1152 or 576,
+  return {rate = rate, bitrate = bitrate * 1000, samples = version == 3 and 1152 or 576,
     side = version == 3 and (mono and 17 or 32) or (mono and 9 or 17)}
 end
 
-local function mp3(peek, size)
-  local start = id3v2_size(peek, 0)
+-- `start`: where the audio begins (after any ID3v2 tag).
+local function mp3(peek, size, start)
   local window = peek(start, 2052) -- some writers leave junk before the first frame: one slice
   local frame
   for skip = 0, #window - 4 do
@@ -160,7 +159,7 @@ local function ogg(peek, head, size)
     while true do
       local at = find(tail, "OggS", pos, true)
       if not at then break end
-      if sub(tail, at + 14, at + 17) == serial and #tail >= at + 13 and sub(tail, at + 6, at + 13) ~= "\255\255\255\255\255\255\255\255" then
+      if sub(tail, at + 14, at + 17) == serial and sub(tail, at + 6, at + 13) ~= "\255\255\255\255\255\255\255\255" then
         last = at
       end
       pos = at + 4
@@ -269,7 +268,7 @@ local function webm_head(head)
     local n, nl = vint(head, i + idl, true)
     if not n then break end
     local data = i + idl + nl
-    if id == 0x1F43B675 then break end -- the first Cluster: Info comes before it or not at all
+    if id == 0x1F43B675 then break end -- CLUSTER_ID -- the first Cluster: Info comes before it or not at all
     if EBML_CONTAINERS[id] then
       i = data -- descend
     else
@@ -296,12 +295,11 @@ local function webm_tail(peek, size, scale)
     local at = find(tail, CLUSTER_ID, pos, true)
     if not at then break end
     local _, nl = vint(tail, at + 4, true)
-    if nl and byte(tail, at + 4 + nl) == 0xE7 then last = at end -- a Cluster starts with its Timecode
+    if nl and byte(tail, at + 4 + nl) == 0xE7 then last = at + 4 + nl end -- a Cluster starts with its Timecode
     pos = at + 4
   end
   if not last then return nil end
-  local _, nl = vint(tail, last + 4, true)
-  local i, cluster, block = last + 4 + nl, nil, 0
+  local i, cluster, block = last, nil, 0
   while i <= #tail do
     local id, idl = vint(tail, i, false)
     if not id then break end
@@ -347,7 +345,7 @@ local function measure(kind, peek, head, size)
   if kind == "mp3" then
     local id3 = id3v2_size(peek, 0)
     if peek(id3, 4) == "fLaC" then return flac(peek, id3) end -- FLAC behind an ID3 tag
-    return mp3(peek, size)
+    return mp3(peek, size, id3)
   end
   return nil
 end
@@ -357,8 +355,8 @@ local function extension_of(filename)
   return ext and ext:lower() or ""
 end
 
--- Seconds of audio in a file part of `size` bytes, read through read(offset, n); whether that
--- is an estimate; the format. Never more than max_seconds; never an error.
+-- Seconds of audio in a file part of `size` bytes, read through read(offset, n), and whether
+-- that is an estimate. Never more than max_seconds; never an error.
 local function audio_duration(read, size, filename, max_seconds)
   local kind, seconds, estimated = nil, nil, false
   local ok = pcall(function()
@@ -370,5 +368,5 @@ local function audio_duration(read, size, filename, max_seconds)
     kind = kind or EXTENSIONS[extension_of(filename)]
     seconds, estimated = math.min(max_seconds, size * 8 / ESTIMATE_BPS[kind or "other"]), true
   end
-  return seconds, estimated == true, kind or "unknown"
+  return seconds, estimated == true
 end

@@ -173,8 +173,7 @@ end
 
 -- Seconds of audio in the upload (envoy/audio_duration.lua), as headers the engines and the
 -- upload's tries' logs see, and as dynamic metadata for the request's log.
-local function measure_audio(h, body, parts, context, model)
-  local headers = h:headers()
+local function measure_audio(h, headers, body, parts, context, model)
   local file = count(parts, "file")[1]
   local stop = value_end(file, parts) or body:length()
   local seconds, estimated = audio_duration(function(offset, n) return body:getBytes(file.start + offset, n) end,
@@ -190,8 +189,7 @@ end
 
 -- Where the router sends the request: the model's route, the long-upload subset, and the
 -- deadline of each try (hedged after it: the first answer wins), longer for larger uploads.
-local function set_routing(h, body, context, model)
-  local headers = h:headers()
+local function set_routing(h, headers, body, context, model)
   headers:replace(MODEL_HEADER, model)
   local long_upload_bytes = context:get("long_upload_bytes") or 0
   if long_upload_bytes > 0 and body:length() >= long_upload_bytes then headers:replace(LONG_UPLOAD_HEADER, "1") end
@@ -286,7 +284,8 @@ function envoy_on_request(h)
     return reply(h, 404, "The model `" .. name .. "` does not exist. Served models: " .. served_names(models) .. ".",
       "NotFoundError", "model")
   end
-  measure_audio(h, body, parts, context, model) -- before an alias moves the bytes
+  headers = h:headers() -- h:body() yielded: the handle taken before it is no longer valid
+  measure_audio(h, headers, body, parts, context, model) -- before an alias moves the bytes
   if model ~= name then
     -- An alias: engines know only the model's own name, so the form must carry that. Lua
     -- memory is outside Envoy's heap (and its overload manager), so the copy is made once, in
@@ -296,5 +295,5 @@ function envoy_on_request(h)
       body:getBytes(part.stop, length - part.stop)}))
     release(length)
   end
-  set_routing(h, body, context, model)
+  set_routing(h, headers, body, context, model)
 end

@@ -12,6 +12,9 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from engines.common.audio import audio_duration_seconds
+from harness.speech import speak
+
 SENTENCE = ("The gateway counts the work of speech in audio seconds. A voice command is one engine request, "
             "a meeting recording is many.")
 TOOLS = ("espeak-ng", "sox", "flac", "lame", "opusenc", "ffmpeg")
@@ -34,17 +37,14 @@ def _run(*command: str | Path) -> None:
 
 
 def _seconds(wav: Path) -> float:
-    samples = int(subprocess.run(["soxi", "-s", str(wav)], capture_output=True, text=True, check=True).stdout)
-    rate = int(subprocess.run(["soxi", "-r", str(wav)], capture_output=True, text=True, check=True).stdout)
-    return samples / rate
+    return audio_duration_seconds(wav.read_bytes())
 
 
 def speech_wav(folder: Path, seconds: float) -> Path:
     """Speech repeated (and cut) to `seconds`, 16 kHz mono 16-bit."""
     base = folder / "speech-base.wav"
     if not base.exists():
-        _run("espeak-ng", "-w", folder / "speech-raw.wav", SENTENCE)
-        _run("sox", folder / "speech-raw.wav", "-r", "16000", "-c", "1", "-b", "16", base)
+        speak(SENTENCE, base)
     out = folder / f"speech-{seconds:g}s.wav"
     if not out.exists():
         repeats = max(0, int(seconds // _seconds(base)))

@@ -109,6 +109,12 @@ def transcribe(base_url: str, model: str | None, seconds: float = 1.0, model_fir
 STARTED: list[Process] = []
 
 
+def stop_all(since: int = 0) -> None:
+    """Stops every process started after the first `since`, newest first."""
+    for process in reversed(STARTED[since:]):
+        process.stop()
+
+
 class Process:
     """A child process in its own process group, logged to a file, always killed at stop()."""
 

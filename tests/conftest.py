@@ -8,6 +8,7 @@ import pytest
 
 from harness.processes import (
     STARTED,
+    stop_all,
     Envoy,
     GatewayConfigFile,
     base_config,
@@ -24,9 +25,7 @@ MODEL_B = "whisper-small"
 def reap_at_exit():
     """What module and session fixtures started is stopped when the run ends, whatever happened."""
     yield
-    for process in reversed(STARTED):
-        if process.alive():
-            process.stop()
+    stop_all()
 
 
 @pytest.fixture(autouse=True)
@@ -34,9 +33,7 @@ def reap_processes():
     """Whatever a test started and left running is stopped when it ends, pass or fail."""
     before = len(STARTED)
     yield
-    for process in STARTED[before:]:
-        if process.alive():
-            process.stop()
+    stop_all(before)
 
 
 class Stack:

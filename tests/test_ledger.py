@@ -58,7 +58,11 @@ def test_a_long_try_keeps_its_engines_speed():
     ledger.ended(1, "r1", E1, answered=True, now=2.0)
     ledger.started(1, "r2", E1, 600.0, now=2.0)
     assert ledger.rate(E1, now=30.0) is not None  # 28 s without an answer, but busy all along
-    assert ledger.rate(E1, now=30.0) == ledger.rate(E1, now=30.0)  # reading it changes nothing
+    untouched = Ledger()
+    untouched.started(1, "r1", E1, 30.0, now=0.0)
+    untouched.ended(1, "r1", E1, answered=True, now=2.0)
+    untouched.started(1, "r2", E1, 600.0, now=2.0)
+    assert ledger.rate(E1, now=31.0) == untouched.rate(E1, now=31.0)  # reading at 30 s changed nothing
 
 
 def test_an_engine_that_holds_nothing_settles_tries_whose_end_was_lost():

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from envoy.config.accesslog.v3 import accesslog_pb2
 from envoy.config.core.v3 import base_pb2
-from google.protobuf import any_pb2, duration_pb2
+from envoy.type.matcher.v3 import metadata_pb2, value_pb2
+from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 from google.protobuf.message import Message
 
-from control_plane.names import LB_METADATA, LONG_UPLOAD_KEY
+from control_plane.names import LB_METADATA, LONG_UPLOAD_KEY, METADATA_NAMESPACE
 
 
 def pack(message: Message) -> any_pb2.Any:
@@ -14,6 +16,15 @@ def pack(message: Message) -> any_pb2.Any:
     wrapped = any_pb2.Any()
     wrapped.Pack(message, deterministic=True)
     return wrapped
+
+
+def lua_marked(key: str) -> accesslog_pb2.AccessLogFilter:
+    """Matches requests on which the Lua filter set dynamic metadata METADATA_NAMESPACE.`key`."""
+    return accesslog_pb2.AccessLogFilter(metadata_filter=accesslog_pb2.MetadataFilter(
+        matcher=metadata_pb2.MetadataMatcher(
+            filter=METADATA_NAMESPACE, path=[metadata_pb2.MetadataMatcher.PathSegment(key=key)],
+            value=value_pb2.ValueMatcher(present_match=True)),
+        match_if_key_not_found=wrappers_pb2.BoolValue(value=False)))
 
 
 def seconds(value: float) -> duration_pb2.Duration:

@@ -15,9 +15,9 @@ from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
 from google.protobuf import wrappers_pb2
 
-from control_plane.builders.common import pack, seconds
+from control_plane.builders.common import lua_marked, pack, seconds
 from control_plane.builders.local_replies import build_local_reply_config
-from control_plane.names import (AUDIO_SECONDS_HEADER, LISTENER_NAME, LUA_FILTER, REQUEST_LOG_NAME, ROUTE_CONFIG_NAME,
+from control_plane.names import (AUDIO_SECONDS_HEADER, LISTENER_NAME, MODEL_KEY, LUA_FILTER, REQUEST_LOG_NAME, ROUTE_CONFIG_NAME,
                                  UPSTREAM_LOG_NAME, XDS_CLUSTER)
 from control_plane.config import GatewayConfig
 
@@ -27,7 +27,8 @@ from control_plane.config import GatewayConfig
 LOGGED_HEADERS = [AUDIO_SECONDS_HEADER]
 
 
-def _grpc_log(log_name: str) -> accesslog_pb2.AccessLog:
+def _grpc_log(log_name: str, headers: list[str], only: accesslog_pb2.AccessLogFilter | None = None
+              ) -> accesslog_pb2.AccessLog:
     """An access log streamed to the control plane (control_plane/observe/access_logs.py)."""
     common = grpc_als_pb2.CommonGrpcAccessLogConfig(
         log_name=log_name,
@@ -36,15 +37,15 @@ def _grpc_log(log_name: str) -> accesslog_pb2.AccessLog:
             envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=XDS_CLUSTER)),
         buffer_flush_interval=seconds(0.1),  # Envoy's 1 s default would delay the evidence
     )
-    logged = grpc_als_pb2.HttpGrpcAccessLogConfig(common_config=common, additional_request_headers_to_log=LOGGED_HEADERS)
-    return accesslog_pb2.AccessLog(name="envoy.access_loggers.http_grpc", typed_config=pack(logged))
+    logged = grpc_als_pb2.HttpGrpcAccessLogConfig(common_config=common, additional_request_headers_to_log=headers)
+    return accesslog_pb2.AccessLog(name="envoy.access_loggers.http_grpc", filter=only, typed_config=pack(logged))
 
 
 def _router() -> router_pb2.Router:
     """The router logs every try at an engine twice: when its stream to the engine starts (the
     ledger of work in flight) and when it ends (its outcome, and the work done)."""
     return router_pb2.Router(
-        upstream_log=[_grpc_log(UPSTREAM_LOG_NAME)],
+        upstream_log=[_grpc_log(UPSTREAM_LOG_NAME, LOGGED_HEADERS)],
         upstream_log_options=router_pb2.Router.UpstreamAccessLogOptions(flush_upstream_log_on_upstream_stream=True))
 
 
@@ -70,7 +71,8 @@ def build_listener(config: GatewayConfig, lua_source: str) -> listener_pb2.Liste
         server_name="whisper-gateway",
         local_reply_config=build_local_reply_config(config),
         use_remote_address=wrappers_pb2.BoolValue(value=True),
-        access_log=[_grpc_log(REQUEST_LOG_NAME)],  # each request once, at its end: metering
+        # Each request the filter routed, once, at its end: metering (`/health` and refusals are not sent).
+        access_log=[_grpc_log(REQUEST_LOG_NAME, [], only=lua_marked(MODEL_KEY))],
         http_filters=[
             hcm.HttpFilter(name=LUA_FILTER, typed_config=pack(lua)),
             hcm.HttpFilter(name="envoy.filters.http.router",

@@ -10,10 +10,10 @@ from __future__ import annotations
 from envoy.config.accesslog.v3 import accesslog_pb2
 from envoy.config.core.v3 import base_pb2, substitution_format_string_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
-from envoy.type.matcher.v3 import metadata_pb2, value_pb2
-from google.protobuf import struct_pb2, wrappers_pb2
+from google.protobuf import struct_pb2
 
-from control_plane.names import LUA_REPLY_KEY, METADATA_NAMESPACE
+from control_plane.builders.common import lua_marked
+from control_plane.names import LUA_REPLY_KEY
 from control_plane.config import GatewayConfig
 
 Format = substitution_format_string_pb2.SubstitutionFormatString
@@ -37,11 +37,7 @@ def _mapper(code: int, message: str, error_type: str) -> hcm.ResponseMapper:
 
 
 def build_local_reply_config(config: GatewayConfig) -> hcm.LocalReplyConfig:
-    lua_reply = accesslog_pb2.AccessLogFilter(metadata_filter=accesslog_pb2.MetadataFilter(
-        matcher=metadata_pb2.MetadataMatcher(
-            filter=METADATA_NAMESPACE, path=[metadata_pb2.MetadataMatcher.PathSegment(key=LUA_REPLY_KEY)],
-            value=value_pb2.ValueMatcher(present_match=True)),
-        match_if_key_not_found=wrappers_pb2.BoolValue(value=False)))
+    lua_reply = lua_marked(LUA_REPLY_KEY)
     passthrough = Format(text_format_source=base_pb2.DataSource(inline_string="%LOCAL_REPLY_BODY%"),
                          content_type="application/json")
     limit_mb = f"{config.limits.max_upload_mb:g}"

@@ -119,8 +119,9 @@ class Ledger:
         else:
             metered.failed += seconds
 
-    def _drop(self, now: float, gone) -> None:
-        for engine in self.engines.values():
+    def _drop(self, now: float, gone, engine: _Engine | None = None) -> None:
+        """Removes the tries `gone(key, try)` picks, of one engine or all."""
+        for engine in [engine] if engine is not None else self.engines.values():
             keys = [k for k, entry in engine.tries.items() if gone(k, entry)]
             if keys:
                 engine.advance(now)
@@ -136,15 +137,11 @@ class Ledger:
         """Forgets tries older than any request may last (an end lost on the way)."""
         self._drop(now, lambda _, entry: now - entry.started > max_age_s)
 
-    def settle(self, endpoint: str, now: float, older_than_s: float = SETTLE_AFTER_S) -> None:
+    def settle(self, endpoint: str, now: float) -> None:
         """The engine says it holds nothing (running + waiting 0): tries it was sent more than
-        `older_than_s` ago are over, whatever became of their end entries (Envoy drops log
+        SETTLE_AFTER_S ago are over, whatever became of their end entries (Envoy drops log
         entries when its buffer is full)."""
-        engine = self.engines.get(endpoint)
-        if engine is not None and engine.tries:
-            engine.advance(now)
-            for key in [k for k, entry in engine.tries.items() if now - entry.started > older_than_s]:
-                del engine.tries[key]
+        self._drop(now, lambda _, entry: now - entry.started > SETTLE_AFTER_S, self.engines.get(endpoint))
 
     def in_flight(self, endpoint: str) -> float:
         """Audio-seconds sent to `endpoint` and not yet answered, over every Envoy."""

@@ -8,7 +8,6 @@ tracker; nothing here decides or publishes (control_plane/app.py runs the loop).
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from dataclasses import dataclass, replace
 from typing import Callable
@@ -20,8 +19,6 @@ from control_plane.observe.ledger import Ledger
 from control_plane.observe.load_tracker import EndpointState, LoadTracker
 from control_plane.observe.metrics_parser import load_for_model, parse_loads
 from control_plane.observe.outcomes import Outcomes
-
-log = logging.getLogger(__name__)
 
 MAX_CONCURRENT_SCRAPES = 64
 MAX_PAGE_BYTES = 4 * 1024 * 1024

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from control_plane.decide.policy import finish_seconds, is_fresh
-from control_plane.observe.ledger import CHUNK_S
-from control_plane.observe.load_tracker import EndpointState
+from control_plane.decide.policy import fresh, is_fresh, work_seconds
+from control_plane.observe.ledger import CHUNK_S, Metered
+from control_plane.observe.scraper import endpoint_states
 from control_plane.xds.types import SHORT_NAMES
 
 
@@ -61,28 +61,31 @@ def _rounded(value: float | None, digits: int = 3) -> float | None:
     return None if value is None else round(value, digits)
 
 
-def model_rows(plane, endpoints: list[dict]) -> list[dict]:
-    """Per model (from its `endpoint_rows`): audio-seconds metered, the backlog, the fleet's
-    drain rate and the expected wait for a new 30 s clip (the number to autoscale on)."""
+def model_rows(plane, endpoints: list[dict], now: float) -> list[dict]:
+    """Per model (with its `endpoint_rows`): audio-seconds metered, the backlog, the fleet's
+    drain rate, and the expected wait for a new 30 s clip as the policy estimates it
+    (`work_seconds` over the active engines: the number to autoscale on)."""
     rows = []
-    for model in plane.fleet.model_names() if plane.fleet else ():
+    if plane.fleet is None:
+        return rows
+    states = endpoint_states(plane.fleet, plane.tracker, plane.outcomes, plane.ledger, now)
+    for model in plane.fleet.model_names():
         serving = [e for e in endpoints if e["model"] == model and e["state"] == "active" and e["weight"] is not None]
-        metered = plane.ledger.metered.get(model)
-        waits = [finish_seconds(EndpointState(e["id"], audio_in_flight=e["audio_in_flight_s"] or 0.0,
-                                              audio_rate=e["audio_rate"]), CHUNK_S) for e in serving]
-        waits = [w for w in waits if w is not None]
+        active = {e["id"] for e in serving}
+        waits = work_seconds(fresh([s for s in states[model] if s.backend_id in active], plane.config.routing), CHUNK_S)
+        metered = plane.ledger.metered.get(model) or Metered()
         rates = [e["audio_rate"] for e in serving if e["audio_rate"]]
         rows.append({
             "model": model,
-            "requests": metered.requests if metered else 0,
-            "audio_received_s": round(metered.received, 3) if metered else 0.0,
-            "audio_served_s": round(metered.served, 3) if metered else 0.0,
-            "audio_failed_s": round(metered.failed, 3) if metered else 0.0,
-            "audio_estimated_s": round(metered.estimated, 3) if metered else 0.0,
-            "longest_upload_s": round(metered.longest, 3) if metered else 0.0,
+            "requests": metered.requests,
+            "audio_received_s": round(metered.received, 3),
+            "audio_served_s": round(metered.served, 3),
+            "audio_failed_s": round(metered.failed, 3),
+            "audio_estimated_s": round(metered.estimated, 3),
+            "longest_upload_s": round(metered.longest, 3),
             "backlog_audio_s": round(sum(e["audio_in_flight_s"] or 0.0 for e in serving), 3),
             "drain_rate": round(sum(rates), 3) if rates else None,
-            "expected_wait_s": round(min(waits), 3) if waits else None,
+            "expected_wait_s": round(min(waits.values()), 3) if waits else None,
         })
     return rows
 
@@ -105,7 +108,7 @@ def status_report(plane, now: float) -> dict:
     snapshot = cache.snapshot
     return {
         "endpoints": endpoints,
-        "models": model_rows(plane, endpoints),
+        "models": model_rows(plane, endpoints, now),
         "envoys": envoys,
         "versions": {SHORT_NAMES[t]: v for t, v in snapshot.versions.items()} if snapshot else {},
         "nacks_total": cache.nacks_total,

@@ -89,7 +89,7 @@ class FleetCollector:
         yield from families.values()
         yield healthy
         yield draining
-        yield from self._models(model_rows(self.plane, rows))
+        yield from self._models(model_rows(self.plane, rows, now))
 
     def _models(self, rows: list[dict]):
         """Per model: metered audio-seconds (counters) and the backlog an autoscaler reads."""
