@@ -16,8 +16,8 @@ HOP_HEADER = "x-whisper-gateway-hop"
 AUDIO_SECONDS_HEADER = "x-whisper-audio-seconds"
 AUDIO_ESTIMATED_HEADER = "x-whisper-audio-estimated"
 # Dynamic metadata the Lua filter sets (a client cannot forge it): LUA_REPLY_KEY on its own
-# answers; MODEL_KEY, SECONDS_KEY and ESTIMATED_KEY on every request it routes (the request log
-# meters those, never headers a client could have sent).
+# answers; MODEL_KEY, SECONDS_KEY and ESTIMATED_KEY on every request it routes (the log of
+# failed requests meters those, never headers a client could have sent).
 METADATA_NAMESPACE = "whisper_gateway"
 LUA_REPLY_KEY = "lua_reply"
 MODEL_KEY = "model"

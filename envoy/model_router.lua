@@ -14,7 +14,7 @@ local MODEL_HEADER = "x-whisper-model"
 local LONG_UPLOAD_HEADER = "x-whisper-long-upload"
 -- Dynamic metadata (a client cannot forge it, control_plane/names.py): REPLY_KEY marks the
 -- filter's own answers so Envoy's local-reply mapper leaves them as they are; the others carry
--- a routed request's model and audio-seconds to the request log, which meters them.
+-- a routed request's model and audio-seconds to the log of failed requests, which meters them.
 local METADATA_NAMESPACE = "whisper_gateway"
 local REPLY_KEY = "lua_reply"
 local MODEL_KEY, SECONDS_KEY, ESTIMATED_KEY = "model", "audio_seconds", "audio_estimated"
@@ -172,7 +172,8 @@ local function value_end(part, parts)
 end
 
 -- Seconds of audio in the upload (envoy/audio_duration.lua), as headers the engines and the
--- upload's tries' logs see, and as dynamic metadata for the request's log.
+-- upload's tries' logs see (a 2xx try's end meters it), and as dynamic metadata for the log of
+-- failed requests.
 local function measure_audio(h, headers, body, parts, context, model)
   local file = count(parts, "file")[1]
   local stop = value_end(file, parts) or body:length()

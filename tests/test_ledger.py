@@ -95,11 +95,13 @@ def test_metering_counts_each_request_once_by_outcome():
 
 
 def entry(kind, endpoint=E1, status=0, seconds="12.5", model="m", request_id="r1", routed=True,
-          reset=False) -> accesslog_pb2.HTTPAccessLogEntry:
+          reset=False, estimated=False) -> accesslog_pb2.HTTPAccessLogEntry:
     """A log entry as Envoy sends it: headers as the request carried them; for a request the Lua
     filter routed, its dynamic metadata."""
     host, port = endpoint.rsplit(":", 1) if endpoint else ("", "0")
     headers = {"x-whisper-model": model, "x-whisper-audio-seconds": seconds} if seconds is not None else {}
+    if estimated:
+        headers["x-whisper-audio-estimated"] = "1"
     common = accesslog_pb2.AccessLogCommon(access_log_type=kind, upstream_remote_address=address_pb2.Address(
         socket_address=address_pb2.SocketAddress(address=host, port_value=int(port))))
     common.response_flags.upstream_remote_reset = reset
@@ -114,17 +116,26 @@ def entry(kind, endpoint=E1, status=0, seconds="12.5", model="m", request_id="r1
 ENTRIES = [
     # (what, entries, audio in flight at E1 after, failure evidence (ok, failed), metered (received, served, failed))
     ("a try starts", [entry(TRY_STARTED)], 12.5, (0, 0), None),
-    ("a try starts and is answered", [entry(TRY_STARTED), entry(TRY_ENDED, status=200)], 0.0, (1, 0), None),
-    ("a try cut by the engine: a failure, nothing answered",
-     [entry(TRY_STARTED), entry(TRY_ENDED, status=200, reset=True)], 0.0, (0, 1), None),
     ("an engine's 400 is not the engine failing", [entry(TRY_STARTED), entry(TRY_ENDED, status=400)], 0.0, (1, 0),
      None),
     ("a start without the filter's header is not work we can count", [entry(TRY_STARTED, seconds=None)], 0.0, (0, 0),
      None),
     ("a header that is not a number is ignored", [entry(TRY_STARTED, seconds="twelve")], 0.0, (0, 0), None),
     ("an infinite one too", [entry(TRY_STARTED, seconds="1e999")], 0.0, (0, 0), None),
-    ("a request ends served", [entry(REQUEST_ENDED, endpoint=None, status=200)], 0.0, (0, 0), (12.5, 12.5, 0.0)),
-    ("a request ends failed", [entry(REQUEST_ENDED, endpoint=None, status=503)], 0.0, (0, 0), (12.5, 0.0, 12.5)),
+    ("a try answered: its request is metered as served",
+     [entry(TRY_STARTED), entry(TRY_ENDED, status=200)], 0.0, (1, 0), (12.5, 12.5, 0.0)),
+    ("a 503 retried and answered: served once", [entry(TRY_STARTED), entry(TRY_ENDED, status=503),
+                                                 entry(TRY_STARTED), entry(TRY_ENDED, status=200)],
+     0.0, (1, 1), (12.5, 12.5, 0.0)),
+    ("an answer cut short is still what the client got", [entry(TRY_STARTED), entry(TRY_ENDED, status=200, reset=True)],
+     0.0, (0, 1), (12.5, 12.5, 0.0)),
+    ("an engine's 400 ends its request failed", [entry(TRY_STARTED), entry(TRY_ENDED, status=400),
+                                                 entry(REQUEST_ENDED, endpoint=None, status=400)],
+     0.0, (1, 0), (12.5, 0.0, 12.5)),
+    ("a request Envoy failed (no engine)", [entry(REQUEST_ENDED, endpoint=None, status=503)], 0.0, (0, 0),
+     (12.5, 0.0, 12.5)),
+    ("a 2xx request entry is not metered twice", [entry(REQUEST_ENDED, endpoint=None, status=200)], 0.0, (0, 0),
+     None),
     ("a request the filter refused, with a client's forged headers: not metered",
      [entry(REQUEST_ENDED, endpoint=None, status=404, seconds="9999999", routed=False)], 0.0, (0, 0), None),
 ]
@@ -140,3 +151,14 @@ def test_access_log_entries(what, entries, in_flight, evidence, metered):
     assert ((round(tally.ok), round(tally.failed)) if tally else (0, 0)) == evidence
     got = ledger.metered.get("m")
     assert ((got.received, got.served, got.failed) if got else None) == metered
+
+
+def test_an_estimated_duration_is_metered_as_estimated_whichever_log_meters_it():
+    ledger, outcomes = Ledger(), Outcomes()
+    record(entry(TRY_ENDED, status=200, estimated=True), 1, outcomes, ledger, now=1.0)
+    record(entry(TRY_ENDED, status=200, seconds="3", request_id="r2"), 1, outcomes, ledger, now=1.0)
+    failed_request = entry(REQUEST_ENDED, endpoint=None, status=504, seconds="4")
+    failed_request.common_properties.metadata.filter_metadata["whisper_gateway"].update({"audio_estimated": "1"})
+    record(failed_request, 1, outcomes, ledger, now=1.0)
+    metered = ledger.metered["m"]
+    assert (metered.requests, metered.received, metered.estimated) == (3, 19.5, 16.5)

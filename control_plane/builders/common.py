@@ -27,6 +27,14 @@ def lua_marked(key: str) -> accesslog_pb2.AccessLogFilter:
         match_if_key_not_found=wrappers_pb2.BoolValue(value=False)))
 
 
+def status_is(op: int, code: int, name: str) -> accesslog_pb2.AccessLogFilter:
+    """Matches responses whose status compares to `code` by `op` (ComparisonFilter.EQ, GE, LE);
+    `name` makes the runtime key Envoy requires unique."""
+    comparison = accesslog_pb2.ComparisonFilter(
+        op=op, value=base_pb2.RuntimeUInt32(default_value=code, runtime_key=f"whisper_gateway.{name}.{code}"))
+    return accesslog_pb2.AccessLogFilter(status_code_filter=accesslog_pb2.StatusCodeFilter(comparison=comparison))
+
+
 def seconds(value: float) -> duration_pb2.Duration:
     duration = duration_pb2.Duration()
     duration.FromNanoseconds(int(round(value * 1e9)))

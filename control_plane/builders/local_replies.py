@@ -12,17 +12,11 @@ from envoy.config.core.v3 import base_pb2, substitution_format_string_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
 from google.protobuf import struct_pb2
 
-from control_plane.builders.common import lua_marked
+from control_plane.builders.common import lua_marked, status_is
 from control_plane.names import LUA_REPLY_KEY
 from control_plane.config import GatewayConfig
 
 Format = substitution_format_string_pb2.SubstitutionFormatString
-
-
-def _status(op: int, code: int) -> accesslog_pb2.AccessLogFilter:
-    comparison = accesslog_pb2.ComparisonFilter(
-        op=op, value=base_pb2.RuntimeUInt32(default_value=code, runtime_key=f"whisper_gateway.local_reply.{code}"))
-    return accesslog_pb2.AccessLogFilter(status_code_filter=accesslog_pb2.StatusCodeFilter(comparison=comparison))
 
 
 def _json_error(message: str, error_type: str) -> Format:
@@ -32,7 +26,7 @@ def _json_error(message: str, error_type: str) -> Format:
 
 
 def _mapper(code: int, message: str, error_type: str) -> hcm.ResponseMapper:
-    return hcm.ResponseMapper(filter=_status(accesslog_pb2.ComparisonFilter.EQ, code),
+    return hcm.ResponseMapper(filter=status_is(accesslog_pb2.ComparisonFilter.EQ, code, "local_reply"),
                               body_format_override=_json_error(message, error_type))
 
 
@@ -53,7 +47,7 @@ def build_local_reply_config(config: GatewayConfig) -> hcm.LocalReplyConfig:
         _mapper(404, "%LOCAL_REPLY_BODY%", "NotFoundError"),
         _mapper(503, "No engine could take the request: %LOCAL_REPLY_BODY%", "ServiceUnavailableError"),
         _mapper(504, "The engine did not answer in time: %LOCAL_REPLY_BODY%", "TimeoutError"),
-        hcm.ResponseMapper(filter=_status(accesslog_pb2.ComparisonFilter.GE, 400),
+        hcm.ResponseMapper(filter=status_is(accesslog_pb2.ComparisonFilter.GE, 400, "local_reply"),
                            body_format_override=_json_error("%LOCAL_REPLY_BODY%", "GatewayError")),
     ]
     return hcm.LocalReplyConfig(mappers=mappers)

@@ -1,14 +1,16 @@
-"""The access-log service every Envoy streams to: each try at an engine and each request, as they happen.
+"""The access-log service every Envoy streams to: each try at an engine, and each failed request.
 
 Envoy's router logs a try when its stream to the engine starts (UpstreamPoolReady) and when it
-ends (UpstreamEnd); the connection manager logs each request once, at its end (DownstreamEnd).
-A try's entry carries the model and the upload's audio-seconds as the headers the Lua filter
-set on the request it routed (a client's own are removed first); a request's entry carries them
-as the filter's dynamic metadata, which a client cannot forge, so a request the filter did not
-route (a refusal, `/health`) is never metered. Starts and ends feed the ledger of work in
-flight, ends the failure ratios, requests the metering (control_plane/builders/listener.py
-sets the logs up). Nothing here is in a request's path: Envoy sends the logs in batches, and a
-control plane that is down loses only evidence.
+ends (UpstreamEnd); the connection manager logs a request at its end (DownstreamEnd) only when
+the Lua filter routed it and it did not end in a 2xx. A try's entry carries the model and the
+upload's audio-seconds as the headers the Lua filter set on the request it routed (a client's
+own are removed first, and only routed requests reach an engine); a request's entry carries
+them as the filter's dynamic metadata, which a client cannot forge, so a request the filter did
+not route (a refusal, `/health`) is never metered. Starts and ends feed the ledger of work in
+flight, ends the failure ratios; a try's 2xx end meters its request as served (the client got
+that answer, so no other try of it can have been), a request's entry as failed
+(control_plane/builders/listener.py sets the logs up). Nothing here is in a request's path:
+Envoy sends the logs in batches, and a control plane that is down loses only evidence.
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ import grpc
 from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
-from control_plane.names import (AUDIO_SECONDS_HEADER, ESTIMATED_KEY, METADATA_NAMESPACE, MODEL_KEY,
-                                 SECONDS_KEY)
+from control_plane.names import (AUDIO_ESTIMATED_HEADER, AUDIO_SECONDS_HEADER, ESTIMATED_KEY, METADATA_NAMESPACE,
+                                 MODEL_HEADER, MODEL_KEY, SECONDS_KEY)
 from control_plane.observe.ledger import Ledger
 from control_plane.observe.outcomes import Outcomes, failed
 
@@ -45,15 +47,24 @@ def endpoint_of(entry: accesslog_pb2.HTTPAccessLogEntry) -> str | None:
     return f"{address.address}:{address.port_value}" if address.address else None
 
 
-def _meter(entry: accesslog_pb2.HTTPAccessLogEntry, ledger: Ledger) -> None:
+def answered(entry: accesslog_pb2.HTTPAccessLogEntry) -> bool:
+    return 200 <= entry.response.response_code.value < 300
+
+
+def _meter_failed(entry: accesslog_pb2.HTTPAccessLogEntry, ledger: Ledger) -> None:
     fields = entry.common_properties.metadata.filter_metadata.get(METADATA_NAMESPACE)
-    if fields is None or MODEL_KEY not in fields.fields:
-        return  # not a request the filter routed
+    if fields is None or MODEL_KEY not in fields.fields or answered(entry):
+        return  # not a request the filter routed, or one its try's end metered
     seconds = as_seconds(fields.fields[SECONDS_KEY].string_value) if SECONDS_KEY in fields.fields else None
     if seconds is not None:
-        status = entry.response.response_code.value
-        ledger.meter(fields.fields[MODEL_KEY].string_value, seconds, ESTIMATED_KEY in fields.fields,
-                     200 <= status < 300)
+        ledger.meter(fields.fields[MODEL_KEY].string_value, seconds, ESTIMATED_KEY in fields.fields, served=False)
+
+
+def _meter_served(entry: accesslog_pb2.HTTPAccessLogEntry, ledger: Ledger) -> None:
+    headers = entry.request.request_headers
+    seconds = as_seconds(headers.get(AUDIO_SECONDS_HEADER, ""))
+    if seconds is not None and headers.get(MODEL_HEADER):
+        ledger.meter(headers[MODEL_HEADER], seconds, AUDIO_ESTIMATED_HEADER in headers, served=True)
 
 
 def record(entry: accesslog_pb2.HTTPAccessLogEntry, stream: int, outcomes: Outcomes, ledger: Ledger,
@@ -61,7 +72,7 @@ def record(entry: accesslog_pb2.HTTPAccessLogEntry, stream: int, outcomes: Outco
     """One log entry into the failure ratios, the ledger or the metering, by what it reports."""
     kind = entry.common_properties.access_log_type
     if kind == REQUEST_ENDED:
-        _meter(entry, ledger)
+        _meter_failed(entry, ledger)
         return
     endpoint = endpoint_of(entry)
     if endpoint is None:
@@ -75,6 +86,8 @@ def record(entry: accesslog_pb2.HTTPAccessLogEntry, stream: int, outcomes: Outco
         outcomes.record(endpoint, ok, now)
         ledger.ended(stream, entry.request.request_id, endpoint, ok and entry.response.response_code.value < 400,
                      now)
+        if answered(entry):
+            _meter_served(entry, ledger)
 
 
 class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):

@@ -4,7 +4,7 @@ vLLM runs one engine request per 30 s chunk, so request counts say little about 
 an engine holds: a ten-minute recording is twenty of them, a voice command one. Every Envoy's
 Lua filter reads each upload's duration (envoy/audio_duration.lua), and every Envoy logs each
 try at an engine over gRPC twice, when its stream to the engine starts and when it ends, and
-each request at its end (control_plane/observe/access_logs.py). From those the ledger knows,
+each failed request at its end (control_plane/observe/access_logs.py). From those the ledger knows,
 over all Envoys and with no call in the request path:
 
 - per engine: the audio-seconds sent and not yet answered, and the audio-seconds it answers
