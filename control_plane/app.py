@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import ipaddress
 import logging
+import os
 import signal
 import time
 from collections.abc import Callable
+from typing import TypeVar
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from control_plane.builders import build_load_assignments, build_resources
 from control_plane.names import cluster_name
 from control_plane.config import ConfigError, GatewayConfig, load_config
 from control_plane.decide.policy import decide_routing, is_fresh
+from control_plane.fleet.addresses import is_loopback
 from control_plane.fleet.dns_discovery import DnsDiscovery
 from control_plane.fleet.dns_discovery import plan as plan_dns
 from control_plane.fleet.registry import ACTIVE, DRAINED, DRAINING, Entry, Registry, Source
@@ -34,12 +36,14 @@ from control_plane.observe.outcomes import Outcomes
 from control_plane.operator.admin import build_admin_app
 from control_plane.operator import telemetry
 from control_plane.operator.telemetry import WEIGHT_UPDATES, XdsMetrics, forget_fleet, watch_fleet
+from control_plane.tenants.keys import Access, KeyTable
 from control_plane.xds.cache import InconsistentSnapshot, SnapshotCache
 from control_plane.xds.server import start_ads_server
 from control_plane.xds.snapshot import Snapshot
-from control_plane.xds.types import ENDPOINT
+from control_plane.xds.types import ENDPOINT, ROUTE
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # How long a removal waits for every Envoy to stop routing to a cluster before deleting it.
 REMOVAL_ACK_TIMEOUT_S = 5.0
@@ -61,6 +65,8 @@ class ControlPlane:
         self.state_directory = state_directory
         self.store = StateStore(state_directory) if state_directory is not None else None
         self.registry = Registry.empty()
+        self.keys = KeyTable()
+        self.engine_key: str | None = None  # the engines' own --api-key (auth.engine_api_key_env)
         self.cache = SnapshotCache(XdsMetrics())
         self.fleet: Fleet | None = None
         self.tracker = LoadTracker()  # what the scrapes said, per endpoint
@@ -84,8 +90,13 @@ class ControlPlane:
                 saved = self.store.load()
                 if saved is not None:
                     self.registry.restore(saved)
+                    self.keys = KeyTable.from_state(saved.get("keys", []))
             except (ValueError, TypeError, KeyError) as error:
                 raise StartupError(f"cannot restore state: {error}") from None
+        if (name := self.config.auth.engine_api_key_env) is not None:
+            self.engine_key = os.environ.get(name, "").strip() or None
+            if self.engine_key is None:
+                raise StartupError(f"auth.engine_api_key_env: the environment variable {name} is not set")
         await self.apply(self.config)
         self._check_admin_exposure()
         if self.state_directory is not None:
@@ -107,11 +118,7 @@ class ControlPlane:
 
     def _check_admin_exposure(self) -> None:
         address = self.config.listen.admin_address
-        try:
-            loopback = address == "localhost" or ipaddress.ip_address(address).is_loopback
-        except ValueError:
-            loopback = False
-        if not loopback and configured_token() is None:
+        if not is_loopback(address) and configured_token() is None:
             raise StartupError(f"listen.admin_address {address} is not loopback: set WHISPER_GATEWAY_ADMIN_TOKEN "
                                "(or WHISPER_GATEWAY_ADMIN_TOKEN_FILE) before exposing the admin API")
 
@@ -171,7 +178,8 @@ class ControlPlane:
             fleet = fleet.with_routing(self.fleet.weights,
                                        self.fleet.long_uploads if config.routing.long_upload_bytes else frozenset())
         async with self._publishing:
-            await self.publish(Snapshot.from_resources(build_resources(config, fleet, self.lua_source)))
+            access = Access(config.auth.api_keys == "required", self.keys.grants(), self.engine_key)
+            await self.publish(Snapshot.from_resources(build_resources(config, fleet, self.lua_source, access)))
             self.config, self.fleet = config, fleet
 
     # -- the load loop: observe -> decide -> publish, every routing.scrape_interval_s ------------
@@ -202,6 +210,8 @@ class ControlPlane:
             if all(_idle(self.tracker.state(backend.id, m, backend.weight, now), self.config) for m in backend.models):
                 self.ledger.settle(backend.endpoint, now)
         await self.check_drains()
+        if (ends := self.keys.next_expiry()) is not None and ends <= time.time():
+            await self.change_keys(lambda keys: keys.expire(time.time()))  # rotated-out secrets stop working
         if not routing.load_aware:
             return
         fleet = self.fleet  # a finished drain may have changed it
@@ -228,18 +238,33 @@ class ControlPlane:
 
     async def change(self, mutate: Callable[[Registry], None]) -> None:
         """Applies a registry change whole or not at all: saved durably, then published."""
+        await self._change(lambda: mutate(self.registry))
+
+    async def change_keys(self, mutate: Callable[[KeyTable], T]) -> T:
+        """The same for the API keys; returns what `mutate` returned once every connected Envoy
+        applied the change (or REMOVAL_ACK_TIMEOUT_S passed), so a secret handed out works at once."""
+        result = await self._change(lambda: mutate(self.keys))
+        await self.cache.wait_for_acks(ROUTE, self.cache.snapshot.versions[ROUTE], REMOVAL_ACK_TIMEOUT_S)
+        return result
+
+    def saved_state(self) -> dict:
+        return self.registry.to_json() | {"keys": self.keys.to_state()}
+
+    async def _change(self, mutate: Callable[[], T]) -> T:
         async with self._changing:
-            before = copy.deepcopy(self.registry)
-            mutate(self.registry)
+            before = copy.deepcopy(self.registry), copy.deepcopy(self.keys)
             try:
+                result = mutate()
                 if self.store is not None:
-                    await asyncio.to_thread(self.store.save, self.registry.to_json())
+                    await asyncio.to_thread(self.store.save, self.saved_state())
                 await self._publish_config(self.config)
             except Exception:
-                self.registry = before
-                if self.store is not None:
-                    await asyncio.to_thread(self.store.save, before.to_json())
+                saved = self.saved_state()
+                self.registry, self.keys = before
+                if self.store is not None and saved != self.saved_state():
+                    await asyncio.to_thread(self.store.save, self.saved_state())
                 raise
+            return result
 
     async def add_backend(self, entry: Entry) -> Entry:
         served = {m.name for m in self.fleet.models}

@@ -10,8 +10,9 @@ from control_plane.config import GatewayConfig
 
 ENVOY_DIR = Path(__file__).resolve().parent.parent / "envoy"
 BOOTSTRAP_TEMPLATE = ENVOY_DIR / "bootstrap.yaml"
-# The Lua filter is one source: the duration reader's functions, then the router that calls them.
-LUA_FILTER_PATHS = (ENVOY_DIR / "audio_duration.lua", ENVOY_DIR / "model_router.lua")
+# The Lua filter is one source: the key check's and the duration reader's functions, then the
+# router that calls them.
+LUA_FILTER_PATHS = (ENVOY_DIR / "api_keys.lua", ENVOY_DIR / "audio_duration.lua", ENVOY_DIR / "model_router.lua")
 
 
 def render_bootstrap(template: str, config: GatewayConfig, node_id: str, xds_host: str | None = None,

@@ -53,6 +53,17 @@ def _parser() -> argparse.ArgumentParser:
     backends.add_argument("--timeout", type=float, help="with drain: seconds before removal anyway")
     backends.add_argument("--force", action="store_true", help="with remove: now, without draining")
 
+    keys = api_command("keys", "create, list, rotate, revoke or change API keys; show their usage")
+    keys.add_argument("action", choices=["list", "create", "set", "rotate", "revoke", "usage"])
+    keys.add_argument("target", nargs="?", help="with create: the new key's name; else the key's id or name")
+    keys.add_argument("--name", help="with set: a new name")
+    keys.add_argument("--model", action="append", dest="models", help="with create or set: a model it may use "
+                                                                      "(repeat; default: all)")
+    keys.add_argument("--all-models", action="store_true", help="with set: lift the model restriction")
+    keys.add_argument("--class", dest="key_class", choices=["interactive", "batch"], help="with create or set")
+    keys.add_argument("--grace", type=float, help="with rotate: seconds the previous secret keeps working "
+                                                  "(default: auth.rotation_grace_s)")
+
     envoy = with_config(commands.add_parser(
         "envoy", help="run Envoy for this config: write its bootstrap, then become Envoy (containers use this)"))
     envoy.add_argument("--node-id", default=None, help="Envoy node id (default: envoy-<hostname>)")
@@ -90,6 +101,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(asyncio.run(serve(args.config, args.state_dir)))
     if args.command in ("status", "backends"):
         sys.exit(_run_api_command(args, config))
+    if args.command == "keys":
+        sys.exit(_run_keys_command(args, config))
     if args.command == "envoy":
         _exec_envoy(args, config)
     if args.command == "envoy-drain":
@@ -201,6 +214,72 @@ def _run_api_command(args: argparse.Namespace, config: GatewayConfig) -> int:
             force = "?force=true" if args.force else ""
             answer = _call(args, config, "DELETE", f"/backends/{_backend_id(args, config, args.target)}{force}")
         print(json.dumps(answer, indent=2) if args.json else f"{answer['id']} {answer['url']}: {answer['state']}")
+        return 0
+    except ApiFailure as failure:
+        print(f"whisper-gateway: {failure}", file=sys.stderr)
+        return 1
+
+
+def _key_id(args, config, target: str | None) -> str:
+    if not target:
+        raise ApiFailure(f"keys {args.action} needs the key's id or name")
+    if target.startswith("key-"):
+        return target
+    for key in _call(args, config, "GET", "/keys")["data"]:
+        if key["name"] == target and key["state"] == "active":
+            return key["id"]
+    raise ApiFailure(f"no active key named {target!r}")
+
+
+def _keys_table(keys: list[dict]) -> str:
+    from control_plane.operator.status import render_rows
+
+    header = ("ID", "NAME", "STATE", "CLASS", "MODELS", "REQUESTS", "AUDIO SERVED (s)")
+    rows = [(k["id"], k["name"], k["state"], k["class"], ",".join(k["models"] or ["all"]),
+             str(sum(u["requests"] for u in k["usage"].values())),
+             f"{sum(u['audio_served_s'] for u in k['usage'].values()):.1f}") for k in keys]
+    return "\n".join(render_rows(header, rows))
+
+
+def _key_body(args) -> dict:
+    body: dict = {}
+    if args.name:
+        body["name"] = args.name
+    if args.models:
+        body["models"] = args.models
+    if args.all_models:
+        body["models"] = None
+    if args.key_class:
+        body["class"] = args.key_class
+    return body
+
+
+def _run_keys_command(args: argparse.Namespace, config: GatewayConfig) -> int:
+    try:
+        if args.action in ("list", "usage"):
+            keys = _call(args, config, "GET", "/keys")["data"]
+            if args.action == "usage" and args.target:
+                keys = [_call(args, config, "GET", f"/keys/{_key_id(args, config, args.target)}")]
+            print(json.dumps(keys, indent=2) if args.json else _keys_table(keys))
+            return 0
+        if args.action == "create":
+            if not args.target:
+                raise ApiFailure("keys create needs a name for the new key")
+            answer = _call(args, config, "POST", "/keys", _key_body(args) | {"name": args.target})
+        elif args.action == "set":
+            answer = _call(args, config, "PATCH", f"/keys/{_key_id(args, config, args.target)}", _key_body(args))
+        elif args.action == "rotate":
+            body = {"grace_s": args.grace} if args.grace is not None else {}
+            answer = _call(args, config, "POST", f"/keys/{_key_id(args, config, args.target)}/rotate", body)
+        else:
+            answer = _call(args, config, "DELETE", f"/keys/{_key_id(args, config, args.target)}")
+        if args.json:
+            print(json.dumps(answer, indent=2))
+        elif "secret" in answer:  # create and rotate: the only time the secret is shown
+            print(f"{answer['id']} ({answer['name']}): its secret, shown only now; keep it safe:", file=sys.stderr)
+            print(answer["secret"])
+        else:
+            print(f"{answer['id']} ({answer['name']}): {answer['state']}")
         return 0
     except ApiFailure as failure:
         print(f"whisper-gateway: {failure}", file=sys.stderr)

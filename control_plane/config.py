@@ -17,7 +17,7 @@ import yaml
 from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 from pydantic.dataclasses import dataclass
 
-from control_plane.fleet.addresses import AddressError, is_ip_address, own_port_problem, parse_backend_url
+from control_plane.fleet.addresses import AddressError, is_ip_address, is_loopback, own_port_problem, parse_backend_url
 from control_plane.fleet.registry import Entry, Source
 from control_plane.validation import ConfigError, check, fail, matching, within
 from control_plane.xds.snapshot import MAX_WEIGHT, MIN_WEIGHT
@@ -53,6 +53,7 @@ ModelName = Annotated[StrictStr, matching(MODEL_NAME_PATTERN, "{!r} is not a val
 BackendUrl = Annotated[Any, AfterValidator(_backend_url)]
 Address = Annotated[StrictStr, Field(min_length=1)]
 DrainTimeout = Annotated[StrictFloat, within(1, 86400)]
+RotationGrace = Annotated[StrictFloat, within(0, 30 * 86400)]
 
 
 def seconds(low: float, high: float):
@@ -61,7 +62,9 @@ def seconds(low: float, high: float):
 
 @dataclass(frozen=True, config=SECTION)
 class ListenConfig:
-    address: Address = "0.0.0.0"
+    # Where clients send audio. Loopback unless you mean otherwise: beyond it, auth.api_keys
+    # must be required (or auth.open_listener set).
+    address: Address = "127.0.0.1"
     port: Port = 8080
     envoy_admin_port: Port = 9901
     # Envoy's Prometheus metrics (only /stats/prometheus), on listen.address.
@@ -166,6 +169,30 @@ class ResilienceConfig:
     hedge_per_mb_s: seconds(0, 86400) = 30.0
 
 
+EnvName = Annotated[StrictStr, matching(re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}"),
+                                        "expected an environment variable's name, got {!r}")]
+
+
+@dataclass(frozen=True, config=SECTION)
+class AuthConfig:
+    """API keys on the audio listener (control_plane/tenants/keys.py, envoy/api_keys.lua)."""
+
+    # required: every audio request needs `Authorization: Bearer <key>` (keys made with
+    # `whisper-gateway keys create`); off: anyone who can reach listen.address may send audio.
+    api_keys: Annotated[Literal["off", "required"],
+                        BeforeValidator(lambda v: "off" if v is False else v)] = "off"  # YAML reads `off` as false
+    # Lets api_keys: off serve a listen.address beyond loopback; without it that is refused, so
+    # nothing is open by accident.
+    open_listener: StrictBool = False
+    max_keys: Annotated[StrictInt, within(1, 100_000)] = 1000
+    # How long a rotated key's previous secret keeps working, unless a rotation says otherwise.
+    rotation_grace_s: RotationGrace = 86400.0
+    # The environment variable holding the engines' own --api-key (vLLM's): Envoy sends it to
+    # them in place of whatever the client sent. Unset: with keys required, the client's key is
+    # removed before any engine sees it; with keys off, it reaches the engines as sent.
+    engine_api_key_env: EnvName | None = None
+
+
 @dataclass(frozen=True, config=SECTION)
 class ModelConfig:
     name: ModelName
@@ -255,6 +282,7 @@ class GatewayConfig:
     limits: LimitsConfig = LimitsConfig()
     routing: RoutingConfig = RoutingConfig()
     resilience: ResilienceConfig = ResilienceConfig()
+    auth: AuthConfig = AuthConfig()
     models: tuple[Annotated[ModelConfig, BeforeValidator(lambda v: {"name": v} if isinstance(v, str) else v)], ...] = ()
     backends: tuple[BackendConfig, ...] = ()
     engines: tuple[AnyEngine, ...] = ()
@@ -305,6 +333,10 @@ def _cross_checks(config: GatewayConfig) -> None:
     if routing.stale_after_s < routing.scrape_interval_s:
         raise ConfigError(f"routing.stale_after_s: {routing.stale_after_s} must be at least "
                           f"scrape_interval_s ({routing.scrape_interval_s})")
+    if config.auth.api_keys == "off" and not config.auth.open_listener and not is_loopback(config.listen.address):
+        raise ConfigError(f"auth.api_keys: off while listen.address {config.listen.address} is reachable beyond this "
+                          "host: set auth.api_keys: required and make keys (whisper-gateway keys create), bind "
+                          "listen.address: 127.0.0.1, or set auth.open_listener: true to serve anyone who reaches it")
     ports = {name: port for name, (_, port) in config.listen.own_endpoints().items()}
     if len(set(ports.values())) != len(ports):
         raise ConfigError(f"listen: the ports must all differ, got {ports}")

@@ -15,6 +15,8 @@ HOP_HEADER = "x-whisper-gateway-hop"
 # that is an estimate (envoy/audio_duration.lua); a client's own values are replaced.
 AUDIO_SECONDS_HEADER = "x-whisper-audio-seconds"
 AUDIO_ESTIMATED_HEADER = "x-whisper-audio-estimated"
+# Set by the Lua filter when keys are required: the id of the key a request was admitted with.
+KEY_ID_HEADER = "x-whisper-key-id"
 # Dynamic metadata the Lua filter sets (a client cannot forge it): LUA_REPLY_KEY on its own
 # answers; MODEL_KEY, SECONDS_KEY and ESTIMATED_KEY on every request it routes (the log of
 # failed requests meters those, never headers a client could have sent).
@@ -23,6 +25,7 @@ LUA_REPLY_KEY = "lua_reply"
 MODEL_KEY = "model"
 SECONDS_KEY = "audio_seconds"
 ESTIMATED_KEY = "audio_estimated"
+KEY_ID_KEY = "key_id"
 LONG_UPLOAD_KEY = "long_uploads"
 LUA_FILTER = "envoy.filters.http.lua"
 AUDIO_PATHS = ("/v1/audio/transcriptions", "/v1/audio/translations")

@@ -17,7 +17,7 @@ local LONG_UPLOAD_HEADER = "x-whisper-long-upload"
 -- a routed request's model and audio-seconds to the log of failed requests, which meters them.
 local METADATA_NAMESPACE = "whisper_gateway"
 local REPLY_KEY = "lua_reply"
-local MODEL_KEY, SECONDS_KEY, ESTIMATED_KEY = "model", "audio_seconds", "audio_estimated"
+local MODEL_KEY, SECONDS_KEY, ESTIMATED_KEY, KEY_ID_KEY = "model", "audio_seconds", "audio_estimated", "key_id"
 -- Set on every request Envoy proxies (route config); one arriving with it has come round a loop
 -- (a gateway that is its own backend, or two gateways pointed at each other).
 local HOP_HEADER = "x-whisper-gateway-hop"
@@ -27,8 +27,10 @@ local PER_TRY_HEADER = "x-envoy-upstream-rq-per-try-timeout-ms"
 -- The upload's audio-seconds, and "1" when that is an estimate (envoy/audio_duration.lua).
 local AUDIO_SECONDS_HEADER = "x-whisper-audio-seconds"
 local AUDIO_ESTIMATED_HEADER = "x-whisper-audio-estimated"
+-- The id of the API key a request was admitted with (envoy/api_keys.lua), for the logs that meter it.
+local KEY_ID_HEADER = "x-whisper-key-id"
 -- What this filter sets: a client's own values never reach a route, an engine or a log.
-local OWN_HEADERS = {MODEL_HEADER, LONG_UPLOAD_HEADER, AUDIO_SECONDS_HEADER, AUDIO_ESTIMATED_HEADER}
+local OWN_HEADERS = {MODEL_HEADER, LONG_UPLOAD_HEADER, AUDIO_SECONDS_HEADER, AUDIO_ESTIMATED_HEADER, KEY_ID_HEADER}
 local WINDOW = 4096
 local MAX_MODEL_BYTES = 256
 -- A part's header block: engines' form parsers fail (HTTP 500) on huge or binary ones.
@@ -54,9 +56,11 @@ local function json_string(s)
   return '"' .. s:gsub("[\128-\255]", "?") .. '"'
 end
 
-local function reply(h, status, message, error_type, param)
+-- An OpenAI-style error; `code` is the status unless OpenAI names one (invalid_api_key).
+local function reply(h, status, message, error_type, param, code)
   local body = '{"error":{"message":' .. json_string(message) .. ',"type":' .. json_string(error_type)
-    .. ',"param":' .. (param and json_string(param) or "null") .. ',"code":' .. status .. "}}"
+    .. ',"param":' .. (param and json_string(param) or "null") .. ',"code":' .. (code and json_string(code) or status)
+    .. "}}"
   h:streamInfo():dynamicMetadata():set(METADATA_NAMESPACE, REPLY_KEY, "1")
   h:respond({[":status"] = tostring(status), ["content-type"] = "application/json"}, body)
 end
@@ -254,6 +258,13 @@ function envoy_on_request(h)
     return reply(h, 508, "Loop detected: this request already passed through a whisper-gateway. "
       .. "A backend is the gateway itself, or two gateways point at each other.", "LoopDetected", nil)
   end
+  local context = h:filterContext()
+  local grant = nil
+  if context:get("keys_required") then -- before the body: a stranger's upload is never buffered
+    local why
+    grant, why = authenticate(headers, context)
+    if grant == nil then return reply(h, 401, why, "AuthenticationError", nil, "invalid_api_key") end
+  end
   if headers:get(":method") ~= "POST" then
     return reply(h, 405, "Method Not Allowed: send POST with a multipart/form-data body.",
       "MethodNotAllowed", nil)
@@ -278,14 +289,22 @@ function envoy_on_request(h)
   if find(name, "%c") then
     return bad_request(h, "The form field `model` contains control characters.", "model")
   end
-  local context = h:filterContext()
+  context = h:filterContext() -- taken again after h:body() yielded, like the headers
   local models = context:get("models") or {}
   local model = models[name]
   if model == nil then
     return reply(h, 404, "The model `" .. name .. "` does not exist. Served models: " .. served_names(models) .. ".",
       "NotFoundError", "model")
   end
+  if grant and not allows(grant, model) then
+    return reply(h, 403, "This API key may not use the model `" .. name .. "`.", "PermissionDeniedError", "model",
+      "model_not_allowed")
+  end
   headers = h:headers() -- h:body() yielded: the handle taken before it is no longer valid
+  if grant then
+    headers:replace(KEY_ID_HEADER, grant.id)
+    h:streamInfo():dynamicMetadata():set(METADATA_NAMESPACE, KEY_ID_KEY, grant.id)
+  end
   measure_audio(h, headers, body, parts, context, model) -- before an alias moves the bytes
   if model ~= name then
     -- An alias: engines know only the model's own name, so the form must carry that. Lua

@@ -397,7 +397,8 @@ class GatewayStack:
 
     def restart_plane(self, kill: bool = False) -> None:
         self.plane.kill() if kill else self.plane.stop()
-        self.plane = start_control_plane(self.tmp_path, self.config.path, name="control-plane-again",
+        self.restarts = getattr(self, "restarts", 0) + 1  # a log of its own: start is seen in the log
+        self.plane = start_control_plane(self.tmp_path, self.config.path, name=f"control-plane-again-{self.restarts}",
                                          state_dir=self.plane.state_dir)
         self.admin = AdminClient(self.admin.url, self.plane.state_dir)
 

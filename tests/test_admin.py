@@ -313,8 +313,8 @@ def test_open_endpoints_and_openapi(quiet_gateway):
     assert request("GET", gateway.admin.url + "/healthz").json() == {"status": "ok"}
     document = request("GET", gateway.admin.url + "/openapi.json").json()
     assert document["openapi"].startswith("3.")
-    assert {"/backends", "/backends/{id}", "/backends/{id}/drain", "/backends/{id}/resume", "/status"} <= set(
-        document["paths"])
+    assert {"/backends", "/backends/{id}", "/backends/{id}/drain", "/backends/{id}/resume", "/status", "/keys",
+            "/keys/{id}", "/keys/{id}/rotate"} <= set(document["paths"])
     assert set(document["paths"]["/backends"]) == {"get", "post"}
 
 

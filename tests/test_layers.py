@@ -18,6 +18,7 @@ RULES = [
     ("fleet", ("app", "cli", "observe", "decide", "builders", "operator", "supervisor")),
     ("builders", ("app", "cli", "observe", "decide", "operator", "supervisor")),
     ("operator", ("cli", "supervisor")),
+    ("tenants", ("app", "cli", "config", "fleet", "observe", "decide", "builders", "operator", "xds", "supervisor")),
 ]
 
 

@@ -25,7 +25,8 @@ def chromium() -> str:
 
 
 class Rows(HTMLParser):
-    """The engines table's rows (data-url -> cell texts) and the models table's (data-model -> ...)."""
+    """The engines table's rows (data-url -> cell texts), the models table's (data-model -> ...)
+    and the keys table's (data-key -> ...)."""
 
     def __init__(self):
         super().__init__()
@@ -35,8 +36,9 @@ class Rows(HTMLParser):
 
     def handle_starttag(self, tag, attrs):
         attrs = dict(attrs)
-        if tag == "tr" and ("data-url" in attrs or "data-model" in attrs):
-            self._url = attrs.get("data-url") or "model:" + attrs["data-model"]
+        if tag == "tr" and ("data-url" in attrs or "data-model" in attrs or "data-key" in attrs):
+            self._url = attrs.get("data-url") or (
+                "model:" + attrs["data-model"] if "data-model" in attrs else "key:" + attrs["data-key"])
             self.rows[self._url] = []
         elif tag == "td" and self._url:
             self._cell = ""
@@ -81,6 +83,8 @@ def test_status_page_shows_what_the_api_says_and_follows_a_drain(tmp_path):
     rows = page_rows(url)
     # columns: model, requests, audio received, served, failed, estimated, backlog, drain rate, wait
     assert rows.pop(f"model:{MODEL}")[:5] == [MODEL, "1", "7.5 s", "7.5 s", "0.0 s"]
+    # keys are off here: the request is metered under no key
+    assert rows.pop("key:") == ["-", "(no key)", MODEL, "1", "7.5 s", "7.5 s", "0.0 s"]
     expected = {e["url"]: e for e in api.status()["endpoints"]}
     assert set(rows) == set(expected)
     for engine_url, cells in rows.items():

@@ -8,6 +8,7 @@ from control_plane.builders.listener import build_listener
 from control_plane.builders.routes import build_route_configuration
 from control_plane.config import GatewayConfig
 from control_plane.fleet.state import Fleet
+from control_plane.tenants.keys import Access
 from control_plane.xds.snapshot import Resources
 from control_plane.xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE
 
@@ -17,12 +18,12 @@ def build_load_assignments(fleet: Fleet) -> list:
     return [build_load_assignment(model, fleet) for model in fleet.model_names()]
 
 
-def build_resources(config: GatewayConfig, fleet: Fleet, lua_source: str) -> Resources:
-    """Everything Envoy needs for this fleet, by type URL."""
+def build_resources(config: GatewayConfig, fleet: Fleet, lua_source: str, access: Access = Access()) -> Resources:
+    """Everything Envoy needs for this fleet and these keys, by type URL."""
     models = fleet.model_names()
     return {
         LISTENER: [build_listener(config, lua_source)],
-        ROUTE: [build_route_configuration(config, fleet)],
+        ROUTE: [build_route_configuration(config, fleet, access)],
         CLUSTER: [build_cluster(model, config) for model in models] + [build_unrouted_cluster()],
         ENDPOINT: build_load_assignments(fleet),
     }

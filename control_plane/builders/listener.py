@@ -17,15 +17,16 @@ from google.protobuf import wrappers_pb2
 
 from control_plane.builders.common import lua_marked, pack, seconds, status_is
 from control_plane.builders.local_replies import build_local_reply_config
-from control_plane.names import (AUDIO_ESTIMATED_HEADER, AUDIO_SECONDS_HEADER, LISTENER_NAME, LUA_FILTER, MODEL_HEADER,
+from control_plane.names import (AUDIO_ESTIMATED_HEADER, AUDIO_SECONDS_HEADER, KEY_ID_HEADER, LISTENER_NAME, LUA_FILTER,
+                                 MODEL_HEADER,
                                  MODEL_KEY, REQUEST_LOG_NAME, ROUTE_CONFIG_NAME, UPSTREAM_LOG_NAME, XDS_CLUSTER)
 from control_plane.config import GatewayConfig
 
 
-# What the control plane reads from each logged try: the model and the upload's audio-seconds
-# as the Lua filter set them (envoy/audio_duration.lua; a client's own are removed first).
+# What the control plane reads from each logged try: the model, the upload's audio-seconds and
+# the key it was admitted with, as the Lua filter set them (envoy/audio_duration.lua; a client's own are removed first).
 # Requests' logs carry them as dynamic metadata.
-LOGGED_HEADERS = [MODEL_HEADER, AUDIO_SECONDS_HEADER, AUDIO_ESTIMATED_HEADER]
+LOGGED_HEADERS = [MODEL_HEADER, AUDIO_SECONDS_HEADER, AUDIO_ESTIMATED_HEADER, KEY_ID_HEADER]
 
 
 def _grpc_log(log_name: str, headers: list[str], only: accesslog_pb2.AccessLogFilter | None = None

@@ -31,6 +31,7 @@ from control_plane.names import (
 )
 from control_plane.config import GatewayConfig
 from control_plane.fleet.state import Fleet
+from control_plane.tenants.keys import Access
 from control_plane.xds.snapshot import MAX_WEIGHT
 
 MAX_DIRECT_RESPONSE_BYTES = 1024 * 1024
@@ -145,17 +146,31 @@ def hedging(config: GatewayConfig) -> tuple[int, int]:
     return int(r.hedge_after_s * 1000), int(r.hedge_per_mb_s * 1000)
 
 
-def _filter_context(config: GatewayConfig, fleet: Fleet) -> struct_pb2.Struct:
+def _filter_context(config: GatewayConfig, fleet: Fleet, access: Access) -> struct_pb2.Struct:
     base_ms, per_mb_ms = hedging(config)
     context = struct_pb2.Struct()
     context.update({"models": fleet.name_to_model(),
                     "long_upload_bytes": config.routing.long_upload_bytes,
                     "max_audio_seconds": config.limits.max_audio_s,
-                    "per_try_base_ms": base_ms, "per_try_ms_per_mb": per_mb_ms})
+                    "per_try_base_ms": base_ms, "per_try_ms_per_mb": per_mb_ms,
+                    "keys_required": access.required})
+    # One field per digest: the filter looks up the one it needs, never converts the whole table.
+    context.update({f"key:{digest}": grant.to_context() for digest, grant in access.grants.items()})
     return context
 
 
-def build_route_configuration(config: GatewayConfig, fleet: Fleet) -> route_pb2.RouteConfiguration:
+def _engine_authorization(access: Access) -> tuple[list[base_pb2.HeaderValueOption], list[str]]:
+    """(headers to add, to remove) so that engines see their own key, or none of the clients'."""
+    if access.engine_key is not None:
+        return [base_pb2.HeaderValueOption(
+            header=base_pb2.HeaderValue(key="authorization", value=f"Bearer {access.engine_key}"),
+            append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD)], []
+    return [], ["authorization"] if access.required else []
+
+
+def build_route_configuration(config: GatewayConfig, fleet: Fleet, access: Access = Access()
+                              ) -> route_pb2.RouteConfiguration:
+    engine_headers, removed_headers = _engine_authorization(access)
     virtual_host = rc.VirtualHost(
         name=VIRTUAL_HOST_NAME,
         domains=["*"],
@@ -163,11 +178,13 @@ def build_route_configuration(config: GatewayConfig, fleet: Fleet) -> route_pb2.
         # The Lua filter buffers whole bodies; Envoy takes this limit from the route matched
         # before the filter sets the model header, so it must sit on the virtual host.
         request_body_buffer_limit=wrappers_pb2.UInt64Value(value=config.limits.max_upload_bytes),
-        typed_per_filter_config={LUA_FILTER: pack(lua_pb2.LuaPerRoute(filter_context=_filter_context(config, fleet)))},
+        typed_per_filter_config={LUA_FILTER: pack(lua_pb2.LuaPerRoute(
+            filter_context=_filter_context(config, fleet, access)))},
         # Every proxied request carries it; the Lua filter refuses one that arrives with it (a loop).
         request_headers_to_add=[base_pb2.HeaderValueOption(
             header=base_pb2.HeaderValue(key=HOP_HEADER, value="1"),
-            append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD)],
+            append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD)] + engine_headers,
+        request_headers_to_remove=removed_headers,
         # The per-try deadline (hedging()) starts another try without cutting the first.
         hedge_policy=rc.HedgePolicy(hedge_on_per_try_timeout=True),
     )

@@ -67,10 +67,11 @@ async def resolve_fleet(config: GatewayConfig, registry: Registry) -> Fleet:
     return Fleet(models=served_models(config, registry), backends=tuple(b for b in resolved if b is not None))
 
 
-async def read_engine_models(url: str, timeout: float = 5.0) -> list[str]:
-    """The model names an engine serves, from its OpenAI-style /v1/models."""
+async def read_engine_models(url: str, api_key: str | None = None, timeout: float = 5.0) -> list[str]:
+    """The model names an engine serves, from its OpenAI-style /v1/models (behind its --api-key, if any)."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session:
-        async with session.get(f"{url}/v1/models") as response:
+        async with session.get(f"{url}/v1/models", headers=headers) as response:
             if response.status != 200:
                 raise ValueError(f"{url}/v1/models answered HTTP {response.status}")
             body = await response.json(content_type=None)

@@ -23,8 +23,8 @@ import grpc
 from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
-from control_plane.names import (AUDIO_ESTIMATED_HEADER, AUDIO_SECONDS_HEADER, ESTIMATED_KEY, METADATA_NAMESPACE,
-                                 MODEL_HEADER, MODEL_KEY, SECONDS_KEY)
+from control_plane.names import (AUDIO_ESTIMATED_HEADER, AUDIO_SECONDS_HEADER, ESTIMATED_KEY, KEY_ID_HEADER,
+                                 KEY_ID_KEY, METADATA_NAMESPACE, MODEL_HEADER, MODEL_KEY, SECONDS_KEY)
 from control_plane.observe.ledger import Ledger
 from control_plane.observe.outcomes import Outcomes, failed
 
@@ -57,14 +57,17 @@ def _meter_failed(entry: accesslog_pb2.HTTPAccessLogEntry, ledger: Ledger) -> No
         return  # not a request the filter routed, or one its try's end metered
     seconds = as_seconds(fields.fields[SECONDS_KEY].string_value) if SECONDS_KEY in fields.fields else None
     if seconds is not None:
-        ledger.meter(fields.fields[MODEL_KEY].string_value, seconds, ESTIMATED_KEY in fields.fields, served=False)
+        key = fields.fields[KEY_ID_KEY].string_value if KEY_ID_KEY in fields.fields else ""
+        ledger.meter(fields.fields[MODEL_KEY].string_value, seconds, ESTIMATED_KEY in fields.fields, served=False,
+                     key=key)
 
 
 def _meter_served(entry: accesslog_pb2.HTTPAccessLogEntry, ledger: Ledger) -> None:
     headers = entry.request.request_headers
     seconds = as_seconds(headers.get(AUDIO_SECONDS_HEADER, ""))
     if seconds is not None and headers.get(MODEL_HEADER):
-        ledger.meter(headers[MODEL_HEADER], seconds, AUDIO_ESTIMATED_HEADER in headers, served=True)
+        ledger.meter(headers[MODEL_HEADER], seconds, AUDIO_ESTIMATED_HEADER in headers, served=True,
+                     key=headers.get(KEY_ID_HEADER, ""))
 
 
 def record(entry: accesslog_pb2.HTTPAccessLogEntry, stream: int, outcomes: Outcomes, ledger: Ledger,

@@ -10,7 +10,8 @@ over all Envoys and with no call in the request path:
 - per engine: the audio-seconds sent and not yet answered, and the audio-seconds it answers
   per second of having work in flight (decayed sums, time constant RATE_TAU_S): its measured
   speed, which does not depend on how long the clips it happened to get were;
-- per model: audio-seconds received, served and failed (each request once, at its end).
+- per model, and per API key and model: audio-seconds received, served and failed (each request
+  once, at its end; "" is the key of requests made without one).
 
 Pure: no I/O, and time is passed in.
 """
@@ -79,6 +80,7 @@ class Ledger:
     def __init__(self) -> None:
         self.engines: dict[str, _Engine] = {}
         self.metered: dict[str, Metered] = {}
+        self.metered_by_key: dict[tuple[str, str], Metered] = {}  # (key id, model) ->
 
     def started(self, stream: int, request_id: str, endpoint: str, seconds: float, now: float) -> None:
         """A try of `seconds` of audio began at `endpoint` ("ip:port"), logged on Envoy stream `stream`."""
@@ -107,17 +109,23 @@ class Ledger:
         if answered:
             engine.done += entry.seconds
 
-    def meter(self, model: str, seconds: float, estimated: bool, served: bool) -> None:
+    def meter(self, model: str, seconds: float, estimated: bool, served: bool, key: str = "") -> None:
         """A request the filter routed to `model` ended: served (2xx) or failed, whoever failed it."""
-        metered = self.metered.setdefault(model, Metered())
-        metered.requests += 1
-        metered.received += seconds
-        metered.longest = max(metered.longest, seconds)
-        metered.estimated += seconds if estimated else 0.0
-        if served:
-            metered.served += seconds
-        else:
-            metered.failed += seconds
+        for metered in (self.metered.setdefault(model, Metered()), self.metered_by_key.setdefault((key, model), Metered())):
+            metered.requests += 1
+            metered.received += seconds
+            metered.longest = max(metered.longest, seconds)
+            metered.estimated += seconds if estimated else 0.0
+            if served:
+                metered.served += seconds
+            else:
+                metered.failed += seconds
+
+    def usage_of(self, key: str) -> dict[str, dict]:
+        """A key's metering per model, as the admin API shows it."""
+        return {model: {"requests": m.requests, "audio_received_s": round(m.received, 3),
+                        "audio_served_s": round(m.served, 3), "audio_failed_s": round(m.failed, 3)}
+                for (owner, model), m in sorted(self.metered_by_key.items()) if owner == key}
 
     def _drop(self, now: float, gone, engine: _Engine | None = None) -> None:
         """Removes the tries `gone(key, try)` picks, of one engine or all."""

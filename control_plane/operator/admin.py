@@ -11,6 +11,7 @@ import asyncio
 import hmac
 import json
 import logging
+import time
 
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,12 +20,13 @@ import aiohttp
 from aiohttp import web
 
 from control_plane.fleet.addresses import AddressError, parse_backend_url
-from control_plane.config import ConfigError, DrainTimeout, ModelName, Weight, check
+from control_plane.config import ConfigError, DrainTimeout, ModelName, RotationGrace, Weight, check
 from control_plane.fleet.resolve import dialable_address, read_engine_models
 from control_plane.operator.openapi import OPENAPI
 from control_plane.fleet.registry import Entry, Source
 from control_plane.operator.status import endpoint_rows, status_report
 from control_plane.operator.telemetry import render as render_metrics
+from control_plane.tenants.keys import KEY_CLASSES, ApiKey, KeyProblem
 
 if TYPE_CHECKING:
     from control_plane.app import ControlPlane
@@ -175,7 +177,7 @@ async def _models_of(plane: "ControlPlane", url: str, body: dict) -> list[str]:
             raise ApiError(400, f"models must be a list of 1 to {MAX_MODELS} model names", param="models")
     else:
         try:
-            models = await read_engine_models(url)
+            models = await read_engine_models(url, plane.engine_key)
         except (ValueError, aiohttp.ClientError, asyncio.TimeoutError) as error:
             raise ApiError(400, f"cannot read the engine's models ({error or type(error).__name__}); "
                                 "give them as `models`", param="models") from None
@@ -241,6 +243,106 @@ async def delete(request: web.Request) -> web.Response:
         await plane.remove_now(entry.id)
         return web.json_response(entry.to_json() | {"state": "removed"})
     return web.json_response(_view(plane, await plane.drain(entry.id, plane.config.drain_timeout_s)), status=202)
+
+
+# --- API keys (control_plane/tenants/keys.py): secrets are in the answers of create and rotate only
+
+
+def _key_view(plane: "ControlPlane", key: ApiKey) -> dict:
+    return key.to_json() | {"usage": plane.ledger.usage_of(key.id)}
+
+
+def _key_fields(plane: "ControlPlane", body: dict) -> dict:
+    """name, models and class as given, checked; models by their names as the config has them."""
+    given = {}
+    if "name" in body:
+        given["name"] = body["name"]
+    if "models" in body:
+        models, served = body["models"], plane.fleet.model_names()
+        if models is None:
+            models = []
+        if not isinstance(models, list) or len(models) > MAX_MODELS or not all(isinstance(m, str) for m in models):
+            raise ApiError(400, f"models must be a list of at most {MAX_MODELS} model names, or null for all",
+                           param="models")
+        for model in models:
+            if model not in served:
+                raise ApiError(400, f"models: {model!r} is not a model this gateway serves (known: "
+                                    f"{', '.join(sorted(served))}; use names, not aliases)", param="models")
+        if len(set(models)) != len(models):
+            raise ApiError(400, "models lists a name twice", param="models")
+        given["models"] = tuple(models)
+    if "class" in body:
+        if body["class"] not in KEY_CLASSES:
+            raise ApiError(400, f"class must be one of {', '.join(KEY_CLASSES)}, got {body['class']!r}", param="class")
+        given["key_class"] = body["class"]
+    return given
+
+
+async def _key_change(plane: "ControlPlane", mutate):
+    try:
+        return await plane.change_keys(mutate)
+    except KeyProblem as problem:
+        error_type = {404: "not_found_error", 409: "conflict_error"}.get(problem.status, "invalid_request_error")
+        raise ApiError(problem.status, str(problem), error_type, problem.param) from None
+
+
+@routes.get("/keys")
+async def list_keys(request: web.Request) -> web.Response:
+    plane = _plane(request)
+    return web.json_response({"object": "list", "data": [_key_view(plane, k) for k in plane.keys.by_id.values()]})
+
+
+@routes.post("/keys")
+async def create_key(request: web.Request) -> web.Response:
+    plane = _plane(request)
+    body = await _json_object(request, {"name", "models", "class"}, {"name"})
+    given = _key_fields(plane, body)
+    key, secret = await _key_change(plane, lambda keys: keys.create(
+        given["name"], given.get("models", ()), given.get("key_class", "interactive"), time.time(),
+        plane.config.auth.max_keys))
+    log.info("API key %s (%s) created", key.id, key.name)
+    return web.json_response(_key_view(plane, key) | {"secret": secret}, status=201)
+
+
+def _key_or_404(request: web.Request) -> ApiKey:
+    try:
+        return _plane(request).keys.get(request.match_info["id"])
+    except KeyProblem as problem:
+        raise ApiError(404, str(problem), "not_found_error", "id") from None
+
+
+@routes.get("/keys/{id}")
+async def get_key(request: web.Request) -> web.Response:
+    return web.json_response(_key_view(_plane(request), _key_or_404(request)))
+
+
+@routes.patch("/keys/{id}")
+async def set_key(request: web.Request) -> web.Response:
+    plane, key_id = _plane(request), _key_or_404(request).id
+    given = _key_fields(plane, await _json_object(request, {"name", "models", "class"}))
+    key = await _key_change(plane, lambda keys: keys.update(key_id, **given))
+    log.info("API key %s (%s) changed: %s", key.id, key.name, ", ".join(sorted(given)) or "nothing")
+    return web.json_response(_key_view(plane, key))
+
+
+@routes.post("/keys/{id}/rotate")
+async def rotate_key(request: web.Request) -> web.Response:
+    plane, key_id = _plane(request), _key_or_404(request).id
+    body = await _json_object(request, {"grace_s"})
+    grace = _field(RotationGrace, body, "grace_s") if "grace_s" in body else plane.config.auth.rotation_grace_s
+    key, secret = await _key_change(plane, lambda keys: keys.rotate(key_id, grace, time.time()))
+    log.info("API key %s (%s) rotated; the previous secret works for %g s more", key.id, key.name, grace)
+    return web.json_response(_key_view(plane, key) | {"secret": secret})
+
+
+@routes.delete("/keys/{id}")
+async def revoke_key(request: web.Request) -> web.Response:
+    plane, key_id = _plane(request), _key_or_404(request).id
+    if request.query:
+        raise ApiError(400, "DELETE /keys/{id} takes no query parameters")
+    key = await _key_change(plane, lambda keys: keys.revoke(key_id, time.time()))
+    log.info("API key %s (%s) revoked", key.id, key.name)
+    return web.json_response(_key_view(plane, key))
 
 
 def build_admin_app(plane: "ControlPlane") -> web.Application:

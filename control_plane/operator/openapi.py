@@ -2,6 +2,7 @@
 
 _ERROR = {"$ref": "#/components/schemas/Error"}
 _BACKEND = {"$ref": "#/components/schemas/Backend"}
+_KEY = {"$ref": "#/components/schemas/Key"}
 
 
 def _answers(ok_status: str, ok_schema: dict, *errors: str) -> dict:
@@ -41,6 +42,25 @@ OPENAPI = {
                 "weight": {"type": "integer", "minimum": 1, "maximum": 128}}},
             "Drain": {"type": "object", "additionalProperties": False, "properties": {
                 "timeout_s": {"type": "number", "minimum": 1, "maximum": 86400}}},
+            "Key": {"type": "object", "properties": {
+                "id": {"type": "string"}, "name": {"type": "string"},
+                "state": {"type": "string", "enum": ["active", "revoked"]},
+                "class": {"type": "string", "enum": ["interactive", "batch"]},
+                "models": {"type": "array", "items": {"type": "string"}, "nullable": True,
+                           "description": "the models it may use; null: all"},
+                "created_at": {"type": "number"}, "revoked_at": {"type": "number", "nullable": True},
+                "secrets": {"type": "array", "description": "valid secrets: a digest prefix and when each ends",
+                            "items": {"type": "object"}},
+                "usage": {"type": "object", "description": "per model: requests and audio-seconds metered"},
+                "secret": {"type": "string", "description": "create and rotate only: the new secret, shown once"}}},
+            "KeyFields": {"type": "object", "additionalProperties": False, "properties": {
+                "name": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"},
+                "models": {"type": "array", "items": {"type": "string"}, "nullable": True},
+                "class": {"type": "string", "enum": ["interactive", "batch"]}}},
+            "Rotate": {"type": "object", "additionalProperties": False, "properties": {
+                "grace_s": {"type": "number", "minimum": 0, "maximum": 2592000,
+                            "description": "how long the previous secret keeps working (default: "
+                                           "auth.rotation_grace_s)"}}},
         },
     },
     "security": [{"bearer": []}],
@@ -72,6 +92,31 @@ OPENAPI = {
         "/backends/{id}/resume": {
             "parameters": _ID,
             "post": {"summary": "back into rotation", "responses": _answers("200", _BACKEND, "404")},
+        },
+        "/keys": {
+            "get": {"summary": "every API key (never a secret) with its usage", "responses": _answers(
+                "200", {"type": "object"})},
+            "post": {"summary": "make a key; the answer holds its secret, shown only this once (name required)",
+                     "requestBody": {"required": True, "content": {"application/json": {
+                         "schema": {"$ref": "#/components/schemas/KeyFields"}}}},
+                     "responses": _answers("201", _KEY, "400", "409")},
+        },
+        "/keys/{id}": {
+            "parameters": _ID,
+            "get": {"responses": _answers("200", _KEY, "404")},
+            "patch": {"summary": "change a key's name, models or class",
+                      "requestBody": {"content": {"application/json": {
+                          "schema": {"$ref": "#/components/schemas/KeyFields"}}}},
+                      "responses": _answers("200", _KEY, "400", "404", "409")},
+            "delete": {"summary": "revoke: every secret of the key stops working", "responses": _answers(
+                "200", _KEY, "404", "409")},
+        },
+        "/keys/{id}/rotate": {
+            "parameters": _ID,
+            "post": {"summary": "a new secret; the previous one works for grace_s more",
+                     "requestBody": {"content": {"application/json": {
+                         "schema": {"$ref": "#/components/schemas/Rotate"}}}},
+                     "responses": _answers("200", _KEY, "400", "404", "409")},
         },
     },
 }

@@ -90,6 +90,19 @@ def model_rows(plane, endpoints: list[dict], now: float) -> list[dict]:
     return rows
 
 
+def key_rows(plane) -> list[dict]:
+    """Per API key (by id and name; never a secret) and model: what was metered. Key "" is the
+    requests made without a key (auth.api_keys off)."""
+    names = {key.id: (key.name, key.state) for key in plane.keys.by_id.values()}
+    rows = []
+    for (key, model), metered in sorted(plane.ledger.metered_by_key.items()):
+        name, state = names.get(key, ("(no key)" if key == "" else "(unknown)", None))
+        rows.append({"key": key, "name": name, "state": state, "model": model, "requests": metered.requests,
+                     "audio_received_s": round(metered.received, 3), "audio_served_s": round(metered.served, 3),
+                     "audio_failed_s": round(metered.failed, 3)})
+    return rows
+
+
 def status_report(plane, now: float) -> dict:
     cache = plane.cache
     endpoints = endpoint_rows(plane, now)
@@ -109,6 +122,7 @@ def status_report(plane, now: float) -> dict:
     return {
         "endpoints": endpoints,
         "models": model_rows(plane, endpoints, now),
+        "keys": key_rows(plane),
         "envoys": envoys,
         "versions": {SHORT_NAMES[t]: v for t, v in snapshot.versions.items()} if snapshot else {},
         "nacks_total": cache.nacks_total,
@@ -145,6 +159,10 @@ def render_table(report: dict) -> str:
     if models:
         lines += render_rows(("MODEL", "REQUESTS", "RECEIVED-S", "SERVED-S", "FAILED-S", "BACKLOG-S", "DRAIN-S/S",
                               "WAIT-30S"), models) + [""]
+    keys = [(k["key"] or "-", k["name"], k["model"], str(k["requests"]), _cell(k["audio_received_s"], 1),
+             _cell(k["audio_served_s"], 1), _cell(k["audio_failed_s"], 1)) for k in report.get("keys", [])]
+    if keys:
+        lines += render_rows(("KEY", "NAME", "MODEL", "REQUESTS", "RECEIVED-S", "SERVED-S", "FAILED-S"), keys) + [""]
     for envoy in report["envoys"]:
         nack = envoy["last_nack"]
         lines.append(f"envoy {envoy['node_id']} ({envoy['peer']}): " + ", ".join(f"{t} {v}" for t, v in envoy["acked"].items())

@@ -90,6 +90,21 @@ class FleetCollector:
         yield healthy
         yield draining
         yield from self._models(model_rows(self.plane, rows, now))
+        yield from self._keys()
+
+    def _keys(self):
+        """Per API key (its id: never a secret) and model: requests and audio-seconds, by outcome;
+        key "" is requests made without a key. Summed over keys they are the models' totals."""
+        requests = CounterMetricFamily("whisper_gateway_key_requests", "Requests that ended, per API key and model.",
+                                       labels=["key", "model"])
+        audio = CounterMetricFamily("whisper_gateway_key_audio_seconds", "Audio-seconds of requests that ended, per "
+                                    "API key, model and outcome.", labels=["key", "model", "outcome"])
+        for (key, model), metered in sorted(self.plane.ledger.metered_by_key.items()):
+            requests.add_metric([key, model], metered.requests)
+            for outcome in ("received", "served", "failed"):
+                audio.add_metric([key, model, outcome], getattr(metered, outcome))
+        yield requests
+        yield audio
 
     def _models(self, rows: list[dict]):
         """Per model: metered audio-seconds (counters) and the backlog an autoscaler reads."""

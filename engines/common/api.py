@@ -189,15 +189,17 @@ class EngineApp:
     """The aiohttp application around one backend."""
 
     def __init__(self, backend: SpeechBackend, metrics: VllmMetrics, info: EngineInfo | None = None,
-                 max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES):
+                 max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, api_key: str | None = None):
         self.backend = backend
         self.metrics = metrics
         self.info = info or EngineInfo()
         self.max_upload_bytes = max_upload_bytes
+        self.api_key = api_key
 
     def build(self) -> web.Application:
         # Room for the other form fields and the multipart framing around the file.
-        app = web.Application(client_max_size=self.max_upload_bytes + 1024 * 1024, middlewares=[self._errors])
+        app = web.Application(client_max_size=self.max_upload_bytes + 1024 * 1024,
+                              middlewares=[self._authenticate, self._errors])
         app.router.add_post("/v1/audio/transcriptions", self._transcriptions)
         app.router.add_post("/v1/audio/translations", self._translations)
         app.router.add_get("/health", self._health)
@@ -206,6 +208,14 @@ class EngineApp:
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/load", self._load)
         return app
+
+    @web.middleware
+    async def _authenticate(self, request: web.Request, handler):
+        """vLLM's --api-key: every /v1 path needs `Authorization: Bearer <key>`; /health and /metrics do not."""
+        if self.api_key is not None and request.path.startswith("/v1") and not secrets.compare_digest(
+                request.headers.get("Authorization", "").encode(), f"Bearer {self.api_key}".encode()):
+            return web.json_response({"error": "Unauthorized"}, status=401)
+        return await handler(request)
 
     @web.middleware
     async def _errors(self, request: web.Request, handler):

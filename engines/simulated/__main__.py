@@ -31,6 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="fixed work per engine request: the encoder's padded 30 s window")
     parser.add_argument("--batch-penalty", type=float, default=defaults.batch_penalty)
     parser.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_BYTES / 2**20)
+    parser.add_argument("--api-key", default=None, help="like vLLM's: /v1 paths need this bearer key")
     args = parser.parse_args(argv)
     if args.max_num_seqs < 1 or min(args.speed, args.time_scale, args.seconds_per_chunk, args.seconds_per_request) <= 0:
         parser.error("--max-num-seqs must be >= 1; --speed, --time-scale and --seconds-per-* > 0")
@@ -45,7 +46,8 @@ async def serve(args: argparse.Namespace) -> None:
     )
     backend = SimulatedBackend(args.name or f"sim-{args.port}", tuple(args.model), profile)
     backend.metrics = VllmMetrics(args.model[0], backend.load)
-    app = EngineApp(backend, backend.metrics, max_upload_bytes=int(args.max_upload_mb * 2**20)).build()
+    app = EngineApp(backend, backend.metrics, max_upload_bytes=int(args.max_upload_mb * 2**20),
+                    api_key=args.api_key).build()
     install_faults(app, Faults(), backend.queue.set_slowdown)
     try:
         await serve_until_signal(app, args.host, args.port, f"simulated engine {backend.name} serving {args.model}")

@@ -27,6 +27,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-num-seqs", type=int, default=1, help="transcriptions decoding at once")
     parser.add_argument("--cpu-threads", type=int, default=1, help="threads per transcription")
     parser.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_BYTES / 2**20)
+    parser.add_argument("--api-key", default=None, help="like vLLM's: /v1 paths need this bearer key")
     args = parser.parse_args(argv)
     if args.max_num_seqs < 1 or args.cpu_threads < 1:
         parser.error("--max-num-seqs and --cpu-threads must be >= 1")
@@ -37,7 +38,8 @@ async def serve(args: argparse.Namespace) -> None:
     backend = WhisperCpuBackend(args.name or f"cpu-{args.port}", tuple(args.model),
                                 args.model_path or bundled_model_path(), args.max_num_seqs, args.cpu_threads)
     backend.metrics = VllmMetrics(args.model[0], backend.load)
-    app = EngineApp(backend, backend.metrics, max_upload_bytes=int(args.max_upload_mb * 2**20)).build()
+    app = EngineApp(backend, backend.metrics, max_upload_bytes=int(args.max_upload_mb * 2**20),
+                    api_key=args.api_key).build()
     try:
         await serve_until_signal(app, args.host, args.port, f"whisper_cpu engine {backend.name} serving {args.model}")
     finally:

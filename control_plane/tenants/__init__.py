@@ -1,0 +1,1 @@
+"""Who may use the gateway: API keys (and, as they come, their quotas and lanes)."""
