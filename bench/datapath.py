@@ -9,6 +9,7 @@ two upload sizes (5 s of 16 kHz 16-bit mono audio, about 160 kB, and 30 s, about
   nginx     Debian's nginx: round robin over both engines, default request buffering
   gateway   whisper-gateway: control plane + Envoy with the model-routing Lua filter
   gateway-r0  the same with resilience.retries 0 (Envoy then keeps no copy of each body)
+  gateway-keys  the same with auth.api_keys required and 1000 keys; every request carries one
   target    --target URL: any OpenAI-compatible router already running (CPU only with --target-pid)
 
 Reported per path and size: requests/s, latency p50/p99, latency added over `direct`, and the
@@ -43,7 +44,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from string import Template
 from urllib.parse import urlsplit
@@ -52,7 +53,8 @@ from bench.machine import command_output, describe_machine
 from control_plane.config import LimitsConfig
 from control_plane.supervisor import ENVOY_FLAGS, find_envoy
 from engines.common.audio import silent_wav
-from harness.processes import STARTED, GatewayStack, Process, free_port, multipart, request, start_engine, wait_until
+from harness.processes import (STARTED, AdminClient, GatewayStack, Process, free_port, multipart, request, start_engine,
+                               wait_until)
 
 MODEL = "whisper-large-v3-turbo"
 AUDIO_PATH = "/v1/audio/transcriptions"
@@ -100,6 +102,8 @@ class DataPath:
     measures_cpu: bool = False
     # host:port addresses wrk's threads connect to in turn instead of the URL's (the floor).
     thread_hosts: tuple[str, ...] = ()
+    authorization: str = ""  # the Authorization header every request carries (an API key)
+    admin_url: str = ""  # a gateway's admin API
 
 
 @dataclass
@@ -170,13 +174,14 @@ def build_uploads(work_dir: Path, model: str, model_first: bool) -> list[Upload]
     return uploads
 
 
-def answers_200(url: str, upload: Upload) -> bool:
-    return request("POST", url, upload.body(), {"Content-Type": upload.content_type}, timeout=5).status == 200
+def answers_200(path: DataPath, upload: Upload) -> bool:
+    headers = {"Content-Type": upload.content_type} | ({"Authorization": path.authorization} if path.authorization else {})
+    return request("POST", path.url, upload.body(), headers, timeout=5).status == 200
 
 
 def wait_answering(path: DataPath, upload: Upload, timeout: float = 30) -> None:
     """A proxy is ready when a real upload comes back 200 (listeners up, engines healthy)."""
-    wait_until(lambda: answers_200(path.url, upload), timeout, f"{path.name} to answer 200", interval=0.2)
+    wait_until(lambda: answers_200(path, upload), timeout, f"{path.name} to answer 200", interval=0.2)
 
 
 def process_tree(pid: int) -> list[int]:
@@ -255,7 +260,19 @@ def start_gateway(log_dir: Path, engine_urls: list[str], workers: int, name: str
     running = envoy_concurrency(stack.envoy.admin)
     if running != workers:
         raise SystemExit(f"the gateway's Envoy runs {running} workers, not {workers}")
-    return DataPath(name, stack.envoy.url + AUDIO_PATH, lambda: [stack.envoy.process.popen.pid], True)
+    return DataPath(name, stack.envoy.url + AUDIO_PATH, lambda: [stack.envoy.process.popen.pid], True,
+                    admin_url=stack.admin.url)
+
+
+KEYS = int(os.environ.get("BENCH_KEYS", "1000"))
+
+
+def start_gateway_with_keys(log_dir: Path, engine_urls: list[str], workers: int) -> DataPath:
+    """`auth.api_keys: required`, 1000 keys made, requests carrying one of them (envoy/api_keys.lua)."""
+    path = start_gateway(log_dir, engine_urls, workers, "gateway-keys", auth={"api_keys": "required", "max_keys": 1000})
+    admin = AdminClient(path.admin_url, log_dir / "gateway-keys" / "state")
+    secrets = [admin.call("POST", "/keys", {"name": f"bench-{i}"}).json()["secret"] for i in range(KEYS)]
+    return replace(path, authorization=f"Bearer {secrets[KEYS // 2]}")
 
 
 def start_gateway_without_retries(log_dir: Path, engine_urls: list[str], workers: int) -> DataPath:
@@ -275,7 +292,7 @@ def run_wrk(path: DataPath, upload: Upload, seconds: int, connections: int) -> d
     """One wrk run; the counts and percentiles its script prints, over all its threads."""
     command = [require("wrk"), f"-t{WRK_THREADS}", f"-c{connections}", f"-d{seconds}s", "--timeout",
                f"{WRK_TIMEOUT_S}s", "-s", str(WRK_SCRIPT), path.url, "--", str(upload.body_path), upload.content_type]
-    env = {**os.environ, "DATAPATH_HOSTS": ",".join(path.thread_hosts)}
+    env = {**os.environ, "DATAPATH_HOSTS": ",".join(path.thread_hosts), "DATAPATH_AUTHORIZATION": path.authorization}
     done = subprocess.run(command, check=False, capture_output=True, text=True, env=env, timeout=seconds + WRK_TIMEOUT_S + 30)
     for line in done.stdout.splitlines():
         if line.startswith("DATAPATH "):
@@ -421,7 +438,7 @@ def run(args: argparse.Namespace, log_dir: Path) -> tuple[list[Measurement], dic
     engine_urls = start_engines(log_dir)
     wanted = args.paths.split(",")
     starters = {"envoy": start_plain_envoy, "nginx": start_nginx, "gateway": start_gateway,
-                "gateway-r0": start_gateway_without_retries}
+                "gateway-r0": start_gateway_without_retries, "gateway-keys": start_gateway_with_keys}
     floor = DataPath("direct", engine_urls[0] + AUDIO_PATH, thread_hosts=tuple(urlsplit(u).netloc for u in engine_urls))
     paths = [floor] if "direct" in wanted else []
     paths += [start(log_dir, engine_urls, args.workers) for name, start in starters.items() if name in wanted]

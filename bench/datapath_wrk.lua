@@ -25,6 +25,8 @@ function init(args)
   wrk.body = file:read("*a")
   file:close()
   wrk.headers["Content-Type"] = args[2]
+  local authorization = os.getenv("DATAPATH_AUTHORIZATION") or ""
+  if #authorization > 0 then wrk.headers["Authorization"] = authorization end
   responses, non200 = 0, 0
 end
 

@@ -178,7 +178,8 @@ class ControlPlane:
             fleet = fleet.with_routing(self.fleet.weights,
                                        self.fleet.long_uploads if config.routing.long_upload_bytes else frozenset())
         async with self._publishing:
-            access = Access(config.auth.api_keys == "required", self.keys.grants(), self.engine_key)
+            grants = self.keys.grants(set(config.auth.plans), config.auth.default_plan)
+            access = Access(config.auth.api_keys == "required", grants, self.engine_key)
             await self.publish(Snapshot.from_resources(build_resources(config, fleet, self.lua_source, access)))
             self.config, self.fleet = config, fleet
 

@@ -61,6 +61,7 @@ def _parser() -> argparse.ArgumentParser:
                                                                       "(repeat; default: all)")
     keys.add_argument("--all-models", action="store_true", help="with set: lift the model restriction")
     keys.add_argument("--class", dest="key_class", choices=["interactive", "batch"], help="with create or set")
+    keys.add_argument("--plan", help="with create or set: its limits, a plan under auth.plans")
     keys.add_argument("--grace", type=float, help="with rotate: seconds the previous secret keeps working "
                                                   "(default: auth.rotation_grace_s)")
 
@@ -234,8 +235,8 @@ def _key_id(args, config, target: str | None) -> str:
 def _keys_table(keys: list[dict]) -> str:
     from control_plane.operator.status import render_rows
 
-    header = ("ID", "NAME", "STATE", "CLASS", "MODELS", "REQUESTS", "AUDIO SERVED (s)")
-    rows = [(k["id"], k["name"], k["state"], k["class"], ",".join(k["models"] or ["all"]),
+    header = ("ID", "NAME", "STATE", "PLAN", "CLASS", "MODELS", "REQUESTS", "AUDIO SERVED (s)")
+    rows = [(k["id"], k["name"], k["state"], k["plan"] or "default", k["class"], ",".join(k["models"] or ["all"]),
              str(sum(u["requests"] for u in k["usage"].values())),
              f"{sum(u['audio_served_s'] for u in k['usage'].values()):.1f}") for k in keys]
     return "\n".join(render_rows(header, rows))
@@ -251,6 +252,8 @@ def _key_body(args) -> dict:
         body["models"] = None
     if args.key_class:
         body["class"] = args.key_class
+    if args.plan:
+        body["plan"] = args.plan
     return body
 
 

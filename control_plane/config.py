@@ -173,6 +173,20 @@ EnvName = Annotated[StrictStr, matching(re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127
                                         "expected an environment variable's name, got {!r}")]
 
 
+PlanName = Annotated[StrictStr, matching(re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"),
+                                         "{!r} is not a valid plan name (1-64 characters: letters, digits, . _ -)")]
+
+
+@dataclass(frozen=True, config=SECTION)
+class PlanConfig:
+    """A key's limits, enforced in every Envoy by its local rate limit filters (builders/quotas.py)."""
+
+    requests_per_minute: Annotated[StrictInt, within(1, 10_000_000)]
+    # Each upload costs its duration, rounded up to a whole second (envoy/audio_duration.lua).
+    audio_seconds_per_minute: Annotated[StrictInt, within(1, 1_000_000_000)]
+    audio_seconds_per_day: Annotated[StrictInt, within(1, 4_000_000_000)] | None = None  # Envoy's buckets are 32-bit
+
+
 @dataclass(frozen=True, config=SECTION)
 class AuthConfig:
     """API keys on the audio listener (control_plane/tenants/keys.py, envoy/api_keys.lua)."""
@@ -191,6 +205,10 @@ class AuthConfig:
     # them in place of whatever the client sent. Unset: with keys required, the client's key is
     # removed before any engine sees it; with keys off, it reaches the engines as sent.
     engine_api_key_env: EnvName | None = None
+    # Named limits a key can have (`whisper-gateway keys create NAME --plan P`); default_plan is
+    # the plan of keys made without one (null: those keys have no limits).
+    plans: dict[PlanName, PlanConfig] = Field(default_factory=dict)
+    default_plan: PlanName | None = None
 
 
 @dataclass(frozen=True, config=SECTION)
@@ -337,6 +355,9 @@ def _cross_checks(config: GatewayConfig) -> None:
         raise ConfigError(f"auth.api_keys: off while listen.address {config.listen.address} is reachable beyond this "
                           "host: set auth.api_keys: required and make keys (whisper-gateway keys create), bind "
                           "listen.address: 127.0.0.1, or set auth.open_listener: true to serve anyone who reaches it")
+    if config.auth.default_plan is not None and config.auth.default_plan not in config.auth.plans:
+        raise ConfigError(f"auth.default_plan: {config.auth.default_plan!r} is not a plan under auth.plans "
+                          f"(known: {sorted(config.auth.plans)})")
     ports = {name: port for name, (_, port) in config.listen.own_endpoints().items()}
     if len(set(ports.values())) != len(ports):
         raise ConfigError(f"listen: the ports must all differ, got {ports}")

@@ -1,8 +1,8 @@
 -- whisper-gateway: API keys, checked in Envoy with no call out of the request path.
 --
 -- The control plane keeps only each key's SHA-256 (control_plane/tenants/keys.py) and pushes
--- them in the virtual host's filter_context as "key:<hex digest>" -> {id, models}, so neither
--- its state file nor Envoy's config holds a secret. Envoy's Lua has no hash function, so
+-- them as KEY_GRANTS[<hex digest>] = {id, models}, a table it writes ahead of this source
+-- (control_plane/builders/routes.py), so neither its state file nor Envoy's config holds a secret. Envoy's Lua has no hash function, so
 -- SHA-256 is here (FIPS 180-4, on LuaJIT's 32-bit `bit` operations); each worker remembers the
 -- digests of the secrets it saw lately, so a client's key is hashed once, not per request.
 
@@ -72,14 +72,14 @@ end
 
 -- The grant {id, models} of the request's `Authorization: Bearer <key>`, or nil and why not
 -- (OpenAI's wording; the key itself is never echoed, so it reaches no log).
-local function authenticate(headers, context)
+local function authenticate(headers)
   local given = headers:get("authorization")
   local secret = given and given:match("^%s*[Bb][Ee][Aa][Rr][Ee][Rr]%s+(%S+)%s*$")
   if secret == nil then
     return nil, "You didn't provide an API key. You need to provide your API key in an Authorization header "
       .. "using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
   end
-  local grant = #secret <= MAX_SECRET_BYTES and context:get("key:" .. digest_of(secret)) or nil
+  local grant = #secret <= MAX_SECRET_BYTES and KEY_GRANTS[digest_of(secret)] or nil
   if grant == nil then
     return nil, "Incorrect API key provided. Ask the gateway's operator for a valid key."
   end

@@ -5,11 +5,12 @@
 -- x-whisper-model, which the routes match. Uploads are large and the field is small, so it
 -- copies a small window at each end of the body first, and the whole body only when the field
 -- is not in either window (a multipart boundary never occurs inside a part, so any delimiter
--- found in a window is a real one). The names clients may use come from the virtual host's
--- filter_context: models = {name or alias -> model}.
+-- found in a window is a real one). The names clients may use, and the other values it needs,
+-- are CONTEXT, constants the control plane writes ahead of this source
+-- (control_plane/builders/lua_source.py): models = {name or alias -> model}.
 
 local MODEL_HEADER = "x-whisper-model"
--- Set on uploads of at least filter_context.long_upload_bytes (0: never): their routes prefer
+-- Set on uploads of at least CONTEXT.long_upload_bytes (0: never): their routes prefer
 -- the engines that finish long clips soonest.
 local LONG_UPLOAD_HEADER = "x-whisper-long-upload"
 -- Dynamic metadata (a client cannot forge it, control_plane/names.py): REPLY_KEY marks the
@@ -29,8 +30,13 @@ local AUDIO_SECONDS_HEADER = "x-whisper-audio-seconds"
 local AUDIO_ESTIMATED_HEADER = "x-whisper-audio-estimated"
 -- The id of the API key a request was admitted with (envoy/api_keys.lua), for the logs that meter it.
 local KEY_ID_HEADER = "x-whisper-key-id"
+-- The key's plan and the upload's cost in whole audio-seconds: the quota filters after this one
+-- charge them (control_plane/builders/quotas.py), and say on a 429 which limit refused it.
+local PLAN_HEADER, AUDIO_COST_HEADER, LIMITED_HEADER = "x-whisper-plan", "x-whisper-audio-cost", "x-whisper-limited"
+local PLAN_KEY, COST_KEY = "plan", "audio_cost"
 -- What this filter sets: a client's own values never reach a route, an engine or a log.
-local OWN_HEADERS = {MODEL_HEADER, LONG_UPLOAD_HEADER, AUDIO_SECONDS_HEADER, AUDIO_ESTIMATED_HEADER, KEY_ID_HEADER}
+local OWN_HEADERS = {MODEL_HEADER, LONG_UPLOAD_HEADER, AUDIO_SECONDS_HEADER, AUDIO_ESTIMATED_HEADER, KEY_ID_HEADER,
+  PLAN_HEADER, AUDIO_COST_HEADER}
 local WINDOW = 4096
 local MAX_MODEL_BYTES = 256
 -- A part's header block: engines' form parsers fail (HTTP 500) on huge or binary ones.
@@ -178,11 +184,11 @@ end
 -- Seconds of audio in the upload (envoy/audio_duration.lua), as headers the engines and the
 -- upload's tries' logs see (a 2xx try's end meters it), and as dynamic metadata for the log of
 -- failed requests.
-local function measure_audio(h, headers, body, parts, context, model)
+local function measure_audio(h, headers, body, parts, model)
   local file = count(parts, "file")[1]
   local stop = value_end(file, parts) or body:length()
   local seconds, estimated = audio_duration(function(offset, n) return body:getBytes(file.start + offset, n) end,
-    stop - file.start, file.filename, context:get("max_audio_seconds") or math.huge)
+    stop - file.start, file.filename, CONTEXT.max_audio_seconds or math.huge)
   local shown = string.format("%.3f", seconds)
   headers:replace(AUDIO_SECONDS_HEADER, shown)
   if estimated then headers:replace(AUDIO_ESTIMATED_HEADER, "1") end
@@ -190,16 +196,39 @@ local function measure_audio(h, headers, body, parts, context, model)
   metadata:set(METADATA_NAMESPACE, MODEL_KEY, model)
   metadata:set(METADATA_NAMESPACE, SECONDS_KEY, shown)
   if estimated then metadata:set(METADATA_NAMESPACE, ESTIMATED_KEY, "1") end
+  return seconds
+end
+
+-- The key's plan and the upload's cost for the quota filters; an upload that costs more than
+-- a whole window allows could never pass them, so it is answered here, saying why.
+local function charge(h, headers, grant, seconds)
+  local plan = grant.plan and CONTEXT.plans[grant.plan]
+  if plan == nil then return false end
+  local cost = math.max(1, math.ceil(seconds))
+  for _, limit in ipairs({{"audio_seconds_per_minute", "minute"}, {"audio_seconds_per_day", "day"}}) do
+    local allowed = plan[limit[1]]
+    if allowed and cost > allowed then
+      reply(h, 429, string.format("This upload is %d audio-seconds; the API key's plan allows %d per %s.", cost,
+        allowed, limit[2]), "audio_seconds", "file", "rate_limit_exceeded")
+      return true
+    end
+  end
+  headers:replace(PLAN_HEADER, grant.plan)
+  headers:replace(AUDIO_COST_HEADER, tostring(cost))
+  local metadata = h:streamInfo():dynamicMetadata()
+  metadata:set(METADATA_NAMESPACE, PLAN_KEY, grant.plan)
+  metadata:set(METADATA_NAMESPACE, COST_KEY, cost)
+  return false
 end
 
 -- Where the router sends the request: the model's route, the long-upload subset, and the
 -- deadline of each try (hedged after it: the first answer wins), longer for larger uploads.
-local function set_routing(h, headers, body, context, model)
+local function set_routing(h, headers, body, model)
   headers:replace(MODEL_HEADER, model)
-  local long_upload_bytes = context:get("long_upload_bytes") or 0
+  local long_upload_bytes = CONTEXT.long_upload_bytes or 0
   if long_upload_bytes > 0 and body:length() >= long_upload_bytes then headers:replace(LONG_UPLOAD_HEADER, "1") end
-  local try_ms = (context:get("per_try_base_ms") or 0)
-    + math.floor(body:length() * (context:get("per_try_ms_per_mb") or 0) / 1048576)
+  local try_ms = (CONTEXT.per_try_base_ms or 0)
+    + math.floor(body:length() * (CONTEXT.per_try_ms_per_mb or 0) / 1048576)
   if try_ms > 0 then
     headers:replace(PER_TRY_HEADER, tostring(try_ms))
   else
@@ -258,11 +287,10 @@ function envoy_on_request(h)
     return reply(h, 508, "Loop detected: this request already passed through a whisper-gateway. "
       .. "A backend is the gateway itself, or two gateways point at each other.", "LoopDetected", nil)
   end
-  local context = h:filterContext()
   local grant = nil
-  if context:get("keys_required") then -- before the body: a stranger's upload is never buffered
+  if CONTEXT.keys_required then -- before the body: a stranger's upload is never buffered
     local why
-    grant, why = authenticate(headers, context)
+    grant, why = authenticate(headers)
     if grant == nil then return reply(h, 401, why, "AuthenticationError", nil, "invalid_api_key") end
   end
   if headers:get(":method") ~= "POST" then
@@ -289,8 +317,7 @@ function envoy_on_request(h)
   if find(name, "%c") then
     return bad_request(h, "The form field `model` contains control characters.", "model")
   end
-  context = h:filterContext() -- taken again after h:body() yielded, like the headers
-  local models = context:get("models") or {}
+  local models = CONTEXT.models or {}
   local model = models[name]
   if model == nil then
     return reply(h, 404, "The model `" .. name .. "` does not exist. Served models: " .. served_names(models) .. ".",
@@ -305,7 +332,8 @@ function envoy_on_request(h)
     headers:replace(KEY_ID_HEADER, grant.id)
     h:streamInfo():dynamicMetadata():set(METADATA_NAMESPACE, KEY_ID_KEY, grant.id)
   end
-  measure_audio(h, headers, body, parts, context, model) -- before an alias moves the bytes
+  local seconds = measure_audio(h, headers, body, parts, model) -- before an alias moves the bytes
+  if grant and charge(h, headers, grant, seconds) then return end
   if model ~= name then
     -- An alias: engines know only the model's own name, so the form must carry that. Lua
     -- memory is outside Envoy's heap (and its overload manager), so the copy is made once, in
@@ -315,5 +343,53 @@ function envoy_on_request(h)
       body:getBytes(part.stop, length - part.stop)}))
     release(length)
   end
-  set_routing(h, headers, body, context, model)
+  set_routing(h, headers, body, model)
+end
+
+-- The quota filters' `x-ratelimit-limit`, `-remaining` and `-reset`, appended as the response
+-- passes back through them (audio-seconds first, then requests: builders/quotas.py), become
+-- OpenAI's `x-ratelimit-*-requests` and `x-ratelimit-*-audio-seconds`; a 429 of theirs gets
+-- Retry-After: when enough of its window has refilled for this request.
+local WINDOW_S = 60
+
+local function seconds_until_full(limit, remaining)
+  return math.ceil(math.max(0, limit - remaining) * WINDOW_S / limit)
+end
+
+local function retry_after(h, limited, sets)
+  local charged = h:streamInfo():dynamicMetadata():get(METADATA_NAMESPACE) or {}
+  local plan = CONTEXT.plans[charged[PLAN_KEY] or ""] or {}
+  local cost = tonumber(charged[COST_KEY]) or 1
+  if limited == "requests" and sets.requests then
+    return math.ceil(WINDOW_S / sets.requests.limit)
+  elseif limited == "audio_seconds" and sets["audio-seconds"] then
+    local audio = sets["audio-seconds"]
+    return math.ceil(math.max(1, cost - audio.remaining) * WINDOW_S / audio.limit)
+  elseif plan.audio_seconds_per_day then -- its filter sends no counts: the time to refill this upload
+    return math.ceil(cost * 86400 / plan.audio_seconds_per_day)
+  end
+  return WINDOW_S
+end
+
+function envoy_on_response(h)
+  if not CONTEXT.keys_required then return end
+  local headers = h:headers()
+  local count = headers:getNumValues("x-ratelimit-limit")
+  if count == 0 then return end
+  local kinds = count >= 2 and {"audio-seconds", "requests"} or {"requests"}
+  local sets = {}
+  for i, kind in ipairs(kinds) do
+    sets[kind] = {limit = tonumber(headers:getAtIndex("x-ratelimit-limit", i - 1)) or 1,
+      remaining = tonumber(headers:getAtIndex("x-ratelimit-remaining", i - 1)) or 0}
+  end
+  for _, field in ipairs({"limit", "remaining", "reset"}) do headers:remove("x-ratelimit-" .. field) end
+  for kind, set in pairs(sets) do
+    headers:replace("x-ratelimit-limit-" .. kind, tostring(set.limit))
+    headers:replace("x-ratelimit-remaining-" .. kind, tostring(set.remaining))
+    headers:replace("x-ratelimit-reset-" .. kind, seconds_until_full(set.limit, set.remaining) .. "s")
+  end
+  local limited = headers:get(LIMITED_HEADER)
+  if limited and headers:get(":status") == "429" then
+    headers:replace("retry-after", tostring(math.max(1, retry_after(h, limited, sets))))
+  end
 end

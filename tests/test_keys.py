@@ -337,6 +337,9 @@ def test_envoy_hashes_secrets_of_every_length_as_the_state_file_keeps_them(tmp_p
     chosen = {n: ("k" + "0123456789abcdef" * 17)[:n] for n in lengths}
     keys = [{"id": f"key-{n:012d}", "name": f"len-{n}", "created_at": 0.0,
              "secrets": [{"sha256": digest(secret), "expires_at": None}]} for n, secret in chosen.items()]
+    # and 1200 more, so the table Envoy compiles spans several functions (builders/lua_source.py)
+    keys += [{"id": f"key-f{n:011d}", "name": f"filler-{n}", "created_at": 0.0,
+              "secrets": [{"sha256": digest(f"filler-{n}"), "expires_at": None}]} for n in range(1200)]
     (tmp_path / "state").mkdir()
     (tmp_path / "state" / "state.json").write_text(json.dumps({"version": 1, "keys": keys}))
     stack = GatewayStack(tmp_path, MODEL, [engine], auth={"api_keys": "required"})
@@ -344,3 +347,4 @@ def test_envoy_hashes_secrets_of_every_length_as_the_state_file_keeps_them(tmp_p
         assert with_key(stack, secret, model=MODEL).status == 200, n
         assert with_key(stack, secret[:-1] + "#", model=MODEL).status == 401, n
     assert with_key(stack, "k" * 257, model=MODEL).status == 401  # over the longest secret hashed
+    assert with_key(stack, "filler-1199", model=MODEL).status == 200

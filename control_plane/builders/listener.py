@@ -17,10 +17,14 @@ from google.protobuf import wrappers_pb2
 
 from control_plane.builders.common import lua_marked, pack, seconds, status_is
 from control_plane.builders.local_replies import build_local_reply_config
+from control_plane.builders.lua_source import filter_source
+from control_plane.builders.quotas import build_quota_filters
+from control_plane.builders.routes import lua_context
 from control_plane.names import (AUDIO_ESTIMATED_HEADER, AUDIO_SECONDS_HEADER, KEY_ID_HEADER, LISTENER_NAME, LUA_FILTER,
                                  MODEL_HEADER,
                                  MODEL_KEY, REQUEST_LOG_NAME, ROUTE_CONFIG_NAME, UPSTREAM_LOG_NAME, XDS_CLUSTER)
 from control_plane.config import GatewayConfig
+from control_plane.tenants.keys import Access
 
 
 # What the control plane reads from each logged try: the model, the upload's audio-seconds and
@@ -63,7 +67,11 @@ def _unanswered() -> accesslog_pb2.AccessLogFilter:
 
 
 def build_listener(config: GatewayConfig, lua_source: str) -> listener_pb2.Listener:
-    lua = lua_pb2.Lua(default_source_code=base_pb2.DataSource(inline_string=lua_source))
+    # The routes carry the source with their models and keys (builders/lua_source.py); this one,
+    # with none, answers only what no route configures, and refuses it when keys are required.
+    access = Access(required=config.auth.api_keys == "required")
+    lua = lua_pb2.Lua(default_source_code=base_pb2.DataSource(
+        inline_string=filter_source(lua_source, lua_context(config, None, access), access)))
     manager = hcm.HttpConnectionManager(
         stat_prefix="whisper",
         codec_type=hcm.HttpConnectionManager.AUTO,
@@ -87,11 +95,8 @@ def build_listener(config: GatewayConfig, lua_source: str) -> listener_pb2.Liste
         # Each request the filter routed and that failed, once, at its end: metering (`/health`,
         # the filter's refusals and 2xx answers are not sent).
         access_log=[_grpc_log(REQUEST_LOG_NAME, [], only=_unanswered())],
-        http_filters=[
-            hcm.HttpFilter(name=LUA_FILTER, typed_config=pack(lua)),
-            hcm.HttpFilter(name="envoy.filters.http.router",
-                           typed_config=pack(_router())),
-        ],
+        http_filters=[hcm.HttpFilter(name=LUA_FILTER, typed_config=pack(lua))] + build_quota_filters(config) + [
+            hcm.HttpFilter(name="envoy.filters.http.router", typed_config=pack(_router()))],
     )
     address = address_pb2.Address(
         socket_address=address_pb2.SocketAddress(address=config.listen.address, port_value=config.listen.port)

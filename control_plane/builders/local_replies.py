@@ -13,7 +13,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import http_con
 from google.protobuf import struct_pb2
 
 from control_plane.builders.common import lua_marked, status_is
-from control_plane.names import LUA_REPLY_KEY
+from control_plane.names import LIMITED_HEADER, LUA_REPLY_KEY
 from control_plane.config import GatewayConfig
 
 Format = substitution_format_string_pb2.SubstitutionFormatString
@@ -28,6 +28,17 @@ def _json_error(message: str, error_type: str) -> Format:
 def _mapper(code: int, message: str, error_type: str) -> hcm.ResponseMapper:
     return hcm.ResponseMapper(filter=status_is(accesslog_pb2.ComparisonFilter.EQ, code, "local_reply"),
                               body_format_override=_json_error(message, error_type))
+
+
+def _rate_limited() -> hcm.ResponseMapper:
+    """A quota filter's 429 (builders/quotas.py), in OpenAI's shape: `type` names the limit."""
+    body = struct_pb2.Struct()
+    body.update({"error": {
+        "message": f"Rate limit reached for this API key: %RESP({LIMITED_HEADER})%. Retry after the time in the "
+                   "Retry-After header; the x-ratelimit-* headers say how much of each limit is left.",
+        "type": f"%RESP({LIMITED_HEADER})%", "param": None, "code": "rate_limit_exceeded"}})
+    return hcm.ResponseMapper(filter=status_is(accesslog_pb2.ComparisonFilter.EQ, 429, "local_reply"),
+                              body_format_override=Format(json_format=body, content_type="application/json"))
 
 
 def build_local_reply_config(config: GatewayConfig) -> hcm.LocalReplyConfig:
@@ -45,6 +56,7 @@ def build_local_reply_config(config: GatewayConfig) -> hcm.LocalReplyConfig:
                      "or 100 headers).", "BadRequestError"),
         _mapper(400, "Malformed HTTP request: %LOCAL_REPLY_BODY%", "BadRequestError"),
         _mapper(404, "%LOCAL_REPLY_BODY%", "NotFoundError"),
+        _rate_limited(),
         _mapper(503, "No engine could take the request: %LOCAL_REPLY_BODY%", "ServiceUnavailableError"),
         _mapper(504, "The engine did not answer in time: %LOCAL_REPLY_BODY%", "TimeoutError"),
         hcm.ResponseMapper(filter=status_is(accesslog_pb2.ComparisonFilter.GE, 400, "local_reply"),

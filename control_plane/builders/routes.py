@@ -1,7 +1,7 @@
 """The one RouteConfiguration: a route per (model name or alias, audio path), answered lists, 404s.
 
 The Lua filter reads the `model` form field and sets MODEL_HEADER; routes match on it. Which
-names exist reaches the filter through the virtual host's `filter_context`, so adding a model is
+names exist reaches the filter as constants in its source (builders/lua_source.py), so adding a model is
 a route update (RDS) and never a listener update, which would drain client connections.
 """
 
@@ -15,9 +15,10 @@ from envoy.config.route.v3 import route_pb2
 from envoy.extensions.filters.http.lua.v3 import lua_pb2
 from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
 from envoy.type.matcher.v3 import string_pb2
-from google.protobuf import struct_pb2, wrappers_pb2
+from google.protobuf import wrappers_pb2
 
 from control_plane.builders.common import long_upload_metadata, pack, seconds
+from control_plane.builders.lua_source import filter_source
 from control_plane.names import (
     AUDIO_PATHS,
     HOP_HEADER,
@@ -146,17 +147,17 @@ def hedging(config: GatewayConfig) -> tuple[int, int]:
     return int(r.hedge_after_s * 1000), int(r.hedge_per_mb_s * 1000)
 
 
-def _filter_context(config: GatewayConfig, fleet: Fleet, access: Access) -> struct_pb2.Struct:
+def lua_context(config: GatewayConfig, fleet: Fleet | None, access: Access) -> dict:
+    """What the Lua filter reads of the config and fleet (CONTEXT in its source)."""
     base_ms, per_mb_ms = hedging(config)
-    context = struct_pb2.Struct()
-    context.update({"models": fleet.name_to_model(),
-                    "long_upload_bytes": config.routing.long_upload_bytes,
-                    "max_audio_seconds": config.limits.max_audio_s,
-                    "per_try_base_ms": base_ms, "per_try_ms_per_mb": per_mb_ms,
-                    "keys_required": access.required})
-    # One field per digest: the filter looks up the one it needs, never converts the whole table.
-    context.update({f"key:{digest}": grant.to_context() for digest, grant in access.grants.items()})
-    return context
+    return {"models": fleet.name_to_model() if fleet is not None else {},
+            "long_upload_bytes": config.routing.long_upload_bytes,
+            "max_audio_seconds": config.limits.max_audio_s,
+            "per_try_base_ms": base_ms, "per_try_ms_per_mb": per_mb_ms,
+            "keys_required": access.required,
+            # Each plan's limits, for what the filter says on a 429 (builders/quotas.py enforces them).
+            "plans": {name: {k: v for k, v in vars(plan).items() if v is not None}
+                      for name, plan in config.auth.plans.items()}}
 
 
 def _engine_authorization(access: Access) -> tuple[list[base_pb2.HeaderValueOption], list[str]]:
@@ -168,7 +169,7 @@ def _engine_authorization(access: Access) -> tuple[list[base_pb2.HeaderValueOpti
     return [], ["authorization"] if access.required else []
 
 
-def build_route_configuration(config: GatewayConfig, fleet: Fleet, access: Access = Access()
+def build_route_configuration(config: GatewayConfig, fleet: Fleet, lua_source: str, access: Access = Access()
                               ) -> route_pb2.RouteConfiguration:
     engine_headers, removed_headers = _engine_authorization(access)
     virtual_host = rc.VirtualHost(
@@ -178,8 +179,8 @@ def build_route_configuration(config: GatewayConfig, fleet: Fleet, access: Acces
         # The Lua filter buffers whole bodies; Envoy takes this limit from the route matched
         # before the filter sets the model header, so it must sit on the virtual host.
         request_body_buffer_limit=wrappers_pb2.UInt64Value(value=config.limits.max_upload_bytes),
-        typed_per_filter_config={LUA_FILTER: pack(lua_pb2.LuaPerRoute(
-            filter_context=_filter_context(config, fleet, access)))},
+        typed_per_filter_config={LUA_FILTER: pack(lua_pb2.LuaPerRoute(source_code=base_pb2.DataSource(
+            inline_string=filter_source(lua_source, lua_context(config, fleet, access), access))))},
         # Every proxied request carries it; the Lua filter refuses one that arrives with it (a loop).
         request_headers_to_add=[base_pb2.HeaderValueOption(
             header=base_pb2.HeaderValue(key=HOP_HEADER, value="1"),

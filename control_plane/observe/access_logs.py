@@ -59,7 +59,7 @@ def _meter_failed(entry: accesslog_pb2.HTTPAccessLogEntry, ledger: Ledger) -> No
     if seconds is not None:
         key = fields.fields[KEY_ID_KEY].string_value if KEY_ID_KEY in fields.fields else ""
         ledger.meter(fields.fields[MODEL_KEY].string_value, seconds, ESTIMATED_KEY in fields.fields, served=False,
-                     key=key)
+                     key=key, refused=entry.response.response_code.value == 429)
 
 
 def _meter_served(entry: accesslog_pb2.HTTPAccessLogEntry, ledger: Ledger) -> None:

@@ -66,6 +66,7 @@ class Metered:
     received: float = 0.0
     served: float = 0.0
     failed: float = 0.0
+    refused: float = 0.0  # a key's quota said no (429): received, never sent to an engine
     estimated: float = 0.0  # of received: from a size estimate, not a header
     requests: int = 0
     longest: float = 0.0  # the longest single upload
@@ -109,8 +110,10 @@ class Ledger:
         if answered:
             engine.done += entry.seconds
 
-    def meter(self, model: str, seconds: float, estimated: bool, served: bool, key: str = "") -> None:
-        """A request the filter routed to `model` ended: served (2xx) or failed, whoever failed it."""
+    def meter(self, model: str, seconds: float, estimated: bool, served: bool, key: str = "",
+              refused: bool = False) -> None:
+        """A request the filter routed to `model` ended: served (2xx), refused by a quota, or failed
+        (whoever failed it)."""
         for metered in (self.metered.setdefault(model, Metered()), self.metered_by_key.setdefault((key, model), Metered())):
             metered.requests += 1
             metered.received += seconds
@@ -118,13 +121,16 @@ class Ledger:
             metered.estimated += seconds if estimated else 0.0
             if served:
                 metered.served += seconds
+            elif refused:
+                metered.refused += seconds
             else:
                 metered.failed += seconds
 
     def usage_of(self, key: str) -> dict[str, dict]:
         """A key's metering per model, as the admin API shows it."""
         return {model: {"requests": m.requests, "audio_received_s": round(m.received, 3),
-                        "audio_served_s": round(m.served, 3), "audio_failed_s": round(m.failed, 3)}
+                        "audio_served_s": round(m.served, 3), "audio_failed_s": round(m.failed, 3),
+                        "audio_refused_s": round(m.refused, 3)}
                 for (owner, model), m in sorted(self.metered_by_key.items()) if owner == key}
 
     def _drop(self, now: float, gone, engine: _Engine | None = None) -> None:

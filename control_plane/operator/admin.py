@@ -271,6 +271,11 @@ def _key_fields(plane: "ControlPlane", body: dict) -> dict:
         if len(set(models)) != len(models):
             raise ApiError(400, "models lists a name twice", param="models")
         given["models"] = tuple(models)
+    if "plan" in body:
+        if not isinstance(body["plan"], str) or body["plan"] not in plane.config.auth.plans:
+            known = ", ".join(sorted(plane.config.auth.plans)) or "none configured"
+            raise ApiError(400, f"plan must be one of auth.plans ({known}), got {body['plan']!r}", param="plan")
+        given["plan"] = body["plan"]
     if "class" in body:
         if body["class"] not in KEY_CLASSES:
             raise ApiError(400, f"class must be one of {', '.join(KEY_CLASSES)}, got {body['class']!r}", param="class")
@@ -295,11 +300,11 @@ async def list_keys(request: web.Request) -> web.Response:
 @routes.post("/keys")
 async def create_key(request: web.Request) -> web.Response:
     plane = _plane(request)
-    body = await _json_object(request, {"name", "models", "class"}, {"name"})
+    body = await _json_object(request, {"name", "models", "class", "plan"}, {"name"})
     given = _key_fields(plane, body)
     key, secret = await _key_change(plane, lambda keys: keys.create(
         given["name"], given.get("models", ()), given.get("key_class", "interactive"), time.time(),
-        plane.config.auth.max_keys))
+        plane.config.auth.max_keys, given.get("plan")))
     log.info("API key %s (%s) created", key.id, key.name)
     return web.json_response(_key_view(plane, key) | {"secret": secret}, status=201)
 
@@ -319,7 +324,7 @@ async def get_key(request: web.Request) -> web.Response:
 @routes.patch("/keys/{id}")
 async def set_key(request: web.Request) -> web.Response:
     plane, key_id = _plane(request), _key_or_404(request).id
-    given = _key_fields(plane, await _json_object(request, {"name", "models", "class"}))
+    given = _key_fields(plane, await _json_object(request, {"name", "models", "class", "plan"}))
     key = await _key_change(plane, lambda keys: keys.update(key_id, **given))
     log.info("API key %s (%s) changed: %s", key.id, key.name, ", ".join(sorted(given)) or "nothing")
     return web.json_response(_key_view(plane, key))

@@ -46,6 +46,7 @@ OPENAPI = {
                 "id": {"type": "string"}, "name": {"type": "string"},
                 "state": {"type": "string", "enum": ["active", "revoked"]},
                 "class": {"type": "string", "enum": ["interactive", "batch"]},
+                "plan": {"type": "string", "nullable": True},
                 "models": {"type": "array", "items": {"type": "string"}, "nullable": True,
                            "description": "the models it may use; null: all"},
                 "created_at": {"type": "number"}, "revoked_at": {"type": "number", "nullable": True},
@@ -56,7 +57,9 @@ OPENAPI = {
             "KeyFields": {"type": "object", "additionalProperties": False, "properties": {
                 "name": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"},
                 "models": {"type": "array", "items": {"type": "string"}, "nullable": True},
-                "class": {"type": "string", "enum": ["interactive", "batch"]}}},
+                "class": {"type": "string", "enum": ["interactive", "batch"]},
+                "plan": {"type": "string", "description": "its limits: a plan under auth.plans (default: "
+                                                          "auth.default_plan)"}}},
             "Rotate": {"type": "object", "additionalProperties": False, "properties": {
                 "grace_s": {"type": "number", "minimum": 0, "maximum": 2592000,
                             "description": "how long the previous secret keeps working (default: "

@@ -81,6 +81,7 @@ def model_rows(plane, endpoints: list[dict], now: float) -> list[dict]:
             "audio_received_s": round(metered.received, 3),
             "audio_served_s": round(metered.served, 3),
             "audio_failed_s": round(metered.failed, 3),
+            "audio_refused_s": round(metered.refused, 3),
             "audio_estimated_s": round(metered.estimated, 3),
             "longest_upload_s": round(metered.longest, 3),
             "backlog_audio_s": round(sum(e["audio_in_flight_s"] or 0.0 for e in serving), 3),
@@ -99,7 +100,7 @@ def key_rows(plane) -> list[dict]:
         name, state = names.get(key, ("(no key)" if key == "" else "(unknown)", None))
         rows.append({"key": key, "name": name, "state": state, "model": model, "requests": metered.requests,
                      "audio_received_s": round(metered.received, 3), "audio_served_s": round(metered.served, 3),
-                     "audio_failed_s": round(metered.failed, 3)})
+                     "audio_failed_s": round(metered.failed, 3), "audio_refused_s": round(metered.refused, 3)})
     return rows
 
 

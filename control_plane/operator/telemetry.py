@@ -101,7 +101,7 @@ class FleetCollector:
                                     "API key, model and outcome.", labels=["key", "model", "outcome"])
         for (key, model), metered in sorted(self.plane.ledger.metered_by_key.items()):
             requests.add_metric([key, model], metered.requests)
-            for outcome in ("received", "served", "failed"):
+            for outcome in ("received", "served", "failed", "refused"):
                 audio.add_metric([key, model, outcome], getattr(metered, outcome))
         yield requests
         yield audio
@@ -109,7 +109,7 @@ class FleetCollector:
     def _models(self, rows: list[dict]):
         """Per model: metered audio-seconds (counters) and the backlog an autoscaler reads."""
         audio = CounterMetricFamily("whisper_gateway_audio_seconds", "Audio-seconds of requests that ended, by outcome "
-                                    "(received = served + failed).", labels=["model", "outcome"])
+                                    "(received = served + failed + refused by a quota).", labels=["model", "outcome"])
         estimated = CounterMetricFamily("whisper_gateway_audio_seconds_estimated", "Of the received audio-seconds, "
                                         "those estimated from the upload's size.", labels=["model"])
         gauges = {
@@ -124,7 +124,7 @@ class FleetCollector:
                                                  labels=["model"]),
         }
         for row in rows:
-            for outcome in ("received", "served", "failed"):
+            for outcome in ("received", "served", "failed", "refused"):
                 audio.add_metric([row["model"], outcome], row[f"audio_{outcome}_s"])
             estimated.add_metric([row["model"]], row["audio_estimated_s"])
             for name, family in gauges.items():

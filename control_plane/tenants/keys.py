@@ -62,6 +62,7 @@ class ApiKey:
     models: tuple[str, ...] = ()  # empty: every model
     key_class: KeyClass = "interactive"
     revoked_at: float | None = None
+    plan: str | None = None  # its limits (auth.plans); None: auth.default_plan
 
     @property
     def state(self) -> str:
@@ -71,6 +72,7 @@ class ApiKey:
         """As the API shows it and the state file keeps it: digests, never a secret."""
         return {"id": self.id, "name": self.name, "created_at": self.created_at, "state": self.state,
                 "revoked_at": self.revoked_at, "models": list(self.models) or None, "class": self.key_class,
+                "plan": self.plan,
                 "secrets": [{"sha256_prefix": s.sha256[:8], "expires_at": s.expires_at} for s in self.secrets]}
 
     def to_state(self) -> dict:
@@ -81,18 +83,20 @@ class ApiKey:
         return cls(id=data["id"], name=data["name"], created_at=float(data["created_at"]),
                    secrets=tuple(Secret(s["sha256"], s.get("expires_at")) for s in data.get("secrets", [])),
                    models=tuple(data.get("models") or ()), key_class=data.get("class", "interactive"),
-                   revoked_at=data.get("revoked_at"))
+                   revoked_at=data.get("revoked_at"), plan=data.get("plan"))
 
 
 @dataclass(frozen=True)
 class Grant:
-    """What Envoy learns of a key: its id and the models it may use (None: all)."""
+    """What Envoy learns of a key: its id, the models it may use (None: all), its plan (None: no limits)."""
 
     id: str
     models: tuple[str, ...] | None
+    plan: str | None = None
 
     def to_context(self) -> dict:
-        return {"id": self.id} | ({"models": list(self.models)} if self.models is not None else {})
+        return ({"id": self.id} | ({"models": list(self.models)} if self.models is not None else {})
+                | ({"plan": self.plan} if self.plan is not None else {}))
 
 
 @dataclass
@@ -116,7 +120,8 @@ class KeyTable:
                 raise KeyProblem(409, f"name: an active key is already called {name!r} ({other.id})", "name")
 
     def create(self, name: str, models: tuple[str, ...], key_class: KeyClass, now: float, max_keys: int,
-               make_secret: Callable[[], str] = new_secret, make_id: Callable[[], str] = new_id) -> tuple[ApiKey, str]:
+               plan: str | None = None, make_secret: Callable[[], str] = new_secret,
+               make_id: Callable[[], str] = new_id) -> tuple[ApiKey, str]:
         """A new key and its secret (which only this answer ever shows)."""
         self._check_name(name)
         if len(self.active()) >= max_keys:
@@ -125,7 +130,7 @@ class KeyTable:
         secret, key_id = make_secret(), make_id()
         while key_id in self.by_id:
             key_id = make_id()
-        key = ApiKey(key_id, name, now, (Secret(digest(secret)),), tuple(models), key_class)
+        key = ApiKey(key_id, name, now, (Secret(digest(secret)),), tuple(models), key_class, plan=plan)
         self.by_id[key_id] = key
         return key, secret
 
@@ -146,13 +151,14 @@ class KeyTable:
         return self.by_id[key_id]
 
     def update(self, key_id: str, name: str | None = None, models: tuple[str, ...] | None = None,
-               key_class: KeyClass | None = None) -> ApiKey:
+               key_class: KeyClass | None = None, plan: str | None = None) -> ApiKey:
         key = self._active(key_id)
         if name is not None:
             self._check_name(name, except_id=key_id)
         self.by_id[key_id] = replace(key, name=key.name if name is None else name,
                                      models=key.models if models is None else tuple(models),
-                                     key_class=key.key_class if key_class is None else key_class)
+                                     key_class=key.key_class if key_class is None else key_class,
+                                     plan=key.plan if plan is None else plan)
         return self.by_id[key_id]
 
     def _active(self, key_id: str) -> ApiKey:
@@ -174,9 +180,15 @@ class KeyTable:
         ends = [s.expires_at for k in self.active() for s in k.secrets if s.expires_at is not None]
         return min(ends) if ends else None
 
-    def grants(self) -> dict[str, Grant]:
-        """Every valid secret's digest -> its key's grant: the table Envoy checks."""
-        return {s.sha256: Grant(k.id, k.models or None) for k in self.active() for s in k.secrets}
+    def grants(self, plans: frozenset[str] | set[str] = frozenset(), default_plan: str | None = None
+               ) -> dict[str, Grant]:
+        """Every valid secret's digest -> its key's grant: the table Envoy checks. A key's plan is
+        its own or `default_plan`; one no longer among `plans` (the config changed) means none."""
+        def plan_of(key: ApiKey) -> str | None:
+            plan = key.plan or default_plan
+            return plan if plan in plans else None
+
+        return {s.sha256: Grant(k.id, k.models or None, plan_of(k)) for k in self.active() for s in k.secrets}
 
     def to_state(self) -> list[dict]:
         return [k.to_state() for k in self.by_id.values()]

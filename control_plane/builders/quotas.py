@@ -1,0 +1,100 @@
+"""Per-key quotas: Envoy's local rate limit filters, one per limit, between the Lua filter and the router.
+
+A key's limits come from its plan (auth.plans). The Lua filter sets the key's id, its plan and
+the upload's cost (its audio-seconds rounded up) as headers; each filter has one descriptor per
+plan whose key entry is a wildcard, so every key gets buckets of its own without being named
+here. So the filters change only with the config file's plans, never with the keys: Envoy
+rebuilds a rate limit filter's buckets full whenever its config changes, and making a key must
+not refill everyone's. The buckets live in the listener (it changes only with the config file).
+
+Each filter reports its own bucket in `x-ratelimit-*`; Envoy appends them (audio first, then
+requests, as the responses pass back), and the Lua filter renames them to OpenAI's
+`x-ratelimit-*-requests` and `-audio-seconds` and adds Retry-After (envoy/model_router.lua).
+A 429's `x-whisper-limited` says which limit refused it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from envoy.config.core.v3 import base_pb2
+from envoy.config.route.v3 import route_components_pb2 as rc
+from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
+from envoy.extensions.filters.http.local_ratelimit.v3 import local_rate_limit_pb2 as lrl
+from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
+from envoy.type.v3 import percent_pb2, token_bucket_pb2
+from google.protobuf import wrappers_pb2
+
+from control_plane.builders.common import pack, seconds
+from control_plane.config import GatewayConfig, PlanConfig
+from control_plane.names import AUDIO_COST_HEADER, KEY_ID_HEADER, LIMITED_HEADER, PLAN_HEADER
+
+
+@dataclass(frozen=True)
+class Limit:
+    """One limit every plan may set: what it is called, its window, and what a request costs."""
+
+    name: str  # x-whisper-limited on its 429s; the filter's stat prefix
+    window_s: float
+    amount: str  # the PlanConfig field
+    cost_header: str | None  # None: each request costs 1
+    reports: bool  # whether it sends x-ratelimit-* (the Lua filter renames two sets, no more)
+
+
+# In the order Envoy applies them. A request the first admits and a later one refuses has
+# still spent the first's token (the filters do not refund), so the cheap limit goes first.
+LIMITS = (
+    Limit("requests", 60.0, "requests_per_minute", None, True),
+    Limit("audio_seconds", 60.0, "audio_seconds_per_minute", AUDIO_COST_HEADER, True),
+    Limit("audio_seconds_per_day", 86400.0, "audio_seconds_per_day", AUDIO_COST_HEADER, False),
+)
+
+
+def _all(runtime_key: str) -> base_pb2.RuntimeFractionalPercent:
+    return base_pb2.RuntimeFractionalPercent(
+        default_value=percent_pb2.FractionalPercent(numerator=100, denominator=percent_pb2.FractionalPercent.HUNDRED),
+        runtime_key=runtime_key)
+
+
+def _filter(limit: Limit, plans: dict[str, PlanConfig], max_keys: int) -> hcm.HttpFilter | None:
+    descriptors = []
+    for name, plan in sorted(plans.items()):
+        amount = getattr(plan, limit.amount)
+        if amount is None:
+            continue
+        descriptors.append(ratelimit_pb2.LocalRateLimitDescriptor(
+            entries=[ratelimit_pb2.RateLimitDescriptor.Entry(key=f"plan_{limit.name}", value=name),
+                     ratelimit_pb2.RateLimitDescriptor.Entry(key="key", value="")],  # "": a bucket per key
+            token_bucket=token_bucket_pb2.TokenBucket(  # refilled continuously, `amount` per window
+                max_tokens=amount, tokens_per_fill=wrappers_pb2.UInt32Value(value=amount),
+                fill_interval=seconds(limit.window_s))))
+    if not descriptors:
+        return None
+    rate_limit = rc.RateLimit(actions=[
+        rc.RateLimit.Action(request_headers=rc.RateLimit.Action.RequestHeaders(
+            header_name=PLAN_HEADER, descriptor_key=f"plan_{limit.name}")),
+        rc.RateLimit.Action(request_headers=rc.RateLimit.Action.RequestHeaders(
+            header_name=KEY_ID_HEADER, descriptor_key="key"))])
+    if limit.cost_header is not None:
+        rate_limit.hits_addend.format = f"%REQ({limit.cost_header})%"
+    config = lrl.LocalRateLimit(
+        stat_prefix=f"whisper_quota_{limit.name}",
+        filter_enabled=_all(f"whisper_gateway.quota.{limit.name}.enabled"),
+        filter_enforced=_all(f"whisper_gateway.quota.{limit.name}.enforced"),
+        descriptors=descriptors,
+        rate_limits=[rate_limit],
+        max_dynamic_descriptors=wrappers_pb2.UInt32Value(value=max_keys),
+        response_headers_to_add=[base_pb2.HeaderValueOption(
+            header=base_pb2.HeaderValue(key=LIMITED_HEADER, value=limit.name),
+            append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD)],
+        enable_x_ratelimit_headers=ratelimit_pb2.XRateLimitHeadersRFCVersion.DRAFT_VERSION_03 if limit.reports else 0,
+    )
+    return hcm.HttpFilter(name=f"whisper.quota.{limit.name}", typed_config=pack(config))
+
+
+def build_quota_filters(config: GatewayConfig) -> list[hcm.HttpFilter]:
+    """The rate limit filters of the config's plans; none when keys are off or no plan is set."""
+    if config.auth.api_keys != "required" or not config.auth.plans:
+        return []
+    built = [_filter(limit, config.auth.plans, config.auth.max_keys) for limit in LIMITS]
+    return [f for f in built if f is not None]
