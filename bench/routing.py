@@ -366,10 +366,133 @@ def plot(report: dict) -> list[Path]:
     return written
 
 
+# --- priority lanes (issue 16): interactive keys under a flood of batch work -----------------
+
+LANES = Scenario("priority-lanes", what="interactive keys at 50% of capacity; batch keys offered 150% on top")
+LANES_POLICIES = ("idle", "no-lanes", "lanes")  # idle: interactive alone; the others add the batch flood
+INTERACTIVE_LOAD, BATCH_LOAD = 0.5, 1.5
+LANE_LEVEL_S = 0.35  # auth.batch_above_wait_s of the `lanes` run
+LANES_LIMIT = 1.5  # the target: interactive p99 at most this times its p99 on the idle fleet
+
+
+class LanesRun(Run):
+    """Arrivals of two kinds of key; latency is recorded for the interactive ones, counts for both."""
+
+    def __init__(self, engines, arrivals_, batch: set[int], secrets: dict[str, str], seconds, entry_url, envoy):
+        super().__init__(LANES, engines, arrivals_, seconds, [entry_url], envoy, oracle=False)
+        self.batch, self.secrets = batch, secrets
+        self.counts = {"interactive_refused": 0, "batch_served": 0, "batch_refused": 0, "batch_failed": 0}
+
+    async def _send(self, index: int, arrival: Arrival, start: float) -> None:
+        kind = "batch" if index in self.batch else "interactive"
+        sent = time.monotonic()
+        try:
+            async with self.session.post(self.entry_urls[0] + "/v1/audio/transcriptions", data=body_for(arrival.audio_s),
+                                         headers={"Content-Type": "multipart/form-data; boundary=wgboundary7MA4YWxk",
+                                                  "Authorization": f"Bearer {self.secrets[kind]}"}) as response:
+                await response.read()
+                status = response.status
+        except aiohttp.ClientError:
+            status = 0
+        if not self._counted(index):
+            return
+        if kind == "batch":
+            key = {200: "batch_served", 429: "batch_refused"}.get(status, "batch_failed")
+            self.counts[key] += 1
+        elif status == 200:
+            self.outcome.latency_s.append(time.monotonic() - sent)
+            self.outcome.records.append((arrival.audio_s, round(time.monotonic() - sent, 4), -1))
+        elif status == 429:
+            self.counts["interactive_refused"] += 1
+        else:
+            self.outcome.failed += 1
+
+
+def lanes_arrivals(policy: str, seconds: float, seed: int) -> tuple[list[Arrival], set[int]]:
+    """Interactive arrivals (the same in every policy), plus the batch flood unless idle."""
+    capacity = LANES.capacity()
+    interactive = arrivals(seed, seconds, lambda t: INTERACTIVE_LOAD * capacity)
+    flood = [] if policy == "idle" else arrivals(seed + 1, seconds, lambda t: BATCH_LOAD * capacity)
+    merged = sorted([(a, False) for a in interactive] + [(a, True) for a in flood], key=lambda pair: pair[0].at)
+    return [a for a, _ in merged], {i for i, (_, batch) in enumerate(merged) if batch}
+
+
+def run_lanes(log_dir: Path, seconds: float, seed: int) -> dict:
+    processes, engines = [], []
+    for index, speed in enumerate(LANES.speeds):
+        process, url = start_engine(log_dir, MODEL, f"lanes-{index}", max_num_seqs=PROFILE.max_num_seqs, speed=speed)
+        processes.append(process)
+        engines.append(url)
+    rows = {}
+    try:
+        for policy in LANES_POLICIES:
+            wait_idle(engines)
+            run_dir = Path(tempfile.mkdtemp(prefix=f"lanes-{policy}-", dir=log_dir))
+            auth = {"api_keys": "required"} | ({"batch_above_wait_s": LANE_LEVEL_S} if policy == "lanes" else {})
+            stack = GatewayStack(run_dir, MODEL, engines, auth=auth, **gateway_sections("whisper-gateway"))
+            try:
+                secrets = {kind: stack.admin.call("POST", "/keys", {"name": kind, "class": kind}).json()["secret"]
+                           for kind in ("interactive", "batch")}
+                plan_, batch = lanes_arrivals(policy, seconds, seed)
+                run = LanesRun(engines, plan_, batch, secrets, seconds, stack.envoy.url, stack.envoy)
+                outcome = asyncio.run(run.execute())
+            finally:
+                stack.stop()
+            rows[policy] = {"policy": policy, "load": INTERACTIVE_LOAD, **summarize(outcome), **run.counts,
+                            "latency_s": outcome.latency_s, "samples": outcome.samples, "records": outcome.records}
+            print(f"priority-lanes {policy}: {json.dumps({k: v for k, v in rows[policy].items() if k not in ('latency_s', 'samples', 'records')})}",
+                  flush=True)
+    finally:
+        for process in processes:
+            process.stop()
+    idle, lanes = rows["idle"]["p99"], rows["lanes"]["p99"]
+    return {"rows": rows, "target": {"vs_idle": round(lanes / idle, 3), "met": lanes / idle <= LANES_LIMIT
+                                     and rows["lanes"]["interactive_refused"] == 0}}
+
+
+def lanes_markdown(report: dict, result: dict) -> str:
+    lines = [f"Priority lanes, {report['date']}, commit {report['commit']}: interactive keys at "
+             f"{INTERACTIVE_LOAD:.0%} of the fleet's capacity, batch keys offered {BATCH_LOAD:.0%} on top "
+             f"(none when idle); lanes: auth.batch_above_wait_s {LANE_LEVEL_S:g}; {report['seconds']:g} s of "
+             "arrivals, latency in seconds.", "",
+             "| run | interactive served | p50 | p99 | interactive refused | batch served | batch refused (429) |",
+             "|---|---|---|---|---|---|---|"]
+    for row in result["rows"].values():
+        lines.append(f"| {row['policy']} | {row['requests']} | {row['p50']:.2f} | {row['p99']:.2f} | "
+                     f"{row['interactive_refused']} | {row['batch_served']} | {row['batch_refused']} |")
+    t = result["target"]
+    lines += ["", f"Target: interactive p99 with lanes at most {LANES_LIMIT}x its p99 on the idle fleet, and no "
+              f"interactive request refused: {t['vs_idle']:.2f}x, {'met' if t['met'] else 'MISSED'}."]
+    return "\n".join(lines) + "\n"
+
+
+def lanes_plot(result: dict) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (cdf, queues) = plt.subplots(1, 2, figsize=(14, 4.2))
+    for row in result["rows"].values():
+        values = sorted(row["latency_s"])
+        if values:
+            cdf.plot(values, [(i + 1) / len(values) for i in range(len(values))], label=row["policy"])
+        samples = row["samples"]
+        queues.plot([s["t"] for s in samples], [sum(s["queues"]) for s in samples], label=row["policy"])
+    cdf.set(title="interactive keys: latency CDF", xlabel="latency (s)", ylabel="fraction", xscale="log")
+    queues.set(title="running + waiting, all engines", xlabel="time (s)", ylabel="engine requests")
+    cdf.legend()
+    queues.legend()
+    figure.tight_layout()
+    path = RESULTS / "routing-priority-lanes.png"
+    figure.savefig(path, dpi=80)
+    plt.close(figure)
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--full", action="store_true", help="70%% and 90%% load, longer runs")
-    parser.add_argument("--scenario", action="append", choices=[s.name for s in SCENARIOS])
+    parser.add_argument("--scenario", action="append", choices=[s.name for s in SCENARIOS] + [LANES.name])
     parser.add_argument("--seconds", type=float, help="seconds of arrivals per run (default 12, --full 40)")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--policy", action="append", choices=POLICIES, help="only these (targets need all)")
@@ -388,6 +511,8 @@ def main() -> None:
               "seed": args.seed, "loads": loads, "scenarios": {}, "targets": {},
               "descriptions": {s.name: s.what for s in chosen}, "profile": asdict(PROFILE)}
     try:
+        if not args.scenario or LANES.name in args.scenario:
+            report["lanes"] = run_lanes(log_dir, seconds, args.seed)
         for scenario in chosen:
             rows = run_scenario(log_dir, scenario, loads, seconds, args.seed, args.policy or POLICIES)
             report["scenarios"][scenario.name] = rows
@@ -400,12 +525,14 @@ def main() -> None:
     finally:
         for process in reversed(STARTED):
             process.stop()
-    text = markdown(report)
+    text = markdown(report) + ("\n" + lanes_markdown(report, report["lanes"]) if "lanes" in report else "")
     (RESULTS / "routing.md").write_text(text)
     (RESULTS / "routing.json").write_text(json.dumps(report))
     print(text)
     if plotting:
         plot(report)
+        if "lanes" in report:
+            lanes_plot(report["lanes"])
     print(f"logs: {log_dir}; results: {RESULTS}")
 
 

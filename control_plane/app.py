@@ -18,8 +18,10 @@ from envoy.service.accesslog.v3 import als_pb2_grpc
 
 from control_plane.bootstrap import read_lua_filter
 from control_plane.builders import build_load_assignments, build_resources
+from control_plane.builders.routes import build_route_configuration
 from control_plane.names import cluster_name
 from control_plane.config import ConfigError, GatewayConfig, load_config
+from control_plane.decide.lanes import closed_to_batch, expected_wait
 from control_plane.decide.policy import decide_routing, is_fresh
 from control_plane.fleet.addresses import is_loopback
 from control_plane.fleet.dns_discovery import DnsDiscovery
@@ -174,14 +176,20 @@ class ControlPlane:
         """apply() without its rollback: for callers that hold their own copy (change())."""
         self.registry.set_config(config.all_backends())
         fleet = await resolve_fleet(config, self.registry)
-        if self.fleet is not None:  # endpoints that stay keep their load-derived weights
+        if self.fleet is not None:  # endpoints that stay keep their load-derived weights, models their lanes
             fleet = fleet.with_routing(self.fleet.weights,
                                        self.fleet.long_uploads if config.routing.long_upload_bytes else frozenset())
+            if config.auth.batch_above_wait_s is not None:
+                fleet = replace(fleet, batch_closed={m: s for m, s in self.fleet.batch_closed.items()
+                                                     if m in fleet.model_names()})
         async with self._publishing:
-            grants = self.keys.grants(set(config.auth.plans), config.auth.default_plan)
-            access = Access(config.auth.api_keys == "required", grants, self.engine_key)
-            await self.publish(Snapshot.from_resources(build_resources(config, fleet, self.lua_source, access)))
+            resources = build_resources(config, fleet, self.lua_source, self._access(config))
+            await self.publish(Snapshot.from_resources(resources))
             self.config, self.fleet = config, fleet
+
+    def _access(self, config: GatewayConfig) -> Access:
+        grants = self.keys.grants(set(config.auth.plans), config.auth.default_plan)
+        return Access(config.auth.api_keys == "required", grants, self.engine_key)
 
     # -- the load loop: observe -> decide -> publish, every routing.scrape_interval_s ------------
 
@@ -213,11 +221,17 @@ class ControlPlane:
         await self.check_drains()
         if (ends := self.keys.next_expiry()) is not None and ends <= time.time():
             await self.change_keys(lambda keys: keys.expire(time.time()))  # rotated-out secrets stop working
+        fleet = self.fleet  # a finished drain may have changed it
+        states = scraper.endpoint_states(fleet, self.tracker, self.outcomes, self.ledger, now)
+        if (level := self.config.auth.batch_above_wait_s) is not None:
+            waits = {model: expected_wait(states[model], routing) for model in fleet.model_names()}
+            closed = closed_to_batch(waits, fleet.batch_closed, level)
+            if closed != fleet.batch_closed:
+                await self.set_lanes(closed)
+                fleet = self.fleet
         if not routing.load_aware:
             return
-        fleet = self.fleet  # a finished drain may have changed it
-        weights, long_uploads = decide_routing(fleet, scraper.endpoint_states(fleet, self.tracker, self.outcomes, self.ledger, now),
-                                               routing)
+        weights, long_uploads = decide_routing(fleet, states, routing)
         if weights != fleet.weights or long_uploads != fleet.long_uploads:
             WEIGHT_UPDATES.inc()
             await self.set_weights(weights, long_uploads)
@@ -229,6 +243,15 @@ class ControlPlane:
             fleet = self.fleet.with_routing(weights, long_uploads)
             self.cache.set_snapshot(self.cache.snapshot.with_type(ENDPOINT, build_load_assignments(fleet)))
             self.fleet = fleet
+
+    async def set_lanes(self, closed: dict[str, int]) -> None:
+        """Publishes which models refuse batch keys (decide/lanes.py); only the routes are rebuilt and sent."""
+        async with self._publishing:
+            fleet = replace(self.fleet, batch_closed=closed)
+            routes = build_route_configuration(self.config, fleet, self.lua_source, self._access(self.config))
+            self.cache.set_snapshot(self.cache.snapshot.with_type(ROUTE, [routes]))
+            self.fleet = fleet
+        log.info("batch lanes: refused for %s", sorted(closed) or "no model")
 
     async def publish(self, snapshot: Snapshot) -> None:
         """Serves `snapshot` (the cache checks it once and removes clusters make-before-break)."""

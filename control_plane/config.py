@@ -209,6 +209,9 @@ class AuthConfig:
     # the plan of keys made without one (null: those keys have no limits).
     plans: dict[PlanName, PlanConfig] = Field(default_factory=dict)
     default_plan: PlanName | None = None
+    # Batch keys get 429 while a model's expected wait for a new 30 s clip is above this (the
+    # autoscaling number, docs/operations.md), so interactive ones keep flowing; null: never.
+    batch_above_wait_s: seconds(0.05, 3600) | None = None
 
 
 @dataclass(frozen=True, config=SECTION)

@@ -63,12 +63,13 @@ local function json_string(s)
 end
 
 -- An OpenAI-style error; `code` is the status unless OpenAI names one (invalid_api_key).
-local function reply(h, status, message, error_type, param, code)
+local function reply(h, status, message, error_type, param, code, retry_after)
   local body = '{"error":{"message":' .. json_string(message) .. ',"type":' .. json_string(error_type)
     .. ',"param":' .. (param and json_string(param) or "null") .. ',"code":' .. (code and json_string(code) or status)
     .. "}}"
   h:streamInfo():dynamicMetadata():set(METADATA_NAMESPACE, REPLY_KEY, "1")
-  h:respond({[":status"] = tostring(status), ["content-type"] = "application/json"}, body)
+  h:respond({[":status"] = tostring(status), ["content-type"] = "application/json",
+    ["retry-after"] = retry_after and tostring(retry_after) or nil}, body)
 end
 
 local function bad_request(h, message, param)
@@ -333,6 +334,10 @@ function envoy_on_request(h)
     h:streamInfo():dynamicMetadata():set(METADATA_NAMESPACE, KEY_ID_KEY, grant.id)
   end
   local seconds = measure_audio(h, headers, body, parts, model) -- before an alias moves the bytes
+  if grant and grant.class == "batch" and CONTEXT.batch_closed[model] then -- control_plane/decide/lanes.py
+    return reply(h, 429, "The model `" .. model .. "` is busy with interactive requests; this key's batch requests "
+      .. "wait until its backlog drains.", "batch_lane", nil, "rate_limit_exceeded", CONTEXT.batch_closed[model])
+  end
   if grant and charge(h, headers, grant, seconds) then return end
   if model ~= name then
     -- An alias: engines know only the model's own name, so the form must carry that. Lua

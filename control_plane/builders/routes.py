@@ -155,6 +155,7 @@ def lua_context(config: GatewayConfig, fleet: Fleet | None, access: Access) -> d
             "max_audio_seconds": config.limits.max_audio_s,
             "per_try_base_ms": base_ms, "per_try_ms_per_mb": per_mb_ms,
             "keys_required": access.required,
+            "batch_closed": dict(fleet.batch_closed) if fleet is not None else {},
             # Each plan's limits, for what the filter says on a 429 (builders/quotas.py enforces them).
             "plans": {name: {k: v for k, v in vars(plan).items() if v is not None}
                       for name, plan in config.auth.plans.items()}}

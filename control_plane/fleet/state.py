@@ -33,6 +33,8 @@ class Fleet:
     weights: dict[tuple[str, str], int] = field(default_factory=dict)
     # Endpoints that take long uploads, by (backend id, model); a model with none: all take them.
     long_uploads: frozenset[tuple[str, str]] = frozenset()
+    # Models whose engines are backed up, refusing batch keys -> the Retry-After (s) they give.
+    batch_closed: dict[str, int] = field(default_factory=dict)
 
     def with_routing(self, weights: dict[tuple[str, str], int],
                      long_uploads: frozenset[tuple[str, str]]) -> "Fleet":

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from control_plane.decide.policy import fresh, is_fresh, work_seconds
-from control_plane.observe.ledger import CHUNK_S, Metered
+from control_plane.decide.lanes import expected_wait
+from control_plane.decide.policy import is_fresh
+from control_plane.observe.ledger import Metered
 from control_plane.observe.scraper import endpoint_states
 from control_plane.xds.types import SHORT_NAMES
 
@@ -64,7 +65,8 @@ def _rounded(value: float | None, digits: int = 3) -> float | None:
 def model_rows(plane, endpoints: list[dict], now: float) -> list[dict]:
     """Per model (with its `endpoint_rows`): audio-seconds metered, the backlog, the fleet's
     drain rate, and the expected wait for a new 30 s clip as the policy estimates it
-    (`work_seconds` over the active engines: the number to autoscale on)."""
+    (`expected_wait` over the active engines: the number to autoscale on), and whether its
+    batch lane is open (control_plane/decide/lanes.py)."""
     rows = []
     if plane.fleet is None:
         return rows
@@ -72,7 +74,7 @@ def model_rows(plane, endpoints: list[dict], now: float) -> list[dict]:
     for model in plane.fleet.model_names():
         serving = [e for e in endpoints if e["model"] == model and e["state"] == "active" and e["weight"] is not None]
         active = {e["id"] for e in serving}
-        waits = work_seconds(fresh([s for s in states[model] if s.backend_id in active], plane.config.routing), CHUNK_S)
+        wait = expected_wait([s for s in states[model] if s.backend_id in active], plane.config.routing)
         metered = plane.ledger.metered.get(model) or Metered()
         rates = [e["audio_rate"] for e in serving if e["audio_rate"]]
         rows.append({
@@ -86,7 +88,8 @@ def model_rows(plane, endpoints: list[dict], now: float) -> list[dict]:
             "longest_upload_s": round(metered.longest, 3),
             "backlog_audio_s": round(sum(e["audio_in_flight_s"] or 0.0 for e in serving), 3),
             "drain_rate": round(sum(rates), 3) if rates else None,
-            "expected_wait_s": round(min(waits.values()), 3) if waits else None,
+            "expected_wait_s": _rounded(wait),
+            "batch": "refused" if model in plane.fleet.batch_closed else "admitted",
         })
     return rows
 
@@ -156,10 +159,10 @@ def render_table(report: dict) -> str:
     lines = render_rows(header, rows) + [""]
     models = [(m["model"], str(m["requests"]), _cell(m["audio_received_s"], 1), _cell(m["audio_served_s"], 1),
                _cell(m["audio_failed_s"], 1), _cell(m["backlog_audio_s"], 1), _cell(m["drain_rate"], 1),
-               _cell(m["expected_wait_s"], 1)) for m in report.get("models", [])]
+               _cell(m["expected_wait_s"], 1), m.get("batch", "-")) for m in report.get("models", [])]
     if models:
         lines += render_rows(("MODEL", "REQUESTS", "RECEIVED-S", "SERVED-S", "FAILED-S", "BACKLOG-S", "DRAIN-S/S",
-                              "WAIT-30S"), models) + [""]
+                              "WAIT-30S", "BATCH"), models) + [""]
     keys = [(k["key"] or "-", k["name"], k["model"], str(k["requests"]), _cell(k["audio_received_s"], 1),
              _cell(k["audio_served_s"], 1), _cell(k["audio_failed_s"], 1)) for k in report.get("keys", [])]
     if keys:

@@ -88,15 +88,18 @@ class ApiKey:
 
 @dataclass(frozen=True)
 class Grant:
-    """What Envoy learns of a key: its id, the models it may use (None: all), its plan (None: no limits)."""
+    """What Envoy learns of a key: its id, the models it may use (None: all), its plan (None: no
+    limits) and its lane."""
 
     id: str
     models: tuple[str, ...] | None
     plan: str | None = None
+    key_class: KeyClass = "interactive"
 
     def to_context(self) -> dict:
         return ({"id": self.id} | ({"models": list(self.models)} if self.models is not None else {})
-                | ({"plan": self.plan} if self.plan is not None else {}))
+                | ({"plan": self.plan} if self.plan is not None else {})
+                | ({"class": self.key_class} if self.key_class != "interactive" else {}))
 
 
 @dataclass
@@ -188,7 +191,7 @@ class KeyTable:
             plan = key.plan or default_plan
             return plan if plan in plans else None
 
-        return {s.sha256: Grant(k.id, k.models or None, plan_of(k)) for k in self.active() for s in k.secrets}
+        return {s.sha256: Grant(k.id, k.models or None, plan_of(k), k.key_class) for k in self.active() for s in k.secrets}
 
     def to_state(self) -> list[dict]:
         return [k.to_state() for k in self.by_id.values()]

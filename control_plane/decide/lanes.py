@@ -1,0 +1,40 @@
+"""Priority lanes: while a model's engines are backed up, batch keys wait and interactive ones flow.
+
+Each API key is `interactive` (the default) or `batch`. When the expected wait for a new 30 s
+clip on a model (the number an autoscaler scales on) passes `auth.batch_above_wait_s`, the
+control plane tells every Envoy to answer that model's batch requests 429 with Retry-After
+(envoy/model_router.lua), and opens the lane again once the wait is back under REOPEN_AT of
+the level: engines are FIFO, so the only way to keep interactive clips from queueing behind a
+flood of batch work is not to admit the flood. Pure.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+from control_plane.config import RoutingConfig
+from control_plane.decide.policy import fresh, work_seconds
+from control_plane.observe.ledger import CHUNK_S
+from control_plane.observe.load_tracker import EndpointState
+
+REOPEN_AT = 0.5  # of the level: a lane that closed opens once the wait has halved, not at once
+
+
+def expected_wait(endpoints: Sequence[EndpointState], settings: RoutingConfig) -> float | None:
+    """Seconds until a new 30 s clip would be answered on the model's best fresh engine; None: none is fresh."""
+    waits = work_seconds(fresh(endpoints, settings), CHUNK_S)
+    return min(waits.values()) if waits else None
+
+
+def closed_to_batch(waits: Mapping[str, float | None], closed: Mapping[str, int], level: float) -> dict[str, int]:
+    """Models refusing batch keys -> the Retry-After (s) they give. A lane closes when the wait
+    passes `level` and opens below REOPEN_AT x level; an unknown wait leaves it as it was."""
+    result = {}
+    for model, wait in waits.items():
+        if wait is None:
+            if model in closed:
+                result[model] = closed[model]
+        elif wait > level or (model in closed and wait > REOPEN_AT * level):
+            result[model] = closed.get(model) or max(1, math.ceil(wait - REOPEN_AT * level))
+    return result

@@ -1,0 +1,69 @@
+"""Priority lanes: batch keys wait while a model is backed up; interactive keys keep flowing."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from control_plane.decide.lanes import REOPEN_AT, closed_to_batch
+from harness.processes import GatewayStack, multipart, request, silent_wav, start_engine, wait_until
+
+MODEL = "whisper-large-v3-turbo"
+LEVEL_S = 1.0
+
+LANES = [
+    # (what, waits, closed before, closed after)
+    ("quiet: open", {"m": 0.4}, {}, {}),
+    ("over the level: closed, Retry-After from the wait", {"m": 3.2}, {}, {"m": 3}),
+    ("between reopen and level: stays closed", {"m": 0.8}, {"m": 3}, {"m": 3}),
+    ("between reopen and level: stays open", {"m": 0.8}, {}, {}),
+    ("under the reopen point: open again", {"m": REOPEN_AT * LEVEL_S - 0.01}, {"m": 3}, {}),
+    ("no fresh engine: as it was", {"m": None}, {"m": 3}, {"m": 3}),
+    ("models apart", {"m": 5.0, "n": 0.1}, {}, {"m": 5}),
+]
+
+
+@pytest.mark.parametrize("what,waits,before,after", LANES, ids=[c[0] for c in LANES])
+def test_when_a_lane_closes_and_opens(what, waits, before, after):
+    assert closed_to_batch(waits, before, LEVEL_S) == after
+
+
+def send(stack, secret: str, seconds: float):
+    body = multipart([("model", MODEL, None), ("file", silent_wav(seconds), "clip.wav")])
+    return request("POST", stack.envoy.url + "/v1/audio/transcriptions", body, {
+        "Content-Type": "multipart/form-data; boundary=wgboundary7MA4YWxk", "Authorization": f"Bearer {secret}"},
+        timeout=60)
+
+
+def test_batch_keys_wait_while_the_model_is_backed_up(tmp_path):
+    engine = start_engine(tmp_path, MODEL, "l1", max_num_seqs=1)[1]  # a 30 s chunk takes 0.25 s
+    stack = GatewayStack(tmp_path, MODEL, [engine], auth={"api_keys": "required", "batch_above_wait_s": LEVEL_S})
+    live = stack.admin.call("POST", "/keys", {"name": "live"}).json()["secret"]
+    bulk = stack.admin.call("POST", "/keys", {"name": "bulk", "class": "batch"}).json()["secret"]
+    assert send(stack, live, 30.0).status == 200  # the engine's speed, measured
+
+    def lane() -> str:
+        return stack.admin.status()["models"][0]["batch"]
+
+    forwarded = stack.envoy.stat(f"cluster.model_{MODEL}.upstream_rq_total")
+    flood: list[int] = []
+    threads = [threading.Thread(target=lambda: flood.append(send(stack, bulk, 60.0).status)) for _ in range(12)]
+    for thread in threads:
+        thread.start()
+    wait_until(lambda: stack.envoy.stat(f"cluster.model_{MODEL}.upstream_rq_total") >= forwarded + 12, 10,
+               "the batch flood at the engine")
+    wait_until(lambda: lane() == "refused", 10, "the batch lane closed")
+
+    forwarded = stack.envoy.stat(f"cluster.model_{MODEL}.upstream_rq_total")
+    refused = send(stack, bulk, 5.0)
+    assert refused.status == 429 and refused.json()["error"]["type"] == "batch_lane"
+    assert int(refused.headers["retry-after"]) >= 1
+    assert stack.envoy.stat(f"cluster.model_{MODEL}.upstream_rq_total") == forwarded  # no engine saw it
+    assert send(stack, live, 5.0).status == 200  # interactive keys are never refused
+
+    for thread in threads:
+        thread.join(60)
+    assert flood == [200] * 12  # what was admitted before the lane closed is served
+    wait_until(lambda: lane() == "admitted", 30, "the batch lane open again")
+    assert send(stack, bulk, 5.0).status == 200
