@@ -19,7 +19,7 @@ from envoy.service.accesslog.v3 import als_pb2_grpc
 from control_plane.bootstrap import read_lua_filter
 from control_plane.builders import build_load_assignments, build_resources
 from control_plane.builders.routes import build_route_configuration
-from control_plane.names import cluster_name
+from control_plane.names import LOCAL_CLUSTER, cluster_name
 from control_plane.config import ConfigError, GatewayConfig, load_config
 from control_plane.decide.lanes import closed_to_batch, expected_wait
 from control_plane.decide.policy import decide_routing, is_fresh
@@ -69,7 +69,8 @@ class ControlPlane:
         self.registry = Registry.empty()
         self.keys = KeyTable()
         self.engine_key: str | None = None  # the engines' own --api-key (auth.engine_api_key_env)
-        self.cache = SnapshotCache(XdsMetrics())
+        self.cache = SnapshotCache(XdsMetrics(), frozenset({LOCAL_CLUSTER}))
+        self.envoys = 1  # LOCAL_CLUSTER's members as last published: the Envoys connected, at least one
         self.fleet: Fleet | None = None
         self.tracker = LoadTracker()  # what the scrapes said, per endpoint
         self.outcomes = Outcomes()  # what the Envoys saw of each engine's tries
@@ -183,7 +184,7 @@ class ControlPlane:
                 fleet = replace(fleet, batch_closed={m: s for m, s in self.fleet.batch_closed.items()
                                                      if m in fleet.model_names()})
         async with self._publishing:
-            resources = build_resources(config, fleet, self.lua_source, self._access(config))
+            resources = build_resources(config, fleet, self.lua_source, self._access(config), self.envoys)
             await self.publish(Snapshot.from_resources(resources))
             self.config, self.fleet = config, fleet
 
@@ -221,6 +222,9 @@ class ControlPlane:
         await self.check_drains()
         if (ends := self.keys.next_expiry()) is not None and ends <= time.time():
             await self.change_keys(lambda keys: keys.expire(time.time()))  # rotated-out secrets stop working
+        if (envoys := max(1, len(self.cache.envoys))) != self.envoys:  # quotas split among them
+            self.envoys = envoys
+            await self.set_weights(self.fleet.weights, self.fleet.long_uploads)
         fleet = self.fleet  # a finished drain may have changed it
         states = scraper.endpoint_states(fleet, self.tracker, self.outcomes, self.ledger, now)
         if (level := self.config.auth.batch_above_wait_s) is not None:
@@ -241,7 +245,7 @@ class ControlPlane:
         """Publishes new endpoint weights (and long-upload endpoints); only the endpoints are rebuilt and sent."""
         async with self._publishing:
             fleet = self.fleet.with_routing(weights, long_uploads)
-            self.cache.set_snapshot(self.cache.snapshot.with_type(ENDPOINT, build_load_assignments(fleet)))
+            self.cache.set_snapshot(self.cache.snapshot.with_type(ENDPOINT, build_load_assignments(fleet, self.envoys)))
             self.fleet = fleet
 
     async def set_lanes(self, closed: dict[str, int]) -> None:

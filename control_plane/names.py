@@ -47,3 +47,7 @@ XDS_CLUSTER = "xds_cluster"
 # The gRPC access logs of every upstream try and every request (control_plane/observe/access_logs.py).
 UPSTREAM_LOG_NAME = "whisper_upstream_tries"
 REQUEST_LOG_NAME = "whisper_requests"
+
+# The bootstrap's static cluster of every Envoy on this control plane (one endpoint each, over
+# EDS): the quota filters divide each key's budget by its size (builders/quotas.py).
+LOCAL_CLUSTER = "whisper_envoys"

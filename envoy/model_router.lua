@@ -376,8 +376,7 @@ local function retry_after(h, limited, sets)
   return WINDOW_S
 end
 
-function envoy_on_response(h)
-  if not CONTEXT.keys_required then return end
+local function rate_limit_headers(h)
   local headers = h:headers()
   local count = headers:getNumValues("x-ratelimit-limit")
   if count == 0 then return end
@@ -397,4 +396,10 @@ function envoy_on_response(h)
   if limited and headers:get(":status") == "429" then
     headers:replace("retry-after", tostring(math.max(1, retry_after(h, limited, sets))))
   end
+end
+
+-- Defined only where plans are enforced: a Lua filter with an envoy_on_response runs it for every
+-- response, and without quotas there is nothing for it to do.
+if CONTEXT.keys_required and next(CONTEXT.plans or {}) ~= nil then
+  envoy_on_response = rate_limit_headers
 end

@@ -11,6 +11,7 @@ from google.rpc import status_pb2
 from control_plane.builders import build_resources
 from control_plane.config import parse_config
 from control_plane.fleet.state import Backend, Fleet
+from control_plane.names import LOCAL_CLUSTER
 from control_plane.xds.cache import SnapshotCache
 from control_plane.xds.server import AdsStream
 from control_plane.xds.snapshot import Snapshot
@@ -19,6 +20,9 @@ from control_plane.xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE
 MODELS = ("m1", "m2", "m3")
 BAD_ADDRESS = "fe80::1%lo"  # what Envoy refuses: "malformed IP address"
 
+
+# The Envoys' own cluster: in every bootstrap, its endpoints from the control plane.
+STATIC = frozenset({LOCAL_CLUSTER})
 
 def snapshot(addresses: dict[str, str], weights: dict[str, int] | None = None, models=MODELS) -> Snapshot:
     """One backend per model at the given address; weights by model."""
@@ -115,7 +119,7 @@ def sent_names(responses, type_url: str) -> list[list[str]]:
 
 
 def test_first_connection_sends_types_in_order_and_holds_routes_until_clusters_are_acked():
-    cache, snap = SnapshotCache(), snapshot({})
+    cache, snap = SnapshotCache(static_clusters=STATIC), snapshot({})
     cache.set_snapshot(snap)
     envoy = ScriptedEnvoy(cache)
     envoy.subscribe_all()
@@ -127,11 +131,11 @@ def test_first_connection_sends_types_in_order_and_holds_routes_until_clusters_a
     for response in second:
         envoy.answer(response, snap)
     assert [r.type_url for r in envoy.pump(snap)] == [ROUTE]
-    assert set(envoy.applied[ENDPOINT]) == {f"model:{m}" for m in MODELS}
+    assert set(envoy.applied[ENDPOINT]) == {f"model:{m}" for m in MODELS} | STATIC
 
 
 def test_a_nacked_batch_is_split_and_only_the_refused_resource_is_held_back():
-    cache = SnapshotCache()
+    cache = SnapshotCache(static_clusters=STATIC)
     good = snapshot({})
     cache.set_snapshot(good)
     envoy = ScriptedEnvoy(cache)
@@ -164,7 +168,7 @@ def test_a_nacked_batch_is_split_and_only_the_refused_resource_is_held_back():
 
 
 def test_a_refusal_ends_when_the_content_returns_to_what_envoy_holds():
-    cache, good = SnapshotCache(), snapshot({})
+    cache, good = SnapshotCache(static_clusters=STATIC), snapshot({})
     cache.set_snapshot(good)
     envoy = ScriptedEnvoy(cache)
     envoy.subscribe_all()
@@ -178,20 +182,20 @@ def test_a_refusal_ends_when_the_content_returns_to_what_envoy_holds():
 
 
 def test_an_envoy_joining_while_a_bad_resource_is_pending_gets_everything_else():
-    cache = SnapshotCache()
+    cache = SnapshotCache(static_clusters=STATIC)
     poisoned = snapshot({"m2": BAD_ADDRESS})
     cache.set_snapshot(poisoned)
     envoy = ScriptedEnvoy(cache, stream_id=2, node="late")
     envoy.subscribe_all()
     envoy.pump(poisoned)
-    assert set(envoy.applied[ENDPOINT]) == {"model:m1", "model:m3"}
+    assert set(envoy.applied[ENDPOINT]) == {"model:m1", "model:m3"} | STATIC
     assert list(cache.envoys[2].rejected) == [(ENDPOINT, "model:m2")]
     # Routes are not held back by the refused endpoints: Envoy keeps what it has for that model.
     assert any(r.type_url == ROUTE for r in envoy.sent)
 
 
 def test_a_stale_nonce_is_ignored_and_a_nacked_cluster_version_is_not_resent():
-    cache, snap = SnapshotCache(), snapshot({})
+    cache, snap = SnapshotCache(static_clusters=STATIC), snapshot({})
     cache.set_snapshot(snap)
     envoy = ScriptedEnvoy(cache)
     envoy.request(CLUSTER)
@@ -207,7 +211,7 @@ def test_a_stale_nonce_is_ignored_and_a_nacked_cluster_version_is_not_resent():
 
 
 def test_endpoints_are_resent_after_a_cluster_change():
-    cache, snap = SnapshotCache(), snapshot({})
+    cache, snap = SnapshotCache(static_clusters=STATIC), snapshot({})
     cache.set_snapshot(snap)
     envoy = ScriptedEnvoy(cache)
     envoy.subscribe_all()
@@ -216,12 +220,12 @@ def test_endpoints_are_resent_after_a_cluster_change():
     cache.set_snapshot(grown)
     sent = envoy.pump(grown)
     assert [r.type_url for r in sent][:2] == [CLUSTER, ENDPOINT]
-    assert set(sum(sent_names(sent, ENDPOINT), [])) == {f"model:{m}" for m in MODELS + ("m4",)}
-    assert set(envoy.applied[ENDPOINT]) == {f"model:{m}" for m in MODELS + ("m4",)}
+    assert set(sum(sent_names(sent, ENDPOINT), [])) == {f"model:{m}" for m in MODELS + ("m4",)} | STATIC
+    assert set(envoy.applied[ENDPOINT]) == {f"model:{m}" for m in MODELS + ("m4",)} | STATIC
 
 
 def test_responses_never_answered_on_their_own_are_sent_again():
-    cache, snap = SnapshotCache(), snapshot({})
+    cache, snap = SnapshotCache(static_clusters=STATIC), snapshot({})
     cache.set_snapshot(snap)
     envoy = ScriptedEnvoy(cache)
     envoy.subscribe_all()
@@ -240,7 +244,7 @@ def test_responses_never_answered_on_their_own_are_sent_again():
 
 def test_a_new_subscription_echoing_an_answered_nonce_is_served():
     """Envoy asks for a new cluster's endpoints with the last EDS nonce it already ACKed."""
-    cache, snap = SnapshotCache(), snapshot({})
+    cache, snap = SnapshotCache(static_clusters=STATIC), snapshot({})
     cache.set_snapshot(snap)
     envoy = ScriptedEnvoy(cache)
     envoy.subscribe_all()
@@ -269,7 +273,7 @@ def test_pushes_acks_and_nacks_reach_the_callbacks():
         def on_nack(self, type_url):
             seen.append(("nack", type_url))
 
-    cache = SnapshotCache(Recorder())
+    cache = SnapshotCache(Recorder(), STATIC)
     cache.set_snapshot(good := snapshot({}))
     envoy = ScriptedEnvoy(cache)
     envoy.subscribe_all()

@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 from openai import OpenAI, RateLimitError
 
-from harness.processes import GatewayStack, multipart, request, silent_wav, start_engine, wait_until
+from control_plane.names import LOCAL_CLUSTER
+from harness.processes import Envoy, GatewayStack, multipart, request, silent_wav, start_engine, wait_until
 
 MODEL = "whisper-large-v3-turbo"
 PLANS = {
@@ -141,3 +142,24 @@ BAD = [
 def test_a_plan_that_does_not_exist_is_refused(stack, what, method, path, body):
     answer = stack.admin.call(method, path, body)
     assert answer.status == 400 and answer.json()["error"]["param"] == "plan"
+
+
+def test_two_envoys_share_a_key_budget(tmp_path):
+    """Each Envoy takes half of every budget when two are connected: together they admit it once."""
+    engine = start_engine(tmp_path, MODEL, "q2", time_scale=0.0001)[1]
+    stack = GatewayStack(tmp_path, MODEL, [engine], auth={"api_keys": "required", "plans": {
+        "six": {"requests_per_minute": 6, "audio_seconds_per_minute": 1000}}})
+    second = Envoy(tmp_path, stack.raw, name="envoy-2")  # the same port: the kernel splits connections
+    second.wait_serving()
+    wait_until(lambda: len(stack.admin.status()["envoys"]) == 2, 10, "both Envoys connected")
+    # Envoy learns its share from the control plane's cluster of Envoys: two members.
+    wait_until(lambda: all(len(e.endpoints().get(LOCAL_CLUSTER, {})) == 2 for e in (stack.envoy, second)), 10,
+               "both Envoys told there are two")
+    secret = new_key(stack, "shared", "six")
+    envoys = (stack.envoy, second)
+    before = [e.stat("http.whisper.downstream_rq_2xx") for e in envoys]
+    statuses = [send(stack, secret).status for _ in range(30)]  # a new connection each time
+    admitted = {e.admin: e.stat("http.whisper.downstream_rq_2xx") - b for e, b in zip(envoys, before)}
+    assert statuses.count(200) <= 6 and set(statuses) <= {200, 429}
+    assert all(count <= 3 for count in admitted.values()), admitted  # each Envoy half of the six
+    assert sum(admitted.values()) == statuses.count(200)

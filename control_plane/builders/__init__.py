@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from control_plane.builders.clusters import build_cluster, build_unrouted_cluster
-from control_plane.builders.endpoints import build_load_assignment
+from control_plane.builders.endpoints import build_envoys_assignment, build_load_assignment
 from control_plane.builders.listener import build_listener
 from control_plane.builders.routes import build_route_configuration
 from control_plane.config import GatewayConfig
@@ -13,17 +13,18 @@ from control_plane.xds.snapshot import Resources
 from control_plane.xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE
 
 
-def build_load_assignments(fleet: Fleet) -> list:
-    """Endpoints alone: what a weight change rebuilds."""
-    return [build_load_assignment(model, fleet) for model in fleet.model_names()]
+def build_load_assignments(fleet: Fleet, envoys: int = 1) -> list:
+    """Endpoints alone: what a weight change rebuilds; and the Envoys' own cluster (`envoys` members)."""
+    return [build_load_assignment(model, fleet) for model in fleet.model_names()] + [build_envoys_assignment(envoys)]
 
 
-def build_resources(config: GatewayConfig, fleet: Fleet, lua_source: str, access: Access = Access()) -> Resources:
+def build_resources(config: GatewayConfig, fleet: Fleet, lua_source: str, access: Access = Access(),
+                    envoys: int = 1) -> Resources:
     """Everything Envoy needs for this fleet and these keys, by type URL."""
     models = fleet.model_names()
     return {
         LISTENER: [build_listener(config, lua_source)],
         ROUTE: [build_route_configuration(config, fleet, lua_source, access)],
         CLUSTER: [build_cluster(model, config) for model in models] + [build_unrouted_cluster()],
-        ENDPOINT: build_load_assignments(fleet),
+        ENDPOINT: build_load_assignments(fleet, envoys),
     }

@@ -5,7 +5,9 @@ the upload's cost (its audio-seconds rounded up) as headers; each filter has one
 plan whose key entry is a wildcard, so every key gets buckets of its own without being named
 here. So the filters change only with the config file's plans, never with the keys: Envoy
 rebuilds a rate limit filter's buckets full whenever its config changes, and making a key must
-not refill everyone's. The buckets live in the listener (it changes only with the config file).
+not refill everyone's. The buckets live in the listener (it changes only with the config file). Several Envoys share
+a budget: each takes 1/N of it, N being the Envoys connected to the control plane (Envoy's
+local cluster, `LOCAL_CLUSTER`, which the control plane sends them).
 
 Each filter reports its own bucket in `x-ratelimit-*`; Envoy appends them (audio first, then
 requests, as the responses pass back), and the Lua filter renames them to OpenAI's
@@ -88,6 +90,9 @@ def _filter(limit: Limit, plans: dict[str, PlanConfig], max_keys: int) -> hcm.Ht
             header=base_pb2.HeaderValue(key=LIMITED_HEADER, value=limit.name),
             append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD)],
         enable_x_ratelimit_headers=ratelimit_pb2.XRateLimitHeadersRFCVersion.DRAFT_VERSION_03 if limit.reports else 0,
+        # Each Envoy charges members x the cost, members being LOCAL_CLUSTER's size: the Envoys
+        # a load balancer spreads keys over admit a budget once between them.
+        local_cluster_rate_limit=ratelimit_pb2.LocalClusterRateLimit(),
     )
     return hcm.HttpFilter(name=f"whisper.quota.{limit.name}", typed_config=pack(config))
 

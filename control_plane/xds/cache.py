@@ -65,8 +65,11 @@ class NoCallbacks:
 
 
 class SnapshotCache:
-    def __init__(self, callbacks: Callbacks | None = None) -> None:
+    def __init__(self, callbacks: Callbacks | None = None, static_clusters: frozenset[str] = frozenset()) -> None:
+        """`static_clusters`: EDS clusters every Envoy's bootstrap defines, whose endpoints come
+        from here with no CDS cluster."""
         self.callbacks: Callbacks = callbacks or NoCallbacks()
+        self.static_clusters = static_clusters
         self._snapshot: Snapshot | None = None
         self._watchers: set[asyncio.Event] = set()
         self._acks = asyncio.Condition()
@@ -100,9 +103,8 @@ class SnapshotCache:
                 await self.wait_for_acks(ROUTE, bridge.versions[ROUTE], removal_ack_timeout_s)
         return self._serve(snapshot)
 
-    @staticmethod
-    def _check(snapshot: Snapshot) -> None:
-        errors = snapshot.consistency_errors()
+    def _check(self, snapshot: Snapshot) -> None:
+        errors = snapshot.consistency_errors(self.static_clusters)
         if errors:
             raise InconsistentSnapshot("; ".join(errors))
 
