@@ -154,6 +154,9 @@ class ControlPlane:
         if any(getattr(config.listen, key) != value for key, value in fixed.items()):
             log.warning("listen.xds_* and listen.admin_* changes take effect on restart only")
             config = replace(config, listen=replace(config.listen, **fixed))
+        if config.auth.engine_api_key_env != self.config.auth.engine_api_key_env:
+            log.warning("auth.engine_api_key_env changes take effect on restart only")
+            config = replace(config, auth=replace(config.auth, engine_api_key_env=self.config.auth.engine_api_key_env))
         async with self._changing:
             try:
                 await self.apply(config)
@@ -177,13 +180,13 @@ class ControlPlane:
         """apply() without its rollback: for callers that hold their own copy (change())."""
         self.registry.set_config(config.all_backends())
         fleet = await resolve_fleet(config, self.registry)
-        if self.fleet is not None:  # endpoints that stay keep their load-derived weights, models their lanes
-            fleet = fleet.with_routing(self.fleet.weights,
-                                       self.fleet.long_uploads if config.routing.long_upload_bytes else frozenset())
-            if config.auth.batch_above_wait_s is not None:
-                fleet = replace(fleet, batch_closed={m: s for m, s in self.fleet.batch_closed.items()
-                                                     if m in fleet.model_names()})
         async with self._publishing:
+            if self.fleet is not None:  # endpoints that stay keep their load-derived weights, models their lanes
+                fleet = fleet.with_routing(self.fleet.weights,
+                                           self.fleet.long_uploads if config.routing.long_upload_bytes else frozenset())
+                if config.auth.batch_above_wait_s is not None:
+                    fleet = replace(fleet, batch_closed={m: s for m, s in self.fleet.batch_closed.items()
+                                                         if m in fleet.model_names()})
             resources = build_resources(config, fleet, self.lua_source, self._access(config), self.envoys)
             await self.publish(Snapshot.from_resources(resources))
             self.config, self.fleet = config, fleet
@@ -221,14 +224,20 @@ class ControlPlane:
                 self.ledger.settle(backend.endpoint, now)
         await self.check_drains()
         if (ends := self.keys.next_expiry()) is not None and ends <= time.time():
-            await self.change_keys(lambda keys: keys.expire(time.time()))  # rotated-out secrets stop working
+            try:  # rotated-out secrets stop working; without waiting for the Envoys, as the loop must go on
+                await self._change(lambda: self.keys.expire(time.time()))
+            except Exception:
+                log.exception("dropping expired key secrets failed; trying again next round")
         if (envoys := max(1, len(self.cache.envoys))) != self.envoys:  # quotas split among them
-            self.envoys = envoys
-            await self.set_weights(self.fleet.weights, self.fleet.long_uploads)
+            async with self._changing:
+                self.envoys = envoys
+                await self._publish_config(self.config)  # their cluster, and the Lua filter's count
         fleet = self.fleet  # a finished drain may have changed it
         states = scraper.endpoint_states(fleet, self.tracker, self.outcomes, self.ledger, now)
         if (level := self.config.auth.batch_above_wait_s) is not None:
-            waits = {model: expected_wait(states[model], routing) for model in fleet.model_names()}
+            serving = {b.id for b in fleet.backends if not b.draining}  # as /status counts them
+            waits = {model: expected_wait([s for s in states[model] if s.backend_id in serving], routing)
+                     for model in fleet.model_names()}
             closed = closed_to_batch(waits, fleet.batch_closed, level)
             if closed != fleet.batch_closed:
                 await self.set_lanes(closed)
@@ -249,10 +258,12 @@ class ControlPlane:
             self.fleet = fleet
 
     async def set_lanes(self, closed: dict[str, int]) -> None:
-        """Publishes which models refuse batch keys (decide/lanes.py); only the routes are rebuilt and sent."""
-        async with self._publishing:
+        """Publishes which models refuse batch keys (decide/lanes.py); only the routes are rebuilt and
+        sent. Not while a change is being made: the routes carry the keys, which it may yet undo."""
+        async with self._changing, self._publishing:
             fleet = replace(self.fleet, batch_closed=closed)
-            routes = build_route_configuration(self.config, fleet, self.lua_source, self._access(self.config))
+            routes = build_route_configuration(self.config, fleet, self.lua_source, self._access(self.config),
+                                               self.envoys)
             self.cache.set_snapshot(self.cache.snapshot.with_type(ROUTE, [routes]))
             self.fleet = fleet
         log.info("batch lanes: refused for %s", sorted(closed) or "no model")

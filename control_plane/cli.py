@@ -61,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
                                                                       "(repeat; default: all)")
     keys.add_argument("--all-models", action="store_true", help="with set: lift the model restriction")
     keys.add_argument("--class", dest="key_class", choices=["interactive", "batch"], help="with create or set")
-    keys.add_argument("--plan", help="with create or set: its limits, a plan under auth.plans")
+    keys.add_argument("--plan", help="with create or set: its limits, a plan under auth.plans (\"\": the default plan)")
     keys.add_argument("--grace", type=float, help="with rotate: seconds the previous secret keeps working "
                                                   "(default: auth.rotation_grace_s)")
 
@@ -252,8 +252,8 @@ def _key_body(args) -> dict:
         body["models"] = None
     if args.key_class:
         body["class"] = args.key_class
-    if args.plan:
-        body["plan"] = args.plan
+    if args.plan is not None:
+        body["plan"] = args.plan or None  # "": back to auth.default_plan
     return body
 
 

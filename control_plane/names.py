@@ -15,12 +15,9 @@ HOP_HEADER = "x-whisper-gateway-hop"
 # that is an estimate (envoy/audio_duration.lua); a client's own values are replaced.
 AUDIO_SECONDS_HEADER = "x-whisper-audio-seconds"
 AUDIO_ESTIMATED_HEADER = "x-whisper-audio-estimated"
-# Set by the Lua filter when keys are required: the id of the key a request was admitted with,
-# its plan (auth.plans) and what the upload costs against it (whole audio-seconds); the quota
-# filters read them (builders/quotas.py) and say on a 429 which limit refused it.
+# Set by the Lua filter when keys are required: the id of the key a request was admitted with
+# (for the try logs); the quota filters say on a 429 which limit refused it.
 KEY_ID_HEADER = "x-whisper-key-id"
-PLAN_HEADER = "x-whisper-plan"
-AUDIO_COST_HEADER = "x-whisper-audio-cost"
 LIMITED_HEADER = "x-whisper-limited"
 # Dynamic metadata the Lua filter sets (a client cannot forge it): LUA_REPLY_KEY on its own
 # answers; MODEL_KEY, SECONDS_KEY and ESTIMATED_KEY on every request it routes (the log of
@@ -31,6 +28,10 @@ MODEL_KEY = "model"
 SECONDS_KEY = "audio_seconds"
 ESTIMATED_KEY = "audio_estimated"
 KEY_ID_KEY = "key_id"
+# With a key that has a plan: the plan and the upload's cost in whole audio-seconds, which the
+# quota filters charge (builders/quotas.py).
+PLAN_KEY = "plan"
+COST_KEY = "audio_cost"
 LONG_UPLOAD_KEY = "long_uploads"
 LUA_FILTER = "envoy.filters.http.lua"
 AUDIO_PATHS = ("/v1/audio/transcriptions", "/v1/audio/translations")

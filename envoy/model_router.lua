@@ -30,13 +30,13 @@ local AUDIO_SECONDS_HEADER = "x-whisper-audio-seconds"
 local AUDIO_ESTIMATED_HEADER = "x-whisper-audio-estimated"
 -- The id of the API key a request was admitted with (envoy/api_keys.lua), for the logs that meter it.
 local KEY_ID_HEADER = "x-whisper-key-id"
--- The key's plan and the upload's cost in whole audio-seconds: the quota filters after this one
--- charge them (control_plane/builders/quotas.py), and say on a 429 which limit refused it.
-local PLAN_HEADER, AUDIO_COST_HEADER, LIMITED_HEADER = "x-whisper-plan", "x-whisper-audio-cost", "x-whisper-limited"
+-- The key's plan and the upload's cost in whole audio-seconds, as dynamic metadata: the quota
+-- filters after this one charge them (control_plane/builders/quotas.py), and say on a 429 which
+-- limit refused it.
+local LIMITED_HEADER = "x-whisper-limited"
 local PLAN_KEY, COST_KEY = "plan", "audio_cost"
 -- What this filter sets: a client's own values never reach a route, an engine or a log.
-local OWN_HEADERS = {MODEL_HEADER, LONG_UPLOAD_HEADER, AUDIO_SECONDS_HEADER, AUDIO_ESTIMATED_HEADER, KEY_ID_HEADER,
-  PLAN_HEADER, AUDIO_COST_HEADER}
+local OWN_HEADERS = {MODEL_HEADER, LONG_UPLOAD_HEADER, AUDIO_SECONDS_HEADER, AUDIO_ESTIMATED_HEADER, KEY_ID_HEADER}
 local WINDOW = 4096
 local MAX_MODEL_BYTES = 256
 -- A part's header block: engines' form parsers fail (HTTP 500) on huge or binary ones.
@@ -200,22 +200,22 @@ local function measure_audio(h, headers, body, parts, model)
   return seconds
 end
 
--- The key's plan and the upload's cost for the quota filters; an upload that costs more than
--- a whole window allows could never pass them, so it is answered here, saying why.
-local function charge(h, headers, grant, seconds)
+-- The key's plan and the upload's cost for the quota filters. Each of the CONTEXT.envoys
+-- gateways holds 1/envoys of a budget, so an upload that costs more than that share of a whole
+-- window could never pass them: it is answered here, saying why.
+local function charge(h, grant, seconds)
   local plan = grant.plan and CONTEXT.plans[grant.plan]
   if plan == nil then return false end
-  local cost = math.max(1, math.ceil(seconds))
+  local cost, envoys = math.max(1, math.ceil(seconds)), CONTEXT.envoys or 1
   for _, limit in ipairs({{"audio_seconds_per_minute", "minute"}, {"audio_seconds_per_day", "day"}}) do
     local allowed = plan[limit[1]]
-    if allowed and cost > allowed then
-      reply(h, 429, string.format("This upload is %d audio-seconds; the API key's plan allows %d per %s.", cost,
-        allowed, limit[2]), "audio_seconds", "file", "rate_limit_exceeded")
+    if allowed and cost * envoys > allowed then
+      reply(h, 429, string.format("This upload is %d audio-seconds; the API key's plan allows %d per %s"
+        .. (envoys > 1 and ", %d through each of the %d gateways." or "."), cost, allowed, limit[2],
+        math.floor(allowed / envoys), envoys), "audio_seconds", "file", "rate_limit_exceeded")
       return true
     end
   end
-  headers:replace(PLAN_HEADER, grant.plan)
-  headers:replace(AUDIO_COST_HEADER, tostring(cost))
   local metadata = h:streamInfo():dynamicMetadata()
   metadata:set(METADATA_NAMESPACE, PLAN_KEY, grant.plan)
   metadata:set(METADATA_NAMESPACE, COST_KEY, cost)
@@ -338,7 +338,7 @@ function envoy_on_request(h)
     return reply(h, 429, "The model `" .. model .. "` is busy with interactive requests; this key's batch requests "
       .. "wait until its backlog drains.", "batch_lane", nil, "rate_limit_exceeded", CONTEXT.batch_closed[model])
   end
-  if grant and charge(h, headers, grant, seconds) then return end
+  if grant and charge(h, grant, seconds) then return end
   if model ~= name then
     -- An alias: engines know only the model's own name, so the form must carry that. Lua
     -- memory is outside Envoy's heap (and its overload manager), so the copy is made once, in
@@ -365,13 +365,14 @@ local function retry_after(h, limited, sets)
   local charged = h:streamInfo():dynamicMetadata():get(METADATA_NAMESPACE) or {}
   local plan = CONTEXT.plans[charged[PLAN_KEY] or ""] or {}
   local cost = tonumber(charged[COST_KEY]) or 1
+  local envoys = CONTEXT.envoys or 1 -- each charges envoys x the cost against the whole budget
   if limited == "requests" and sets.requests then
-    return math.ceil(WINDOW_S / sets.requests.limit)
+    return math.ceil(envoys * WINDOW_S / sets.requests.limit)
   elseif limited == "audio_seconds" and sets["audio-seconds"] then
     local audio = sets["audio-seconds"]
-    return math.ceil(math.max(1, cost - audio.remaining) * WINDOW_S / audio.limit)
+    return math.ceil(math.max(1, cost * envoys - audio.remaining) * WINDOW_S / audio.limit)
   elseif plan.audio_seconds_per_day then -- its filter sends no counts: the time to refill this upload
-    return math.ceil(cost * 86400 / plan.audio_seconds_per_day)
+    return math.ceil(cost * envoys * 86400 / plan.audio_seconds_per_day)
   end
   return WINDOW_S
 end

@@ -199,6 +199,7 @@ BAD_ADMIN = [
     ("empty name", "POST", "/keys", {"name": ""}, 400, "name"),
     ("name with a space", "POST", "/keys", {"name": "a b"}, 400, "name"),
     ("name not a string", "POST", "/keys", {"name": 7}, 400, "name"),
+    ("name like a key id", "POST", "/keys", {"name": "key-prod"}, 400, "name"),
     ("unknown model", "POST", "/keys", {"name": "x1", "models": ["gpt-4"]}, 400, "models"),
     ("an alias, not a model", "POST", "/keys", {"name": "x2", "models": ["whisper-1"]}, 400, "models"),
     ("models twice", "POST", "/keys", {"name": "x3", "models": [MODEL, MODEL]}, 400, "models"),

@@ -95,7 +95,7 @@ def test_metering_counts_each_request_once_by_outcome():
 
 
 def entry(kind, endpoint=E1, status=0, seconds="12.5", model="m", request_id="r1", routed=True,
-          reset=False, estimated=False) -> accesslog_pb2.HTTPAccessLogEntry:
+          reset=False, estimated=False, rate_limited=False) -> accesslog_pb2.HTTPAccessLogEntry:
     """A log entry as Envoy sends it: headers as the request carried them; for a request the Lua
     filter routed, its dynamic metadata."""
     host, port = endpoint.rsplit(":", 1) if endpoint else ("", "0")
@@ -105,6 +105,7 @@ def entry(kind, endpoint=E1, status=0, seconds="12.5", model="m", request_id="r1
     common = accesslog_pb2.AccessLogCommon(access_log_type=kind, upstream_remote_address=address_pb2.Address(
         socket_address=address_pb2.SocketAddress(address=host, port_value=int(port))))
     common.response_flags.upstream_remote_reset = reset
+    common.response_flags.rate_limited = rate_limited
     if routed and seconds is not None:
         common.metadata.filter_metadata["whisper_gateway"].update({"model": model, "audio_seconds": seconds})
     return accesslog_pb2.HTTPAccessLogEntry(
@@ -127,8 +128,13 @@ ENTRIES = [
     ("a 503 retried and answered: served once", [entry(TRY_STARTED), entry(TRY_ENDED, status=503),
                                                  entry(TRY_STARTED), entry(TRY_ENDED, status=200)],
      0.0, (1, 1), (12.5, 12.5, 0.0)),
-    ("an answer cut short is still what the client got", [entry(TRY_STARTED), entry(TRY_ENDED, status=200, reset=True)],
-     0.0, (0, 1), (12.5, 12.5, 0.0)),
+    ("an answer cut short by the engine failed", [entry(TRY_STARTED), entry(TRY_ENDED, status=200, reset=True),
+                                                  entry(REQUEST_ENDED, endpoint=None, status=200, reset=True)],
+     0.0, (0, 1), (12.5, 0.0, 12.5)),
+    ("a quota's 429 is refused, not failed", [entry(REQUEST_ENDED, endpoint=None, status=429, rate_limited=True)],
+     0.0, (0, 0), (12.5, 0.0, 0.0)),
+    ("an engine's 429 failed", [entry(TRY_STARTED), entry(TRY_ENDED, status=429),
+                                entry(REQUEST_ENDED, endpoint=None, status=429)], 0.0, (1, 0), (12.5, 0.0, 12.5)),
     ("an engine's 400 ends its request failed", [entry(TRY_STARTED), entry(TRY_ENDED, status=400),
                                                  entry(REQUEST_ENDED, endpoint=None, status=400)],
      0.0, (1, 0), (12.5, 0.0, 12.5)),

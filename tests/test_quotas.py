@@ -158,8 +158,28 @@ def test_two_envoys_share_a_key_budget(tmp_path):
     secret = new_key(stack, "shared", "six")
     envoys = (stack.envoy, second)
     before = [e.stat("http.whisper.downstream_rq_2xx") for e in envoys]
-    statuses = [send(stack, secret).status for _ in range(30)]  # a new connection each time
+    answers = [send(stack, secret) for _ in range(30)]  # a new connection each time
+    statuses = [a.status for a in answers]
     admitted = {e.admin: e.stat("http.whisper.downstream_rq_2xx") - b for e, b in zip(envoys, before)}
+    # A token comes back to an Envoy every 2 x 60 / 6 s: it charges twice the cost of a request.
+    assert {a.headers["retry-after"] for a in answers if a.status == 429} == {"20"}
     assert statuses.count(200) <= 6 and set(statuses) <= {200, 429}
     assert all(count <= 3 for count in admitted.values()), admitted  # each Envoy half of the six
     assert sum(admitted.values()) == statuses.count(200)
+
+
+def test_a_client_cannot_spend_or_refill_a_keys_budget_with_headers_of_its_own(stack):
+    """The quota filters read the Lua filter's dynamic metadata, never request headers: not on
+    routes the filter does not run on, not on an upload it charges."""
+    key = stack.admin.call("POST", "/keys", {"name": "forged-at", "plan": "three"}).json()
+    forged = {"x-whisper-plan": "three", "x-whisper-key-id": key["id"], "x-whisper-audio-cost": "-1000",
+              "Authorization": f"Bearer {key['secret']}"}
+    for _ in range(5):
+        assert request("GET", stack.envoy.url + "/v1/models", headers=forged).status == 200
+    answers = []
+    for _ in range(4):
+        body = multipart([("model", MODEL, None), ("file", silent_wav(1.0), "clip.wav")])
+        answers.append(request("POST", stack.envoy.url + "/v1/audio/transcriptions", body, forged | {
+            "Content-Type": "multipart/form-data; boundary=wgboundary7MA4YWxk"}))
+    assert [a.status for a in answers] == [200, 200, 200, 429]  # three a minute, as the plan says
+    assert answers[0].headers["x-ratelimit-remaining-audio-seconds"] == "999"  # charged 1, not -1000

@@ -24,7 +24,7 @@ def build_resources(config: GatewayConfig, fleet: Fleet, lua_source: str, access
     models = fleet.model_names()
     return {
         LISTENER: [build_listener(config, lua_source)],
-        ROUTE: [build_route_configuration(config, fleet, lua_source, access)],
+        ROUTE: [build_route_configuration(config, fleet, lua_source, access, envoys)],
         CLUSTER: [build_cluster(model, config) for model in models] + [build_unrouted_cluster()],
         ENDPOINT: build_load_assignments(fleet, envoys),
     }

@@ -19,7 +19,6 @@ from control_plane.builders.common import lua_marked, pack, seconds, status_is
 from control_plane.builders.local_replies import build_local_reply_config
 from control_plane.builders.lua_source import filter_source
 from control_plane.builders.quotas import build_quota_filters
-from control_plane.builders.routes import lua_context
 from control_plane.names import (AUDIO_ESTIMATED_HEADER, AUDIO_SECONDS_HEADER, KEY_ID_HEADER, LISTENER_NAME, LUA_FILTER,
                                  MODEL_HEADER,
                                  MODEL_KEY, REQUEST_LOG_NAME, ROUTE_CONFIG_NAME, UPSTREAM_LOG_NAME, XDS_CLUSTER)
@@ -56,12 +55,20 @@ def _router() -> router_pb2.Router:
         upstream_log_options=router_pb2.Router.UpstreamAccessLogOptions(flush_upstream_log_on_upstream_stream=True))
 
 
+# Envoy's short names of the flags that mean the engine, or the way to it, cut an answer short
+# (control_plane/observe/outcomes.py FAILURE_FLAGS).
+CUT_SHORT_FLAGS = ["UT", "UR", "UF", "UC", "UPE", "UMSDR", "SI", "DT"]
+
+
 def _unanswered() -> accesslog_pb2.AccessLogFilter:
-    """Requests the Lua filter routed that did not end in a 2xx: each is metered as failed from
-    its request log, whether an engine or Envoy failed it. A 2xx was metered from its try's end,
-    so most requests cost one log entry fewer (bench/datapath.py measured each entry)."""
+    """Requests the Lua filter routed that did not end in a whole 2xx: each is metered as failed
+    (or refused) from its request log, whether an engine or Envoy failed it. A 2xx was metered
+    from its try's end, so most requests cost one log entry fewer (bench/datapath.py measured
+    each entry)."""
     comparisons = [status_is(accesslog_pb2.ComparisonFilter.LE, 199, "unanswered"),
-                   status_is(accesslog_pb2.ComparisonFilter.GE, 300, "unanswered")]
+                   status_is(accesslog_pb2.ComparisonFilter.GE, 300, "unanswered"),
+                   accesslog_pb2.AccessLogFilter(response_flag_filter=accesslog_pb2.ResponseFlagFilter(
+                       flags=CUT_SHORT_FLAGS))]
     not_2xx = accesslog_pb2.AccessLogFilter(or_filter=accesslog_pb2.OrFilter(filters=comparisons))
     return accesslog_pb2.AccessLogFilter(and_filter=accesslog_pb2.AndFilter(filters=[lua_marked(MODEL_KEY), not_2xx]))
 
@@ -69,9 +76,11 @@ def _unanswered() -> accesslog_pb2.AccessLogFilter:
 def build_listener(config: GatewayConfig, lua_source: str) -> listener_pb2.Listener:
     # The routes carry the source with their models and keys (builders/lua_source.py); this one,
     # with none, answers only what no route configures, and refuses it when keys are required.
+    # Only what the listener must know: other values here would make reloads that change them
+    # rebuild the listener, and with it the quota filters' buckets (builders/quotas.py).
     access = Access(required=config.auth.api_keys == "required")
-    lua = lua_pb2.Lua(default_source_code=base_pb2.DataSource(
-        inline_string=filter_source(lua_source, lua_context(config, None, access), access)))
+    context = {"models": {}, "keys_required": access.required, "batch_closed": {}, "plans": {}}
+    lua = lua_pb2.Lua(default_source_code=base_pb2.DataSource(inline_string=filter_source(lua_source, context, access)))
     manager = hcm.HttpConnectionManager(
         stat_prefix="whisper",
         codec_type=hcm.HttpConnectionManager.AUTO,

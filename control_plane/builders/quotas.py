@@ -1,9 +1,10 @@
 """Per-key quotas: Envoy's local rate limit filters, one per limit, between the Lua filter and the router.
 
 A key's limits come from its plan (auth.plans). The Lua filter sets the key's id, its plan and
-the upload's cost (its audio-seconds rounded up) as headers; each filter has one descriptor per
-plan whose key entry is a wildcard, so every key gets buckets of its own without being named
-here. So the filters change only with the config file's plans, never with the keys: Envoy
+the upload's cost (its audio-seconds rounded up) as dynamic metadata, which no client can send
+and which requests the filter does not handle (`/v1/models`, `/health`) never carry; each
+filter has one descriptor per plan whose key entry is a wildcard, so every key gets buckets of
+its own without being named here. So the filters change only with the config file's plans, never with the keys: Envoy
 rebuilds a rate limit filter's buckets full whenever its config changes, and making a key must
 not refill everyone's. The buckets live in the listener (it changes only with the config file). Several Envoys share
 a budget: each takes 1/N of it, N being the Envoys connected to the control plane (Envoy's
@@ -24,12 +25,13 @@ from envoy.config.route.v3 import route_components_pb2 as rc
 from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
 from envoy.extensions.filters.http.local_ratelimit.v3 import local_rate_limit_pb2 as lrl
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
+from envoy.type.metadata.v3 import metadata_pb2
 from envoy.type.v3 import percent_pb2, token_bucket_pb2
 from google.protobuf import wrappers_pb2
 
 from control_plane.builders.common import pack, seconds
 from control_plane.config import GatewayConfig, PlanConfig
-from control_plane.names import AUDIO_COST_HEADER, KEY_ID_HEADER, LIMITED_HEADER, PLAN_HEADER
+from control_plane.names import COST_KEY, KEY_ID_KEY, LIMITED_HEADER, METADATA_NAMESPACE, PLAN_KEY
 
 
 @dataclass(frozen=True)
@@ -39,16 +41,16 @@ class Limit:
     name: str  # x-whisper-limited on its 429s; the filter's stat prefix
     window_s: float
     amount: str  # the PlanConfig field
-    cost_header: str | None  # None: each request costs 1
+    costs_audio: bool  # False: each request costs 1
     reports: bool  # whether it sends x-ratelimit-* (the Lua filter renames two sets, no more)
 
 
 # In the order Envoy applies them. A request the first admits and a later one refuses has
 # still spent the first's token (the filters do not refund), so the cheap limit goes first.
 LIMITS = (
-    Limit("requests", 60.0, "requests_per_minute", None, True),
-    Limit("audio_seconds", 60.0, "audio_seconds_per_minute", AUDIO_COST_HEADER, True),
-    Limit("audio_seconds_per_day", 86400.0, "audio_seconds_per_day", AUDIO_COST_HEADER, False),
+    Limit("requests", 60.0, "requests_per_minute", False, True),
+    Limit("audio_seconds", 60.0, "audio_seconds_per_minute", True, True),
+    Limit("audio_seconds_per_day", 86400.0, "audio_seconds_per_day", True, False),
 )
 
 
@@ -56,6 +58,14 @@ def _all(runtime_key: str) -> base_pb2.RuntimeFractionalPercent:
     return base_pb2.RuntimeFractionalPercent(
         default_value=percent_pb2.FractionalPercent(numerator=100, denominator=percent_pb2.FractionalPercent.HUNDRED),
         runtime_key=runtime_key)
+
+
+def _from_metadata(key: str, descriptor_key: str) -> rc.RateLimit.Action:
+    """A descriptor entry from the Lua filter's dynamic metadata; absent: no descriptor, no charge."""
+    return rc.RateLimit.Action(metadata=rc.RateLimit.Action.MetaData(
+        descriptor_key=descriptor_key, source=rc.RateLimit.Action.MetaData.DYNAMIC, skip_if_absent=True,
+        metadata_key=metadata_pb2.MetadataKey(key=METADATA_NAMESPACE,
+                                              path=[metadata_pb2.MetadataKey.PathSegment(key=key)])))
 
 
 def _filter(limit: Limit, plans: dict[str, PlanConfig], max_keys: int) -> hcm.HttpFilter | None:
@@ -72,13 +82,9 @@ def _filter(limit: Limit, plans: dict[str, PlanConfig], max_keys: int) -> hcm.Ht
                 fill_interval=seconds(limit.window_s))))
     if not descriptors:
         return None
-    rate_limit = rc.RateLimit(actions=[
-        rc.RateLimit.Action(request_headers=rc.RateLimit.Action.RequestHeaders(
-            header_name=PLAN_HEADER, descriptor_key=f"plan_{limit.name}")),
-        rc.RateLimit.Action(request_headers=rc.RateLimit.Action.RequestHeaders(
-            header_name=KEY_ID_HEADER, descriptor_key="key"))])
-    if limit.cost_header is not None:
-        rate_limit.hits_addend.format = f"%REQ({limit.cost_header})%"
+    rate_limit = rc.RateLimit(actions=[_from_metadata(PLAN_KEY, f"plan_{limit.name}"), _from_metadata(KEY_ID_KEY, "key")])
+    if limit.costs_audio:
+        rate_limit.hits_addend.format = f"%DYNAMIC_METADATA({METADATA_NAMESPACE}:{COST_KEY})%"
     config = lrl.LocalRateLimit(
         stat_prefix=f"whisper_quota_{limit.name}",
         filter_enabled=_all(f"whisper_gateway.quota.{limit.name}.enabled"),

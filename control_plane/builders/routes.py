@@ -147,8 +147,9 @@ def hedging(config: GatewayConfig) -> tuple[int, int]:
     return int(r.hedge_after_s * 1000), int(r.hedge_per_mb_s * 1000)
 
 
-def lua_context(config: GatewayConfig, fleet: Fleet | None, access: Access) -> dict:
-    """What the Lua filter reads of the config and fleet (CONTEXT in its source)."""
+def lua_context(config: GatewayConfig, fleet: Fleet | None, access: Access, envoys: int = 1) -> dict:
+    """What the Lua filter reads of the config and fleet (CONTEXT in its source); `envoys`: the
+    gateways sharing each key's budget (builders/quotas.py)."""
     base_ms, per_mb_ms = hedging(config)
     return {"models": fleet.name_to_model() if fleet is not None else {},
             "long_upload_bytes": config.routing.long_upload_bytes,
@@ -156,6 +157,7 @@ def lua_context(config: GatewayConfig, fleet: Fleet | None, access: Access) -> d
             "per_try_base_ms": base_ms, "per_try_ms_per_mb": per_mb_ms,
             "keys_required": access.required,
             "batch_closed": dict(fleet.batch_closed) if fleet is not None else {},
+            "envoys": envoys,
             # Each plan's limits, for what the filter says on a 429 (builders/quotas.py enforces them).
             "plans": {name: {k: v for k, v in vars(plan).items() if v is not None}
                       for name, plan in config.auth.plans.items()}}
@@ -170,8 +172,8 @@ def _engine_authorization(access: Access) -> tuple[list[base_pb2.HeaderValueOpti
     return [], ["authorization"] if access.required else []
 
 
-def build_route_configuration(config: GatewayConfig, fleet: Fleet, lua_source: str, access: Access = Access()
-                              ) -> route_pb2.RouteConfiguration:
+def build_route_configuration(config: GatewayConfig, fleet: Fleet, lua_source: str, access: Access = Access(),
+                              envoys: int = 1) -> route_pb2.RouteConfiguration:
     engine_headers, removed_headers = _engine_authorization(access)
     virtual_host = rc.VirtualHost(
         name=VIRTUAL_HOST_NAME,
@@ -181,7 +183,7 @@ def build_route_configuration(config: GatewayConfig, fleet: Fleet, lua_source: s
         # before the filter sets the model header, so it must sit on the virtual host.
         request_body_buffer_limit=wrappers_pb2.UInt64Value(value=config.limits.max_upload_bytes),
         typed_per_filter_config={LUA_FILTER: pack(lua_pb2.LuaPerRoute(source_code=base_pb2.DataSource(
-            inline_string=filter_source(lua_source, lua_context(config, fleet, access), access))))},
+            inline_string=filter_source(lua_source, lua_context(config, fleet, access, envoys), access))))},
         # Every proxied request carries it; the Lua filter refuses one that arrives with it (a loop).
         request_headers_to_add=[base_pb2.HeaderValueOption(
             header=base_pb2.HeaderValue(key=HOP_HEADER, value="1"),

@@ -14,7 +14,7 @@ import math
 from collections.abc import Mapping, Sequence
 
 from control_plane.config import RoutingConfig
-from control_plane.decide.policy import fresh, work_seconds
+from control_plane.decide.policy import fresh, held_audio, work_seconds
 from control_plane.observe.ledger import CHUNK_S
 from control_plane.observe.load_tracker import EndpointState
 
@@ -22,9 +22,14 @@ REOPEN_AT = 0.5  # of the level: a lane that closed opens once the wait has halv
 
 
 def expected_wait(endpoints: Sequence[EndpointState], settings: RoutingConfig) -> float | None:
-    """Seconds until a new 30 s clip would be answered on the model's best fresh engine; None: none is fresh."""
-    waits = work_seconds(fresh(endpoints, settings), CHUNK_S)
-    return min(waits.values()) if waits else None
+    """Seconds until a new 30 s clip would be answered on the model's best fresh engine: 0 when
+    they all hold nothing (their speed may be unmeasured: idle is idle); None when none is fresh,
+    or none's speed is measured yet while some hold work."""
+    live = fresh(endpoints, settings)
+    waits = work_seconds(live, CHUNK_S)
+    if waits:
+        return min(waits.values())
+    return 0.0 if live and not any(held_audio(e) for e in live) else None
 
 
 def closed_to_batch(waits: Mapping[str, float | None], closed: Mapping[str, int], level: float) -> dict[str, int]:

@@ -7,8 +7,9 @@ upload's audio-seconds as the headers the Lua filter set on the request it route
 own are removed first, and only routed requests reach an engine); a request's entry carries
 them as the filter's dynamic metadata, which a client cannot forge, so a request the filter did
 not route (a refusal, `/health`) is never metered. Starts and ends feed the ledger of work in
-flight, ends the failure ratios; a try's 2xx end meters its request as served (the client got
-that answer, so no other try of it can have been), a request's entry as failed
+flight, ends the failure ratios; a try's 2xx end that was not cut short meters its request as
+served (the client got that answer, so no other try of it can have been), a request's entry as
+failed (or refused, for the gateway's own 429s)
 (control_plane/builders/listener.py sets the logs up). Nothing here is in a request's path:
 Envoy sends the logs in batches, and a control plane that is down loses only evidence.
 """
@@ -24,7 +25,7 @@ from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
 from control_plane.names import (AUDIO_ESTIMATED_HEADER, AUDIO_SECONDS_HEADER, ESTIMATED_KEY, KEY_ID_HEADER,
-                                 KEY_ID_KEY, METADATA_NAMESPACE, MODEL_HEADER, MODEL_KEY, SECONDS_KEY)
+                                 KEY_ID_KEY, LUA_REPLY_KEY, METADATA_NAMESPACE, MODEL_HEADER, MODEL_KEY, SECONDS_KEY)
 from control_plane.observe.ledger import Ledger
 from control_plane.observe.outcomes import Outcomes, failed
 
@@ -51,15 +52,27 @@ def answered(entry: accesslog_pb2.HTTPAccessLogEntry) -> bool:
     return 200 <= entry.response.response_code.value < 300
 
 
+def delivered(entry: accesslog_pb2.HTTPAccessLogEntry) -> bool:
+    """A 2xx that reached its end: not cut short by the engine (or the way to it)."""
+    return answered(entry) and not failed(entry)
+
+
 def _meter_failed(entry: accesslog_pb2.HTTPAccessLogEntry, ledger: Ledger) -> None:
     fields = entry.common_properties.metadata.filter_metadata.get(METADATA_NAMESPACE)
-    if fields is None or MODEL_KEY not in fields.fields or answered(entry):
+    if fields is None or MODEL_KEY not in fields.fields or delivered(entry):
         return  # not a request the filter routed, or one its try's end metered
     seconds = as_seconds(fields.fields[SECONDS_KEY].string_value) if SECONDS_KEY in fields.fields else None
     if seconds is not None:
         key = fields.fields[KEY_ID_KEY].string_value if KEY_ID_KEY in fields.fields else ""
         ledger.meter(fields.fields[MODEL_KEY].string_value, seconds, ESTIMATED_KEY in fields.fields, served=False,
-                     key=key, refused=entry.response.response_code.value == 429)
+                     key=key, refused=refused_here(entry, fields))
+
+
+def refused_here(entry: accesslog_pb2.HTTPAccessLogEntry, fields) -> bool:
+    """A 429 of the gateway's own (a quota filter's, or the Lua filter's lane or upload-size
+    answer), not an engine's."""
+    own = entry.common_properties.response_flags.rate_limited or LUA_REPLY_KEY in fields.fields
+    return entry.response.response_code.value == 429 and own
 
 
 def _meter_served(entry: accesslog_pb2.HTTPAccessLogEntry, ledger: Ledger) -> None:
@@ -89,7 +102,7 @@ def record(entry: accesslog_pb2.HTTPAccessLogEntry, stream: int, outcomes: Outco
         outcomes.record(endpoint, ok, now)
         ledger.ended(stream, entry.request.request_id, endpoint, ok and entry.response.response_code.value < 400,
                      now)
-        if answered(entry):
+        if delivered(entry):
             _meter_served(entry, ledger)
 
 

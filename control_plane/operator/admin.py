@@ -271,7 +271,9 @@ def _key_fields(plane: "ControlPlane", body: dict) -> dict:
         if len(set(models)) != len(models):
             raise ApiError(400, "models lists a name twice", param="models")
         given["models"] = tuple(models)
-    if "plan" in body:
+    if "plan" in body and body["plan"] is None:
+        given["plan"] = ""  # back to auth.default_plan
+    elif "plan" in body:
         if not isinstance(body["plan"], str) or body["plan"] not in plane.config.auth.plans:
             known = ", ".join(sorted(plane.config.auth.plans)) or "none configured"
             raise ApiError(400, f"plan must be one of auth.plans ({known}), got {body['plan']!r}", param="plan")

@@ -118,6 +118,8 @@ class KeyTable:
         if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
             raise KeyProblem(400, f"name: {name!r} is not a valid key name (1-64 characters: letters, digits, . _ -, "
                                  "starting with a letter or digit)", "name")
+        if name.startswith("key-"):  # what ids look like: the CLI takes either
+            raise KeyProblem(400, f"name: {name!r} starts with 'key-', which only key ids do", "name")
         for other in self.active():
             if other.name == name and other.id != except_id:
                 raise KeyProblem(409, f"name: an active key is already called {name!r} ({other.id})", "name")
@@ -161,7 +163,7 @@ class KeyTable:
         self.by_id[key_id] = replace(key, name=key.name if name is None else name,
                                      models=key.models if models is None else tuple(models),
                                      key_class=key.key_class if key_class is None else key_class,
-                                     plan=key.plan if plan is None else plan)
+                                     plan=key.plan if plan is None else (plan or None))  # "": the default
         return self.by_id[key_id]
 
     def _active(self, key_id: str) -> ApiKey:
@@ -186,9 +188,9 @@ class KeyTable:
     def grants(self, plans: frozenset[str] | set[str] = frozenset(), default_plan: str | None = None
                ) -> dict[str, Grant]:
         """Every valid secret's digest -> its key's grant: the table Envoy checks. A key's plan is
-        its own or `default_plan`; one no longer among `plans` (the config changed) means none."""
+        its own, or `default_plan` when it has none or its own is no longer among `plans`."""
         def plan_of(key: ApiKey) -> str | None:
-            plan = key.plan or default_plan
+            plan = key.plan if key.plan in plans else default_plan  # a plan the config dropped: the default
             return plan if plan in plans else None
 
         return {s.sha256: Grant(k.id, k.models or None, plan_of(k), k.key_class) for k in self.active() for s in k.secrets}
