@@ -19,14 +19,19 @@ START_TIMEOUT_S = 300
 
 
 CORES = {"a": "0", "b": "1"}
+# Engine b runs with vLLM's own --api-key; the gateway sends it (auth.engine_api_key_env), and
+# engine a, which has none, ignores it.
+ENGINE_KEY = "vllm-engine-key-for-tests"
+KEYS = {"b": ENGINE_KEY}
 
 
 def start_vllm(log_dir: Path, name: str, port: int) -> Process:
     # Each engine on a core of its own, as each GPU engine has its own GPU: otherwise load on one
     # engine slows the other, and the gateway rightly measures both as slow.
+    key = ["--api-key", KEYS[name]] if name in KEYS else []
     return Process(f"vllm-{name}", [PYTHON, "-m", "engines.vllm", "--cpu", "--port", str(port), "--model", MODEL,
-                                    "--model-path", str(CHECKPOINT), "--max-num-seqs", "2", "--name", name], log_dir,
-                   env={"VLLM_CPU_OMP_THREADS_BIND": CORES[name]})
+                                    "--model-path", str(CHECKPOINT), "--max-num-seqs", "2", "--name", name, *key],
+                   log_dir, env={"VLLM_CPU_OMP_THREADS_BIND": CORES[name]})
 
 
 def wait_healthy(process: Process, url: str) -> None:
@@ -46,7 +51,9 @@ class RealStack:
             wait_healthy(process, self.urls[name])
         # vLLM's CPU build answers /metrics slowly while it decodes on both cores: give scrapes
         # the time a GPU engine would never need.
-        self.gateway = GatewayStack(log_dir, MODEL, list(self.urls.values()), resilience={
+        os.environ["WHISPER_TEST_VLLM_KEY"] = ENGINE_KEY  # the control plane reads it at start
+        self.gateway = GatewayStack(log_dir, MODEL, list(self.urls.values()), auth={
+            "engine_api_key_env": "WHISPER_TEST_VLLM_KEY"}, resilience={
             "health_interval_s": 1, "health_timeout_s": 5, "unhealthy_threshold": 2, "healthy_threshold": 1},
             routing={"scrape_interval_s": 1.0, "scrape_timeout_s": 0.9, "stale_after_s": 4.0})
 

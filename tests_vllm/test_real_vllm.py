@@ -134,3 +134,21 @@ def test_metered_audio_agrees_with_vllms_own_usage(real, seconds):
     assert usage is not None and usage["type"] == "duration", answer.text
     assert abs(usage["seconds"] - counted) < 1 and usage["seconds"] in (round(counted), math.ceil(counted - 0.001)), (
         usage, counted)
+
+
+def test_vllms_own_api_key_keeps_working_behind_the_gateway(real):
+    """Engine b checks its --api-key (vLLM's own middleware); the gateway sends it in place of
+    whatever the client sent, so every request, b's included, is answered."""
+    from harness.processes import request as http
+    from tests_vllm.conftest import ENGINE_KEY
+
+    assert ask(real.urls["b"]).status == 401  # vLLM refuses a request without its key
+    with_key = http("GET", real.urls["b"] + "/v1/models", None, {"Authorization": f"Bearer {ENGINE_KEY}"})
+    assert with_key.status == 200
+    before = real.host_counts()["b"]
+    for _ in range(20):
+        answer = ask(real.gateway.envoy.url)
+        assert answer.status == 200, answer.text  # b's 401 would show here
+        if real.host_counts()["b"] > before:
+            break
+    assert real.host_counts()["b"] > before, "no request reached b"

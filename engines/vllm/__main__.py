@@ -42,10 +42,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--name", default=None, help="engine name (logs only)")
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--cpu", action="store_true", help="vLLM's CPU build with the tiny test checkpoint")
+    parser.add_argument("--api-key", default=None, help="vLLM's own: /v1 paths need this bearer key")
     args = parser.parse_args(argv)
     binary = find_vllm()
     command = [binary, "serve", *vllm_arguments(args.model_path, args.model, args.host, args.port, args.max_num_seqs)]
     env = dict(os.environ, VLLM_NO_USAGE_STATS="1")
+    if args.api_key:
+        command += ["--api-key", args.api_key]
     if args.cpu:
         command += CPU_ARGUMENTS
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
