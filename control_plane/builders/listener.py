@@ -19,9 +19,9 @@ from control_plane.builders.common import lua_marked, pack, seconds, status_is
 from control_plane.builders.local_replies import build_local_reply_config
 from control_plane.builders.lua_source import filter_source
 from control_plane.builders.quotas import build_quota_filters
-from control_plane.names import (AUDIO_ESTIMATED_HEADER, AUDIO_SECONDS_HEADER, KEY_ID_HEADER, LISTENER_NAME, LUA_FILTER,
-                                 MODEL_HEADER,
-                                 MODEL_KEY, REQUEST_LOG_NAME, ROUTE_CONFIG_NAME, UPSTREAM_LOG_NAME, XDS_CLUSTER)
+from control_plane.names import (AUDIO_ESTIMATED_HEADER, AUDIO_SECONDS_HEADER, CUT_SHORT_FLAGS, KEY_ID_HEADER,
+                                 LISTENER_NAME, LUA_FILTER, MODEL_HEADER, MODEL_KEY, REQUEST_LOG_NAME, ROUTE_CONFIG_NAME,
+                                 UPSTREAM_LOG_NAME, XDS_CLUSTER)
 from control_plane.config import GatewayConfig
 from control_plane.tenants.keys import Access
 
@@ -55,11 +55,6 @@ def _router() -> router_pb2.Router:
         upstream_log_options=router_pb2.Router.UpstreamAccessLogOptions(flush_upstream_log_on_upstream_stream=True))
 
 
-# Envoy's short names of the flags that mean the engine, or the way to it, cut an answer short
-# (control_plane/observe/outcomes.py FAILURE_FLAGS).
-CUT_SHORT_FLAGS = ["UT", "UR", "UF", "UC", "UPE", "UMSDR", "SI", "DT"]
-
-
 def _unanswered() -> accesslog_pb2.AccessLogFilter:
     """Requests the Lua filter routed that did not end in a whole 2xx: each is metered as failed
     (or refused) from its request log, whether an engine or Envoy failed it. A 2xx was metered
@@ -68,7 +63,7 @@ def _unanswered() -> accesslog_pb2.AccessLogFilter:
     comparisons = [status_is(accesslog_pb2.ComparisonFilter.LE, 199, "unanswered"),
                    status_is(accesslog_pb2.ComparisonFilter.GE, 300, "unanswered"),
                    accesslog_pb2.AccessLogFilter(response_flag_filter=accesslog_pb2.ResponseFlagFilter(
-                       flags=CUT_SHORT_FLAGS))]
+                       flags=sorted(CUT_SHORT_FLAGS.values())))]
     not_2xx = accesslog_pb2.AccessLogFilter(or_filter=accesslog_pb2.OrFilter(filters=comparisons))
     return accesslog_pb2.AccessLogFilter(and_filter=accesslog_pb2.AndFilter(filters=[lua_marked(MODEL_KEY), not_2xx]))
 

@@ -24,8 +24,9 @@ import grpc
 from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
-from control_plane.names import (AUDIO_ESTIMATED_HEADER, AUDIO_SECONDS_HEADER, ESTIMATED_KEY, KEY_ID_HEADER,
-                                 KEY_ID_KEY, LUA_REPLY_KEY, METADATA_NAMESPACE, MODEL_HEADER, MODEL_KEY, SECONDS_KEY)
+from control_plane.names import (AUDIO_ESTIMATED_HEADER, AUDIO_SECONDS_HEADER, CUT_SHORT_FLAGS, ESTIMATED_KEY,
+                                 KEY_ID_HEADER, KEY_ID_KEY, LUA_REPLY_KEY, METADATA_NAMESPACE, MODEL_HEADER, MODEL_KEY,
+                                 SECONDS_KEY)
 from control_plane.observe.ledger import Ledger
 from control_plane.observe.outcomes import Outcomes, failed
 
@@ -53,8 +54,11 @@ def answered(entry: accesslog_pb2.HTTPAccessLogEntry) -> bool:
 
 
 def delivered(entry: accesslog_pb2.HTTPAccessLogEntry) -> bool:
-    """A 2xx that reached its end: not cut short by the engine (or the way to it)."""
-    return answered(entry) and not failed(entry)
+    """A 2xx not cut short by the engine (or the way to it): flags that only the request's entry
+    can carry (a route timeout, the client's idle stream) do not count, or the request would be
+    metered twice, served from its try and failed from its own log."""
+    flags = entry.common_properties.response_flags
+    return answered(entry) and not any(getattr(flags, name) for name in CUT_SHORT_FLAGS)
 
 
 def _meter_failed(entry: accesslog_pb2.HTTPAccessLogEntry, ledger: Ledger) -> None:
