@@ -21,7 +21,7 @@ from control_plane.builders import build_load_assignments, build_resources
 from control_plane.builders.routes import build_route_configuration
 from control_plane.names import LOCAL_CLUSTER, cluster_name
 from control_plane.config import ConfigError, GatewayConfig, load_config
-from control_plane.decide.lanes import closed_to_batch, expected_wait
+from control_plane.decide.lanes import closed_to_batch, model_waits
 from control_plane.decide.policy import decide_routing, is_fresh
 from control_plane.fleet.addresses import is_loopback
 from control_plane.fleet.dns_discovery import DnsDiscovery
@@ -223,35 +223,42 @@ class ControlPlane:
             if all(_idle(self.tracker.state(backend.id, m, backend.weight, now), self.config) for m in backend.models):
                 self.ledger.settle(backend.endpoint, now)
         await self.check_drains()
-        if (ends := self.keys.next_expiry()) is not None and ends <= time.time():
-            try:  # rotated-out secrets stop working; without waiting for the Envoys, as the loop must go on
-                await self._change(lambda: self.keys.expire(time.time()))
-            except Exception:
-                log.exception("dropping expired key secrets failed; trying again next round")
-        if (envoys := max(1, len(self.cache.envoys))) != self.envoys:  # quotas split among them
-            async with self._changing:
-                previous, self.envoys = self.envoys, envoys
-                try:
-                    await self._publish_config(self.config)  # their cluster, and the Lua filter's count
-                except Exception:
-                    self.envoys = previous  # tried again next round
-                    raise
-        fleet = self.fleet  # a finished drain may have changed it
-        states = scraper.endpoint_states(fleet, self.tracker, self.outcomes, self.ledger, now)
+        await self._expire_secrets()
+        await self._count_envoys()
+        states = scraper.endpoint_states(self.fleet, self.tracker, self.outcomes, self.ledger, now)
         if (level := self.config.auth.batch_above_wait_s) is not None:
-            serving = {b.id for b in fleet.backends if not b.draining}  # as /status counts them
-            waits = {model: expected_wait([s for s in states[model] if s.backend_id in serving], routing)
-                     for model in fleet.model_names()}
-            closed = closed_to_batch(waits, fleet.batch_closed, level)
-            if closed != fleet.batch_closed:
+            closed = closed_to_batch(model_waits(self.fleet, states, routing), self.fleet.batch_closed, level)
+            if closed != self.fleet.batch_closed:
                 await self.set_lanes(closed)
-                fleet = self.fleet
+        fleet = self.fleet  # a finished drain or a lane may have changed it
         if not routing.load_aware:
             return
         weights, long_uploads = decide_routing(fleet, states, routing)
         if weights != fleet.weights or long_uploads != fleet.long_uploads:
             WEIGHT_UPDATES.inc()
             await self.set_weights(weights, long_uploads)
+
+    async def _expire_secrets(self) -> None:
+        """Rotated-out key secrets stop working at the end of their grace; without waiting for the
+        Envoys' ACKs, as the loop must go on."""
+        if (ends := self.keys.next_expiry()) is not None and ends <= time.time():
+            try:
+                await self._change(lambda: self.keys.expire(time.time()))
+            except Exception:
+                log.exception("dropping expired key secrets failed; trying again next round")
+
+    async def _count_envoys(self) -> None:
+        """Quotas are split among the Envoys connected: when their number changes, their cluster
+        (LOCAL_CLUSTER) and the Lua filter's count are published again."""
+        if (envoys := max(1, len(self.cache.envoys))) == self.envoys:
+            return
+        async with self._changing:
+            previous, self.envoys = self.envoys, envoys
+            try:
+                await self._publish_config(self.config)
+            except Exception:
+                self.envoys = previous  # tried again next round
+                raise
 
     async def set_weights(self, weights: dict[tuple[str, str], int],
                           long_uploads: frozenset[tuple[str, str]] = frozenset()) -> None:

@@ -87,8 +87,8 @@ def test_tries_of_an_envoy_that_went_away_or_lost_their_end_leave_the_ledger():
 
 def test_metering_counts_each_request_once_by_outcome():
     ledger = Ledger()
-    ledger.meter("m", 7.5, estimated=False, served=True)
-    ledger.meter("m", 2.0, estimated=True, served=False)
+    ledger.meter("m", 7.5, estimated=False, outcome="served")
+    ledger.meter("m", 2.0, estimated=True, outcome="failed")
     metered = ledger.metered["m"]
     assert (metered.requests, metered.received, metered.served, metered.failed, metered.estimated, metered.longest) == (
         2, 9.5, 7.5, 2.0, 2.0, 7.5)

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 
 from control_plane.config import RoutingConfig
 from control_plane.decide.policy import fresh, held_audio, work_seconds
+from control_plane.fleet.state import Fleet
 from control_plane.observe.ledger import CHUNK_S
 from control_plane.observe.load_tracker import EndpointState
 
@@ -30,6 +31,15 @@ def expected_wait(endpoints: Sequence[EndpointState], settings: RoutingConfig) -
     if waits:
         return min(waits.values())
     return 0.0 if live and not any(held_audio(e) for e in live) else None
+
+
+def model_waits(fleet: Fleet, states: Mapping[str, Sequence[EndpointState]],
+                settings: RoutingConfig) -> dict[str, float | None]:
+    """Each model's `expected_wait` over its engines that are not draining: what `/status` shows
+    and the lanes decide on."""
+    serving = {b.id for b in fleet.backends if not b.draining}
+    return {model: expected_wait([s for s in states[model] if s.backend_id in serving], settings)
+            for model in fleet.model_names()}
 
 
 def closed_to_batch(waits: Mapping[str, float | None], closed: Mapping[str, int], level: float) -> dict[str, int]:

@@ -68,8 +68,8 @@ def _meter_failed(entry: accesslog_pb2.HTTPAccessLogEntry, ledger: Ledger) -> No
     seconds = as_seconds(fields.fields[SECONDS_KEY].string_value) if SECONDS_KEY in fields.fields else None
     if seconds is not None:
         key = fields.fields[KEY_ID_KEY].string_value if KEY_ID_KEY in fields.fields else ""
-        ledger.meter(fields.fields[MODEL_KEY].string_value, seconds, ESTIMATED_KEY in fields.fields, served=False,
-                     key=key, refused=refused_here(entry, fields))
+        ledger.meter(fields.fields[MODEL_KEY].string_value, seconds, ESTIMATED_KEY in fields.fields,
+                     "refused" if refused_here(entry, fields) else "failed", key)
 
 
 def refused_here(entry: accesslog_pb2.HTTPAccessLogEntry, fields) -> bool:
@@ -83,8 +83,8 @@ def _meter_served(entry: accesslog_pb2.HTTPAccessLogEntry, ledger: Ledger) -> No
     headers = entry.request.request_headers
     seconds = as_seconds(headers.get(AUDIO_SECONDS_HEADER, ""))
     if seconds is not None and headers.get(MODEL_HEADER):
-        ledger.meter(headers[MODEL_HEADER], seconds, AUDIO_ESTIMATED_HEADER in headers, served=True,
-                     key=headers.get(KEY_ID_HEADER, ""))
+        ledger.meter(headers[MODEL_HEADER], seconds, AUDIO_ESTIMATED_HEADER in headers, "served",
+                     headers.get(KEY_ID_HEADER, ""))
 
 
 def record(entry: accesslog_pb2.HTTPAccessLogEntry, stream: int, outcomes: Outcomes, ledger: Ledger,

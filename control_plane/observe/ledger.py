@@ -59,6 +59,9 @@ class _Engine:
         self.at = now if self.at is None else max(self.at, now)
 
 
+OUTCOMES = ("served", "failed", "refused")  # how a metered request ended; received is all three
+
+
 @dataclass
 class Metered:
     """A model's audio-seconds, each request counted once when it ends."""
@@ -70,6 +73,11 @@ class Metered:
     estimated: float = 0.0  # of received: from a size estimate, not a header
     requests: int = 0
     longest: float = 0.0  # the longest single upload
+
+    def figures(self) -> dict:
+        """As `/status`, the admin API and the CLI show them."""
+        return {"requests": self.requests, "audio_received_s": round(self.received, 3)} | {
+            f"audio_{outcome}_s": round(getattr(self, outcome), 3) for outcome in OUTCOMES}
 
 
 def engine_requests(seconds: float) -> int:
@@ -110,28 +118,19 @@ class Ledger:
         if answered:
             engine.done += entry.seconds
 
-    def meter(self, model: str, seconds: float, estimated: bool, served: bool, key: str = "",
-              refused: bool = False) -> None:
-        """A request the filter routed to `model` ended: served (2xx), refused by a quota, or failed
-        (whoever failed it)."""
+    def meter(self, model: str, seconds: float, estimated: bool, outcome: str, key: str = "") -> None:
+        """A request the filter routed to `model` ended, one of OUTCOMES: served (a whole 2xx),
+        failed (whoever failed it) or refused (the gateway's own 429)."""
         for metered in (self.metered.setdefault(model, Metered()), self.metered_by_key.setdefault((key, model), Metered())):
             metered.requests += 1
             metered.received += seconds
             metered.longest = max(metered.longest, seconds)
             metered.estimated += seconds if estimated else 0.0
-            if served:
-                metered.served += seconds
-            elif refused:
-                metered.refused += seconds
-            else:
-                metered.failed += seconds
+            setattr(metered, outcome, getattr(metered, outcome) + seconds)
 
     def usage_of(self, key: str) -> dict[str, dict]:
         """A key's metering per model, as the admin API shows it."""
-        return {model: {"requests": m.requests, "audio_received_s": round(m.received, 3),
-                        "audio_served_s": round(m.served, 3), "audio_failed_s": round(m.failed, 3),
-                        "audio_refused_s": round(m.refused, 3)}
-                for (owner, model), m in sorted(self.metered_by_key.items()) if owner == key}
+        return {model: m.figures() for (owner, model), m in sorted(self.metered_by_key.items()) if owner == key}
 
     def _drop(self, now: float, gone, engine: _Engine | None = None) -> None:
         """Removes the tries `gone(key, try)` picks, of one engine or all."""

@@ -26,7 +26,7 @@ from control_plane.operator.openapi import OPENAPI
 from control_plane.fleet.registry import Entry, Source
 from control_plane.operator.status import endpoint_rows, status_report
 from control_plane.operator.telemetry import render as render_metrics
-from control_plane.tenants.keys import KEY_CLASSES, ApiKey, KeyProblem
+from control_plane.tenants.keys import ApiKey, KeyClass, KeyProblem
 
 if TYPE_CHECKING:
     from control_plane.app import ControlPlane
@@ -172,9 +172,7 @@ async def get_backend(request: web.Request) -> web.Response:
 async def _models_of(plane: "ControlPlane", url: str, body: dict) -> list[str]:
     """The models a new backend serves: given, or read from its /v1/models; checked as names."""
     if "models" in body:
-        models = body["models"]
-        if not isinstance(models, list) or not 1 <= len(models) <= MAX_MODELS:
-            raise ApiError(400, f"models must be a list of 1 to {MAX_MODELS} model names", param="models")
+        models = _model_list(body["models"], at_least=1)
     else:
         try:
             models = await read_engine_models(url, plane.engine_key)
@@ -193,6 +191,14 @@ async def _models_of(plane: "ControlPlane", url: str, body: dict) -> list[str]:
     if len(set(models)) != len(models):
         raise ApiError(400, "models lists a name twice", param="models")
     return models
+
+
+def _model_list(value, at_least: int) -> list:
+    """`models` as a list of at_least..MAX_MODELS strings; what they name is the caller's to check."""
+    if not isinstance(value, list) or not at_least <= len(value) <= MAX_MODELS or not all(
+            isinstance(m, str) for m in value):
+        raise ApiError(400, f"models must be a list of {at_least} to {MAX_MODELS} model names", param="models")
+    return value
 
 
 @routes.post("/backends")
@@ -258,12 +264,8 @@ def _key_fields(plane: "ControlPlane", body: dict) -> dict:
     if "name" in body:
         given["name"] = body["name"]
     if "models" in body:
-        models, served = body["models"], plane.fleet.model_names()
-        if models is None:
-            models = []
-        if not isinstance(models, list) or len(models) > MAX_MODELS or not all(isinstance(m, str) for m in models):
-            raise ApiError(400, f"models must be a list of at most {MAX_MODELS} model names, or null for all",
-                           param="models")
+        served = plane.fleet.model_names()
+        models = _model_list([] if body["models"] is None else body["models"], at_least=0)  # null, []: all
         for model in models:
             if model not in served:
                 raise ApiError(400, f"models: {model!r} is not a model this gateway serves (known: "
@@ -279,9 +281,7 @@ def _key_fields(plane: "ControlPlane", body: dict) -> dict:
             raise ApiError(400, f"plan must be one of auth.plans ({known}), got {body['plan']!r}", param="plan")
         given["plan"] = body["plan"]
     if "class" in body:
-        if body["class"] not in KEY_CLASSES:
-            raise ApiError(400, f"class must be one of {', '.join(KEY_CLASSES)}, got {body['class']!r}", param="class")
-        given["key_class"] = body["class"]
+        given["key_class"] = _field(KeyClass, body, "class")
     return given
 
 

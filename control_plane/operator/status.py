@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from control_plane.decide.lanes import expected_wait
+from control_plane.decide.lanes import model_waits
 from control_plane.decide.policy import is_fresh
 from control_plane.observe.ledger import Metered
 from control_plane.observe.scraper import endpoint_states
@@ -65,30 +65,25 @@ def _rounded(value: float | None, digits: int = 3) -> float | None:
 def model_rows(plane, endpoints: list[dict], now: float) -> list[dict]:
     """Per model (with its `endpoint_rows`): audio-seconds metered, the backlog, the fleet's
     drain rate, and the expected wait for a new 30 s clip as the policy estimates it
-    (`expected_wait` over the active engines: the number to autoscale on), and whether its
+    (`model_waits`: the number to autoscale on), and whether its
     batch lane is open (control_plane/decide/lanes.py)."""
     rows = []
     if plane.fleet is None:
         return rows
     states = endpoint_states(plane.fleet, plane.tracker, plane.outcomes, plane.ledger, now)
+    waits = model_waits(plane.fleet, states, plane.config.routing)
     for model in plane.fleet.model_names():
         serving = [e for e in endpoints if e["model"] == model and e["state"] == "active" and e["weight"] is not None]
-        active = {e["id"] for e in serving}
-        wait = expected_wait([s for s in states[model] if s.backend_id in active], plane.config.routing)
         metered = plane.ledger.metered.get(model) or Metered()
         rates = [e["audio_rate"] for e in serving if e["audio_rate"]]
         rows.append({
             "model": model,
-            "requests": metered.requests,
-            "audio_received_s": round(metered.received, 3),
-            "audio_served_s": round(metered.served, 3),
-            "audio_failed_s": round(metered.failed, 3),
-            "audio_refused_s": round(metered.refused, 3),
+            **metered.figures(),
             "audio_estimated_s": round(metered.estimated, 3),
             "longest_upload_s": round(metered.longest, 3),
             "backlog_audio_s": round(sum(e["audio_in_flight_s"] or 0.0 for e in serving), 3),
             "drain_rate": round(sum(rates), 3) if rates else None,
-            "expected_wait_s": _rounded(wait),
+            "expected_wait_s": _rounded(waits[model]),
             "batch": "refused" if model in plane.fleet.batch_closed else "admitted",
         })
     return rows
@@ -101,9 +96,7 @@ def key_rows(plane) -> list[dict]:
     rows = []
     for (key, model), metered in sorted(plane.ledger.metered_by_key.items()):
         name, state = names.get(key, ("(no key)" if key == "" else "(unknown)", None))
-        rows.append({"key": key, "name": name, "state": state, "model": model, "requests": metered.requests,
-                     "audio_received_s": round(metered.received, 3), "audio_served_s": round(metered.served, 3),
-                     "audio_failed_s": round(metered.failed, 3), "audio_refused_s": round(metered.refused, 3)})
+        rows.append({"key": key, "name": name, "state": state, "model": model, **metered.figures()})
     return rows
 
 

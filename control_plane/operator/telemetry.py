@@ -7,6 +7,7 @@ import asyncio
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from control_plane.observe.ledger import OUTCOMES
 from control_plane.operator.status import endpoint_rows, model_rows
 from control_plane.xds.types import SHORT_NAMES
 
@@ -101,7 +102,7 @@ class FleetCollector:
                                     "API key, model and outcome.", labels=["key", "model", "outcome"])
         for (key, model), metered in sorted(self.plane.ledger.metered_by_key.items()):
             requests.add_metric([key, model], metered.requests)
-            for outcome in ("received", "served", "failed", "refused"):
+            for outcome in ("received", *OUTCOMES):
                 audio.add_metric([key, model, outcome], getattr(metered, outcome))
         yield requests
         yield audio
@@ -124,7 +125,7 @@ class FleetCollector:
                                                  labels=["model"]),
         }
         for row in rows:
-            for outcome in ("received", "served", "failed", "refused"):
+            for outcome in ("received", *OUTCOMES):
                 audio.add_metric([row["model"], outcome], row[f"audio_{outcome}_s"])
             estimated.add_metric([row["model"]], row["audio_estimated_s"])
             for name, family in gauges.items():

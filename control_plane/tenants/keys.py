@@ -19,7 +19,6 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 SECRET_PREFIX = "sk-wg-"  # looks like what the OpenAI SDK expects; says whose key it is
-KEY_CLASSES = ("interactive", "batch")
 KeyClass = Literal["interactive", "batch"]
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # use fullmatch
 ACTIVE, REVOKED = "active", "revoked"
