@@ -10,6 +10,8 @@ two upload sizes (5 s of 16 kHz 16-bit mono audio, about 160 kB, and 30 s, about
   gateway   whisper-gateway: control plane + Envoy with the model-routing Lua filter
   gateway-r0  the same with resilience.retries 0 (Envoy then keeps no copy of each body)
   gateway-keys  the same with auth.api_keys required and 1000 keys; every request carries one
+  gateway-tls   the gateway with listen.tls: HTTPS from wrk (TLS 1.3, certificates made with openssl)
+  nginx-tls     nginx with the same kind of certificate on its listener (`ssl`), the same TLS from wrk
   target    --target URL: any OpenAI-compatible router already running (CPU only with --target-pid)
 
 Reported per path and size: requests/s, latency p50/p99, latency added over `direct`, and the
@@ -39,6 +41,7 @@ import json
 import os
 import shutil
 import signal
+import ssl
 import statistics
 import subprocess
 import sys
@@ -53,6 +56,7 @@ from bench.machine import command_output, describe_machine
 from control_plane.config import LimitsConfig
 from control_plane.supervisor import ENVOY_FLAGS, find_envoy
 from engines.common.audio import silent_wav
+from harness.certificates import make_certificates
 from harness.processes import (STARTED, AdminClient, GatewayStack, Process, free_port, multipart, request, start_engine,
                                wait_until)
 
@@ -176,7 +180,8 @@ def build_uploads(work_dir: Path, model: str, model_first: bool) -> list[Upload]
 
 def answers_200(path: DataPath, upload: Upload) -> bool:
     headers = {"Content-Type": upload.content_type} | ({"Authorization": path.authorization} if path.authorization else {})
-    return request("POST", path.url, upload.body(), headers, timeout=5).status == 200
+    context = ssl._create_unverified_context() if path.url.startswith("https://") else None  # as wrk: no check
+    return request("POST", path.url, upload.body(), headers, timeout=5, context=context).status == 200
 
 
 def wait_answering(path: DataPath, upload: Upload, timeout: float = 30) -> None:
@@ -236,19 +241,36 @@ def start_plain_envoy(log_dir: Path, engine_urls: list[str], workers: int) -> Da
     return DataPath("envoy", f"http://127.0.0.1:{port}{AUDIO_PATH}", lambda: [process.popen.pid], True)
 
 
-def start_nginx(log_dir: Path, engine_urls: list[str], workers: int) -> DataPath:
-    prefix = log_dir / "nginx"
+def start_nginx(log_dir: Path, engine_urls: list[str], workers: int, name: str = "nginx") -> DataPath:
+    prefix = log_dir / name
     prefix.mkdir()
     port = free_port()
     config = prefix / "nginx.conf"
     # As root, nginx's workers would switch to `nobody`, who cannot write the private temp dirs.
     user_line = "user root;" if os.geteuid() == 0 else ""
+    tls = name.endswith("-tls")
+    certs = make_certificates(log_dir / f"{name}-certs") if tls else None
+    tls_lines = (f"ssl_certificate {certs.server.cert}; ssl_certificate_key {certs.server.key}; "
+                 "ssl_protocols TLSv1.2 TLSv1.3;") if certs else ""
     config.write_text(Template(NGINX_TEMPLATE.read_text()).substitute(
-        user_line=user_line, workers=workers, prefix=prefix, port=port,
-        max_body=f"{int(LimitsConfig().max_upload_mb)}m", **engine_ports(engine_urls)))
-    process = Process("nginx", [require("nginx"), "-p", str(prefix), "-c", str(config), "-e", "stderr"], log_dir)
+        user_line=user_line, workers=workers, prefix=prefix, port=port, listen_options=" ssl" if tls else "",
+        tls_lines=tls_lines, max_body=f"{int(LimitsConfig().max_upload_mb)}m", **engine_ports(engine_urls)))
+    process = Process(name, [require("nginx"), "-p", str(prefix), "-c", str(config), "-e", "stderr"], log_dir)
     wait_until(lambda: process.alive() and len(process_tree(process.popen.pid)) == 1 + workers, 20, "nginx workers")
-    return DataPath("nginx", f"http://127.0.0.1:{port}{AUDIO_PATH}", lambda: process_tree(process.popen.pid), True)
+    scheme = "https" if tls else "http"
+    return DataPath(name, f"{scheme}://127.0.0.1:{port}{AUDIO_PATH}", lambda: process_tree(process.popen.pid), True)
+
+
+def start_nginx_with_tls(log_dir: Path, engine_urls: list[str], workers: int) -> DataPath:
+    return start_nginx(log_dir, engine_urls, workers, "nginx-tls")
+
+
+def start_gateway_with_tls(log_dir: Path, engine_urls: list[str], workers: int) -> DataPath:
+    """`listen.tls` with an EC P-256 certificate made by openssl, as nginx-tls serves."""
+    certs = make_certificates(log_dir / "gateway-tls-certs")
+    path = start_gateway(log_dir, engine_urls, workers, "gateway-tls", listen={"tls": {
+        "cert_file": str(certs.server.cert), "key_file": str(certs.server.key)}}, tls=certs.client_context())
+    return replace(path, url=path.url.replace("https://localhost:", "https://127.0.0.1:"))
 
 
 def start_gateway(log_dir: Path, engine_urls: list[str], workers: int, name: str = "gateway",
@@ -438,7 +460,8 @@ def run(args: argparse.Namespace, log_dir: Path) -> tuple[list[Measurement], dic
     engine_urls = start_engines(log_dir)
     wanted = args.paths.split(",")
     starters = {"envoy": start_plain_envoy, "nginx": start_nginx, "gateway": start_gateway,
-                "gateway-r0": start_gateway_without_retries, "gateway-keys": start_gateway_with_keys}
+                "gateway-r0": start_gateway_without_retries, "gateway-keys": start_gateway_with_keys,
+                "gateway-tls": start_gateway_with_tls, "nginx-tls": start_nginx_with_tls}
     floor = DataPath("direct", engine_urls[0] + AUDIO_PATH, thread_hosts=tuple(urlsplit(u).netloc for u in engine_urls))
     paths = [floor] if "direct" in wanted else []
     paths += [start(log_dir, engine_urls, args.workers) for name, start in starters.items() if name in wanted]

@@ -7,6 +7,7 @@ import copy
 import logging
 import os
 import signal
+import ssl
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -19,7 +20,9 @@ from envoy.service.accesslog.v3 import als_pb2_grpc
 from control_plane.bootstrap import read_lua_filter
 from control_plane.builders import build_load_assignments, build_resources
 from control_plane.builders.routes import build_route_configuration
-from control_plane.names import LOCAL_CLUSTER, cluster_name
+from control_plane.builders.secrets import build_secrets
+from control_plane.certificates import AdminTls, CertificateFiles, CertificateProblem, engine_client_context
+from control_plane.names import LOCAL_CLUSTER, NO_ENGINE_CA, cluster_name
 from control_plane.config import ConfigError, GatewayConfig, load_config
 from control_plane.decide.lanes import closed_to_batch, model_waits
 from control_plane.decide.policy import decide_routing, is_fresh
@@ -42,7 +45,7 @@ from control_plane.tenants.keys import Access, KeyTable
 from control_plane.xds.cache import InconsistentSnapshot, SnapshotCache
 from control_plane.xds.server import start_ads_server
 from control_plane.xds.snapshot import Snapshot
-from control_plane.xds.types import ENDPOINT, ROUTE
+from control_plane.xds.types import ENDPOINT, ROUTE, SECRET
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -52,6 +55,8 @@ REMOVAL_ACK_TIMEOUT_S = 5.0
 # A draining engine is idle once this many scrapes in a row, after every Envoy applied the
 # drain, show nothing running or waiting on it.
 IDLE_SCRAPES_TO_FINISH_DRAIN = 2
+# How often the certificate files are looked at: a replaced one is served within about this.
+CERTIFICATE_POLL_S = 1.0
 
 
 class StartupError(RuntimeError):
@@ -84,6 +89,9 @@ class ControlPlane:
         self._publishing = asyncio.Lock()
         self._changing = asyncio.Lock()
         self._idle_scrapes: dict[str, int] = {}
+        self.certificates = CertificateFiles(config.listen.tls, config.backend_tls)
+        self.engine_tls: ssl.SSLContext | None = None  # the scrapes' TLS to https:// engines
+        self._admin_tls: AdminTls | None = None
 
     async def start(self) -> None:
         """Restores saved state and publishes it before any Envoy can connect: none sees a partial set."""
@@ -100,6 +108,17 @@ class ControlPlane:
             self.engine_key = os.environ.get(name, "").strip() or None
             if self.engine_key is None:
                 raise StartupError(f"auth.engine_api_key_env: the environment variable {name} is not set")
+        try:
+            material = self.certificates.load()
+            self.engine_tls = engine_client_context(self.config.backend_tls, material)
+            if listen.admin_tls:
+                self._admin_tls = AdminTls(listen.tls)
+        except (CertificateProblem, ssl.SSLError, OSError, ValueError) as error:
+            raise StartupError(str(error)) from None
+        https = any(e.url.startswith("https://") for e in self.config.all_backends()) or \
+            any(d.scheme == "https" for d in self.config.discovery)
+        if https and material.backend_ca is None:
+            raise StartupError(NO_ENGINE_CA)
         await self.apply(self.config)
         self._check_admin_exposure()
         if self.state_directory is not None:
@@ -109,13 +128,15 @@ class ControlPlane:
         watch_fleet(self)
         self._admin = web.AppRunner(build_admin_app(self), access_log=None)
         await self._admin.setup()
-        await web.TCPSite(self._admin, listen.admin_address, listen.admin_port).start()
+        await web.TCPSite(self._admin, listen.admin_address, listen.admin_port,
+                          ssl_context=self._admin_tls.context if self._admin_tls else None).start()
         self._server = await start_ads_server(self.cache, listen.xds_address, listen.xds_port, [
             lambda server: als_pb2_grpc.add_AccessLogServiceServicer_to_server(
                 AccessLogServicer(self.outcomes, self.ledger, time.monotonic), server)])
-        self._tasks = [asyncio.create_task(self._load_loop())]
+        self._tasks = [asyncio.create_task(self._load_loop()), asyncio.create_task(self._certificate_loop())]
         await self.discovery.restart(self.config.discovery)
-        log.info("admin API on http://%s:%d (token %s)", listen.admin_address, listen.admin_port,
+        log.info("admin API on %s://%s:%d (token %s)", "https" if listen.admin_tls else "http",
+                 listen.admin_address, listen.admin_port,
                  f"in {self.token_path}" if self.token_path else "from the environment")
         log.info("xDS (ADS) listening on %s:%d", listen.xds_address, listen.xds_port)
 
@@ -154,6 +175,11 @@ class ControlPlane:
         if any(getattr(config.listen, key) != value for key, value in fixed.items()):
             log.warning("listen.xds_* and listen.admin_* changes take effect on restart only")
             config = replace(config, listen=replace(config.listen, **fixed))
+        if config.listen.tls != self.config.listen.tls or config.backend_tls != self.config.backend_tls:
+            log.warning("listen.tls and backend_tls changes take effect on restart only; replacing the files "
+                        "they name rotates certificates live")
+            config = replace(config, listen=replace(config.listen, tls=self.config.listen.tls),
+                             backend_tls=self.config.backend_tls)
         if config.auth.engine_api_key_env != self.config.auth.engine_api_key_env:
             log.warning("auth.engine_api_key_env changes take effect on restart only")
             config = replace(config, auth=replace(config.auth, engine_api_key_env=self.config.auth.engine_api_key_env))
@@ -187,7 +213,8 @@ class ControlPlane:
                 if config.auth.batch_above_wait_s is not None:
                     fleet = replace(fleet, batch_closed={m: s for m, s in self.fleet.batch_closed.items()
                                                          if m in fleet.model_names()})
-            resources = build_resources(config, fleet, self.lua_source, self._access(config), self.envoys)
+            resources = build_resources(config, fleet, self.lua_source, self._access(config), self.envoys,
+                                        self.certificates.current)
             await self.publish(Snapshot.from_resources(resources))
             self.config, self.fleet = config, fleet
 
@@ -213,7 +240,7 @@ class ControlPlane:
         fleet, routing = self.fleet, self.config.routing
         if fleet is None:
             return
-        pages = await scraper.scrape_all(client, fleet, routing.scrape_timeout_s, telemetry.on_scrape)
+        pages = await scraper.scrape_all(client, fleet, routing.scrape_timeout_s, telemetry.on_scrape, self.engine_tls)
         now = asyncio.get_running_loop().time()
         scraper.record(self.tracker, fleet, pages, now)
         self.outcomes.retain({b.endpoint for b in fleet.backends})
@@ -237,6 +264,40 @@ class ControlPlane:
         if weights != fleet.weights or long_uploads != fleet.long_uploads:
             WEIGHT_UPDATES.inc()
             await self.set_weights(weights, long_uploads)
+
+    def serves_https_engines(self) -> bool:
+        """Whether there is a CA to check https:// engines against (else none is taken)."""
+        return self.certificates.current is not None and self.certificates.current.backend_ca is not None
+
+    async def _certificate_loop(self) -> None:
+        while True:
+            await asyncio.sleep(CERTIFICATE_POLL_S)
+            try:
+                await self.rotate_certificates()
+            except Exception:
+                log.exception("certificate check failed; trying again")
+
+    async def rotate_certificates(self) -> None:
+        """Replaced certificate files, once good as a whole, go to every Envoy as SDS secrets (no
+        listener or cluster changes, so no connection is drained), to the admin API and to the
+        scrapes; a broken replacement changes nothing (CertificateFiles says why)."""
+        material = self.certificates.poll()
+        if material is None:
+            return
+        try:  # everything that can fail first: the files are served everywhere or nowhere
+            engine_tls = engine_client_context(self.config.backend_tls, material)
+            if self._admin_tls is not None:
+                self._admin_tls.reload()
+            if (material.backend_ca is None) != (self.certificates.current.backend_ca is None):
+                raise CertificateProblem("backend_tls.ca_file: the CA for https:// engines appeared or went away; "
+                                         "that takes a restart")
+        except (CertificateProblem, ssl.SSLError, OSError, ValueError) as error:
+            self.certificates.reject(str(error))
+            return
+        async with self._publishing:
+            self.cache.set_snapshot(self.cache.snapshot.with_type(SECRET, build_secrets(material)))
+            self.certificates.accept(material)
+        self.engine_tls = engine_tls
 
     async def _expire_secrets(self) -> None:
         """Rotated-out key secrets stop working at the end of their grace; without waiting for the

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import ssl
 import sys
 import tempfile
 import urllib.error
@@ -40,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
 
     def api_command(name: str, help_text: str):
         sub = with_state(with_config(commands.add_parser(name, help=help_text)))
-        sub.add_argument("--url", help="the admin API (default: http://listen.admin_address:admin_port)")
+        sub.add_argument("--url", help="the admin API (default: http(s)://listen.admin_address:admin_port)")
         sub.add_argument("--json", action="store_true", help="print the raw JSON answer")
         return sub
 
@@ -145,8 +146,29 @@ class ApiFailure(Exception):
     pass
 
 
+def admin_url(config: GatewayConfig) -> str:
+    """Where the admin API answers: HTTPS with listen.tls's certificate when bound beyond loopback."""
+    listen = config.listen
+    return f"{'https' if listen.admin_tls else 'http'}://{listen.admin_address}:{listen.admin_port}"
+
+
+def admin_tls(config: GatewayConfig) -> ssl.SSLContext | None:
+    """The CLI runs beside the control plane: it trusts exactly the leaf certificate of
+    listen.tls.cert_file (pinned: the name it was issued for need not be the address dialled, and
+    the rest of the chain, which signs others too, is not trusted)."""
+    if config.listen.tls is None:
+        return None
+    text = Path(config.listen.tls.cert_file).read_text()
+    end = "-----END CERTIFICATE-----"
+    leaf = text[text.index("-----BEGIN CERTIFICATE-----"):text.index(end) + len(end)]
+    context = ssl.create_default_context(cadata=leaf)
+    context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+    context.check_hostname = False
+    return context
+
+
 def _call(args: argparse.Namespace, config: GatewayConfig, method: str, path: str, body: dict | None = None):
-    base = (args.url or f"http://{config.listen.admin_address}:{config.listen.admin_port}").rstrip("/")
+    base = (args.url or admin_url(config)).rstrip("/")
     token = client_token(state_dir(args.state_dir))
     headers = {"Content-Type": "application/json"}
     if token:
@@ -154,7 +176,8 @@ def _call(args: argparse.Namespace, config: GatewayConfig, method: str, path: st
     data = json.dumps(body).encode() if body is not None else None
     request = urllib.request.Request(base + path, data=data, method=method, headers=headers)
     try:
-        with urllib.request.urlopen(request, timeout=30) as response:
+        with urllib.request.urlopen(request, timeout=30,
+                                    context=admin_tls(config) if base.startswith("https://") else None) as response:
             return json.load(response)
     except urllib.error.HTTPError as error:
         try:

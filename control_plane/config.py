@@ -60,6 +60,34 @@ def seconds(low: float, high: float):
     return Annotated[StrictFloat, within(low, high)]
 
 
+FilePath = Annotated[StrictStr, Field(min_length=1)]
+
+
+@dataclass(frozen=True, config=SECTION)
+class ListenTlsConfig:
+    """TLS on the audio listener (and the admin API beyond loopback): PEM files, read by the control
+    plane and sent to every Envoy over SDS, so replacing them rotates the certificate live
+    (control_plane/certificates.py)."""
+
+    cert_file: FilePath  # the certificate chain, leaf first
+    key_file: FilePath  # its private key, unencrypted
+    # Client certificates (mTLS), checked against client_ca_file: off, optional (verified when
+    # sent) or required.
+    client_certificates: Annotated[Literal["off", "optional", "required"],
+                                   BeforeValidator(lambda v: "off" if v is False else v)] = "off"  # YAML's `off` is false
+    client_ca_file: FilePath | None = None
+
+
+@dataclass(frozen=True, config=SECTION)
+class BackendTlsConfig:
+    """How the gateway checks `https://` engines: their certificates against ca_file (the system's
+    roots when unset), their names by SNI; a client certificate when the engines ask for one."""
+
+    ca_file: FilePath | None = None
+    cert_file: FilePath | None = None
+    key_file: FilePath | None = None
+
+
 @dataclass(frozen=True, config=SECTION)
 class ListenConfig:
     # Where clients send audio. Loopback unless you mean otherwise: beyond it, auth.api_keys
@@ -74,6 +102,17 @@ class ListenConfig:
     # The control plane's own HTTP API (status); loopback unless you mean otherwise.
     admin_address: Address = "127.0.0.1"
     admin_port: Port = 18001
+    # HTTPS on listen.port (TLS 1.2 and 1.3, HTTP/1.1 and HTTP/2 by ALPN); the admin API uses the
+    # same certificate when admin_address is beyond loopback (and admin_plaintext is false).
+    tls: ListenTlsConfig | None = None
+    # An admin_address beyond loopback is served over TLS (listen.tls), so the token never travels
+    # in the clear; true keeps it plain HTTP there (a port published only on a private network).
+    admin_plaintext: StrictBool = False
+
+    @property
+    def admin_tls(self) -> bool:
+        """The admin API speaks HTTPS (listen.tls's certificate): beyond loopback, unless admin_plaintext."""
+        return self.tls is not None and not is_loopback(self.admin_address) and not self.admin_plaintext
 
     def own_endpoints(self) -> dict[str, tuple[str, int]]:
         """Every address and port the gateway itself listens on: never a backend (a loop)."""
@@ -290,6 +329,8 @@ class DiscoveryConfig:
 
     name: Annotated[StrictStr, matching(_DNS_NAME, "expected a DNS name, got {!r}")]
     port: Port
+    # https: the engines' certificates must carry `name` (it is sent as SNI); see backend_tls.
+    scheme: Literal["http", "https"] = "http"
     models: tuple[StrictStr, ...] = ()
     weight: Weight = 1
     interval_s: seconds(0.1, 3600) = 5.0
@@ -304,6 +345,7 @@ class GatewayConfig:
     routing: RoutingConfig = RoutingConfig()
     resilience: ResilienceConfig = ResilienceConfig()
     auth: AuthConfig = AuthConfig()
+    backend_tls: BackendTlsConfig = BackendTlsConfig()
     models: tuple[Annotated[ModelConfig, BeforeValidator(lambda v: {"name": v} if isinstance(v, str) else v)], ...] = ()
     backends: tuple[BackendConfig, ...] = ()
     engines: tuple[AnyEngine, ...] = ()
@@ -361,6 +403,15 @@ def _cross_checks(config: GatewayConfig) -> None:
     if config.auth.default_plan is not None and config.auth.default_plan not in config.auth.plans:
         raise ConfigError(f"auth.default_plan: {config.auth.default_plan!r} is not a plan under auth.plans "
                           f"(known: {sorted(config.auth.plans)})")
+    tls = config.listen.tls
+    if tls is not None and (tls.client_certificates == "off") != (tls.client_ca_file is None):
+        raise ConfigError("listen.tls.client_ca_file: give it exactly when client_certificates is optional or required")
+    if (config.backend_tls.cert_file is None) != (config.backend_tls.key_file is None):
+        raise ConfigError("backend_tls: cert_file and key_file go together (the client certificate engines may ask for)")
+    if not is_loopback(config.listen.admin_address) and tls is None and not config.listen.admin_plaintext:
+        raise ConfigError(f"listen.admin_address {config.listen.admin_address} is reachable beyond this host: set "
+                          "listen.tls so the admin API is served over HTTPS, bind it to 127.0.0.1, or set "
+                          "listen.admin_plaintext: true if only a private network reaches it")
     ports = {name: port for name, (_, port) in config.listen.own_endpoints().items()}
     if len(set(ports.values())) != len(ports):
         raise ConfigError(f"listen: the ports must all differ, got {ports}")

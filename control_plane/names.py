@@ -58,3 +58,13 @@ LOCAL_CLUSTER = "whisper_envoys"
 # failed, once, from the request's log (control_plane/observe/access_logs.py).
 CUT_SHORT_FLAGS = {"upstream_remote_reset": "UR", "upstream_connection_termination": "UC",
                    "upstream_protocol_error": "UPE", "upstream_max_stream_duration_reached": "UMSDR"}
+
+# SDS secrets the control plane serves from the configured PEM files (control_plane/certificates.py).
+LISTENER_CERT_SECRET = "listener_certificate"
+CLIENT_CA_SECRET = "client_ca"
+BACKEND_CA_SECRET = "backend_ca"
+BACKEND_CLIENT_SECRET = "backend_client_certificate"
+# The endpoint metadata key (xds.types.TLS_MATCH_NAMESPACE) that selects TLS to an https:// engine.
+TLS_MATCH_KEY = "tls"
+NO_ENGINE_CA = ("https:// engines need a CA to be checked against: set backend_tls.ca_file (this system has no CA "
+                "bundle; install ca-certificates)")

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -72,10 +73,11 @@ class Response:
 
 
 def request(method: str, url: str, body: bytes | None = None, headers: dict | None = None,
-            timeout: float = 30) -> Response:
+            timeout: float = 30, context: ssl.SSLContext | None = None) -> Response:
+    """`context`: the TLS an https:// URL is checked with."""
     req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
+        with urllib.request.urlopen(req, timeout=timeout, context=context) as resp:
             return Response(resp.status, resp.read(), dict(resp.headers))
     except urllib.error.HTTPError as error:
         return Response(error.code, error.read(), dict(error.headers))
@@ -160,20 +162,30 @@ def start_engine(log_dir: Path, model: str, name: str, port: int | None = None, 
     for key, value in options.items():
         command += [f"--{key.replace('_', '-')}", str(value)]
     process = Process(f"engine-{name}", command, log_dir)
-    url = f"http://{host}:{port}"
-    wait_until(lambda: process.alive() and request("GET", url + "/health", timeout=2).status == 200, 20,
-               f"engine {name} health")
+    # With ssl_certfile: https://localhost (the test certificates' name), checked with no CA.
+    tls = ssl._create_unverified_context() if "ssl_certfile" in options else None
+    url = f"https://localhost:{port}" if tls else f"http://{host}:{port}"
+    if "ssl_ca_certs" in options:  # it wants a client certificate: its log says when it listens
+        wait_until(lambda: process.alive() and f"on https://{host}:{port}" in process.log_text(), 20, f"engine {name}")
+    else:
+        wait_until(lambda: process.alive() and request("GET", url + "/health", timeout=2, context=tls).status == 200,
+                   20, f"engine {name} health")
     return process, url
 
 
-def start_cpu_engine(log_dir: Path, model: str, name: str, port: int | None = None) -> tuple[Process, str]:
-    """A real Whisper (faster-whisper, tiny.en) engine; loading its model takes a few seconds."""
+def start_cpu_engine(log_dir: Path, model: str, name: str, port: int | None = None,
+                     tls: tuple[Path, Path] | None = None) -> tuple[Process, str]:
+    """A real Whisper (faster-whisper, tiny.en) engine; loading its model takes a few seconds.
+    `tls`: (certificate, key) to serve https://localhost with."""
     port = port or free_port()
-    process = Process(f"engine-{name}", [PYTHON, "-m", "engines.whisper_cpu", "--port", str(port), "--model", model,
-                                         "--name", name], log_dir)
-    url = f"http://127.0.0.1:{port}"
-    wait_until(lambda: process.alive() and request("GET", url + "/health", timeout=2).status == 200, 60,
-               f"{name} to load its model")
+    command = [PYTHON, "-m", "engines.whisper_cpu", "--port", str(port), "--model", model, "--name", name]
+    if tls:
+        command += ["--ssl-certfile", str(tls[0]), "--ssl-keyfile", str(tls[1])]
+    process = Process(f"engine-{name}", command, log_dir)
+    url = f"https://localhost:{port}" if tls else f"http://127.0.0.1:{port}"
+    context = ssl._create_unverified_context() if tls else None
+    wait_until(lambda: process.alive() and request("GET", url + "/health", timeout=2, context=context).status == 200,
+               60, f"{name} to load its model")
     return process, url
 
 
@@ -227,8 +239,10 @@ class AdminClient:
 
 class Envoy:
     def __init__(self, log_dir: Path, raw_config: dict, name: str = "envoy", node_id: str | None = None,
-                 extra_args: tuple[str, ...] = ()):
+                 extra_args: tuple[str, ...] = (), tls: ssl.SSLContext | None = None):
+        """`tls`: how clients check the listener when the config gives listen.tls."""
         config = parse_config(raw_config)
+        self.tls = tls
         self.listen_port = config.listen.port
         self.admin_port = free_port()
         bootstrap = log_dir / f"{name}-bootstrap.yaml"
@@ -236,11 +250,12 @@ class Envoy:
                                               admin_port=self.admin_port))
         self.process = Process(name, [find_envoy(), "-c", str(bootstrap), "--disable-hot-restart",
                                       "--log-level", "warn", "--drain-time-s", "1", *extra_args], log_dir)
-        self.url = f"http://127.0.0.1:{self.listen_port}"
+        self.url = f"https://localhost:{self.listen_port}" if config.listen.tls else f"http://127.0.0.1:{self.listen_port}"
         self.admin = f"http://127.0.0.1:{self.admin_port}"
 
     def wait_serving(self, timeout: float = 30) -> None:
-        wait_until(lambda: self.process.alive() and request("GET", self.url + "/v1/models", timeout=2).status == 200,
+        wait_until(lambda: self.process.alive() and request("GET", self.url + "/v1/models", timeout=2,
+                                                            context=self.tls).status == 200,
                    timeout, "Envoy to serve /v1/models")
 
     def endpoints(self) -> dict[str, dict[str, dict[str, str]]]:
@@ -379,15 +394,18 @@ class GatewayStack:
     """A control plane (own state dir) and an Envoy over a config with the given backends."""
 
     def __init__(self, tmp_path: Path, model: str, backends: list[str], aliases: tuple[str, ...] = (),
-                 envoy_args: tuple[str, ...] = (), **sections):
+                 envoy_args: tuple[str, ...] = (), listen: dict | None = None, tls: ssl.SSLContext | None = None,
+                 **sections):
+        """`listen`: settings added to the listen section; `tls`: how clients check listen.tls."""
         self.tmp_path = tmp_path
         self.model = model
         self.raw = base_config(free_port(), free_port(), [{"name": model, "aliases": list(aliases)}],
                                [{"url": url, "models": [model]} for url in backends], **sections)
+        self.raw["listen"].update(listen or {})
         self.config = GatewayConfigFile(tmp_path / "gateway.yaml")
         self.config.write(self.raw)
         self.plane = start_control_plane(tmp_path, self.config.path)
-        self.envoy = Envoy(tmp_path, self.raw, extra_args=envoy_args)
+        self.envoy = Envoy(tmp_path, self.raw, extra_args=envoy_args, tls=tls)
         self.envoy.wait_serving()
         self.admin = AdminClient(f"http://127.0.0.1:{self.raw['listen']['admin_port']}", self.plane.state_dir)
 

@@ -213,7 +213,7 @@ BAD_REQUESTS = [
     ("user info", "POST", "/backends", {"url": "http://user:pw@127.0.0.1:9", "models": [MODEL]}, None, 400, "url"),
     ("no port", "POST", "/backends", {"url": "http://127.0.0.1", "models": [MODEL]}, None, 400, "url"),
     ("a path", "POST", "/backends", {"url": "http://127.0.0.1:9/v1", "models": [MODEL]}, None, 400, "url"),
-    ("https", "POST", "/backends", {"url": "https://127.0.0.1:9", "models": [MODEL]}, None, 400, "url"),
+    ("ftp", "POST", "/backends", {"url": "ftp://127.0.0.1:9", "models": [MODEL]}, None, 400, "url"),
     ("unknown field", "POST", "/backends", {"url": "http://127.0.0.1:9", "models": [MODEL], "wieght": 2}, None, 400,
      "wieght"),
     ("weight zero", "POST", "/backends", {"url": "http://127.0.0.1:9", "models": [MODEL], "weight": 0}, None, 400,
@@ -321,6 +321,7 @@ def test_open_endpoints_and_openapi(quiet_gateway):
 def test_a_public_admin_address_needs_a_configured_token(tmp_path):
     raw = base_config(free_port(), free_port(), [{"name": MODEL}], [])
     raw["listen"]["admin_address"] = "0.0.0.0"
+    raw["listen"]["admin_plaintext"] = True  # tests/test_tls.py serves it over HTTPS
     config = GatewayConfigFile(tmp_path / "gateway.yaml")
     config.write(raw)
     command = [PYTHON, "-m", "control_plane", "serve", "--config", str(config.path), "--state-dir", str(tmp_path / "s")]

@@ -9,6 +9,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 from google.rpc import status_pb2
 
 from control_plane.builders import build_resources
+from control_plane.certificates import Authority, TlsMaterial
 from control_plane.config import parse_config
 from control_plane.fleet.state import Backend, Fleet
 from control_plane.names import LOCAL_CLUSTER
@@ -18,6 +19,7 @@ from control_plane.xds.snapshot import Snapshot
 from control_plane.xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE
 
 MODELS = ("m1", "m2", "m3")
+ENGINE_CA = TlsMaterial(backend_ca=Authority(b"CA", "ca.pem", 1))  # the control plane always has one
 BAD_ADDRESS = "fe80::1%lo"  # what Envoy refuses: "malformed IP address"
 
 
@@ -31,7 +33,7 @@ def snapshot(addresses: dict[str, str], weights: dict[str, int] | None = None, m
                              url=f"http://x{i}:1") for i, m in enumerate(models))
     fleet = Fleet(models=config.models, backends=backends,
                   weights={(f"b-{m}", m): w for m, w in (weights or {}).items()})
-    return Snapshot.from_resources(build_resources(config, fleet, "-- lua"))
+    return Snapshot.from_resources(build_resources(config, fleet, "-- lua", certificates=ENGINE_CA))
 
 
 class ScriptedEnvoy:
@@ -285,3 +287,34 @@ def test_pushes_acks_and_nacks_reach_the_callbacks():
     for module in xds.glob("*.py"):
         imports = re.findall(r"^(?:from|import) (control_plane\.\w+)", module.read_text(), re.M)
         assert all(name == "control_plane.xds" for name in imports), (module.name, imports)
+
+
+def test_secrets_are_sent_by_name_and_a_rotation_sends_only_the_changed_one():
+    from datetime import datetime, timezone
+
+    from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
+
+    from control_plane.builders.secrets import build_secrets
+    from control_plane.certificates import KeyPair
+    from control_plane.xds.types import SECRET
+
+    def with_secrets(chain: bytes) -> Snapshot:
+        pair = KeyPair(chain, b"KEY", "CN=x", datetime(2030, 1, 1, tzinfo=timezone.utc), "ab")
+        return snapshot({}).with_type(SECRET, build_secrets(TlsMaterial(listener=pair, backend_ca=ENGINE_CA.backend_ca)))
+
+    cache, snap = SnapshotCache(static_clusters=STATIC), with_secrets(b"ONE")
+    cache.set_snapshot(snap)
+    envoy = ScriptedEnvoy(cache)
+    envoy.subscribe_all()
+    envoy.pump(snap)
+    envoy.request(SECRET, ["backend_ca", "listener_certificate"])
+    first = [r for r in envoy.pump(snap) if r.type_url == SECRET]
+    assert [len(r.resources) for r in first] == [2]
+    rotated = with_secrets(b"TWO")
+    cache.set_snapshot(rotated)
+    (second,) = envoy.pump(rotated)
+    assert second.type_url == SECRET  # nothing but the secret that changed
+    (resource,) = second.resources
+    secret = secret_pb2.Secret()
+    resource.Unpack(secret)
+    assert secret.name == "listener_certificate" and secret.tls_certificate.certificate_chain.inline_bytes == b"TWO"

@@ -6,6 +6,7 @@ from envoy.config.core.v3 import health_check_pb2
 from envoy.extensions.filters.http.lua.v3 import lua_pb2
 
 from control_plane.builders import build_resources
+from control_plane.certificates import Authority, TlsMaterial
 from control_plane.names import (
     LOCAL_CLUSTER,
     LB_METADATA,
@@ -32,8 +33,12 @@ def fleet(*backends: Backend) -> Fleet:
     return Fleet(models=parse_config(RAW).models, backends=backends)
 
 
+# What the control plane always has: a CA for https:// engines (the system's, when none is configured).
+ENGINE_CA = TlsMaterial(backend_ca=Authority(b"CA", "ca.pem", 1))
+
+
 def build(*backends: Backend):
-    return build_resources(parse_config(RAW), fleet(*backends), "-- lua")
+    return build_resources(parse_config(RAW), fleet(*backends), "-- lua", certificates=ENGINE_CA)
 
 
 def test_a_cluster_and_an_assignment_per_model():
@@ -142,7 +147,7 @@ def test_fleet_changes_touch_endpoints_only_and_model_changes_never_the_listener
     assert changed == {ENDPOINT}
     more_models = dict(RAW, models=RAW["models"] + [{"name": "third"}])
     config = parse_config(more_models)
-    three = Snapshot.from_resources(build_resources(config, Fleet(config.models, ()), "-- lua"))
+    three = Snapshot.from_resources(build_resources(config, Fleet(config.models, ()), "-- lua", certificates=ENGINE_CA))
     assert three.versions[LISTENER] == one.versions[LISTENER]
     assert three.versions[ROUTE] != one.versions[ROUTE]
 
@@ -177,9 +182,104 @@ def test_versions_are_the_same_in_every_process():
         "from control_plane.xds.snapshot import Snapshot;"
         "c = load_config('examples/simulated.yaml'); r = Registry.empty(); r.set_config(c.all_backends());"
         "f = asyncio.run(resolve_fleet(c, r));"
-        "print(sorted(Snapshot.from_resources(build_resources(c, f, read_lua_filter())).versions.items()))"
+        "from control_plane.certificates import read_material, utc_now;"
+        "m = read_material(c.listen.tls, c.backend_tls, utc_now());"
+        "print(sorted(Snapshot.from_resources(build_resources(c, f, read_lua_filter(), certificates=m)).versions.items()))"
     )
     outputs = {subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
                               env={**__import__("os").environ, "PYTHONHASHSEED": seed}).stdout
                for seed in ("1", "2", "3")}
     assert len(outputs) == 1, outputs
+
+
+# --- TLS -------------------------------------------------------------------------------------
+
+def _material():
+    from datetime import datetime, timezone
+
+    from control_plane.certificates import Authority, KeyPair, TlsMaterial
+
+    pair = KeyPair(b"CHAIN", b"KEY", "CN=x", datetime(2030, 1, 1, tzinfo=timezone.utc), "ab")
+    return TlsMaterial(listener=pair, client_ca=Authority(b"CA", "ca.pem", 1), backend_ca=Authority(b"CA2", "b.pem", 1))
+
+
+def _tls_config(client_certificates="off"):
+    tls = {"cert_file": "c.pem", "key_file": "k.pem", "client_certificates": client_certificates}
+    if client_certificates != "off":
+        tls["client_ca_file"] = "ca.pem"
+    return parse_config(dict(RAW, listen={"tls": tls}))
+
+
+def test_an_https_engine_is_dialled_with_tls_and_its_name_a_plain_one_without():
+    from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
+
+    from control_plane.names import BACKEND_CA_SECRET, TLS_MATCH_KEY
+    from control_plane.xds.types import TLS_MATCH_NAMESPACE
+
+    resources = build(Backend("b1", "10.0.0.1", 8443, ("big",), url="https://engine-1.internal:8443",
+                              host="engine-1.internal"),
+                      Backend("b2", "10.0.0.2", 8000, ("big",), url="http://10.0.0.2:8000", host="10.0.0.2"))
+    endpoints = {e.endpoint.address.socket_address.address: e
+                 for e in next(a for a in resources[ENDPOINT] if a.cluster_name == "model:big").endpoints[0].lb_endpoints}
+    secure, plain = endpoints["10.0.0.1"], endpoints["10.0.0.2"]
+    assert secure.endpoint.hostname == "engine-1.internal"  # sent as SNI, and checked against the certificate
+    assert secure.metadata.filter_metadata[TLS_MATCH_NAMESPACE][TLS_MATCH_KEY] is True
+    assert TLS_MATCH_NAMESPACE not in plain.metadata.filter_metadata
+    cluster = next(c for c in resources[CLUSTER] if c.name == "model:big")
+    assert not cluster.HasField("transport_socket")  # plain HTTP unless an endpoint is marked
+    (match,) = cluster.transport_socket_matches
+    assert dict(match.match) == {TLS_MATCH_KEY: True}
+    context = tls_pb2.UpstreamTlsContext()
+    match.transport_socket.typed_config.Unpack(context)
+    assert context.auto_host_sni and context.auto_sni_san_validation
+    assert context.common_tls_context.validation_context_sds_secret_config.name == BACKEND_CA_SECRET
+    assert not context.common_tls_context.tls_certificate_sds_secret_configs  # no client certificate configured
+    # With no CA for https:// engines the clusters have no TLS: such an endpoint would go out in
+    # plaintext, and the snapshot's check refuses it.
+    bare = build_resources(parse_config(RAW), fleet(Backend("b1", "10.0.0.1", 8443, ("big",),
+                                                            url="https://engine-1.internal:8443", host="engine-1.internal")),
+                           "-- lua")
+    assert not any(c.transport_socket_matches for c in bare[CLUSTER])
+    assert "needs TLS, which its cluster lacks" in " ".join(Snapshot.from_resources(bare).consistency_errors())
+
+
+def test_the_tls_listener_refuses_plain_http_and_asks_for_client_certificates_as_configured():
+    from envoy.extensions.transport_sockets.tls.v3 import common_pb2, tls_pb2
+
+    from control_plane.builders.listener import build_listener
+    from control_plane.names import CLIENT_CA_SECRET, LISTENER_CERT_SECRET
+
+    plain = build_listener(parse_config(RAW), "-- lua")
+    assert not plain.listener_filters and not plain.filter_chains[0].HasField("transport_socket")
+    for mode, required in (("off", False), ("optional", False), ("required", True)):
+        listener = build_listener(_tls_config(mode), "-- lua")
+        assert [f.name for f in listener.listener_filters] == ["envoy.filters.listener.tls_inspector"]
+        (chain,) = listener.filter_chains
+        assert chain.filter_chain_match.transport_protocol == "tls"
+        context = tls_pb2.DownstreamTlsContext()
+        chain.transport_socket.typed_config.Unpack(context)
+        common = context.common_tls_context
+        assert list(common.alpn_protocols) == ["h2", "http/1.1"]
+        assert (common.tls_params.tls_minimum_protocol_version, common.tls_params.tls_maximum_protocol_version) == (
+            common_pb2.TlsParameters.TLSv1_2, common_pb2.TlsParameters.TLSv1_3)
+        assert [s.name for s in common.tls_certificate_sds_secret_configs] == [LISTENER_CERT_SECRET]
+        assert common.validation_context_sds_secret_config.name == ("" if mode == "off" else CLIENT_CA_SECRET)
+        assert context.require_client_certificate.value is required
+        assert listener.default_filter_chain.filters[0].name == "envoy.filters.network.http_connection_manager"
+
+
+def test_secrets_carry_the_files_and_a_missing_one_is_inconsistent():
+    from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
+
+    from control_plane.xds.types import SECRET
+
+    resources = build_resources(_tls_config("required"), fleet(), "-- lua", certificates=_material())
+    secrets = {s.name: s for s in resources[SECRET]}
+    assert set(secrets) == {"listener_certificate", "client_ca", "backend_ca"}
+    assert secrets["listener_certificate"].tls_certificate.private_key.inline_bytes == b"KEY"
+    assert secrets["client_ca"].validation_context.trusted_ca.inline_bytes == b"CA"
+    assert Snapshot.from_resources(resources).consistency_errors(frozenset({LOCAL_CLUSTER})) == []
+    resources[SECRET] = [s for s in resources[SECRET] if s.name != "client_ca"]
+    assert Snapshot.from_resources(resources).consistency_errors(frozenset({LOCAL_CLUSTER})) == [
+        "listener 'whisper_http' needs missing secret 'client_ca'"]
+    assert isinstance(resources[SECRET][0], secret_pb2.Secret)

@@ -118,9 +118,9 @@ def test_the_images_entry_points_run_with_composes_arguments(tmp_path):
     wait_until(lambda: request("GET", f"http://127.0.0.1:{listen['port']}/v1/models", timeout=2).status == 200, 30,
                "Envoy, configured by the control plane")
     # The healthchecks compose runs inside the containers pass here too.
-    for name, port in (("control-plane", listen["admin_port"]), ("envoy", listen["port"])):
+    for name, port in (("control-plane", listen["admin_port"]), ("envoy", listen["envoy_metrics_port"])):
         test = services[name]["healthcheck"]["test"]
-        script = test[test.index("-c") + 1].replace("18001", str(port)).replace("8080", str(port))
+        script = test[test.index("-c") + 1].replace("18001", str(port)).replace("9902", str(port))
         assert subprocess.run([PYTHON, "-c", script], timeout=30).returncode == 0, name
     # Prometheus's targets: Envoy's metrics listener and the control plane's /metrics.
     envoy_metrics = request("GET", f"http://127.0.0.1:{listen['envoy_metrics_port']}/stats/prometheus")

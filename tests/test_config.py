@@ -59,7 +59,15 @@ def test_a_model_may_be_given_as_a_plain_name():
         (minimal(backends=[{"url": "http://h:1", "models": ["x"]}]), "backends[0].models[0]: 'x' is not a model name"),
         (minimal(backends=[{"url": "http://h:1"}]), "backends[0].models: list the models"),
         (minimal(backends=[{"url": "ftp://h:1", "models": ["m"]}]), "must start with http://"),
-        (minimal(backends=[{"url": "https://h:1", "models": ["m"]}]), "https backends are not supported yet"),
+        (minimal(backends=[{"url": "https://h:1/v1", "models": ["m"]}]), "must be scheme://host:port with no path"),
+        (minimal(listen={"tls": {"cert_file": "c.pem"}}), "listen.tls.key_file: required"),
+        (minimal(listen={"tls": {"cert_file": "c", "key_file": "k", "client_certificates": "required"}}),
+         "listen.tls.client_ca_file: give it exactly when"),
+        (minimal(listen={"tls": {"cert_file": "c", "key_file": "k", "client_certificates": "maybe"}}),
+         "listen.tls.client_certificates"),
+        (minimal(backend_tls={"cert_file": "c"}), "backend_tls: cert_file and key_file go together"),
+        (minimal(listen={"admin_address": "0.0.0.0"}), "listen.admin_address 0.0.0.0 is reachable beyond this host"),
+        (minimal(discovery=[{"name": "e", "port": 1, "models": ["m"], "scheme": "ftp"}]), "discovery[0].scheme"),
         (minimal(discovery=[{"name": "engine", "port": 8000, "models": ["x"]}]), "discovery[0].models[0]: 'x' is not"),
         (minimal(discovery=[{"name": "bad name!", "port": 8000, "models": ["m"]}]), "discovery[0].name: expected a DNS"),
         (minimal(discovery=[{"name": "e", "port": 8000, "models": ["m"], "nameserver": "dns:53"}]),
@@ -126,3 +134,16 @@ def test_backend_urls_have_one_spelling():
     from control_plane.config import BackendUrl, check
 
     assert check(BackendUrl, "http://Engine-A.Example:8000/", "url") == "http://engine-a.example:8000"
+
+
+def test_tls_settings_read_as_yaml_writes_them():
+    """`off` unquoted is YAML's false; it means off here, as for auth.api_keys."""
+    import yaml
+
+    raw = yaml.safe_load("models: [m]\nlisten:\n  tls: {cert_file: c.pem, key_file: k.pem, client_certificates: off}\n"
+                         "  admin_address: 0.0.0.0\nbackend_tls: {ca_file: ca.pem}\n")
+    config = parse_config(raw)
+    assert config.listen.tls.client_certificates == "off" and config.listen.admin_tls
+    assert config.backend_tls.ca_file == "ca.pem"
+    plain = parse_config(dict(raw, listen=dict(raw["listen"], admin_plaintext=True)))
+    assert not plain.listen.admin_tls  # admin_plaintext keeps the admin API plain even with listen.tls

@@ -38,6 +38,21 @@ def test_records_come_and_go_as_drains():
     assert plan(registry, ITEM, ["10.0.0.1", "10.0.0.2"], 60) is None  # nothing to do, nothing saved
 
 
+def test_https_discovery_names_the_engines_by_the_dns_name():
+    """Found by `engine` over https: each record is an https:// backend whose certificate must carry
+    the DNS name (it is sent as SNI), not the record's address."""
+    from control_plane.config import parse_config
+    from control_plane.fleet.resolve import resolve_fleet
+
+    item = DiscoveryConfig(name="engine", port=8443, models=("m",), scheme="https")
+    registry = Registry.empty()
+    plan(registry, item, ["10.0.0.1"], 60)(registry)
+    assert states(registry) == {"https://10.0.0.1:8443": ACTIVE}
+    fleet = asyncio.run(resolve_fleet(parse_config({"models": ["m"]}), registry))
+    (backend,) = fleet.backends
+    assert backend.tls and backend.host == "engine" and backend.address == "10.0.0.1"
+
+
 def test_an_operators_drain_is_not_undone_by_the_record_staying():
     registry = registry_after(Registry.empty(), ["10.0.0.1"])
     entry_id = registry.entries()[0].id

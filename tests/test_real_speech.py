@@ -7,11 +7,17 @@ import threading
 import pytest
 from openai import OpenAI
 
+from harness.certificates import make_certificates
 from harness.processes import GatewayStack, post_form, request, start_cpu_engine, wait_until
 from harness.speech import SENTENCES, join_clips, speak, word_error_rate
 
 MODEL = "whisper-tiny.en"
 MAX_WER = 0.3
+TRUST: list = []  # the context that checks cpu-b's certificate, once the fixture made it
+
+
+def engine_get(url: str, timeout: float = 30):
+    return request("GET", url, timeout=timeout, context=TRUST[0] if url.startswith("https://") else None)
 
 
 @pytest.fixture(scope="module")
@@ -25,10 +31,16 @@ def clips(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cpu_gateway(tmp_path_factory):
+    """Two real Whisper engines; cpu-b serves HTTPS (a certificate of a CA made here), which the
+    gateway checks: every test below goes through TLS to it too."""
     log_dir = tmp_path_factory.mktemp("cpu-gateway")
-    engines = {name: start_cpu_engine(log_dir, MODEL, name) for name in ("cpu-a", "cpu-b")}
+    certs = make_certificates(log_dir / "certs")
+    engines = {"cpu-a": start_cpu_engine(log_dir, MODEL, "cpu-a"),
+               "cpu-b": start_cpu_engine(log_dir, MODEL, "cpu-b", tls=(certs.server.cert, certs.server.key))}
+    assert engines["cpu-b"][1].startswith("https://")
     stack = GatewayStack(log_dir, MODEL, [url for _, url in engines.values()], aliases=("whisper-1",),
-                         limits={"max_upload_mb": 4})
+                         limits={"max_upload_mb": 4}, backend_tls={"ca_file": str(certs.ca)})
+    TRUST.append(certs.client_context())
     yield stack.envoy, {name: url for name, (_, url) in engines.items()}
     stack.stop()
     for process, _ in engines.values():
@@ -83,7 +95,7 @@ def test_openai_sdk_unchanged(cpu_gateway, clips):
 def _running(engine_urls) -> float:
     total = 0.0
     for url in engine_urls:
-        for line in request("GET", url + "/metrics").text.splitlines():
+        for line in engine_get(url + "/metrics").text.splitlines():
             if line.startswith("vllm:num_requests_running{"):
                 total += float(line.rsplit(" ", 1)[1])
     return total
@@ -136,7 +148,7 @@ def test_bad_input_through_the_gateway_leaves_the_engines_healthy(cpu_gateway, c
     assert _error(*transcribe_file(envoy.url, clips["sentences"][0][1], language="de"), 400)["param"] == "language"
 
     for url in engines.values():
-        assert request("GET", url + "/health").status == 200
+        assert engine_get(url + "/health").status == 200
     status, response = transcribe_file(envoy.url, clips["sentences"][2][1])
     assert status == 200 and word_error_rate(SENTENCES[2], response.json()["text"]) <= MAX_WER
 

@@ -141,7 +141,7 @@ def test_rejected_resource_is_nacked_recorded_and_recovered_from(tmp_path, engin
         good_versions = envoy.config_versions()
         # Envoy validates what our builders do not: least-request needs at least two choices.
         plane = inproc.plane
-        resources = build_resources(plane.config, plane.fleet, plane.lua_source)
+        resources = build_resources(plane.config, plane.fleet, plane.lua_source, certificates=plane.certificates.current)
         resources[CLUSTER][0].least_request_lb_config.choice_count.value = 1
         assert inproc.set_snapshot(Snapshot.from_resources(resources))
 

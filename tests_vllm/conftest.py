@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from harness.certificates import make_certificates
 from harness.processes import PYTHON, STARTED, GatewayStack, Process, free_port, request, wait_until
 
 MODEL = "whisper-tiny"
@@ -19,24 +20,32 @@ START_TIMEOUT_S = 300
 
 
 CORES = {"a": "0", "b": "1"}
-# Engine b runs with vLLM's own --api-key; the gateway sends it (auth.engine_api_key_env), and
-# engine a, which has none, ignores it.
+# Engine b runs with vLLM's own --api-key and serves HTTPS (vLLM's --ssl-certfile/--ssl-keyfile,
+# a certificate of a CA made by the tests): the gateway sends the key (auth.engine_api_key_env)
+# and checks the certificate (backend_tls.ca_file); engine a, plain HTTP with no key, ignores both.
 ENGINE_KEY = "vllm-engine-key-for-tests"
 KEYS = {"b": ENGINE_KEY}
+HTTPS = {"b"}
 
 
-def start_vllm(log_dir: Path, name: str, port: int) -> Process:
+def start_vllm(log_dir: Path, name: str, port: int, certs) -> Process:
     # Each engine on a core of its own, as each GPU engine has its own GPU: otherwise load on one
     # engine slows the other, and the gateway rightly measures both as slow.
     key = ["--api-key", KEYS[name]] if name in KEYS else []
+    tls = ["--ssl-certfile", str(certs.server.cert), "--ssl-keyfile", str(certs.server.key)] if name in HTTPS else []
     return Process(f"vllm-{name}", [PYTHON, "-m", "engines.vllm", "--cpu", "--port", str(port), "--model", MODEL,
-                                    "--model-path", str(CHECKPOINT), "--max-num-seqs", "2", "--name", name, *key],
-                   log_dir, env={"VLLM_CPU_OMP_THREADS_BIND": CORES[name]})
+                                    "--model-path", str(CHECKPOINT), "--max-num-seqs", "2", "--name", name, *key,
+                                    *tls], log_dir, env={"VLLM_CPU_OMP_THREADS_BIND": CORES[name]})
 
 
-def wait_healthy(process: Process, url: str) -> None:
-    wait_until(lambda: process.alive() and request("GET", url + "/health", timeout=5).status == 200, START_TIMEOUT_S,
-               f"{process.name} to load")
+def host_of(url: str) -> str:
+    """The engine as Envoy names it: IP:port (https engines are reached as localhost)."""
+    return url.split("://", 1)[1].replace("localhost", "127.0.0.1")
+
+
+def wait_healthy(process: Process, url: str, context) -> None:
+    wait_until(lambda: process.alive() and request("GET", url + "/health", timeout=5, context=context).status == 200,
+               START_TIMEOUT_S, f"{process.name} to load")
 
 
 class RealStack:
@@ -44,31 +53,34 @@ class RealStack:
         if not (CHECKPOINT / "model.safetensors").exists():
             pytest.fail("no vLLM CPU build: run `make test-vllm` (it builds one with engines/vllm/setup_cpu.sh)")
         self.log_dir = log_dir
+        self.certs = make_certificates(log_dir / "certs")
+        self.tls = self.certs.client_context()  # checks engine b's certificate
         self.ports = {"a": free_port(), "b": free_port()}
-        self.urls = {name: f"http://127.0.0.1:{port}" for name, port in self.ports.items()}
-        self.engines = {name: start_vllm(log_dir, name, port) for name, port in self.ports.items()}
+        self.urls = {name: f"https://localhost:{port}" if name in HTTPS else f"http://127.0.0.1:{port}"
+                     for name, port in self.ports.items()}
+        self.engines = {name: start_vllm(log_dir, name, port, self.certs) for name, port in self.ports.items()}
         for name, process in self.engines.items():
-            wait_healthy(process, self.urls[name])
+            wait_healthy(process, self.urls[name], self.tls)
         # vLLM's CPU build answers /metrics slowly while it decodes on both cores: give scrapes
         # the time a GPU engine would never need.
         os.environ["WHISPER_TEST_VLLM_KEY"] = ENGINE_KEY  # the control plane reads it at start
         self.gateway = GatewayStack(log_dir, MODEL, list(self.urls.values()), auth={
-            "engine_api_key_env": "WHISPER_TEST_VLLM_KEY"}, resilience={
+            "engine_api_key_env": "WHISPER_TEST_VLLM_KEY"}, backend_tls={"ca_file": str(self.certs.ca)}, resilience={
             "health_interval_s": 1, "health_timeout_s": 5, "unhealthy_threshold": 2, "healthy_threshold": 1},
             routing={"scrape_interval_s": 1.0, "scrape_timeout_s": 0.9, "stale_after_s": 4.0})
 
     def restart(self, name: str) -> None:
-        self.engines[name] = start_vllm(self.log_dir, name, self.ports[name])
-        wait_healthy(self.engines[name], self.urls[name])
+        self.engines[name] = start_vllm(self.log_dir, name, self.ports[name], self.certs)
+        wait_healthy(self.engines[name], self.urls[name], self.tls)
 
     def weights(self) -> dict[str, int]:
         hosts = self.gateway.hosts()
-        return {name: int(hosts[url.removeprefix("http://")]["weight"]) for name, url in self.urls.items()}
+        return {name: int(hosts[host_of(url)]["weight"]) for name, url in self.urls.items()}
 
     def host_counts(self) -> dict[str, int]:
         """Requests Envoy sent to each engine so far (its per-host counters)."""
         hosts = self.gateway.hosts()
-        return {name: int(hosts.get(url.removeprefix("http://"), {}).get("rq_total", 0))
+        return {name: int(hosts.get(host_of(url), {}).get("rq_total", 0))
                 for name, url in self.urls.items()}
 
 

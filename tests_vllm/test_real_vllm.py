@@ -15,16 +15,27 @@ import time
 import pytest
 
 from engines.common.audio import silent_wav
-from harness.processes import LoadGenerator, post_form, wait_until
-from tests_vllm.conftest import MODEL, PHRASE
+from harness.processes import LoadGenerator, multipart, post_form, request, wait_until
+from tests_vllm.conftest import MODEL, PHRASE, host_of
+
+FORM_TYPE = "multipart/form-data; boundary=wgboundary7MA4YWxk"
 
 CLIP = silent_wav(2)
+
+
+TRUST: list = []  # checks engine b's HTTPS certificate (the session fixture's CA)
+
+
+@pytest.fixture(autouse=True)
+def trust(real):
+    TRUST[:] = [real.tls]
 
 
 def ask(url: str, path: str = "/v1/audio/transcriptions", audio: bytes = CLIP, **fields):
     parts = [("file", audio, "clip.wav"), ("model", MODEL, None), ("language", "en", None)]
     parts += [(k, v, None) for k, v in fields.items()]
-    return post_form(url + path, parts, timeout=120)
+    return request("POST", url + path, multipart(parts), {"Content-Type": FORM_TYPE}, timeout=120,
+                   context=TRUST[0] if url.startswith("https://") else None)
 
 
 @pytest.mark.parametrize("path,fields", [
@@ -97,7 +108,7 @@ def test_real_engine_load_moves_traffic_away(real):
 def test_a_killed_engine_leaves_and_rejoins(real):
     real.engines["b"].signal(signal.SIGKILL)
     real.engines["b"].popen.wait(30)
-    host_b = real.urls["b"].removeprefix("http://")
+    host_b = host_of(real.urls["b"])
     wait_until(lambda: real.gateway.hosts()[host_b]["health_flags"] != "healthy", 30, "b out of rotation")
     for _ in range(3):
         assert ask(real.gateway.envoy.url).status == 200
@@ -143,7 +154,8 @@ def test_vllms_own_api_key_keeps_working_behind_the_gateway(real):
     from tests_vllm.conftest import ENGINE_KEY
 
     assert ask(real.urls["b"]).status == 401  # vLLM refuses a request without its key
-    with_key = http("GET", real.urls["b"] + "/v1/models", None, {"Authorization": f"Bearer {ENGINE_KEY}"})
+    with_key = http("GET", real.urls["b"] + "/v1/models", None, {"Authorization": f"Bearer {ENGINE_KEY}"},
+                    context=real.tls)
     assert with_key.status == 200
     before = real.host_counts()["b"]
     for _ in range(20):

@@ -6,11 +6,13 @@ from control_plane.builders.clusters import build_cluster, build_unrouted_cluste
 from control_plane.builders.endpoints import build_envoys_assignment, build_load_assignment
 from control_plane.builders.listener import build_listener
 from control_plane.builders.routes import build_route_configuration
+from control_plane.builders.secrets import build_secrets
+from control_plane.certificates import TlsMaterial
 from control_plane.config import GatewayConfig
 from control_plane.fleet.state import Fleet
 from control_plane.tenants.keys import Access
 from control_plane.xds.snapshot import Resources
-from control_plane.xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE
+from control_plane.xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET
 
 
 def build_load_assignments(fleet: Fleet, envoys: int = 1) -> list:
@@ -19,12 +21,16 @@ def build_load_assignments(fleet: Fleet, envoys: int = 1) -> list:
 
 
 def build_resources(config: GatewayConfig, fleet: Fleet, lua_source: str, access: Access = Access(),
-                    envoys: int = 1) -> Resources:
-    """Everything Envoy needs for this fleet and these keys, by type URL."""
+                    envoys: int = 1, certificates: TlsMaterial | None = None) -> Resources:
+    """Everything Envoy needs for this fleet, these keys and these certificates, by type URL.
+    Without a CA for https:// engines the clusters have no TLS, and such engines are refused
+    before they get here (the snapshot's check would stop them)."""
     models = fleet.model_names()
+    engine_tls = certificates is not None and certificates.backend_ca is not None
     return {
         LISTENER: [build_listener(config, lua_source)],
         ROUTE: [build_route_configuration(config, fleet, lua_source, access, envoys)],
-        CLUSTER: [build_cluster(model, config) for model in models] + [build_unrouted_cluster()],
+        CLUSTER: [build_cluster(model, config, engine_tls) for model in models] + [build_unrouted_cluster()],
         ENDPOINT: build_load_assignments(fleet, envoys),
+        SECRET: build_secrets(certificates),
     }

@@ -7,10 +7,11 @@ from envoy.config.core.v3 import config_source_pb2, health_check_pb2, protocol_p
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.type.v3 import percent_pb2
-from google.protobuf import wrappers_pb2
+from google.protobuf import struct_pb2, wrappers_pb2
 
 from control_plane.builders.common import pack, seconds
-from control_plane.names import LONG_UPLOAD_KEY, UNROUTED_CLUSTER, cluster_name
+from control_plane.builders.secrets import upstream_transport_socket
+from control_plane.names import LONG_UPLOAD_KEY, TLS_MATCH_KEY, UNROUTED_CLUSTER, cluster_name
 from control_plane.config import GatewayConfig
 
 HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
@@ -66,7 +67,8 @@ def _circuit_breakers(config: GatewayConfig) -> circuit_breaker_pb2.CircuitBreak
     return circuit_breaker_pb2.CircuitBreakers(thresholds=[thresholds])
 
 
-def build_cluster(model: str, config: GatewayConfig) -> cluster_pb2.Cluster:
+def build_cluster(model: str, config: GatewayConfig, engine_tls: bool = False) -> cluster_pb2.Cluster:
+    """`engine_tls`: there is a CA for https:// engines (the snapshot carries it as a secret)."""
     ads = config_source_pb2.ConfigSource(
         ads=config_source_pb2.AggregatedConfigSource(), resource_api_version=config_source_pb2.V3
     )
@@ -105,7 +107,17 @@ def build_cluster(model: str, config: GatewayConfig) -> cluster_pb2.Cluster:
         ignore_health_on_host_removal=True,
         outlier_detection=_outlier_detection(config),
         circuit_breakers=_circuit_breakers(config),
+        transport_socket_matches=[_tls_match(config)] if engine_tls else [],
     )
+
+
+def _tls_match(config: GatewayConfig) -> cluster_pb2.Cluster.TransportSocketMatch:
+    """Endpoints marked TLS (https:// engines) get TLS, health checks included; the rest plain HTTP.
+    An https:// engine is never dialled in plaintext: its mark travels with its endpoint."""
+    marked = struct_pb2.Struct()
+    marked.update({TLS_MATCH_KEY: True})
+    return cluster_pb2.Cluster.TransportSocketMatch(name="tls", match=marked,
+                                                    transport_socket=upstream_transport_socket(config))
 
 
 def build_unrouted_cluster() -> cluster_pb2.Cluster:

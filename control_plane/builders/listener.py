@@ -9,6 +9,8 @@ from __future__ import annotations
 from envoy.config.accesslog.v3 import accesslog_pb2
 from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, grpc_service_pb2, protocol_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
+from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.filters.listener.tls_inspector.v3 import tls_inspector_pb2
 from envoy.extensions.access_loggers.grpc.v3 import als_pb2 as grpc_als_pb2
 from envoy.extensions.filters.http.lua.v3 import lua_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
@@ -19,6 +21,7 @@ from control_plane.builders.common import lua_marked, pack, seconds, status_is
 from control_plane.builders.local_replies import build_local_reply_config
 from control_plane.builders.lua_source import filter_source
 from control_plane.builders.quotas import build_quota_filters
+from control_plane.builders.secrets import downstream_transport_socket
 from control_plane.names import (AUDIO_ESTIMATED_HEADER, AUDIO_SECONDS_HEADER, CUT_SHORT_FLAGS, KEY_ID_HEADER,
                                  LISTENER_NAME, LUA_FILTER, MODEL_HEADER, MODEL_KEY, REQUEST_LOG_NAME, ROUTE_CONFIG_NAME,
                                  UPSTREAM_LOG_NAME, XDS_CLUSTER)
@@ -105,9 +108,42 @@ def build_listener(config: GatewayConfig, lua_source: str) -> listener_pb2.Liste
     address = address_pb2.Address(
         socket_address=address_pb2.SocketAddress(address=config.listen.address, port_value=config.listen.port)
     )
-    chain = listener_components_pb2.FilterChain(
-        filters=[listener_components_pb2.Filter(name="envoy.filters.network.http_connection_manager",
-                                                typed_config=pack(manager))]
-    )
-    return listener_pb2.Listener(name=LISTENER_NAME, address=address, filter_chains=[chain])
+    chain = listener_components_pb2.FilterChain(filters=[_manager_filter(manager)])
+    if config.listen.tls is None:
+        return listener_pb2.Listener(name=LISTENER_NAME, address=address, filter_chains=[chain])
+    # HTTPS: the TLS inspector tells a TLS handshake from plain HTTP, which gets a 400 that says
+    # so instead of a dropped connection.
+    chain.filter_chain_match.transport_protocol = "tls"
+    chain.transport_socket.CopyFrom(downstream_transport_socket(config))
+    inspector = listener_components_pb2.ListenerFilter(name="envoy.filters.listener.tls_inspector",
+                                                       typed_config=pack(tls_inspector_pb2.TlsInspector()))
+    return listener_pb2.Listener(name=LISTENER_NAME, address=address, filter_chains=[chain],
+                                 listener_filters=[inspector], default_filter_chain=_plaintext_refusal(config))
+
+
+def _manager_filter(manager: hcm.HttpConnectionManager) -> listener_components_pb2.Filter:
+    return listener_components_pb2.Filter(name="envoy.filters.network.http_connection_manager",
+                                          typed_config=pack(manager))
+
+
+PLAINTEXT_REFUSAL = ('{"error":{"message":"This port speaks HTTPS: send the request to https:// instead of '
+                     'http://.","type":"invalid_request_error","param":null,"code":"https_required"}}')
+
+
+def _plaintext_refusal(config: GatewayConfig) -> listener_components_pb2.FilterChain:
+    """Plain HTTP on the TLS port: every request gets 400 in OpenAI's shape, and nothing is routed."""
+    refuse = route_components_pb2.Route(
+        match=route_components_pb2.RouteMatch(prefix="/"),
+        direct_response=route_components_pb2.DirectResponseAction(
+            status=400, body=base_pb2.DataSource(inline_string=PLAINTEXT_REFUSAL)),
+        response_headers_to_add=[base_pb2.HeaderValueOption(
+            header=base_pb2.HeaderValue(key="content-type", value="application/json"),
+            append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD)])
+    manager = hcm.HttpConnectionManager(
+        stat_prefix="whisper_plaintext", codec_type=hcm.HttpConnectionManager.AUTO,
+        route_config=route_pb2.RouteConfiguration(name="whisper_plaintext", virtual_hosts=[
+            route_components_pb2.VirtualHost(name="plaintext", domains=["*"], routes=[refuse])]),
+        request_headers_timeout=seconds(config.timeouts.request_headers_s), server_name="whisper-gateway",
+        http_filters=[hcm.HttpFilter(name="envoy.filters.http.router", typed_config=pack(router_pb2.Router()))])
+    return listener_components_pb2.FilterChain(filters=[_manager_filter(manager)])
 

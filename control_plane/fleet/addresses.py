@@ -23,7 +23,8 @@ class AddressError(ValueError):
 
 
 def parse_backend_url(url: object) -> tuple[str, str, int]:
-    """`http://host:port` -> (the URL in one spelling, host, port); AddressError says why not."""
+    """`http://host:port` or `https://host:port` -> (the URL in one spelling, host, port);
+    AddressError says why not."""
     if not isinstance(url, str):
         raise AddressError(f"expected a URL string, got {url!r}")
     if len(url) > 300:
@@ -39,11 +40,8 @@ def parse_backend_url(url: object) -> tuple[str, str, int]:
         port = parts.port
     except ValueError:
         raise AddressError(f"{url!r} has an invalid port (1..65535)") from None
-    if parts.scheme == "https":
-        raise AddressError(f"{url!r}: https backends are not supported yet; serve engines over http "
-                           "(terminate TLS in front of them if needed)")
-    if parts.scheme != "http":
-        raise AddressError(f"{url!r} must start with http://")
+    if parts.scheme not in ("http", "https"):
+        raise AddressError(f"{url!r} must start with http:// or https://")
     if parts.username is not None or parts.password is not None or "@" in parts.netloc:
         raise AddressError(f"{url!r} must not carry user info")
     if not parts.hostname:
@@ -59,7 +57,7 @@ def parse_backend_url(url: object) -> tuple[str, str, int]:
     if ":" in host:
         host = str(ipaddress.IPv6Address(host))  # one backend, one spelling
     shown = f"[{host}]" if ":" in host else host
-    return f"http://{shown}:{port}", host, port
+    return f"{parts.scheme}://{shown}:{port}", host, port
 
 
 def check_host(host: str, bracketed: bool = False) -> None:

@@ -32,14 +32,14 @@ async def resolve_all(item: DiscoveryConfig) -> list[str]:
     return sorted({info[4][0] for info in infos})
 
 
-def url_for(address: str, port: int) -> str:
+def url_for(address: str, port: int, scheme: str = "http") -> str:
     host = f"[{address}]" if ipaddress.ip_address(address).version == 6 else address
-    return f"http://{host}:{port}"
+    return f"{scheme}://{host}:{port}"
 
 
 def plan(registry: Registry, item: DiscoveryConfig, addresses: list[str], drain_timeout_s: float):
     """The registry change that makes `item`'s backends match `addresses` (pure)."""
-    wanted = {url_for(a, item.port) for a in addresses}
+    wanted = {url_for(a, item.port, item.scheme) for a in addresses}
 
     def is_mine(entry: Entry) -> bool:
         return entry.source is Source.DNS and entry.dns_name == item.name

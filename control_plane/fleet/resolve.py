@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 
 import aiohttp
 
@@ -52,7 +53,7 @@ async def _resolve(entry: Entry, listen: ListenConfig) -> Backend | None:
         log.warning("backend %s left out: %s", entry.url, error)
         return None
     return Backend(id=entry.id, address=address, port=parts.port, models=entry.models, weight=entry.weight,
-                   draining=entry.state == DRAINING, url=entry.url)
+                   draining=entry.state == DRAINING, url=entry.url, host=entry.dns_name or parts.hostname)
 
 
 def served_models(config: GatewayConfig, registry: Registry) -> tuple[ModelConfig, ...]:
@@ -67,11 +68,13 @@ async def resolve_fleet(config: GatewayConfig, registry: Registry) -> Fleet:
     return Fleet(models=served_models(config, registry), backends=tuple(b for b in resolved if b is not None))
 
 
-async def read_engine_models(url: str, api_key: str | None = None, timeout: float = 5.0) -> list[str]:
-    """The model names an engine serves, from its OpenAI-style /v1/models (behind its --api-key, if any)."""
+async def read_engine_models(url: str, api_key: str | None = None, tls: ssl.SSLContext | None = None,
+                             timeout: float = 5.0) -> list[str]:
+    """The model names an engine serves, from its OpenAI-style /v1/models (behind its --api-key, if
+    any; `tls` checks an https:// engine's certificate)."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session:
-        async with session.get(f"{url}/v1/models", headers=headers) as response:
+        async with session.get(f"{url}/v1/models", headers=headers, ssl=tls or True) as response:
             if response.status != 200:
                 raise ValueError(f"{url}/v1/models answered HTTP {response.status}")
             body = await response.json(content_type=None)

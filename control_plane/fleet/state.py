@@ -18,11 +18,20 @@ class Backend:
     weight: int = 1
     draining: bool = False
     url: str = ""
+    # The name an https:// engine's certificate must carry, sent as SNI: the URL's host, or the
+    # DNS name it was discovered under.
+    host: str = ""
 
     @property
     def endpoint(self) -> str:
         """"ip:port", as Envoy names the host (its try log, control_plane/observe/outcomes.py)."""
         return f"{self.address}:{self.port}"
+
+    @property
+    def tls(self) -> bool:
+        """An https:// engine: Envoy and the scrapes speak TLS to it, checked against its host name."""
+        return self.url.startswith("https://")
+
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ tracker; nothing here decides or publishes (control_plane/app.py runs the loop).
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from dataclasses import dataclass, replace
 from typing import Callable
@@ -38,23 +39,27 @@ OnScrape = Callable[[Backend, float, bool], None]
 
 
 async def scrape_all(client: aiohttp.ClientSession, fleet: Fleet, timeout: float,
-                     on_scrape: OnScrape | None = None) -> list[str | ScrapeFailure]:
-    """Every backend's page (or why there is none), in fleet order."""
-    return await asyncio.gather(*(scrape(client, b, timeout, on_scrape) for b in fleet.backends))
+                     on_scrape: OnScrape | None = None, tls: ssl.SSLContext | None = None) -> list[str | ScrapeFailure]:
+    """Every backend's page (or why there is none), in fleet order; `tls` checks https:// engines."""
+    return await asyncio.gather(*(scrape(client, b, timeout, on_scrape, tls) for b in fleet.backends))
 
 
 async def scrape(client: aiohttp.ClientSession, backend: Backend, timeout: float,
-                 on_scrape: OnScrape | None = None) -> str | ScrapeFailure:
+                 on_scrape: OnScrape | None = None, tls: ssl.SSLContext | None = None) -> str | ScrapeFailure:
     started = time.perf_counter()
-    result = await _fetch(client, backend, timeout)
+    result = await _fetch(client, backend, timeout, tls)
     if on_scrape is not None:
         on_scrape(backend, time.perf_counter() - started, isinstance(result, ScrapeFailure))
     return result
 
 
-async def _fetch(client: aiohttp.ClientSession, backend: Backend, timeout: float) -> str | ScrapeFailure:
+async def _fetch(client: aiohttp.ClientSession, backend: Backend, timeout: float,
+                 tls: ssl.SSLContext | None) -> str | ScrapeFailure:
     try:
-        async with client.get(f"{backend.url}/metrics", timeout=aiohttp.ClientTimeout(total=timeout)) as response:
+        # An https:// engine's certificate is checked for the name Envoy sends as SNI (a DNS-discovered
+        # engine's URL holds its address, not that name).
+        async with client.get(f"{backend.url}/metrics", timeout=aiohttp.ClientTimeout(total=timeout), ssl=tls or True,
+                              server_hostname=backend.host if backend.tls else None) as response:
             if response.status != 200:
                 return ScrapeFailure(f"HTTP {response.status}")
             body = await response.content.read(MAX_PAGE_BYTES)
@@ -62,7 +67,17 @@ async def _fetch(client: aiohttp.ClientSession, backend: Backend, timeout: float
     except TimeoutError:
         return ScrapeFailure("timeout")
     except aiohttp.ClientError as error:
-        return ScrapeFailure(type(error).__name__)
+        return ScrapeFailure(tls_problem(error) or type(error).__name__)
+
+
+def tls_problem(error: aiohttp.ClientError) -> str | None:
+    """Why TLS to an engine failed, as /status shows it ("TLS: certificate has expired")."""
+    if isinstance(error, aiohttp.ClientConnectorCertificateError):
+        cause = error.certificate_error
+        return f"TLS: {getattr(cause, 'verify_message', None) or cause}"
+    if isinstance(error, aiohttp.ClientConnectorSSLError):
+        return f"TLS: {getattr(error.os_error, 'reason', None) or error.os_error}"
+    return None
 
 
 def record(tracker: LoadTracker, fleet: Fleet, pages: list[str | ScrapeFailure], now: float) -> None:

@@ -123,6 +123,8 @@ def status_report(plane, now: float) -> dict:
         "envoys": envoys,
         "versions": {SHORT_NAMES[t]: v for t, v in snapshot.versions.items()} if snapshot else {},
         "nacks_total": cache.nacks_total,
+        # The certificates served (subject, expiry, fingerprint) and why a replaced file is not.
+        "certificates": plane.certificates.status(),
     }
 
 
@@ -168,4 +170,10 @@ def render_table(report: dict) -> str:
             lines.append(f"  refused {rejected['type']} {rejected['resource']}: {rejected['message']}")
     if not report["envoys"]:
         lines.append("no Envoy connected")
+    certificates = report.get("certificates") or {}
+    for name, served in certificates.get("served", {}).items():
+        lines.append(f"certificate {name}: " + (f"{served['subject']}, until {served['not_after']}" if "subject" in served
+                                               else f"{served['certificates']} CA certificates from {served['file']}"))
+    if certificates.get("problem"):
+        lines.append(f"certificate files not served: {certificates['problem']}")
     return "\n".join(lines)

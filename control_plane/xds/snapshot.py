@@ -15,10 +15,11 @@ from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2
+from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
-from control_plane.xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE, SEND_ORDER
+from control_plane.xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET, SEND_ORDER, TLS_MATCH_NAMESPACE
 
 Resources = dict[str, list[Message]]
 MIN_WEIGHT, MAX_WEIGHT = 1, 128  # Envoy's endpoint weights (0 is refused): the one definition
@@ -89,8 +90,13 @@ class Snapshot:
         for name, assignment in self.resources[ENDPOINT].items():
             if name not in clusters and name not in static_clusters:
                 errors.append(f"ClusterLoadAssignment {name!r} has no cluster")
+            cluster = clusters.get(name)
+            secure = cluster is not None and len(cluster.transport_socket_matches) > 0
             for locality in assignment.endpoints:
                 for endpoint in locality.lb_endpoints:
+                    if TLS_MATCH_NAMESPACE in endpoint.metadata.filter_metadata and not secure:
+                        errors.append(f"endpoint {endpoint.endpoint.hostname!r} of {name!r} needs TLS, which its "
+                                      "cluster lacks (it would be dialled in plaintext)")
                     weight = endpoint.load_balancing_weight.value
                     if endpoint.HasField("load_balancing_weight") and not MIN_WEIGHT <= weight <= MAX_WEIGHT:
                         errors.append(f"endpoint {endpoint.endpoint.hostname!r} of {name!r} has weight {weight}")
@@ -103,6 +109,14 @@ class Snapshot:
             for route_name in _rds_names(listener):
                 if route_name not in self.resources[ROUTE]:
                     errors.append(f"listener {listener.name!r} needs missing route configuration {route_name!r}")
+        sockets = [(f"listener {listener.name!r}", chain.transport_socket)
+                   for listener in self.resources[LISTENER].values() for chain in listener.filter_chains]
+        sockets += [(f"cluster {cluster.name!r}", match.transport_socket)
+                    for cluster in clusters.values() for match in cluster.transport_socket_matches]
+        for owner, socket in sockets:
+            for secret in _sds_names(socket):
+                if secret not in self.resources[SECRET]:
+                    errors.append(f"{owner} needs missing secret {secret!r}")  # Envoy would wait for it for ever
         return errors
 
 
@@ -110,6 +124,19 @@ def _pack(message: Message) -> any_pb2.Any:
     wrapped = any_pb2.Any()
     wrapped.Pack(message, deterministic=True)
     return wrapped
+
+
+def _sds_names(socket) -> list[str]:
+    """The SDS secrets a TLS transport socket names."""
+    for kind in (tls_pb2.DownstreamTlsContext, tls_pb2.UpstreamTlsContext):
+        context = kind()
+        if socket.HasField("typed_config") and socket.typed_config.Unpack(context):
+            common = context.common_tls_context
+            named = list(common.tls_certificate_sds_secret_configs)
+            if common.HasField("validation_context_sds_secret_config"):
+                named.append(common.validation_context_sds_secret_config)
+            return [config.name for config in named]
+    return []
 
 
 def _rds_names(listener: listener_pb2.Listener) -> list[str]:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import signal
+import ssl
 
 from aiohttp import web
 
@@ -12,11 +14,30 @@ log = logging.getLogger(__name__)
 DRAIN_TIMEOUT_S = 60.0
 
 
-async def serve_until_signal(app: web.Application, host: str, port: int, description: str) -> None:
+def add_tls_arguments(parser: argparse.ArgumentParser) -> None:
+    """vLLM's own flags for serving HTTPS, so the engines are started alike."""
+    parser.add_argument("--ssl-certfile", default=None, help="serve HTTPS with this certificate chain (PEM)")
+    parser.add_argument("--ssl-keyfile", default=None, help="and this private key (PEM)")
+    parser.add_argument("--ssl-ca-certs", default=None, help="require client certificates from this CA (PEM)")
+
+
+def tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
+    if not args.ssl_certfile:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(args.ssl_certfile, args.ssl_keyfile)
+    if args.ssl_ca_certs:
+        context.load_verify_locations(args.ssl_ca_certs)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+async def serve_until_signal(app: web.Application, host: str, port: int, description: str,
+                             tls: ssl.SSLContext | None = None) -> None:
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=DRAIN_TIMEOUT_S)
     await runner.setup()
-    await web.TCPSite(runner, host, port).start()
-    log.info("%s on %s:%d", description, host, port)
+    await web.TCPSite(runner, host, port, ssl_context=tls).start()
+    log.info("%s on %s://%s:%d", description, "https" if tls else "http", host, port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

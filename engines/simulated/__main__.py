@@ -7,7 +7,7 @@ import asyncio
 
 from engines.common.api import DEFAULT_MAX_UPLOAD_BYTES, EngineApp
 from engines.common.metrics import VllmMetrics
-from engines.common.runner import configure_logging, serve_until_signal
+from engines.common.runner import add_tls_arguments, configure_logging, serve_until_signal, tls_context
 from engines.simulated.faults import Faults, install_faults
 from engines.simulated.queue_model import GpuProfile
 from engines.simulated.server import SimulatedBackend
@@ -32,6 +32,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-penalty", type=float, default=defaults.batch_penalty)
     parser.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_BYTES / 2**20)
     parser.add_argument("--api-key", default=None, help="like vLLM's: /v1 paths need this bearer key")
+    add_tls_arguments(parser)
     args = parser.parse_args(argv)
     if args.max_num_seqs < 1 or min(args.speed, args.time_scale, args.seconds_per_chunk, args.seconds_per_request) <= 0:
         parser.error("--max-num-seqs must be >= 1; --speed, --time-scale and --seconds-per-* > 0")
@@ -50,7 +51,8 @@ async def serve(args: argparse.Namespace) -> None:
                     api_key=args.api_key).build()
     install_faults(app, Faults(), backend.queue.set_slowdown)
     try:
-        await serve_until_signal(app, args.host, args.port, f"simulated engine {backend.name} serving {args.model}")
+        await serve_until_signal(app, args.host, args.port, f"simulated engine {backend.name} serving {args.model}",
+                                 tls_context(args))
     finally:
         await backend.queue.close()
 

@@ -13,6 +13,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from engines.common.runner import add_tls_arguments
+
 
 def vllm_arguments(model_path: str, served_name: str, host: str, port: int, max_num_seqs: int) -> list[str]:
     """What every vLLM engine of the gateway gets (compose.yaml's `engine` service says the same)."""
@@ -43,12 +45,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--cpu", action="store_true", help="vLLM's CPU build with the tiny test checkpoint")
     parser.add_argument("--api-key", default=None, help="vLLM's own: /v1 paths need this bearer key")
+    add_tls_arguments(parser)  # vLLM's own flags, passed through
     args = parser.parse_args(argv)
     binary = find_vllm()
     command = [binary, "serve", *vllm_arguments(args.model_path, args.model, args.host, args.port, args.max_num_seqs)]
     env = dict(os.environ, VLLM_NO_USAGE_STATS="1")
     if args.api_key:
         command += ["--api-key", args.api_key]
+    for flag in ("ssl_certfile", "ssl_keyfile", "ssl_ca_certs"):
+        if getattr(args, flag):
+            command += [f"--{flag.replace('_', '-')}", getattr(args, flag)]
     if args.cpu:
         command += CPU_ARGUMENTS
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")

@@ -12,7 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from engines.common.api import DEFAULT_MAX_UPLOAD_BYTES, EngineApp  # noqa: E402
 from engines.common.metrics import VllmMetrics  # noqa: E402
-from engines.common.runner import configure_logging, serve_until_signal  # noqa: E402
+from engines.common.runner import add_tls_arguments, configure_logging, serve_until_signal, tls_context  # noqa: E402
 from engines.whisper_cpu.backend import WhisperCpuBackend, bundled_model_path  # noqa: E402
 
 
@@ -28,6 +28,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cpu-threads", type=int, default=1, help="threads per transcription")
     parser.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_BYTES / 2**20)
     parser.add_argument("--api-key", default=None, help="like vLLM's: /v1 paths need this bearer key")
+    add_tls_arguments(parser)
     args = parser.parse_args(argv)
     if args.max_num_seqs < 1 or args.cpu_threads < 1:
         parser.error("--max-num-seqs and --cpu-threads must be >= 1")
@@ -41,7 +42,8 @@ async def serve(args: argparse.Namespace) -> None:
     app = EngineApp(backend, backend.metrics, max_upload_bytes=int(args.max_upload_mb * 2**20),
                     api_key=args.api_key).build()
     try:
-        await serve_until_signal(app, args.host, args.port, f"whisper_cpu engine {backend.name} serving {args.model}")
+        await serve_until_signal(app, args.host, args.port, f"whisper_cpu engine {backend.name} serving {args.model}",
+                                 tls_context(args))
     finally:
         backend.close()
 
