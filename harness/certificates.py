@@ -24,6 +24,7 @@ class Certificates:
     server: Pair  # localhost, signed by ca
     server_next: Pair  # another one for localhost, for rotation
     client: Pair  # a client certificate signed by ca
+    expired_client: Pair  # the same, expired
     expired: Pair  # localhost, signed by ca, expired
     misnamed: Pair  # signed by ca for elsewhere.example, not localhost
     other_ca: Path
@@ -75,6 +76,7 @@ def make_certificates(folder: Path) -> Certificates:
         ca=ca[0], server=_signed(folder, "server", ca, "serverAuth"),
         server_next=_signed(folder, "server-next", ca, "serverAuth"),
         client=_signed(folder, "client", ca, "clientAuth"),
+        expired_client=_signed(folder, "expired-client", ca, "clientAuth", days=-1),
         expired=_signed(folder, "expired", ca, "serverAuth", days=-1),
         misnamed=_signed(folder, "misnamed", ca, "serverAuth", server_names="DNS:elsewhere.example"),
         other_ca=other[0], other_server=_signed(folder, "other-server", other, "serverAuth"),

@@ -226,6 +226,8 @@ def test_client_certificates(tmp_path, certs, mode):
     assert send(certs.client_context(certs.client)).status == 200
     with pytest.raises(OSError):  # a certificate from another CA: the handshake fails
         send(certs.client_context(certs.other_client))
+    with pytest.raises(OSError):  # an expired one too
+        send(certs.client_context(certs.expired_client))
     if mode == "required":
         with pytest.raises(OSError):
             send(certs.client_context())
@@ -260,10 +262,14 @@ def test_https_engines_are_checked_by_name_and_ca(tmp_path, certs):
     assert good[1].startswith("https://localhost:")
     ca_file = tmp_path / "engines-ca.pem"
     shutil.copy(certs.ca, ca_file)
-    stack = GatewayStack(tmp_path, MODEL, [good[1], foreign[1], misnamed[1]],
+    stack = GatewayStack(tmp_path, MODEL, [good[1], misnamed[1]],
                          backend_tls={"ca_file": str(ca_file), "cert_file": str(certs.client.cert),
                                       "key_file": str(certs.client.key)},
                          resilience={"health_interval_s": 0.5, "unhealthy_threshold": 1, "healthy_threshold": 1})
+    # One more through the admin API: its models cannot be read over TLS that does not verify.
+    refused = stack.admin.call("POST", "/backends", {"url": foreign[1]})
+    assert refused.status == 400 and "TLS: unable to get local issuer certificate" in refused.json()["error"]["message"]
+    assert stack.admin.call("POST", "/backends", {"url": foreign[1], "models": [MODEL]}).status == 201
     rows = lambda: {row["url"]: row for row in stack.admin.status()["endpoints"]}  # noqa: E731
     wait_until(lambda: rows()[good[1]]["health"] == "ok" and rows()[foreign[1]]["scrape_error"]
                and rows()[misnamed[1]]["scrape_error"], 15, "the good engine scraped over mTLS, the others refused")
