@@ -30,7 +30,7 @@ from control_plane.fleet.addresses import is_loopback
 from control_plane.fleet.dns_discovery import DnsDiscovery
 from control_plane.fleet.dns_discovery import plan as plan_dns
 from control_plane.fleet.registry import ACTIVE, DRAINED, DRAINING, Entry, Registry, Source
-from control_plane.fleet.resolve import resolve_fleet
+from control_plane.fleet.resolve import HostCache, resolve_fleet
 from control_plane.fleet.state import Fleet
 from control_plane.fleet.state_store import StateStore, configured_token, ensure_token, state_dir
 from control_plane.observe import scraper
@@ -81,6 +81,7 @@ class ControlPlane:
         self.outcomes = Outcomes()  # what the Envoys saw of each engine's tries
         self.ledger = Ledger()  # audio-seconds in flight per engine, its speed, and metering
         self.discovery = DnsDiscovery(self.on_dns_records)
+        self.hosts = HostCache()  # backends' host names, resolved at most every HOST_TTL_S
         self.token: str | None = None
         self.token_path: Path | None = None
         self._server = None
@@ -205,7 +206,7 @@ class ControlPlane:
     async def _publish_config(self, config: GatewayConfig) -> None:
         """apply() without its rollback: for callers that hold their own copy (change())."""
         self.registry.set_config(config.all_backends())
-        fleet = await resolve_fleet(config, self.registry)
+        fleet = await resolve_fleet(config, self.registry, self.hosts)
         async with self._publishing:
             if self.fleet is not None:  # endpoints that stay keep their load-derived weights, models their lanes
                 fleet = fleet.with_routing(self.fleet.weights,
@@ -233,7 +234,9 @@ class ControlPlane:
                     await self.load_step(client)
                 except Exception:  # a bug here must not stop routing updates for good
                     log.exception("load step failed")
-                await asyncio.sleep(max(0.0, self.config.routing.scrape_interval_s - (loop.time() - started)))
+                took = loop.time() - started
+                telemetry.LOAD_ROUND_SECONDS.observe(took)
+                await asyncio.sleep(max(0.0, self.config.routing.scrape_interval_s - took))
 
     async def load_step(self, client) -> None:
         """One round: scrape and record (observe), finish drains and weigh (decide), push (publish)."""

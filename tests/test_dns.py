@@ -134,3 +134,25 @@ def test_a_named_nameservers_answers_are_trusted_only_when_sound(what, reply, ex
             assert asyncio.run(lookup("engine.test", server.address, timeout=0.5)) == expected
     finally:
         server.close()
+
+
+def test_host_names_are_looked_up_once_per_ttl(monkeypatch):
+    """A change to one of many named backends does not resolve every other name again."""
+    from control_plane.fleet import resolve
+
+    lookups = []
+
+    async def counted(host, port):
+        lookups.append(host)
+        return "127.0.0.1"
+    monkeypatch.setattr(resolve, "resolve_host", counted)
+    now = [0.0]
+    cache = resolve.HostCache(ttl_s=30, clock=lambda: now[0])
+
+    async def twice():
+        return [await cache.address("engine-a.internal", 8000) for _ in range(2)] + [await cache.address("10.0.0.9", 1)]
+    assert asyncio.run(twice()) == ["127.0.0.1", "127.0.0.1", "10.0.0.9"]
+    assert lookups == ["engine-a.internal"]  # addresses need no lookup
+    now[0] = 31.0
+    asyncio.run(cache.address("engine-a.internal", 8000))
+    assert lookups == ["engine-a.internal"] * 2

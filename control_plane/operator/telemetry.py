@@ -25,6 +25,11 @@ PUSH_TO_ACK_SECONDS = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0), registry=REGISTRY)
 NACKS = Counter("whisper_gateway_xds_nacks", "Configuration versions an Envoy rejected.", ["type"], registry=REGISTRY)
 WEIGHT_UPDATES = Counter("whisper_gateway_weight_updates", "Endpoint-weight snapshots published.", registry=REGISTRY)
+LOAD_ROUND_SECONDS = Histogram(
+    "whisper_gateway_load_round_seconds",
+    "One round of the load loop: every engine scraped, weights decided and published. Above "
+    "routing.scrape_interval_s, rounds run back to back and weights age.",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0), registry=REGISTRY)
 
 
 class XdsMetrics:
