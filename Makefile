@@ -2,7 +2,7 @@
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
-DEBIAN_PACKAGES := curl openssl ca-certificates espeak-ng sox docker-compose chromium ffmpeg lame flac opus-tools
+DEBIAN_PACKAGES := curl openssl ca-certificates etcd-server espeak-ng sox docker-compose chromium ffmpeg lame flac opus-tools
 BENCH_PACKAGES := wrk nginx
 
 .PHONY: up test test-vllm bench bench-full deps bench-deps venv clean

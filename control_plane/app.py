@@ -6,7 +6,9 @@ import asyncio
 import copy
 import logging
 import os
+import random
 import signal
+import socket
 import ssl
 import time
 from collections.abc import Callable
@@ -32,6 +34,7 @@ from control_plane.fleet.dns_discovery import plan as plan_dns
 from control_plane.fleet.registry import ACTIVE, DRAINED, DRAINING, Entry, Registry, Source
 from control_plane.fleet.resolve import HostCache, resolve_fleet
 from control_plane.fleet.state import Fleet
+from control_plane.fleet.shared_state import Conflict, EtcdState, StateUnavailable
 from control_plane.fleet.state_store import StateStore, configured_token, ensure_token, state_dir
 from control_plane.observe import scraper
 from control_plane.observe.load_tracker import LoadTracker
@@ -50,6 +53,9 @@ from control_plane.xds.types import ENDPOINT, ROUTE, SECRET
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+# How often a change is made again on top of another control plane's newer state before giving up
+# (each try waits a little longer, at random, so two planes busy with changes take turns).
+CONFLICT_RETRIES = 20
 # How long a removal waits for every Envoy to stop routing to a cluster before deleting it.
 REMOVAL_ACK_TIMEOUT_S = 5.0
 # A draining engine is idle once this many scrapes in a row, after every Envoy applied the
@@ -71,6 +77,11 @@ class ControlPlane:
         self.lua_source = lua_source if lua_source is not None else read_lua_filter()
         self.state_directory = state_directory
         self.store = StateStore(state_directory) if state_directory is not None else None
+        # With state.etcd the state lives there, shared with the other control planes (not in the file).
+        self.shared: EtcdState | None = None  # made at start
+        self.revision = 0  # the shared state's revision this plane serves
+        self.plane_id = f"{socket.gethostname()}-{os.getpid()}-{config.listen.xds_port}"
+        self.leader = not config.state.etcd  # alone, a control plane leads
         self.registry = Registry.empty()
         self.keys = KeyTable()
         self.engine_key: str | None = None  # the engines' own --api-key (auth.engine_api_key_env)
@@ -97,14 +108,17 @@ class ControlPlane:
     async def start(self) -> None:
         """Restores saved state and publishes it before any Envoy can connect: none sees a partial set."""
         listen = self.config.listen
-        if self.store is not None:
-            try:
-                saved = self.store.load()
-                if saved is not None:
-                    self.registry.restore(saved)
-                    self.keys = KeyTable.from_state(saved.get("keys", []))
-            except (ValueError, TypeError, KeyError) as error:
-                raise StartupError(f"cannot restore state: {error}") from None
+        try:
+            if (etcd := self.config.state).etcd:
+                self.shared = EtcdState(etcd.etcd, etcd.prefix, etcd.timeout_s)
+                saved, self.revision = await self.shared.load()
+            else:
+                saved = self.store.load() if self.store is not None else None
+            self._restore(saved)
+        except StateUnavailable as error:
+            raise StartupError(f"state.etcd: {error}") from None
+        except (ValueError, TypeError, KeyError) as error:
+            raise StartupError(f"cannot restore state: {error}") from None
         if (name := self.config.auth.engine_api_key_env) is not None:
             self.engine_key = os.environ.get(name, "").strip() or None
             if self.engine_key is None:
@@ -135,7 +149,12 @@ class ControlPlane:
             lambda server: als_pb2_grpc.add_AccessLogServiceServicer_to_server(
                 AccessLogServicer(self.outcomes, self.ledger, time.monotonic), server)])
         self._tasks = [asyncio.create_task(self._load_loop()), asyncio.create_task(self._certificate_loop())]
-        await self.discovery.restart(self.config.discovery)
+        if self.shared is not None:
+            self._tasks += [asyncio.create_task(self.shared.follow(self.revision, self._on_shared_state)),
+                            asyncio.create_task(self.shared.presence(self.plane_id, self._on_leading,
+                                                                     lambda: len(self.cache.envoys)))]
+        else:
+            await self.discovery.restart(self.config.discovery)
         log.info("admin API on %s://%s:%d (token %s)", "https" if listen.admin_tls else "http",
                  listen.admin_address, listen.admin_port,
                  f"in {self.token_path}" if self.token_path else "from the environment")
@@ -155,6 +174,9 @@ class ControlPlane:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.shared is not None:
+            await self.shared.step_down()
+            await self.shared.close()
         if self._server is not None:
             await self._server.stop(grace)
         if self._admin is not None:
@@ -176,6 +198,9 @@ class ControlPlane:
         if any(getattr(config.listen, key) != value for key, value in fixed.items()):
             log.warning("listen.xds_* and listen.admin_* changes take effect on restart only")
             config = replace(config, listen=replace(config.listen, **fixed))
+        if config.state != self.config.state:
+            log.warning("state changes take effect on restart only")
+            config = replace(config, state=self.config.state)
         if config.listen.tls != self.config.listen.tls or config.backend_tls != self.config.backend_tls:
             log.warning("listen.tls and backend_tls changes take effect on restart only; replacing the files "
                         "they name rotates certificates live")
@@ -190,7 +215,8 @@ class ControlPlane:
             except InconsistentSnapshot as error:
                 log.error("reload refused, keeping the running config: %s", error)
                 return False
-        await self.discovery.restart(config.discovery)
+        if self.leader:
+            await self.discovery.restart(config.discovery)
         log.info("config reloaded from %s", self.config_path)
         return True
 
@@ -236,7 +262,7 @@ class ControlPlane:
                     log.exception("load step failed")
                 took = loop.time() - started
                 telemetry.LOAD_ROUND_SECONDS.observe(took)
-                await asyncio.sleep(max(0.0, self.config.routing.scrape_interval_s - took))
+                await asyncio.sleep(next_round_in(self.config.routing.scrape_interval_s, took))
 
     async def load_step(self, client) -> None:
         """One round: scrape and record (observe), finish drains and weigh (decide), push (publish)."""
@@ -252,7 +278,10 @@ class ControlPlane:
         for backend in fleet.backends:  # an engine that holds nothing has no tries open
             if all(_idle(self.tracker.state(backend.id, m, backend.weight, now), self.config) for m in backend.models):
                 self.ledger.settle(backend.endpoint, now)
-        await self.check_drains()
+        try:
+            await self.check_drains()
+        except StateUnavailable as error:  # the weights below must not wait for etcd
+            log.warning("drains not finished this round: %s", error)
         await self._expire_secrets()
         await self._count_envoys()
         states = scraper.endpoint_states(self.fleet, self.tracker, self.outcomes, self.ledger, now)
@@ -305,7 +334,7 @@ class ControlPlane:
     async def _expire_secrets(self) -> None:
         """Rotated-out key secrets stop working at the end of their grace; without waiting for the
         Envoys' ACKs, as the loop must go on."""
-        if (ends := self.keys.next_expiry()) is not None and ends <= time.time():
+        if self.leader and (ends := self.keys.next_expiry()) is not None and ends <= time.time():
             try:
                 await self._change(lambda: self.keys.expire(time.time()))
             except Exception:
@@ -314,7 +343,10 @@ class ControlPlane:
     async def _count_envoys(self) -> None:
         """Quotas are split among the Envoys connected: when their number changes, their cluster
         (LOCAL_CLUSTER) and the Lua filter's count are published again."""
-        if (envoys := max(1, len(self.cache.envoys))) == self.envoys:
+        envoys = len(self.cache.envoys)
+        if self.shared is not None and self.shared.envoys_total is not None:
+            envoys = max(envoys, self.shared.envoys_total)  # the other planes' Envoys share the budgets too
+        if (envoys := max(1, envoys)) == self.envoys:
             return
         async with self._changing:
             previous, self.envoys = self.envoys, envoys
@@ -369,19 +401,64 @@ class ControlPlane:
 
     async def _change(self, mutate: Callable[[], T]) -> T:
         async with self._changing:
-            before = copy.deepcopy(self.registry), copy.deepcopy(self.keys)
+            for attempt in range(CONFLICT_RETRIES):
+                before = copy.deepcopy(self.registry), copy.deepcopy(self.keys)
+                try:
+                    result = mutate()
+                    if self.shared is not None:
+                        self.revision = await self.shared.save(self.saved_state(), self.revision)
+                    elif self.store is not None:
+                        await asyncio.to_thread(self.store.save, self.saved_state())
+                    await self._publish_config(self.config)
+                    return result
+                except Conflict:  # another control plane changed the state first: on top of theirs
+                    self.registry, self.keys = before
+                    await self._adopt(*await self.shared.load())
+                    await asyncio.sleep(random.uniform(0, 0.005 * attempt))
+                except Exception:
+                    saved = self.saved_state()
+                    self.registry, self.keys = before
+                    if self.shared is None and self.store is not None and saved != self.saved_state():
+                        await asyncio.to_thread(self.store.save, self.saved_state())
+                    raise
+            raise StateUnavailable("the state kept changing on other control planes; try again")
+
+    # -- several control planes (state.etcd) --------------------------------------------------
+
+    def _restore(self, saved: dict | None) -> None:
+        """The saved state into a fresh registry and key table (the config's backends join on publish)."""
+        self.registry = Registry.empty()
+        self.keys = KeyTable()
+        if saved is not None:
+            self.registry.restore(saved)
+            self.keys = KeyTable.from_state(saved.get("keys", []))
+
+    async def _adopt(self, saved: dict | None, revision: int) -> None:
+        """Serves the shared state as another control plane left it (called holding `_changing`)."""
+        if revision <= self.revision:
+            return
+        registry, keys = self.registry, self.keys
+        try:
+            self._restore(saved)
+            await self._publish_config(self.config)
+            self.revision = revision
+        except Exception:
+            self.registry, self.keys = registry, keys
+            raise
+
+    async def _on_shared_state(self, saved: dict, revision: int) -> None:
+        async with self._changing:
             try:
-                result = mutate()
-                if self.store is not None:
-                    await asyncio.to_thread(self.store.save, self.saved_state())
-                await self._publish_config(self.config)
+                await self._adopt(saved, revision)
+                log.info("state revision %d from another control plane applied", revision)
             except Exception:
-                saved = self.saved_state()
-                self.registry, self.keys = before
-                if self.store is not None and saved != self.saved_state():
-                    await asyncio.to_thread(self.store.save, self.saved_state())
-                raise
-            return result
+                log.exception("state revision %d from another control plane could not be applied", revision)
+
+    async def _on_leading(self, leading: bool) -> None:
+        """The leader alone runs DNS discovery, finishes drains and expires key secrets: each then
+        happens once, written to the shared state for all."""
+        self.leader = leading
+        await self.discovery.restart(self.config.discovery if leading else ())
 
     async def add_backend(self, entry: Entry) -> Entry:
         served = {m.name for m in self.fleet.models}
@@ -418,7 +495,10 @@ class ControlPlane:
             await self.change(change)
 
     async def check_drains(self) -> None:
-        """Finishes drains: when the engine is idle for every Envoy, or when its time is up."""
+        """Finishes drains: when the engine is idle for every Envoy, or when its time is up (the
+        leader only, so each finishes once)."""
+        if not self.leader:
+            return
         for entry_id in [e.id for e in self.registry.entries() if e.state == DRAINING]:
             entry = self.registry.get(entry_id)  # re-read: an earlier finish awaited, things move
             if entry is None or entry.state != DRAINING:
@@ -445,6 +525,13 @@ class ControlPlane:
             log.info("drained %s (%s): out of rotation until resumed", entry.id, entry.url)
         else:
             await self.remove_now(entry.id)
+
+
+def next_round_in(interval: float, took: float) -> float:
+    """The pause before the next round: the interval's rest, but never less than the round took,
+    so a fleet too large for the interval is scraped every 2 x round, at half a core at most
+    (bench/scale.py: 1000 engines take 0.25 s on one core), rather than back to back."""
+    return max(interval - took, took)
 
 
 def _idle(state, config: GatewayConfig) -> bool:

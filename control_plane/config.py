@@ -337,6 +337,27 @@ class DiscoveryConfig:
     nameserver: Annotated[tuple[str, int] | None, BeforeValidator(lambda v: v if v is None else _ip_port(v))] = None
 
 
+def _host_port(value: Any) -> str:
+    host, _, port = str(value).rpartition(":")
+    if ":" in host or not (is_ip_address(host) or _DNS_NAME.fullmatch(host)) or not port.isdigit() \
+            or not 0 < int(port) < 65536:
+        fail(f"expected host:port (an IPv4 address or a name), got {value!r}")
+    return f"{host}:{port}"
+
+
+@dataclass(frozen=True, config=SECTION)
+class StateConfig:
+    """Where runtime changes (backends, drains, keys) live: the state dir's file for one control
+    plane, or etcd for several that share them (control_plane/fleet/shared_state.py)."""
+
+    # etcd members as host:port (names are resolved once, at start); one is enough, all of them
+    # ride out a member's loss.
+    etcd: tuple[Annotated[Any, AfterValidator(_host_port)], ...] = ()
+    prefix: Annotated[StrictStr, matching(re.compile(r"/[A-Za-z0-9._/-]{0,200}/"),
+                                          "expected a key prefix such as /whisper-gateway/, got {!r}")] = "/whisper-gateway/"
+    timeout_s: seconds(0.1, 60) = 2.0
+
+
 @dataclass(frozen=True, config=SECTION)
 class GatewayConfig:
     listen: ListenConfig = ListenConfig()
@@ -350,6 +371,7 @@ class GatewayConfig:
     backends: tuple[BackendConfig, ...] = ()
     engines: tuple[AnyEngine, ...] = ()
     discovery: tuple[DiscoveryConfig, ...] = ()
+    state: StateConfig = StateConfig()
     # How long a drain may take before the backend is removed anyway.
     drain_timeout_s: DrainTimeout = 300.0
 

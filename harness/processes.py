@@ -121,13 +121,13 @@ class Process:
     """A child process in its own process group, logged to a file, always killed at stop()."""
 
     def __init__(self, name: str, command: list[str], log_dir: Path, env: dict | None = None):
-        STARTED.append(self)
         self.name = name
         self.command = command
         self.log_path = log_dir / f"{name}.log"
         self._log = open(self.log_path, "ab")
         self.popen = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                       start_new_session=True, cwd=REPO, env={**os.environ, **(env or {})})
+        STARTED.append(self)
 
     def alive(self) -> bool:
         return self.popen.poll() is None
@@ -239,14 +239,16 @@ class AdminClient:
 
 class Envoy:
     def __init__(self, log_dir: Path, raw_config: dict, name: str = "envoy", node_id: str | None = None,
-                 extra_args: tuple[str, ...] = (), tls: ssl.SSLContext | None = None):
-        """`tls`: how clients check the listener when the config gives listen.tls."""
+                 extra_args: tuple[str, ...] = (), tls: ssl.SSLContext | None = None, xds_host: str | None = None):
+        """`tls`: how clients check the listener when the config gives listen.tls; `xds_host`:
+        the control planes (host:port,...) when not the config's one."""
         config = parse_config(raw_config)
         self.tls = tls
         self.listen_port = config.listen.port
         self.admin_port = free_port()
         bootstrap = log_dir / f"{name}-bootstrap.yaml"
         bootstrap.write_text(render_bootstrap(BOOTSTRAP_TEMPLATE.read_text(), config, node_id=node_id or name,
+                                              xds_host=xds_host,
                                               admin_port=self.admin_port))
         self.process = Process(name, [find_envoy(), "-c", str(bootstrap), "--disable-hot-restart",
                                       "--log-level", "warn", "--drain-time-s", "1", *extra_args], log_dir)

@@ -147,3 +147,14 @@ def test_tls_settings_read_as_yaml_writes_them():
     assert config.backend_tls.ca_file == "ca.pem"
     plain = parse_config(dict(raw, listen=dict(raw["listen"], admin_plaintext=True)))
     assert not plain.listen.admin_tls  # admin_plaintext keeps the admin API plain even with listen.tls
+
+
+def test_etcd_members_are_host_port_pairs():
+    config = parse_config({"models": ["m"], "state": {"etcd": ["10.0.0.1:2379", "etcd:2379"]}})
+    assert config.state.etcd == ("10.0.0.1:2379", "etcd:2379") and config.state.prefix == "/whisper-gateway/"
+    for bad, message in ((["etcd"], "expected host:port"), (["[::1]:2379"], "expected host:port"),
+                         (["etcd:99999"], "expected host:port")):
+        with pytest.raises(ConfigError, match=message):
+            parse_config({"models": ["m"], "state": {"etcd": bad}})
+    with pytest.raises(ConfigError, match="state.prefix"):
+        parse_config({"models": ["m"], "state": {"prefix": "no-slashes"}})

@@ -237,3 +237,12 @@ def test_held_audio(what, endpoint, expected):
 def test_queued_requests_takes_the_larger_view():
     assert steps.queued_requests(working("a", 95, running=1)) == 4  # 95 s sent: four 30 s chunks
     assert steps.queued_requests(working("a", 10, running=3, waiting=2)) == 5
+
+
+def test_the_load_loop_adapts_its_interval_to_the_fleet():
+    """A round that takes more than half the interval is followed by a pause as long as itself."""
+    from control_plane.app import next_round_in
+
+    assert next_round_in(0.25, 0.01) == 0.24
+    assert next_round_in(0.25, 0.2) == 0.2  # 1000 engines at the default interval: every 0.4 s
+    assert next_round_in(1.0, 0.25) == 0.75

@@ -144,6 +144,10 @@ class Registry:
             "version": 1,
             "models": list(self.api_models),
             "backends": [e.to_json() | {"source": "api"} for e in self.by_id.values() if e.source is Source.API],
+            # What DNS discovery found (its leader's records, control_plane/app.py): control planes
+            # that share the state serve the same engines; one alone finds them again anyway.
+            "discovered": [{"url": e.url, "models": list(e.models), "weight": e.weight, "dns_name": e.dns_name}
+                           for e in self.by_id.values() if e.source is Source.DNS],
             "drains": {i: {"state": d.state, "deadline": d.deadline, "reason": d.reason} for i, d in drains.items()},
         }
 
@@ -152,6 +156,9 @@ class Registry:
             raise ValueError(f"unknown state file version {data.get('version')!r}")
         self.api_models = [str(m) for m in data.get("models", [])]
         for entry in (Entry.from_json(b) for b in data.get("backends", [])):
+            self.by_id[entry.id] = entry
+        for found in data.get("discovered", []):
+            entry = Entry.create(found["url"], found["models"], found.get("weight", 1), Source.DNS, found["dns_name"])
             self.by_id[entry.id] = entry
         self.parked = {i: Drain(**d) for i, d in data.get("drains", {}).items()}
         for entry in [e for e in self.by_id.values() if e.source is not Source.API and e.id in self.parked]:

@@ -22,6 +22,7 @@ from aiohttp import web
 from control_plane.fleet.addresses import AddressError, parse_backend_url
 from control_plane.config import ConfigError, DrainTimeout, ModelName, RotationGrace, Weight, check
 from control_plane.fleet.resolve import dialable_address, read_engine_models
+from control_plane.fleet.shared_state import StateUnavailable
 from control_plane.names import NO_ENGINE_CA
 from control_plane.observe.scraper import tls_problem
 from control_plane.operator.openapi import OPENAPI
@@ -122,6 +123,8 @@ async def guard(request: web.Request, handler):
         return await handler(request)
     except ApiError as error:
         return error.response()
+    except StateUnavailable as error:  # etcd away (state.etcd): nothing changed, the gateway keeps serving
+        return ApiError(503, f"the change was not applied: {error}", "service_unavailable_error").response()
     except web.HTTPMethodNotAllowed as error:
         return ApiError(405, f"{request.method} is not allowed here (allowed: {', '.join(sorted(error.allowed_methods))})",
                         "method_not_allowed").response()

@@ -125,6 +125,9 @@ def status_report(plane, now: float) -> dict:
         "nacks_total": cache.nacks_total,
         # The certificates served (subject, expiry, fingerprint) and why a replaced file is not.
         "certificates": plane.certificates.status(),
+        # Where runtime changes live; with several control planes, which one leads.
+        "state": {"store": "etcd" if plane.shared is not None else "file", "revision": plane.revision,
+                  "leader": plane.leader, "plane": plane.plane_id},
     }
 
 

@@ -1,0 +1,185 @@
+"""The state the admin API, drains and keys create, in etcd: several control planes share it.
+
+One JSON document under `<prefix>state`, the same document the state file holds. A change is
+read-modify-write with an etcd transaction that succeeds only if the document's revision is the
+one the change was made on; otherwise the control plane takes the newer document and makes its
+change again, so changes made on two control planes at once never lose each other. Every
+control plane watches the key and applies what another one wrote, typically within
+milliseconds. etcd unreachable: the last state keeps being served, and changes are refused
+(StateUnavailable, the admin API's 503) until it answers again.
+
+The members, resolved to IPv4 addresses at start, share one gRPC channel that moves to the next
+member when one fails, so losing one member of three goes unnoticed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+from collections.abc import Awaitable, Callable
+
+import aetcd
+import aetcd.exceptions
+import grpc
+
+from control_plane.fleet.addresses import is_ip_address
+
+log = logging.getLogger(__name__)
+
+RETRY_S = 0.5  # how soon a broken watch is made again
+RETRY_CALL_S = 0.1  # between tries of one call
+# A control plane's lease: its leadership and its Envoy count go this long after it stops
+# renewing (killed, cut off), so another takes over within about that.
+LEASE_TTL_S = 3
+
+
+class StateUnavailable(RuntimeError):
+    """etcd cannot be reached (or did not answer in time): nothing was changed."""
+
+
+class Conflict(RuntimeError):
+    """Another control plane changed the state first."""
+
+
+def channel_target(endpoints: tuple[str, ...]) -> tuple[str, int]:
+    """aetcd dials `host:port`; gRPC's `ipv4:a:p,b:q` target lists every member instead, and its
+    pick-first policy moves to the next one when the one in use fails. Names (compose's service
+    names) are resolved here, once."""
+    addresses = []
+    for endpoint in endpoints:
+        host, _, port = endpoint.rpartition(":")
+        if not is_ip_address(host):
+            try:
+                host = socket.getaddrinfo(host, int(port), socket.AF_INET, socket.SOCK_STREAM)[0][4][0]
+            except OSError as error:
+                raise StateUnavailable(f"state.etcd: {host} does not resolve ({error})") from None
+        addresses.append(f"{host}:{port}")
+    *first, last = addresses
+    host, _, port = last.rpartition(":")
+    return "ipv4:" + ",".join([*first, host]), int(port)
+
+
+class EtcdState:
+    def __init__(self, endpoints: tuple[str, ...], prefix: str, timeout_s: float):
+        host, port = channel_target(endpoints)
+        self.key = f"{prefix}state".encode()
+        self.timeout_s = timeout_s
+        self.lease = None  # this control plane's, while presence() holds one
+        self.envoys_total: int | None = None  # Envoys on every control plane, as last read
+        self.client = aetcd.Client(host, port, timeout=timeout_s,
+                                   options={"grpc.initial_reconnect_backoff_ms": 200,
+                                            "grpc.max_reconnect_backoff_ms": 1000})
+
+    async def _call(self, make: Callable[[], Awaitable]):
+        """One etcd call, tried again until `timeout_s` x 2 has passed: a member lost makes the
+        next call wait for etcd's election (about a second), which nobody should notice."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 2 * self.timeout_s
+        while True:
+            try:
+                return await asyncio.wait_for(make(), max(0.05, min(self.timeout_s, deadline - loop.time())))
+            except (asyncio.TimeoutError, aetcd.exceptions.ClientError, grpc.RpcError, OSError) as error:
+                log.debug("etcd call failed: %r", error)
+                if loop.time() + RETRY_CALL_S >= deadline:
+                    raise StateUnavailable(f"etcd does not answer ({type(error).__name__}); the gateway keeps serving "
+                                           "its last state, and changes wait until etcd is back") from None
+                await asyncio.sleep(RETRY_CALL_S)
+
+    async def load(self) -> tuple[dict | None, int]:
+        """The document and its revision (0: none yet)."""
+        found = await self._call(lambda: self.client.get(self.key))
+        if found is None:
+            return None, 0
+        return _parse(found.value), found.mod_revision
+
+    async def save(self, data: dict, revision: int) -> int:
+        """Writes `data` if the document is still at `revision`; the new revision, else Conflict."""
+        txn = self.client.transactions
+        body = json.dumps(data, sort_keys=True).encode()
+        succeeded, responses = await self._call(lambda: self.client.transaction(
+            compare=[txn.mod(self.key) == revision], success=[txn.put(self.key, body)], failure=[]))
+        if not succeeded:
+            raise Conflict("the state changed on another control plane")
+        return responses[0].response_put.header.revision
+
+    async def follow(self, revision: int, on_change: Callable[[dict, int], Awaitable[None]]) -> None:
+        """Calls `on_change(document, revision)` for each version newer than `revision`, for ever;
+        a broken watch is made again from where it stopped (a read first catches up)."""
+        while True:
+            try:
+                data, latest = await self.load()
+                if latest > revision and data is not None:
+                    await on_change(data, latest)
+                    revision = latest
+                async for event in await self.client.watch(self.key, start_revision=revision + 1):
+                    if event.kv.mod_revision > revision and event.kv.value:
+                        revision = event.kv.mod_revision
+                        await on_change(_parse(event.kv.value), revision)
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # noqa: BLE001 - etcd away, a member gone: catch up and watch again
+                log.debug("etcd watch ended (%s); watching again", error)
+            await asyncio.sleep(RETRY_S)
+
+    async def presence(self, plane_id: str, on_leading: Callable[[bool], Awaitable[None]],
+                       own_envoys: Callable[[], int]) -> None:
+        """For ever: keeps this control plane's lease, and makes it the leader (the one that runs
+        DNS discovery, finishes drains and expires key secrets) whenever no other one is.
+        `on_leading(True/False)` is called when that changes. Each second it also writes how many
+        Envoys are connected here and reads the sum over every plane (`envoys_total`): quotas are
+        split among all of them. None of this waits in the load loop."""
+        txn = self.client.transactions
+        leader_key = self.key[:-len(b"state")] + b"leader"
+        envoys_prefix = self.key[:-len(b"state")] + b"envoys/"
+        leading = False
+        while True:
+            try:
+                self.lease = await self._call(lambda: self.client.lease(LEASE_TTL_S))
+                while True:
+                    if not leading:
+                        won, _ = await self._call(lambda: self.client.transaction(
+                            compare=[txn.create(leader_key) == 0],
+                            success=[txn.put(leader_key, plane_id.encode(), lease=self.lease)], failure=[]))
+                        if won:
+                            leading = True
+                            log.info("leading: this control plane runs DNS discovery and finishes drains")
+                            await on_leading(True)
+                    count = own_envoys()
+                    await self._call(lambda: self.client.put(envoys_prefix + plane_id.encode(), str(count).encode(),
+                                                             lease=self.lease))
+                    found = await self._call(lambda: self.client.get_prefix(envoys_prefix))
+                    self.envoys_total = sum(int(kv.value) for kv in found)
+                    await asyncio.sleep(LEASE_TTL_S / 3)
+                    answer = await self._call(self.lease.refresh)
+                    if getattr(answer, "TTL", 1) <= 0:
+                        raise StateUnavailable("the lease expired")
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # noqa: BLE001 - lease lost or etcd away: step down, try again
+                log.debug("presence: %r", error)
+                self.lease = None
+                if leading:
+                    leading = False
+                    log.warning("no longer leading (%s)", error)
+                    await on_leading(False)
+                await asyncio.sleep(RETRY_S)
+
+    async def step_down(self) -> None:
+        """Gives up the lease at once (a clean stop): another control plane leads without waiting."""
+        if getattr(self, "lease", None) is not None:
+            try:
+                await asyncio.wait_for(self.lease.revoke(), self.timeout_s)
+            except Exception:  # noqa: BLE001 - it expires anyway
+                pass
+
+    async def close(self) -> None:
+        await self.client.close()
+
+
+def _parse(value: bytes) -> dict:
+    data = json.loads(value)
+    if not isinstance(data, dict):
+        raise ValueError("the state in etcd is not a JSON object")
+    return data
