@@ -11,6 +11,7 @@ import signal
 import socket
 import ssl
 import time
+import uuid
 from collections.abc import Callable
 from typing import TypeVar
 from dataclasses import replace
@@ -255,14 +256,15 @@ class ControlPlane:
         loop = asyncio.get_running_loop()
         async with scraper.session() as client:
             while True:
-                started = loop.time()
+                started, cpu = loop.time(), time.process_time()
                 try:
                     await self.load_step(client)
                 except Exception:  # a bug here must not stop routing updates for good
                     log.exception("load step failed")
                 took = loop.time() - started
                 telemetry.LOAD_ROUND_SECONDS.observe(took)
-                await asyncio.sleep(next_round_in(self.config.routing.scrape_interval_s, took))
+                await asyncio.sleep(next_round_in(self.config.routing.scrape_interval_s, took,
+                                                  time.process_time() - cpu))
 
     async def load_step(self, client) -> None:
         """One round: scrape and record (observe), finish drains and weigh (decide), push (publish)."""
@@ -280,7 +282,7 @@ class ControlPlane:
                 self.ledger.settle(backend.endpoint, now)
         try:
             await self.check_drains()
-        except StateUnavailable as error:  # the weights below must not wait for etcd
+        except Exception as error:  # the weights below come first; the drain is tried again next round
             log.warning("drains not finished this round: %s", error)
         await self._expire_secrets()
         await self._count_envoys()
@@ -403,13 +405,16 @@ class ControlPlane:
         async with self._changing:
             for attempt in range(CONFLICT_RETRIES):
                 before = copy.deepcopy(self.registry), copy.deepcopy(self.keys)
+                change_id = uuid.uuid4().hex  # tells a write of ours whose answer was lost
                 try:
                     result = mutate()
                     if self.shared is not None:
-                        self.revision = await self.shared.save(self.saved_state(), self.revision)
+                        written = await self._save_shared(change_id, before)
                     elif self.store is not None:
                         await asyncio.to_thread(self.store.save, self.saved_state())
                     await self._publish_config(self.config)
+                    if self.shared is not None:
+                        self.revision = written
                     return result
                 except Conflict:  # another control plane changed the state first: on top of theirs
                     self.registry, self.keys = before
@@ -423,6 +428,17 @@ class ControlPlane:
                     raise
             raise StateUnavailable("the state kept changing on other control planes; try again")
 
+    async def _save_shared(self, change_id: str, before: tuple[Registry, KeyTable]) -> int:
+        """Writes the changed state to etcd on the revision served; its new revision. A write whose
+        answer was lost and that etcd took anyway (its change id is there) counts as done."""
+        try:
+            return await self.shared.save(self.saved_state() | {"change": change_id}, self.revision)
+        except Conflict:
+            saved, revision = await self.shared.load()
+            if saved is not None and saved.get("change") == change_id:
+                return revision
+            raise
+
     # -- several control planes (state.etcd) --------------------------------------------------
 
     def _restore(self, saved: dict | None) -> None:
@@ -432,11 +448,15 @@ class ControlPlane:
         if saved is not None:
             self.registry.restore(saved)
             self.keys = KeyTable.from_state(saved.get("keys", []))
+            names = {item.name for item in self.config.discovery}
+            for entry in [e for e in self.registry.entries() if e.source is Source.DNS and e.dns_name not in names]:
+                self.registry.remove(entry.id)  # found under a name the config no longer lists
 
-    async def _adopt(self, saved: dict | None, revision: int) -> None:
-        """Serves the shared state as another control plane left it (called holding `_changing`)."""
+    async def _adopt(self, saved: dict | None, revision: int) -> bool:
+        """Serves the shared state as another control plane left it (called holding `_changing`);
+        False when this plane already serves that revision or a newer one."""
         if revision <= self.revision:
-            return
+            return False
         registry, keys = self.registry, self.keys
         try:
             self._restore(saved)
@@ -445,20 +465,27 @@ class ControlPlane:
         except Exception:
             self.registry, self.keys = registry, keys
             raise
+        return True
 
     async def _on_shared_state(self, saved: dict, revision: int) -> None:
         async with self._changing:
             try:
-                await self._adopt(saved, revision)
-                log.info("state revision %d from another control plane applied", revision)
+                if await self._adopt(saved, revision):
+                    log.info("state revision %d from another control plane applied", revision)
             except Exception:
-                log.exception("state revision %d from another control plane could not be applied", revision)
+                log.exception("state revision %d from another control plane could not be applied; trying again",
+                              revision)
+                raise
 
     async def _on_leading(self, leading: bool) -> None:
         """The leader alone runs DNS discovery, finishes drains and expires key secrets: each then
-        happens once, written to the shared state for all."""
+        happens once, written to the shared state for all. A plane that stops leading leaves
+        what its discovery found in place for the next leader."""
         self.leader = leading
-        await self.discovery.restart(self.config.discovery if leading else ())
+        if leading:
+            await self.discovery.restart(self.config.discovery)
+        else:
+            await self.discovery.pause()
 
     async def add_backend(self, entry: Entry) -> Entry:
         served = {m.name for m in self.fleet.models}
@@ -489,10 +516,14 @@ class ControlPlane:
 
     async def on_dns_records(self, item, addresses: list[str]) -> None:
         """DNS discovery reports a name's records; they become registry changes here."""
-        change = plan_dns(self.registry, item, addresses, self.config.drain_timeout_s)
-        if change is not None:
-            log.info("DNS %s now has %s", item.name, addresses or "no records")
-            await self.change(change)
+        if plan_dns(self.registry, item, addresses, self.config.drain_timeout_s) is None:
+            return
+        log.info("DNS %s now has %s", item.name, addresses or "no records")
+
+        def replan(registry: Registry) -> None:  # planned again on the state it is made on (state.etcd)
+            if (change := plan_dns(registry, item, addresses, self.config.drain_timeout_s)) is not None:
+                change(registry)
+        await self.change(replan)
 
     async def check_drains(self) -> None:
         """Finishes drains: when the engine is idle for every Envoy, or when its time is up (the
@@ -520,18 +551,29 @@ class ControlPlane:
         self._idle_scrapes.pop(entry.id, None)
         # Config backends, and DNS backends an operator drained while their record stays, are
         # parked; API backends and vanished DNS records go.
-        if entry.source is Source.CONFIG or (entry.source is Source.DNS and entry.drain_reason != "dns"):
-            await self.change(lambda r: r.set_state(entry.id, DRAINED))
-            log.info("drained %s (%s): out of rotation until resumed", entry.id, entry.url)
-        else:
-            await self.remove_now(entry.id)
+        def still_draining(registry: Registry) -> Entry | None:
+            """The same drain, on the state the change is made on: a resume made meanwhile on another
+            control plane wins."""
+            now = registry.get(entry.id)
+            return now if now is not None and now.state == DRAINING and now.drain == entry.drain else None
+
+        def finish(registry: Registry) -> None:
+            if still_draining(registry) is None:
+                return
+            if entry.source is Source.CONFIG or (entry.source is Source.DNS and entry.drain_reason != "dns"):
+                registry.set_state(entry.id, DRAINED)
+            else:
+                registry.remove(entry.id)
+        await self.change(finish)
+        log.info("drain of %s (%s) finished", entry.id, entry.url)
 
 
-def next_round_in(interval: float, took: float) -> float:
-    """The pause before the next round: the interval's rest, but never less than the round took,
-    so a fleet too large for the interval is scraped every 2 x round, at half a core at most
-    (bench/scale.py: 1000 engines take 0.25 s on one core), rather than back to back."""
-    return max(interval - took, took)
+def next_round_in(interval: float, took: float, cpu: float) -> float:
+    """The pause before the next round: the interval's rest, but never less than the CPU the round
+    used, so a fleet too large for the interval is scraped every round + its CPU time, at half a
+    core at most (bench/scale.py: 1000 engines take 0.25 s of one core), rather than back to
+    back. A slow engine (a scrape waiting out its timeout) costs no CPU and changes nothing."""
+    return max(interval - took, min(took, cpu))
 
 
 def _idle(state, config: GatewayConfig) -> bool:

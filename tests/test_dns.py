@@ -156,3 +156,25 @@ def test_host_names_are_looked_up_once_per_ttl(monkeypatch):
     now[0] = 31.0
     asyncio.run(cache.address("engine-a.internal", 8000))
     assert lookups == ["engine-a.internal"] * 2
+
+
+def test_a_plane_that_stops_leading_pauses_discovery_without_reporting_names_gone():
+    """restart(()) reports each name with no records (its engines drain: a config reload that
+    drops a name); pause() reports nothing, so a change of leader drains nothing."""
+    from control_plane.fleet.dns_discovery import DnsDiscovery
+
+    reported = []
+
+    async def on_records(item, addresses):
+        reported.append((item.name, addresses))
+
+    async def run():
+        discovery = DnsDiscovery(on_records)
+        discovery.items = (ITEM,)  # as if it had been watching
+        await discovery.pause()
+        paused = list(reported)
+        discovery.items = (ITEM,)
+        await discovery.restart(())
+        return paused
+    assert asyncio.run(run()) == []
+    assert reported == [("engine", [])]

@@ -18,16 +18,42 @@ from harness.processes import (AdminClient, Envoy, GatewayConfigFile, base_confi
 MODEL = "whisper-1"
 
 
+class Dns:
+    """A real nameserver on loopback: `engines.test` names the DNS-discovered engines."""
+
+    def __init__(self, addresses: list[str]):
+        from dnslib import QTYPE, RR, A
+        from dnslib.server import BaseResolver, DNSServer
+
+        class Resolver(BaseResolver):
+            def resolve(self, request, handler):
+                reply = request.reply()
+                if request.q.qtype == QTYPE.A and str(request.q.qname) == "engines.test.":
+                    for address in addresses:
+                        reply.add_answer(RR("engines.test.", QTYPE.A, rdata=A(address), ttl=1))
+                return reply
+        self.port = free_port()
+        self.server = DNSServer(Resolver(), port=self.port, address="127.0.0.1")
+        self.server.start_thread()
+
+
 class Rig:
     def __init__(self, folder):
         self.folder = folder
         self.etcd = EtcdCluster(folder / "etcd")
         self.engines = [start_engine(folder, MODEL, f"e{i}", time_scale=0.0001)[1] for i in range(3)]
+        # Two more engines that only the leader's DNS discovery finds (one name, two addresses).
+        dns_port = free_port()
+        self.discovered = [start_engine(folder, MODEL, f"d{i}", port=dns_port, host=f"127.0.0.{i + 2}",
+                                        time_scale=0.0001)[1] for i in range(2)]
+        self.dns = Dns(["127.0.0.2", "127.0.0.3"])
+        discovery = [{"name": "engines.test", "port": dns_port, "models": [MODEL], "interval_s": 0.2,
+                      "nameserver": f"127.0.0.1:{self.dns.port}"}]
         self.configs, self.planes, self.admins = [], [], []
         # One config for both planes, but for their own ports (xDS, admin): what they serve must
         # be the same, so an Envoy that moves from one to the other is told nothing new.
         shared = base_config(free_port(), free_port(), [{"name": MODEL}], [{"url": self.engines[0], "models": [MODEL]}],
-                             state={"etcd": self.etcd.endpoints})
+                             state={"etcd": self.etcd.endpoints}, discovery=discovery)
         xds_ports = [free_port(), free_port()]
         for i, xds_port in enumerate(xds_ports):
             raw = dict(shared, listen=dict(shared["listen"], xds_port=xds_port, admin_port=free_port()))
@@ -65,6 +91,12 @@ def rig(tmp_path_factory):
     rig = Rig(tmp_path_factory.mktemp("planes"))
     yield rig
     rig.etcd.stop()
+    rig.dns.server.stop()
+
+
+def discovered(admin: AdminClient) -> dict[str, str]:
+    """The DNS-discovered backends a plane serves, with their states."""
+    return {url: b["state"] for url, b in admin.backends().items() if b["source"] == "dns:engines.test"}
 
 
 def urls(admin: AdminClient) -> set[str]:
@@ -72,6 +104,9 @@ def urls(admin: AdminClient) -> set[str]:
 
 
 def test_a_change_on_one_plane_is_served_by_the_other_within_a_second(rig):
+    # What the leader's discovery found, every plane serves.
+    for admin in rig.admins:
+        wait_until(lambda: discovered(admin) == {url: "active" for url in rig.discovered}, 10, "the DNS engines")
     began = time.monotonic()
     added = rig.admins[0].call("POST", "/backends", {"url": rig.engines[1], "models": [MODEL]})
     assert added.status == 201, added.text
@@ -82,7 +117,7 @@ def test_a_change_on_one_plane_is_served_by_the_other_within_a_second(rig):
     wait_until(lambda: rig.admins[0].status()["versions"]["CDS"] == rig.admins[1].status()["versions"]["CDS"], 5,
                "the same cluster version on both")
     for envoy in rig.envoys:
-        wait_until(lambda: len(envoy.endpoints().get(f"model:{MODEL}", {})) == 2, 5, "both engines in each Envoy")
+        wait_until(lambda: len(envoy.endpoints().get(f"model:{MODEL}", {})) == 4, 5, "every engine in each Envoy")
 
 
 def test_changes_made_on_both_at_once_lose_nothing(rig):
@@ -109,7 +144,7 @@ def test_one_leader_finishes_a_drain_once(rig):
     assert drained.status == 202
     wait_until(lambda: rig.engines[1] not in urls(rig.admins[0]) and rig.engines[1] not in urls(rig.admins[1]), 15,
                "the drain finished and the API backend gone everywhere")
-    finished = [plane.log_text().count(f"removed {entry['id']}") for plane in rig.planes]
+    finished = [plane.log_text().count(f"drain of {entry['id']}") for plane in rig.planes]
     assert sorted(finished) == [0, 1], finished  # once, by the leader
 
 
@@ -141,6 +176,8 @@ def test_killing_a_control_plane_under_load_fails_nothing(rig):
         other = rig.admins[1 - leader]
         wait_until(lambda: len(other.status()["envoys"]) == 2, 15, "both Envoys on the other plane")
         wait_until(lambda: other.status()["state"]["leader"], 10, "the other plane to lead")
+        # The engines the old leader's discovery found stay in service: a change of leader drains nothing.
+        assert discovered(other) == {url: "active" for url in rig.discovered}
         before = done[0]
         wait_until(lambda: done[0] >= before + 20, 20, "load after the kill")
         # The survivor still changes the fleet, and the Envoys apply it.
@@ -172,3 +209,5 @@ def test_without_etcd_changes_get_503_and_serving_goes_on(rig):
     wait_until(lambda: survivor.call("POST", "/keys", {"name": "etcd-is-back"}).status == 201, 15,
                "changes accepted again")
     wait_until(lambda: survivor.status()["state"]["leader"], 15, "leading again")
+    # Losing leadership with etcd drained nothing, and the leader's discovery runs again.
+    assert discovered(survivor) == {url: "active" for url in rig.discovered}

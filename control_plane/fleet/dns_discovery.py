@@ -72,14 +72,23 @@ class DnsDiscovery:
         self.on_records = on_records
         self.items: tuple[DiscoveryConfig, ...] = ()
         self._tasks: list[asyncio.Task] = []
+        self._restarting = asyncio.Lock()  # a reload and a change of leader may restart it at once
 
     async def restart(self, items: tuple[DiscoveryConfig, ...]) -> None:
         """Watches `items` from now on; names no longer listed are reported with no records."""
-        await self.stop()
-        for gone in {i.name for i in self.items} - {i.name for i in items}:
-            await self.on_records(next(i for i in self.items if i.name == gone), [])
-        self.items = items
-        self._tasks = [asyncio.create_task(self._watch(item)) for item in items]
+        async with self._restarting:
+            await self.stop()
+            for gone in {i.name for i in self.items} - {i.name for i in items}:
+                await self.on_records(next(i for i in self.items if i.name == gone), [])
+            self.items = items
+            self._tasks = [asyncio.create_task(self._watch(item)) for item in items]
+
+    async def pause(self) -> None:
+        """Stops watching and forgets the names, reporting nothing: what was found stays (another
+        control plane, now leading, watches them)."""
+        async with self._restarting:
+            await self.stop()
+            self.items = ()
 
     async def stop(self) -> None:
         for task in self._tasks:

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 RETRY_S = 0.5  # how soon a broken watch is made again
 RETRY_CALL_S = 0.1  # between tries of one call
+DOWN_TRY_S = 0.5  # how long a call may take while etcd is known to be away
 # A control plane's lease: its leadership and its Envoy count go this long after it stops
 # renewing (killed, cut off), so another takes over within about that.
 LEASE_TTL_S = 3
@@ -66,6 +67,7 @@ class EtcdState:
         host, port = channel_target(endpoints)
         self.key = f"{prefix}state".encode()
         self.timeout_s = timeout_s
+        self.reachable = True  # false from a call that found etcd away to the next that did not
         self.lease = None  # this control plane's, while presence() holds one
         self.envoys_total: int | None = None  # Envoys on every control plane, as last read
         self.client = aetcd.Client(host, port, timeout=timeout_s,
@@ -74,15 +76,24 @@ class EtcdState:
 
     async def _call(self, make: Callable[[], Awaitable]):
         """One etcd call, tried again until `timeout_s` x 2 has passed: a member lost makes the
-        next call wait for etcd's election (about a second), which nobody should notice."""
+        next call wait for etcd's election (about a second), which nobody should notice. While
+        etcd is known to be away, one short try: nothing waits on it for long."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + 2 * self.timeout_s
+        budget = 2 * self.timeout_s if self.reachable else min(self.timeout_s, DOWN_TRY_S)
+        deadline = loop.time() + budget
         while True:
             try:
-                return await asyncio.wait_for(make(), max(0.05, min(self.timeout_s, deadline - loop.time())))
+                result = await asyncio.wait_for(make(), max(0.05, min(self.timeout_s, deadline - loop.time())))
+                if not self.reachable:
+                    log.info("etcd answers again")
+                self.reachable = True
+                return result
             except (asyncio.TimeoutError, aetcd.exceptions.ClientError, grpc.RpcError, OSError) as error:
                 log.debug("etcd call failed: %r", error)
                 if loop.time() + RETRY_CALL_S >= deadline:
+                    if self.reachable:
+                        log.warning("etcd does not answer (%s): serving the last state, refusing changes", error)
+                    self.reachable = False
                     raise StateUnavailable(f"etcd does not answer ({type(error).__name__}); the gateway keeps serving "
                                            "its last state, and changes wait until etcd is back") from None
                 await asyncio.sleep(RETRY_CALL_S)
@@ -115,8 +126,8 @@ class EtcdState:
                     revision = latest
                 async for event in await self.client.watch(self.key, start_revision=revision + 1):
                     if event.kv.mod_revision > revision and event.kv.value:
-                        revision = event.kv.mod_revision
-                        await on_change(_parse(event.kv.value), revision)
+                        await on_change(_parse(event.kv.value), event.kv.mod_revision)
+                        revision = event.kv.mod_revision  # only once applied: a failure is tried again
             except asyncio.CancelledError:
                 raise
             except Exception as error:  # noqa: BLE001 - etcd away, a member gone: catch up and watch again
@@ -133,22 +144,27 @@ class EtcdState:
         txn = self.client.transactions
         leader_key = self.key[:-len(b"state")] + b"leader"
         envoys_prefix = self.key[:-len(b"state")] + b"envoys/"
-        leading = False
+        leading, written = False, None
         while True:
             try:
                 self.lease = await self._call(lambda: self.client.lease(LEASE_TTL_S))
+                written = None
                 while True:
                     if not leading:
-                        won, _ = await self._call(lambda: self.client.transaction(
+                        # The key is ours if it was made now, or by a try of ours whose answer was lost.
+                        made, answers = await self._call(lambda: self.client.transaction(
                             compare=[txn.create(leader_key) == 0],
-                            success=[txn.put(leader_key, plane_id.encode(), lease=self.lease)], failure=[]))
-                        if won:
+                            success=[txn.put(leader_key, plane_id.encode(), lease=self.lease)],
+                            failure=[txn.get(leader_key)]))
+                        holder = answers[0][0][0] if not made and answers and answers[0] else None
+                        if made or holder == plane_id.encode():
                             leading = True
                             log.info("leading: this control plane runs DNS discovery and finishes drains")
-                            await on_leading(True)
-                    count = own_envoys()
-                    await self._call(lambda: self.client.put(envoys_prefix + plane_id.encode(), str(count).encode(),
-                                                             lease=self.lease))
+                            await self._tell(on_leading, True)
+                    if (count := own_envoys()) != written:
+                        await self._call(lambda: self.client.put(envoys_prefix + plane_id.encode(),
+                                                                 str(count).encode(), lease=self.lease))
+                        written = count
                     found = await self._call(lambda: self.client.get_prefix(envoys_prefix))
                     self.envoys_total = sum(int(kv.value) for kv in found)
                     await asyncio.sleep(LEASE_TTL_S / 3)
@@ -163,8 +179,16 @@ class EtcdState:
                 if leading:
                     leading = False
                     log.warning("no longer leading (%s)", error)
-                    await on_leading(False)
+                    await self._tell(on_leading, False)
                 await asyncio.sleep(RETRY_S)
+
+    @staticmethod
+    async def _tell(on_leading: Callable[[bool], Awaitable[None]], leading: bool) -> None:
+        """A failure there must not end the presence loop (no plane would lead again)."""
+        try:
+            await on_leading(leading)
+        except Exception:  # noqa: BLE001
+            log.exception("acting on leadership (%s) failed", leading)
 
     async def step_down(self) -> None:
         """Gives up the lease at once (a clean stop): another control plane leads without waiting."""
