@@ -11,6 +11,10 @@ scrapes them every --interval seconds, with one real Envoy connected. Reported, 
   - EDS push-to-ACK;
   - the age of the weights Envoy applies: the round plus the push to the ACK.
 
+Real Envoys (--real-envoys 8): that many real Envoys on one control plane; a drain and a resume
+of one engine; the time from the admin call to the last Envoy's ACK (as the control plane records
+it, polled every 5 ms).
+
 Envoys (--envoys 1,100,1000): M lightweight Envoys (bench/ads_clients.py: real gRPC, real xDS
 protos, subscribing and ACKing as Envoy does) on a control plane with --fleet engines. One
 engine is drained, then resumed, --changes times: each is a change on one model. Reported: the
@@ -42,7 +46,7 @@ from pathlib import Path
 
 from bench.datapath import find_tool, process_tree
 from bench.machine import describe_machine
-from harness.processes import PYTHON, STARTED, GatewayStack, Process, free_port, request, wait_until
+from harness.processes import PYTHON, STARTED, Envoy, GatewayStack, Process, free_port, request, wait_until
 
 FIXTURE = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "vllm" / "metrics-busy.txt"
 MODEL = "whisper-tiny"  # the model the captured page names
@@ -258,6 +262,36 @@ def measure_envoys(count: int, fleet: int, changes: int) -> dict:
         farm.stop()
 
 
+def measure_real_envoys(count: int, fleet: int, changes: int) -> dict:
+    """`count` real Envoys on one control plane: time from a change to the last one's ACK, read
+    from the control plane's record of each Envoy's applied versions."""
+    work = Path(tempfile.mkdtemp(prefix=f"scale-real-{count}-"))
+    farm = Farm(work, fleet)
+    try:
+        stack = stack_for(work / "gw", farm.urls(), 1.0)
+        extra = [Envoy(work, stack.raw, name=f"envoy-{i}", node_id=f"envoy-{i}") for i in range(count - 1)]
+        wait_until(lambda: len(stack.admin.status()["envoys"]) == count, 120, f"{count} Envoys")
+        backend_id = next(iter(stack.admin.backends().values()))["id"]
+        times = []
+        for i in range(changes):
+            before = stack.admin.status()["versions"]["EDS"]
+            began = time.monotonic()
+            answer = stack.admin.call("POST", f"/backends/{backend_id}/{'drain' if i % 2 == 0 else 'resume'}", {})
+            assert answer.status in (200, 202), answer.text
+            version = wait_until(lambda: (v := stack.admin.status()["versions"]["EDS"]) != before and v, 10, "a version")
+            wait_until(lambda: all(e["acked"].get("EDS") == version for e in stack.admin.status()["envoys"]), 10,
+                       "every Envoy's ACK", interval=0.005)
+            times.append(time.monotonic() - began)
+            time.sleep(1.0)
+        for envoy in extra:
+            envoy.stop()
+        stack.stop()
+        return {"envoys": count, "real": True, "fleet": fleet, "changes": changes,
+                "last_ack_s": sorted(round(t, 4) for t in times), "median_last_ack_s": round(sorted(times)[len(times) // 2], 4)}
+    finally:
+        farm.stop()
+
+
 def render(results: dict) -> str:
     machine = results["machine"]
     lines = [f"# Fleet scale ({machine['nproc']} cores, {machine['cpu_model']}, commit {machine['git_commit']}, "
@@ -273,6 +307,10 @@ def render(results: dict) -> str:
         for r in results["envoys"]:
             lines.append(f"| {r['envoys']} | {r['fleet']} | {r['median_last_envoy_s']} ({r['last_envoy_s']}) | "
                          f"{r['bytes_per_change']} |")
+    if results.get("real_envoys"):
+        lines += ["", "| real Envoys | engines | last ACK s (median, all) |", "|---|---|---|"]
+        for r in results["real_envoys"]:
+            lines.append(f"| {r['envoys']} | {r['fleet']} | {r['median_last_ack_s']} ({r['last_ack_s']}) |")
     if results["config"]:
         lines += ["", "| backends | URLs name | add answered s | drain answered s |", "|---|---|---|---|"]
         for r in results["config"]:
@@ -290,9 +328,10 @@ def main() -> None:
     parser.add_argument("--fleet", type=int, default=100, help="engines behind the Envoys phase")
     parser.add_argument("--changes", type=int, default=6)
     parser.add_argument("--config-backends", default="1000", help="fleet sizes for the config-change timing")
+    parser.add_argument("--real-envoys", default="8", help="real Envoy counts (empty: none)")
     args = parser.parse_args()
     sizes = lambda text: [int(n) for n in text.split(",") if n]  # noqa: E731
-    results = {"machine": describe_machine(), "engines": [], "envoys": [], "config": []}
+    results = {"machine": describe_machine(), "engines": [], "envoys": [], "config": [], "real_envoys": []}
     try:
         for count in sizes(args.engines):
             results["engines"].append(measure_engines(count, args.interval, args.seconds, args.warmup))
@@ -301,6 +340,9 @@ def main() -> None:
             for host in ("127.0.0.1", "localhost"):  # addresses, and names resolved on each change
                 results["config"].append(measure_config_changes(count, host))
                 print(json.dumps(results["config"][-1]), file=sys.stderr, flush=True)
+        for count in sizes(args.real_envoys):
+            results["real_envoys"].append(measure_real_envoys(count, args.fleet, args.changes))
+            print(json.dumps(results["real_envoys"][-1]), file=sys.stderr, flush=True)
         for count in sizes(args.envoys):
             results["envoys"].append(measure_envoys(count, args.fleet, args.changes))
             print(json.dumps(results["envoys"][-1]), file=sys.stderr, flush=True)
