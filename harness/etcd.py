@@ -4,6 +4,7 @@ killed and started again."""
 from __future__ import annotations
 
 import shutil
+import signal
 from pathlib import Path
 
 from harness.processes import Process, free_port, request, wait_until
@@ -43,6 +44,13 @@ class EtcdCluster:
     def endpoints(self) -> list[str]:
         return [f"127.0.0.1:{client}" for client, _ in self.ports]
 
+    def pause(self, i: int) -> None:
+        """The member hangs: its connections stay open and nothing is answered."""
+        self.processes[i].signal(signal.SIGSTOP)
+
+    def resume(self, i: int) -> None:
+        self.processes[i].signal(signal.SIGCONT)
+
     def kill(self, i: int) -> None:
         self.processes[i].kill()
         self.processes[i] = None
@@ -53,5 +61,6 @@ class EtcdCluster:
     def stop(self) -> None:
         for i, process in enumerate(self.processes):
             if process is not None:
+                process.signal(signal.SIGCONT)  # a paused member could not stop
                 process.stop()
                 self.processes[i] = None

@@ -44,10 +44,8 @@ class Conflict(RuntimeError):
     """Another control plane changed the state first."""
 
 
-def channel_target(endpoints: tuple[str, ...]) -> tuple[str, int]:
-    """aetcd dials `host:port`; gRPC's `ipv4:a:p,b:q` target lists every member instead, and its
-    pick-first policy moves to the next one when the one in use fails. Names (compose's service
-    names) are resolved here, once."""
+def resolve_members(endpoints: tuple[str, ...]) -> list[str]:
+    """The members as IPv4:port; names (compose's service names) are resolved here, once."""
     addresses = []
     for endpoint in endpoints:
         host, _, port = endpoint.rpartition(":")
@@ -57,22 +55,44 @@ def channel_target(endpoints: tuple[str, ...]) -> tuple[str, int]:
             except OSError as error:
                 raise StateUnavailable(f"state.etcd: {host} does not resolve ({error})") from None
         addresses.append(f"{host}:{port}")
-    *first, last = addresses
+    return addresses
+
+
+def channel_target(members: list[str]) -> tuple[str, int]:
+    """aetcd dials `host:port`; gRPC's `ipv4:a:p,b:q` target lists every member instead, and its
+    pick-first policy moves to the next one when the one in use refuses or drops connections."""
+    *first, last = members
     host, _, port = last.rpartition(":")
     return "ipv4:" + ",".join([*first, host]), int(port)
 
 
 class EtcdState:
     def __init__(self, endpoints: tuple[str, ...], prefix: str, timeout_s: float):
-        host, port = channel_target(endpoints)
+        self.members = resolve_members(endpoints)
         self.key = f"{prefix}state".encode()
         self.timeout_s = timeout_s
         self.reachable = True  # false from a call that found etcd away to the next that did not
         self.lease = None  # this control plane's, while presence() holds one
         self.envoys_total: int | None = None  # Envoys on every control plane, as last read
-        self.client = aetcd.Client(host, port, timeout=timeout_s,
-                                   options={"grpc.initial_reconnect_backoff_ms": 200,
-                                            "grpc.max_reconnect_backoff_ms": 1000})
+        self.client = self._connect()
+        self._moved = asyncio.Event()  # set when the client is replaced: the watch moves with it
+
+    def _connect(self) -> aetcd.Client:
+        host, port = channel_target(self.members)
+        return aetcd.Client(host, port, timeout=self.timeout_s,
+                            options={"grpc.initial_reconnect_backoff_ms": 200, "grpc.max_reconnect_backoff_ms": 1000})
+
+    def _move_on(self) -> None:
+        """The member in use holds calls without answering (hung, or cut off from the others): a
+        new channel that tries the next member first. Pick-first would stay, as its connection
+        is still open."""
+        self.members = self.members[1:] + self.members[:1]
+        old, self.client = self.client, self._connect()
+        self._moved.set()
+        # Closed once the calls still on it have timed out: closing cancels them, and a cancelled
+        # call would end the request that made it as if its client had gone.
+        loop = asyncio.get_running_loop()
+        loop.call_later(2 * self.timeout_s, lambda: loop.create_task(_quietly(old.close())))
 
     async def _call(self, make: Callable[[], Awaitable]):
         """One etcd call, tried again until `timeout_s` x 2 has passed: a member lost makes the
@@ -83,13 +103,20 @@ class EtcdState:
         deadline = loop.time() + budget
         while True:
             try:
-                result = await asyncio.wait_for(make(), max(0.05, min(self.timeout_s, deadline - loop.time())))
+                try:
+                    result = await asyncio.wait_for(make(), max(0.05, min(self.timeout_s, deadline - loop.time())))
+                except asyncio.CancelledError:
+                    if asyncio.current_task().cancelling():
+                        raise  # this call's caller is being cancelled
+                    raise OSError("the call was cancelled under it (its channel closed)") from None
                 if not self.reachable:
                     log.info("etcd answers again")
                 self.reachable = True
                 return result
             except (asyncio.TimeoutError, aetcd.exceptions.ClientError, grpc.RpcError, OSError) as error:
                 log.debug("etcd call failed: %r", error)
+                if isinstance(error, asyncio.TimeoutError) and len(self.members) > 1:
+                    self._move_on()
                 if loop.time() + RETRY_CALL_S >= deadline:
                     if self.reachable:
                         log.warning("etcd does not answer (%s): serving the last state, refusing changes", error)
@@ -117,22 +144,37 @@ class EtcdState:
 
     async def follow(self, revision: int, on_change: Callable[[dict, int], Awaitable[None]]) -> None:
         """Calls `on_change(document, revision)` for each version newer than `revision`, for ever;
-        a broken watch is made again from where it stopped (a read first catches up)."""
+        a broken watch, or one on a member given up (`_move_on`), is made again from where it
+        stopped (a read first catches up)."""
+        seen = [revision]
         while True:
+            events = moved = None
             try:
                 data, latest = await self.load()
-                if latest > revision and data is not None:
+                if latest > seen[0] and data is not None:
                     await on_change(data, latest)
-                    revision = latest
-                async for event in await self.client.watch(self.key, start_revision=revision + 1):
-                    if event.kv.mod_revision > revision and event.kv.value:
-                        await on_change(_parse(event.kv.value), event.kv.mod_revision)
-                        revision = event.kv.mod_revision  # only once applied: a failure is tried again
+                    seen[0] = latest
+                self._moved = asyncio.Event()
+                events = asyncio.create_task(self._events(seen, on_change))
+                moved = asyncio.create_task(self._moved.wait())
+                await asyncio.wait({events, moved}, return_when=asyncio.FIRST_COMPLETED)
+                if events.done():
+                    events.result()  # its error, if any, is logged below
             except asyncio.CancelledError:
                 raise
             except Exception as error:  # noqa: BLE001 - etcd away, a member gone: catch up and watch again
                 log.debug("etcd watch ended (%s); watching again", error)
+            finally:
+                for task in (events, moved):
+                    if task is not None:
+                        task.cancel()
             await asyncio.sleep(RETRY_S)
+
+    async def _events(self, seen: list[int], on_change: Callable[[dict, int], Awaitable[None]]) -> None:
+        async for event in await self.client.watch(self.key, start_revision=seen[0] + 1):
+            if event.kv.mod_revision > seen[0] and event.kv.value:
+                await on_change(_parse(event.kv.value), event.kv.mod_revision)
+                seen[0] = event.kv.mod_revision  # only once applied: a failure is tried again
 
     async def presence(self, plane_id: str, on_leading: Callable[[bool], Awaitable[None]],
                        own_envoys: Callable[[], int]) -> None:
@@ -168,7 +210,7 @@ class EtcdState:
                     found = await self._call(lambda: self.client.get_prefix(envoys_prefix))
                     self.envoys_total = sum(int(kv.value) for kv in found)
                     await asyncio.sleep(LEASE_TTL_S / 3)
-                    answer = await self._call(self.lease.refresh)
+                    answer = await self._call(lambda: self.client.refresh_lease(self.lease.id))
                     if getattr(answer, "TTL", 1) <= 0:
                         raise StateUnavailable("the lease expired")
             except asyncio.CancelledError:
@@ -200,6 +242,13 @@ class EtcdState:
 
     async def close(self) -> None:
         await self.client.close()
+
+
+async def _quietly(closing: Awaitable) -> None:
+    try:
+        await closing
+    except Exception:  # noqa: BLE001 - a channel to a dead member may fail to close; nobody waits
+        pass
 
 
 def _parse(value: bytes) -> dict:
