@@ -164,3 +164,22 @@ def test_vllms_own_api_key_keeps_working_behind_the_gateway(real):
         if real.host_counts()["b"] > before:
             break
     assert real.host_counts()["b"] > before, "no request reached b"
+
+
+def test_vllm_over_https_is_refused_by_a_gateway_that_does_not_trust_its_certificate(real, tmp_path):
+    """A second gateway trusts another CA: engine b's certificate (vLLM's own TLS) does not
+    verify, so b is reported with the reason and nothing is sent to it, in TLS or in the clear."""
+    from harness.processes import GatewayStack, wait_until as until
+
+    stack = GatewayStack(tmp_path, MODEL, [real.urls["b"]], backend_tls={"ca_file": str(real.certs.other_ca)},
+                         routing={"scrape_interval_s": 1.0, "scrape_timeout_s": 0.9, "stale_after_s": 4.0})
+    try:
+        rows = lambda: stack.admin.status()["endpoints"]  # noqa: E731
+        until(lambda: rows()[0]["scrape_error"], 20, "b's scrape to fail")
+        assert rows()[0]["scrape_error"] == "TLS: unable to get local issuer certificate"
+        answer = ask(stack.envoy.url)
+        assert answer.status == 503, answer.text
+        host = next(iter(stack.hosts().values()))
+        assert host.get("rq_success", "0") == "0"  # no answer from b through this gateway
+    finally:
+        stack.stop()
