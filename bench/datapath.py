@@ -241,14 +241,15 @@ def start_plain_envoy(log_dir: Path, engine_urls: list[str], workers: int) -> Da
     return DataPath("envoy", f"http://127.0.0.1:{port}{AUDIO_PATH}", lambda: [process.popen.pid], True)
 
 
-def start_nginx(log_dir: Path, engine_urls: list[str], workers: int, name: str = "nginx") -> DataPath:
+def start_nginx(log_dir: Path, engine_urls: list[str], workers: int, tls: bool = False) -> DataPath:
+    """nginx in front of the engines; `tls`: HTTPS on its listener (a certificate made by openssl)."""
+    name = "nginx-tls" if tls else "nginx"
     prefix = log_dir / name
     prefix.mkdir()
     port = free_port()
     config = prefix / "nginx.conf"
     # As root, nginx's workers would switch to `nobody`, who cannot write the private temp dirs.
     user_line = "user root;" if os.geteuid() == 0 else ""
-    tls = name.endswith("-tls")
     certs = make_certificates(log_dir / f"{name}-certs") if tls else None
     tls_lines = (f"ssl_certificate {certs.server.cert}; ssl_certificate_key {certs.server.key}; "
                  "ssl_protocols TLSv1.2 TLSv1.3;") if certs else ""
@@ -262,7 +263,7 @@ def start_nginx(log_dir: Path, engine_urls: list[str], workers: int, name: str =
 
 
 def start_nginx_with_tls(log_dir: Path, engine_urls: list[str], workers: int) -> DataPath:
-    return start_nginx(log_dir, engine_urls, workers, "nginx-tls")
+    return start_nginx(log_dir, engine_urls, workers, tls=True)
 
 
 def start_gateway_with_tls(log_dir: Path, engine_urls: list[str], workers: int) -> DataPath:
@@ -291,7 +292,7 @@ KEYS = int(os.environ.get("BENCH_KEYS", "1000"))
 
 def start_gateway_with_keys(log_dir: Path, engine_urls: list[str], workers: int) -> DataPath:
     """`auth.api_keys: required`, 1000 keys made, requests carrying one of them (envoy/api_keys.lua)."""
-    path = start_gateway(log_dir, engine_urls, workers, "gateway-keys", auth={"api_keys": "required", "max_keys": 1000})
+    path = start_gateway(log_dir, engine_urls, workers, "gateway-keys", auth={"api_keys": "required", "max_keys": KEYS})
     admin = AdminClient(path.admin_url, log_dir / "gateway-keys" / "state")
     secrets = [admin.call("POST", "/keys", {"name": f"bench-{i}"}).json()["secret"] for i in range(KEYS)]
     return replace(path, authorization=f"Bearer {secrets[KEYS // 2]}")

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from bench.machine import describe_machine
 from control_plane.fleet.registry import Registry
+from control_plane.fleet.state_store import StateStore
 from control_plane.tenants.keys import KeyTable
 from engines.common.audio import silent_wav
 from harness.processes import STARTED, GatewayStack, multipart, request, start_engine
@@ -80,10 +81,9 @@ def seed_state(state_dir: Path, count: int) -> dict:
     for n in range(count):
         _, made = table.create(f"seeded-{n}", (), "interactive", time.time(), count)
         secret = secret or made
-    state_dir.mkdir(parents=True, exist_ok=True)
-    state = Registry.empty().to_json() | {"keys": table.to_state()}
-    (state_dir / "state.json").write_text(json.dumps(state))
-    return {"state_file_bytes": (state_dir / "state.json").stat().st_size, "secret": secret}
+    store = StateStore(state_dir)
+    store.save(Registry.empty().to_json() | {"keys": table.to_state()})
+    return {"state_file_bytes": store.path.stat().st_size, "secret": secret}
 
 
 if __name__ == "__main__":

@@ -37,14 +37,14 @@ import os
 import random
 import re
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-from bench.datapath import find_tool, process_tree
+from bench.datapath import cpu_seconds, find_tool
+from bench.soak import rss_mb
 from bench.machine import describe_machine
 from harness.processes import PYTHON, STARTED, Envoy, GatewayStack, Process, free_port, request, wait_until
 
@@ -117,18 +117,6 @@ http {{
         self.process.stop()
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
 def histogram(metrics: str, name: str, labels: str = "") -> tuple[float, float, dict[float, float]]:
     """(sum, count, {le: cumulative count}) of a histogram on a Prometheus page."""
     total = count = 0.0
@@ -177,12 +165,12 @@ def measure_engines(count: int, interval: float, seconds: float, warmup: float) 
         metrics = stack.admin.call("GET", "/metrics").text
         rounds0 = histogram(metrics, "whisper_gateway_load_round_seconds")
         acks0 = histogram(metrics, "whisper_gateway_xds_push_ack_seconds", 'type="EDS"')
-        cpu0, wall0 = cpu_seconds(pid), time.monotonic()
+        cpu0, wall0 = cpu_seconds([pid]), time.monotonic()
         samples = []  # RSS (MB) at each tenth of the window: flat, or growing?
         for _ in range(10):
             time.sleep(seconds / 10)
             samples.append(round(rss_mb(pid), 1))
-        cpu1, wall1 = cpu_seconds(pid), time.monotonic()
+        cpu1, wall1 = cpu_seconds([pid]), time.monotonic()
         metrics = stack.admin.call("GET", "/metrics").text
         rounds = window(rounds0, histogram(metrics, "whisper_gateway_load_round_seconds"))
         acks = window(acks0, histogram(metrics, "whisper_gateway_xds_push_ack_seconds", 'type="EDS"'))

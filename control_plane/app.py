@@ -29,7 +29,7 @@ from control_plane.names import LOCAL_CLUSTER, NO_ENGINE_CA, cluster_name
 from control_plane.config import ConfigError, GatewayConfig, load_config
 from control_plane.decide.lanes import closed_to_batch, model_waits
 from control_plane.decide.policy import decide_routing, is_fresh
-from control_plane.fleet.addresses import is_loopback
+from control_plane.fleet.addresses import is_https, is_loopback
 from control_plane.fleet.dns_discovery import DnsDiscovery
 from control_plane.fleet.dns_discovery import plan as plan_dns
 from control_plane.fleet.registry import ACTIVE, DRAINED, DRAINING, Entry, Registry, Source
@@ -131,9 +131,9 @@ class ControlPlane:
                 self._admin_tls = AdminTls(listen.tls)
         except (CertificateProblem, ssl.SSLError, OSError, ValueError) as error:
             raise StartupError(str(error)) from None
-        https = any(e.url.startswith("https://") for e in self.config.all_backends()) or \
+        https = any(is_https(e.url) for e in self.config.all_backends()) or \
             any(d.scheme == "https" for d in self.config.discovery)
-        if https and material.backend_ca is None:
+        if https and not material.checks_engines:
             raise StartupError(NO_ENGINE_CA)
         await self.apply(self.config)
         self._check_admin_exposure()
@@ -156,8 +156,7 @@ class ControlPlane:
                                                                      lambda: len(self.cache.envoys)))]
         else:
             await self.discovery.restart(self.config.discovery)
-        log.info("admin API on %s://%s:%d (token %s)", "https" if listen.admin_tls else "http",
-                 listen.admin_address, listen.admin_port,
+        log.info("admin API on %s (token %s)", listen.admin_url,
                  f"in {self.token_path}" if self.token_path else "from the environment")
         log.info("xDS (ADS) listening on %s:%d", listen.xds_address, listen.xds_port)
 
@@ -301,7 +300,7 @@ class ControlPlane:
 
     def serves_https_engines(self) -> bool:
         """Whether there is a CA to check https:// engines against (else none is taken)."""
-        return self.certificates.current is not None and self.certificates.current.backend_ca is not None
+        return self.certificates.current is not None and self.certificates.current.checks_engines
 
     async def _certificate_loop(self) -> None:
         while True:
@@ -322,7 +321,7 @@ class ControlPlane:
             engine_tls = engine_client_context(self.config.backend_tls, material)
             if self._admin_tls is not None:
                 self._admin_tls.reload()
-            if (material.backend_ca is None) != (self.certificates.current.backend_ca is None):
+            if material.checks_engines != self.certificates.current.checks_engines:
                 raise CertificateProblem("backend_tls.ca_file: the CA for https:// engines appeared or went away; "
                                          "that takes a restart")
         except (CertificateProblem, ssl.SSLError, OSError, ValueError) as error:
@@ -350,13 +349,11 @@ class ControlPlane:
             envoys = max(envoys, self.shared.envoys_total)  # the other planes' Envoys share the budgets too
         if (envoys := max(1, envoys)) == self.envoys:
             return
-        async with self._changing:
-            previous, self.envoys = self.envoys, envoys
-            try:
-                await self._publish_config(self.config)
-            except Exception:
-                self.envoys = previous  # tried again next round
-                raise
+        async with self._changing, self._publishing:  # only what the count is in: a failure is tried next round
+            routes = build_route_configuration(self.config, self.fleet, self.lua_source, self._access(self.config), envoys)
+            self.cache.set_snapshot(self.cache.snapshot.with_type(ENDPOINT, build_load_assignments(self.fleet, envoys))
+                                    .with_type(ROUTE, [routes]))
+            self.envoys = envoys
 
     async def set_weights(self, weights: dict[tuple[str, str], int],
                           long_uploads: frozenset[tuple[str, str]] = frozenset()) -> None:

@@ -63,6 +63,11 @@ class TlsMaterial:
     backend_ca: Authority | None = None  # backend_tls.ca_file, else the system's bundle
     backend_client: KeyPair | None = None  # backend_tls.cert_file / key_file
 
+    @property
+    def checks_engines(self) -> bool:
+        """There is a CA to check https:// engines against; without one none is served."""
+        return self.backend_ca is not None
+
 
 def _read(path: str, key: str) -> bytes:
     try:
@@ -71,14 +76,14 @@ def _read(path: str, key: str) -> bytes:
         raise CertificateProblem(f"{key}: cannot read {path}: {error.strerror}") from None
 
 
-_PEM_BLOCK = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
+PEM_CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
 
 
 def _certificates(data: bytes, path: str, key: str) -> list[x509.Certificate]:
     """Each PEM certificate in the file, in order. One that does not parse is left out: system
     bundles hold a few that newer parsers refuse (a negative serial number, say)."""
     certificates = []
-    for block in _PEM_BLOCK.findall(data):
+    for block in PEM_CERTIFICATE.findall(data):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -160,15 +165,14 @@ class CertificateFiles:
 
     def __init__(self, listen: ListenTlsConfig | None, backends: BackendTlsConfig):
         self.listen, self.backends = listen, backends
+        named = [listen.cert_file, listen.key_file, listen.client_ca_file] if listen else []
+        # Looked at every poll; the system bundle is found once.
+        self.paths = [p for p in named + [backends.ca_file or system_bundle(), backends.cert_file, backends.key_file]
+                      if p]
         self.current: TlsMaterial | None = None
         self.problem: str | None = None  # why the files as they are now are not served
         self._seen: tuple | None = None
         self._warned: set[str] = set()
-
-    def paths(self) -> list[str]:
-        listen, backends = self.listen, self.backends
-        named = [listen.cert_file, listen.key_file, listen.client_ca_file] if listen else []
-        return [p for p in named + [backends.ca_file or system_bundle(), backends.cert_file, backends.key_file] if p]
 
     def _signature(self) -> tuple:
         def stat(path: str):
@@ -177,7 +181,7 @@ class CertificateFiles:
                 return s.st_mtime_ns, s.st_size, s.st_ino
             except OSError:
                 return None
-        return tuple((path, stat(path)) for path in self.paths())
+        return tuple((path, stat(path)) for path in self.paths)
 
     def load(self) -> TlsMaterial:
         """At start: the files must be good (CertificateProblem says why not)."""
@@ -197,7 +201,7 @@ class CertificateFiles:
         try:
             material = read_material(self.listen, self.backends, utc_now())
         except CertificateProblem as problem:
-            self._refuse(str(problem))
+            self.reject(str(problem))
             return None
         if material == self.current:
             self.problem = None
@@ -210,10 +214,7 @@ class CertificateFiles:
         log.info("certificate files changed: every Envoy, the admin API and the scrapes use them now")
 
     def reject(self, why: str) -> None:
-        """`material` from the last poll could not be put in service: tried again next poll."""
-        self._refuse(why)
-
-    def _refuse(self, why: str) -> None:
+        """The files, or the material from the last poll, cannot be served: tried again next poll."""
         if why != self.problem:
             log.error("certificate files changed but cannot serve, keeping the ones before: %s", why)
         self.problem = why
@@ -251,7 +252,7 @@ class AdminTls:
     def __init__(self, listen: ListenTlsConfig):
         self.listen = listen
         self.current = self._load()
-        self.context = self._load()  # the one the server holds; it only picks `current`
+        self.context = self.current  # the one the server holds; `_pick` moves each handshake to `current`
         self.context.sni_callback = self._pick
 
     def _load(self) -> ssl.SSLContext:

@@ -146,29 +146,23 @@ class ApiFailure(Exception):
     pass
 
 
-def admin_url(config: GatewayConfig) -> str:
-    """Where the admin API answers: HTTPS with listen.tls's certificate when bound beyond loopback."""
-    listen = config.listen
-    return f"{'https' if listen.admin_tls else 'http'}://{listen.admin_address}:{listen.admin_port}"
-
-
 def admin_tls(config: GatewayConfig) -> ssl.SSLContext | None:
     """The CLI runs beside the control plane: it trusts exactly the leaf certificate of
     listen.tls.cert_file (pinned: the name it was issued for need not be the address dialled, and
     the rest of the chain, which signs others too, is not trusted)."""
     if config.listen.tls is None:
         return None
-    text = Path(config.listen.tls.cert_file).read_text()
-    end = "-----END CERTIFICATE-----"
-    leaf = text[text.index("-----BEGIN CERTIFICATE-----"):text.index(end) + len(end)]
-    context = ssl.create_default_context(cadata=leaf)
+    from control_plane.certificates import PEM_CERTIFICATE
+
+    leaf = PEM_CERTIFICATE.search(Path(config.listen.tls.cert_file).read_bytes())
+    context = ssl.create_default_context(cadata=leaf.group().decode() if leaf else "")
     context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
     context.check_hostname = False
     return context
 
 
 def _call(args: argparse.Namespace, config: GatewayConfig, method: str, path: str, body: dict | None = None):
-    base = (args.url or admin_url(config)).rstrip("/")
+    base = (args.url or config.listen.admin_url).rstrip("/")
     token = client_token(state_dir(args.state_dir))
     headers = {"Content-Type": "application/json"}
     if token:

@@ -114,6 +114,11 @@ class ListenConfig:
         """The admin API speaks HTTPS (listen.tls's certificate): beyond loopback, unless admin_plaintext."""
         return self.tls is not None and not is_loopback(self.admin_address) and not self.admin_plaintext
 
+    @property
+    def admin_url(self) -> str:
+        """Where the admin API answers, as the CLI and the log name it."""
+        return f"{'https' if self.admin_tls else 'http'}://{self.admin_address}:{self.admin_port}"
+
     def own_endpoints(self) -> dict[str, tuple[str, int]]:
         """Every address and port the gateway itself listens on: never a backend (a loop)."""
         return {"listener (listen.port)": (self.address, self.port),

@@ -410,6 +410,7 @@ class GatewayStack:
         self.envoy = Envoy(tmp_path, self.raw, extra_args=envoy_args, tls=tls)
         self.envoy.wait_serving()
         self.admin = AdminClient(f"http://127.0.0.1:{self.raw['listen']['admin_port']}", self.plane.state_dir)
+        self.restarts = 0
 
     def hosts(self) -> dict[str, dict]:
         """The model's endpoints in Envoy, by host:port."""
@@ -417,7 +418,7 @@ class GatewayStack:
 
     def restart_plane(self, kill: bool = False) -> None:
         self.plane.kill() if kill else self.plane.stop()
-        self.restarts = getattr(self, "restarts", 0) + 1  # a log of its own: start is seen in the log
+        self.restarts += 1  # a log of its own: start is seen in the log
         self.plane = start_control_plane(self.tmp_path, self.config.path, name=f"control-plane-again-{self.restarts}",
                                          state_dir=self.plane.state_dir)
         self.admin = AdminClient(self.admin.url, self.plane.state_dir)

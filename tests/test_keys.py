@@ -15,9 +15,9 @@ import threading
 import sys
 
 import pytest
-from openai import APIStatusError, AsyncOpenAI, AuthenticationError, OpenAI, PermissionDeniedError
+from openai import AsyncOpenAI, AuthenticationError, OpenAI, PermissionDeniedError
 
-from harness.processes import (REPO, GatewayStack, LoadGenerator, free_port, request, silent_wav, start_engine,
+from harness.processes import (REPO, GatewayStack, request, silent_wav, start_engine,
                                transcribe, wait_until)
 from control_plane.config import ConfigError, parse_config
 from control_plane.tenants.keys import KeyProblem, KeyTable, digest

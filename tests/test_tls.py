@@ -8,6 +8,7 @@ runs as real processes: the control plane, Envoy, simulated engines serving HTTP
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import http.client
 import os
 import shutil
@@ -22,7 +23,7 @@ from openai import AsyncOpenAI, OpenAI
 
 from harness.certificates import Certificates, make_certificates
 from harness.processes import (PYTHON, REPO, GatewayConfigFile, GatewayStack, Process, base_config, free_port,
-                               multipart, request, silent_wav, start_engine, start_control_plane, wait_until)
+                               multipart, request, silent_wav, start_engine, wait_until)
 
 MODEL = "whisper-1"
 FORM = multipart([("model", MODEL, None), ("file", silent_wav(1.0), "clip.wav")])
@@ -56,7 +57,6 @@ def presented(port: int, context: ssl.SSLContext | None = None, alpn: list[str] 
         context.set_alpn_protocols(alpn)
     with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
         with context.wrap_socket(raw, server_hostname="localhost") as tls:
-            import hashlib
             return {"sha256": hashlib.sha256(tls.getpeercert(binary_form=True)).hexdigest(),
                     "version": tls.version(), "alpn": tls.selected_alpn_protocol()}
 
@@ -160,7 +160,8 @@ def test_rotation_under_load_drops_nothing(https, certs):
     # A connection opened before the rotation keeps working after it.
     kept = http.client.HTTPSConnection("localhost", port, context=https.envoy.tls, timeout=10)
     kept.request("POST", "/v1/audio/transcriptions", FORM, FORM_HEADERS)
-    assert kept.getresponse().read() and True
+    first = kept.getresponse()
+    assert first.status == 200 and first.read()
     failures, done, stop = [], [0], threading.Event()
 
     def load():

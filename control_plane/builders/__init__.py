@@ -26,7 +26,7 @@ def build_resources(config: GatewayConfig, fleet: Fleet, lua_source: str, access
     Without a CA for https:// engines the clusters have no TLS, and such engines are refused
     before they get here (the snapshot's check would stop them)."""
     models = fleet.model_names()
-    engine_tls = certificates is not None and certificates.backend_ca is not None
+    engine_tls = certificates is not None and certificates.checks_engines
     return {
         LISTENER: [build_listener(config, lua_source)],
         ROUTE: [build_route_configuration(config, fleet, lua_source, access, envoys)],

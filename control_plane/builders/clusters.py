@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2, outlier_detection_pb2
-from envoy.config.core.v3 import config_source_pb2, health_check_pb2, protocol_pb2
+from envoy.config.core.v3 import health_check_pb2, protocol_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.type.v3 import percent_pb2
 from google.protobuf import struct_pb2, wrappers_pb2
 
-from control_plane.builders.common import pack, seconds
+from control_plane.builders.common import ads_source, pack, seconds
 from control_plane.builders.secrets import upstream_transport_socket
 from control_plane.names import LONG_UPLOAD_KEY, TLS_MATCH_KEY, UNROUTED_CLUSTER, cluster_name
 from control_plane.config import GatewayConfig
@@ -69,9 +69,7 @@ def _circuit_breakers(config: GatewayConfig) -> circuit_breaker_pb2.CircuitBreak
 
 def build_cluster(model: str, config: GatewayConfig, engine_tls: bool = False) -> cluster_pb2.Cluster:
     """`engine_tls`: there is a CA for https:// engines (the snapshot carries it as a secret)."""
-    ads = config_source_pb2.ConfigSource(
-        ads=config_source_pb2.AggregatedConfigSource(), resource_api_version=config_source_pb2.V3
-    )
+    ads = ads_source()
     # vLLM's server speaks HTTP/1.1 only.
     protocol = http_protocol_options_pb2.HttpProtocolOptions(
         explicit_http_config=http_protocol_options_pb2.HttpProtocolOptions.ExplicitHttpConfig(

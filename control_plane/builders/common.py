@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from envoy.config.accesslog.v3 import accesslog_pb2
-from envoy.config.core.v3 import base_pb2
+from envoy.config.core.v3 import base_pb2, config_source_pb2
 from envoy.type.matcher.v3 import metadata_pb2, value_pb2
 from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 from google.protobuf.message import Message
@@ -33,6 +33,12 @@ def status_is(op: int, code: int, name: str) -> accesslog_pb2.AccessLogFilter:
     comparison = accesslog_pb2.ComparisonFilter(
         op=op, value=base_pb2.RuntimeUInt32(default_value=code, runtime_key=f"whisper_gateway.{name}.{code}"))
     return accesslog_pb2.AccessLogFilter(status_code_filter=accesslog_pb2.StatusCodeFilter(comparison=comparison))
+
+
+def ads_source() -> config_source_pb2.ConfigSource:
+    """Fetched over the ADS stream: the endpoints, route configuration and secrets named in others."""
+    return config_source_pb2.ConfigSource(ads=config_source_pb2.AggregatedConfigSource(),
+                                          resource_api_version=config_source_pb2.V3)
 
 
 def seconds(value: float) -> duration_pb2.Duration:

@@ -17,7 +17,7 @@ from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
 from google.protobuf import wrappers_pb2
 
-from control_plane.builders.common import lua_marked, pack, seconds, status_is
+from control_plane.builders.common import ads_source, lua_marked, pack, seconds, status_is
 from control_plane.builders.local_replies import build_local_reply_config
 from control_plane.builders.lua_source import filter_source
 from control_plane.builders.quotas import build_quota_filters
@@ -83,9 +83,7 @@ def build_listener(config: GatewayConfig, lua_source: str) -> listener_pb2.Liste
         stat_prefix="whisper",
         codec_type=hcm.HttpConnectionManager.AUTO,
         rds=hcm.Rds(
-            config_source=config_source_pb2.ConfigSource(
-                ads=config_source_pb2.AggregatedConfigSource(), resource_api_version=config_source_pb2.V3
-            ),
+            config_source=ads_source(),
             route_config_name=ROUTE_CONFIG_NAME,
         ),
         stream_idle_timeout=seconds(config.timeouts.stream_idle_s),

@@ -8,10 +8,10 @@ listener and clusters name the secrets, and only the secrets' content changes on
 
 from __future__ import annotations
 
-from envoy.config.core.v3 import base_pb2, config_source_pb2
+from envoy.config.core.v3 import base_pb2
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2, tls_pb2
 
-from control_plane.builders.common import pack
+from control_plane.builders.common import ads_source, pack
 from control_plane.certificates import Authority, KeyPair, TlsMaterial
 from control_plane.config import GatewayConfig
 from control_plane.names import BACKEND_CA_SECRET, BACKEND_CLIENT_SECRET, CLIENT_CA_SECRET, LISTENER_CERT_SECRET
@@ -49,9 +49,7 @@ def build_secrets(material: TlsMaterial | None) -> list[secret_pb2.Secret]:
 
 
 def _sds(name: str) -> secret_pb2.SdsSecretConfig:
-    ads = config_source_pb2.ConfigSource(ads=config_source_pb2.AggregatedConfigSource(),
-                                         resource_api_version=config_source_pb2.V3)
-    return secret_pb2.SdsSecretConfig(name=name, sds_config=ads)
+    return secret_pb2.SdsSecretConfig(name=name, sds_config=ads_source())
 
 
 def _versions() -> common_pb2.TlsParameters:

@@ -60,6 +60,11 @@ def parse_backend_url(url: object) -> tuple[str, str, int]:
     return f"{parts.scheme}://{shown}:{port}", host, port
 
 
+def is_https(url: str) -> bool:
+    """An https:// backend: TLS to it, checked by its host name."""
+    return url.startswith("https://")
+
+
 def check_host(host: str, bracketed: bool = False) -> None:
     """A literal IP as Envoy parses it, or an RFC 1123 host name."""
     if "%" in host:

@@ -69,7 +69,8 @@ def channel_target(members: list[str]) -> tuple[str, int]:
 class EtcdState:
     def __init__(self, endpoints: tuple[str, ...], prefix: str, timeout_s: float):
         self.members = resolve_members(endpoints)
-        self.key = f"{prefix}state".encode()
+        self.prefix = prefix.encode()
+        self.key = self.prefix + b"state"
         self.timeout_s = timeout_s
         self.reachable = True  # false from a call that found etcd away to the next that did not
         self.lease = None  # this control plane's, while presence() holds one
@@ -184,8 +185,7 @@ class EtcdState:
         Envoys are connected here and reads the sum over every plane (`envoys_total`): quotas are
         split among all of them. None of this waits in the load loop."""
         txn = self.client.transactions
-        leader_key = self.key[:-len(b"state")] + b"leader"
-        envoys_prefix = self.key[:-len(b"state")] + b"envoys/"
+        leader_key, envoys_prefix = self.prefix + b"leader", self.prefix + b"envoys/"
         leading, written = False, None
         while True:
             try:
@@ -234,7 +234,7 @@ class EtcdState:
 
     async def step_down(self) -> None:
         """Gives up the lease at once (a clean stop): another control plane leads without waiting."""
-        if getattr(self, "lease", None) is not None:
+        if self.lease is not None:
             try:
                 await asyncio.wait_for(self.lease.revoke(), self.timeout_s)
             except Exception:  # noqa: BLE001 - it expires anyway

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from control_plane.config import ModelConfig
+from control_plane.fleet.addresses import is_https
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,7 @@ class Backend:
     @property
     def tls(self) -> bool:
         """An https:// engine: Envoy and the scrapes speak TLS to it, checked against its host name."""
-        return self.url.startswith("https://")
+        return is_https(self.url)
 
 
 

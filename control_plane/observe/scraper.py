@@ -70,7 +70,7 @@ async def _fetch(client: aiohttp.ClientSession, backend: Backend, timeout: float
         return ScrapeFailure(tls_problem(error) or type(error).__name__)
 
 
-def tls_problem(error: aiohttp.ClientError) -> str | None:
+def tls_problem(error: BaseException) -> str | None:
     """Why TLS to an engine failed, as /status shows it ("TLS: certificate has expired")."""
     if isinstance(error, aiohttp.ClientConnectorCertificateError):
         cause = error.certificate_error

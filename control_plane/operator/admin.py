@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import aiohttp
 from aiohttp import web
 
-from control_plane.fleet.addresses import AddressError, parse_backend_url
+from control_plane.fleet.addresses import AddressError, is_https, parse_backend_url
 from control_plane.config import ConfigError, DrainTimeout, ModelName, RotationGrace, Weight, check
 from control_plane.fleet.resolve import dialable_address, read_engine_models
 from control_plane.fleet.shared_state import StateUnavailable
@@ -182,7 +182,7 @@ async def _models_of(plane: "ControlPlane", url: str, body: dict) -> list[str]:
         try:
             models = await read_engine_models(url, plane.engine_key, plane.engine_tls)
         except (ValueError, aiohttp.ClientError, asyncio.TimeoutError) as error:
-            why = (tls_problem(error) if isinstance(error, aiohttp.ClientError) else None) or error or type(error).__name__
+            why = tls_problem(error) or error or type(error).__name__
             raise ApiError(400, f"cannot read the engine's models ({why}); "
                                 "give them as `models`", param="models") from None
     aliases = {alias: m.name for m in plane.config.models for alias in m.aliases}
@@ -216,7 +216,7 @@ async def add_backend(request: web.Request) -> web.Response:
         await dialable_address(url, plane.config.listen)
     except AddressError as error:
         raise ApiError(400, str(error), param="url") from None
-    if url.startswith("https://") and not plane.serves_https_engines():
+    if is_https(url) and not plane.serves_https_engines():
         raise ApiError(400, NO_ENGINE_CA, param="url")
     if (existing := plane.registry.find_url(url)) is not None:
         raise ApiError(409, f"{url} is already backend {existing.id} ({existing.origin})", "conflict_error", "url")
