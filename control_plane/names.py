@@ -19,6 +19,7 @@ AUDIO_ESTIMATED_HEADER = "x-whisper-audio-estimated"
 # (for the try logs); the quota filters say on a 429 which limit refused it.
 KEY_ID_HEADER = "x-whisper-key-id"
 LIMITED_HEADER = "x-whisper-limited"
+IN_FLIGHT_LIMIT = "requests_in_flight"  # the plan's field, and x-whisper-limited on its 429s
 # Dynamic metadata the Lua filter sets (a client cannot forge it): LUA_REPLY_KEY on its own
 # answers; MODEL_KEY, SECONDS_KEY and ESTIMATED_KEY on every request it routes (the log of
 # failed requests meters those, never headers a client could have sent).

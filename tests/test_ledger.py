@@ -7,7 +7,8 @@ from envoy.config.core.v3 import address_pb2
 from envoy.data.accesslog.v3 import accesslog_pb2
 from google.protobuf import wrappers_pb2
 
-from control_plane.observe.access_logs import REQUEST_ENDED, TRY_ENDED, TRY_STARTED, record
+from control_plane.observe.access_logs import IN_FLIGHT_REFUSAL, REQUEST_ENDED, TRY_ENDED, TRY_STARTED, record
+from control_plane.observe.key_requests import KeyRequests
 from control_plane.observe.ledger import Ledger
 from control_plane.observe.outcomes import Outcomes
 
@@ -95,24 +96,29 @@ def test_metering_counts_each_request_once_by_outcome():
 
 
 def entry(kind, endpoint=E1, status=0, seconds="12.5", model="m", request_id="r1", routed=True,
-          reset=False, estimated=False, rate_limited=False, timeout=False) -> accesslog_pb2.HTTPAccessLogEntry:
+          reset=False, estimated=False, rate_limited=False, timeout=False, key=None,
+          details="") -> accesslog_pb2.HTTPAccessLogEntry:
     """A log entry as Envoy sends it: headers as the request carried them; for a request the Lua
     filter routed, its dynamic metadata."""
     host, port = endpoint.rsplit(":", 1) if endpoint else ("", "0")
     headers = {"x-whisper-model": model, "x-whisper-audio-seconds": seconds} if seconds is not None else {}
     if estimated:
         headers["x-whisper-audio-estimated"] = "1"
+    if key is not None:
+        headers["x-whisper-key-id"] = key
     common = accesslog_pb2.AccessLogCommon(access_log_type=kind, upstream_remote_address=address_pb2.Address(
         socket_address=address_pb2.SocketAddress(address=host, port_value=int(port))))
     common.response_flags.upstream_remote_reset = reset
     common.response_flags.rate_limited = rate_limited
     common.response_flags.upstream_request_timeout = timeout
     if routed and seconds is not None:
-        common.metadata.filter_metadata["whisper_gateway"].update({"model": model, "audio_seconds": seconds})
+        common.metadata.filter_metadata["whisper_gateway"].update({"model": model, "audio_seconds": seconds}
+                                                                  | ({"key_id": key} if key is not None else {}))
     return accesslog_pb2.HTTPAccessLogEntry(
         common_properties=common,
         request=accesslog_pb2.HTTPRequestProperties(request_id=request_id, request_headers=headers),
-        response=accesslog_pb2.HTTPResponseProperties(response_code=wrappers_pb2.UInt32Value(value=status)))
+        response=accesslog_pb2.HTTPResponseProperties(response_code=wrappers_pb2.UInt32Value(value=status),
+                                                      response_code_details=details))
 
 
 ENTRIES = [
@@ -137,6 +143,8 @@ ENTRIES = [
      0.0, (1, 0), (12.5, 12.5, 0.0)),
     ("a quota's 429 is refused, not failed", [entry(REQUEST_ENDED, endpoint=None, status=429, rate_limited=True)],
      0.0, (0, 0), (12.5, 0.0, 0.0)),
+    ("the requests-in-flight limit's 429 is refused", [entry(REQUEST_ENDED, endpoint=None, status=429,
+                                                             details=IN_FLIGHT_REFUSAL)], 0.0, (0, 0), (12.5, 0.0, 0.0)),
     ("an engine's 429 failed", [entry(TRY_STARTED), entry(TRY_ENDED, status=429),
                                 entry(REQUEST_ENDED, endpoint=None, status=429)], 0.0, (1, 0), (12.5, 0.0, 12.5)),
     ("an engine's 400 ends its request failed", [entry(TRY_STARTED), entry(TRY_ENDED, status=400),
@@ -155,7 +163,7 @@ ENTRIES = [
 def test_access_log_entries(what, entries, in_flight, evidence, metered):
     ledger, outcomes = Ledger(), Outcomes()
     for item in entries:
-        record(item, 1, outcomes, ledger, now=1.0)
+        record(item, 1, outcomes, ledger, KeyRequests(), now=1.0)
     assert ledger.in_flight(E1) == in_flight
     tally = outcomes._tallies.get(E1)
     assert ((round(tally.ok), round(tally.failed)) if tally else (0, 0)) == evidence
@@ -165,10 +173,10 @@ def test_access_log_entries(what, entries, in_flight, evidence, metered):
 
 def test_an_estimated_duration_is_metered_as_estimated_whichever_log_meters_it():
     ledger, outcomes = Ledger(), Outcomes()
-    record(entry(TRY_ENDED, status=200, estimated=True), 1, outcomes, ledger, now=1.0)
-    record(entry(TRY_ENDED, status=200, seconds="3", request_id="r2"), 1, outcomes, ledger, now=1.0)
+    record(entry(TRY_ENDED, status=200, estimated=True), 1, outcomes, ledger, KeyRequests(), now=1.0)
+    record(entry(TRY_ENDED, status=200, seconds="3", request_id="r2"), 1, outcomes, ledger, KeyRequests(), now=1.0)
     failed_request = entry(REQUEST_ENDED, endpoint=None, status=504, seconds="4")
     failed_request.common_properties.metadata.filter_metadata["whisper_gateway"].update({"audio_estimated": "1"})
-    record(failed_request, 1, outcomes, ledger, now=1.0)
+    record(failed_request, 1, outcomes, ledger, KeyRequests(), now=1.0)
     metered = ledger.metered["m"]
     assert (metered.requests, metered.received, metered.estimated) == (3, 19.5, 16.5)

@@ -14,6 +14,11 @@ Each filter reports its own bucket in `x-ratelimit-*`; Envoy appends them (audio
 requests, as the responses pass back), and the Lua filter renames them to OpenAI's
 `x-ratelimit-*-requests` and `-audio-seconds` and adds Retry-After (envoy/model_router.lua).
 A 429's `x-whisper-limited` says which limit refused it.
+
+A plan's `requests_in_flight` is not a rate: Envoy's rate_limit_quota filter, first in line,
+asks the control plane which keys are at their limit (control_plane/xds/quota_service.py) and
+refuses those until the control plane, which counts each key's requests from the access logs,
+says otherwise. It sits before the rate limits, so a request it refuses spends no token of theirs.
 """
 
 from __future__ import annotations
@@ -22,16 +27,23 @@ from dataclasses import dataclass
 
 from envoy.config.core.v3 import base_pb2
 from envoy.config.route.v3 import route_components_pb2 as rc
+from envoy.config.core.v3 import extension_pb2 as envoy_extension_pb2, grpc_service_pb2
 from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
+from envoy.extensions.filters.http.rate_limit_quota.v3 import rate_limit_quota_pb2 as rlq
 from envoy.extensions.filters.http.local_ratelimit.v3 import local_rate_limit_pb2 as lrl
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
+from envoy.type.matcher.v3 import http_inputs_pb2
 from envoy.type.metadata.v3 import metadata_pb2
-from envoy.type.v3 import percent_pb2, token_bucket_pb2
+from envoy.type.v3 import http_status_pb2, percent_pb2, ratelimit_strategy_pb2, token_bucket_pb2
 from google.protobuf import wrappers_pb2
+from xds.core.v3 import extension_pb2
+from xds.type.matcher.v3 import matcher_pb2
 
 from control_plane.builders.common import pack, seconds
 from control_plane.config import GatewayConfig, PlanConfig
-from control_plane.names import COST_KEY, KEY_ID_KEY, LIMITED_HEADER, METADATA_NAMESPACE, PLAN_KEY
+from control_plane.names import (COST_KEY, IN_FLIGHT_LIMIT, KEY_ID_HEADER, KEY_ID_KEY, LIMITED_HEADER,
+                                 METADATA_NAMESPACE, PLAN_KEY, XDS_CLUSTER)
+from control_plane.xds.quota_service import BUCKET_KEY, REPORT_INTERVAL_S
 
 
 @dataclass(frozen=True)
@@ -103,9 +115,40 @@ def _filter(limit: Limit, plans: dict[str, PlanConfig], max_keys: int) -> hcm.Ht
     return hcm.HttpFilter(name=f"whisper.quota.{limit.name}", typed_config=pack(config))
 
 
+def _header(name: str, value: str) -> base_pb2.HeaderValueOption:
+    return base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=name, value=value),
+                                      append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD)
+
+
+def _in_flight_filter() -> hcm.HttpFilter:
+    """A bucket per key id (the header the Lua filter sets; a request without one is not limited),
+    refused (429) while the control plane says the key is at its limit. Retry-After 1: a slot
+    frees when any of the key's requests ends."""
+    key_id = envoy_extension_pb2.TypedExtensionConfig(
+        name="key_id", typed_config=pack(http_inputs_pb2.HttpRequestHeaderMatchInput(header_name=KEY_ID_HEADER)))
+    settings = rlq.RateLimitQuotaBucketSettings(
+        bucket_id_builder=rlq.RateLimitQuotaBucketSettings.BucketIdBuilder(bucket_id_builder={
+            BUCKET_KEY: rlq.RateLimitQuotaBucketSettings.BucketIdBuilder.ValueBuilder(custom_value=key_id)}),
+        reporting_interval=seconds(REPORT_INTERVAL_S),
+        deny_response_settings=rlq.RateLimitQuotaBucketSettings.DenyResponseSettings(
+            http_status=http_status_pb2.HttpStatus(code=http_status_pb2.TooManyRequests),
+            response_headers_to_add=[_header(LIMITED_HEADER, IN_FLIGHT_LIMIT), _header("retry-after", "1")]),
+        no_assignment_behavior=rlq.RateLimitQuotaBucketSettings.NoAssignmentBehavior(
+            fallback_rate_limit=ratelimit_strategy_pb2.RateLimitStrategy(
+                blanket_rule=ratelimit_strategy_pb2.RateLimitStrategy.ALLOW_ALL)))
+    config = rlq.RateLimitQuotaFilterConfig(
+        rlqs_server=grpc_service_pb2.GrpcService(envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(
+            cluster_name=XDS_CLUSTER)),
+        domain=METADATA_NAMESPACE,
+        bucket_matchers=matcher_pb2.Matcher(on_no_match=matcher_pb2.Matcher.OnMatch(
+            action=extension_pb2.TypedExtensionConfig(name="per_key", typed_config=pack(settings)))))
+    return hcm.HttpFilter(name=f"whisper.quota.{IN_FLIGHT_LIMIT}", typed_config=pack(config))
+
+
 def build_quota_filters(config: GatewayConfig) -> list[hcm.HttpFilter]:
-    """The rate limit filters of the config's plans; none when keys are off or no plan is set."""
+    """The quota filters of the config's plans; none when keys are off or no plan is set."""
     if config.auth.api_keys != "required" or not config.auth.plans:
         return []
+    in_flight = [_in_flight_filter()] if any(p.requests_in_flight for p in config.auth.plans.values()) else []
     built = [_filter(limit, config.auth.plans, config.auth.max_keys) for limit in LIMITS]
-    return [f for f in built if f is not None]
+    return in_flight + [f for f in built if f is not None]

@@ -27,6 +27,7 @@ from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from control_plane.names import (AUDIO_ESTIMATED_HEADER, AUDIO_SECONDS_HEADER, CUT_SHORT_FLAGS, ESTIMATED_KEY,
                                  KEY_ID_HEADER, KEY_ID_KEY, LUA_REPLY_KEY, METADATA_NAMESPACE, MODEL_HEADER, MODEL_KEY,
                                  SECONDS_KEY)
+from control_plane.observe.key_requests import KeyRequests
 from control_plane.observe.ledger import Ledger
 from control_plane.observe.outcomes import Outcomes, failed
 
@@ -72,10 +73,15 @@ def _meter_failed(entry: accesslog_pb2.HTTPAccessLogEntry, ledger: Ledger) -> No
                      "refused" if refused_here(entry, fields) else "failed", key)
 
 
+# The response details of a 429 from the requests-in-flight filter (Envoy's rate_limit_quota).
+IN_FLIGHT_REFUSAL = "rate_limited_by_quota"
+
+
 def refused_here(entry: accesslog_pb2.HTTPAccessLogEntry, fields) -> bool:
-    """A 429 of the gateway's own (a quota filter's, or the Lua filter's lane or upload-size
-    answer), not an engine's."""
-    own = entry.common_properties.response_flags.rate_limited or LUA_REPLY_KEY in fields.fields
+    """A 429 of the gateway's own (a quota filter's, the requests-in-flight limit's, or the Lua
+    filter's lane or upload-size answer), not an engine's."""
+    own = (entry.common_properties.response_flags.rate_limited or LUA_REPLY_KEY in fields.fields
+           or entry.response.response_code_details == IN_FLIGHT_REFUSAL)
     return entry.response.response_code.value == 429 and own
 
 
@@ -88,34 +94,43 @@ def _meter_served(entry: accesslog_pb2.HTTPAccessLogEntry, ledger: Ledger) -> No
 
 
 def record(entry: accesslog_pb2.HTTPAccessLogEntry, stream: int, outcomes: Outcomes, ledger: Ledger,
-           now: float) -> None:
-    """One log entry into the failure ratios, the ledger or the metering, by what it reports."""
+           keys: KeyRequests, now: float) -> bool:
+    """One log entry into the failure ratios, the ledger, the metering or the keys' requests in
+    flight, by what it reports; True when a key's count of requests in flight changed."""
     kind = entry.common_properties.access_log_type
+    request_id = entry.request.request_id
     if kind == REQUEST_ENDED:
         _meter_failed(entry, ledger)
-        return
+        fields = entry.common_properties.metadata.filter_metadata.get(METADATA_NAMESPACE)
+        key = fields.fields[KEY_ID_KEY].string_value if fields is not None and KEY_ID_KEY in fields.fields else ""
+        return bool(key) and keys.ended(key, request_id, now)
     endpoint = endpoint_of(entry)
     if endpoint is None:
-        return
+        return False
+    key = entry.request.request_headers.get(KEY_ID_HEADER, "")
     if kind == TRY_STARTED:
         seconds = as_seconds(entry.request.request_headers.get(AUDIO_SECONDS_HEADER, ""))
         if seconds is not None:
-            ledger.started(stream, entry.request.request_id, endpoint, seconds, now)
-    elif kind == TRY_ENDED:
+            ledger.started(stream, request_id, endpoint, seconds, now)
+        return keys.started(key, request_id, stream, now)
+    if kind == TRY_ENDED:
         ok = not failed(entry)
         outcomes.record(endpoint, ok, now)
-        ledger.ended(stream, entry.request.request_id, endpoint, ok and entry.response.response_code.value < 400,
-                     now)
+        ledger.ended(stream, request_id, endpoint, ok and entry.response.response_code.value < 400, now)
         if delivered(entry):
             _meter_served(entry, ledger)
+            return keys.ended(key, request_id, now, logged_apart=False)  # its starts came on this stream
+    return False
 
 
 class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):
     """Receives every Envoy's logs. Envoy opens a stream per worker thread and log; a try's start
     and end come on the same one, so when a stream ends its open tries go with it."""
 
-    def __init__(self, outcomes: Outcomes, ledger: Ledger, clock: Callable[[], float]):
-        self.outcomes, self.ledger, self.clock = outcomes, ledger, clock
+    def __init__(self, outcomes: Outcomes, ledger: Ledger, keys: KeyRequests, clock: Callable[[], float],
+                 keys_changed: Callable[[], None] = lambda: None):
+        self.outcomes, self.ledger, self.keys, self.clock = outcomes, ledger, keys, clock
+        self.keys_changed = keys_changed  # after a batch that changed a key's requests in flight
         self._streams = itertools.count(1)
 
     async def StreamAccessLogs(self, request_iterator, context: grpc.aio.ServicerContext):
@@ -123,8 +138,13 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):
         try:
             async for message in request_iterator:
                 now = self.clock()
+                changed = False
                 for entry in message.http_logs.log_entry:
-                    record(entry, stream, self.outcomes, self.ledger, now)
+                    changed = record(entry, stream, self.outcomes, self.ledger, self.keys, now) or changed
+                if changed:
+                    self.keys_changed()
         finally:
             self.ledger.stream_closed(stream, self.clock())
+            if self.keys.stream_closed(stream):
+                self.keys_changed()
         return als_pb2.StreamAccessLogsResponse()

@@ -100,6 +100,15 @@ def key_rows(plane) -> list[dict]:
     return rows
 
 
+def in_flight_rows(plane) -> list[dict]:
+    """Keys with requests in flight or a requests_in_flight limit: the count, this plane's share of
+    the limit, and whether no slot is free (the Envoys refuse the key's next request)."""
+    counts, refused = plane.key_requests.counts(), plane.slots.refused()
+    return [{"key": key, "in_flight": counts.get(key, 0), "limit": plane.in_flight_limits.get(key),
+             "refused": key in refused}
+            for key in sorted(set(counts) | set(plane.in_flight_limits))]
+
+
 def status_report(plane, now: float) -> dict:
     cache = plane.cache
     endpoints = endpoint_rows(plane, now)
@@ -120,6 +129,7 @@ def status_report(plane, now: float) -> dict:
         "endpoints": endpoints,
         "models": model_rows(plane, endpoints, now),
         "keys": key_rows(plane),
+        "requests_in_flight": in_flight_rows(plane),
         "envoys": envoys,
         "versions": {SHORT_NAMES[t]: v for t, v in snapshot.versions.items()} if snapshot else {},
         "nacks_total": cache.nacks_total,

@@ -111,6 +111,11 @@ class FleetCollector:
                 audio.add_metric([key, model, outcome], getattr(metered, outcome))
         yield requests
         yield audio
+        in_flight = GaugeMetricFamily("whisper_gateway_key_requests_in_flight", "Requests in flight per API key "
+                                      "(logged to this control plane).", labels=["key"])
+        for key, count in sorted(self.plane.key_requests.counts().items()):
+            in_flight.add_metric([key], count)
+        yield in_flight
 
     def _models(self, rows: list[dict]):
         """Per model: metered audio-seconds (counters) and the backlog an autoscaler reads."""

@@ -1,0 +1,129 @@
+"""A key's requests in flight, limited through real Envoy: the control plane counts them from the
+access logs and tells every Envoy over RLQS which keys are at their limit (xds/quota_service.py).
+
+The engine takes about a second per clip, so two requests of a key are in flight long enough to
+look; the test waits on what /status says, then on what Envoy answers, never on a timer.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from openai import OpenAI, RateLimitError
+
+from control_plane.config import ConfigError, load_config
+from harness.processes import GatewayStack, multipart, request, silent_wav, start_engine, wait_until
+
+MODEL = "whisper-large-v3-turbo"
+PLANS = {"two": {"requests_per_minute": 1000, "audio_seconds_per_minute": 100000, "requests_in_flight": 2},
+         "open": {"requests_per_minute": 1000, "audio_seconds_per_minute": 100000}}
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("in_flight")
+    # One clip alone: 1 s of work; two at once share the engine (both in flight about 2 s).
+    engine = start_engine(tmp_path, MODEL, "f1", seconds_per_request=1.0, time_scale=1.0)
+    gateway = GatewayStack(tmp_path, MODEL, [engine[1]], auth={"api_keys": "required", "plans": PLANS})
+    yield gateway
+    gateway.stop()
+    engine[0].stop()
+
+
+def new_key(stack, name: str, plan: str) -> dict:
+    answer = stack.admin.call("POST", "/keys", {"name": name, "plan": plan})
+    assert answer.status == 201, answer.text
+    return answer.json()
+
+
+def send(stack, secret: str):
+    body = multipart([("model", MODEL, None), ("file", silent_wav(1.0), "clip.wav")])
+    return request("POST", stack.envoy.url + "/v1/audio/transcriptions", body, {
+        "Content-Type": "multipart/form-data; boundary=wgboundary7MA4YWxk", "Authorization": f"Bearer {secret}"},
+        timeout=60)
+
+
+def row(stack, key_id: str) -> dict:
+    rows = {r["key"]: r for r in stack.admin.status()["requests_in_flight"]}
+    return rows.get(key_id, {"in_flight": 0, "refused": False})
+
+
+def hold_two(stack, secret: str) -> tuple[list[threading.Thread], list[int]]:
+    """Two requests of the key, in flight until the engine answers them."""
+    statuses: list[int] = []
+    threads = [threading.Thread(target=lambda: statuses.append(send(stack, secret).status)) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    return threads, statuses
+
+
+def engine_requests(stack) -> int:
+    return stack.envoy.stat(f"cluster.model_{MODEL}.upstream_rq_total")
+
+
+def test_a_key_at_its_limit_gets_429_until_one_of_its_requests_ends(stack):
+    key, other = new_key(stack, "held", "two"), new_key(stack, "neighbour", "two")
+    threads, statuses = hold_two(stack, key["secret"])
+    wait_until(lambda: row(stack, key["id"])["refused"], 10, "the key refused once two are in flight")
+    assert row(stack, key["id"]) == {"key": key["id"], "in_flight": 2, "limit": 2, "refused": True}
+
+    before = engine_requests(stack)
+    refused = send(stack, key["secret"])
+    assert refused.status == 429, refused.text
+    error = refused.json()["error"]
+    assert error["type"] == "requests_in_flight" and error["code"] == "rate_limit_exceeded"
+    assert "requests_in_flight" in error["message"]
+    assert refused.headers["retry-after"] == "1" and refused.headers["content-type"] == "application/json"
+    assert engine_requests(stack) == before  # no engine saw it
+    assert send(stack, other["secret"]).status == 200  # another key of the same plan is not held back
+
+    for thread in threads:
+        thread.join()
+    assert statuses == [200, 200]
+    wait_until(lambda: not row(stack, key["id"])["refused"], 10, "the key let through again")
+    assert send(stack, key["secret"]).status == 200
+    wait_until(lambda: stack.admin.call("GET", f"/keys/{key['id']}").json()["requests_in_flight"] == 0, 10,
+               "its last request's end logged")
+
+    def usage():
+        return stack.admin.call("GET", f"/keys/{key['id']}").json()["usage"].get(MODEL, {})
+
+    wait_until(lambda: usage().get("requests") == 4, 10, "the four requests metered")
+    assert usage()["audio_refused_s"] == pytest.approx(1.0, abs=0.01)  # the 429: refused, not failed
+    metrics = request("GET", stack.admin.url + "/metrics").text
+    assert f'whisper_gateway_key_requests_in_flight{{key="{key["id"]}"}}' not in metrics  # none in flight now
+
+
+def test_the_sdk_raises_rate_limit_error_and_a_key_without_the_limit_is_not_held(stack):
+    key, free = new_key(stack, "sdk-held", "two"), new_key(stack, "unlimited", "open")
+    threads, _ = hold_two(stack, key["secret"])
+    wait_until(lambda: row(stack, key["id"])["refused"], 10, "the key refused")
+    client = OpenAI(base_url=stack.envoy.url + "/v1", api_key=key["secret"], max_retries=0)
+    with pytest.raises(RateLimitError) as raised:
+        client.audio.transcriptions.create(model=MODEL, file=("a.wav", silent_wav(1.0)))
+    assert raised.value.body["type"] == "requests_in_flight"
+    unlimited, done = hold_two(stack, free["secret"])
+    wait_until(lambda: row(stack, free["id"])["in_flight"] == 2, 10, "the other key's two in flight")
+    assert row(stack, free["id"])["refused"] is False and row(stack, free["id"])["limit"] is None
+    assert send(stack, free["secret"]).status == 200  # a third of a key without the limit
+    for thread in threads + unlimited:
+        thread.join()
+    assert done == [200, 200]
+
+
+@pytest.mark.parametrize("value", [0, -1, "2", 100_001, 2.5])
+def test_an_absurd_limit_is_refused_at_load(tmp_path, value):
+    path = tmp_path / "gateway.yaml"
+    path.write_text(f"""
+models:
+  - name: {MODEL}
+    backends: [{{url: "http://127.0.0.1:9"}}]
+auth:
+  api_keys: required
+  plans:
+    p: {{requests_per_minute: 10, audio_seconds_per_minute: 10, requests_in_flight: {value!r}}}
+""")
+    with pytest.raises(ConfigError) as raised:
+        load_config(path)
+    assert "requests_in_flight" in str(raised.value)

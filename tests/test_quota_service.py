@@ -1,0 +1,104 @@
+"""The RLQS side of the requests-in-flight limit (xds/quota_service.py): protocol rules on a fake
+stream, in milliseconds. Real Envoy applying them is tests/test_in_flight.py."""
+
+from __future__ import annotations
+
+import asyncio
+
+from envoy.service.rate_limit_quota.v3 import rlqs_pb2
+
+from control_plane.decide.in_flight import split
+from control_plane.xds.quota_service import ALLOW, ASSIGNMENT_TTL_S, DENY, QuotaServicer, Slots
+
+
+def reports(*keys: str) -> rlqs_pb2.RateLimitQuotaUsageReports:
+    usages = [rlqs_pb2.RateLimitQuotaUsageReports.BucketQuotaUsage(
+        bucket_id=rlqs_pb2.BucketId(bucket={"key": k} if k else {"other": "x"}), num_requests_allowed=1) for k in keys]
+    return rlqs_pb2.RateLimitQuotaUsageReports(domain="whisper_gateway", bucket_quota_usages=usages)
+
+
+def told(response) -> dict[str, object]:
+    """Key -> "allow", "deny" or the tokens granted, as Envoy ends up holding it (the last action wins)."""
+    result = {}
+    for action in (response.bucket_action if response is not None else []):
+        assert action.quota_assignment_action.assignment_time_to_live.seconds == ASSIGNMENT_TTL_S
+        strategy = action.quota_assignment_action.rate_limit_strategy
+        key = action.bucket_id.bucket["key"]
+        if strategy.HasField("token_bucket"):
+            assert result.get(key) == "deny"  # a fresh bucket: Envoy keeps the old one unless a blanket rule came first
+            result[key] = strategy.token_bucket.max_tokens
+        else:
+            result[key] = {ALLOW: "allow", DENY: "deny"}[strategy.blanket_rule]
+    return result
+
+
+def test_every_reported_bucket_gets_its_part_and_an_unlimited_key_is_allowed():
+    slots = Slots()
+    slots.publish({"a": 3, "b": 0}, set())
+    servicer, buckets = QuotaServicer(slots, split), {}
+    assert told(servicer.on_reports(1, buckets, reports("a", "b", "c"))) == {"a": 3, "b": "deny", "c": "allow"}
+    assert told(servicer.on_reports(1, buckets, reports("a"))) == {"a": 3}  # renewed at every report
+
+
+def test_a_second_envoy_holding_the_key_splits_the_slots_and_the_first_is_told():
+    slots = Slots()
+    slots.publish({"a": 4}, set())
+    servicer = QuotaServicer(slots, split)
+    first, second = {}, {}
+    watcher = slots.watch()
+    assert told(servicer.on_reports(1, first, reports("a"))) == {"a": 4}
+    assert not watcher.keys
+    assert told(servicer.on_reports(2, second, reports("a"))) == {"a": 2}
+    assert watcher.keys == {"a"}  # stream 1 grants again: 2 of its 4
+    assert told(servicer.answer(1, first, watcher.keys)) == {"a": 2}
+
+
+def test_only_the_keys_to_grant_again_wake_the_streams():
+    slots = Slots()
+    watcher = slots.watch()
+    slots.publish({"a": 1, "b": 0}, {"b"})
+    assert watcher.keys == {"b"} and watcher.event.is_set() and slots.turns == {"b": 1}
+    assert slots.refused() == frozenset({"b"})
+    slots.publish({"b": None}, {"b"})
+    assert slots.free == {"a": 1} and slots.refused() == frozenset()
+
+
+def test_a_bucket_without_a_key_is_ignored():
+    assert QuotaServicer(Slots(), split).on_reports(1, {}, reports("")) is None
+
+
+class FakeContext:
+    def __init__(self):
+        self.written: list = []
+        self.wrote = asyncio.Event()
+
+    async def write(self, response):
+        self.written.append(response)
+        self.wrote.set()
+
+
+def test_the_servicer_grants_again_the_moment_a_slot_frees():
+    asyncio.run(servicer_grants())
+
+
+async def servicer_grants():
+    slots, inbox = Slots(), asyncio.Queue()
+    slots.publish({"a": 0}, set())
+
+    async def requests():
+        while (item := await inbox.get()) is not None:
+            yield item
+
+    context = FakeContext()
+    servicer = QuotaServicer(slots, split)
+    serving = asyncio.create_task(servicer.StreamRateLimitQuotas(requests(), context))
+    await inbox.put(reports("a"))
+    await asyncio.wait_for(context.wrote.wait(), 1)
+    assert told(context.written[-1]) == {"a": "deny"}
+    context.wrote.clear()
+    slots.publish({"a": 1}, {"a"})  # one ended
+    await asyncio.wait_for(context.wrote.wait(), 1)
+    assert told(context.written[-1]) == {"a": 1}
+    await inbox.put(None)  # Envoy closes the stream
+    await asyncio.wait_for(serving, 1)
+    assert len(context.written) == 2 and servicer.holders == {"a": set()}
