@@ -252,9 +252,9 @@ def _key_id(args, config, target: str | None) -> str:
 def _keys_table(keys: list[dict]) -> str:
     from control_plane.operator.status import render_rows
 
-    header = ("ID", "NAME", "STATE", "PLAN", "CLASS", "MODELS", "REQUESTS", "AUDIO SERVED (s)")
+    header = ("ID", "NAME", "STATE", "PLAN", "CLASS", "MODELS", "REQUESTS", "IN FLIGHT", "AUDIO SERVED (s)")
     rows = [(k["id"], k["name"], k["state"], k["plan"] or "default", k["class"], ",".join(k["models"] or ["all"]),
-             str(sum(u["requests"] for u in k["usage"].values())),
+             str(sum(u["requests"] for u in k["usage"].values())), str(k.get("requests_in_flight", 0)),
              f"{sum(u['audio_served_s'] for u in k['usage'].values()):.1f}") for k in keys]
     return "\n".join(render_rows(header, rows))
 

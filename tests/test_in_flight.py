@@ -112,6 +112,27 @@ def test_the_sdk_raises_rate_limit_error_and_a_key_without_the_limit_is_not_held
     assert done == [200, 200]
 
 
+def test_a_restarted_control_plane_holds_no_key_back_and_limits_again(stack):
+    """Last in the module: it restarts the control plane."""
+    key = new_key(stack, "restarted", "two")
+    threads, statuses = hold_two(stack, key["secret"])
+    wait_until(lambda: row(stack, key["id"])["refused"], 10, "the key refused")
+    stack.restart_plane(kill=True)
+    for thread in threads:
+        thread.join()
+    assert statuses == [200, 200]
+    # The Envoy keeps the old grant (none free) until the new plane answers its next report.
+    wait_until(lambda: send(stack, key["secret"]).status == 200, 30, "the key served by the restarted plane")
+    # A slot is the key's again once the end of the request holding it is logged to the plane.
+    wait_until(lambda: row(stack, key["id"])["in_flight"] == 0, 10, "the last request's end logged")
+    threads, statuses = hold_two(stack, key["secret"])
+    wait_until(lambda: row(stack, key["id"])["refused"], 10, "the key refused again, counted by the new plane")
+    assert send(stack, key["secret"]).status == 429
+    for thread in threads:
+        thread.join()
+    assert statuses == [200, 200]
+
+
 @pytest.mark.parametrize("value", [0, -1, "2", 100_001, 2.5])
 def test_an_absurd_limit_is_refused_at_load(tmp_path, value):
     path = tmp_path / "gateway.yaml"

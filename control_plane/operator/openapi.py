@@ -53,6 +53,8 @@ OPENAPI = {
                 "secrets": {"type": "array", "description": "valid secrets: a digest prefix and when each ends",
                             "items": {"type": "object"}},
                 "usage": {"type": "object", "description": "per model: requests and audio-seconds metered"},
+                "requests_in_flight": {"type": "integer", "description": "its requests in flight now (as logged to "
+                                       "this control plane): what its plan's requests_in_flight limits"},
                 "secret": {"type": "string", "description": "create and rotate only: the new secret, shown once"}}},
             "KeyFields": {"type": "object", "additionalProperties": False, "properties": {
                 "name": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"},
