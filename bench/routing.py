@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import importlib.util
 import json
+import os
 import sys
 import tempfile
 import time
@@ -417,6 +418,23 @@ def lanes_arrivals(policy: str, seconds: float, seed: int) -> tuple[list[Arrival
     return [a for a, _ in merged], {i for i, (_, batch) in enumerate(merged) if batch}
 
 
+def lanes_auth(policy: str) -> tuple[dict, bool]:
+    """The auth section of a lanes policy, and whether the batch key gets the `batch` plan:
+    `lanes` closes the batch lane above LANE_LEVEL_S; `cap-N` lets batch keys hold N requests in
+    flight per engine (auth.batch_in_flight_per_engine); `slots-N` lets the batch key hold N
+    (its plan's requests_in_flight); `lanes-cap-N`, `lanes-slots-N`: both."""
+    auth: dict = {"api_keys": "required"}
+    if policy.startswith("lanes"):
+        auth["batch_above_wait_s"] = LANE_LEVEL_S
+    if "cap-" in policy:
+        auth["batch_in_flight_per_engine"] = int(policy.rsplit("cap-", 1)[1])
+    slots = policy.rsplit("slots-", 1)[1] if "slots-" in policy else None
+    if slots:
+        auth["plans"] = {"batch": {"requests_per_minute": 10_000_000, "audio_seconds_per_minute": 1_000_000_000,
+                                   "requests_in_flight": int(slots)}}
+    return auth, slots is not None
+
+
 def run_lanes(log_dir: Path, seconds: float, seed: int) -> dict:
     processes, engines = [], []
     for index, speed in enumerate(LANES.speeds):
@@ -425,13 +443,14 @@ def run_lanes(log_dir: Path, seconds: float, seed: int) -> dict:
         engines.append(url)
     rows = {}
     try:
-        for policy in LANES_POLICIES:
+        for policy in os.environ.get("LANES_POLICIES", ",".join(LANES_POLICIES)).split(","):
             wait_idle(engines)
             run_dir = Path(tempfile.mkdtemp(prefix=f"lanes-{policy}-", dir=log_dir))
-            auth = {"api_keys": "required"} | ({"batch_above_wait_s": LANE_LEVEL_S} if policy == "lanes" else {})
+            auth, batch_plan = lanes_auth(policy)
             stack = GatewayStack(run_dir, MODEL, engines, auth=auth, **gateway_sections("whisper-gateway"))
             try:
-                secrets = {kind: stack.admin.call("POST", "/keys", {"name": kind, "class": kind}).json()["secret"]
+                secrets = {kind: stack.admin.call("POST", "/keys", {"name": kind, "class": kind} | (
+                    {"plan": "batch"} if kind == "batch" and batch_plan else {})).json()["secret"]
                            for kind in ("interactive", "batch")}
                 plan_, batch = lanes_arrivals(policy, seconds, seed)
                 run = LanesRun(engines, plan_, batch, secrets, seconds, stack.envoy.url, stack.envoy)
@@ -445,6 +464,8 @@ def run_lanes(log_dir: Path, seconds: float, seed: int) -> dict:
     finally:
         for process in processes:
             process.stop()
+    if "idle" not in rows or "lanes" not in rows:
+        return {"rows": rows}
     idle, lanes = rows["idle"]["p99"], rows["lanes"]["p99"]
     return {"rows": rows, "target": {"vs_idle": round(lanes / idle, 3), "met": lanes / idle <= LANES_LIMIT
                                      and rows["lanes"]["interactive_refused"] == 0}}

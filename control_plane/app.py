@@ -26,9 +26,9 @@ from control_plane.builders import build_load_assignments, build_resources
 from control_plane.builders.routes import build_route_configuration
 from control_plane.builders.secrets import build_secrets
 from control_plane.certificates import AdminTls, CertificateFiles, CertificateProblem, engine_client_context
-from control_plane.names import LOCAL_CLUSTER, NO_ENGINE_CA, cluster_name
+from control_plane.names import IN_FLIGHT_BUCKET_ENTRY, LOCAL_CLUSTER, NO_ENGINE_CA, cluster_name
 from control_plane.config import ConfigError, GatewayConfig, load_config
-from control_plane.decide.in_flight import KeySlots, needs_new_grants, plane_share, split
+from control_plane.decide.in_flight import GroupSlots, batch_lane_limits, needs_new_grants, plane_share, split
 from control_plane.decide.lanes import closed_to_batch, model_waits
 from control_plane.decide.policy import decide_routing, is_fresh
 from control_plane.fleet.addresses import is_https, is_loopback
@@ -42,7 +42,7 @@ from control_plane.fleet.state_store import StateStore, configured_token, ensure
 from control_plane.observe import scraper
 from control_plane.observe.load_tracker import LoadTracker
 from control_plane.observe.access_logs import AccessLogServicer
-from control_plane.observe.key_requests import KeyRequests
+from control_plane.observe.in_flight import InFlight
 from control_plane.observe.ledger import Ledger
 from control_plane.observe.outcomes import Outcomes
 from control_plane.operator.admin import build_admin_app
@@ -96,10 +96,10 @@ class ControlPlane:
         self.tracker = LoadTracker()  # what the scrapes said, per endpoint
         self.outcomes = Outcomes()  # what the Envoys saw of each engine's tries
         self.ledger = Ledger()  # audio-seconds in flight per engine, its speed, and metering
-        self.key_requests = KeyRequests(max_age_s=config.timeouts.route_s + 60)  # no request lasts longer
-        self.in_flight_limits: dict[str, int] = {}  # key id -> its requests_in_flight share on this plane
+        self.in_flight = InFlight()  # requests in flight per key and per model's batch lane
+        self.in_flight_limits: dict[str, int] = {}  # key id or batch lane -> its share of the limit on this plane
         self._limits_for: tuple[int, int] | None = None  # (Envoys here, Envoys in all) they were set for
-        self.key_slots: dict[str, KeySlots] = {}  # each limited key's limit and count, as last published
+        self.group_slots: dict[str, GroupSlots] = {}  # each limited group's limit and count, as last published
         self.slots = Slots()  # their free slots, which the Envoys admit (xds/quota_service.py)
         self.discovery = DnsDiscovery(self.on_dns_records)
         self.hosts = HostCache()  # backends' host names, resolved at most every HOST_TTL_S
@@ -157,10 +157,10 @@ class ControlPlane:
                           ssl_context=self._admin_tls.context if self._admin_tls else None).start()
         self._server = await start_ads_server(self.cache, listen.xds_address, listen.xds_port, [
             lambda server: als_pb2_grpc.add_AccessLogServiceServicer_to_server(
-                AccessLogServicer(self.outcomes, self.ledger, self.key_requests, time.monotonic,
+                AccessLogServicer(self.outcomes, self.ledger, self.in_flight, time.monotonic,
                                   self.update_slots), server),
             lambda server: rlqs_pb2_grpc.add_RateLimitQuotaServiceServicer_to_server(
-                QuotaServicer(self.slots, split), server)])
+                QuotaServicer(self.slots, split, IN_FLIGHT_BUCKET_ENTRY), server)])
         self._tasks = [asyncio.create_task(self._load_loop()), asyncio.create_task(self._certificate_loop())]
         if self.shared is not None:
             self._tasks += [asyncio.create_task(self.shared.follow(self.revision, self._on_shared_state)),
@@ -262,36 +262,43 @@ class ControlPlane:
         grants = self.keys.grants(set(config.auth.plans), config.auth.default_plan)
         return Access(config.auth.api_keys == "required", grants, self.engine_key)
 
-    # -- requests in flight per key: logs (observe) -> at_limit (decide) -> RLQS (publish) ---------
+    # -- requests in flight per key and batch lane: logs (observe) -> slots (decide) -> RLQS (publish)
 
     def _set_in_flight_limits(self, force: bool = False) -> None:
-        """Each key's requests_in_flight share on this plane: after every published change (`force`:
-        keys and config), and when the Envoys' count moved."""
+        """Each key's requests_in_flight and each model's batch lane, as this plane's share: after
+        every published change (`force`: keys, config, fleet), and when the Envoys' count moved."""
         config, here = self.config, len(self.cache.envoys)
         if not force and (here, self.envoys) == self._limits_for:
             return
         self._limits_for = (here, self.envoys)
-        plans = {n: p.requests_in_flight for n, p in config.auth.plans.items() if p.requests_in_flight}
-        grants = self._access(config).grants if plans and config.auth.api_keys == "required" else {}
-        before, self.in_flight_limits = self.in_flight_limits, {
-            g.id: plane_share(plans[g.plan], here, self.envoys) for g in grants.values() if g.plan in plans}
+        limits: dict[str, int] = {}
+        if config.auth.api_keys == "required":
+            plans = {n: p.requests_in_flight for n, p in config.auth.plans.items() if p.requests_in_flight}
+            grants = self._access(config).grants.values() if plans else ()
+            limits = {g.id: plans[g.plan] for g in grants if g.plan in plans}
+            if (per_engine := config.auth.batch_in_flight_per_engine) is not None and self.fleet is not None:
+                limits |= batch_lane_limits(self.fleet, per_engine)
+        before = self.in_flight_limits
+        self.in_flight_limits = {group: plane_share(limit, here, self.envoys) for group, limit in limits.items()}
         self.update_slots(set(before) | set(self.in_flight_limits))
 
-    def update_slots(self, keys: set[str] | None = None) -> None:
-        """After the logs moved some keys' counts (None: those), or their limits changed: their slots,
-        which the Envoys are told when one freed."""
-        keys = self.key_requests.take_changed() if keys is None else keys
-        limits, requests = self.in_flight_limits, self.key_requests
-        free, regrant = {}, set()
-        for key in keys:
-            after = KeySlots(limits[key], requests.count(key)) if key in limits else None
-            if needs_new_grants(self.key_slots.get(key), after):
-                regrant.add(key)
+    def update_slots(self, groups: set[str] | None = None) -> None:
+        """After the logs moved some groups' counts (None: those), or their limits changed: their
+        slots, which the Envoys are told when one freed."""
+        spent: set[str] = set()  # groups with a request that took a token and never reached an engine
+        if groups is None:
+            groups, spent = self.in_flight.take_changed()
+        limits = self.in_flight_limits
+        free, regrant = {}, {g for g in spent if g in limits}
+        for group in groups:
+            after = GroupSlots(limits[group], self.in_flight.count(group)) if group in limits else None
+            if needs_new_grants(self.group_slots.get(group), after):
+                regrant.add(group)
             if after is None:
-                self.key_slots.pop(key, None)
+                self.group_slots.pop(group, None)
             else:
-                self.key_slots[key] = after
-            free[key] = None if after is None else after.free
+                self.group_slots[group] = after
+            free[group] = None if after is None else after.free
         self.slots.publish(free, regrant)
 
     # -- the load loop: observe -> decide -> publish, every routing.scrape_interval_s ------------
@@ -321,11 +328,13 @@ class ControlPlane:
         self.outcomes.retain({b.endpoint for b in fleet.backends})
         self.ledger.retain({b.endpoint for b in fleet.backends})
         self.ledger.expire(now, self.config.timeouts.route_s + 60)  # no try lasts longer
-        if self.key_requests.expire(now):
-            self.update_slots()
+        moved = self.in_flight.expire(now, self.config.timeouts.route_s + 60)  # no request lasts longer
         for backend in fleet.backends:  # an engine that holds nothing has no tries open
             if all(_idle(self.tracker.state(backend.id, m, backend.weight, now), self.config) for m in backend.models):
                 self.ledger.settle(backend.endpoint, now)
+                moved = self.in_flight.settle(backend.endpoint, now) or moved
+        if moved:
+            self.update_slots()
         try:
             await self.check_drains()
         except Exception as error:  # the weights below come first; the drain is tried again next round

@@ -259,6 +259,9 @@ class AuthConfig:
     # Batch keys get 429 while a model's expected wait for a new 30 s clip is above this (the
     # autoscaling number, docs/operations.md), so interactive ones keep flowing; null: never.
     batch_above_wait_s: seconds(0.05, 3600) | None = None
+    # At most this many batch requests per serving engine in flight on each model, all batch keys
+    # together; over it, batch requests get 429 (builders/quotas.py); null: no such cap.
+    batch_in_flight_per_engine: Annotated[StrictInt, within(1, 1000)] | None = None
 
 
 @dataclass(frozen=True, config=SECTION)

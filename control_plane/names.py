@@ -20,6 +20,22 @@ AUDIO_ESTIMATED_HEADER = "x-whisper-audio-estimated"
 KEY_ID_HEADER = "x-whisper-key-id"
 LIMITED_HEADER = "x-whisper-limited"
 IN_FLIGHT_LIMIT = "requests_in_flight"  # the plan's field, and x-whisper-limited on its 429s
+# Set by the Lua filter on a batch key's request when auth.batch_in_flight_per_engine is set: the
+# model's batch lane (`batch_lane(model)`), whose requests in flight it counts in; the lane's
+# 429s say x-whisper-limited: batch_lane.
+BATCH_LANE_HEADER = "x-whisper-batch-lane"
+BATCH_LANE_KEY = "batch_lane"  # the same as dynamic metadata, for the request's own log
+BATCH_LANE_LIMIT = "batch_lane"
+# The in-flight filters' buckets (builders/quotas.py, xds/quota_service.py): the bucket id's entry
+# that names the group (a key's id, a model's batch lane), and how often Envoy reports each
+# bucket (each report is answered with fresh grants).
+IN_FLIGHT_BUCKET_ENTRY = "group"
+IN_FLIGHT_REPORT_S = 2
+
+
+def batch_lane(model: str) -> str:
+    """The group a model's batch requests count in (a key's group is its id)."""
+    return f"batch:{model}"
 # Dynamic metadata the Lua filter sets (a client cannot forge it): LUA_REPLY_KEY on its own
 # answers; MODEL_KEY, SECONDS_KEY and ESTIMATED_KEY on every request it routes (the log of
 # failed requests meters those, never headers a client could have sent).

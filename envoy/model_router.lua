@@ -19,6 +19,7 @@ local LONG_UPLOAD_HEADER = "x-whisper-long-upload"
 local METADATA_NAMESPACE = "whisper_gateway"
 local REPLY_KEY = "lua_reply"
 local MODEL_KEY, SECONDS_KEY, ESTIMATED_KEY, KEY_ID_KEY = "model", "audio_seconds", "audio_estimated", "key_id"
+local BATCH_LANE_KEY = "batch_lane"
 -- Set on every request Envoy proxies (route config); one arriving with it has come round a loop
 -- (a gateway that is its own backend, or two gateways pointed at each other).
 local HOP_HEADER = "x-whisper-gateway-hop"
@@ -30,13 +31,17 @@ local AUDIO_SECONDS_HEADER = "x-whisper-audio-seconds"
 local AUDIO_ESTIMATED_HEADER = "x-whisper-audio-estimated"
 -- The id of the API key a request was admitted with (envoy/api_keys.lua), for the logs that meter it.
 local KEY_ID_HEADER = "x-whisper-key-id"
+-- On a batch key's request, with CONTEXT.batch_in_flight: the model's batch lane, whose requests
+-- in flight the quota filter after this one counts (control_plane/builders/quotas.py).
+local BATCH_LANE_HEADER = "x-whisper-batch-lane"
 -- The key's plan and the upload's cost in whole audio-seconds, as dynamic metadata: the quota
 -- filters after this one charge them (control_plane/builders/quotas.py), and say on a 429 which
 -- limit refused it.
 local LIMITED_HEADER = "x-whisper-limited"
 local PLAN_KEY, COST_KEY = "plan", "audio_cost"
 -- What this filter sets: a client's own values never reach a route, an engine or a log.
-local OWN_HEADERS = {MODEL_HEADER, LONG_UPLOAD_HEADER, AUDIO_SECONDS_HEADER, AUDIO_ESTIMATED_HEADER, KEY_ID_HEADER}
+local OWN_HEADERS = {MODEL_HEADER, LONG_UPLOAD_HEADER, AUDIO_SECONDS_HEADER, AUDIO_ESTIMATED_HEADER, KEY_ID_HEADER,
+  BATCH_LANE_HEADER}
 local WINDOW = 4096
 local MAX_MODEL_BYTES = 256
 -- A part's header block: engines' form parsers fail (HTTP 500) on huge or binary ones.
@@ -337,6 +342,11 @@ function envoy_on_request(h)
   if grant and grant.class == "batch" and CONTEXT.batch_closed[model] then -- control_plane/decide/lanes.py
     return reply(h, 429, "The model `" .. model .. "` is busy with interactive requests; this key's batch requests "
       .. "wait until its backlog drains.", "batch_lane", nil, "rate_limit_exceeded", CONTEXT.batch_closed[model])
+  end
+  if grant and grant.class == "batch" and CONTEXT.batch_in_flight then
+    local lane = "batch:" .. model -- control_plane/names.py batch_lane()
+    headers:replace(BATCH_LANE_HEADER, lane)
+    h:streamInfo():dynamicMetadata():set(METADATA_NAMESPACE, BATCH_LANE_KEY, lane)
   end
   if grant and charge(h, grant, seconds) then return end
   if model ~= name then

@@ -1,5 +1,6 @@
-"""A key's requests in flight, limited through real Envoy: the control plane counts them from the
-access logs and tells every Envoy over RLQS which keys are at their limit (xds/quota_service.py).
+"""Requests in flight, limited through real Envoy: the control plane counts them from the access
+logs and grants each Envoy its part of the free slots over RLQS (xds/quota_service.py), per key
+(a plan's requests_in_flight) and per model's batch lane (auth.batch_in_flight_per_engine).
 
 The engine takes about a second per clip, so two requests of a key are in flight long enough to
 look; the test waits on what /status says, then on what Envoy answers, never on a timer.
@@ -13,11 +14,13 @@ import pytest
 from openai import OpenAI, RateLimitError
 
 from control_plane.config import ConfigError, load_config
-from harness.processes import GatewayStack, multipart, request, silent_wav, start_engine, wait_until
+from harness.processes import Envoy, GatewayStack, multipart, request, silent_wav, start_engine, wait_until
 
 MODEL = "whisper-large-v3-turbo"
 PLANS = {"two": {"requests_per_minute": 1000, "audio_seconds_per_minute": 100000, "requests_in_flight": 2},
-         "open": {"requests_per_minute": 1000, "audio_seconds_per_minute": 100000}}
+         "open": {"requests_per_minute": 1000, "audio_seconds_per_minute": 100000},
+         "three_a_minute": {"requests_per_minute": 3, "audio_seconds_per_minute": 100000, "requests_in_flight": 2},
+         "one": {"requests_per_minute": 1000, "audio_seconds_per_minute": 100000, "requests_in_flight": 1}}
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +70,8 @@ def test_a_key_at_its_limit_gets_429_until_one_of_its_requests_ends(stack):
     threads, statuses = hold_two(stack, key["secret"])
     wait_until(lambda: row(stack, key["id"])["refused"], 10, "the key refused once two are in flight")
     assert row(stack, key["id"]) == {"key": key["id"], "in_flight": 2, "limit": 2, "refused": True}
+    gauge = f'whisper_gateway_key_requests_in_flight{{key="{key["id"]}"}} 2.0'
+    assert gauge in request("GET", stack.admin.url + "/metrics").text
 
     before = engine_requests(stack)
     refused = send(stack, key["secret"])
@@ -74,7 +79,8 @@ def test_a_key_at_its_limit_gets_429_until_one_of_its_requests_ends(stack):
     error = refused.json()["error"]
     assert error["type"] == "requests_in_flight" and error["code"] == "rate_limit_exceeded"
     assert "requests_in_flight" in error["message"]
-    assert refused.headers["retry-after"] == "1" and refused.headers["content-type"] == "application/json"
+    assert refused.headers["retry-after"] == "1" and refused.headers["retry-after-ms"] == "100"
+    assert refused.headers["content-type"] == "application/json"
     assert engine_requests(stack) == before  # no engine saw it
     assert send(stack, other["secret"]).status == 200  # another key of the same plan is not held back
 
@@ -91,8 +97,23 @@ def test_a_key_at_its_limit_gets_429_until_one_of_its_requests_ends(stack):
 
     wait_until(lambda: usage().get("requests") == 4, 10, "the four requests metered")
     assert usage()["audio_refused_s"] == pytest.approx(1.0, abs=0.01)  # the 429: refused, not failed
-    metrics = request("GET", stack.admin.url + "/metrics").text
-    assert f'whisper_gateway_key_requests_in_flight{{key="{key["id"]}"}}' not in metrics  # none in flight now
+    assert gauge not in request("GET", stack.admin.url + "/metrics").text  # none in flight now
+
+
+def test_a_request_another_limit_refuses_gives_its_slot_back(stack):
+    """The requests-per-minute filter comes after the in-flight one: what it refuses took a slot,
+    which the request's log gives back, so the key keeps hearing about the limit it is over."""
+    key = new_key(stack, "rpm-and-slots", "three_a_minute")
+
+    def metered() -> int:  # the logs of its requests, read (and any slot given back)
+        return stack.admin.call("GET", f"/keys/{key['id']}").json()["usage"].get(MODEL, {}).get("requests", 0)
+
+    for sent in range(1, 8):
+        answer = send(stack, key["secret"])
+        assert answer.status == (200 if sent <= 3 else 429), answer.text
+        if sent > 3:
+            assert answer.json()["error"]["type"] == "requests", answer.text
+        wait_until(lambda: metered() == sent, 10, "its log read")
 
 
 def test_the_sdk_raises_rate_limit_error_and_a_key_without_the_limit_is_not_held(stack):
@@ -131,6 +152,25 @@ def test_a_restarted_control_plane_holds_no_key_back_and_limits_again(stack):
     for thread in threads:
         thread.join()
     assert statuses == [200, 200]
+
+
+def test_two_envoys_share_a_limit_of_one_and_neither_is_left_without_it(tmp_path):
+    """One slot, two Envoys on one port (the kernel splits connections): the Envoy that holds none
+    and refuses for want of it gets the slot at its next report, so every request is served in
+    the end, by both Envoys, and never two at once."""
+    engine = start_engine(tmp_path, MODEL, "f2", seconds_per_request=0.3, time_scale=1.0)[1]
+    stack = GatewayStack(tmp_path, MODEL, [engine], auth={"api_keys": "required", "plans": PLANS})
+    second = Envoy(tmp_path, stack.raw, name="envoy-2")
+    second.wait_serving()
+    wait_until(lambda: len(stack.admin.status()["envoys"]) == 2, 10, "both Envoys connected")
+    key = new_key(stack, "shared-slot", "one")
+    envoys = (stack.envoy, second)
+    before = [e.stat("http.whisper.downstream_rq_2xx") for e in envoys]
+    for _ in range(8):  # a new connection each time, each sent again after a 429 until served
+        wait_until(lambda: send(stack, key["secret"]).status == 200, 30, "a request served")
+    served = [e.stat("http.whisper.downstream_rq_2xx") - b for e, b in zip(envoys, before)]
+    assert sum(served) == 8 and all(served), served
+    assert row(stack, key["id"])["limit"] == 1
 
 
 @pytest.mark.parametrize("value", [0, -1, "2", 100_001, 2.5])

@@ -68,3 +68,35 @@ def test_batch_keys_wait_while_the_model_is_backed_up(tmp_path):
     assert set(flood) <= {200, 429} and flood.count(200) >= 1  # what was admitted before it closed is served
     wait_until(lambda: lane() == "admitted", 30, "the batch lane open again")
     wait_until(lambda: send(stack, bulk, 5.0).status == 200, 10, "Envoy serving batch requests again")
+
+
+def test_batch_keys_share_a_cap_of_requests_in_flight_per_engine(tmp_path):
+    """auth.batch_in_flight_per_engine: all batch keys together hold at most that many requests per
+    serving engine (granted to Envoy over RLQS like a key's requests_in_flight); interactive keys
+    are not counted and never refused."""
+    engine = start_engine(tmp_path, MODEL, "c1", seconds_per_request=1.0, time_scale=1.0)[1]
+    stack = GatewayStack(tmp_path, MODEL, [engine], auth={"api_keys": "required", "batch_in_flight_per_engine": 1})
+    first, other = (stack.admin.call("POST", "/keys", {"name": n, "class": "batch"}).json()["secret"]
+                    for n in ("nightly", "backfill"))
+    live = stack.admin.call("POST", "/keys", {"name": "live"}).json()["secret"]
+
+    def model_row() -> dict:
+        return stack.admin.status()["models"][0]
+
+    assert model_row()["batch_in_flight_limit"] == 1
+    held: list[int] = []
+    thread = threading.Thread(target=lambda: held.append(send(stack, first, 1.0).status))
+    thread.start()
+    wait_until(lambda: model_row()["batch_in_flight"] == 1, 10, "one batch request in flight")
+    forwarded = stack.envoy.stat(f"cluster.model_{MODEL}.upstream_rq_total")
+    refused = send(stack, other, 1.0)  # another batch key: the cap is the model's, not the key's
+    assert refused.status == 429, refused.text
+    assert refused.json()["error"]["type"] == "batch_lane" and refused.headers["retry-after"] == "1"
+    assert stack.envoy.stat(f"cluster.model_{MODEL}.upstream_rq_total") == forwarded  # no engine saw it
+    assert send(stack, live, 1.0).status == 200  # interactive keys are not held back
+    thread.join(30)
+    assert held == [200]
+    wait_until(lambda: model_row()["batch_in_flight"] == 0, 10, "the batch request's end logged")
+    assert send(stack, other, 1.0).status == 200
+    metrics = request("GET", stack.admin.url + "/metrics").text
+    assert f'whisper_gateway_model_batch_in_flight{{model="{MODEL}"}}' in metrics

@@ -8,7 +8,7 @@ from envoy.data.accesslog.v3 import accesslog_pb2
 from google.protobuf import wrappers_pb2
 
 from control_plane.observe.access_logs import IN_FLIGHT_REFUSAL, REQUEST_ENDED, TRY_ENDED, TRY_STARTED, record
-from control_plane.observe.key_requests import KeyRequests
+from control_plane.observe.in_flight import InFlight
 from control_plane.observe.ledger import Ledger
 from control_plane.observe.outcomes import Outcomes
 
@@ -163,7 +163,7 @@ ENTRIES = [
 def test_access_log_entries(what, entries, in_flight, evidence, metered):
     ledger, outcomes = Ledger(), Outcomes()
     for item in entries:
-        record(item, 1, outcomes, ledger, KeyRequests(), now=1.0)
+        record(item, 1, outcomes, ledger, InFlight(), now=1.0)
     assert ledger.in_flight(E1) == in_flight
     tally = outcomes._tallies.get(E1)
     assert ((round(tally.ok), round(tally.failed)) if tally else (0, 0)) == evidence
@@ -173,10 +173,10 @@ def test_access_log_entries(what, entries, in_flight, evidence, metered):
 
 def test_an_estimated_duration_is_metered_as_estimated_whichever_log_meters_it():
     ledger, outcomes = Ledger(), Outcomes()
-    record(entry(TRY_ENDED, status=200, estimated=True), 1, outcomes, ledger, KeyRequests(), now=1.0)
-    record(entry(TRY_ENDED, status=200, seconds="3", request_id="r2"), 1, outcomes, ledger, KeyRequests(), now=1.0)
+    record(entry(TRY_ENDED, status=200, estimated=True), 1, outcomes, ledger, InFlight(), now=1.0)
+    record(entry(TRY_ENDED, status=200, seconds="3", request_id="r2"), 1, outcomes, ledger, InFlight(), now=1.0)
     failed_request = entry(REQUEST_ENDED, endpoint=None, status=504, seconds="4")
     failed_request.common_properties.metadata.filter_metadata["whisper_gateway"].update({"audio_estimated": "1"})
-    record(failed_request, 1, outcomes, ledger, KeyRequests(), now=1.0)
+    record(failed_request, 1, outcomes, ledger, InFlight(), now=1.0)
     metered = ledger.metered["m"]
     assert (metered.requests, metered.received, metered.estimated) == (3, 19.5, 16.5)

@@ -13,7 +13,7 @@ from control_plane.xds.quota_service import ALLOW, ASSIGNMENT_TTL_S, DENY, Quota
 
 def reports(*keys: str) -> rlqs_pb2.RateLimitQuotaUsageReports:
     usages = [rlqs_pb2.RateLimitQuotaUsageReports.BucketQuotaUsage(
-        bucket_id=rlqs_pb2.BucketId(bucket={"key": k} if k else {"other": "x"}), num_requests_allowed=1) for k in keys]
+        bucket_id=rlqs_pb2.BucketId(bucket={"group": k} if k else {"other": "x"}), num_requests_allowed=1) for k in keys]
     return rlqs_pb2.RateLimitQuotaUsageReports(domain="whisper_gateway", bucket_quota_usages=usages)
 
 
@@ -23,7 +23,7 @@ def told(response) -> dict[str, object]:
     for action in (response.bucket_action if response is not None else []):
         assert action.quota_assignment_action.assignment_time_to_live.seconds == ASSIGNMENT_TTL_S
         strategy = action.quota_assignment_action.rate_limit_strategy
-        key = action.bucket_id.bucket["key"]
+        key = action.bucket_id.bucket["group"]
         if strategy.HasField("token_bucket"):
             assert result.get(key) == "deny"  # a fresh bucket: Envoy keeps the old one unless a blanket rule came first
             result[key] = strategy.token_bucket.max_tokens
@@ -35,7 +35,7 @@ def told(response) -> dict[str, object]:
 def test_every_reported_bucket_gets_its_part_and_an_unlimited_key_is_allowed():
     slots = Slots()
     slots.publish({"a": 3, "b": 0}, set())
-    servicer, buckets = QuotaServicer(slots, split), {}
+    servicer, buckets = QuotaServicer(slots, split, "group"), {}
     assert told(servicer.on_reports(1, buckets, reports("a", "b", "c"))) == {"a": 3, "b": "deny", "c": "allow"}
     assert told(servicer.on_reports(1, buckets, reports("a"))) == {"a": 3}  # renewed at every report
 
@@ -43,28 +43,52 @@ def test_every_reported_bucket_gets_its_part_and_an_unlimited_key_is_allowed():
 def test_a_second_envoy_holding_the_key_splits_the_slots_and_the_first_is_told():
     slots = Slots()
     slots.publish({"a": 4}, set())
-    servicer = QuotaServicer(slots, split)
+    servicer = QuotaServicer(slots, split, "group")
     first, second = {}, {}
     watcher = slots.watch()
     assert told(servicer.on_reports(1, first, reports("a"))) == {"a": 4}
-    assert not watcher.keys
+    assert not watcher.groups
     assert told(servicer.on_reports(2, second, reports("a"))) == {"a": 2}
-    assert watcher.keys == {"a"}  # stream 1 grants again: 2 of its 4
-    assert told(servicer.answer(1, first, watcher.keys)) == {"a": 2}
+    assert watcher.groups == {"a"}  # stream 1 grants again: 2 of its 4
+    assert told(servicer.answer(1, first, watcher.groups)) == {"a": 2}
 
 
 def test_only_the_keys_to_grant_again_wake_the_streams():
     slots = Slots()
     watcher = slots.watch()
     slots.publish({"a": 1, "b": 0}, {"b"})
-    assert watcher.keys == {"b"} and watcher.event.is_set() and slots.turns == {"b": 1}
+    assert watcher.groups == {"b"} and watcher.event.is_set()
     assert slots.refused() == frozenset({"b"})
     slots.publish({"b": None}, {"b"})
     assert slots.free == {"a": 1} and slots.refused() == frozenset()
 
 
+def usage(group: str, denied: int) -> rlqs_pb2.RateLimitQuotaUsageReports:
+    report = reports(group)
+    report.bucket_quota_usages[0].num_requests_denied = denied
+    return report
+
+
+def test_a_slot_that_does_not_go_round_moves_to_the_envoy_refusing_for_want_of_it():
+    slots = Slots()
+    slots.publish({"a": 1}, set())
+    servicer, first, second = QuotaServicer(slots, split, "group"), {}, {}
+    watcher = slots.watch()
+    assert told(servicer.on_reports(1, first, reports("a"))) == {"a": 1}
+    assert told(servicer.on_reports(2, second, reports("a"))) == {"a": "deny"}  # one slot, two Envoys
+    watcher.groups.clear()
+    assert told(servicer.on_reports(2, second, usage("a", denied=3))) == {"a": 1}  # stream 2 asked: it moves
+    assert watcher.groups == {"a"}  # stream 1 is told
+    assert told(servicer.answer(1, first, watcher.groups)) == {"a": "deny"}
+    assert told(servicer.on_reports(2, second, usage("a", denied=0))) == {"a": 1}  # stays while unasked
+    servicer.closed(2, second)
+    assert told(servicer.answer(1, first, {"a"})) == {"a": 1} and servicer.holders == {"a": {1}}
+    servicer.closed(1, first)
+    assert servicer.holders == {} and servicer.wanting == {}
+
+
 def test_a_bucket_without_a_key_is_ignored():
-    assert QuotaServicer(Slots(), split).on_reports(1, {}, reports("")) is None
+    assert QuotaServicer(Slots(), split, "group").on_reports(1, {}, reports("")) is None
 
 
 class FakeContext:
@@ -90,7 +114,7 @@ async def servicer_grants():
             yield item
 
     context = FakeContext()
-    servicer = QuotaServicer(slots, split)
+    servicer = QuotaServicer(slots, split, "group")
     serving = asyncio.create_task(servicer.StreamRateLimitQuotas(requests(), context))
     await inbox.put(reports("a"))
     await asyncio.wait_for(context.wrote.wait(), 1)
@@ -101,4 +125,4 @@ async def servicer_grants():
     assert told(context.written[-1]) == {"a": 1}
     await inbox.put(None)  # Envoy closes the stream
     await asyncio.wait_for(serving, 1)
-    assert len(context.written) == 2 and servicer.holders == {"a": set()}
+    assert len(context.written) == 2 and servicer.holders == {}

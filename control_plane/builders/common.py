@@ -41,6 +41,12 @@ def ads_source() -> config_source_pb2.ConfigSource:
                                           resource_api_version=config_source_pb2.V3)
 
 
+def header(name: str, value: str) -> base_pb2.HeaderValueOption:
+    """A header set to `value`, replacing any the message already has."""
+    return base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=name, value=value),
+                                      append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD)
+
+
 def seconds(value: float) -> duration_pb2.Duration:
     duration = duration_pb2.Duration()
     duration.FromNanoseconds(int(round(value * 1e9)))

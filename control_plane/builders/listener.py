@@ -17,12 +17,13 @@ from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
 from google.protobuf import wrappers_pb2
 
-from control_plane.builders.common import ads_source, lua_marked, pack, seconds, status_is
+from control_plane.builders.common import ads_source, header, lua_marked, pack, seconds, status_is
 from control_plane.builders.local_replies import build_local_reply_config
 from control_plane.builders.lua_source import filter_source
 from control_plane.builders.quotas import build_quota_filters
 from control_plane.builders.secrets import downstream_transport_socket
-from control_plane.names import (AUDIO_ESTIMATED_HEADER, AUDIO_SECONDS_HEADER, CUT_SHORT_FLAGS, KEY_ID_HEADER,
+from control_plane.names import (AUDIO_ESTIMATED_HEADER, AUDIO_SECONDS_HEADER, BATCH_LANE_HEADER, CUT_SHORT_FLAGS,
+                                 KEY_ID_HEADER, LIMITED_HEADER,
                                  LISTENER_NAME, LUA_FILTER, MODEL_HEADER, MODEL_KEY, REQUEST_LOG_NAME, ROUTE_CONFIG_NAME,
                                  UPSTREAM_LOG_NAME, XDS_CLUSTER)
 from control_plane.config import GatewayConfig
@@ -32,20 +33,24 @@ from control_plane.tenants.keys import Access
 # What the control plane reads from each logged try: the model, the upload's audio-seconds and
 # the key it was admitted with, as the Lua filter set them (envoy/audio_duration.lua; a client's own are removed first).
 # Requests' logs carry them as dynamic metadata.
-LOGGED_HEADERS = [MODEL_HEADER, AUDIO_SECONDS_HEADER, AUDIO_ESTIMATED_HEADER, KEY_ID_HEADER]
+LOGGED_HEADERS = [MODEL_HEADER, AUDIO_SECONDS_HEADER, AUDIO_ESTIMATED_HEADER, KEY_ID_HEADER, BATCH_LANE_HEADER]
 
 
-def _grpc_log(log_name: str, headers: list[str], only: accesslog_pb2.AccessLogFilter | None = None
-              ) -> accesslog_pb2.AccessLog:
+def _grpc_log(log_name: str, headers: list[str], only: accesslog_pb2.AccessLogFilter | None = None,
+              response_headers: list[str] = ()) -> accesslog_pb2.AccessLog:
     """An access log streamed to the control plane (control_plane/observe/access_logs.py)."""
     common = grpc_als_pb2.CommonGrpcAccessLogConfig(
         log_name=log_name,
         transport_api_version=config_source_pb2.V3,
         grpc_service=grpc_service_pb2.GrpcService(
             envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=XDS_CLUSTER)),
-        buffer_flush_interval=seconds(0.1),  # Envoy's 1 s default would delay the evidence
+        # At most 100 messages a second per worker, each with every entry since the last: Envoy's
+        # 1 s default would delay the evidence, and a slot of a requests-in-flight limit is free
+        # again only once the end of the request that held it is here (xds/quota_service.py).
+        buffer_flush_interval=seconds(0.01),
     )
-    logged = grpc_als_pb2.HttpGrpcAccessLogConfig(common_config=common, additional_request_headers_to_log=headers)
+    logged = grpc_als_pb2.HttpGrpcAccessLogConfig(common_config=common, additional_request_headers_to_log=headers,
+                                                  additional_response_headers_to_log=response_headers)
     return accesslog_pb2.AccessLog(name="envoy.access_loggers.http_grpc", filter=only, typed_config=pack(logged))
 
 
@@ -77,7 +82,8 @@ def build_listener(config: GatewayConfig, lua_source: str) -> listener_pb2.Liste
     # Only what the listener must know: other values here would make reloads that change them
     # rebuild the listener, and with it the quota filters' buckets (builders/quotas.py).
     access = Access(required=config.auth.api_keys == "required")
-    context = {"models": {}, "keys_required": access.required, "batch_closed": {}, "plans": {}}
+    context = {"models": {}, "keys_required": access.required, "batch_closed": {}, "batch_in_flight": False,
+               "plans": {}}
     lua = lua_pb2.Lua(default_source_code=base_pb2.DataSource(inline_string=filter_source(lua_source, context, access)))
     manager = hcm.HttpConnectionManager(
         stat_prefix="whisper",
@@ -99,7 +105,8 @@ def build_listener(config: GatewayConfig, lua_source: str) -> listener_pb2.Liste
         use_remote_address=wrappers_pb2.BoolValue(value=True),
         # Each request the filter routed and that failed, once, at its end: metering (`/health`,
         # the filter's refusals and 2xx answers are not sent).
-        access_log=[_grpc_log(REQUEST_LOG_NAME, [], only=_unanswered())],
+        # A 429's x-whisper-limited says which in-flight filter refused it (observe/access_logs.py).
+        access_log=[_grpc_log(REQUEST_LOG_NAME, [], only=_unanswered(), response_headers=[LIMITED_HEADER])],
         http_filters=[hcm.HttpFilter(name=LUA_FILTER, typed_config=pack(lua))] + build_quota_filters(config) + [
             hcm.HttpFilter(name="envoy.filters.http.router", typed_config=pack(_router()))],
     )
@@ -134,9 +141,7 @@ def _plaintext_refusal(config: GatewayConfig) -> listener_components_pb2.FilterC
         match=route_components_pb2.RouteMatch(prefix="/"),
         direct_response=route_components_pb2.DirectResponseAction(
             status=400, body=base_pb2.DataSource(inline_string=PLAINTEXT_REFUSAL)),
-        response_headers_to_add=[base_pb2.HeaderValueOption(
-            header=base_pb2.HeaderValue(key="content-type", value="application/json"),
-            append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD)])
+        response_headers_to_add=[header("content-type", "application/json")])
     manager = hcm.HttpConnectionManager(
         stat_prefix="whisper_plaintext", codec_type=hcm.HttpConnectionManager.AUTO,
         route_config=route_pb2.RouteConfiguration(name="whisper_plaintext", virtual_hosts=[

@@ -15,10 +15,11 @@ requests, as the responses pass back), and the Lua filter renames them to OpenAI
 `x-ratelimit-*-requests` and `-audio-seconds` and adds Retry-After (envoy/model_router.lua).
 A 429's `x-whisper-limited` says which limit refused it.
 
-A plan's `requests_in_flight` is not a rate: Envoy's rate_limit_quota filter, first in line,
-asks the control plane which keys are at their limit (control_plane/xds/quota_service.py) and
-refuses those until the control plane, which counts each key's requests from the access logs,
-says otherwise. It sits before the rate limits, so a request it refuses spends no token of theirs.
+A plan's `requests_in_flight`, and `auth.batch_in_flight_per_engine`, are not rates: Envoy's
+rate_limit_quota filters, first in line, hold a bucket per key (and per model's batch lane)
+whose tokens the control plane grants from the requests in flight it counts in the access logs
+(control_plane/xds/quota_service.py). They sit before the rate limits, so a request they refuse
+spends no token of those.
 """
 
 from __future__ import annotations
@@ -39,11 +40,11 @@ from google.protobuf import wrappers_pb2
 from xds.core.v3 import extension_pb2
 from xds.type.matcher.v3 import matcher_pb2
 
-from control_plane.builders.common import pack, seconds
+from control_plane.builders.common import header, pack, seconds
 from control_plane.config import GatewayConfig, PlanConfig
-from control_plane.names import (COST_KEY, IN_FLIGHT_LIMIT, KEY_ID_HEADER, KEY_ID_KEY, LIMITED_HEADER,
+from control_plane.names import (BATCH_LANE_HEADER, BATCH_LANE_LIMIT, COST_KEY, IN_FLIGHT_BUCKET_ENTRY,
+                                 IN_FLIGHT_LIMIT, IN_FLIGHT_REPORT_S, KEY_ID_HEADER, KEY_ID_KEY, LIMITED_HEADER,
                                  METADATA_NAMESPACE, PLAN_KEY, XDS_CLUSTER)
-from control_plane.xds.quota_service import BUCKET_KEY, REPORT_INTERVAL_S
 
 
 @dataclass(frozen=True)
@@ -104,9 +105,7 @@ def _filter(limit: Limit, plans: dict[str, PlanConfig], max_keys: int) -> hcm.Ht
         descriptors=descriptors,
         rate_limits=[rate_limit],
         max_dynamic_descriptors=wrappers_pb2.UInt32Value(value=max_keys),
-        response_headers_to_add=[base_pb2.HeaderValueOption(
-            header=base_pb2.HeaderValue(key=LIMITED_HEADER, value=limit.name),
-            append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD)],
+        response_headers_to_add=[header(LIMITED_HEADER, limit.name)],
         enable_x_ratelimit_headers=ratelimit_pb2.XRateLimitHeadersRFCVersion.DRAFT_VERSION_03 if limit.reports else 0,
         # Each Envoy charges members x the cost, members being LOCAL_CLUSTER's size: the Envoys
         # a load balancer spreads keys over admit a budget once between them.
@@ -115,24 +114,22 @@ def _filter(limit: Limit, plans: dict[str, PlanConfig], max_keys: int) -> hcm.Ht
     return hcm.HttpFilter(name=f"whisper.quota.{limit.name}", typed_config=pack(config))
 
 
-def _header(name: str, value: str) -> base_pb2.HeaderValueOption:
-    return base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=name, value=value),
-                                      append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD)
-
-
-def _in_flight_filter() -> hcm.HttpFilter:
-    """A bucket per key id (the header the Lua filter sets; a request without one is not limited),
-    refused (429) while the control plane says the key is at its limit. Retry-After 1: a slot
-    frees when any of the key's requests ends."""
-    key_id = envoy_extension_pb2.TypedExtensionConfig(
-        name="key_id", typed_config=pack(http_inputs_pb2.HttpRequestHeaderMatchInput(header_name=KEY_ID_HEADER)))
+def _in_flight_filter(limit: str, group_header: str) -> hcm.HttpFilter:
+    """A bucket per value of `group_header`, which the Lua filter sets (a key's id, a model's batch lane;
+    a request without it is not limited), with the tokens the control plane grants; refused
+    (429, x-whisper-limited: `limit`) when none is left. A slot frees when any of the group's
+    requests ends: Retry-After 1 (whole seconds), and retry-after-ms 100, which OpenAI's SDKs
+    read first."""
+    group = envoy_extension_pb2.TypedExtensionConfig(
+        name="group", typed_config=pack(http_inputs_pb2.HttpRequestHeaderMatchInput(header_name=group_header)))
     settings = rlq.RateLimitQuotaBucketSettings(
         bucket_id_builder=rlq.RateLimitQuotaBucketSettings.BucketIdBuilder(bucket_id_builder={
-            BUCKET_KEY: rlq.RateLimitQuotaBucketSettings.BucketIdBuilder.ValueBuilder(custom_value=key_id)}),
-        reporting_interval=seconds(REPORT_INTERVAL_S),
+            IN_FLIGHT_BUCKET_ENTRY: rlq.RateLimitQuotaBucketSettings.BucketIdBuilder.ValueBuilder(custom_value=group)}),
+        reporting_interval=seconds(IN_FLIGHT_REPORT_S),
         deny_response_settings=rlq.RateLimitQuotaBucketSettings.DenyResponseSettings(
             http_status=http_status_pb2.HttpStatus(code=http_status_pb2.TooManyRequests),
-            response_headers_to_add=[_header(LIMITED_HEADER, IN_FLIGHT_LIMIT), _header("retry-after", "1")]),
+            response_headers_to_add=[header(LIMITED_HEADER, limit), header("retry-after", "1"),
+                                     header("retry-after-ms", "100")]),
         no_assignment_behavior=rlq.RateLimitQuotaBucketSettings.NoAssignmentBehavior(
             fallback_rate_limit=ratelimit_strategy_pb2.RateLimitStrategy(
                 blanket_rule=ratelimit_strategy_pb2.RateLimitStrategy.ALLOW_ALL)))
@@ -141,14 +138,18 @@ def _in_flight_filter() -> hcm.HttpFilter:
             cluster_name=XDS_CLUSTER)),
         domain=METADATA_NAMESPACE,
         bucket_matchers=matcher_pb2.Matcher(on_no_match=matcher_pb2.Matcher.OnMatch(
-            action=extension_pb2.TypedExtensionConfig(name="per_key", typed_config=pack(settings)))))
-    return hcm.HttpFilter(name=f"whisper.quota.{IN_FLIGHT_LIMIT}", typed_config=pack(config))
+            action=extension_pb2.TypedExtensionConfig(name="per_group", typed_config=pack(settings)))))
+    return hcm.HttpFilter(name=f"whisper.quota.{limit}", typed_config=pack(config))
 
 
 def build_quota_filters(config: GatewayConfig) -> list[hcm.HttpFilter]:
-    """The quota filters of the config's plans; none when keys are off or no plan is set."""
-    if config.auth.api_keys != "required" or not config.auth.plans:
+    """The quota filters of the config's plans and batch lanes; none when keys are off."""
+    auth = config.auth
+    if auth.api_keys != "required":
         return []
-    in_flight = [_in_flight_filter()] if any(p.requests_in_flight for p in config.auth.plans.values()) else []
-    built = [_filter(limit, config.auth.plans, config.auth.max_keys) for limit in LIMITS]
-    return in_flight + [f for f in built if f is not None]
+    built = [_in_flight_filter(BATCH_LANE_LIMIT, BATCH_LANE_HEADER) if auth.batch_in_flight_per_engine else None,
+             _in_flight_filter(IN_FLIGHT_LIMIT, KEY_ID_HEADER)
+             if any(p.requests_in_flight for p in auth.plans.values()) else None]
+    if auth.plans:
+        built += [_filter(limit, auth.plans, auth.max_keys) for limit in LIMITS]
+    return [f for f in built if f is not None]

@@ -17,7 +17,7 @@ from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
 from envoy.type.matcher.v3 import string_pb2
 from google.protobuf import wrappers_pb2
 
-from control_plane.builders.common import long_upload_metadata, pack, seconds
+from control_plane.builders.common import header, long_upload_metadata, pack, seconds
 from control_plane.builders.lua_source import filter_source
 from control_plane.names import (
     AUDIO_PATHS,
@@ -36,10 +36,7 @@ from control_plane.tenants.keys import Access
 from control_plane.xds.snapshot import MAX_WEIGHT
 
 MAX_DIRECT_RESPONSE_BYTES = 1024 * 1024
-JSON_HEADER = base_pb2.HeaderValueOption(
-    header=base_pb2.HeaderValue(key="content-type", value="application/json"),
-    append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
-)
+JSON_HEADER = header("content-type", "application/json")
 
 
 def _lua_off() -> dict:
@@ -65,7 +62,7 @@ def _model_routes(config: GatewayConfig, fleet: Fleet) -> list[rc.Route]:
     long_upload = rc.HeaderMatcher(name=LONG_UPLOAD_HEADER, present_match=True)
     for name, model in sorted(fleet.name_to_model().items()):
         for path in AUDIO_PATHS:
-            header = rc.HeaderMatcher(name=MODEL_HEADER, string_match=string_pb2.StringMatcher(exact=name))
+            named = rc.HeaderMatcher(name=MODEL_HEADER, string_match=string_pb2.StringMatcher(exact=name))
             route_name = f"{model}:{name}:{path.rsplit('/', 1)[-1]}"
             action = rc.RouteAction(cluster=cluster_name(model), timeout=seconds(config.timeouts.route_s),
                                     retry_policy=_retry_policy(config))
@@ -75,8 +72,8 @@ def _model_routes(config: GatewayConfig, fleet: Fleet) -> list[rc.Route]:
                 long_action.CopyFrom(action)
                 long_action.metadata_match.CopyFrom(long_upload_metadata())
                 routes.append(rc.Route(name=route_name + ":long", route=long_action,
-                                       match=rc.RouteMatch(path=path, headers=[header, long_upload])))
-            routes.append(rc.Route(name=route_name, match=rc.RouteMatch(path=path, headers=[header]), route=action))
+                                       match=rc.RouteMatch(path=path, headers=[named, long_upload])))
+            routes.append(rc.Route(name=route_name, match=rc.RouteMatch(path=path, headers=[named]), route=action))
     return routes
 
 
@@ -157,6 +154,7 @@ def lua_context(config: GatewayConfig, fleet: Fleet | None, access: Access, envo
             "per_try_base_ms": base_ms, "per_try_ms_per_mb": per_mb_ms,
             "keys_required": access.required,
             "batch_closed": dict(fleet.batch_closed) if fleet is not None else {},
+            "batch_in_flight": config.auth.batch_in_flight_per_engine is not None,
             "envoys": envoys,
             # Each plan's limits, for what the filter says on a 429 (builders/quotas.py enforces them).
             "plans": {name: {k: v for k, v in vars(plan).items() if v is not None}
@@ -166,9 +164,7 @@ def lua_context(config: GatewayConfig, fleet: Fleet | None, access: Access, envo
 def _engine_authorization(access: Access) -> tuple[list[base_pb2.HeaderValueOption], list[str]]:
     """(headers to add, to remove) so that engines see their own key, or none of the clients'."""
     if access.engine_key is not None:
-        return [base_pb2.HeaderValueOption(
-            header=base_pb2.HeaderValue(key="authorization", value=f"Bearer {access.engine_key}"),
-            append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD)], []
+        return [header("authorization", f"Bearer {access.engine_key}")], []
     return [], ["authorization"] if access.required else []
 
 
@@ -185,9 +181,7 @@ def build_route_configuration(config: GatewayConfig, fleet: Fleet, lua_source: s
         typed_per_filter_config={LUA_FILTER: pack(lua_pb2.LuaPerRoute(source_code=base_pb2.DataSource(
             inline_string=filter_source(lua_source, lua_context(config, fleet, access, envoys), access))))},
         # Every proxied request carries it; the Lua filter refuses one that arrives with it (a loop).
-        request_headers_to_add=[base_pb2.HeaderValueOption(
-            header=base_pb2.HeaderValue(key=HOP_HEADER, value="1"),
-            append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD)] + engine_headers,
+        request_headers_to_add=[header(HOP_HEADER, "1")] + engine_headers,
         request_headers_to_remove=removed_headers,
         # The per-try deadline (hedging()) starts another try without cutting the first.
         hedge_policy=rc.HedgePolicy(hedge_on_per_try_timeout=True),

@@ -24,10 +24,11 @@ import grpc
 from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
-from control_plane.names import (AUDIO_ESTIMATED_HEADER, AUDIO_SECONDS_HEADER, CUT_SHORT_FLAGS, ESTIMATED_KEY,
-                                 KEY_ID_HEADER, KEY_ID_KEY, LUA_REPLY_KEY, METADATA_NAMESPACE, MODEL_HEADER, MODEL_KEY,
+from control_plane.names import (AUDIO_ESTIMATED_HEADER, AUDIO_SECONDS_HEADER, BATCH_LANE_HEADER, CUT_SHORT_FLAGS,
+                                 BATCH_LANE_KEY, ESTIMATED_KEY, IN_FLIGHT_LIMIT, KEY_ID_HEADER, KEY_ID_KEY,
+                                 LIMITED_HEADER, LUA_REPLY_KEY, METADATA_NAMESPACE, MODEL_HEADER, MODEL_KEY,
                                  SECONDS_KEY)
-from control_plane.observe.key_requests import KeyRequests
+from control_plane.observe.in_flight import InFlight
 from control_plane.observe.ledger import Ledger
 from control_plane.observe.outcomes import Outcomes, failed
 
@@ -94,43 +95,59 @@ def _meter_served(entry: accesslog_pb2.HTTPAccessLogEntry, ledger: Ledger) -> No
 
 
 def record(entry: accesslog_pb2.HTTPAccessLogEntry, stream: int, outcomes: Outcomes, ledger: Ledger,
-           keys: KeyRequests, now: float) -> bool:
-    """One log entry into the failure ratios, the ledger, the metering or the keys' requests in
-    flight, by what it reports; True when a key's count of requests in flight changed."""
+           in_flight: InFlight, now: float) -> bool:
+    """One log entry into the failure ratios, the ledger, the metering or the requests in flight
+    (per key and batch lane), by what it reports; True when a count of requests in flight changed."""
     kind = entry.common_properties.access_log_type
     request_id = entry.request.request_id
     if kind == REQUEST_ENDED:
         _meter_failed(entry, ledger)
-        fields = entry.common_properties.metadata.filter_metadata.get(METADATA_NAMESPACE)
-        key = fields.fields[KEY_ID_KEY].string_value if fields is not None and KEY_ID_KEY in fields.fields else ""
-        return bool(key) and keys.ended(key, request_id, now)
+        return _request_ended(entry, in_flight, now)
     endpoint = endpoint_of(entry)
     if endpoint is None:
         return False
-    key = entry.request.request_headers.get(KEY_ID_HEADER, "")
     if kind == TRY_STARTED:
-        seconds = as_seconds(entry.request.request_headers.get(AUDIO_SECONDS_HEADER, ""))
+        headers = entry.request.request_headers
+        seconds = as_seconds(headers.get(AUDIO_SECONDS_HEADER, ""))
         if seconds is not None:
             ledger.started(stream, request_id, endpoint, seconds, now)
-        return keys.started(key, request_id, stream, now)
+        return in_flight.started((headers.get(KEY_ID_HEADER, ""), headers.get(BATCH_LANE_HEADER, "")), request_id,
+                                 stream, endpoint, now)
     if kind == TRY_ENDED:
         ok = not failed(entry)
         outcomes.record(endpoint, ok, now)
         ledger.ended(stream, request_id, endpoint, ok and entry.response.response_code.value < 400, now)
         if delivered(entry):
             _meter_served(entry, ledger)
-            return keys.ended(key, request_id, now, logged_apart=False)  # its starts came on this stream
+        return in_flight.try_ended(request_id, delivered(entry), now)
     return False
+
+
+def _request_ended(entry: accesslog_pb2.HTTPAccessLogEntry, in_flight: InFlight, now: float) -> bool:
+    """A routed request that did not end in a 2xx, into the requests in flight. One the in-flight
+    filters refused took no token of the refusing filter's group, nor of the groups of the filters
+    after it (the batch lane's filter comes first: builders/quotas.py)."""
+    fields = entry.common_properties.metadata.filter_metadata.get(METADATA_NAMESPACE)
+    def field(name: str) -> str:
+        return fields.fields[name].string_value if fields is not None and name in fields.fields else ""
+
+    key, lane = field(KEY_ID_KEY), field(BATCH_LANE_KEY)
+    if entry.response.response_code_details == IN_FLIGHT_REFUSAL:
+        limited = entry.response.response_headers.get(LIMITED_HEADER)
+        groups = (lane,) if limited == IN_FLIGHT_LIMIT else ()
+    else:
+        groups = (key, lane)
+    return in_flight.ended(entry.request.request_id, groups, now, tried=endpoint_of(entry) is not None)
 
 
 class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):
     """Receives every Envoy's logs. Envoy opens a stream per worker thread and log; a try's start
     and end come on the same one, so when a stream ends its open tries go with it."""
 
-    def __init__(self, outcomes: Outcomes, ledger: Ledger, keys: KeyRequests, clock: Callable[[], float],
-                 keys_changed: Callable[[], None] = lambda: None):
-        self.outcomes, self.ledger, self.keys, self.clock = outcomes, ledger, keys, clock
-        self.keys_changed = keys_changed  # after a batch that changed a key's requests in flight
+    def __init__(self, outcomes: Outcomes, ledger: Ledger, in_flight: InFlight, clock: Callable[[], float],
+                 in_flight_changed: Callable[[], None] = lambda: None):
+        self.outcomes, self.ledger, self.in_flight, self.clock = outcomes, ledger, in_flight, clock
+        self.in_flight_changed = in_flight_changed  # after a batch of entries that moved a count
         self._streams = itertools.count(1)
 
     async def StreamAccessLogs(self, request_iterator, context: grpc.aio.ServicerContext):
@@ -140,11 +157,11 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):
                 now = self.clock()
                 changed = False
                 for entry in message.http_logs.log_entry:
-                    changed = record(entry, stream, self.outcomes, self.ledger, self.keys, now) or changed
+                    changed = record(entry, stream, self.outcomes, self.ledger, self.in_flight, now) or changed
                 if changed:
-                    self.keys_changed()
+                    self.in_flight_changed()
         finally:
             self.ledger.stream_closed(stream, self.clock())
-            if self.keys.stream_closed(stream):
-                self.keys_changed()
+            if self.in_flight.stream_closed(stream):
+                self.in_flight_changed()
         return als_pb2.StreamAccessLogsResponse()

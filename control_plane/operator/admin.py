@@ -264,7 +264,7 @@ async def delete(request: web.Request) -> web.Response:
 
 def _key_view(plane: "ControlPlane", key: ApiKey) -> dict:
     return key.to_json() | {"usage": plane.ledger.usage_of(key.id),
-                            "requests_in_flight": plane.key_requests.count(key.id)}
+                            "requests_in_flight": plane.in_flight.count(key.id)}
 
 
 def _key_fields(plane: "ControlPlane", body: dict) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from control_plane.decide.lanes import model_waits
+from control_plane.names import batch_lane
 from control_plane.decide.policy import is_fresh
 from control_plane.observe.ledger import Metered
 from control_plane.observe.scraper import endpoint_states
@@ -85,6 +86,9 @@ def model_rows(plane, endpoints: list[dict], now: float) -> list[dict]:
             "drain_rate": round(sum(rates), 3) if rates else None,
             "expected_wait_s": _rounded(waits[model]),
             "batch": "refused" if model in plane.fleet.batch_closed else "admitted",
+            # With auth.batch_in_flight_per_engine: batch requests in flight, and how many may be.
+            "batch_in_flight": plane.in_flight.count(batch_lane(model)),
+            "batch_in_flight_limit": plane.in_flight_limits.get(batch_lane(model)),
         })
     return rows
 
@@ -103,10 +107,10 @@ def key_rows(plane) -> list[dict]:
 def in_flight_rows(plane) -> list[dict]:
     """Keys with requests in flight or a requests_in_flight limit: the count, this plane's share of
     the limit, and whether no slot is free (the Envoys refuse the key's next request)."""
-    counts, refused = plane.key_requests.counts(), plane.slots.refused()
+    counts, refused = plane.in_flight.counts(), plane.slots.refused()
     return [{"key": key, "in_flight": counts.get(key, 0), "limit": plane.in_flight_limits.get(key),
              "refused": key in refused}
-            for key in sorted(set(counts) | set(plane.in_flight_limits))]
+            for key in sorted(set(counts) | set(plane.in_flight_limits)) if not key.startswith(batch_lane(""))]
 
 
 def status_report(plane, now: float) -> dict:

@@ -7,6 +7,7 @@ import asyncio
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from control_plane.names import batch_lane
 from control_plane.observe.ledger import OUTCOMES
 from control_plane.operator.status import endpoint_rows, model_rows
 from control_plane.xds.types import SHORT_NAMES
@@ -113,8 +114,9 @@ class FleetCollector:
         yield audio
         in_flight = GaugeMetricFamily("whisper_gateway_key_requests_in_flight", "Requests in flight per API key "
                                       "(logged to this control plane).", labels=["key"])
-        for key, count in sorted(self.plane.key_requests.counts().items()):
-            in_flight.add_metric([key], count)
+        for key, count in sorted(self.plane.in_flight.counts().items()):
+            if not key.startswith(batch_lane("")):  # a model's batch lane: whisper_gateway_model_batch_in_flight
+                in_flight.add_metric([key], count)
         yield in_flight
 
     def _models(self, rows: list[dict]):
@@ -133,6 +135,9 @@ class FleetCollector:
             "expected_wait_s": GaugeMetricFamily("whisper_gateway_model_expected_wait_seconds",
                                                  "Seconds until a new 30 s clip would be answered: scale on this.",
                                                  labels=["model"]),
+            "batch_in_flight": GaugeMetricFamily("whisper_gateway_model_batch_in_flight",
+                                                 "Batch keys' requests in flight on the model (logged to this "
+                                                 "control plane).", labels=["model"]),
         }
         for row in rows:
             for outcome in ("received", *OUTCOMES):

@@ -1,18 +1,18 @@
 """Requests-in-flight slots for every Envoy over RLQS (Envoy's rate_limit_quota filter).
 
-Envoy's rate_limit_quota filter (control_plane/builders/quotas.py) puts each request made with a
-key in a bucket named by the key's id and asks this service how to treat each bucket. For a key
-with a requests_in_flight limit the answer is a token bucket holding the Envoy's part of the
-key's free slots (split as control_plane/decide/in_flight.py decides), refilled by the control plane, not by
-time: each request takes a token in Envoy, at once and across its worker threads, and when the
-access logs show one of the key's requests ended, every Envoy holding the key gets a fresh
-bucket with its part of the slots then free. A key without a limit gets ALLOW_ALL.
+Envoy's rate_limit_quota filters (control_plane/builders/quotas.py) put each request in a bucket
+named by its group, a key's id or a model's batch lane, and ask this service how to treat each
+bucket. For a group with a limit the answer is a token bucket holding the Envoy's part of the
+group's free slots (split as control_plane/decide/in_flight.py decides), refilled by the control
+plane, not by time: each request takes a token in Envoy, at once and across its worker threads,
+and when the access logs show one of the group's requests ended, every Envoy holding the group
+gets a fresh bucket with its part of the slots then free. A group without a limit gets ALLOW_ALL.
 
 Envoy 1.40 keeps a bucket's token bucket when it is assigned another, but builds a fresh one
 after a blanket rule, so a grant is sent as DENY_ALL followed by the token bucket in the same
 message (applied together). No request waits on this service: a bucket Envoy has not heard
-about yet is allowed (so the first requests of a key at an Envoy are not counted against it),
-each report (every REPORT_INTERVAL_S) is answered with fresh grants, and an assignment lapses
+about yet is allowed (so the first requests of a group at an Envoy are not counted against it),
+each report (every few seconds: builders/quotas.py) is answered with fresh grants, and an assignment lapses
 ASSIGNMENT_TTL_S after that, so a control plane that is gone refuses no one for long.
 """
 
@@ -31,51 +31,47 @@ from envoy.type.v3 import ratelimit_strategy_pb2
 
 log = logging.getLogger(__name__)
 
-REPORT_INTERVAL_S = 5  # Envoy reports every bucket this often; each report is answered with fresh grants
-ASSIGNMENT_TTL_S = 3 * REPORT_INTERVAL_S
-BUCKET_KEY = "key"  # the bucket id's entry that holds the key id
+ASSIGNMENT_TTL_S = 15  # several reports (IN_FLIGHT_REPORT_S): a plane that is gone refuses no one after this
 ALLOW, DENY = ratelimit_strategy_pb2.RateLimitStrategy.ALLOW_ALL, ratelimit_strategy_pb2.RateLimitStrategy.DENY_ALL
 # A granted bucket refills one token per REFILL_S on its own (Envoy's token buckets need a rate):
 # slow next to the grants, which replace it whenever a slot frees and at every report. Envoy
-# starts a bucket full only if its size / rate is less than the host's uptime.
+# (Envoy 1.40 logs a bug and starts a bucket empty when its size / rate exceeds the host's uptime;
+# 1000 tokens at this rate need 8.3 hours.)
 REFILL_S = 30
 
 
 @dataclass(eq=False)  # watched by identity
 class _Watcher:
     event: asyncio.Event = field(default_factory=asyncio.Event)
-    keys: set[str] = field(default_factory=set)  # keys to grant again
+    groups: set[str] = field(default_factory=set)  # groups to grant again
 
 
 class Slots:
-    """Each limited key's free slots, as decided: all the servicer reads. A stream watching is told
-    which keys to grant again."""
+    """Each limited group's free slots, as decided: all the servicer reads. A stream watching is told
+    which groups to grant again."""
 
     def __init__(self) -> None:
-        self.free: dict[str, int] = {}  # limited key -> its free slots on this plane
-        self.turns: dict[str, int] = {}  # per key: which Envoy gets the remainder of the next split
+        self.free: dict[str, int] = {}  # limited group -> its free slots on this plane
         self._watchers: set[_Watcher] = set()
 
     def publish(self, free: Mapping[str, int | None], regrant: set[str]) -> None:
-        """New free slots for these keys (None: no limit now); the Envoys holding `regrant` are told."""
-        for key, slots in free.items():
+        """New free slots for these groups (None: no limit now); the Envoys holding `regrant` are told."""
+        for group, slots in free.items():
             if slots is None:
-                self.free.pop(key, None)
+                self.free.pop(group, None)
             else:
-                self.free[key] = slots
-        for key in regrant:
-            self.turns[key] = self.turns.get(key, 0) + 1
+                self.free[group] = slots
         self.tell(regrant)
 
-    def tell(self, keys: set[str]) -> None:
-        """Has every stream grant these keys again (an Envoy came to hold one: the parts moved)."""
-        if keys:
+    def tell(self, groups: set[str]) -> None:
+        """Has every stream grant these groups again (an Envoy came to hold one: the parts moved)."""
+        if groups:
             for watcher in self._watchers:
-                watcher.keys |= keys
+                watcher.groups |= groups
                 watcher.event.set()
 
     def refused(self) -> frozenset[str]:
-        """The limited keys with no slot free."""
+        """The limited groups with no slot free."""
         return frozenset(k for k, free in self.free.items() if free == 0)
 
     def watch(self) -> _Watcher:
@@ -109,46 +105,67 @@ def grant(bucket: rlqs_pb2.BucketId, tokens: int | None) -> list[rlqs_pb2.RateLi
     return [bucket_action, fresh]
 
 
-Split = Callable[[int, Sequence[int], int], dict[int, int]]  # (free, streams holding the key, turn) -> parts
+Split = Callable[[int, Sequence[int], int], dict[int, int]]  # (free, streams holding the group, first) -> parts
 
 
 class QuotaServicer(rlqs_pb2_grpc.RateLimitQuotaServiceServicer):
-    """Every Envoy's RLQS stream. Knows which streams hold which key's bucket, so each gets its part."""
+    """Every Envoy's RLQS stream. Knows which streams hold which group's bucket, so each gets its
+    part, and which last asked for more: where the slots do not go round, the rest goes there."""
 
-    def __init__(self, slots: Slots, split: Split):
+    def __init__(self, slots: Slots, split: Split, bucket_entry: str):
         self.slots, self.split = slots, split
-        self.holders: dict[str, set[int]] = {}  # key -> the streams that reported its bucket
+        self.bucket_entry = bucket_entry  # the bucket id's entry that names the group
+        self.holders: dict[str, set[int]] = {}  # group -> the streams that reported its bucket
+        self.wanting: dict[str, int] = {}  # group -> the stream that last reported refusals with no part
         self._ids = itertools.count(1)
 
-    def part(self, key: str, stream: int) -> int | None:
-        """This stream's tokens for the key now (None: the key has no limit)."""
-        free = self.slots.free.get(key)
+    def part(self, group: str, stream: int) -> int | None:
+        """This stream's tokens for the group now (None: the group has no limit)."""
+        free = self.slots.free.get(group)
         if free is None:
             return None
-        return self.split(free, list(self.holders.get(key, {stream})), self.slots.turns.get(key, 0)).get(stream, 0)
+        holders = sorted(self.holders.get(group) or {stream})
+        wanting = self.wanting.get(group)
+        first = holders.index(wanting) if wanting in holders else 0
+        return self.split(free, holders, first).get(stream, 0)
 
     def answer(self, stream: int, buckets: Mapping[str, rlqs_pb2.BucketId],
-               keys: Iterable[str]) -> rlqs_pb2.RateLimitQuotaResponse | None:
-        actions = [action for key in keys if key in buckets for action in grant(buckets[key], self.part(key, stream))]
+               groups: Iterable[str]) -> rlqs_pb2.RateLimitQuotaResponse | None:
+        actions = [action for group in groups if group in buckets for action in grant(buckets[group], self.part(group, stream))]
         return rlqs_pb2.RateLimitQuotaResponse(bucket_action=actions) if actions else None
 
     def on_reports(self, stream: int, buckets: dict[str, rlqs_pb2.BucketId],
                    reports: rlqs_pb2.RateLimitQuotaUsageReports) -> rlqs_pb2.RateLimitQuotaResponse | None:
         """Every reported bucket gets a fresh grant: a new one learns its part, an old one is renewed
         (and loses any tokens it refilled on its own)."""
-        reported, joined = [], set()
+        reported, moved = [], set()
         for usage in reports.bucket_quota_usages:
-            key = usage.bucket_id.bucket.get(BUCKET_KEY)
-            if key:
-                buckets[key] = usage.bucket_id
-                holders = self.holders.setdefault(key, set())
+            group = usage.bucket_id.bucket.get(self.bucket_entry)
+            if group:
+                buckets[group] = usage.bucket_id
+                holders = self.holders.setdefault(group, set())
                 if stream not in holders:
                     holders.add(stream)
-                    if key in self.slots.free and len(holders) > 1:
-                        joined.add(key)
-                reported.append(key)
-        self.slots.tell(joined)  # the other Envoys' parts shrink
+                    if group in self.slots.free and len(holders) > 1:
+                        moved.add(group)  # the other Envoys' parts shrink
+                if (usage.num_requests_denied and self.slots.free.get(group) and self.part(group, stream) == 0
+                        and self.wanting.get(group) != stream):
+                    self.wanting[group] = stream  # refused here while a slot is free elsewhere: it moves here
+                    moved.add(group)
+                reported.append(group)
+        self.slots.tell(moved)
         return self.answer(stream, buckets, reported)
+
+    def closed(self, stream: int, buckets: Mapping[str, rlqs_pb2.BucketId]) -> None:
+        """A stream ended: its parts go to the other Envoys holding its groups."""
+        for group in buckets:
+            holders = self.holders.get(group, set())
+            holders.discard(stream)
+            if not holders:
+                self.holders.pop(group, None)
+            if self.wanting.get(group) == stream:
+                del self.wanting[group]
+        self.slots.tell({g for g in buckets if g in self.slots.free and g in self.holders})
 
     async def StreamRateLimitQuotas(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
         stream = next(self._ids)
@@ -178,13 +195,12 @@ class QuotaServicer(rlqs_pb2_grpc.RateLimitQuotaServiceServicer):
                     if reports is None:
                         return
                     responses.append(self.on_reports(stream, buckets, reports))
-                keys, watcher.keys = watcher.keys, set()
-                responses.append(self.answer(stream, buckets, sorted(keys)))
+                groups, watcher.groups = watcher.groups, set()
+                responses.append(self.answer(stream, buckets, sorted(groups)))
                 for response in responses:
                     if response is not None:
                         await context.write(response)
         finally:
             reader.cancel()
             self.slots.unwatch(watcher)
-            for key in buckets:
-                self.holders.get(key, set()).discard(stream)
+            self.closed(stream, buckets)
