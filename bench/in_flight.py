@@ -1,7 +1,8 @@
 """A key's requests-in-flight limit: how far real Envoys over-admit it.
 
-The control plane counts a key's requests from the access logs and switches the key off in every
-Envoy (RLQS) once it holds LIMIT; requests that arrive before the switch reaches Envoy get in.
+The control plane counts a key's requests from the access logs and grants each Envoy its part of
+the free slots (RLQS token buckets, replaced when a slot frees); requests an Envoy lets through
+before its first grant, or while an end is on its way in the logs, are what can exceed LIMIT.
 A simulated engine that takes about a second per clip, behind a real control plane and one or
 two real Envoys on one port. Two loads on one key whose plan allows LIMIT in flight:
 

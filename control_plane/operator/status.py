@@ -106,7 +106,7 @@ def key_rows(plane) -> list[dict]:
 
 def in_flight_rows(plane) -> list[dict]:
     """Keys with requests in flight or a requests_in_flight limit: the count, this plane's share of
-    the limit, and whether no slot is free (the Envoys refuse the key's next request)."""
+    the limit, and whether no slot is free on this plane (then the Envoys hold none for the key)."""
     counts, refused = plane.in_flight.counts(), plane.slots.refused()
     return [{"key": key, "in_flight": counts.get(key, 0), "limit": plane.in_flight_limits.get(key),
              "refused": key in refused}
