@@ -328,12 +328,12 @@ class ControlPlane:
         self.outcomes.retain({b.endpoint for b in fleet.backends})
         self.ledger.retain({b.endpoint for b in fleet.backends})
         self.ledger.expire(now, self.config.timeouts.route_s + 60)  # no try lasts longer
+        idle = {b.endpoint for b in fleet.backends  # an engine that holds nothing has no tries open
+                if all(_idle(self.tracker.state(b.id, m, b.weight, now), self.config) for m in b.models)}
+        for endpoint in idle:
+            self.ledger.settle(endpoint, now)
         moved = self.in_flight.expire(now, self.config.timeouts.route_s + 60)  # no request lasts longer
-        for backend in fleet.backends:  # an engine that holds nothing has no tries open
-            if all(_idle(self.tracker.state(backend.id, m, backend.weight, now), self.config) for m in backend.models):
-                self.ledger.settle(backend.endpoint, now)
-                moved = self.in_flight.settle(backend.endpoint, now) or moved
-        if moved:
+        if self.in_flight.settle(idle, now) or moved:
             self.update_slots()
         try:
             await self.check_drains()

@@ -26,8 +26,8 @@ def started(rid="r1", key=K, lane=None):
     return logged
 
 
-def try_ended(status, rid="r1", key=K, reset=False):
-    return entry(TRY_ENDED, status=status, key=key, request_id=rid, reset=reset)
+def try_ended(status, rid="r1", key=K, reset=False, endpoint="10.0.0.1:8000"):
+    return entry(TRY_ENDED, status=status, key=key, request_id=rid, reset=reset, endpoint=endpoint)
 
 
 def request_ended(status, rid="r1", key=K, tried=True, details=""):
@@ -41,6 +41,8 @@ CASES = [
     ("two requests", [started("r1"), started("r2")], {K: 2}),
     ("answered: none", [started(), try_ended(200)], {}),
     ("a hedge or retry of the same request counts once", [started(), started(), try_ended(503)], {K: 1}),
+    ("an end logged for a try that never started (could not connect) is not one of its tries",
+     [started(), try_ended(503, endpoint="10.0.0.9:8000")], {K: 1}),
     ("a retried request answered by its second try", [started(), try_ended(503), started(), try_ended(200)], {}),
     ("a request that failed for good ends with its own log", [started(), try_ended(503), request_ended(503)], {}),
     ("... or, its own log sent elsewhere, once no retry came in time (expire)", [started(), try_ended(503)], {K: 1}),
@@ -76,22 +78,32 @@ def test_a_change_is_reported_only_when_a_count_moves():
 def test_a_failed_try_ends_its_request_unless_a_retry_starts_in_time():
     in_flight = InFlight()
     in_flight.started([K], "r1", 1, "e:1", now=0.0)
-    in_flight.try_ended("r1", answered=False, now=1.0)
+    in_flight.try_ended("r1", "e:1", answered=False, now=1.0)
     assert in_flight.expire(now=1.0 + RETRY_GRACE_S / 2, max_age_s=600) is False
     in_flight.started([K], "r1", 1, "e:2", now=1.0 + RETRY_GRACE_S / 2)  # the retry
     assert in_flight.expire(now=3.0 + RETRY_GRACE_S, max_age_s=600) is False and in_flight.counts() == {K: 1}
-    in_flight.try_ended("r1", answered=False, now=4.0)
+    in_flight.try_ended("r1", "e:9", answered=False, now=4.0)  # a try that never started
+    assert in_flight.expire(now=4.0 + RETRY_GRACE_S, max_age_s=600) is False
+    in_flight.try_ended("r1", "e:2", answered=False, now=4.0)
     assert in_flight.expire(now=4.0 + RETRY_GRACE_S, max_age_s=600) is True and in_flight.counts() == {}
 
 
-def test_a_closed_stream_an_idle_engine_or_an_old_request_frees_its_slot():
+def test_an_idle_engine_settles_only_requests_with_no_try_open_elsewhere():
+    in_flight = InFlight()
+    in_flight.started([K], "r1", 1, "e:1", now=0.0)
+    in_flight.started([K], "r1", 1, "e:2", now=31.0)  # hedged: a second try on e:2
+    in_flight.started([K, LANE], "r2", 2, "e:2", now=20.0)
+    assert in_flight.settle({"e:2"}, now=31.2) is True and in_flight.counts() == {K: 1}  # r2 only
+    assert in_flight.settle({"e:2"}, now=40.0) is False  # r1's first try still runs on e:1
+    assert in_flight.settle({"e:1", "e:2"}, now=33.0) is False  # its hedge started too lately to be sure
+    assert in_flight.settle({"e:1", "e:2"}, now=40.0) is True and in_flight.counts() == {}
+
+
+def test_a_closed_stream_or_an_old_request_frees_its_slot():
     in_flight = InFlight()
     in_flight.started([K], "r1", 1, "e:1", now=0.0)
     in_flight.started([K, LANE], "r2", 2, "e:1", now=50.0)
-    in_flight.started([K], "r3", 2, "e:2", now=50.0)
-    assert in_flight.stream_closed(1) is True and in_flight.counts() == {K: 2, LANE: 1}
-    assert in_flight.settle("e:1", now=52.0) is False  # sent too lately to be sure
-    assert in_flight.settle("e:1", now=60.0) is True and in_flight.counts() == {K: 1}
+    assert in_flight.stream_closed(1) is True and in_flight.counts() == {K: 1, LANE: 1}
     assert in_flight.expire(now=140.0, max_age_s=100.0) is False
     assert in_flight.expire(now=151.0, max_age_s=100.0) is True and in_flight.counts() == {}
 
@@ -111,14 +123,17 @@ SPENT = [
     ("a batch request refused by the key's in-flight filter spent its lane's",
      request_ended(429, tried=False, details="rate_limited_by_quota"), ({LANE}, {LANE})),
     ("one that reached an engine is accounted for by its start", request_ended(503), (set(), set())),
+    ("the Lua filter's own answer came before every quota filter", request_ended(429, tried=False), (set(), set())),
 ]
 
 
 @pytest.mark.parametrize("what,logged,spent", SPENT, ids=[c[0] for c in SPENT])
 def test_a_request_that_never_reached_an_engine_has_its_groups_granted_again(what, logged, spent):
     logged.common_properties.metadata.filter_metadata["whisper_gateway"].update({"batch_lane": LANE})
-    if "rate_limited_by_quota" in what or "in-flight filter" in what:
+    if "in-flight filter" in what:
         logged.response.response_headers["x-whisper-limited"] = "requests_in_flight"
+    if "Lua filter" in what:
+        logged.common_properties.metadata.filter_metadata["whisper_gateway"].update({"lua_reply": "1"})
     in_flight = InFlight()
     record(logged, 1, Outcomes(), Ledger(), in_flight, now=1.0)
     assert in_flight.take_changed() == spent
@@ -128,7 +143,7 @@ def test_changed_groups_are_taken_once():
     in_flight = InFlight()
     in_flight.started([K, LANE], "r1", 1, "e:1", now=0.0)
     assert in_flight.take_changed() == ({K, LANE}, set()) and in_flight.take_changed() == (set(), set())
-    in_flight.try_ended("r1", answered=True, now=1.0)
+    in_flight.try_ended("r1", "e:1", answered=True, now=1.0)
     assert in_flight.take_changed() == ({K, LANE}, set())
 
 

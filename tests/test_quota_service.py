@@ -26,7 +26,9 @@ def told(response) -> dict[str, object]:
         key = action.bucket_id.bucket["group"]
         if strategy.HasField("token_bucket"):
             assert result.get(key) == "deny"  # a fresh bucket: Envoy keeps the old one unless a blanket rule came first
-            result[key] = strategy.token_bucket.max_tokens
+            bucket = strategy.token_bucket
+            assert bucket.tokens_per_fill.value == bucket.max_tokens  # full again only after REFILL_S
+            result[key] = bucket.max_tokens
         else:
             result[key] = {ALLOW: "allow", DENY: "deny"}[strategy.blanket_rule]
     return result
@@ -36,21 +38,25 @@ def test_every_reported_bucket_gets_its_part_and_an_unlimited_key_is_allowed():
     slots = Slots()
     slots.publish({"a": 3, "b": 0}, set())
     servicer, buckets = QuotaServicer(slots, split, "group"), {}
-    assert told(servicer.on_reports(1, buckets, reports("a", "b", "c"))) == {"a": 3, "b": "deny", "c": "allow"}
-    assert told(servicer.on_reports(1, buckets, reports("a"))) == {"a": 3}  # renewed at every report
+    response, moved = servicer.on_reports(1, buckets, reports("a", "b", "c"))
+    assert told(response) == {"a": 3, "b": "deny", "c": "allow"} and moved == set()  # one Envoy: nobody else to tell
+    assert told(servicer.on_reports(1, buckets, reports("a"))[0]) == {"a": 3}  # renewed at every report
 
 
-def test_a_second_envoy_holding_the_key_splits_the_slots_and_the_first_is_told():
+def test_a_group_several_envoys_hold_is_split_afresh_for_all_at_each_report():
     slots = Slots()
     slots.publish({"a": 4}, set())
     servicer = QuotaServicer(slots, split, "group")
     first, second = {}, {}
-    watcher = slots.watch()
-    assert told(servicer.on_reports(1, first, reports("a"))) == {"a": 4}
-    assert not watcher.groups
-    assert told(servicer.on_reports(2, second, reports("a"))) == {"a": 2}
-    assert watcher.groups == {"a"}  # stream 1 grants again: 2 of its 4
-    assert told(servicer.answer(1, first, watcher.groups)) == {"a": 2}
+    response, moved = servicer.on_reports(1, first, reports("a"))
+    assert told(response) == {"a": 4} and moved == set()
+    response, moved = servicer.on_reports(2, second, reports("a"))
+    assert told(response) == {"a": 2} and moved == {"a"}  # stream 1 grants again: 2 of its 4
+    assert told(servicer.answer(1, first, moved)) == {"a": 2}
+    slots.publish({"a": 2}, set())  # stream 1's Envoy let two in: no grant needed, they took its tokens
+    response, moved = servicer.on_reports(2, second, reports("a"))
+    assert told(response) == {"a": 1} and moved == {"a"}  # and stream 1 is cut to 1, not left holding 2
+    assert told(servicer.answer(1, first, moved)) == {"a": 1}
 
 
 def test_only_the_keys_to_grant_again_wake_the_streams():
@@ -73,14 +79,12 @@ def test_a_slot_that_does_not_go_round_moves_to_the_envoy_refusing_for_want_of_i
     slots = Slots()
     slots.publish({"a": 1}, set())
     servicer, first, second = QuotaServicer(slots, split, "group"), {}, {}
-    watcher = slots.watch()
-    assert told(servicer.on_reports(1, first, reports("a"))) == {"a": 1}
-    assert told(servicer.on_reports(2, second, reports("a"))) == {"a": "deny"}  # one slot, two Envoys
-    watcher.groups.clear()
-    assert told(servicer.on_reports(2, second, usage("a", denied=3))) == {"a": 1}  # stream 2 asked: it moves
-    assert watcher.groups == {"a"}  # stream 1 is told
-    assert told(servicer.answer(1, first, watcher.groups)) == {"a": "deny"}
-    assert told(servicer.on_reports(2, second, usage("a", denied=0))) == {"a": 1}  # stays while unasked
+    assert told(servicer.on_reports(1, first, reports("a"))[0]) == {"a": 1}
+    assert told(servicer.on_reports(2, second, reports("a"))[0]) == {"a": "deny"}  # one slot, two Envoys
+    response, moved = servicer.on_reports(2, second, usage("a", denied=3))
+    assert told(response) == {"a": 1} and moved == {"a"}  # stream 2 asked: the slot moves, stream 1 is told
+    assert told(servicer.answer(1, first, moved)) == {"a": "deny"}
+    assert told(servicer.on_reports(2, second, usage("a", denied=0))[0]) == {"a": 1}  # stays while unasked
     servicer.closed(2, second)
     assert told(servicer.answer(1, first, {"a"})) == {"a": 1} and servicer.holders == {"a": {1}}
     servicer.closed(1, first)
@@ -88,7 +92,7 @@ def test_a_slot_that_does_not_go_round_moves_to_the_envoy_refusing_for_want_of_i
 
 
 def test_a_bucket_without_a_key_is_ignored():
-    assert QuotaServicer(Slots(), split, "group").on_reports(1, {}, reports("")) is None
+    assert QuotaServicer(Slots(), split, "group").on_reports(1, {}, reports("")) == (None, set())
 
 
 class FakeContext:

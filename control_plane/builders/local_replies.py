@@ -32,11 +32,12 @@ def _mapper(code: int, message: str, error_type: str) -> hcm.ResponseMapper:
 
 def _rate_limited() -> hcm.ResponseMapper:
     """A quota filter's 429 (builders/quotas.py), in OpenAI's shape: `type` names the limit
-    (requests, audio_seconds, audio_seconds_per_day or requests_in_flight)."""
+    (a key's requests, audio_seconds, audio_seconds_per_day or requests_in_flight; a model's
+    batch_lane)."""
     body = struct_pb2.Struct()
     body.update({"error": {
-        "message": f"Rate limit reached for this API key: %RESP({LIMITED_HEADER})% (its plan's limit). Retry after "
-                   "the time in the Retry-After header.",
+        "message": f"Rate limit reached: %RESP({LIMITED_HEADER})%. Retry after the time in the Retry-After "
+                   "header.",
         "type": f"%RESP({LIMITED_HEADER})%", "param": None, "code": "rate_limit_exceeded"}})
     return hcm.ResponseMapper(filter=status_is(accesslog_pb2.ComparisonFilter.EQ, 429, "local_reply"),
                               body_format_override=Format(json_format=body, content_type="application/json"))

@@ -1,4 +1,6 @@
 """The access-log service every Envoy streams to: each try at an engine, and each failed request.
+They feed the ledger, the failure ratios, the metering, and the requests in flight per key and
+batch lane (observe/in_flight.py).
 
 Envoy's router logs a try when its stream to the engine starts (UpstreamPoolReady) and when it
 ends (UpstreamEnd); the connection manager logs a request at its end (DownstreamEnd) only when
@@ -119,20 +121,23 @@ def record(entry: accesslog_pb2.HTTPAccessLogEntry, stream: int, outcomes: Outco
         ledger.ended(stream, request_id, endpoint, ok and entry.response.response_code.value < 400, now)
         if delivered(entry):
             _meter_served(entry, ledger)
-        return in_flight.try_ended(request_id, delivered(entry), now)
+        return in_flight.try_ended(request_id, endpoint, delivered(entry), now)
     return False
 
 
 def _request_ended(entry: accesslog_pb2.HTTPAccessLogEntry, in_flight: InFlight, now: float) -> bool:
     """A routed request that did not end in a 2xx, into the requests in flight. One the in-flight
     filters refused took no token of the refusing filter's group, nor of the groups of the filters
-    after it (the batch lane's filter comes first: builders/quotas.py)."""
+    after it (the batch lane's filter comes first: builders/quotas.py); one the Lua filter answered
+    took none at all."""
     fields = entry.common_properties.metadata.filter_metadata.get(METADATA_NAMESPACE)
     def field(name: str) -> str:
         return fields.fields[name].string_value if fields is not None and name in fields.fields else ""
 
     key, lane = field(KEY_ID_KEY), field(BATCH_LANE_KEY)
-    if entry.response.response_code_details == IN_FLIGHT_REFUSAL:
+    if fields is not None and LUA_REPLY_KEY in fields.fields:
+        groups = ()  # the Lua filter's own answer (a closed lane, an upload too long): before every quota filter
+    elif entry.response.response_code_details == IN_FLIGHT_REFUSAL:
         limited = entry.response.response_headers.get(LIMITED_HEADER)
         groups = (lane,) if limited == IN_FLIGHT_LIMIT else ()
     else:

@@ -5,18 +5,21 @@ A group is an API key's id (its plan's `requests_in_flight`) or a model's batch 
 belongs to. It is in flight from the log of its first try's start until one of:
 - a try that delivered its 2xx;
 - its last open try ended without one and no other try started within RETRY_GRACE_S (Envoy
-  retries and hedges within that): both come on the upstream-try log, which one Envoy worker
-  sends to one control plane, so a plane never waits on a log another plane got;
+  starts a retry within that): both come on the upstream-try log, which one Envoy worker sends
+  to one control plane, so a plane never waits on a log another plane got;
 - the request's own log (every routed request that did not end in a 2xx logs one,
   control_plane/builders/listener.py), which may come first, on another stream: a request whose
   end came that way is remembered for a while and a late start of it ignored.
-Hedged and retried tries of one request share its request id, so it counts once. Lost logs
-cannot hold a slot for long: a stream that closes takes its requests with it, `settle` drops
-the requests on an engine that holds nothing, and `expire` those older than any request lasts.
+Hedged and retried tries of one request share its request id, so it counts once; its open tries
+are counted per engine (an end logged for a try that never started, one that could not connect,
+is ignored). Lost logs cannot hold a slot for long: a stream that closes takes its requests with
+it, `settle` drops a request whose engines with open tries all hold nothing (and whose last try
+started a while ago), and `expire` those older than any request lasts.
 
-A request that ended without ever starting a try (refused by a limit after the in-flight
-filters, or no engine ready) took a token in Envoy that no start accounts for: `ended` says so,
-so its groups are granted again.
+A request that ended without Envoy ever picking an engine for it (refused by a limit after the
+in-flight filters, or no engine healthy) took a token in Envoy that no start accounts for:
+`ended` says so, so its groups are granted again. (One whose try could not connect has an engine
+in its log and gives its token back at the next report instead.)
 
 Pure: no I/O, and time is passed in.
 """
@@ -37,8 +40,8 @@ class _Open:
     groups: tuple[str, ...]
     stream: int
     since: float
-    endpoint: str
-    tries: int = 1  # open now
+    last_start: float
+    tries: dict[str, int] = field(default_factory=dict)  # engine -> its tries open there
     idle_since: float | None = None  # when its last open try ended without an answer
 
 
@@ -56,23 +59,28 @@ class InFlight:
         if not groups or not request_id or request_id in self._ended:
             return False
         request = self._open.get(request_id)
-        if request is not None:  # a retry or a hedge
-            request.tries, request.idle_since, request.endpoint = request.tries + 1, None, endpoint
-            return False
-        self._open[request_id] = _Open(groups, stream, now, endpoint)
-        self._move(groups, +1)
-        return True
+        moved = request is None
+        if request is None:
+            request = self._open[request_id] = _Open(groups, stream, now, now)
+            self._move(groups, +1)
+        request.tries[endpoint] = request.tries.get(endpoint, 0) + 1  # a retry or a hedge: one more
+        request.last_start, request.idle_since = now, None
+        return moved
 
-    def try_ended(self, request_id: str, answered: bool, now: float) -> bool:
-        """A try ended: with the request's 2xx (it is over), or without (over unless another starts
-        within RETRY_GRACE_S). True when a count moved."""
+    def try_ended(self, request_id: str, endpoint: str, answered: bool, now: float) -> bool:
+        """A try at `endpoint` ended: with the request's 2xx (it is over), or without (over unless
+        another starts within RETRY_GRACE_S). True when a count moved."""
         request = self._open.get(request_id)
         if request is None:
             return False
         if answered:
             return self._close(request_id)
-        request.tries = max(0, request.tries - 1)
-        if request.tries == 0:
+        if request.tries.get(endpoint, 0) == 0:
+            return False  # a try that never started (it could not connect)
+        request.tries[endpoint] -= 1
+        if not request.tries[endpoint]:
+            del request.tries[endpoint]
+        if not request.tries:
             request.idle_since = now
         return False
 
@@ -82,9 +90,9 @@ class InFlight:
         a count moved or tokens were spent."""
         if not request_id:
             return False
-        if tried:
+        if tried and any(groups):
             self._ended[request_id] = now
-        elif request_id not in self._open and any(groups):
+        elif not tried and request_id not in self._open and any(groups):
             self._spent |= {g for g in groups if g}
             return True
         return self._close(request_id)
@@ -101,10 +109,11 @@ class InFlight:
         not come here. True when a count moved."""
         return self._drop(lambda r: r.stream == stream)
 
-    def settle(self, endpoint: str, now: float) -> bool:
-        """The engine holds nothing (its metrics say so): requests sent to it a while ago are over,
-        whatever log of theirs was lost. True when a count moved."""
-        return self._drop(lambda r: r.endpoint == endpoint and now - r.since > SETTLE_AFTER_S)
+    def settle(self, idle: set[str], now: float) -> bool:
+        """`idle`: engines that hold nothing (their metrics say so). A request whose engines with open
+        tries are all idle, its last try started a while ago, is over, whatever log of it was lost.
+        True when a count moved."""
+        return self._drop(lambda r: now - r.last_start > SETTLE_AFTER_S and r.tries.keys() <= idle)
 
     def expire(self, now: float, max_age_s: float) -> bool:
         """Ends requests whose last try failed RETRY_GRACE_S ago and those older than `max_age_s`;

@@ -33,11 +33,11 @@ log = logging.getLogger(__name__)
 
 ASSIGNMENT_TTL_S = 15  # several reports (IN_FLIGHT_REPORT_S): a plane that is gone refuses no one after this
 ALLOW, DENY = ratelimit_strategy_pb2.RateLimitStrategy.ALLOW_ALL, ratelimit_strategy_pb2.RateLimitStrategy.DENY_ALL
-# A granted bucket refills one token per REFILL_S on its own (Envoy's token buckets need a rate):
-# slow next to the grants, which replace it whenever a slot frees and at every report. Envoy
-# (Envoy 1.40 logs a bug and starts a bucket empty when its size / rate exceeds the host's uptime;
-# 1000 tokens at this rate need 8.3 hours.)
-REFILL_S = 30
+# A granted bucket refills itself fully in REFILL_S (Envoy's token buckets need a rate): slow
+# next to the grants, which replace it whenever a slot frees and at every report, so a part
+# below REFILL_S / (2 x the report interval) never gains a token on its own. Envoy 1.40 starts a
+# bucket empty (and logs a bug) when size / rate, here REFILL_S, exceeds the host's uptime.
+REFILL_S = 300
 
 
 @dataclass(eq=False)  # watched by identity
@@ -63,12 +63,13 @@ class Slots:
                 self.free[group] = slots
         self.tell(regrant)
 
-    def tell(self, groups: set[str]) -> None:
-        """Has every stream grant these groups again (an Envoy came to hold one: the parts moved)."""
+    def tell(self, groups: set[str], skip: _Watcher | None = None) -> None:
+        """Has every stream (but `skip`'s) grant these groups again: the parts moved."""
         if groups:
             for watcher in self._watchers:
-                watcher.groups |= groups
-                watcher.event.set()
+                if watcher is not skip:
+                    watcher.groups |= groups
+                    watcher.event.set()
 
     def refused(self) -> frozenset[str]:
         """The limited groups with no slot free."""
@@ -100,7 +101,7 @@ def grant(bucket: rlqs_pb2.BucketId, tokens: int | None) -> list[rlqs_pb2.RateLi
     fresh.quota_assignment_action.assignment_time_to_live.seconds = ASSIGNMENT_TTL_S
     tokens_bucket = fresh.quota_assignment_action.rate_limit_strategy.token_bucket
     tokens_bucket.max_tokens = tokens
-    tokens_bucket.tokens_per_fill.value = 1
+    tokens_bucket.tokens_per_fill.value = tokens
     tokens_bucket.fill_interval.seconds = REFILL_S
     return [bucket_action, fresh]
 
@@ -135,9 +136,12 @@ class QuotaServicer(rlqs_pb2_grpc.RateLimitQuotaServiceServicer):
         return rlqs_pb2.RateLimitQuotaResponse(bucket_action=actions) if actions else None
 
     def on_reports(self, stream: int, buckets: dict[str, rlqs_pb2.BucketId],
-                   reports: rlqs_pb2.RateLimitQuotaUsageReports) -> rlqs_pb2.RateLimitQuotaResponse | None:
+                   reports: rlqs_pb2.RateLimitQuotaUsageReports
+                   ) -> tuple[rlqs_pb2.RateLimitQuotaResponse | None, set[str]]:
         """Every reported bucket gets a fresh grant: a new one learns its part, an old one is renewed
-        (and loses any tokens it refilled on its own)."""
+        (and loses any tokens it refilled on its own). Returns that, and the groups the other
+        Envoys holding them must be granted again: a group several hold is split afresh at each
+        report, since the others' parts were cut from a count that has moved since."""
         reported, moved = [], set()
         for usage in reports.bucket_quota_usages:
             group = usage.bucket_id.bucket.get(self.bucket_entry)
@@ -151,10 +155,10 @@ class QuotaServicer(rlqs_pb2_grpc.RateLimitQuotaServiceServicer):
                 if (usage.num_requests_denied and self.slots.free.get(group) and self.part(group, stream) == 0
                         and self.wanting.get(group) != stream):
                     self.wanting[group] = stream  # refused here while a slot is free elsewhere: it moves here
+                if len(holders) > 1 and group in self.slots.free:
                     moved.add(group)
                 reported.append(group)
-        self.slots.tell(moved)
-        return self.answer(stream, buckets, reported)
+        return self.answer(stream, buckets, reported), moved
 
     def closed(self, stream: int, buckets: Mapping[str, rlqs_pb2.BucketId]) -> None:
         """A stream ended: its parts go to the other Envoys holding its groups."""
@@ -194,7 +198,9 @@ class QuotaServicer(rlqs_pb2_grpc.RateLimitQuotaServiceServicer):
                     reports = inbox.popleft()
                     if reports is None:
                         return
-                    responses.append(self.on_reports(stream, buckets, reports))
+                    response, moved = self.on_reports(stream, buckets, reports)
+                    responses.append(response)
+                    self.slots.tell(moved, skip=watcher)
                 groups, watcher.groups = watcher.groups, set()
                 responses.append(self.answer(stream, buckets, sorted(groups)))
                 for response in responses:
