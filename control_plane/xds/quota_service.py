@@ -29,6 +29,8 @@ import grpc
 from envoy.service.rate_limit_quota.v3 import rlqs_pb2, rlqs_pb2_grpc
 from envoy.type.v3 import ratelimit_strategy_pb2
 
+from control_plane.xds.server import read_into
+
 log = logging.getLogger(__name__)
 
 ASSIGNMENT_TTL_S = 15  # several reports (IN_FLIGHT_REPORT_S): a plane that is gone refuses no one after this
@@ -176,19 +178,7 @@ class QuotaServicer(rlqs_pb2_grpc.RateLimitQuotaServiceServicer):
         buckets: dict[str, rlqs_pb2.BucketId] = {}
         inbox: deque = deque()
         watcher = self.slots.watch()
-
-        async def read() -> None:
-            try:
-                async for reports in request_iterator:
-                    inbox.append(reports)
-                    watcher.event.set()
-            except (grpc.aio.AioRpcError, asyncio.CancelledError):
-                pass
-            finally:
-                inbox.append(None)
-                watcher.event.set()
-
-        reader = asyncio.create_task(read())
+        reader = asyncio.create_task(read_into(request_iterator, inbox, watcher.event))
         try:
             while True:
                 await watcher.event.wait()

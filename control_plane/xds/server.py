@@ -209,6 +209,20 @@ class AdsStream:
                 and not self._names_to_send(ENDPOINT, endpoints, snapshot))
 
 
+async def read_into(requests, inbox: deque, wake: asyncio.Event) -> None:
+    """Moves a bidirectional stream's requests into `inbox`, waking `wake` for each, and a None
+    when the stream ends: the servicer's loop answers both them and changes of its own."""
+    try:
+        async for request in requests:
+            inbox.append(request)
+            wake.set()
+    except (grpc.aio.AioRpcError, asyncio.CancelledError):
+        pass
+    finally:
+        inbox.append(None)
+        wake.set()
+
+
 class AggregatedDiscoveryServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
     def __init__(self, cache: SnapshotCache):
         self.cache = cache
@@ -218,19 +232,7 @@ class AggregatedDiscoveryServicer(ads_pb2_grpc.AggregatedDiscoveryServiceService
         stream = AdsStream(next(self._ids), self.cache)
         inbox: deque = deque()
         wake = self.cache.watch()
-
-        async def read() -> None:
-            try:
-                async for request in request_iterator:
-                    inbox.append(request)
-                    wake.set()
-            except (grpc.aio.AioRpcError, asyncio.CancelledError):
-                pass
-            finally:
-                inbox.append(None)
-                wake.set()
-
-        reader = asyncio.create_task(read())
+        reader = asyncio.create_task(read_into(request_iterator, inbox, wake))
         opened = False
         try:
             while True:
