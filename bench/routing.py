@@ -26,7 +26,6 @@ import argparse
 import asyncio
 import importlib.util
 import json
-import os
 import sys
 import tempfile
 import time
@@ -419,24 +418,19 @@ def lanes_arrivals(policy: str, seconds: float, seed: int) -> tuple[list[Arrival
     return [a for a, _ in merged], {i for i, (_, batch) in enumerate(merged) if batch}
 
 
-def lanes_auth(policy: str) -> tuple[dict, bool]:
-    """The auth section of a lanes policy, and whether the batch key gets the `batch` plan:
-    `lanes` closes the batch lane above LANE_LEVEL_S; `cap-N` lets batch keys hold N requests in
-    flight per engine (auth.batch_in_flight_per_engine); `slots-N` lets the batch key hold N
-    (its plan's requests_in_flight); `lanes-cap-N`, `lanes-slots-N`: both."""
+def lanes_auth(policy: str) -> dict:
+    """The auth section of a lanes policy: `lanes` closes the batch lane above LANE_LEVEL_S;
+    `cap-N` lets batch keys hold N requests in flight per engine (auth.batch_in_flight_per_engine);
+    `lanes-cap-N` both."""
     auth: dict = {"api_keys": "required"}
     if policy.startswith("lanes"):
         auth["batch_above_wait_s"] = LANE_LEVEL_S
     if "cap-" in policy:
         auth["batch_in_flight_per_engine"] = int(policy.rsplit("cap-", 1)[1])
-    slots = policy.rsplit("slots-", 1)[1] if "slots-" in policy else None
-    if slots:
-        auth["plans"] = {"batch": {"requests_per_minute": 10_000_000, "audio_seconds_per_minute": 1_000_000_000,
-                                   "requests_in_flight": int(slots)}}
-    return auth, slots is not None
+    return auth
 
 
-def run_lanes(log_dir: Path, seconds: float, seed: int) -> dict:
+def run_lanes(log_dir: Path, seconds: float, seed: int, policies=LANES_POLICIES) -> dict:
     processes, engines = [], []
     for index, speed in enumerate(LANES.speeds):
         process, url = start_engine(log_dir, MODEL, f"lanes-{index}", max_num_seqs=PROFILE.max_num_seqs, speed=speed)
@@ -444,14 +438,13 @@ def run_lanes(log_dir: Path, seconds: float, seed: int) -> dict:
         engines.append(url)
     rows = {}
     try:
-        for policy in os.environ.get("LANES_POLICIES", ",".join(LANES_POLICIES)).split(","):
+        for policy in policies:
             wait_idle(engines)
             run_dir = Path(tempfile.mkdtemp(prefix=f"lanes-{policy}-", dir=log_dir))
-            auth, batch_plan = lanes_auth(policy)
+            auth = lanes_auth(policy)
             stack = GatewayStack(run_dir, MODEL, engines, auth=auth, **gateway_sections("whisper-gateway"))
             try:
-                secrets = {kind: stack.admin.call("POST", "/keys", {"name": kind, "class": kind} | (
-                    {"plan": "batch"} if kind == "batch" and batch_plan else {})).json()["secret"]
+                secrets = {kind: stack.admin.call("POST", "/keys", {"name": kind, "class": kind}).json()["secret"]
                            for kind in ("interactive", "batch")}
                 plan_, batch = lanes_arrivals(policy, seconds, seed)
                 run = LanesRun(engines, plan_, batch, secrets, seconds, stack.envoy.url, stack.envoy)
@@ -520,6 +513,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, help="seconds of arrivals per run (default 12, --full 40)")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--policy", action="append", choices=POLICIES, help="only these (targets need all)")
+    parser.add_argument("--lanes-policy", action="append",
+                        help="priority-lanes runs: idle, no-lanes, lanes, cap-N, lanes-cap-N (default: %s)"
+                             % ", ".join(LANES_POLICIES))
     args = parser.parse_args()
     plotting = importlib.util.find_spec("matplotlib") is not None
     if not plotting:
@@ -536,7 +532,7 @@ def main() -> None:
               "descriptions": {s.name: s.what for s in chosen}, "profile": asdict(PROFILE)}
     try:
         if not args.scenario or LANES.name in args.scenario:
-            report["lanes"] = run_lanes(log_dir, seconds, args.seed)
+            report["lanes"] = run_lanes(log_dir, seconds, args.seed, args.lanes_policy or LANES_POLICIES)
         for scenario in chosen:
             rows = run_scenario(log_dir, scenario, loads, seconds, args.seed, args.policy or POLICIES)
             report["scenarios"][scenario.name] = rows

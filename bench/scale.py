@@ -43,7 +43,7 @@ import threading
 import time
 from pathlib import Path
 
-from bench.datapath import cpu_seconds, find_tool
+from bench.datapath import cpu_seconds, require
 from bench.soak import rss_mb
 from bench.machine import describe_machine
 from harness.processes import PYTHON, STARTED, Envoy, GatewayStack, Process, free_port, request, wait_until
@@ -83,9 +83,7 @@ http {{
     }}
 }}
 """)
-        nginx = find_tool("nginx")
-        if nginx is None:
-            raise SystemExit("needs Debian's nginx (apt-get install -y nginx)")
+        nginx = require("nginx")
         self.process = Process("farm-nginx", [nginx, "-p", str(work), "-c", str(config), "-e", "stderr"], work)
         wait_until(lambda: request("GET", f"http://127.0.0.1:{self.ports[-1]}/metrics", timeout=2).status == 200, 30,
                    "the farm")

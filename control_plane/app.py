@@ -138,7 +138,7 @@ class ControlPlane:
             self.engine_tls = engine_client_context(self.config.backend_tls, material)
             if listen.admin_tls:
                 self._admin_tls = AdminTls(listen.tls)
-        except (CertificateProblem, ssl.SSLError, OSError, ValueError) as error:
+        except (OSError, ValueError) as error:  # CertificateProblem and ssl.SSLError among them
             raise StartupError(str(error)) from None
         https = any(is_https(e.url) for e in self.config.all_backends()) or \
             any(d.scheme == "https" for d in self.config.discovery)
@@ -258,6 +258,10 @@ class ControlPlane:
             self.config, self.fleet = config, fleet
             self._set_in_flight_limits(force=True)
 
+    def _routes(self, fleet: Fleet, envoys: int):
+        """The route configuration alone, for changes that reach nothing else (lanes, the Envoys' count)."""
+        return build_route_configuration(self.config, fleet, self.lua_source, self._access(self.config), envoys)
+
     def _access(self, config: GatewayConfig) -> Access:
         grants = self.keys.grants(set(config.auth.plans), config.auth.default_plan)
         return Access(config.auth.api_keys == "required", grants, self.engine_key)
@@ -285,10 +289,11 @@ class ControlPlane:
     def update_slots(self, groups: set[str] | None = None) -> None:
         """After the logs moved some groups' counts (None: those), or their limits changed: their
         slots, which the Envoys are told when one freed."""
-        spent: set[str] = set()  # groups with a request that took a token and never reached an engine
-        if groups is None:
-            groups, spent = self.in_flight.take_changed()
         limits = self.in_flight_limits
+        spent: set[str] = set()  # groups with a request that took a token and never reached an engine
+        if groups is None:  # from the logs: only limited groups matter (ones that lost a limit come named)
+            groups, spent = self.in_flight.take_changed()
+            groups &= limits.keys()
         free, regrant = {}, {g for g in spent if g in limits}
         for group in groups:
             after = GroupSlots(limits[group], self.in_flight.count(group)) if group in limits else None
@@ -327,12 +332,13 @@ class ControlPlane:
         scraper.record(self.tracker, fleet, pages, now)
         self.outcomes.retain({b.endpoint for b in fleet.backends})
         self.ledger.retain({b.endpoint for b in fleet.backends})
-        self.ledger.expire(now, self.config.timeouts.route_s + 60)  # no try lasts longer
+        max_age_s = self.config.timeouts.route_s + 60  # no try, no request lasts longer
+        self.ledger.expire(now, max_age_s)
         idle = {b.endpoint for b in fleet.backends  # an engine that holds nothing has no tries open
                 if all(_idle(self.tracker.state(b.id, m, b.weight, now), self.config) for m in b.models)}
         for endpoint in idle:
             self.ledger.settle(endpoint, now)
-        moved = self.in_flight.expire(now, self.config.timeouts.route_s + 60)  # no request lasts longer
+        moved = self.in_flight.expire(now, max_age_s)
         if self.in_flight.settle(idle, now) or moved:
             self.update_slots()
         try:
@@ -375,19 +381,20 @@ class ControlPlane:
         if material is None:
             return
         try:  # everything that can fail first: the files are served everywhere or nowhere
-            engine_tls = engine_client_context(self.config.backend_tls, material)
-            if self._admin_tls is not None:
-                self._admin_tls.reload()
             if material.checks_engines != self.certificates.current.checks_engines:
                 raise CertificateProblem("backend_tls.ca_file: the CA for https:// engines appeared or went away; "
                                          "that takes a restart")
-        except (CertificateProblem, ssl.SSLError, OSError, ValueError) as error:
+            engine_tls = engine_client_context(self.config.backend_tls, material)
+            admin_tls = self._admin_tls.load() if self._admin_tls is not None else None
+        except (OSError, ValueError) as error:  # CertificateProblem and ssl.SSLError among them
             self.certificates.reject(str(error))
             return
         async with self._publishing:
             self.cache.set_snapshot(self.cache.snapshot.with_type(SECRET, build_secrets(material)))
             self.certificates.accept(material)
         self.engine_tls = engine_tls
+        if admin_tls is not None:
+            self._admin_tls.current = admin_tls
 
     async def _expire_secrets(self) -> None:
         """Rotated-out key secrets stop working at the end of their grace; without waiting for the
@@ -407,7 +414,7 @@ class ControlPlane:
         if (envoys := max(1, envoys)) == self.envoys:
             return
         async with self._changing, self._publishing:  # only what the count is in: a failure is tried next round
-            routes = build_route_configuration(self.config, self.fleet, self.lua_source, self._access(self.config), envoys)
+            routes = self._routes(self.fleet, envoys)
             self.cache.set_snapshot(self.cache.snapshot.with_type(ENDPOINT, build_load_assignments(self.fleet, envoys))
                                     .with_type(ROUTE, [routes]))
             self.envoys = envoys
@@ -428,8 +435,7 @@ class ControlPlane:
                 return
             models = set(self.fleet.model_names())
             fleet = replace(self.fleet, batch_closed={m: s for m, s in closed.items() if m in models})
-            routes = build_route_configuration(self.config, fleet, self.lua_source, self._access(self.config),
-                                               self.envoys)
+            routes = self._routes(fleet, self.envoys)
             self.cache.set_snapshot(self.cache.snapshot.with_type(ROUTE, [routes]))
             self.fleet = fleet
         log.info("batch lanes: refused for %s", sorted(closed) or "no model")
@@ -463,16 +469,16 @@ class ControlPlane:
                 try:
                     result = mutate()
                     if self.shared is not None:
-                        written = await self._save_shared(change_id, before)
+                        written = await self._save_shared(change_id)
                     elif self.store is not None:
                         await asyncio.to_thread(self.store.save, self.saved_state())
                     await self._publish_config(self.config)
                     if self.shared is not None:
                         self.revision = written
                     return result
-                except Conflict:  # another control plane changed the state first: on top of theirs
+                except Conflict as newer:  # another control plane changed the state first: on top of theirs
                     self.registry, self.keys = before
-                    await self._adopt(*await self.shared.load())
+                    await self._adopt(*newer.args)
                     await asyncio.sleep(random.uniform(0, 0.005 * attempt))
                 except Exception:
                     saved = self.saved_state()
@@ -482,16 +488,17 @@ class ControlPlane:
                     raise
             raise StateUnavailable("the state kept changing on other control planes; try again")
 
-    async def _save_shared(self, change_id: str, before: tuple[Registry, KeyTable]) -> int:
+    async def _save_shared(self, change_id: str) -> int:
         """Writes the changed state to etcd on the revision served; its new revision. A write whose
-        answer was lost and that etcd took anyway (its change id is there) counts as done."""
+        answer was lost and that etcd took anyway (its change id is there) counts as done; any
+        other Conflict carries the newer state and its revision, for the change to be made on."""
         try:
             return await self.shared.save(self.saved_state() | {"change": change_id}, self.revision)
         except Conflict:
             saved, revision = await self.shared.load()
             if saved is not None and saved.get("change") == change_id:
                 return revision
-            raise
+            raise Conflict(saved, revision) from None
 
     # -- several control planes (state.etcd) --------------------------------------------------
 
@@ -605,14 +612,10 @@ class ControlPlane:
         self._idle_scrapes.pop(entry.id, None)
         # Config backends, and DNS backends an operator drained while their record stays, are
         # parked; API backends and vanished DNS records go.
-        def still_draining(registry: Registry) -> Entry | None:
-            """The same drain, on the state the change is made on: a resume made meanwhile on another
-            control plane wins."""
-            now = registry.get(entry.id)
-            return now if now is not None and now.state == DRAINING and now.drain == entry.drain else None
-
         def finish(registry: Registry) -> None:
-            if still_draining(registry) is None:
+            # The same drain, on the state the change is made on: a resume made meanwhile on another
+            # control plane wins.
+            if (now := registry.get(entry.id)) is None or now.drain != entry.drain:
                 return
             if entry.source is Source.CONFIG or (entry.source is Source.DNS and entry.drain_reason != "dns"):
                 registry.set_state(entry.id, DRAINED)

@@ -251,11 +251,13 @@ class AdminTls:
 
     def __init__(self, listen: ListenTlsConfig):
         self.listen = listen
-        self.current = self._load()
+        self.current = self.load()
         self.context = self.current  # the one the server holds; `_pick` moves each handshake to `current`
         self.context.sni_callback = self._pick
 
-    def _load(self) -> ssl.SSLContext:
+    def load(self) -> ssl.SSLContext:
+        """A context from the files as they are now; a rotation builds one and swaps it in (`current`)
+        only once the whole rotation is good."""
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         context.load_cert_chain(self.listen.cert_file, self.listen.key_file)
@@ -263,6 +265,3 @@ class AdminTls:
 
     def _pick(self, connection, server_name, context) -> None:
         connection.context = self.current
-
-    def reload(self) -> None:
-        self.current = self._load()

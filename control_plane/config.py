@@ -26,6 +26,7 @@ DEFAULT_CONFIG_PATH = Path(__file__).parent / "defaults" / "gateway.yaml"
 MODEL_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}")  # use fullmatch
 _DNS_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,252})")
 SECTION = ConfigDict(extra="forbid")
+YAML_OFF = BeforeValidator(lambda v: "off" if v is False else v)  # YAML reads an unquoted `off` as false
 
 
 def _backend_url(value: Any) -> str:
@@ -73,8 +74,7 @@ class ListenTlsConfig:
     key_file: FilePath  # its private key, unencrypted
     # Client certificates (mTLS), checked against client_ca_file: off, optional (verified when
     # sent) or required.
-    client_certificates: Annotated[Literal["off", "optional", "required"],
-                                   BeforeValidator(lambda v: "off" if v is False else v)] = "off"  # YAML's `off` is false
+    client_certificates: Annotated[Literal["off", "optional", "required"], YAML_OFF] = "off"
     client_ca_file: FilePath | None = None
 
 
@@ -240,8 +240,7 @@ class AuthConfig:
 
     # required: every audio request needs `Authorization: Bearer <key>` (keys made with
     # `whisper-gateway keys create`); off: anyone who can reach listen.address may send audio.
-    api_keys: Annotated[Literal["off", "required"],
-                        BeforeValidator(lambda v: "off" if v is False else v)] = "off"  # YAML reads `off` as false
+    api_keys: Annotated[Literal["off", "required"], YAML_OFF] = "off"
     # Lets api_keys: off serve a listen.address beyond loopback; without it that is refused, so
     # nothing is open by accident.
     open_listener: StrictBool = False

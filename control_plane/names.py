@@ -33,9 +33,16 @@ IN_FLIGHT_BUCKET_ENTRY = "group"
 IN_FLIGHT_REPORT_S = 2
 
 
+BATCH_LANE_PREFIX = "batch:"
+
+
 def batch_lane(model: str) -> str:
     """The group a model's batch requests count in (a key's group is its id)."""
-    return f"batch:{model}"
+    return BATCH_LANE_PREFIX + model
+
+
+def is_batch_lane(group: str) -> bool:
+    return group.startswith(BATCH_LANE_PREFIX)
 # Dynamic metadata the Lua filter sets (a client cannot forge it): LUA_REPLY_KEY on its own
 # answers; MODEL_KEY, SECONDS_KEY and ESTIMATED_KEY on every request it routes (the log of
 # failed requests meters those, never headers a client could have sent).

@@ -31,7 +31,7 @@ local AUDIO_SECONDS_HEADER = "x-whisper-audio-seconds"
 local AUDIO_ESTIMATED_HEADER = "x-whisper-audio-estimated"
 -- The id of the API key a request was admitted with (envoy/api_keys.lua), for the logs that meter it.
 local KEY_ID_HEADER = "x-whisper-key-id"
--- On a batch key's request, with CONTEXT.batch_in_flight: the model's batch lane, whose requests
+-- On a batch key's request, with CONTEXT.batch_lane_prefix: the model's batch lane, whose requests
 -- in flight the quota filter after this one counts (control_plane/builders/quotas.py).
 local BATCH_LANE_HEADER = "x-whisper-batch-lane"
 -- The key's plan and the upload's cost in whole audio-seconds, as dynamic metadata: the quota
@@ -343,8 +343,8 @@ function envoy_on_request(h)
     return reply(h, 429, "The model `" .. model .. "` is busy with interactive requests; this key's batch requests "
       .. "wait until its backlog drains.", "batch_lane", nil, "rate_limit_exceeded", CONTEXT.batch_closed[model])
   end
-  if grant and grant.class == "batch" and CONTEXT.batch_in_flight then
-    local lane = "batch:" .. model -- control_plane/names.py batch_lane()
+  if grant and grant.class == "batch" and CONTEXT.batch_lane_prefix then
+    local lane = CONTEXT.batch_lane_prefix .. model -- control_plane/names.py batch_lane()
     headers:replace(BATCH_LANE_HEADER, lane)
     h:streamInfo():dynamicMetadata():set(METADATA_NAMESPACE, BATCH_LANE_KEY, lane)
   end

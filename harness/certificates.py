@@ -31,9 +31,9 @@ class Certificates:
     other_server: Pair  # localhost, signed by other_ca
     other_client: Pair  # a client certificate signed by other_ca
 
-    def client_context(self, client: Pair | None = None, ca: Path | None = None) -> ssl.SSLContext:
-        """What a client that trusts `ca` (this CA) uses, with a client certificate if given."""
-        context = ssl.create_default_context(cafile=str(ca or self.ca))
+    def client_context(self, client: Pair | None = None) -> ssl.SSLContext:
+        """What a client that trusts this CA uses, with a client certificate if given."""
+        context = ssl.create_default_context(cafile=str(self.ca))
         if client is not None:
             context.load_cert_chain(client.cert, client.key)
         return context

@@ -95,9 +95,11 @@ def multipart(parts: list[tuple[str, bytes | str, str | None]], boundary: str = 
 
 
 def post_form(url: str, parts: list[tuple[str, bytes | str, str | None]], boundary: str = "wgboundary7MA4YWxk",
-              content_type: str | None = None, timeout: float = 30) -> Response:
-    headers = {"Content-Type": content_type or f"multipart/form-data; boundary={boundary}"}
-    return request("POST", url, multipart(parts, boundary), headers, timeout)
+              content_type: str | None = None, timeout: float = 30, headers: dict | None = None,
+              context: ssl.SSLContext | None = None) -> Response:
+    """`headers`: more than the Content-Type (Authorization, say); `context`: as `request`'s."""
+    sent = {"Content-Type": content_type or f"multipart/form-data; boundary={boundary}"} | (headers or {})
+    return request("POST", url, multipart(parts, boundary), sent, timeout, context=context)
 
 
 def transcribe(base_url: str, model: str | None, seconds: float = 1.0, model_first: bool = True,

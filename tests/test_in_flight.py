@@ -14,7 +14,8 @@ import pytest
 from openai import OpenAI, RateLimitError
 
 from control_plane.config import ConfigError, load_config
-from harness.processes import Envoy, GatewayStack, multipart, request, silent_wav, start_engine, wait_until
+from harness.processes import Envoy, GatewayStack, post_form, request, silent_wav, start_engine, wait_until
+from tests.test_quotas import engine_requests
 
 MODEL = "whisper-large-v3-turbo"
 PLANS = {"two": {"requests_per_minute": 1000, "audio_seconds_per_minute": 100000, "requests_in_flight": 2},
@@ -41,10 +42,9 @@ def new_key(stack, name: str, plan: str) -> dict:
 
 
 def send(stack, secret: str):
-    body = multipart([("model", MODEL, None), ("file", silent_wav(1.0), "clip.wav")])
-    return request("POST", stack.envoy.url + "/v1/audio/transcriptions", body, {
-        "Content-Type": "multipart/form-data; boundary=wgboundary7MA4YWxk", "Authorization": f"Bearer {secret}"},
-        timeout=60)
+    return post_form(stack.envoy.url + "/v1/audio/transcriptions",
+                     [("model", MODEL, None), ("file", silent_wav(1.0), "clip.wav")],
+                     headers={"Authorization": f"Bearer {secret}"}, timeout=60)
 
 
 def row(stack, key_id: str) -> dict:
@@ -59,10 +59,6 @@ def hold_two(stack, secret: str) -> tuple[list[threading.Thread], list[int]]:
     for thread in threads:
         thread.start()
     return threads, statuses
-
-
-def engine_requests(stack) -> int:
-    return stack.envoy.stat(f"cluster.model_{MODEL}.upstream_rq_total")
 
 
 def test_a_key_at_its_limit_gets_429_until_one_of_its_requests_ends(stack):

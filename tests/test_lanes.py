@@ -88,6 +88,8 @@ def test_batch_keys_share_a_cap_of_requests_in_flight_per_engine(tmp_path):
     thread = threading.Thread(target=lambda: held.append(send(stack, first, 1.0).status))
     thread.start()
     wait_until(lambda: model_row()["batch_in_flight"] == 1, 10, "one batch request in flight")
+    metrics = request("GET", stack.admin.url + "/metrics").text
+    assert f'whisper_gateway_model_batch_in_flight{{model="{MODEL}"}} 1.0' in metrics
     forwarded = stack.envoy.stat(f"cluster.model_{MODEL}.upstream_rq_total")
     refused = send(stack, other, 1.0)  # another batch key: the cap is the model's, not the key's
     assert refused.status == 429, refused.text
@@ -97,6 +99,6 @@ def test_batch_keys_share_a_cap_of_requests_in_flight_per_engine(tmp_path):
     thread.join(30)
     assert held == [200]
     wait_until(lambda: model_row()["batch_in_flight"] == 0, 10, "the batch request's end logged")
-    assert send(stack, other, 1.0).status == 200
     metrics = request("GET", stack.admin.url + "/metrics").text
-    assert f'whisper_gateway_model_batch_in_flight{{model="{MODEL}"}}' in metrics
+    assert f'whisper_gateway_model_batch_in_flight{{model="{MODEL}"}} 0.0' in metrics
+    assert send(stack, other, 1.0).status == 200

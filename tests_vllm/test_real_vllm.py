@@ -15,10 +15,8 @@ import time
 import pytest
 
 from engines.common.audio import silent_wav
-from harness.processes import LoadGenerator, multipart, post_form, request, wait_until
-from tests_vllm.conftest import MODEL, PHRASE, host_of
-
-FORM_TYPE = "multipart/form-data; boundary=wgboundary7MA4YWxk"
+from harness.processes import GatewayStack, LoadGenerator, post_form, request, wait_until
+from tests_vllm.conftest import ENGINE_KEY, MODEL, PHRASE, host_of
 
 CLIP = silent_wav(2)
 
@@ -34,8 +32,7 @@ def trust(real):
 def ask(url: str, path: str = "/v1/audio/transcriptions", audio: bytes = CLIP, **fields):
     parts = [("file", audio, "clip.wav"), ("model", MODEL, None), ("language", "en", None)]
     parts += [(k, v, None) for k, v in fields.items()]
-    return request("POST", url + path, multipart(parts), {"Content-Type": FORM_TYPE}, timeout=120,
-                   context=TRUST[0] if url.startswith("https://") else None)
+    return post_form(url + path, parts, timeout=120, context=TRUST[0])  # http:// URLs ignore the context
 
 
 @pytest.mark.parametrize("path,fields", [
@@ -150,11 +147,8 @@ def test_metered_audio_agrees_with_vllms_own_usage(real, seconds):
 def test_vllms_own_api_key_keeps_working_behind_the_gateway(real):
     """Engine b checks its --api-key (vLLM's own middleware); the gateway sends it in place of
     whatever the client sent, so every request, b's included, is answered."""
-    from harness.processes import request as http
-    from tests_vllm.conftest import ENGINE_KEY
-
     assert ask(real.urls["b"]).status == 401  # vLLM refuses a request without its key
-    with_key = http("GET", real.urls["b"] + "/v1/models", None, {"Authorization": f"Bearer {ENGINE_KEY}"},
+    with_key = request("GET", real.urls["b"] + "/v1/models", None, {"Authorization": f"Bearer {ENGINE_KEY}"},
                     context=real.tls)
     assert with_key.status == 200
     before = real.host_counts()["b"]
@@ -169,13 +163,11 @@ def test_vllms_own_api_key_keeps_working_behind_the_gateway(real):
 def test_vllm_over_https_is_refused_by_a_gateway_that_does_not_trust_its_certificate(real, tmp_path):
     """A second gateway trusts another CA: engine b's certificate (vLLM's own TLS) does not
     verify, so b is reported with the reason and nothing is sent to it, in TLS or in the clear."""
-    from harness.processes import GatewayStack, wait_until as until
-
     stack = GatewayStack(tmp_path, MODEL, [real.urls["b"]], backend_tls={"ca_file": str(real.certs.other_ca)},
                          routing={"scrape_interval_s": 1.0, "scrape_timeout_s": 0.9, "stale_after_s": 4.0})
     try:
         rows = lambda: stack.admin.status()["endpoints"]  # noqa: E731
-        until(lambda: rows()[0]["scrape_error"], 20, "b's scrape to fail")
+        wait_until(lambda: rows()[0]["scrape_error"], 20, "b's scrape to fail")
         assert rows()[0]["scrape_error"] == "TLS: unable to get local issuer certificate"
         answer = ask(stack.envoy.url)
         assert answer.status == 503, answer.text

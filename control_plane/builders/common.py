@@ -47,6 +47,9 @@ def header(name: str, value: str) -> base_pb2.HeaderValueOption:
                                       append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD)
 
 
+JSON_HEADER = header("content-type", "application/json")  # on the gateway's own JSON answers
+
+
 def seconds(value: float) -> duration_pb2.Duration:
     duration = duration_pb2.Duration()
     duration.FromNanoseconds(int(round(value * 1e9)))

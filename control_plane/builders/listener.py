@@ -17,7 +17,7 @@ from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
 from google.protobuf import wrappers_pb2
 
-from control_plane.builders.common import ads_source, header, lua_marked, pack, seconds, status_is
+from control_plane.builders.common import JSON_HEADER, ads_source, lua_marked, pack, seconds, status_is
 from control_plane.builders.local_replies import build_local_reply_config
 from control_plane.builders.lua_source import filter_source
 from control_plane.builders.quotas import build_quota_filters
@@ -82,8 +82,7 @@ def build_listener(config: GatewayConfig, lua_source: str) -> listener_pb2.Liste
     # Only what the listener must know: other values here would make reloads that change them
     # rebuild the listener, and with it the quota filters' buckets (builders/quotas.py).
     access = Access(required=config.auth.api_keys == "required")
-    context = {"models": {}, "keys_required": access.required, "batch_closed": {}, "batch_in_flight": False,
-               "plans": {}}
+    context = {"models": {}, "keys_required": access.required, "batch_closed": {}, "plans": {}}
     lua = lua_pb2.Lua(default_source_code=base_pb2.DataSource(inline_string=filter_source(lua_source, context, access)))
     manager = hcm.HttpConnectionManager(
         stat_prefix="whisper",
@@ -141,7 +140,7 @@ def _plaintext_refusal(config: GatewayConfig) -> listener_components_pb2.FilterC
         match=route_components_pb2.RouteMatch(prefix="/"),
         direct_response=route_components_pb2.DirectResponseAction(
             status=400, body=base_pb2.DataSource(inline_string=PLAINTEXT_REFUSAL)),
-        response_headers_to_add=[header("content-type", "application/json")])
+        response_headers_to_add=[JSON_HEADER])
     manager = hcm.HttpConnectionManager(
         stat_prefix="whisper_plaintext", codec_type=hcm.HttpConnectionManager.AUTO,
         route_config=route_pb2.RouteConfiguration(name="whisper_plaintext", virtual_hosts=[

@@ -17,10 +17,11 @@ from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
 from envoy.type.matcher.v3 import string_pb2
 from google.protobuf import wrappers_pb2
 
-from control_plane.builders.common import header, long_upload_metadata, pack, seconds
+from control_plane.builders.common import JSON_HEADER, header, long_upload_metadata, pack, seconds
 from control_plane.builders.lua_source import filter_source
 from control_plane.names import (
     AUDIO_PATHS,
+    BATCH_LANE_PREFIX,
     HOP_HEADER,
     LONG_UPLOAD_HEADER,
     LUA_FILTER,
@@ -36,7 +37,6 @@ from control_plane.tenants.keys import Access
 from control_plane.xds.snapshot import MAX_WEIGHT
 
 MAX_DIRECT_RESPONSE_BYTES = 1024 * 1024
-JSON_HEADER = header("content-type", "application/json")
 
 
 def _lua_off() -> dict:
@@ -154,7 +154,8 @@ def lua_context(config: GatewayConfig, fleet: Fleet | None, access: Access, envo
             "per_try_base_ms": base_ms, "per_try_ms_per_mb": per_mb_ms,
             "keys_required": access.required,
             "batch_closed": dict(fleet.batch_closed) if fleet is not None else {},
-            "batch_in_flight": config.auth.batch_in_flight_per_engine is not None,
+            # With auth.batch_in_flight_per_engine: the prefix of a model's batch lane (names.batch_lane).
+            "batch_lane_prefix": BATCH_LANE_PREFIX if config.auth.batch_in_flight_per_engine is not None else False,
             "envoys": envoys,
             # Each plan's limits, for what the filter says on a 429 (builders/quotas.py enforces them).
             "plans": {name: {k: v for k, v in vars(plan).items() if v is not None}

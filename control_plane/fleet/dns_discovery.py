@@ -32,7 +32,7 @@ async def resolve_all(item: DiscoveryConfig) -> list[str]:
     return sorted({info[4][0] for info in infos})
 
 
-def url_for(address: str, port: int, scheme: str = "http") -> str:
+def url_for(address: str, port: int, scheme: str) -> str:
     host = f"[{address}]" if ipaddress.ip_address(address).version == 6 else address
     return f"{scheme}://{host}:{port}"
 

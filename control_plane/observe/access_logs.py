@@ -65,13 +65,18 @@ def delivered(entry: accesslog_pb2.HTTPAccessLogEntry) -> bool:
     return answered(entry) and not any(getattr(flags, name) for name in CUT_SHORT_FLAGS)
 
 
+def _string(fields, name: str) -> str:
+    """A string the Lua filter set as dynamic metadata (`fields`: its namespace's, or None), or ""."""
+    return fields.fields[name].string_value if fields is not None and name in fields.fields else ""
+
+
 def _meter_failed(entry: accesslog_pb2.HTTPAccessLogEntry, ledger: Ledger) -> None:
     fields = entry.common_properties.metadata.filter_metadata.get(METADATA_NAMESPACE)
     if fields is None or MODEL_KEY not in fields.fields or delivered(entry):
         return  # not a request the filter routed, or one its try's end metered
     seconds = as_seconds(fields.fields[SECONDS_KEY].string_value) if SECONDS_KEY in fields.fields else None
     if seconds is not None:
-        key = fields.fields[KEY_ID_KEY].string_value if KEY_ID_KEY in fields.fields else ""
+        key = _string(fields, KEY_ID_KEY)
         ledger.meter(fields.fields[MODEL_KEY].string_value, seconds, ESTIMATED_KEY in fields.fields,
                      "refused" if refused_here(entry, fields) else "failed", key)
 
@@ -119,9 +124,10 @@ def record(entry: accesslog_pb2.HTTPAccessLogEntry, stream: int, outcomes: Outco
         ok = not failed(entry)
         outcomes.record(endpoint, ok, now)
         ledger.ended(stream, request_id, endpoint, ok and entry.response.response_code.value < 400, now)
-        if delivered(entry):
+        answered = delivered(entry)
+        if answered:
             _meter_served(entry, ledger)
-        return in_flight.try_ended(request_id, endpoint, delivered(entry), now)
+        return in_flight.try_ended(request_id, endpoint, answered, now)
     return False
 
 
@@ -131,10 +137,7 @@ def _request_ended(entry: accesslog_pb2.HTTPAccessLogEntry, in_flight: InFlight,
     after it (the batch lane's filter comes first: builders/quotas.py); one the Lua filter answered
     took none at all."""
     fields = entry.common_properties.metadata.filter_metadata.get(METADATA_NAMESPACE)
-    def field(name: str) -> str:
-        return fields.fields[name].string_value if fields is not None and name in fields.fields else ""
-
-    key, lane = field(KEY_ID_KEY), field(BATCH_LANE_KEY)
+    key, lane = _string(fields, KEY_ID_KEY), _string(fields, BATCH_LANE_KEY)
     if fields is not None and LUA_REPLY_KEY in fields.fields:
         groups = ()  # the Lua filter's own answer (a closed lane, an upload too long): before every quota filter
     elif entry.response.response_code_details == IN_FLIGHT_REFUSAL:
@@ -150,7 +153,7 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):
     and end come on the same one, so when a stream ends its open tries go with it."""
 
     def __init__(self, outcomes: Outcomes, ledger: Ledger, in_flight: InFlight, clock: Callable[[], float],
-                 in_flight_changed: Callable[[], None] = lambda: None):
+                 in_flight_changed: Callable[[], None]):
         self.outcomes, self.ledger, self.in_flight, self.clock = outcomes, ledger, in_flight, clock
         self.in_flight_changed = in_flight_changed  # after a batch of entries that moved a count
         self._streams = itertools.count(1)

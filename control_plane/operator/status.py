@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from control_plane.decide.lanes import model_waits
-from control_plane.names import batch_lane
+from control_plane.names import batch_lane, is_batch_lane
 from control_plane.decide.policy import is_fresh
 from control_plane.observe.ledger import Metered
 from control_plane.observe.scraper import endpoint_states
@@ -107,10 +107,10 @@ def key_rows(plane) -> list[dict]:
 def in_flight_rows(plane) -> list[dict]:
     """Keys with requests in flight or a requests_in_flight limit: the count, this plane's share of
     the limit, and whether no slot is free on this plane (then the Envoys hold none for the key)."""
-    counts, refused = plane.in_flight.counts(), plane.slots.refused()
+    counts = plane.in_flight.counts()
     return [{"key": key, "in_flight": counts.get(key, 0), "limit": plane.in_flight_limits.get(key),
-             "refused": key in refused}
-            for key in sorted(set(counts) | set(plane.in_flight_limits)) if not key.startswith(batch_lane(""))]
+             "refused": plane.slots.free.get(key) == 0}
+            for key in sorted(set(counts) | set(plane.in_flight_limits)) if not is_batch_lane(key)]
 
 
 def status_report(plane, now: float) -> dict:

@@ -7,7 +7,7 @@ import asyncio
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from control_plane.names import batch_lane
+from control_plane.names import is_batch_lane
 from control_plane.observe.ledger import OUTCOMES
 from control_plane.operator.status import endpoint_rows, model_rows
 from control_plane.xds.types import SHORT_NAMES
@@ -115,7 +115,7 @@ class FleetCollector:
         in_flight = GaugeMetricFamily("whisper_gateway_key_requests_in_flight", "Requests in flight per API key "
                                       "(logged to this control plane).", labels=["key"])
         for key, count in sorted(self.plane.in_flight.counts().items()):
-            if not key.startswith(batch_lane("")):  # a model's batch lane: whisper_gateway_model_batch_in_flight
+            if not is_batch_lane(key):  # a model's batch lane: whisper_gateway_model_batch_in_flight
                 in_flight.add_metric([key], count)
         yield in_flight
 

@@ -73,10 +73,6 @@ class Slots:
                     watcher.groups |= groups
                     watcher.event.set()
 
-    def refused(self) -> frozenset[str]:
-        """The limited groups with no slot free."""
-        return frozenset(k for k, free in self.free.items() if free == 0)
-
     def watch(self) -> _Watcher:
         watcher = _Watcher()
         self._watchers.add(watcher)
@@ -150,10 +146,7 @@ class QuotaServicer(rlqs_pb2_grpc.RateLimitQuotaServiceServicer):
             if group:
                 buckets[group] = usage.bucket_id
                 holders = self.holders.setdefault(group, set())
-                if stream not in holders:
-                    holders.add(stream)
-                    if group in self.slots.free and len(holders) > 1:
-                        moved.add(group)  # the other Envoys' parts shrink
+                holders.add(stream)
                 if (usage.num_requests_denied and self.slots.free.get(group) and self.part(group, stream) == 0
                         and self.wanting.get(group) != stream):
                     self.wanting[group] = stream  # refused here while a slot is free elsewhere: it moves here
