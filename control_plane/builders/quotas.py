@@ -142,14 +142,23 @@ def _in_flight_filter(limit: str, group_header: str) -> hcm.HttpFilter:
     return hcm.HttpFilter(name=f"whisper.quota.{limit}", typed_config=pack(config))
 
 
+def _key_limits(config: GatewayConfig) -> bool:
+    return any(p.requests_in_flight for p in config.auth.plans.values())
+
+
+def limits_in_flight(config: GatewayConfig) -> bool:
+    """Whether any in-flight filter is built: the control plane then counts requests to the end."""
+    auth = config.auth
+    return auth.api_keys == "required" and (auth.batch_in_flight_per_engine is not None or _key_limits(config))
+
+
 def build_quota_filters(config: GatewayConfig) -> list[hcm.HttpFilter]:
     """The quota filters of the config's plans and batch lanes; none when keys are off."""
     auth = config.auth
     if auth.api_keys != "required":
         return []
     built = [_in_flight_filter(BATCH_LANE_LIMIT, BATCH_LANE_HEADER) if auth.batch_in_flight_per_engine else None,
-             _in_flight_filter(IN_FLIGHT_LIMIT, KEY_ID_HEADER)
-             if any(p.requests_in_flight for p in auth.plans.values()) else None]
+             _in_flight_filter(IN_FLIGHT_LIMIT, KEY_ID_HEADER) if _key_limits(config) else None]
     if auth.plans:
         built += [_filter(limit, auth.plans, auth.max_keys) for limit in LIMITS]
     return [f for f in built if f is not None]
