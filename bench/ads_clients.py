@@ -6,7 +6,10 @@ bootstrap does. On a listener response it asks for the route configuration the l
 It ACKs everything. For every response it records when it arrived, its type, version and size
 in bytes. At the end (SIGTERM or --seconds) it writes them as JSON lines, for the bench to read.
 
-    python -m bench.ads_clients --xds 127.0.0.1:18000 --streams 100 --out clients.jsonl
+    python -m bench.ads_clients --xds 127.0.0.1:18000 --streams 100 --out clients.jsonl [--pki DIR]
+
+With --pki (the control plane's internal_tls folder) every channel speaks mutual TLS with the
+certificate envoy-bench-envoy, and stream i is node bench-envoy.i, as a replica of it.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from control_plane.names import LOCAL_CLUSTER
 from control_plane.xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE
 
 STREAMS_PER_CHANNEL = 100
+IDENTITY = "bench-envoy"  # with --pki: the certificate every stream shows
 
 
 def _eds_names(response: discovery_pb2.DiscoveryResponse) -> list[str]:
@@ -56,7 +60,7 @@ def _route_names(response: discovery_pb2.DiscoveryResponse) -> list[str]:
 async def one_stream(channel: grpc.aio.Channel, index: int, records: list) -> None:
     """An Envoy's ADS stream until cancelled; appends (stream, type, version, bytes, time) per response."""
     stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
-    node = base_pb2.Node(id=f"bench-envoy-{index}", cluster="whisper-gateway")
+    node = base_pb2.Node(id=f"{IDENTITY}.{index}", cluster="whisper-gateway")
     outbox: asyncio.Queue = asyncio.Queue()
     subscribed: dict[str, list[str]] = {}
 
@@ -80,9 +84,18 @@ async def one_stream(channel: grpc.aio.Channel, index: int, records: list) -> No
                 outbox.put_nowait(discovery_pb2.DiscoveryRequest(node=node, type_url=type_url, resource_names=names))
 
 
-async def run(xds: str, streams: int, seconds: float, out: str) -> None:
+def _channel(xds: str, pki: str | None) -> grpc.aio.Channel:
+    if pki is None:
+        return grpc.aio.insecure_channel(xds)
+    from control_plane.internal_pki import channel_credentials
+
+    return grpc.aio.secure_channel(xds, channel_credentials(pki, "envoy", IDENTITY),
+                                   options=[("grpc.ssl_target_name_override", "localhost")])
+
+
+async def run(xds: str, streams: int, seconds: float, out: str, pki: str | None = None) -> None:
     records: list = []
-    channels = [grpc.aio.insecure_channel(xds) for _ in range(-(-streams // STREAMS_PER_CHANNEL))]
+    channels = [_channel(xds, pki) for _ in range(-(-streams // STREAMS_PER_CHANNEL))]
     tasks = [asyncio.create_task(one_stream(channels[i // STREAMS_PER_CHANNEL], i, records)) for i in range(streams)]
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -107,8 +120,9 @@ def main() -> None:
     parser.add_argument("--streams", type=int, required=True)
     parser.add_argument("--seconds", type=float, default=600)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--pki", help="internal_tls folder: mutual TLS with its envoy-bench-envoy certificate")
     args = parser.parse_args()
-    asyncio.run(run(args.xds, args.streams, args.seconds, args.out))
+    asyncio.run(run(args.xds, args.streams, args.seconds, args.out, args.pki))
 
 
 if __name__ == "__main__":

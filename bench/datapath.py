@@ -12,6 +12,7 @@ two upload sizes (5 s of 16 kHz 16-bit mono audio, about 160 kB, and 30 s, about
   gateway-keys  the same with auth.api_keys required and 1000 keys; every request carries one
   gateway-tls   the gateway with listen.tls: HTTPS from wrk (TLS 1.3, certificates made with openssl)
   nginx-tls     nginx with the same kind of certificate on its listener (`ssl`), the same TLS from wrk
+  gateway-mtls  the gateway with internal_tls: xDS, the access logs of every try and RLQS over mutual TLS
   target    --target URL: any OpenAI-compatible router already running (CPU only with --target-pid)
 
 Reported per path and size: requests/s, latency p50/p99, latency added over `direct`, and the
@@ -274,6 +275,15 @@ def start_gateway_with_tls(log_dir: Path, engine_urls: list[str], workers: int) 
     return replace(path, url=path.url.replace("https://localhost:", "https://127.0.0.1:"))
 
 
+def start_gateway_with_internal_tls(log_dir: Path, engine_urls: list[str], workers: int) -> DataPath:
+    """`internal_tls`: Envoy's xDS and access-log streams over mutual TLS (certificates from internal_pki)."""
+    from control_plane import internal_pki
+
+    folder = log_dir / "gateway-mtls-pki"
+    internal_pki.ensure(folder, envoys=("envoy",))
+    return start_gateway(log_dir, engine_urls, workers, "gateway-mtls", internal_tls={"dir": str(folder)})
+
+
 def start_gateway(log_dir: Path, engine_urls: list[str], workers: int, name: str = "gateway",
                   **sections) -> DataPath:
     """A real GatewayStack (its default config unless `sections` say otherwise)."""
@@ -462,7 +472,8 @@ def run(args: argparse.Namespace, log_dir: Path) -> tuple[list[Measurement], dic
     wanted = args.paths.split(",")
     starters = {"envoy": start_plain_envoy, "nginx": start_nginx, "gateway": start_gateway,
                 "gateway-r0": start_gateway_without_retries, "gateway-keys": start_gateway_with_keys,
-                "gateway-tls": start_gateway_with_tls, "nginx-tls": start_nginx_with_tls}
+                "gateway-tls": start_gateway_with_tls, "nginx-tls": start_nginx_with_tls,
+                "gateway-mtls": start_gateway_with_internal_tls}
     floor = DataPath("direct", engine_urls[0] + AUDIO_PATH, thread_hosts=tuple(urlsplit(u).netloc for u in engine_urls))
     paths = [floor] if "direct" in wanted else []
     paths += [start(log_dir, engine_urls, args.workers) for name, start in starters.items() if name in wanted]

@@ -21,6 +21,9 @@ engine is drained, then resumed, --changes times: each is a change on one model.
 time from the admin call to the last Envoy's receipt of the new endpoints, and the bytes sent
 per change over all Envoys.
 
+With --mtls the Envoys phase runs with internal_tls: every lightweight Envoy dials over mutual TLS
+with a certificate of the internal CA (what a fleet beyond one host runs).
+
 Config changes with --fleet backends: how long an admin add and a drain take to answer (each
 answers once saved and published).
 
@@ -206,16 +209,23 @@ def measure_config_changes(count: int, host: str) -> dict:
         farm.stop()
 
 
-def measure_envoys(count: int, fleet: int, changes: int) -> dict:
+def measure_envoys(count: int, fleet: int, changes: int, mtls: bool = False) -> dict:
     work = Path(tempfile.mkdtemp(prefix=f"scale-envoys-{count}-"))
     farm = Farm(work, fleet)
     try:
-        stack = stack_for(work / "gw", farm.urls(), 1.0)
+        sections, tls = {}, []
+        if mtls:
+            from bench.ads_clients import IDENTITY
+            from control_plane import internal_pki
+
+            internal_pki.ensure(work / "pki", envoys=("envoy", IDENTITY))
+            sections, tls = {"internal_tls": {"dir": str(work / "pki")}}, ["--pki", str(work / "pki")]
+        stack = stack_for(work / "gw", farm.urls(), 1.0, **sections)
         wait_until(lambda: len(stack.hosts()) == fleet, 120, f"{fleet} engines in Envoy")
         out = work / "clients.jsonl"
         xds = f"127.0.0.1:{stack.raw['listen']['xds_port']}"
         clients = Process("ads-clients", [PYTHON, "-m", "bench.ads_clients", "--xds", xds, "--streams", str(count),
-                                          "--out", str(out)], work)
+                                          "--out", str(out), *tls], work)
         wait_until(lambda: len(stack.admin.status()["envoys"]) == count + 1, 120, f"{count} lightweight Envoys")
         wait_until(lambda: all(e["acked"].get("EDS") and e["acked"].get("RDS") for e in stack.admin.status()["envoys"]),
                    120, "every Envoy configured")
@@ -240,7 +250,7 @@ def measure_envoys(count: int, fleet: int, changes: int) -> dict:
                 fanouts.append(max(at for at, _ in firsts.values()) - start)
                 sizes.append(sum(size for _, size in firsts.values()))
         stack.stop()
-        return {"envoys": count, "fleet": fleet, "changes": changes, "complete": len(fanouts),
+        return {"envoys": count, "fleet": fleet, "changes": changes, "mtls": mtls, "complete": len(fanouts),
                 "last_envoy_s": sorted(round(f, 4) for f in fanouts),
                 "median_last_envoy_s": round(sorted(fanouts)[len(fanouts) // 2], 4) if fanouts else None,
                 "bytes_per_change": int(sum(sizes) / len(sizes)) if sizes else None}
@@ -315,6 +325,7 @@ def main() -> None:
     parser.add_argument("--changes", type=int, default=6)
     parser.add_argument("--config-backends", default="1000", help="fleet sizes for the config-change timing")
     parser.add_argument("--real-envoys", default="8", help="real Envoy counts (empty: none)")
+    parser.add_argument("--mtls", action="store_true", help="the Envoys phase over mutual TLS (internal_tls)")
     args = parser.parse_args()
     sizes = lambda text: [int(n) for n in text.split(",") if n]  # noqa: E731
     results = {"machine": describe_machine(), "engines": [], "envoys": [], "config": [], "real_envoys": []}
@@ -330,7 +341,7 @@ def main() -> None:
             results["real_envoys"].append(measure_real_envoys(count, args.fleet, args.changes))
             print(json.dumps(results["real_envoys"][-1]), file=sys.stderr, flush=True)
         for count in sizes(args.envoys):
-            results["envoys"].append(measure_envoys(count, args.fleet, args.changes))
+            results["envoys"].append(measure_envoys(count, args.fleet, args.changes, args.mtls))
             print(json.dumps(results["envoys"][-1]), file=sys.stderr, flush=True)
     finally:
         for process in reversed(STARTED):

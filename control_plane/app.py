@@ -26,7 +26,9 @@ from control_plane.builders import build_load_assignments, build_resources
 from control_plane.builders.routes import build_route_configuration
 from control_plane.builders.secrets import build_secrets
 from control_plane.certificates import AdminTls, CertificateFiles, CertificateProblem, engine_client_context
-from control_plane.names import IN_FLIGHT_BUCKET_ENTRY, LOCAL_CLUSTER, NO_ENGINE_CA, cluster_name
+from control_plane.internal_pki import ServerCredentials
+from control_plane.peers import authorize
+from control_plane.names import IN_FLIGHT_BUCKET_ENTRY, LOCAL_CLUSTER, NO_ENGINE_CA, batch_lane, cluster_name
 from control_plane.config import ConfigError, GatewayConfig, load_config
 from control_plane.decide.in_flight import GroupSlots, batch_lane_limits, needs_new_grants, plane_share, split
 from control_plane.decide.lanes import closed_to_batch, model_waits
@@ -41,11 +43,13 @@ from control_plane.fleet.shared_state import Conflict, EtcdState, StateUnavailab
 from control_plane.fleet.state_store import StateStore, configured_token, ensure_token, state_dir
 from control_plane.observe import scraper
 from control_plane.observe.load_tracker import LoadTracker
-from control_plane.observe.access_logs import AccessLogServicer
+from control_plane.observe.access_logs import AccessLogServicer, Known
 from control_plane.observe.in_flight import InFlight
 from control_plane.observe.ledger import Ledger
 from control_plane.observe.outcomes import Outcomes
 from control_plane.operator.admin import build_admin_app
+from control_plane.operator.audit import EtcdAudit, FileAudit, MemoryAudit
+from control_plane.operator.tokens import TokenTable
 from control_plane.operator import telemetry
 from control_plane.operator.telemetry import WEIGHT_UPDATES, XdsMetrics, forget_fleet, watch_fleet
 from control_plane.tenants.keys import Access, KeyTable
@@ -63,6 +67,9 @@ T = TypeVar("T")
 CONFLICT_RETRIES = 20
 # How long a removal waits for every Envoy to stop routing to a cluster before deleting it.
 REMOVAL_ACK_TIMEOUT_S = 5.0
+# How long an admin change waits for every Envoy to apply it (a key works everywhere when the
+# answer comes) before answering with the Envoys that have not yet (`not_applied_by`).
+ADMIN_ACK_TIMEOUT_S = 2.0
 # A draining engine is idle once this many scrapes in a row, after every Envoy applied the
 # drain, show nothing running or waiting on it.
 IDLE_SCRAPES_TO_FINISH_DRAIN = 2
@@ -89,6 +96,8 @@ class ControlPlane:
         self.leader = not config.state.etcd  # alone, a control plane leads
         self.registry = Registry.empty()
         self.keys = KeyTable()
+        self.tokens = TokenTable()  # named admin tokens (control_plane/operator/tokens.py), kept with the keys
+        self.audit = MemoryAudit()  # the admin changes' trail: in the state dir or etcd once started
         self.engine_key: str | None = None  # the engines' own --api-key (auth.engine_api_key_env)
         self.cache = SnapshotCache(XdsMetrics(), frozenset({LOCAL_CLUSTER}))
         self.envoys = 1  # LOCAL_CLUSTER's members as last published: the Envoys connected, at least one
@@ -114,17 +123,27 @@ class ControlPlane:
         self.certificates = CertificateFiles(config.listen.tls, config.backend_tls)
         self.engine_tls: ssl.SSLContext | None = None  # the scrapes' TLS to https:// engines
         self._admin_tls: AdminTls | None = None
+        self.xds_tls: ServerCredentials | None = None  # internal_tls: the xDS port's mutual TLS
+        self.not_applied_by: list[str] = []  # node ids that had not applied the last key change when it was answered
+        self.known = Known(frozenset(), frozenset(), frozenset(), frozenset(), config.limits.max_audio_s)
 
     async def start(self) -> None:
         """Restores saved state and publishes it before any Envoy can connect: none sees a partial set."""
         listen = self.config.listen
         try:
             if (etcd := self.config.state).etcd:
-                self.shared = EtcdState(etcd.etcd, etcd.prefix, etcd.timeout_s)
+                password = os.environ.get(etcd.etcd_password_env) or None if etcd.etcd_password_env else None
+                if etcd.etcd_password_env and password is None:
+                    raise StartupError(f"state.etcd_password_env: the environment variable {etcd.etcd_password_env} "
+                                       "is not set")
+                self.shared = EtcdState(etcd.etcd, etcd.prefix, etcd.timeout_s, tls=etcd.etcd_tls, user=etcd.etcd_user,
+                                        password=password)
                 saved, self.revision = await self.shared.load()
             else:
                 saved = self.store.load() if self.store is not None else None
             self._restore(saved)
+            self.audit = EtcdAudit(self.shared) if self.shared is not None else \
+                FileAudit(self.state_directory) if self.state_directory is not None else MemoryAudit()
         except StateUnavailable as error:
             raise StartupError(f"state.etcd: {error}") from None
         except (ValueError, TypeError, KeyError) as error:
@@ -136,9 +155,11 @@ class ControlPlane:
         try:
             material = self.certificates.load()
             self.engine_tls = engine_client_context(self.config.backend_tls, material)
-            if listen.admin_tls:
-                self._admin_tls = AdminTls(listen.tls)
-        except (OSError, ValueError) as error:  # CertificateProblem and ssl.SSLError among them
+            if (admin_files := self.config.admin_tls) is not None:
+                self._admin_tls = AdminTls(*admin_files, label="internal_tls" if self.config.internal_tls else "listen.tls")
+            if self.config.internal_tls is not None:
+                self.xds_tls = ServerCredentials(self.config.internal_tls.dir)
+        except (OSError, ValueError) as error:  # CertificateProblem, PkiProblem and ssl.SSLError among them
             raise StartupError(str(error)) from None
         https = any(is_https(e.url) for e in self.config.all_backends()) or \
             any(d.scheme == "https" for d in self.config.discovery)
@@ -158,9 +179,11 @@ class ControlPlane:
         self._server = await start_ads_server(self.cache, listen.xds_address, listen.xds_port, [
             lambda server: als_pb2_grpc.add_AccessLogServiceServicer_to_server(
                 AccessLogServicer(self.outcomes, self.ledger, self.in_flight, time.monotonic,
-                                  self.update_slots), server),
+                                  self.update_slots, lambda: self.known, telemetry.REPORTS_DROPPED.on("access log"),
+                                  authorize), server),
             lambda server: rlqs_pb2_grpc.add_RateLimitQuotaServiceServicer_to_server(
-                QuotaServicer(self.slots, split, IN_FLIGHT_BUCKET_ENTRY), server)])
+                QuotaServicer(self.slots, split, IN_FLIGHT_BUCKET_ENTRY, telemetry.REPORTS_DROPPED.on("quota report"),
+                              authorize), server)], self.xds_tls.credentials if self.xds_tls else None, authorize)
         self._tasks = [asyncio.create_task(self._load_loop()), asyncio.create_task(self._certificate_loop())]
         if self.shared is not None:
             self._tasks += [asyncio.create_task(self.shared.follow(self.revision, self._on_shared_state)),
@@ -168,9 +191,10 @@ class ControlPlane:
                                                                      lambda: len(self.cache.envoys)))]
         else:
             await self.discovery.restart(self.config.discovery)
-        log.info("admin API on %s (token %s)", listen.admin_url,
+        log.info("admin API on %s (token %s)", self.config.admin_url,
                  f"in {self.token_path}" if self.token_path else "from the environment")
-        log.info("xDS (ADS) listening on %s:%d", listen.xds_address, listen.xds_port)
+        log.info("xDS (ADS) listening on %s:%d (%s)", listen.xds_address, listen.xds_port,
+                 f"mutual TLS, internal CA in {self.config.internal_tls.dir}" if self.xds_tls else "plaintext, loopback")
 
     def _check_admin_exposure(self) -> None:
         address = self.config.listen.admin_address
@@ -218,6 +242,10 @@ class ControlPlane:
                         "they name rotates certificates live")
             config = replace(config, listen=replace(config.listen, tls=self.config.listen.tls),
                              backend_tls=self.config.backend_tls)
+        if config.internal_tls != self.config.internal_tls:
+            log.warning("internal_tls changes take effect on restart only; replacing the files in its folder "
+                        "rotates certificates live")
+            config = replace(config, internal_tls=self.config.internal_tls)
         if config.auth.engine_api_key_env != self.config.auth.engine_api_key_env:
             log.warning("auth.engine_api_key_env changes take effect on restart only")
             config = replace(config, auth=replace(config.auth, engine_api_key_env=self.config.auth.engine_api_key_env))
@@ -256,7 +284,15 @@ class ControlPlane:
                                         self.certificates.current)
             await self.publish(Snapshot.from_resources(resources))
             self.config, self.fleet = config, fleet
+            self.known = self._known()
             self._set_in_flight_limits(force=True)
+
+    def _known(self) -> Known:
+        """What the Envoys' reports may speak of: the fleet and keys just published (keys revoked or
+        rotated out included, so their last requests are still metered)."""
+        models = frozenset(self.fleet.model_names())
+        return Known(models, frozenset(self.keys.by_id), frozenset(batch_lane(m) for m in models),
+                     frozenset(b.endpoint for b in self.fleet.backends), self.config.limits.max_audio_s)
 
     def _routes(self, fleet: Fleet, envoys: int):
         """The route configuration alone, for changes that reach nothing else (lanes, the Envoys' count)."""
@@ -369,14 +405,19 @@ class ControlPlane:
         while True:
             await asyncio.sleep(CERTIFICATE_POLL_S)
             try:
+                if self.xds_tls is not None:
+                    self.xds_tls.poll()
                 await self.rotate_certificates()
             except Exception:
                 log.exception("certificate check failed; trying again")
 
     async def rotate_certificates(self) -> None:
         """Replaced certificate files, once good as a whole, go to every Envoy as SDS secrets (no
-        listener or cluster changes, so no connection is drained), to the admin API and to the
-        scrapes; a broken replacement changes nothing (CertificateFiles says why)."""
+        listener or cluster changes, so no connection is drained), and to the scrapes; a broken
+        replacement changes nothing (CertificateFiles says why). The admin API watches its own
+        files (listen.tls's or the internal certificate: AdminTls.poll)."""
+        if self._admin_tls is not None:
+            self._admin_tls.poll()
         material = self.certificates.poll()
         if material is None:
             return
@@ -385,7 +426,6 @@ class ControlPlane:
                 raise CertificateProblem("backend_tls.ca_file: the CA for https:// engines appeared or went away; "
                                          "that takes a restart")
             engine_tls = engine_client_context(self.config.backend_tls, material)
-            admin_tls = self._admin_tls.load() if self._admin_tls is not None else None
         except (OSError, ValueError) as error:  # CertificateProblem and ssl.SSLError among them
             self.certificates.reject(str(error))
             return
@@ -393,8 +433,6 @@ class ControlPlane:
             self.cache.set_snapshot(self.cache.snapshot.with_type(SECRET, build_secrets(material)))
             self.certificates.accept(material)
         self.engine_tls = engine_tls
-        if admin_tls is not None:
-            self._admin_tls.current = admin_tls
 
     async def _expire_secrets(self) -> None:
         """Rotated-out key secrets stop working at the end of their grace; without waiting for the
@@ -408,7 +446,7 @@ class ControlPlane:
     async def _count_envoys(self) -> None:
         """Quotas are split among the Envoys connected: when their number changes, their cluster
         (LOCAL_CLUSTER) and the Lua filter's count are published again."""
-        envoys = len(self.cache.envoys)
+        envoys = len({s.node_id for s in self.cache.envoys.values()})  # streams of one node count once
         if self.shared is not None and self.shared.envoys_total is not None:
             envoys = max(envoys, self.shared.envoys_total)  # the other planes' Envoys share the budgets too
         if (envoys := max(1, envoys)) == self.envoys:
@@ -451,20 +489,30 @@ class ControlPlane:
         """Applies a registry change whole or not at all: saved durably, then published."""
         await self._change(lambda: mutate(self.registry))
 
+    async def change_tokens(self, mutate: Callable[[TokenTable], T]) -> T:
+        """The same for the named admin tokens (nothing an Envoy sees): returns what `mutate` returned."""
+        return await self._change(lambda: mutate(self.tokens))
+
     async def change_keys(self, mutate: Callable[[KeyTable], T]) -> T:
         """The same for the API keys; returns what `mutate` returned once every connected Envoy
         applied the change (or REMOVAL_ACK_TIMEOUT_S passed), so a secret handed out works at once."""
         result = await self._change(lambda: mutate(self.keys))
-        await self.cache.wait_for_acks(ROUTE, self.cache.snapshot.versions[ROUTE], REMOVAL_ACK_TIMEOUT_S)
+        version = self.cache.snapshot.versions[ROUTE]
+        if not await self.cache.wait_for_acks(ROUTE, version, ADMIN_ACK_TIMEOUT_S):
+            self.not_applied_by = self.cache.laggards(ROUTE, version)
+            log.warning("a key change is not yet applied by %s after %.0f s", ", ".join(self.not_applied_by),
+                        ADMIN_ACK_TIMEOUT_S)
+        else:
+            self.not_applied_by = []
         return result
 
     def saved_state(self) -> dict:
-        return self.registry.to_json() | {"keys": self.keys.to_state()}
+        return self.registry.to_json() | {"keys": self.keys.to_state(), "admin_tokens": self.tokens.to_state()}
 
     async def _change(self, mutate: Callable[[], T]) -> T:
         async with self._changing:
             for attempt in range(CONFLICT_RETRIES):
-                before = copy.deepcopy(self.registry), copy.deepcopy(self.keys)
+                before = copy.deepcopy(self.registry), copy.deepcopy(self.keys), copy.deepcopy(self.tokens)
                 change_id = uuid.uuid4().hex  # tells a write of ours whose answer was lost
                 try:
                     result = mutate()
@@ -477,12 +525,12 @@ class ControlPlane:
                         self.revision = written
                     return result
                 except Conflict as newer:  # another control plane changed the state first: on top of theirs
-                    self.registry, self.keys = before
+                    self.registry, self.keys, self.tokens = before
                     await self._adopt(*newer.args)
                     await asyncio.sleep(random.uniform(0, 0.005 * attempt))
                 except Exception:
                     saved = self.saved_state()
-                    self.registry, self.keys = before
+                    self.registry, self.keys, self.tokens = before
                     if self.shared is None and self.store is not None and saved != self.saved_state():
                         await asyncio.to_thread(self.store.save, self.saved_state())
                     raise
@@ -503,12 +551,14 @@ class ControlPlane:
     # -- several control planes (state.etcd) --------------------------------------------------
 
     def _restore(self, saved: dict | None) -> None:
-        """The saved state into a fresh registry and key table (the config's backends join on publish)."""
+        """The saved state into a fresh registry, key table and admin tokens (the config's backends join on publish)."""
         self.registry = Registry.empty()
         self.keys = KeyTable()
+        self.tokens = TokenTable()
         if saved is not None:
             self.registry.restore(saved)
             self.keys = KeyTable.from_state(saved.get("keys", []))
+            self.tokens = TokenTable.from_state(saved.get("admin_tokens", []))
             names = {item.name for item in self.config.discovery}
             for entry in [e for e in self.registry.entries() if e.source is Source.DNS and e.dns_name not in names]:
                 self.registry.remove(entry.id)  # found under a name the config no longer lists
@@ -518,13 +568,13 @@ class ControlPlane:
         False when this plane already serves that revision or a newer one."""
         if revision <= self.revision:
             return False
-        registry, keys = self.registry, self.keys
+        registry, keys, tokens = self.registry, self.keys, self.tokens
         try:
             self._restore(saved)
             await self._publish_config(self.config)
             self.revision = revision
         except Exception:
-            self.registry, self.keys = registry, keys
+            self.registry, self.keys, self.tokens = registry, keys, tokens
             raise
         return True
 

@@ -23,6 +23,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from control_plane.config import BackendTlsConfig, ListenTlsConfig
+from control_plane.internal_pki import file_signature
 
 log = logging.getLogger(__name__)
 EXPIRY_WARNING = timedelta(days=14)
@@ -175,13 +176,7 @@ class CertificateFiles:
         self._warned: set[str] = set()
 
     def _signature(self) -> tuple:
-        def stat(path: str):
-            try:
-                s = os.stat(path)
-                return s.st_mtime_ns, s.st_size, s.st_ino
-            except OSError:
-                return None
-        return tuple((path, stat(path)) for path in self.paths)
+        return file_signature(self.paths)
 
     def load(self) -> TlsMaterial:
         """At start: the files must be good (CertificateProblem says why not)."""
@@ -246,22 +241,48 @@ def engine_client_context(backends: BackendTlsConfig, material: TlsMaterial | No
 
 
 class AdminTls:
-    """The admin API's TLS (listen.tls's certificate). Each handshake is switched to the context
-    of the moment, so a rotation builds a new context rather than changing a live one."""
+    """The admin API's TLS: the control plane's internal certificate (internal_tls) or listen.tls's,
+    as GatewayConfig.admin_tls names them. The files are watched (`poll`): a replacement that is
+    good (it parses, its key matches, it is valid now) is taken on the next handshake, each
+    handshake being switched to the context of the moment, so a rotation builds a new context
+    rather than changing a live one; a broken one keeps the last good certificate."""
 
-    def __init__(self, listen: ListenTlsConfig):
-        self.listen = listen
+    def __init__(self, cert_file: str, key_file: str, label: str = "listen.tls"):
+        self.cert_file, self.key_file, self.label = cert_file, key_file, label  # label: the config key, for errors
+        self.problem: str | None = None  # why the files as they are now are not served
+        self._seen = self._signature()
         self.current = self.load()
         self.context = self.current  # the one the server holds; `_pick` moves each handshake to `current`
         self.context.sni_callback = self._pick
 
+    def _signature(self) -> tuple:
+        return file_signature((self.cert_file, self.key_file))
+
     def load(self) -> ssl.SSLContext:
-        """A context from the files as they are now; a rotation builds one and swaps it in (`current`)
-        only once the whole rotation is good."""
+        """A context from the files as they are now, checked as listen.tls's are (CertificateProblem)."""
+        read_pair(self.cert_file, self.key_file, self.label, utc_now())
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
-        context.load_cert_chain(self.listen.cert_file, self.listen.key_file)
+        context.load_cert_chain(self.cert_file, self.key_file)
         return context
+
+    def poll(self) -> bool:
+        """Takes replaced files once they are good; True when the certificate served changed."""
+        signature = self._signature()
+        if signature == self._seen and self.problem is None:
+            return False
+        self._seen = signature
+        try:
+            context = self.load()
+        except (OSError, ValueError) as error:  # CertificateProblem and ssl.SSLError among them
+            if str(error) != self.problem:
+                log.error("the admin API's certificate files changed but cannot serve, keeping the ones before: %s",
+                          error)
+            self.problem = str(error)
+            return False
+        self.current, self.problem = context, None
+        log.info("the admin API serves the certificate in %s now", self.cert_file)
+        return True
 
     def _pick(self, connection, server_name, context) -> None:
         connection.context = self.current

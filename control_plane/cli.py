@@ -13,7 +13,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from control_plane.bootstrap import BOOTSTRAP_TEMPLATE, default_node_id, render_bootstrap
+from control_plane.bootstrap import BOOTSTRAP_TEMPLATE, default_node_id, render_bootstrap, write_bootstrap
 from control_plane.config import ConfigError, GatewayConfig, load_config
 from control_plane.fleet.state_store import client_token, state_dir
 
@@ -66,11 +66,42 @@ def _parser() -> argparse.ArgumentParser:
     keys.add_argument("--grace", type=float, help="with rotate: seconds the previous secret keeps working "
                                                   "(default: auth.rotation_grace_s)")
 
+    tokens = api_command("tokens", "create, list or revoke named admin tokens (roles: viewer, operator, admin)")
+    tokens.add_argument("action", choices=["list", "create", "revoke"])
+    tokens.add_argument("target", nargs="?", help="with create: the new token's name; with revoke: its id or name")
+    tokens.add_argument("--role", choices=["viewer", "operator", "admin"], help="with create: what it may do")
+
+    audit = api_command("audit", "who changed what through the admin API, oldest first")
+    audit.add_argument("--since", help="from this time on (ISO 8601, UTC unless it says otherwise); default: the "
+                                       "newest --limit records")
+    audit.add_argument("--limit", type=int, default=1000, help="records at most (1..1000, default 1000)")
+
     envoy = with_config(commands.add_parser(
         "envoy", help="run Envoy for this config: write its bootstrap, then become Envoy (containers use this)"))
-    envoy.add_argument("--node-id", default=None, help="Envoy node id (default: envoy-<hostname>)")
+    envoy.add_argument("--node-id", default=None, help="Envoy node id (default: envoy-<hostname>, or "
+                                                       "<identity>.<hostname> with --identity)")
+    envoy.add_argument("--identity", default=None, help="with internal_tls: its certificate, envoy-<identity> in "
+                                                        "internal_tls.dir (default: the node id up to a first dot)")
     envoy.add_argument("--xds-host", default=None, help="host Envoy dials for xDS (default: listen.xds_address)")
     envoy.add_argument("--bootstrap", type=Path, default=None, help="where to write the bootstrap (default: a temp file)")
+
+    certs = with_state(with_config(commands.add_parser(
+        "certs", help="the internal CA and the certificates of control planes, Envoys and etcd (internal_tls)")))
+    certs.add_argument("action", choices=["init", "issue", "renew", "list"],
+                       help="init: the CA and the control plane's certificate; issue ROLE NAME; renew: those "
+                            "expiring soon; list")
+    certs.add_argument("role", nargs="?", choices=["control-plane", "envoy", "etcd", "etcd-client"],
+                       help="with issue (etcd and etcd-client: signed by etcd's own CA, etcd-ca.pem)")
+    certs.add_argument("name", nargs="?", help="with issue: the Envoy's or etcd member's name")
+    certs.add_argument("--dir", type=Path, help="the folder (default: internal_tls.dir, else <state dir>/pki)")
+    certs.add_argument("--host", action="append", dest="hosts", default=[],
+                       help="a DNS name or address the part answers on (repeat): control planes and etcd members")
+    certs.add_argument("--envoy", action="append", default=[], help="with init: an Envoy's certificate to make "
+                                                                     "when missing (repeat)")
+    certs.add_argument("--etcd", action="append", default=[], help="with init: an etcd member's certificate to make "
+                                                                   "when missing (repeat; its --host names too)")
+    certs.add_argument("--days", type=int, default=None, help="validity of issued certificates (default 90)")
+    certs.add_argument("--within-days", type=float, default=30.0, help="with renew: renew what expires within this")
 
     drain = with_config(commands.add_parser(
         "envoy-drain", help="drain an Envoy before restarting it: fail /health, close listeners, wait for "
@@ -105,17 +136,27 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(_run_api_command(args, config))
     if args.command == "keys":
         sys.exit(_run_keys_command(args, config))
+    if args.command == "tokens":
+        sys.exit(_run_tokens_command(args, config))
+    if args.command == "audit":
+        sys.exit(_run_audit_command(args, config))
     if args.command == "envoy":
         _exec_envoy(args, config)
     if args.command == "envoy-drain":
         sys.exit(asyncio.run(_drain(args, config)))
+    if args.command == "certs":
+        sys.exit(_run_certs_command(args, config))
     if args.command == "envoy-bootstrap":
-        text = render_bootstrap(BOOTSTRAP_TEMPLATE.read_text(), config, node_id=args.node_id or default_node_id(),
-                                xds_host=args.xds_host, admin_port=args.admin_port)
+        node_id = args.node_id or default_node_id()
         if args.output:
-            args.output.write_text(text)
+            write_bootstrap(args.output, config, node_id, args.xds_host, args.admin_port)
+        elif config.internal_tls is not None:
+            print("whisper-gateway: with internal_tls the bootstrap comes with a second file: give --output",
+                  file=sys.stderr)
+            sys.exit(2)
         else:
-            sys.stdout.write(text)
+            sys.stdout.write(render_bootstrap(BOOTSTRAP_TEMPLATE.read_text(), config, node_id=node_id,
+                                              xds_host=args.xds_host, admin_port=args.admin_port))
         return
     from control_plane.supervisor import up
 
@@ -147,9 +188,18 @@ class ApiFailure(Exception):
 
 
 def admin_tls(config: GatewayConfig) -> ssl.SSLContext | None:
-    """The CLI runs beside the control plane: it trusts exactly the leaf certificate of
+    """How the CLI checks the admin API's certificate (GatewayConfig.admin_tls). With internal_tls:
+    against the internal CA (internal_tls.dir/ca.pem), host name and all; the control plane's
+    certificate names localhost and 127.0.0.1 (plus any host it was issued for), which is what the
+    CLI beside it dials (compose publishes the admin port on 127.0.0.1; an unspecified
+    admin_address is dialled as 127.0.0.1), so no pinning and no exception to the name check.
+    Else it runs beside the control plane and trusts exactly the leaf certificate of
     listen.tls.cert_file (pinned: the name it was issued for need not be the address dialled, and
     the rest of the chain, which signs others too, is not trusted)."""
+    if config.internal_tls is not None:
+        from control_plane.internal_pki import ca_path
+
+        return ssl.create_default_context(cafile=str(ca_path(config.internal_tls.dir)))
     if config.listen.tls is None:
         return None
     from control_plane.certificates import PEM_CERTIFICATE
@@ -161,8 +211,19 @@ def admin_tls(config: GatewayConfig) -> ssl.SSLContext | None:
     return context
 
 
+def _admin_base(args: argparse.Namespace, config: GatewayConfig) -> str:
+    """--url, else the admin API as the config places it; an unspecified address (0.0.0.0, ::) is
+    dialled on loopback, as connecting to it would anyway, by a name its certificate holds."""
+    if args.url:
+        return args.url.rstrip("/")
+    listen = config.listen
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(listen.admin_address, listen.admin_address)
+    host = f"[{host}]" if ":" in host else host
+    return f"{'https' if config.admin_tls else 'http'}://{host}:{listen.admin_port}"
+
+
 def _call(args: argparse.Namespace, config: GatewayConfig, method: str, path: str, body: dict | None = None):
-    base = (args.url or config.listen.admin_url).rstrip("/")
+    base = _admin_base(args, config)
     token = client_token(state_dir(args.state_dir))
     headers = {"Content-Type": "application/json"}
     if token:
@@ -180,7 +241,12 @@ def _call(args: argparse.Namespace, config: GatewayConfig, method: str, path: st
             message = error.reason
         raise ApiFailure(f"{method} {path}: HTTP {error.code}: {message}") from None
     except (urllib.error.URLError, OSError) as error:
-        raise ApiFailure(f"cannot reach the control plane at {base}: {error}") from None
+        hint = ""
+        if isinstance(getattr(error, "reason", error), ssl.SSLCertVerificationError) and config.internal_tls:
+            hint = (" (the admin API's certificate is checked against internal_tls.dir's ca.pem and the host dialled: "
+                    "issue control-plane.pem for that host, `whisper-gateway certs issue control-plane --host HOST`, "
+                    "or dial 127.0.0.1)")
+        raise ApiFailure(f"cannot reach the control plane at {base}: {error}{hint}") from None
 
 
 def _backend_id(args, config, target: str) -> str:
@@ -293,17 +359,132 @@ def _run_keys_command(args: argparse.Namespace, config: GatewayConfig) -> int:
             answer = _call(args, config, "POST", f"/keys/{_key_id(args, config, args.target)}/rotate", body)
         else:
             answer = _call(args, config, "DELETE", f"/keys/{_key_id(args, config, args.target)}")
-        if args.json:
-            print(json.dumps(answer, indent=2))
-        elif "secret" in answer:  # create and rotate: the only time the secret is shown
-            print(f"{answer['id']} ({answer['name']}): its secret, shown only now; keep it safe:", file=sys.stderr)
-            print(answer["secret"])
-        else:
-            print(f"{answer['id']} ({answer['name']}): {answer['state']}")
+        _print_change(args, answer, f"{answer['id']} ({answer['name']})")
         return 0
     except ApiFailure as failure:
         print(f"whisper-gateway: {failure}", file=sys.stderr)
         return 1
+
+
+def _when(epoch: float | None) -> str:
+    from datetime import datetime, timezone
+
+    return "-" if epoch is None else f"{datetime.fromtimestamp(epoch, timezone.utc):%Y-%m-%d %H:%M:%S}"
+
+
+def _print_change(args: argparse.Namespace, answer: dict, label: str) -> None:
+    """A key's or token's change as the CLI shows it: its new secret (on stdout, alone, shown only
+    now: create and rotate), else its state; the raw answer with --json."""
+    if args.json:
+        print(json.dumps(answer, indent=2))
+    elif "secret" in answer:
+        print(f"{label}: its secret, shown only now; keep it safe:", file=sys.stderr)
+        print(answer["secret"])
+    else:
+        print(f"{answer['id']} ({answer['name']}): {answer['state']}")
+    if answer.get("not_applied_by"):
+        print(f"not yet applied by {', '.join(answer['not_applied_by'])} (see whisper-gateway status)", file=sys.stderr)
+
+
+def _run_tokens_command(args: argparse.Namespace, config: GatewayConfig) -> int:
+    from control_plane.operator.status import render_rows
+
+    try:
+        if args.action == "list":
+            tokens = _call(args, config, "GET", "/tokens")["data"]
+            rows = [(t["id"], t["name"], t["role"], t["state"], _when(t["created_at"]), _when(t["revoked_at"]))
+                    for t in tokens]
+            print(json.dumps(tokens, indent=2) if args.json else "\n".join(render_rows(
+                ("ID", "NAME", "ROLE", "STATE", "CREATED (UTC)", "REVOKED (UTC)"), rows)))
+            return 0
+        if not args.target:
+            raise ApiFailure(f"tokens {args.action} needs " + ("a name for the new token" if args.action == "create"
+                                                               else "the token's id or name"))
+        if args.action == "create":
+            if not args.role:
+                raise ApiFailure("tokens create needs --role viewer, operator or admin")
+            answer = _call(args, config, "POST", "/tokens", {"name": args.target, "role": args.role})
+        else:
+            token_id = args.target
+            if not token_id.startswith("tok-"):
+                found = [t["id"] for t in _call(args, config, "GET", "/tokens")["data"]
+                         if t["name"] == token_id and t["state"] == "active"]
+                if not found:
+                    raise ApiFailure(f"no active admin token named {token_id!r}")
+                token_id = found[0]
+            answer = _call(args, config, "DELETE", f"/tokens/{token_id}")
+        _print_change(args, answer, f"{answer['id']} ({answer['name']}, {answer.get('role')})")
+        return 0
+    except ApiFailure as failure:
+        print(f"whisper-gateway: {failure}", file=sys.stderr)
+        return 1
+
+
+def _run_audit_command(args: argparse.Namespace, config: GatewayConfig) -> int:
+    from urllib.parse import urlencode
+
+    from control_plane.operator.status import render_rows
+
+    query = {"limit": args.limit} | ({"since": args.since} if args.since else {})
+    try:
+        answer = _call(args, config, "GET", "/audit?" + urlencode(query))
+    except ApiFailure as failure:
+        print(f"whisper-gateway: {failure}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(answer, indent=2))
+        return 0
+
+    def change(record: dict) -> str:
+        before, after = record["before"] or {}, record["after"] or {}
+        if not before or not after:
+            return "made" if after else "gone"
+        return ", ".join(f"{k}: {json.dumps(before.get(k))} -> {json.dumps(after.get(k))}"
+                         for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)) or "-"
+
+    rows = [(r["at"], r["who"], r["role"], r["source"], r["action"], r["target"], change(r)) for r in answer["data"]]
+    print("\n".join(render_rows(("AT (UTC)", "WHO", "ROLE", "SOURCE", "ACTION", "TARGET", "CHANGE"), rows)))
+    if answer.get("has_more"):
+        print("(more records: use --since or --limit)", file=sys.stderr)
+    return 0
+
+
+def _run_certs_command(args: argparse.Namespace, config: GatewayConfig) -> int:
+    from control_plane import internal_pki as pki
+
+    folder = args.dir or (Path(config.internal_tls.dir) if config.internal_tls else state_dir(args.state_dir) / "pki")
+    days = {"days": args.days} if args.days else {}
+    try:
+        if args.action == "init":  # what is missing; nothing that exists is replaced (renew does that)
+            made = pki.init_ca(folder)
+            print(f"{pki.ca_path(folder)}: {'made' if made else 'already there'}")
+            hosts = tuple(dict.fromkeys(["localhost", "127.0.0.1", *args.hosts]))
+            wanted = [(pki.CONTROL_PLANE, pki.CONTROL_PLANE, hosts)] + [("envoy", n, ()) for n in args.envoy] + \
+                [("etcd", n, hosts) for n in args.etcd] + \
+                ([("etcd-client", pki.CONTROL_PLANE, ())] if args.etcd else [])  # the control planes' to etcd
+            for role, name, names in wanted:
+                if not pki.pair_paths(folder, role, name)[0].exists():
+                    print(pki.issue(folder, role, name, names, **days)[0])
+        elif args.action == "issue":
+            if not args.role or (args.role != pki.CONTROL_PLANE and not args.name):
+                raise pki.PkiProblem("certs issue needs a role and, for envoy and etcd, a name")
+            name = args.name if args.role != pki.CONTROL_PLANE else pki.CONTROL_PLANE
+            hosts = tuple(args.hosts) or (("localhost", "127.0.0.1") if args.role in ("control-plane", "etcd") else ())
+            cert, key = pki.issue(folder, args.role, name, hosts, **days)
+            print(f"{cert}\n{key}")
+        elif args.action == "renew":
+            renewed = pki.renew(folder, args.within_days, **days)
+            print("\n".join(f"renewed {item.identity} ({item.path})" for item in renewed) or "nothing to renew")
+        else:
+            from control_plane.operator.status import render_rows
+
+            rows = [(str(i.identity), i.path.name, f"{i.not_after:%Y-%m-%d %H:%M}", ",".join(i.hosts) or "-")
+                    for i in pki.issued(folder)]
+            print("\n".join(render_rows(("IDENTITY", "FILE", "EXPIRES (UTC)", "HOSTS"), rows)))
+    except (pki.PkiProblem, OSError) as problem:
+        print(f"whisper-gateway: {problem}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _exec_envoy(args: argparse.Namespace, config: GatewayConfig) -> None:
@@ -312,8 +493,10 @@ def _exec_envoy(args: argparse.Namespace, config: GatewayConfig) -> None:
 
     from control_plane.supervisor import ENVOY_FLAGS, find_envoy
 
+    import socket
+
     path = args.bootstrap or Path(tempfile.mkdtemp(prefix="whisper-gateway-envoy-")) / "bootstrap.yaml"
-    path.write_text(render_bootstrap(BOOTSTRAP_TEMPLATE.read_text(), config, node_id=args.node_id or default_node_id(),
-                                     xds_host=args.xds_host))
+    node_id = args.node_id or (f"{args.identity}.{socket.gethostname()}" if args.identity else default_node_id())
+    write_bootstrap(path, config, node_id, args.xds_host, identity=args.identity)
     binary = find_envoy()
     os.execv(binary, [binary, *ENVOY_FLAGS, "-c", str(path)])

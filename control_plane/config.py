@@ -89,6 +89,16 @@ class BackendTlsConfig:
 
 
 @dataclass(frozen=True, config=SECTION)
+class InternalTlsConfig:
+    """Mutual TLS between the gateway's own parts (control_plane/internal_pki.py): the xDS port
+    (ADS, access logs, RLQS) requires a certificate from this folder's CA, and each stream is bound
+    to the identity it names. `whisper-gateway certs` makes the folder: ca.pem (the internal CA),
+    control-plane.pem/.key, envoy-<name>.pem/.key; replacing a file rotates it live."""
+
+    dir: FilePath
+
+
+@dataclass(frozen=True, config=SECTION)
 class ListenConfig:
     # Where clients send audio. Loopback unless you mean otherwise: beyond it, auth.api_keys
     # must be required (or auth.open_listener set).
@@ -103,21 +113,13 @@ class ListenConfig:
     admin_address: Address = "127.0.0.1"
     admin_port: Port = 18001
     # HTTPS on listen.port (TLS 1.2 and 1.3, HTTP/1.1 and HTTP/2 by ALPN); the admin API uses the
-    # same certificate when admin_address is beyond loopback (and admin_plaintext is false).
+    # same certificate when admin_address is beyond loopback (and admin_plaintext is false),
+    # unless internal_tls is set: then it serves the control plane's internal certificate.
     tls: ListenTlsConfig | None = None
-    # An admin_address beyond loopback is served over TLS (listen.tls), so the token never travels
-    # in the clear; true keeps it plain HTTP there (a port published only on a private network).
+    # An admin_address beyond loopback is served over TLS (internal_tls, else listen.tls), so the
+    # token never travels in the clear; true keeps it plain HTTP there (a port published only on
+    # a private network).
     admin_plaintext: StrictBool = False
-
-    @property
-    def admin_tls(self) -> bool:
-        """The admin API speaks HTTPS (listen.tls's certificate): beyond loopback, unless admin_plaintext."""
-        return self.tls is not None and not is_loopback(self.admin_address) and not self.admin_plaintext
-
-    @property
-    def admin_url(self) -> str:
-        """Where the admin API answers, as the CLI and the log name it."""
-        return f"{'https' if self.admin_tls else 'http'}://{self.admin_address}:{self.admin_port}"
 
     def own_endpoints(self) -> dict[str, tuple[str, int]]:
         """Every address and port the gateway itself listens on: never a backend (a loop)."""
@@ -261,6 +263,19 @@ class AuthConfig:
     # At most this many batch requests per serving engine in flight on each model, all batch keys
     # together; over it, batch requests get 429 (builders/quotas.py); null: no such cap.
     batch_in_flight_per_engine: Annotated[StrictInt, within(1, 1000)] | None = None
+    # A client address that sent this many wrong API keys within bad_key_window_s gets 429 for
+    # every request without a valid key until the window ends; a valid key still passes (counted
+    # by each Envoy worker thread; 0: never).
+    bad_keys_per_address: Annotated[StrictInt, within(0, 1_000_000)] = 20
+    bad_key_window_s: seconds(1, 3600) = 10.0
+
+
+@dataclass(frozen=True, config=SECTION)
+class MetricsConfig:
+    """The control plane's /metrics (scraped without a token)."""
+
+    # Per-key series (requests in flight, metering) carry the key's id as a label only when true.
+    key_labels: StrictBool = False
 
 
 @dataclass(frozen=True, config=SECTION)
@@ -363,6 +378,11 @@ class StateConfig:
     # etcd members as host:port (names are resolved once, at start); one is enough, all of them
     # ride out a member's loss.
     etcd: tuple[Annotated[Any, AfterValidator(_host_port)], ...] = ()
+    # TLS to etcd, with a client certificate (etcd's --client-cert-auth): {ca_file, cert_file, key_file}.
+    etcd_tls: BackendTlsConfig | None = None
+    # etcd's own user (etcd's auth enabled); its password is read from the environment variable named.
+    etcd_user: StrictStr | None = None
+    etcd_password_env: EnvName | None = None
     prefix: Annotated[StrictStr, matching(re.compile(r"/[A-Za-z0-9._/-]{0,200}/"),
                                           "expected a key prefix such as /whisper-gateway/, got {!r}")] = "/whisper-gateway/"
     timeout_s: seconds(0.1, 60) = 2.0
@@ -382,6 +402,8 @@ class GatewayConfig:
     engines: tuple[AnyEngine, ...] = ()
     discovery: tuple[DiscoveryConfig, ...] = ()
     state: StateConfig = StateConfig()
+    internal_tls: InternalTlsConfig | None = None
+    metrics: MetricsConfig = MetricsConfig()
     # How long a drain may take before the backend is removed anyway.
     drain_timeout_s: DrainTimeout = 300.0
 
@@ -389,6 +411,27 @@ class GatewayConfig:
         """Configured backends plus the engines `up` runs, as the registry keeps them."""
         given = [Entry.create(b.url, b.models, b.weight, Source.CONFIG) for b in self.backends]
         return given + [Entry.create(e.url, (e.model,), 1, Source.CONFIG) for e in self.engines]
+
+    @property
+    def admin_tls(self) -> tuple[str, str] | None:
+        """The certificate and key files the admin API serves HTTPS with; None: plain HTTP. HTTPS
+        beyond loopback (unless listen.admin_plaintext): the control plane's internal certificate
+        when internal_tls is set (the CLI trusts the internal CA for it), else listen.tls's."""
+        listen = self.listen
+        if is_loopback(listen.admin_address) or listen.admin_plaintext:
+            return None
+        if self.internal_tls is not None:
+            from control_plane.internal_pki import CONTROL_PLANE, pair_paths
+
+            cert, key = pair_paths(self.internal_tls.dir, CONTROL_PLANE)
+            return str(cert), str(key)
+        return (listen.tls.cert_file, listen.tls.key_file) if listen.tls is not None else None
+
+    @property
+    def admin_url(self) -> str:
+        """Where the admin API answers, as the CLI and the log name it."""
+        listen = self.listen
+        return f"{'https' if self.admin_tls else 'http'}://{listen.admin_address}:{listen.admin_port}"
 
 
 # --- reading -------------------------------------------------------------------------------
@@ -440,10 +483,20 @@ def _cross_checks(config: GatewayConfig) -> None:
         raise ConfigError("listen.tls.client_ca_file: give it exactly when client_certificates is optional or required")
     if (config.backend_tls.cert_file is None) != (config.backend_tls.key_file is None):
         raise ConfigError("backend_tls: cert_file and key_file go together (the client certificate engines may ask for)")
-    if not is_loopback(config.listen.admin_address) and tls is None and not config.listen.admin_plaintext:
+    if not is_loopback(config.listen.admin_address) and config.admin_tls is None and not config.listen.admin_plaintext:
         raise ConfigError(f"listen.admin_address {config.listen.admin_address} is reachable beyond this host: set "
-                          "listen.tls so the admin API is served over HTTPS, bind it to 127.0.0.1, or set "
+                          "internal_tls (the admin API then serves the internal CA's certificate) or listen.tls so "
+                          "the admin API is served over HTTPS, bind it to 127.0.0.1, or set "
                           "listen.admin_plaintext: true if only a private network reaches it")
+    if not is_loopback(config.listen.xds_address) and config.internal_tls is None:
+        raise ConfigError(f"listen.xds_address {config.listen.xds_address} is reachable beyond this host: set "
+                          "internal_tls (make its files with `whisper-gateway certs init`) so only Envoys with "
+                          "the internal CA's certificates reach xDS, or bind it to 127.0.0.1")
+    state = config.state
+    if state.etcd_tls is not None and (state.etcd_tls.cert_file is None) != (state.etcd_tls.key_file is None):
+        raise ConfigError("state.etcd_tls: cert_file and key_file go together")
+    if (state.etcd_user is None) != (state.etcd_password_env is None):
+        raise ConfigError("state.etcd_user and state.etcd_password_env go together")
     ports = {name: port for name, (_, port) in config.listen.own_endpoints().items()}
     if len(set(ports.values())) != len(ports):
         raise ConfigError(f"listen: the ports must all differ, got {ports}")

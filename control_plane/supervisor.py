@@ -20,7 +20,8 @@ from pathlib import Path
 
 import aiohttp
 
-from control_plane.bootstrap import BOOTSTRAP_TEMPLATE, render_bootstrap
+from control_plane import internal_pki
+from control_plane.bootstrap import write_bootstrap
 from control_plane.config import DEFAULT_CONFIG_PATH, EngineConfig, GatewayConfig
 
 # A spoken English sentence (espeak-ng, 16 kHz mono) for the example `up` prints.
@@ -104,13 +105,16 @@ async def _spawn(name: str, command: list[str], log_dir: Path) -> Child:
     return Child(name, process)
 
 
-async def _wait_http_ok(session: aiohttp.ClientSession, url: str, deadline: float, children: list[Child]) -> None:
+async def _wait_http_ok(session: aiohttp.ClientSession, url: str, deadline: float, children: list[Child],
+                        tls: bool = False) -> None:
+    """`tls`: an https URL, probed without checking its certificate (readiness, not trust: the
+    listener's certificate may be issued for a public name)."""
     while time.monotonic() < deadline:
         for child in children:
             if child.process.returncode is not None:
                 raise RuntimeError(f"{child.name} exited with status {child.process.returncode}")
         try:
-            async with session.get(url, timeout=aiohttp.ClientTimeout(total=2)) as response:
+            async with session.get(url, timeout=aiohttp.ClientTimeout(total=2), ssl=False if tls else None) as response:
                 if response.status == 200:
                     return
         except (aiohttp.ClientError, asyncio.TimeoutError):
@@ -153,11 +157,17 @@ async def _stop(children: list[Child]) -> None:
                 await child.process.wait()
 
 
-def example_command(config: GatewayConfig, sample: Path) -> str:
+def audio_url(config: GatewayConfig) -> str:
+    """Where `up`'s Envoy takes audio: https with listen.tls."""
     host = "127.0.0.1" if config.listen.address in ("0.0.0.0", "::") else config.listen.address
+    return f"{'https' if config.listen.tls else 'http'}://{host}:{config.listen.port}"
+
+
+def example_command(config: GatewayConfig, sample: Path) -> str:
     model = (config.models[0].aliases or (config.models[0].name,))[0]
-    return (f"curl -s -F file=@{sample} -F model={model} "
-            f"http://{host}:{config.listen.port}/v1/audio/transcriptions")
+    # With listen.tls: curl checks the certificate against the system's CAs; --cacert names another.
+    key = ' -H "Authorization: Bearer $KEY"' if config.auth.api_keys == "required" else ""
+    return f"curl -s{key} -F file=@{sample} -F model={model} {audio_url(config)}/v1/audio/transcriptions"
 
 
 async def up(config: GatewayConfig, config_path: Path | None, run_dir: Path, state_directory: Path) -> int:
@@ -166,8 +176,9 @@ async def up(config: GatewayConfig, config_path: Path | None, run_dir: Path, sta
         log.error("ports already in use: %s; stop what holds them or change them in the config", ", ".join(busy))
         return 2
     run_dir.mkdir(parents=True, exist_ok=True)
-    bootstrap = run_dir / "envoy-bootstrap.yaml"
-    bootstrap.write_text(render_bootstrap(BOOTSTRAP_TEMPLATE.read_text(), config, node_id=f"up-{os.getpid()}"))
+    if config.internal_tls is not None:  # the internal CA and certificates, made where missing
+        internal_pki.ensure(config.internal_tls.dir, envoys=("up",))
+    bootstrap = write_bootstrap(run_dir / "envoy-bootstrap.yaml", config, node_id=f"up.{os.getpid()}")
     sample = run_dir / "sample.wav"
     shutil.copyfile(SAMPLE_CLIP, sample)
 
@@ -189,14 +200,13 @@ async def up(config: GatewayConfig, config_path: Path | None, run_dir: Path, sta
             children.append(await _spawn("control-plane", plane, run_dir))
             envoy = [find_envoy(), *ENVOY_FLAGS, "-c", str(bootstrap)]
             children.append(await _spawn("envoy", envoy, run_dir))
-            host = "127.0.0.1" if config.listen.address in ("0.0.0.0", "::") else config.listen.address
-            await _wait_http_ok(session, f"http://{host}:{config.listen.port}/v1/models", deadline, children)
+            await _wait_http_ok(session, f"{audio_url(config)}/v1/models", deadline, children, config.listen.tls is not None)
     except (RuntimeError, TimeoutError, FileNotFoundError) as error:
         log.error("gateway did not start: %s (logs in %s)", error, run_dir)
         await _stop(children)
         return 1
 
-    print(f"whisper-gateway is up: audio to http://{host}:{config.listen.port}, "
+    print(f"whisper-gateway is up: audio to {audio_url(config)}, "
           f"status http://{config.listen.admin_address}:{config.listen.admin_port}/status (or `whisper-gateway status`), "
           f"Envoy admin http://127.0.0.1:{config.listen.envoy_admin_port}, logs in {run_dir}", flush=True)
     print("try:", flush=True)

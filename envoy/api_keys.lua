@@ -70,20 +70,97 @@ local function digest_of(secret)
   return known
 end
 
--- The grant {id, models} of the request's `Authorization: Bearer <key>`, or nil and why not
--- (OpenAI's wording; the key itself is never echoed, so it reaches no log).
+-- The grant {id, models} of the request's `Authorization: Bearer <key>`, or nil, why not (OpenAI's
+-- wording; the key itself is never echoed, so it reaches no log) and whether a key was given at all.
 local function authenticate(headers)
   local given = headers:get("authorization")
   local secret = given and given:match("^%s*[Bb][Ee][Aa][Rr][Ee][Rr]%s+(%S+)%s*$")
   if secret == nil then
     return nil, "You didn't provide an API key. You need to provide your API key in an Authorization header "
-      .. "using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
+      .. "using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).", false
   end
   local grant = #secret <= MAX_SECRET_BYTES and KEY_GRANTS[digest_of(secret)] or nil
   if grant == nil then
-    return nil, "Incorrect API key provided. Ask the gateway's operator for a valid key."
+    return nil, "Incorrect API key provided. Ask the gateway's operator for a valid key.", true
   end
-  return grant, nil
+  return grant, nil, false
+end
+
+-- Guessing keys: a client address that sent CONTEXT.bad_keys_per_address wrong keys (0: no limit)
+-- within a fixed window of CONTEXT.bad_key_window_s, which starts at its first wrong key, gets 429
+-- rather than 401 until that window ends. Only requests without a valid key are refused so: a
+-- valid key from the same address still passes, since an office or a carrier's NAT puts many
+-- clients behind one address, and one guessing there must not lock the others out. Only wrong
+-- keys count (a missing one guesses nothing), but once the address is over, a missing key gets
+-- the 429 too. The key is still hashed (digest_of) to tell a valid one from a guess.
+-- The counts are this worker's: Envoy runs one Lua state per worker thread (--concurrency), so an
+-- address may send up to threshold x workers wrong keys per window, spread over connections;
+-- and a new route configuration (a key made or revoked, a model added) compiles this source
+-- afresh, counts emptied. They cost no call out of the request path, and bounded memory: the
+-- table of addresses drops its expired windows when it holds ADDRESSES_KEPT, and is emptied
+-- when more than half of them are current (a flood from that many addresses at once).
+local ADDRESSES_KEPT = 8192
+local bad_key_windows, bad_key_addresses = {}, 0 -- address -> {ends (ms), wrong keys in the window}
+
+-- What wrong keys are counted against, from Envoy's "1.2.3.4:5678" or "[2001:db8::1]:5678": the
+-- IP without its port; for IPv6, its /64, which is one subscriber's (who could otherwise take a
+-- fresh address for each guess), as "2001:db8:0:0::/64".
+local function address_key(address)
+  local v6 = address:match("^%[(.+)%]:%d+$")
+  if v6 == nil then return address:match("^(.+):%d+$") or address end
+  local mapped = v6:match("^::[Ff][Ff][Ff][Ff]:(%d+%.%d+%.%d+%.%d+)$")
+  if mapped then return mapped end
+  v6 = v6:gsub("%%.*$", "") -- a zone (fe80::1%eth0)
+  local head, tail = v6:match("^(.-)::(.*)$")
+  local groups = {}
+  for group in (head or v6):gmatch("[^:]+") do groups[#groups + 1] = group end
+  if head and #groups < 4 then
+    local right = {}
+    for group in tail:gmatch("[^:]+") do right[#right + 1] = group end
+    for _ = 1, 8 - #groups - #right do groups[#groups + 1] = "0" end
+    for _, group in ipairs(right) do groups[#groups + 1] = group end
+  end
+  return string.lower(table.concat({groups[1] or "0", groups[2] or "0", groups[3] or "0", groups[4] or "0"}, ":"))
+    .. "::/64"
+end
+
+-- The client's address (the peer's: the listener has use_remote_address and trusts no X-Forwarded-For).
+local function client_address(h)
+  return address_key(h:streamInfo():downstreamRemoteAddress() or "")
+end
+
+local function forget_expired_windows(now)
+  local kept = 0
+  for address, window in pairs(bad_key_windows) do
+    if now >= window[1] then bad_key_windows[address] = nil else kept = kept + 1 end
+  end
+  if kept > ADDRESSES_KEPT / 2 then bad_key_windows, kept = {}, 0 end
+  bad_key_addresses = kept
+end
+
+-- After a request without a valid key (`wrong`: it gave one; false: it gave none): the whole
+-- seconds until its address's window ends when the address is over its wrong keys (answer 429),
+-- else nil (answer 401). Counts `wrong` ones.
+local function bad_key_wait(h, wrong)
+  local limit = CONTEXT.bad_keys_per_address or 0
+  if limit <= 0 then return nil end
+  -- h:timestamp(): ms of the wall clock; a window ending further off than a whole one is left from
+  -- a step back of the clock, and starts again.
+  local address, now = client_address(h), h:timestamp()
+  local window_ms = (CONTEXT.bad_key_window_s or 10) * 1000
+  local window = bad_key_windows[address]
+  if window == nil or now >= window[1] or window[1] - now > window_ms then
+    if not wrong then return nil end
+    if window == nil then
+      if bad_key_addresses >= ADDRESSES_KEPT then forget_expired_windows(now) end
+      bad_key_addresses = bad_key_addresses + 1
+    end
+    window = {now + window_ms, 0}
+    bad_key_windows[address] = window
+  end
+  if window[2] >= limit then return math.max(1, math.ceil((window[1] - now) / 1000)) end
+  if wrong then window[2] = window[2] + 1 end
+  return nil
 end
 
 -- Whether a grant may use `model` (a grant without a model list may use all).

@@ -295,9 +295,17 @@ function envoy_on_request(h)
   end
   local grant = nil
   if CONTEXT.keys_required then -- before the body: a stranger's upload is never buffered
-    local why
-    grant, why = authenticate(headers)
-    if grant == nil then return reply(h, 401, why, "AuthenticationError", nil, "invalid_api_key") end
+    local why, wrong
+    grant, why, wrong = authenticate(headers)
+    if grant == nil then
+      -- An address guessing keys gets 429 until its window ends; its valid keys still pass (api_keys.lua).
+      local wait = bad_key_wait(h, wrong)
+      if wait then
+        return reply(h, 429, "Too many requests with a wrong API key from this address; send a valid key, "
+          .. "or wait " .. wait .. " s.", "bad_api_keys", nil, "too_many_bad_keys", wait)
+      end
+      return reply(h, 401, why, "AuthenticationError", nil, "invalid_api_key")
+    end
   end
   if headers:get(":method") ~= "POST" then
     return reply(h, 405, "Method Not Allowed: send POST with a multipart/form-data body.",

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from control_plane.bootstrap import BOOTSTRAP_TEMPLATE, render_bootstrap
+from control_plane.bootstrap import write_bootstrap
 from control_plane.config import parse_config
 from control_plane.supervisor import find_envoy
 from engines.common.audio import silent_wav
@@ -241,17 +241,17 @@ class AdminClient:
 
 class Envoy:
     def __init__(self, log_dir: Path, raw_config: dict, name: str = "envoy", node_id: str | None = None,
-                 extra_args: tuple[str, ...] = (), tls: ssl.SSLContext | None = None, xds_host: str | None = None):
+                 extra_args: tuple[str, ...] = (), tls: ssl.SSLContext | None = None, xds_host: str | None = None,
+                 identity: str | None = None):
         """`tls`: how clients check the listener when the config gives listen.tls; `xds_host`:
-        the control planes (host:port,...) when not the config's one."""
+        the control planes (host:port,...) when not the config's one; `identity`: with
+        internal_tls, the certificate it dials xDS with (envoy-<identity>; default: its node id's)."""
         config = parse_config(raw_config)
         self.tls = tls
         self.listen_port = config.listen.port
         self.admin_port = free_port()
-        bootstrap = log_dir / f"{name}-bootstrap.yaml"
-        bootstrap.write_text(render_bootstrap(BOOTSTRAP_TEMPLATE.read_text(), config, node_id=node_id or name,
-                                              xds_host=xds_host,
-                                              admin_port=self.admin_port))
+        bootstrap = write_bootstrap(log_dir / f"{name}-bootstrap.yaml", config, node_id or name, xds_host,
+                                    self.admin_port, identity)
         self.process = Process(name, [find_envoy(), "-c", str(bootstrap), "--disable-hot-restart",
                                       "--log-level", "warn", "--drain-time-s", "1", *extra_args], log_dir)
         self.url = f"https://localhost:{self.listen_port}" if config.listen.tls else f"http://127.0.0.1:{self.listen_port}"

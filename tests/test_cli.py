@@ -177,3 +177,53 @@ def test_serve_stops_cleanly_on_sigterm(tmp_path):
     started = time.monotonic()
     assert process.stop() == 0
     assert time.monotonic() - started < 8
+
+
+def test_up_with_internal_tls_and_an_https_listener(tmp_path):
+    """`up` makes the internal CA and certificates it lacks, serves xDS over mutual TLS, probes the
+    HTTPS listener over TLS and prints an https example."""
+    from harness.certificates import make_certificates
+
+    certs = make_certificates(tmp_path / "certs")
+    path, raw = up_config(tmp_path)
+    raw["listen"]["tls"] = {"cert_file": str(certs.server.cert), "key_file": str(certs.server.key)}
+    raw["internal_tls"] = {"dir": str(tmp_path / "pki")}
+    path.write_text(yaml.safe_dump(raw))
+    process, _ = start_up(tmp_path, (path, raw))
+    assert {p.name for p in (tmp_path / "pki").iterdir()} >= {"ca.pem", "control-plane.pem", "envoy-up.pem"}
+    line = next(text for text in process.log_text().splitlines() if text.startswith("  curl "))
+    assert f"https://127.0.0.1:{raw['listen']['port']}/v1/audio/transcriptions" in line
+    result = subprocess.run(shlex.split(line) + ["--cacert", str(certs.ca), "--resolve",
+                                                 f"localhost:{raw['listen']['port']}:127.0.0.1"],
+                            capture_output=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert "turbo-a transcribed" in json.loads(result.stdout)["text"]
+    plane_log = (tmp_path / "run" / "control-plane.log").read_text()
+    assert "mutual TLS" in plane_log and "envoy up." in plane_log and "envoy/up" in plane_log
+    os.kill(process.popen.pid, signal.SIGTERM)
+    assert process.popen.wait(30) == 0
+
+
+def test_envoy_bootstrap_with_internal_tls_is_valid_for_envoy(tmp_path):
+    path, raw = up_config(tmp_path)
+    raw["internal_tls"] = {"dir": str(tmp_path / "pki")}
+    path.write_text(yaml.safe_dump(raw))
+    made = subprocess.run(CLI + ["certs", "init", "--config", str(path), "--envoy", "edge"], capture_output=True,
+                          text=True, timeout=30, cwd=REPO)
+    assert made.returncode == 0, made.stderr
+    out = tmp_path / "bootstrap.yaml"
+    result = subprocess.run(CLI + ["envoy-bootstrap", "--config", str(path), "--node-id", "edge.host-1", "-o", str(out)],
+                            capture_output=True, text=True, timeout=30, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    bootstrap = yaml.safe_load(out.read_text())
+    xds = next(c for c in bootstrap["static_resources"]["clusters"] if c["name"] == "xds_cluster")
+    context = xds["transport_socket"]["typed_config"]["common_tls_context"]
+    assert context["validation_context"]["trusted_ca"]["filename"] == str((tmp_path / "pki" / "ca.pem").resolve())
+    sds = yaml.safe_load((tmp_path / "bootstrap-internal-sds.yaml").read_text())["resources"][0]
+    assert sds["tls_certificate"]["certificate_chain"]["filename"].endswith("envoy-edge.pem")
+    validate = subprocess.run([find_envoy(), "--mode", "validate", "-c", str(out)], capture_output=True, text=True,
+                              timeout=60)
+    assert validate.returncode == 0, validate.stdout + validate.stderr
+    to_stdout = subprocess.run(CLI + ["envoy-bootstrap", "--config", str(path)], capture_output=True, text=True,
+                               timeout=30, cwd=REPO)
+    assert to_stdout.returncode == 2 and "give --output" in to_stdout.stderr

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import ssl
 import subprocess
 from pathlib import Path
 
@@ -35,7 +36,7 @@ def compose_config() -> dict:
 
 def test_compose_file_is_valid_and_complete():
     services = compose_config()["services"]
-    assert set(services) == {"control-plane", "envoy", "engine", "engine-cpu", "prometheus", "grafana",
+    assert set(services) == {"certs", "control-plane", "envoy", "engine", "engine-cpu", "prometheus", "grafana",
                              "control-plane-b", "etcd"}  # the `ha` profile's too (this parser lists every profile)
     gpu = services["engine"]["deploy"]["resources"]["reservations"]["devices"][0]
     assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
@@ -89,6 +90,7 @@ def _host_command(service: dict, tmp_path: Path, config: Path) -> list[str]:
     for argument in service["command"]:
         argument = argument.replace("/etc/whisper-gateway/gateway.yaml", str(config))
         argument = argument.replace("/var/lib/whisper-gateway", str(tmp_path / "state"))
+        argument = argument.replace("/etc/whisper-gateway/pki", str(tmp_path / "pki"))
         mapped.append(argument)
     return command + mapped
 
@@ -102,8 +104,14 @@ def test_the_images_entry_points_run_with_composes_arguments(tmp_path):
     engine_port = free_port()
     raw["discovery"] = []
     raw["backends"] = [{"url": f"http://127.0.0.1:{engine_port}", "models": ["whisper"]}]
+    raw["internal_tls"]["dir"] = str(tmp_path / "pki")
     config = tmp_path / "gateway.yaml"
     config.write_text(yaml.safe_dump(raw))
+    # The one-shot `certs` service first: the internal CA and certificates the others mount.
+    made = subprocess.run(_host_command(services["certs"], tmp_path, config), capture_output=True, text=True,
+                          cwd=REPO, timeout=60)
+    assert made.returncode == 0, made.stderr
+    ca = ssl.create_default_context(cafile=str(tmp_path / "pki" / "ca.pem"))
 
     cpu = _host_command(services["engine-cpu"], tmp_path, config)
     cpu[cpu.index("--port") + 1] = str(engine_port)
@@ -114,7 +122,8 @@ def test_the_images_entry_points_run_with_composes_arguments(tmp_path):
     listen = raw["listen"]
     wait_until(lambda: request("GET", f"http://127.0.0.1:{engine_port}/health", timeout=2).status == 200, 60,
                "the CPU engine")
-    wait_until(lambda: request("GET", f"http://127.0.0.1:{listen['admin_port']}/healthz", timeout=2).status == 200, 20,
+    admin = f"https://127.0.0.1:{listen['admin_port']}"  # the internal CA's certificate, beyond loopback
+    wait_until(lambda: request("GET", admin + "/healthz", timeout=2, context=ca).status == 200, 20,
                "the control plane")
     wait_until(lambda: request("GET", f"http://127.0.0.1:{listen['port']}/v1/models", timeout=2).status == 200, 30,
                "Envoy, configured by the control plane")
@@ -127,7 +136,7 @@ def test_the_images_entry_points_run_with_composes_arguments(tmp_path):
     envoy_metrics = request("GET", f"http://127.0.0.1:{listen['envoy_metrics_port']}/stats/prometheus")
     assert envoy_metrics.status == 200 and "envoy_cluster_upstream_rq" in envoy_metrics.text
     assert request("GET", f"http://127.0.0.1:{listen['envoy_metrics_port']}/quitquitquit").status == 404
-    plane_metrics = request("GET", f"http://127.0.0.1:{listen['admin_port']}/metrics").text
+    plane_metrics = request("GET", admin + "/metrics", context=ca).text
     assert "whisper_gateway_connected_envoys 1.0" in plane_metrics
     assert 'whisper_gateway_endpoint_weight{backend="' in plane_metrics
     for process in (envoy, plane, engine):

@@ -143,10 +143,10 @@ def test_tls_settings_read_as_yaml_writes_them():
     raw = yaml.safe_load("models: [m]\nlisten:\n  tls: {cert_file: c.pem, key_file: k.pem, client_certificates: off}\n"
                          "  admin_address: 0.0.0.0\nbackend_tls: {ca_file: ca.pem}\n")
     config = parse_config(raw)
-    assert config.listen.tls.client_certificates == "off" and config.listen.admin_tls
+    assert config.listen.tls.client_certificates == "off" and config.admin_tls == ("c.pem", "k.pem")
     assert config.backend_tls.ca_file == "ca.pem"
     plain = parse_config(dict(raw, listen=dict(raw["listen"], admin_plaintext=True)))
-    assert not plain.listen.admin_tls  # admin_plaintext keeps the admin API plain even with listen.tls
+    assert plain.admin_tls is None  # admin_plaintext keeps the admin API plain even with listen.tls
 
 
 def test_etcd_members_are_host_port_pairs():

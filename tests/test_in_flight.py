@@ -29,7 +29,8 @@ def stack(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("in_flight")
     # One clip alone: 1 s of work; two at once share the engine (both in flight about 2 s).
     engine = start_engine(tmp_path, MODEL, "f1", seconds_per_request=1.0, time_scale=1.0)
-    gateway = GatewayStack(tmp_path, MODEL, [engine[1]], auth={"api_keys": "required", "plans": PLANS})
+    gateway = GatewayStack(tmp_path, MODEL, [engine[1]], auth={"api_keys": "required", "plans": PLANS},
+                           metrics={"key_labels": True})  # the per-key gauge below
     yield gateway
     gateway.stop()
     engine[0].stop()

@@ -35,7 +35,8 @@ def stack(tmp_path_factory):
     os.environ["WHISPER_TEST_ENGINE_KEY"] = ENGINE_KEY  # the control plane reads it at start
     gateway = GatewayStack(tmp_path, MODEL, [engine[1]], aliases=("whisper-1",),
                            auth={"api_keys": "required", "engine_api_key_env": "WHISPER_TEST_ENGINE_KEY",
-                                 "max_keys": MAX_KEYS})
+                                 "max_keys": MAX_KEYS},
+                           metrics={"key_labels": True})  # /metrics names keys (tests/test_admin_roles.py: not by default)
     gateway.raw["models"].append({"name": OTHER})
     gateway.raw["backends"].append({"url": other[1], "models": [OTHER]})
     gateway.config.write(gateway.raw)

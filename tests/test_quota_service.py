@@ -104,6 +104,9 @@ class FakeContext:
         self.written.append(response)
         self.wrote.set()
 
+    def peer(self):
+        return "ipv4:127.0.0.1:40000"
+
 
 def test_the_servicer_grants_again_the_moment_a_slot_frees():
     asyncio.run(servicer_grants())

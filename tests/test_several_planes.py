@@ -1,5 +1,6 @@
-"""Several control planes, one state in etcd: a real three-member etcd on loopback ports, two
-control planes, two Envoys that know both, simulated engines.
+"""Several control planes, one state in etcd: a real three-member etcd on loopback ports (over
+TLS, with client certificates: tests/test_etcd_tls.py has the refusals), two control planes, two
+Envoys that know both, simulated engines.
 
 The tests that kill things come last; each leaves the rig as the next one needs it.
 """
@@ -40,7 +41,7 @@ class Dns:
 class Rig:
     def __init__(self, folder):
         self.folder = folder
-        self.etcd = EtcdCluster(folder / "etcd")
+        self.etcd = EtcdCluster(folder / "etcd", tls=folder / "pki")  # clients and peers over TLS, certificates required
         self.engines = [start_engine(folder, MODEL, f"e{i}", time_scale=0.0001)[1] for i in range(3)]
         # Two more engines that only the leader's DNS discovery finds (one name, two addresses).
         dns_port = free_port()
@@ -53,7 +54,8 @@ class Rig:
         # One config for both planes, but for their own ports (xDS, admin): what they serve must
         # be the same, so an Envoy that moves from one to the other is told nothing new.
         shared = base_config(free_port(), free_port(), [{"name": MODEL}], [{"url": self.engines[0], "models": [MODEL]}],
-                             state={"etcd": self.etcd.endpoints}, discovery=discovery)
+                             state={"etcd": self.etcd.endpoints, "etcd_tls": self.etcd.client_tls},
+                             discovery=discovery)
         xds_ports = [free_port(), free_port()]
         for i, xds_port in enumerate(xds_ports):
             raw = dict(shared, listen=dict(shared["listen"], xds_port=xds_port, admin_port=free_port()))

@@ -153,6 +153,9 @@ def lua_context(config: GatewayConfig, fleet: Fleet | None, access: Access, envo
             "max_audio_seconds": config.limits.max_audio_s,
             "per_try_base_ms": base_ms, "per_try_ms_per_mb": per_mb_ms,
             "keys_required": access.required,
+            # A client address over this many wrong keys per window gets 429 (envoy/api_keys.lua; 0: never).
+            "bad_keys_per_address": config.auth.bad_keys_per_address,
+            "bad_key_window_s": config.auth.bad_key_window_s,
             "batch_closed": dict(fleet.batch_closed) if fleet is not None else {},
             # With auth.batch_in_flight_per_engine: the prefix of a model's batch lane (names.batch_lane).
             "batch_lane_prefix": BATCH_LANE_PREFIX if config.auth.batch_in_flight_per_engine is not None else False,

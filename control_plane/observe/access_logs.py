@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import grpc
 from envoy.data.accesslog.v3 import accesslog_pb2
@@ -68,6 +69,53 @@ def delivered(entry: accesslog_pb2.HTTPAccessLogEntry) -> bool:
 def _string(fields, name: str) -> str:
     """A string the Lua filter set as dynamic metadata (`fields`: its namespace's, or None), or ""."""
     return fields.fields[name].string_value if fields is not None and name in fields.fields else ""
+
+
+@dataclass(frozen=True)
+class Known:
+    """What a log entry may speak of, as last published: even an Envoy that proved who it is
+    cannot make a model, a key, a batch lane or an engine out of thin air (each would become
+    state and metric labels), nor report more audio-seconds than one upload may count as.
+    None: anything (tests of the counting alone)."""
+
+    models: frozenset[str] | None = None
+    keys: frozenset[str] | None = None  # key ids; "" (no key) is always known
+    lanes: frozenset[str] | None = None
+    endpoints: frozenset[str] | None = None
+    max_audio_s: float = math.inf
+
+    def problem(self, entry: accesslog_pb2.HTTPAccessLogEntry) -> str | None:
+        """Why the entry is not taken, or None."""
+        headers = entry.request.request_headers
+        fields = entry.common_properties.metadata.filter_metadata.get(METADATA_NAMESPACE)
+        checks = ((self.models, headers.get(MODEL_HEADER, "") or _string(fields, MODEL_KEY), "unknown model"),
+                  (self.keys, headers.get(KEY_ID_HEADER, "") or _string(fields, KEY_ID_KEY), "unknown key"),
+                  (self.lanes, headers.get(BATCH_LANE_HEADER, "") or _string(fields, BATCH_LANE_KEY),
+                   "unknown batch lane"),
+                  (self.endpoints, endpoint_of(entry) or "", "endpoint outside the fleet"))
+        for allowed, value, why in checks:
+            if value and allowed is not None and value not in allowed:
+                return why
+        return None
+
+    def over_limit(self, entry: accesslog_pb2.HTTPAccessLogEntry) -> bool:
+        """It claims more audio-seconds than one upload counts as (it is then counted as that much)."""
+        fields = entry.common_properties.metadata.filter_metadata.get(METADATA_NAMESPACE)
+        claims = (entry.request.request_headers.get(AUDIO_SECONDS_HEADER, ""), _string(fields, SECONDS_KEY))
+        return any((seconds := as_seconds(text)) is not None and seconds > self.max_audio_s for text in claims)
+
+
+def _clamp(entry: accesslog_pb2.HTTPAccessLogEntry, limit: float) -> None:
+    """The entry's audio-seconds, wherever it carries them, at most `limit`."""
+    value = repr(limit)
+    headers = entry.request.request_headers
+    if (seconds := as_seconds(headers.get(AUDIO_SECONDS_HEADER, ""))) is not None and seconds > limit:
+        headers[AUDIO_SECONDS_HEADER] = value
+    fields = entry.common_properties.metadata.filter_metadata.get(METADATA_NAMESPACE)
+    if fields is not None and SECONDS_KEY in fields.fields:
+        seconds = as_seconds(fields.fields[SECONDS_KEY].string_value)
+        if seconds is not None and seconds > limit:
+            fields.fields[SECONDS_KEY].string_value = value
 
 
 def _meter_failed(entry: accesslog_pb2.HTTPAccessLogEntry, ledger: Ledger) -> None:
@@ -153,21 +201,40 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):
     and end come on the same one, so when a stream ends its open tries go with it."""
 
     def __init__(self, outcomes: Outcomes, ledger: Ledger, in_flight: InFlight, clock: Callable[[], float],
-                 in_flight_changed: Callable[[], None]):
+                 in_flight_changed: Callable[[], None], known: Callable[[], Known] = Known,
+                 dropped: Callable[[str, str], None] = lambda reason, peer: None,
+                 authorize: Callable[[grpc.aio.ServicerContext, str | None], Awaitable[str]] | None = None):
+        self.authorize = authorize  # (context, node id) -> the peer's label, or the stream is aborted
         self.outcomes, self.ledger, self.in_flight, self.clock = outcomes, ledger, in_flight, clock
         self.in_flight_changed = in_flight_changed  # after a batch of entries that moved a count
+        self.known = known  # what entries may speak of, now
+        self.dropped = dropped  # (reason, peer) of each entry not taken, or clamped
         self._streams = itertools.count(1)
 
+    def take(self, entries, stream: int, peer: str) -> None:
+        """One message's entries, each checked against what is known first."""
+        now, known, changed = self.clock(), self.known(), False
+        for entry in entries:
+            if why := known.problem(entry):
+                self.dropped(why, peer)
+                continue
+            if known.over_limit(entry):
+                self.dropped("audio-seconds over limits.max_audio_s", peer)
+                _clamp(entry, known.max_audio_s)
+            changed = record(entry, stream, self.outcomes, self.ledger, self.in_flight, now) or changed
+        if changed:
+            self.in_flight_changed()
+
     async def StreamAccessLogs(self, request_iterator, context: grpc.aio.ServicerContext):
+        peer = await self.authorize(context, None) if self.authorize else context.peer()
         stream = next(self._streams)
+        first = True
         try:
             async for message in request_iterator:
-                now = self.clock()
-                changed = False
-                for entry in message.http_logs.log_entry:
-                    changed = record(entry, stream, self.outcomes, self.ledger, self.in_flight, now) or changed
-                if changed:
-                    self.in_flight_changed()
+                if first and self.authorize:  # the first message names the node: it must be the certificate's
+                    peer = await self.authorize(context, message.identifier.node.id)
+                first = False
+                self.take(message.http_logs.log_entry, stream, peer)
         finally:
             self.ledger.stream_closed(stream, self.clock())
             if self.in_flight.stream_closed(stream):

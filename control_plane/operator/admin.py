@@ -1,8 +1,13 @@
 """The admin API: read and change the fleet at runtime. JSON in and out, OpenAI-style errors.
 
-Every route but /healthz and /openapi.json needs `Authorization: Bearer <token>` (compared in
-constant time). Bodies are small, strictly typed, and unknown fields are refused, so a typo
-never turns into a silent default. A change is saved durably before the answer is sent.
+Every route but the open ones (/healthz, /openapi.json, /metrics, the status page) needs
+`Authorization: Bearer <token>`: the token the control plane starts with (an admin called
+"bootstrap"), or a named token with a role (control_plane/operator/tokens.py), compared in
+constant time. Each route names the least role it needs in one table, ROUTE_ROLES; a token
+with less gets 403. An address that failed authentication too often gets 429 for a while.
+Bodies are small, strictly typed, and unknown fields are refused, so a typo never turns into a
+silent default. A change is saved durably before the answer is sent, and then written to the
+audit trail (control_plane/operator/audit.py) with who made it.
 """
 
 from __future__ import annotations
@@ -11,8 +16,11 @@ import asyncio
 import hmac
 import json
 import logging
+import math
 import time
 
+from collections import OrderedDict, deque
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,10 +33,12 @@ from control_plane.fleet.resolve import dialable_address, read_engine_models
 from control_plane.fleet.shared_state import StateUnavailable
 from control_plane.names import NO_ENGINE_CA
 from control_plane.observe.scraper import tls_problem
+from control_plane.operator import audit
 from control_plane.operator.openapi import OPENAPI
 from control_plane.fleet.registry import Entry, Source
 from control_plane.operator.status import endpoint_rows, status_report
-from control_plane.operator.telemetry import render as render_metrics
+from control_plane.operator.telemetry import AUDIT_WRITE_FAILURES, render as render_metrics
+from control_plane.operator.tokens import ADMIN, BOOTSTRAP, OPERATOR, ROLES, VIEWER, AdminToken, allows
 from control_plane.tenants.keys import ApiKey, KeyClass, KeyProblem
 
 if TYPE_CHECKING:
@@ -37,29 +47,86 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 64 * 1024
 MAX_MODELS = 32
-# Open: liveness, the API description, Prometheus metrics, and the status page (whose script
-# asks for the token and sends it with every call).
-OPEN_PATHS = frozenset({"/healthz", "/openapi.json", "/metrics", "/", "/ui"})
+# Failed authentications: an address with FAILED_AUTH_LIMIT failures within FAILED_AUTH_WINDOW_S
+# gets 429 until the oldest of them is out of the window (AuthFailures).
+FAILED_AUTH_LIMIT = 10
+FAILED_AUTH_WINDOW_S = 60.0
+FAILED_AUTH_ADDRESSES = 10_000  # addresses remembered at most
 STATUS_PAGE = Path(__file__).parent / "static" / "status.html"
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, error_type: str = "invalid_request_error", param: str | None = None):
+    def __init__(self, status: int, message: str, error_type: str = "invalid_request_error", param: str | None = None,
+                 headers: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.error_type, self.param = status, message, error_type, param
+        self.headers = headers or {}
 
     def response(self) -> web.Response:
         body = {"error": {"message": self.message, "type": self.error_type, "param": self.param, "code": self.status}}
-        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
-        return web.json_response(body, status=self.status, headers=headers)
+        headers = ({"WWW-Authenticate": "Bearer"} if self.status == 401 else {}) | self.headers
+        return web.json_response(body, status=self.status, headers=headers or None)
 
 
-def _authorized(request: web.Request, token: str | None) -> bool:
-    header = request.headers.get("Authorization", "")
-    scheme, _, given = header.partition(" ")
-    if token is None or scheme.lower() != "bearer" or not given:
-        return False
-    return hmac.compare_digest(given.strip().encode(), token.encode())
+@dataclass(frozen=True)
+class Caller:
+    """Who made a request: the token's name and role (and id; None for the bootstrap token)."""
+
+    name: str
+    role: str
+    token_id: str | None = None
+
+
+def _caller(request: web.Request) -> Caller | None:
+    """The caller the bearer token names, None when it names none. The bootstrap token and every
+    named token's digest are compared in constant time, whichever matches."""
+    plane = _plane(request)
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    given = given.strip()
+    if scheme.lower() != "bearer" or not given:
+        return None
+    bootstrap = plane.token is not None and hmac.compare_digest(given.encode(), plane.token.encode())
+    named: AdminToken | None = plane.tokens.find(given)
+    if bootstrap:
+        return Caller(BOOTSTRAP, ADMIN)
+    return Caller(named.name, named.role, named.id) if named is not None else None
+
+
+class AuthFailures:
+    """Failed authentications per client address, time passed in. An address with `limit`
+    failures within `window_s` is refused (429) until the oldest of them leaves the window: then
+    its token is not even looked at, so a right token is refused too. Were a right token let
+    through, the 429 would not slow guessing at all (the guess that works would stand out by its
+    200), and guessing is what this is for: a configured token may be weak. The price: someone
+    sharing the address (a NAT, the same host) waits out the window, at most `window_s`.
+    Bounded: at most `max_addresses` are remembered, the one that failed longest ago forgotten
+    first, with at most `limit` times each."""
+
+    def __init__(self, limit: int = FAILED_AUTH_LIMIT, window_s: float = FAILED_AUTH_WINDOW_S,
+                 max_addresses: int = FAILED_AUTH_ADDRESSES):
+        self.limit, self.window_s, self.max_addresses = limit, window_s, max_addresses
+        self.by_address: OrderedDict[str, deque[float]] = OrderedDict()
+
+    def blocked_for(self, address: str, now: float) -> int | None:
+        """Seconds until `address` may try again (Retry-After); None when it may now."""
+        times = self.by_address.get(address)
+        if times is None:
+            return None
+        while times and times[0] <= now - self.window_s:
+            times.popleft()
+        if not times:
+            del self.by_address[address]
+            return None
+        if len(times) < self.limit:
+            return None
+        return max(1, math.ceil(times[0] + self.window_s - now))
+
+    def failed(self, address: str, now: float) -> None:
+        times = self.by_address.pop(address, None) or deque(maxlen=self.limit)
+        times.append(now)
+        self.by_address[address] = times  # the newest failure last
+        while len(self.by_address) > self.max_addresses:
+            self.by_address.popitem(last=False)
 
 
 async def _json_object(request: web.Request, allowed: set[str], required: set[str] = frozenset()) -> dict:
@@ -92,7 +159,66 @@ def _field(kind, body: dict, key: str):
 
 
 PLANE: web.AppKey["ControlPlane"] = web.AppKey("plane")
+FAILURES: web.AppKey[AuthFailures] = web.AppKey("auth_failures", AuthFailures)
+CALLER = "whisper_gateway.caller"  # the request's Caller, once authenticated
 routes = web.RouteTableDef()
+# (method, path) -> the least role that may call it (roles rank viewer < operator < admin); None:
+# open to anyone (liveness, this API's description, Prometheus's /metrics, and the status page,
+# whose script asks for a token and sends it with every call). Filled by `route`, the one place
+# a route and its role are declared; the guard checks it, and tests walk it.
+ROUTE_ROLES: dict[tuple[str, str], str | None] = {}
+
+
+def route(method: str, path: str, role: str | None):
+    """Registers the handler for `method path`, open (role None) or for `role` and above."""
+    assert role is None or role in ROLES
+
+    def register(handler):
+        getattr(routes, method.lower())(path)(handler)  # GET routes answer HEAD too
+        ROUTE_ROLES[(method, path)] = role
+        return handler
+    return register
+
+
+def _needed_role(request: web.Request) -> str | None:
+    """The role the request's route needs; a path or method with no route needs a token (any), so
+    that only callers learn what exists."""
+    resource = request.match_info.route.resource
+    key = ("GET" if request.method == "HEAD" else request.method, resource.canonical if resource else "")
+    return ROUTE_ROLES[key] if key in ROUTE_ROLES else VIEWER
+
+
+def _authenticate(request: web.Request) -> Caller:
+    """The caller, or 401 for a wrong or missing token; 429 while the address is refused (AuthFailures).
+    A request without a token guesses nothing and is not counted."""
+    failures, source, now = request.app[FAILURES], request.remote or "", time.monotonic()
+    if (wait := failures.blocked_for(source, now)) is not None:
+        raise ApiError(429, f"too many failed authentications from {source}: try again in {wait} s",
+                       "rate_limit_error", headers={"Retry-After": str(wait)})
+    caller = _caller(request)
+    if caller is None:
+        if request.headers.get("Authorization", "").strip():
+            failures.failed(source, now)
+        raise ApiError(401, "missing or wrong bearer token", "authentication_error")
+    return caller
+
+
+async def _audit(request: web.Request, action: str, target: str, before: dict | None, after: dict | None,
+                 changed: bool = False) -> None:
+    """Writes an applied change to the audit trail before the answer; a call that changed nothing
+    (before == after, unless `changed` says otherwise) writes nothing. A write that fails is
+    logged and counted (whisper_gateway_audit_write_failures) and the answer still goes: the
+    change stands, and an answer may hold a secret shown only once."""
+    if before == after and not changed:
+        return
+    caller: Caller = request[CALLER]
+    record = audit.make_record(caller.name, caller.token_id, caller.role, request.remote or "", action, target,
+                               before, after)
+    try:
+        await _plane(request).audit.append(record)
+    except Exception as error:  # noqa: BLE001 - StateUnavailable, OSError: the change was made all the same
+        AUDIT_WRITE_FAILURES.inc()
+        log.error("the audit record of %s %s by %s could not be written: %s", action, target, caller.name, error)
 
 
 def _plane(request: web.Request) -> "ControlPlane":
@@ -116,10 +242,15 @@ def _view(plane: "ControlPlane", entry: Entry) -> dict:
 
 @web.middleware
 async def guard(request: web.Request, handler):
-    """Auth first; every error answered in OpenAI's shape, saying what failed."""
+    """Auth and role first; every error answered in OpenAI's shape, saying what failed."""
     try:
-        if request.path not in OPEN_PATHS and not _authorized(request, _plane(request).token):
-            raise ApiError(401, "missing or wrong bearer token", "authentication_error")
+        if (needed := _needed_role(request)) is not None:
+            caller = _authenticate(request)
+            if not allows(caller.role, needed):
+                above = " or admin" if needed == OPERATOR else ""
+                raise ApiError(403, f"{request.method} {request.path} needs the {needed} role{above}; the token "
+                                    f"{caller.name!r} has the {caller.role} role", "permission_error")
+            request[CALLER] = caller
         return await handler(request)
     except ApiError as error:
         return error.response()
@@ -137,39 +268,45 @@ async def guard(request: web.Request, handler):
         return ApiError(500, f"{what}: {type(error).__name__}: {error}", "server_error").response()
 
 
-@routes.get("/healthz")
+@route("GET", "/healthz", None)
 async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
-@routes.get("/openapi.json")
+@route("GET", "/openapi.json", None)
 async def openapi(request: web.Request) -> web.Response:
-    return web.json_response(OPENAPI)
+    """OPENAPI, each operation with the least role it needs (x-required-role) from ROUTE_ROLES."""
+    document = json.loads(json.dumps(OPENAPI))
+    for (method, path), role in ROUTE_ROLES.items():
+        operation = document["paths"].get(path, {}).get(method.lower())
+        if operation is not None and role is not None:
+            operation["x-required-role"] = role
+    return web.json_response(document)
 
 
-@routes.get("/metrics")
+@route("GET", "/metrics", None)
 async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=render_metrics(), content_type="text/plain", charset="utf-8")
 
 
-@routes.get("/")
-@routes.get("/ui")
+@route("GET", "/", None)
+@route("GET", "/ui", None)
 async def page(request: web.Request) -> web.Response:
     return web.Response(text=STATUS_PAGE.read_text(), content_type="text/html")
 
 
-@routes.get("/status")
+@route("GET", "/status", VIEWER)
 async def status(request: web.Request) -> web.Response:
     return web.json_response(status_report(_plane(request), asyncio.get_running_loop().time()))
 
 
-@routes.get("/backends")
+@route("GET", "/backends", VIEWER)
 async def list_backends(request: web.Request) -> web.Response:
     plane = _plane(request)
     return web.json_response({"object": "list", "data": [_view(plane, e) for e in plane.registry.entries()]})
 
 
-@routes.get("/backends/{id}")
+@route("GET", "/backends/{id}", VIEWER)
 async def get_backend(request: web.Request) -> web.Response:
     return web.json_response(_view(_plane(request), _entry_or_404(request)))
 
@@ -207,7 +344,7 @@ def _model_list(value, at_least: int) -> list:
     return value
 
 
-@routes.post("/backends")
+@route("POST", "/backends", OPERATOR)
 async def add_backend(request: web.Request) -> web.Response:
     plane = _plane(request)
     body = await _json_object(request, {"url", "models", "weight"}, {"url"})
@@ -223,25 +360,32 @@ async def add_backend(request: web.Request) -> web.Response:
     weight = _field(Weight, body, "weight") if "weight" in body else 1
     models = await _models_of(plane, url, body)
     entry = await plane.add_backend(Entry.create(url, models, weight, Source.API))
+    await _audit(request, "backends.add", entry.id, None, entry.to_json())
     return web.json_response(_view(plane, entry), status=201)
 
 
-@routes.post("/backends/{id}/drain")
+@route("POST", "/backends/{id}/drain", OPERATOR)
 async def drain(request: web.Request) -> web.Response:
     plane, entry = _plane(request), _entry_or_404(request)
     body = await _json_object(request, {"timeout_s"})
     timeout = _field(DrainTimeout, body, "timeout_s") if "timeout_s" in body else plane.config.drain_timeout_s
-    return web.json_response(_view(plane, await plane.drain(entry.id, timeout)), status=202)
+    before = entry.to_json()
+    after = await plane.drain(entry.id, timeout)
+    await _audit(request, "backends.drain", entry.id, before, after.to_json())
+    return web.json_response(_view(plane, after), status=202)
 
 
-@routes.post("/backends/{id}/resume")
+@route("POST", "/backends/{id}/resume", OPERATOR)
 async def resume(request: web.Request) -> web.Response:
     plane, entry = _plane(request), _entry_or_404(request)
     await _json_object(request, set())
-    return web.json_response(_view(plane, await plane.resume(entry.id)))
+    before = entry.to_json()
+    after = await plane.resume(entry.id)
+    await _audit(request, "backends.resume", entry.id, before, after.to_json())
+    return web.json_response(_view(plane, after))
 
 
-@routes.delete("/backends/{id}")
+@route("DELETE", "/backends/{id}", OPERATOR)
 async def delete(request: web.Request) -> web.Response:
     plane, entry = _plane(request), _entry_or_404(request)
     force = request.query.get("force", "false").lower()
@@ -253,10 +397,14 @@ async def delete(request: web.Request) -> web.Response:
     if entry.source is Source.DNS:
         raise ApiError(409, f"{entry.id} comes from DNS ({entry.dns_name}): remove its record, or drain it",
                        "conflict_error", "id")
+    before = entry.to_json()
     if force == "true":
         await plane.remove_now(entry.id)
-        return web.json_response(entry.to_json() | {"state": "removed"})
-    return web.json_response(_view(plane, await plane.drain(entry.id, plane.config.drain_timeout_s)), status=202)
+        await _audit(request, "backends.remove", entry.id, before, None)
+        return web.json_response(before | {"state": "removed"})
+    after = await plane.drain(entry.id, plane.config.drain_timeout_s)  # removed once idle
+    await _audit(request, "backends.remove", entry.id, before, after.to_json())
+    return web.json_response(_view(plane, after), status=202)
 
 
 # --- API keys (control_plane/tenants/keys.py): secrets are in the answers of create and rotate only
@@ -265,6 +413,12 @@ async def delete(request: web.Request) -> web.Response:
 def _key_view(plane: "ControlPlane", key: ApiKey) -> dict:
     return key.to_json() | {"usage": plane.ledger.usage_of(key.id),
                             "requests_in_flight": plane.in_flight.count(key.id)}
+
+
+def _key_record(key: ApiKey) -> dict:
+    """A key as the audit trail keeps it: its record without usage, and of its secrets only when
+    each ends (not even a digest's prefix)."""
+    return key.to_json() | {"secrets": [{"expires_at": s.expires_at} for s in key.secrets]}
 
 
 def _key_fields(plane: "ControlPlane", body: dict) -> dict:
@@ -294,21 +448,33 @@ def _key_fields(plane: "ControlPlane", body: dict) -> dict:
     return given
 
 
-async def _key_change(plane: "ControlPlane", mutate):
+def _applied(plane: "ControlPlane", body: dict) -> dict:
+    """A key change's answer, naming the Envoys that had not applied it when it was given (a stuck
+    one is waited for ADMIN_ACK_TIMEOUT_S, then named here, in the log and on /status)."""
+    return body | {"not_applied_by": plane.not_applied_by} if plane.not_applied_by else body
+
+
+async def _table_change(change, mutate):
+    """A change of the keys or the admin tokens (`change`: the plane's change_keys or change_tokens);
+    a KeyProblem becomes its API error."""
     try:
-        return await plane.change_keys(mutate)
+        return await change(mutate)
     except KeyProblem as problem:
         error_type = {404: "not_found_error", 409: "conflict_error"}.get(problem.status, "invalid_request_error")
         raise ApiError(problem.status, str(problem), error_type, problem.param) from None
 
 
-@routes.get("/keys")
+async def _key_change(plane: "ControlPlane", mutate):
+    return await _table_change(plane.change_keys, mutate)
+
+
+@route("GET", "/keys", VIEWER)
 async def list_keys(request: web.Request) -> web.Response:
     plane = _plane(request)
     return web.json_response({"object": "list", "data": [_key_view(plane, k) for k in plane.keys.by_id.values()]})
 
 
-@routes.post("/keys")
+@route("POST", "/keys", ADMIN)
 async def create_key(request: web.Request) -> web.Response:
     plane = _plane(request)
     body = await _json_object(request, {"name", "models", "class", "plan"}, {"name"})
@@ -317,7 +483,8 @@ async def create_key(request: web.Request) -> web.Response:
         given["name"], given.get("models", ()), given.get("key_class", "interactive"), time.time(),
         plane.config.auth.max_keys, given.get("plan")))
     log.info("API key %s (%s) created", key.id, key.name)
-    return web.json_response(_key_view(plane, key) | {"secret": secret}, status=201)
+    await _audit(request, "keys.create", key.id, None, _key_record(key))
+    return web.json_response(_applied(plane, _key_view(plane, key) | {"secret": secret}), status=201)
 
 
 def _key_or_404(request: web.Request) -> ApiKey:
@@ -327,43 +494,111 @@ def _key_or_404(request: web.Request) -> ApiKey:
         raise ApiError(404, str(problem), "not_found_error", "id") from None
 
 
-@routes.get("/keys/{id}")
+@route("GET", "/keys/{id}", VIEWER)
 async def get_key(request: web.Request) -> web.Response:
     return web.json_response(_key_view(_plane(request), _key_or_404(request)))
 
 
-@routes.patch("/keys/{id}")
+@route("PATCH", "/keys/{id}", ADMIN)
 async def set_key(request: web.Request) -> web.Response:
-    plane, key_id = _plane(request), _key_or_404(request).id
+    plane, before = _plane(request), _key_or_404(request)
+    key_id = before.id
     given = _key_fields(plane, await _json_object(request, {"name", "models", "class", "plan"}))
     key = await _key_change(plane, lambda keys: keys.update(key_id, **given))
     log.info("API key %s (%s) changed: %s", key.id, key.name, ", ".join(sorted(given)) or "nothing")
-    return web.json_response(_key_view(plane, key))
+    await _audit(request, "keys.set", key.id, _key_record(before), _key_record(key))
+    return web.json_response(_applied(plane, _key_view(plane, key)))
 
 
-@routes.post("/keys/{id}/rotate")
+@route("POST", "/keys/{id}/rotate", ADMIN)
 async def rotate_key(request: web.Request) -> web.Response:
-    plane, key_id = _plane(request), _key_or_404(request).id
+    plane, before = _plane(request), _key_or_404(request)
+    key_id = before.id
     body = await _json_object(request, {"grace_s"})
     grace = _field(RotationGrace, body, "grace_s") if "grace_s" in body else plane.config.auth.rotation_grace_s
     key, secret = await _key_change(plane, lambda keys: keys.rotate(key_id, grace, time.time()))
     log.info("API key %s (%s) rotated; the previous secret works for %g s more", key.id, key.name, grace)
-    return web.json_response(_key_view(plane, key) | {"secret": secret})
+    # A rotation changes the key even where its record looks the same (grace 0: one secret for another).
+    await _audit(request, "keys.rotate", key.id, _key_record(before), _key_record(key), changed=True)
+    return web.json_response(_applied(plane, _key_view(plane, key) | {"secret": secret}))
 
 
-@routes.delete("/keys/{id}")
+@route("DELETE", "/keys/{id}", ADMIN)
 async def revoke_key(request: web.Request) -> web.Response:
-    plane, key_id = _plane(request), _key_or_404(request).id
+    plane, before = _plane(request), _key_or_404(request)
+    key_id = before.id
     if request.query:
         raise ApiError(400, "DELETE /keys/{id} takes no query parameters")
     key = await _key_change(plane, lambda keys: keys.revoke(key_id, time.time()))
     log.info("API key %s (%s) revoked", key.id, key.name)
-    return web.json_response(_key_view(plane, key))
+    await _audit(request, "keys.revoke", key.id, _key_record(before), _key_record(key))
+    return web.json_response(_applied(plane, _key_view(plane, key)))
+
+
+# --- named admin tokens (control_plane/operator/tokens.py): the secret is in create's answer only
+
+
+async def _token_change(plane: "ControlPlane", mutate):
+    return await _table_change(plane.change_tokens, mutate)
+
+
+@route("GET", "/tokens", ADMIN)
+async def list_tokens(request: web.Request) -> web.Response:
+    return web.json_response({"object": "list", "data": [t.to_json() for t in _plane(request).tokens.by_id.values()]})
+
+
+@route("POST", "/tokens", ADMIN)
+async def create_token(request: web.Request) -> web.Response:
+    plane = _plane(request)
+    body = await _json_object(request, {"name", "role"}, {"name", "role"})
+    token, secret = await _token_change(plane, lambda tokens: tokens.create(body["name"], body["role"], time.time()))
+    log.info("admin token %s (%s, %s) created", token.id, token.name, token.role)
+    await _audit(request, "tokens.create", token.id, None, token.to_json())
+    return web.json_response(token.to_json() | {"secret": secret}, status=201)
+
+
+@route("DELETE", "/tokens/{id}", ADMIN)
+async def revoke_token(request: web.Request) -> web.Response:
+    plane, token_id = _plane(request), request.match_info["id"]
+    if request.query:
+        raise ApiError(400, "DELETE /tokens/{id} takes no query parameters")
+    if token_id not in plane.tokens.by_id:
+        raise ApiError(404, f"no admin token with id {token_id!r}", "not_found_error", "id")
+    before = plane.tokens.by_id[token_id].to_json()
+    token = await _token_change(plane, lambda tokens: tokens.revoke(token_id, time.time()))
+    log.info("admin token %s (%s) revoked", token.id, token.name)
+    await _audit(request, "tokens.revoke", token.id, before, token.to_json())
+    return web.json_response(token.to_json())
+
+
+# --- the audit trail (control_plane/operator/audit.py)
+
+
+@route("GET", "/audit", ADMIN)
+async def read_audit(request: web.Request) -> web.Response:
+    """?since=<ISO 8601>: the first `limit` records from then on, oldest first; without since:
+    the newest `limit`, oldest first. has_more: records were left out."""
+    if set(request.query) - {"since", "limit"}:
+        raise ApiError(400, "the query parameters are since (ISO 8601) and limit", param=sorted(
+            set(request.query) - {"since", "limit"})[0])
+    since = None
+    if "since" in request.query:
+        try:
+            since = audit.since_key(audit.parse_since(request.query["since"]))
+        except (ValueError, OverflowError):
+            raise ApiError(400, f"since: {request.query['since']!r} is not an ISO 8601 time "
+                                "(2025-01-31T12:00:00Z)", param="since") from None
+    limit = request.query.get("limit", "100")
+    if not limit.isdigit() or not 1 <= int(limit) <= audit.MAX_LIMIT:
+        raise ApiError(400, f"limit: expected 1 to {audit.MAX_LIMIT}, got {limit!r}", param="limit")
+    records, more = await _plane(request).audit.read(since, int(limit))
+    return web.json_response({"object": "list", "data": records, "has_more": more})
 
 
 def build_admin_app(plane: "ControlPlane") -> web.Application:
     """The admin API over `plane`, which handlers reach through the PLANE app key."""
     app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[guard])
     app[PLANE] = plane
+    app[FAILURES] = AuthFailures()
     app.add_routes(routes)
     return app

@@ -3,11 +3,12 @@
 _ERROR = {"$ref": "#/components/schemas/Error"}
 _BACKEND = {"$ref": "#/components/schemas/Backend"}
 _KEY = {"$ref": "#/components/schemas/Key"}
+_TOKEN = {"$ref": "#/components/schemas/Token"}
 
 
 def _answers(ok_status: str, ok_schema: dict, *errors: str) -> dict:
     responses = {ok_status: {"description": "OK", "content": {"application/json": {"schema": ok_schema}}}}
-    for status in ("401", *errors):
+    for status in ("401", "403", "429", *errors):
         responses[status] = {"description": "error", "content": {"application/json": {"schema": _ERROR}}}
     return responses
 
@@ -16,7 +17,11 @@ _ID = [{"name": "id", "in": "path", "required": True, "schema": {"type": "string
 
 OPENAPI = {
     "openapi": "3.0.3",
-    "info": {"title": "whisper-gateway admin API", "version": "1"},
+    "info": {"title": "whisper-gateway admin API", "version": "1", "description": (
+        "Bearer tokens: the one the control plane starts with (an admin called bootstrap) or named tokens "
+        "(/tokens) with a role: viewer (reads), operator (+ backends), admin (+ keys, tokens, audit). Each "
+        "operation's x-required-role is the least role it needs; less gets 403 (permission_error). An address "
+        "with 10 failed authentications within 60 s gets 429 with Retry-After until the oldest leaves the window.")},
     "components": {
         "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         "schemas": {
@@ -62,6 +67,25 @@ OPENAPI = {
                 "class": {"type": "string", "enum": ["interactive", "batch"]},
                 "plan": {"type": "string", "description": "its limits: a plan under auth.plans (default: "
                                                           "auth.default_plan)"}}},
+            "Token": {"type": "object", "properties": {
+                "id": {"type": "string"}, "name": {"type": "string"},
+                "role": {"type": "string", "enum": ["viewer", "operator", "admin"]},
+                "state": {"type": "string", "enum": ["active", "revoked"]},
+                "created_at": {"type": "number"}, "revoked_at": {"type": "number", "nullable": True},
+                "secret": {"type": "string", "description": "create only: the token, shown once"}}},
+            "NewToken": {"type": "object", "required": ["name", "role"], "additionalProperties": False, "properties": {
+                "name": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"},
+                "role": {"type": "string", "enum": ["viewer", "operator", "admin"]}}},
+            "AuditRecord": {"type": "object", "properties": {
+                "id": {"type": "string", "description": "sorts as the records' times do"},
+                "at": {"type": "string", "format": "date-time"},
+                "who": {"type": "string", "description": "the token's name (bootstrap: the control plane's own)"},
+                "token_id": {"type": "string", "nullable": True}, "role": {"type": "string"},
+                "source": {"type": "string", "description": "the client's address"},
+                "action": {"type": "string", "description": "backends.add|drain|resume|remove, keys.create|set|"
+                                                            "rotate|revoke, tokens.create|revoke"},
+                "target": {"type": "string", "description": "the id of what changed"},
+                "before": {"type": "object", "nullable": True}, "after": {"type": "object", "nullable": True}}},
             "Rotate": {"type": "object", "additionalProperties": False, "properties": {
                 "grace_s": {"type": "number", "minimum": 0, "maximum": 2592000,
                             "description": "how long the previous secret keeps working (default: "
@@ -122,6 +146,29 @@ OPENAPI = {
                      "requestBody": {"content": {"application/json": {
                          "schema": {"$ref": "#/components/schemas/Rotate"}}}},
                      "responses": _answers("200", _KEY, "400", "404", "409")},
+        },
+        "/tokens": {
+            "get": {"summary": "every named admin token (never a secret nor a digest)",
+                    "responses": _answers("200", {"type": "object"})},
+            "post": {"summary": "make a named admin token; the answer holds its secret, shown only this once",
+                     "requestBody": {"required": True, "content": {"application/json": {
+                         "schema": {"$ref": "#/components/schemas/NewToken"}}}},
+                     "responses": _answers("201", _TOKEN, "400", "409")},
+        },
+        "/tokens/{id}": {
+            "parameters": _ID,
+            "delete": {"summary": "revoke: the token stops working at once", "responses": _answers(
+                "200", _TOKEN, "404", "409")},
+        },
+        "/audit": {
+            "get": {"summary": "the admin changes' trail: with since, the first `limit` records from then on; "
+                               "without, the newest `limit`; oldest first (has_more: some were left out)",
+                    "parameters": [{"name": "since", "in": "query", "schema": {"type": "string", "format": "date-time"}},
+                                   {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1,
+                                                                                "maximum": 1000, "default": 100}}],
+                    "responses": _answers("200", {"type": "object", "properties": {
+                        "data": {"type": "array", "items": {"$ref": "#/components/schemas/AuditRecord"}},
+                        "has_more": {"type": "boolean"}}}, "400")},
         },
     },
 }

@@ -116,9 +116,13 @@ def in_flight_rows(plane) -> list[dict]:
 def status_report(plane, now: float) -> dict:
     cache = plane.cache
     endpoints = endpoint_rows(plane, now)
+    lagging = set(cache.laggards())
     envoys = [{
         "node_id": envoy.node_id,
         "peer": envoy.peer,
+        "identity": envoy.identity,  # the certificate it proved (internal TLS), or "local <address>"
+        # Behind on a version for over LAGGING_AFTER_S: changes stop waiting for it (xds/cache.py).
+        "lagging": envoy.node_id in lagging,
         "acked": {SHORT_NAMES[t]: v for t, v in envoy.acked.items()},
         "last_nack": None if envoy.last_nack is None else {
             "type": SHORT_NAMES.get(envoy.last_nack.type_url), "version": envoy.last_nack.version,
@@ -139,6 +143,9 @@ def status_report(plane, now: float) -> dict:
         "nacks_total": cache.nacks_total,
         # The certificates served (subject, expiry, fingerprint) and why a replaced file is not.
         "certificates": plane.certificates.status(),
+        # The xDS port's mutual TLS (internal_tls) and why replaced files are not served, if so.
+        "internal_tls": None if plane.xds_tls is None else {"dir": str(plane.xds_tls.folder),
+                                                            "problem": plane.xds_tls.problem},
         # Where runtime changes live; with several control planes, which one leads.
         "state": {"store": "etcd" if plane.shared is not None else "file", "revision": plane.revision,
                   "leader": plane.leader, "plane": plane.plane_id},
@@ -181,7 +188,9 @@ def render_table(report: dict) -> str:
         lines += render_rows(("KEY", "NAME", "MODEL", "REQUESTS", "RECEIVED-S", "SERVED-S", "FAILED-S"), keys) + [""]
     for envoy in report["envoys"]:
         nack = envoy["last_nack"]
-        lines.append(f"envoy {envoy['node_id']} ({envoy['peer']}): " + ", ".join(f"{t} {v}" for t, v in envoy["acked"].items())
+        lag = ", LAGGING" if envoy.get("lagging") else ""
+        lines.append(f"envoy {envoy['node_id']} ({envoy.get('identity') or envoy['peer']}{lag}): "
+                     + ", ".join(f"{t} {v}" for t, v in envoy["acked"].items())
                      + (f"; last NACK {nack['type']}: {nack['message']}" if nack else ""))
         for rejected in envoy["rejected"]:
             lines.append(f"  refused {rejected['type']} {rejected['resource']}: {rejected['message']}")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -26,11 +28,47 @@ PUSH_TO_ACK_SECONDS = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0), registry=REGISTRY)
 NACKS = Counter("whisper_gateway_xds_nacks", "Configuration versions an Envoy rejected.", ["type"], registry=REGISTRY)
 WEIGHT_UPDATES = Counter("whisper_gateway_weight_updates", "Endpoint-weight snapshots published.", registry=REGISTRY)
+AUDIT_WRITE_FAILURES = Counter("whisper_gateway_audit_write_failures", "Admin changes applied whose audit record "
+                               "could not be written (see the control plane's log).", registry=REGISTRY)
 LOAD_ROUND_SECONDS = Histogram(
     "whisper_gateway_load_round_seconds",
     "One round of the load loop: every engine scraped, weights decided and published. Above "
     "routing.scrape_interval_s, rounds run back to back and weights age.",
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0), registry=REGISTRY)
+DROP_LOG_EVERY_S = 10.0
+
+
+class ReportsDropped:
+    """What the Envoys reported and the plane did not take (an unknown model, key or engine, too
+    many audio-seconds): a counter by source and reason, and a log line at most every
+    DROP_LOG_EVERY_S per source, reason and peer, with the count since the last one."""
+
+    def __init__(self) -> None:
+        self.counter = Counter("whisper_gateway_reports_dropped",
+                               "Entries of the Envoys' access logs and quota reports not taken as sent "
+                               "(dropped, or audio-seconds cut to limits.max_audio_s), by source and reason.",
+                               ["source", "reason"], registry=REGISTRY)
+        self._pending: dict[tuple[str, str, str], tuple[int, float]] = {}  # -> (count unlogged, last logged)
+        self.log = logging.getLogger("control_plane.reports")
+
+    def on(self, source: str):
+        def dropped(reason: str, peer: str) -> None:
+            self.counter.labels(source, reason).inc()
+            key = (source, reason, peer)
+            count, last = self._pending.get(key, (0, 0.0))
+            now = time.monotonic()
+            if now - last >= DROP_LOG_EVERY_S:
+                self.log.warning("%s from %s not taken: %s (%d time(s) since the last such line)", source, peer,
+                                 reason, count + 1)
+                self._pending[key] = (0, now)
+                if len(self._pending) > 10_000:
+                    self._pending.clear()
+            else:
+                self._pending[key] = (count + 1, last)
+        return dropped
+
+
+REPORTS_DROPPED = ReportsDropped()
 
 
 class XdsMetrics:
@@ -101,22 +139,40 @@ class FleetCollector:
 
     def _keys(self):
         """Per API key (its id: never a secret) and model: requests and audio-seconds, by outcome;
-        key "" is requests made without a key. Summed over keys they are the models' totals."""
-        requests = CounterMetricFamily("whisper_gateway_key_requests", "Requests that ended, per API key and model.",
-                                       labels=["key", "model"])
+        key "" is requests made without a key. Summed over keys they are the models' totals.
+        The key's id is a label only with metrics.key_labels: true (/metrics is open, and ids
+        tell who uses the gateway how much); otherwise each family is summed over the keys,
+        with the same names and no key label."""
+        by_key = self.plane.config.metrics.key_labels
+        key_label = ["key"] if by_key else []
+        requests = CounterMetricFamily("whisper_gateway_key_requests", "Requests that ended, per API key (with "
+                                       "metrics.key_labels) and model.", labels=key_label + ["model"])
         audio = CounterMetricFamily("whisper_gateway_key_audio_seconds", "Audio-seconds of requests that ended, per "
-                                    "API key, model and outcome.", labels=["key", "model", "outcome"])
+                                    "API key (with metrics.key_labels), model and outcome.",
+                                    labels=key_label + ["model", "outcome"])
+        totals: dict[tuple, list[float]] = {}  # (key?, model) -> requests, then each outcome's audio-seconds
+        outcomes = ("received", *OUTCOMES)
         for (key, model), metered in sorted(self.plane.ledger.metered_by_key.items()):
-            requests.add_metric([key, model], metered.requests)
-            for outcome in ("received", *OUTCOMES):
-                audio.add_metric([key, model, outcome], getattr(metered, outcome))
+            sums = totals.setdefault((key, model) if by_key else (model,), [0.0] * (1 + len(outcomes)))
+            sums[0] += metered.requests
+            for i, outcome in enumerate(outcomes, 1):
+                sums[i] += getattr(metered, outcome)
+        for labels, sums in totals.items():
+            requests.add_metric(list(labels), sums[0])
+            for i, outcome in enumerate(outcomes, 1):
+                audio.add_metric([*labels, outcome], sums[i])
         yield requests
         yield audio
         in_flight = GaugeMetricFamily("whisper_gateway_key_requests_in_flight", "Requests in flight per API key "
-                                      "(logged to this control plane).", labels=["key"])
-        for key, count in sorted(self.plane.in_flight.counts().items()):
-            if not is_batch_lane(key):  # a model's batch lane: whisper_gateway_model_batch_in_flight
+                                      "(with metrics.key_labels; else of every key together), logged to this "
+                                      "control plane.", labels=key_label)
+        # A model's batch lane is not a key: whisper_gateway_model_batch_in_flight.
+        counts = {key: count for key, count in sorted(self.plane.in_flight.counts().items()) if not is_batch_lane(key)}
+        if by_key:
+            for key, count in counts.items():
                 in_flight.add_metric([key], count)
+        else:
+            in_flight.add_metric([], sum(counts.values()))
         yield in_flight
 
     def _models(self, rows: list[dict]):

@@ -36,12 +36,13 @@ def digest(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-def new_secret() -> str:
-    return SECRET_PREFIX + secrets.token_urlsafe(32)
+def new_secret(prefix: str = SECRET_PREFIX) -> str:
+    """256 random bits after `prefix` (admin tokens use their own: control_plane/operator/tokens.py)."""
+    return prefix + secrets.token_urlsafe(32)
 
 
-def new_id() -> str:
-    return "key-" + secrets.token_hex(6)
+def new_id(prefix: str = "key-") -> str:
+    return prefix + secrets.token_hex(6)
 
 
 @dataclass(frozen=True)

@@ -34,12 +34,19 @@ class EnvoyStatus:
     node_id: str
     cluster: str
     peer: str
+    identity: str = ""  # the certificate's identity (internal TLS), or "local <address>"
     acked: dict[str, str] = field(default_factory=dict)
     last_nack: Nack | None = None
     # Types fetched by name: the content hash of each resource this Envoy ACKed, and the
     # resources it refused (by type and name), with the reason, until a good one replaces them.
     applied: dict[str, dict[str, str]] = field(default_factory=dict)
     rejected: dict[tuple[str, str], Nack] = field(default_factory=dict)
+    # Per type: since when (monotonic) it has not ACKed what is served; absent while up to date.
+    behind_since: dict[str, float] = field(default_factory=dict)
+
+    def lagging(self, now: float, after_s: float) -> bool:
+        """Behind on some type for longer than `after_s`: a stuck or overloaded Envoy."""
+        return any(now - since > after_s for since in self.behind_since.values())
 
 
 class Callbacks(Protocol):
@@ -62,6 +69,11 @@ class NoCallbacks:
 
     def on_nack(self, type_url: str) -> None:
         pass
+
+
+# An Envoy that has not applied a version for this long is lagging: named on /status, and not
+# waited for by changes that wait for every Envoy's ACK (keys, drains), so it holds up nobody.
+LAGGING_AFTER_S = 10.0
 
 
 class SnapshotCache:
@@ -115,6 +127,9 @@ class SnapshotCache:
         for type_url, version in snapshot.versions.items():
             if self._snapshot is None or self._snapshot.versions.get(type_url) != version:
                 self._published_at[type_url] = (version, now)
+                for status in self.envoys.values():
+                    if status.acked.get(type_url) != version:
+                        status.behind_since.setdefault(type_url, now)
         self._snapshot = snapshot
         for event in self._watchers:
             event.set()
@@ -132,7 +147,9 @@ class SnapshotCache:
 
     def stream_opened(self, status: EnvoyStatus) -> None:
         self.envoys[status.stream_id] = status
-        log.info("envoy %s (%s) connected", status.node_id, status.peer)
+        if self._snapshot is not None:  # behind on everything until it ACKs
+            status.behind_since = {t: time.monotonic() for t in self._snapshot.versions}
+        log.info("envoy %s (%s, %s) connected", status.node_id, status.identity or "?", status.peer)
 
     def stream_closed(self, stream_id: int) -> None:
         status = self.envoys.pop(stream_id, None)
@@ -148,6 +165,8 @@ class SnapshotCache:
             first = status.acked.get(type_url) != version and self._published_at.get(type_url, ("",))[0] == version
             self.callbacks.on_ack(type_url, time.monotonic() - self._published_at[type_url][1] if first else None)
             status.acked[type_url] = version
+            if self._snapshot is not None and self._snapshot.versions.get(type_url) == version:
+                status.behind_since.pop(type_url, None)
         async with self._acks:
             self._acks.notify_all()
 
@@ -176,17 +195,30 @@ class SnapshotCache:
         log.error("envoy %s refused %s %s; it keeps its last good one: %s", status.node_id,
                   SHORT_NAMES.get(type_url, type_url), name, message)
 
+    def responsive(self) -> list[EnvoyStatus]:
+        """The connected Envoys that are not lagging (LAGGING_AFTER_S)."""
+        now = time.monotonic()
+        return [s for s in self.envoys.values() if not s.lagging(now, LAGGING_AFTER_S)]
+
+    def laggards(self, type_url: str | None = None, version: str | None = None) -> list[str]:
+        """Node ids of the Envoys lagging, or (with a type and version) that have not applied it."""
+        if type_url is not None:
+            return sorted({s.node_id for s in self.envoys.values() if s.acked.get(type_url) != version})
+        now = time.monotonic()
+        return sorted({s.node_id for s in self.envoys.values() if s.lagging(now, LAGGING_AFTER_S)})
+
     def applied_everywhere(self, type_url: str, names: set[str] | frozenset[str]) -> bool:
-        """Every connected Envoy ACKed the current content of each named resource (not just got it)."""
+        """Every responsive Envoy ACKed the current content of each named resource (not just got it)."""
         current = self._snapshot.hashes[type_url] if self._snapshot else {}
         return all(status.applied.get(type_url, {}).get(name) == current.get(name)
-                   for status in self.envoys.values() for name in names)
+                   for status in self.responsive() for name in names)
 
     async def wait_for_acks(self, type_url: str, version: str, timeout: float) -> bool:
-        """Waits until every connected Envoy has applied `version` of a type (or the timeout)."""
+        """Waits until every responsive Envoy has applied `version` of a type (or the timeout): one
+        already lagging is not waited for."""
 
         def applied() -> bool:
-            return all(s.acked.get(type_url) == version for s in self.envoys.values())
+            return all(s.acked.get(type_url) == version for s in self.responsive())
 
         async with self._acks:
             try:

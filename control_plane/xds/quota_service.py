@@ -29,7 +29,7 @@ import grpc
 from envoy.service.rate_limit_quota.v3 import rlqs_pb2, rlqs_pb2_grpc
 from envoy.type.v3 import ratelimit_strategy_pb2
 
-from control_plane.xds.server import read_into
+from control_plane.xds.server import Authorize, allow_all, read_into
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,9 @@ ALLOW, DENY = ratelimit_strategy_pb2.RateLimitStrategy.ALLOW_ALL, ratelimit_stra
 # below REFILL_S / (2 x the report interval) never gains a token on its own. Envoy 1.40 starts a
 # bucket empty (and logs a bug) when size / rate, here REFILL_S, exceeds the host's uptime.
 REFILL_S = 300
+# Buckets one stream may report (an Envoy has one per key and model's batch lane it saw): what
+# an authenticated Envoy reports is still bounded; more are not granted, and counted.
+MAX_BUCKETS_PER_STREAM = 200_000
 
 
 @dataclass(eq=False)  # watched by identity
@@ -111,8 +114,11 @@ class QuotaServicer(rlqs_pb2_grpc.RateLimitQuotaServiceServicer):
     """Every Envoy's RLQS stream. Knows which streams hold which group's bucket, so each gets its
     part, and which last asked for more: where the slots do not go round, the rest goes there."""
 
-    def __init__(self, slots: Slots, split: Split, bucket_entry: str):
+    def __init__(self, slots: Slots, split: Split, bucket_entry: str,
+                 dropped: Callable[[str, str], None] = lambda reason, peer: None, authorize: Authorize = allow_all):
         self.slots, self.split = slots, split
+        self.authorize = authorize  # only Envoys report quotas (RLQS streams name no node)
+        self.dropped = dropped  # (reason, peer) of each bucket report not taken
         self.bucket_entry = bucket_entry  # the bucket id's entry that names the group
         self.holders: dict[str, set[int]] = {}  # group -> the streams that reported its bucket
         self.wanting: dict[str, int] = {}  # group -> the stream that last reported refusals with no part
@@ -143,6 +149,9 @@ class QuotaServicer(rlqs_pb2_grpc.RateLimitQuotaServiceServicer):
         reported, moved = [], set()
         for usage in reports.bucket_quota_usages:
             group = usage.bucket_id.bucket.get(self.bucket_entry)
+            if group and group not in buckets and len(buckets) >= MAX_BUCKETS_PER_STREAM:
+                self.dropped("too many buckets", str(stream))
+                continue
             if group:
                 buckets[group] = usage.bucket_id
                 holders = self.holders.setdefault(group, set())
@@ -167,6 +176,7 @@ class QuotaServicer(rlqs_pb2_grpc.RateLimitQuotaServiceServicer):
         self.slots.tell({g for g in buckets if g in self.slots.free and g in self.holders})
 
     async def StreamRateLimitQuotas(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
+        await self.authorize(context, None)
         stream = next(self._ids)
         buckets: dict[str, rlqs_pb2.BucketId] = {}
         inbox: deque = deque()

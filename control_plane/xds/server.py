@@ -14,7 +14,7 @@ import asyncio
 import itertools
 import logging
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -209,6 +209,15 @@ class AdsStream:
                 and not self._names_to_send(ENDPOINT, endpoints, snapshot))
 
 
+# Who may hold a stream: (context, the node id once the stream names it) -> the peer's label, or
+# the context is aborted (control_plane/peers.py). The default takes every peer as it says.
+Authorize = Callable[[grpc.aio.ServicerContext, str | None], Awaitable[str]]
+
+
+async def allow_all(context: grpc.aio.ServicerContext, node_id: str | None = None) -> str:
+    return context.peer()
+
+
 async def read_into(requests, inbox: deque, wake: asyncio.Event) -> None:
     """Moves a bidirectional stream's requests into `inbox`, waking `wake` for each, and a None
     when the stream ends: the servicer's loop answers both them and changes of its own."""
@@ -224,12 +233,14 @@ async def read_into(requests, inbox: deque, wake: asyncio.Event) -> None:
 
 
 class AggregatedDiscoveryServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
-    def __init__(self, cache: SnapshotCache):
+    def __init__(self, cache: SnapshotCache, authorize: Authorize = allow_all):
         self.cache = cache
+        self.authorize = authorize
         self._ids = itertools.count(1)
 
     async def StreamAggregatedResources(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
         stream = AdsStream(next(self._ids), self.cache)
+        await self.authorize(context, None)
         inbox: deque = deque()
         wake = self.cache.watch()
         reader = asyncio.create_task(read_into(request_iterator, inbox, wake))
@@ -243,9 +254,10 @@ class AggregatedDiscoveryServicer(ads_pb2_grpc.AggregatedDiscoveryServiceService
                     if request is None:
                         return
                     if not opened:
+                        identity = await self.authorize(context, request.node.id)  # the first request names it
                         opened = True
                         self.cache.stream_opened(EnvoyStatus(stream.stream_id, request.node.id, request.node.cluster,
-                                                             context.peer()))
+                                                             context.peer(), identity))
                     await stream.on_request(request)
                 snapshot = self.cache.snapshot
                 if snapshot is None:
@@ -262,13 +274,17 @@ class AggregatedDiscoveryServicer(ads_pb2_grpc.AggregatedDiscoveryServiceService
 
 
 async def start_ads_server(cache: SnapshotCache, address: str, port: int,
-                           more_services: Sequence[Callable[[grpc.aio.Server], None]] = ()) -> grpc.aio.Server:
-    """ADS, plus whatever else Envoys reach on the same port (`more_services` add their servicers)."""
+                           more_services: Sequence[Callable[[grpc.aio.Server], None]] = (),
+                           credentials: grpc.ServerCredentials | None = None,
+                           authorize: Authorize = allow_all) -> grpc.aio.Server:
+    """ADS, plus whatever else Envoys reach on the same port (`more_services` add their servicers);
+    over mutual TLS with `credentials` (control_plane/peers.py), else plaintext."""
     server = grpc.aio.server(options=SERVER_OPTIONS)
-    ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(AggregatedDiscoveryServicer(cache), server)
+    ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(AggregatedDiscoveryServicer(cache, authorize), server)
     for add in more_services:
         add(server)
-    bound = server.add_insecure_port(f"{address}:{port}")
+    target = f"{address}:{port}"
+    bound = server.add_secure_port(target, credentials) if credentials else server.add_insecure_port(target)
     if bound == 0:
         raise OSError(f"cannot listen for xDS on {address}:{port}")
     await server.start()
