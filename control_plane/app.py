@@ -188,7 +188,7 @@ class ControlPlane:
         if self.shared is not None:
             self._tasks += [asyncio.create_task(self.shared.follow(self.revision, self._on_shared_state)),
                             asyncio.create_task(self.shared.presence(self.plane_id, self._on_leading,
-                                                                     lambda: len(self.cache.envoys)))]
+                                                                     self.cache.envoy_count))]
         else:
             await self.discovery.restart(self.config.discovery)
         log.info("admin API on %s (token %s)", self.config.admin_url,
@@ -307,7 +307,7 @@ class ControlPlane:
     def _set_in_flight_limits(self, force: bool = False) -> None:
         """Each key's requests_in_flight and each model's batch lane, as this plane's share: after
         every published change (`force`: keys, config, fleet), and when the Envoys' count moved."""
-        config, here = self.config, len(self.cache.envoys)
+        config, here = self.config, self.cache.envoy_count()
         if not force and (here, self.envoys) == self._limits_for:
             return
         self._limits_for = (here, self.envoys)
@@ -446,7 +446,7 @@ class ControlPlane:
     async def _count_envoys(self) -> None:
         """Quotas are split among the Envoys connected: when their number changes, their cluster
         (LOCAL_CLUSTER) and the Lua filter's count are published again."""
-        envoys = len({s.node_id for s in self.cache.envoys.values()})  # streams of one node count once
+        envoys = self.cache.envoy_count()
         if self.shared is not None and self.shared.envoys_total is not None:
             envoys = max(envoys, self.shared.envoys_total)  # the other planes' Envoys share the budgets too
         if (envoys := max(1, envoys)) == self.envoys:

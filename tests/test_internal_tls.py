@@ -23,7 +23,7 @@ from envoy.service.rate_limit_quota.v3 import rlqs_pb2, rlqs_pb2_grpc
 
 from control_plane import internal_pki as pki
 from control_plane.config import ConfigError, parse_config
-from control_plane.names import AUDIO_SECONDS_HEADER, KEY_ID_HEADER, MODEL_HEADER
+from control_plane.names import AUDIO_SECONDS_HEADER, IN_FLIGHT_BUCKET_ENTRY, KEY_ID_HEADER, MODEL_HEADER
 from control_plane.xds.types import CLUSTER, ROUTE
 from engines.common.audio import silent_wav
 from harness.processes import PYTHON, REPO, GatewayStack, multipart, request, start_engine, transcribe, wait_until
@@ -117,6 +117,25 @@ def send_logs(stack, creds, node_id: str, entries):
             return error.code()
 
 
+def quota_report(stack, creds):
+    """A report that the victim's bucket is refused (as the rogue streams of the finding sent);
+    the answer, or the status code the stream ended with."""
+    stop = threading.Event()
+    usage = rlqs_pb2.RateLimitQuotaUsageReports.BucketQuotaUsage(num_requests_denied=5)
+    usage.bucket_id.bucket[IN_FLIGHT_BUCKET_ENTRY] = "key-victim"
+    with channel(stack, creds) as ch:
+        stream = rlqs_pb2_grpc.RateLimitQuotaServiceStub(ch).StreamRateLimitQuotas(
+            held_open(rlqs_pb2.RateLimitQuotaUsageReports(domain="whisper", bucket_quota_usages=[usage]), stop),
+            timeout=5)
+        try:
+            return next(stream)
+        except grpc.RpcError as error:
+            return error.code()
+        finally:
+            stop.set()
+            stream.cancel()
+
+
 def metric(stack, name: str, **labels) -> float:
     """A series of the control plane's /metrics, by its labels in any order; 0 when absent."""
     wanted = {f'{k}="{v}"' for k, v in labels.items()}
@@ -161,6 +180,7 @@ def test_without_a_good_certificate_there_is_no_handshake(stack, tmp_path):
     for what, creds in tries.items():
         assert ads_answer(stack, creds, "envoy") == grpc.StatusCode.UNAVAILABLE, what
         assert send_logs(stack, creds, "envoy", [log_entry(MODEL, "1")]) == grpc.StatusCode.UNAVAILABLE, what
+        assert quota_report(stack, creds) == grpc.StatusCode.UNAVAILABLE, what
     # No stream of theirs counts as an Envoy.
     assert [e["node_id"] for e in stack.admin.status()["envoys"]] == ["envoy"]
 
@@ -179,14 +199,8 @@ def test_a_certificate_speaks_only_for_its_own_node(stack):
         grpc.StatusCode.PERMISSION_DENIED
     assert send_logs(stack, credentials(stack.pki, "envoy", "envoy-b"), "envoy",
                      [log_entry(MODEL, "1")]) == grpc.StatusCode.PERMISSION_DENIED
-    stop = threading.Event()
-    with channel(stack, credentials(stack.pki, "control-plane", "control-plane")) as ch:
-        reports = rlqs_pb2.RateLimitQuotaUsageReports(domain="whisper")
-        stream = rlqs_pb2_grpc.RateLimitQuotaServiceStub(ch).StreamRateLimitQuotas(held_open(reports, stop), timeout=5)
-        with pytest.raises(grpc.RpcError) as refused:
-            next(stream)
-        stop.set()
-    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert quota_report(stack, credentials(stack.pki, "control-plane", "control-plane")) == \
+        grpc.StatusCode.PERMISSION_DENIED
     log = stack.plane.log_text()
     assert "may not use node id 'envoy'" in log and "is not an Envoy's certificate" in log
 

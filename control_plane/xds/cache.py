@@ -195,6 +195,10 @@ class SnapshotCache:
         log.error("envoy %s refused %s %s; it keeps its last good one: %s", status.node_id,
                   SHORT_NAMES.get(type_url, type_url), name, message)
 
+    def envoy_count(self) -> int:
+        """The Envoys connected (each stream authorized as its node): a node's several streams count once."""
+        return len({status.node_id for status in self.envoys.values()})
+
     def responsive(self) -> list[EnvoyStatus]:
         """The connected Envoys that are not lagging (LAGGING_AFTER_S)."""
         now = time.monotonic()
