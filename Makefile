@@ -4,8 +4,9 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 DEBIAN_PACKAGES := curl openssl ca-certificates etcd-server espeak-ng sox docker-compose chromium ffmpeg lame flac opus-tools
 BENCH_PACKAGES := wrk nginx
+COMPOSE_PACKAGES := docker.io debootstrap
 
-.PHONY: up test test-vllm bench bench-full deps bench-deps venv clean
+.PHONY: up test test-vllm test-compose images bench bench-full deps bench-deps venv clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +32,16 @@ test: deps venv
 test-vllm: deps venv
 	PYTHON=$(BIN)/python bash engines/vllm/setup_cpu.sh
 	$(BIN)/pytest -q tests_vllm
+
+# The images compose runs, built locally (a Debian base by debootstrap where no registry answers).
+images: deps
+	@missing=""; for p in $(COMPOSE_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then apt-get update -q && apt-get install -y -q $$missing; fi
+	bash tests_compose/dockerd.sh bash deploy/images.sh
+
+# compose.yaml for real: dockerd (started if none runs, stopped after), the images, the compose suite.
+test-compose: deps venv images
+	bash tests_compose/dockerd.sh $(BIN)/pytest -q tests_compose
 
 # The load generator and the reverse proxy the data-path benchmark compares, and plotting.
 bench-deps: deps venv

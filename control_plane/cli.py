@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import ssl
 import sys
 import tempfile
@@ -24,7 +25,11 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     def with_config(sub):
-        sub.add_argument("--config", type=Path, help="gateway YAML (default: the embedded one)")
+        # Containers set WHISPER_GATEWAY_CONFIG, so `docker compose exec control-plane whisper-gateway
+        # keys create NAME` finds the admin API (its address, its TLS) without --config.
+        given = os.environ.get("WHISPER_GATEWAY_CONFIG") or None
+        sub.add_argument("--config", type=Path, default=Path(given) if given else None,
+                         help="gateway YAML (default: $WHISPER_GATEWAY_CONFIG, else the embedded one)")
         return sub
 
     def with_state(sub):

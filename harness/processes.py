@@ -103,11 +103,13 @@ def post_form(url: str, parts: list[tuple[str, bytes | str, str | None]], bounda
 
 
 def transcribe(base_url: str, model: str | None, seconds: float = 1.0, model_first: bool = True,
-               path: str = "/v1/audio/transcriptions", extra: list | None = None) -> Response:
-    file_part = ("file", silent_wav(seconds), "clip.wav")
+               path: str = "/v1/audio/transcriptions", extra: list | None = None, headers: dict | None = None,
+               audio: bytes | None = None) -> Response:
+    """`audio`: a WAV to send instead of `seconds` of silence."""
+    file_part = ("file", audio if audio is not None else silent_wav(seconds), "clip.wav")
     parts = [] if model is None else [("model", model, None)]
     parts = parts + [file_part] if model_first else [file_part] + parts
-    return post_form(base_url + path, parts + (extra or []))
+    return post_form(base_url + path, parts + (extra or []), headers=headers)
 
 
 STARTED: list[Process] = []
@@ -319,10 +321,14 @@ class LoadGenerator:
     """Threads that keep sending clips to one URL, bounded in time and count, until stopped."""
 
     def __init__(self, base_url: str, model: str, concurrency: int, seconds: float = 30.0,
-                 max_seconds: float = 60.0, max_requests: int = 2000):
+                 max_seconds: float = 60.0, max_requests: int = 2000, headers: dict | None = None,
+                 audio: bytes | None = None, failure_pause_s: float = 0.0):
+        """`failure_pause_s`: each thread waits this long after a request that got no answer, as a
+        client would, rather than spending the budget on refused connections."""
         import threading
 
         self._stop = threading.Event()
+        self._headers, self._audio, self._pause = headers, audio, failure_pause_s
         self._deadline = time.monotonic() + max_seconds
         self._budget = max_requests
         self._lock = threading.Lock()
@@ -342,11 +348,14 @@ class LoadGenerator:
     def _run(self, base_url: str, model: str, seconds: float) -> None:
         while self._take():
             try:
-                status = transcribe(base_url, model, seconds=seconds, extra=[("language", "en", None)]).status
+                status = transcribe(base_url, model, seconds=seconds, extra=[("language", "en", None)],
+                                    headers=self._headers, audio=self._audio).status
             except (OSError, http.client.HTTPException):  # refused, reset, or a body cut short
                 status = 0
             with self._lock:
                 self.statuses.append(status)
+            if status == 0 and self._pause:
+                self._stop.wait(self._pause)
 
     def stop(self) -> list[int]:
         self._stop.set()

@@ -37,7 +37,7 @@ def compose_config() -> dict:
 def test_compose_file_is_valid_and_complete():
     services = compose_config()["services"]
     assert set(services) == {"certs", "control-plane", "envoy", "engine", "engine-cpu", "prometheus", "grafana",
-                             "control-plane-b", "etcd"}  # the `ha` profile's too (this parser lists every profile)
+                             "control-plane-b", "etcd-0", "etcd-1", "etcd-2"}  # the `ha` profile's too (this parser lists every profile)
     gpu = services["engine"]["deploy"]["resources"]["reservations"]["devices"][0]
     assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
     assert services["engine"]["healthcheck"]["start_period"] in ("15m", "900s", "15m0s")
@@ -150,7 +150,7 @@ def test_the_ha_profile_runs_two_control_planes_on_etcd():
                             text=True, env=env, cwd=REPO, timeout=60)
     assert result.returncode == 0, result.stderr
     services = yaml.safe_load(result.stdout)["services"]
-    assert {"control-plane", "control-plane-b", "etcd", "envoy"} <= set(services)
+    assert {"control-plane", "control-plane-b", "etcd-0", "etcd-1", "etcd-2", "envoy"} <= set(services)
     assert "control-plane,control-plane-b" in services["envoy"]["command"]
     for name in ("control-plane", "control-plane-b", "envoy"):
         mounted = [v for v in services[name]["volumes"] if (v["target"] if isinstance(v, dict) else v.split(":")[1])
@@ -158,5 +158,5 @@ def test_the_ha_profile_runs_two_control_planes_on_etcd():
         source = mounted[0]["source"] if isinstance(mounted[0], dict) else mounted[0].split(":")[0]
         assert source.endswith("deploy/gateway-ha.yaml"), (name, source)
     config = load_config(REPO / "deploy" / "gateway-ha.yaml")
-    assert config.state.etcd == ("etcd:2379",)
+    assert config.state.etcd == ("etcd-0:2379", "etcd-1:2379", "etcd-2:2379")
     assert config.listen == load_config(REPO / "deploy" / "gateway.yaml").listen

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 
@@ -175,3 +177,44 @@ def test_vllm_over_https_is_refused_by_a_gateway_that_does_not_trust_its_certifi
         assert host.get("rq_success", "0") == "0"  # no answer from b through this gateway
     finally:
         stack.stop()
+
+
+def test_composes_gpu_engine_command_is_one_vllm_accepts():
+    """compose's `engine` service (vllm/vllm-openai, which cannot be pulled or run here): its
+    command, as compose interpolates it, parsed by vLLM's own argument parser, the one the image's
+    entry point (vllm.entrypoints.openai.api_server) uses."""
+    import shutil
+    import subprocess
+
+    import yaml
+
+    from engines.vllm.__main__ import find_vllm
+    from harness.processes import REPO
+
+    assert shutil.which("docker-compose"), "make test installs docker-compose"
+    env = {"WHISPER_GATEWAY_ADMIN_TOKEN": "unused", "PATH": os.environ["PATH"]}
+    rendered = subprocess.run(["docker-compose", "-f", str(REPO / "compose.yaml"), "config"], capture_output=True,
+                              text=True, env=env, cwd=REPO, timeout=60, check=True).stdout
+    command = yaml.safe_load(rendered)["services"]["engine"]["command"]
+    python = str(Path(find_vllm()).with_name("python"))
+    check = """
+import sys
+try:
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+except ImportError:
+    from vllm.utils import FlexibleArgumentParser
+try:  # vLLM 0.32 moved the server's arguments from entrypoints.openai to entrypoints.launchers
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+except ImportError:
+    from vllm.entrypoints.openai.cli_args import make_arg_parser, validate_parsed_serve_args
+args = make_arg_parser(FlexibleArgumentParser()).parse_args(sys.argv[1:])
+validate_parsed_serve_args(args)
+print(args.model, args.served_model_name, args.port, args.max_num_seqs)
+"""
+    parsed = subprocess.run([python, "-c", check, *command], capture_output=True, text=True, timeout=300)
+    assert parsed.returncode == 0, parsed.stderr[-3000:]
+    assert parsed.stdout.split()[-4:] == ["openai/whisper-large-v3-turbo", "['whisper']", "8000", "64"], parsed.stdout
+    # And a wrong flag is refused the same way, so the check can fail.
+    wrong = subprocess.run([python, "-c", check, *command, "--max-num-seqz", "4"], capture_output=True, text=True,
+                           timeout=300)
+    assert wrong.returncode != 0 and "max-num-seqz" in wrong.stderr
