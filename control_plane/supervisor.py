@@ -125,15 +125,20 @@ async def _wait_http_ok(session: aiohttp.ClientSession, url: str, deadline: floa
 
 async def drain_envoy(session: aiohttp.ClientSession, admin: str, timeout: float, lb_grace_s: float = 0.0) -> bool:
     """Drain before a stop or restart: fail /health (load balancers stop sending), wait `lb_grace_s`
-    for them to notice, close listeners gracefully, then wait (bounded) until no request is in
-    flight. True when Envoy went idle in time."""
+    for them to notice, drain the audio listener until it is closed to new connections, then wait
+    (bounded) until no request is in flight. True when Envoy went idle in time."""
     try:
         async with session.post(f"{admin}/healthcheck/fail"):
             pass
         await asyncio.sleep(lb_grace_s)
+        deadline = time.monotonic() + timeout
+        # The audio listener is INBOUND (builders/listener.py): new connections get `Connection:
+        # close` for Envoy's --drain-time-s, then the listener closes and new ones are refused.
         async with session.post(f"{admin}/drain_listeners?graceful&inboundonly"):
             pass
-        deadline = time.monotonic() + timeout
+        async with session.get(f"{admin}/server_info") as response:
+            drain_time = (await response.json(content_type=None))["command_line_options"].get("drain_time", "0s")
+        await asyncio.sleep(min(float(drain_time.rstrip("s") or 0), max(0.0, deadline - time.monotonic())))
         while time.monotonic() < deadline:
             async with session.get(f"{admin}/stats?filter=^http.whisper.downstream_rq_active$") as response:
                 text = await response.text()

@@ -289,7 +289,8 @@ def test_the_gateways_own_addresses_are_not_backends(quiet_gateway):
     for name, port in [("listener", listen["port"]), ("admin API", listen["admin_port"]),
                        ("xDS server", listen["xds_port"]), ("Envoy metrics listener", listen["envoy_metrics_port"]),
                        ("Envoy admin", listen["envoy_admin_port"])]:
-        for host_name in ("127.0.0.1", "localhost"):
+        # Every spelling of the address: IPv4-mapped IPv6 (dotted or hex) reaches the IPv4 listener too.
+        for host_name in ("127.0.0.1", "localhost", "[::ffff:127.0.0.1]", "[::ffff:7f00:1]", "[0:0:0:0:0:ffff:127.0.0.1]"):
             answer = gateway.admin.call("POST", "/backends", {"url": f"http://{host_name}:{port}", "models": [MODEL]})
             assert answer.status == 400, (name, answer.text)
             assert "gateway's own" in answer.json()["error"]["message"] and name in answer.json()["error"]["message"]

@@ -9,6 +9,7 @@ look; the test waits on what /status says, then on what Envoy answers, never on 
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 from openai import OpenAI, RateLimitError
@@ -148,6 +149,29 @@ def test_a_restarted_control_plane_holds_no_key_back_and_limits_again(stack):
     assert send(stack, key["secret"]).status == 429
     for thread in threads:
         thread.join()
+    assert statuses == [200, 200]
+
+
+def test_a_key_at_its_limit_is_admitted_again_soon_while_the_control_plane_is_away(stack):
+    """Last in the module, after the restart: the plane stops with the key's slots all taken; the
+    grants Envoy holds lapse after ASSIGNMENT_TTL_S, then Envoy admits the key (fail-open) while
+    no plane answers."""
+    from control_plane.xds.quota_service import ASSIGNMENT_TTL_S
+
+    stack.restart_plane()  # the restart test's plane went with that test
+    wait_until(lambda: stack.admin.status()["envoys"], 15, "Envoy back on the plane")
+    key = new_key(stack, "while-away", "two")  # answered once Envoy applied it
+    threads, statuses = hold_two(stack, key["secret"])
+    wait_until(lambda: row(stack, key["id"])["refused"], 10, "the key refused")
+    stack.plane.kill()
+    stopped = time.monotonic()
+    try:
+        # Within the grants' life (5 s) and a report's slack; 15 s before issue 27.
+        wait_until(lambda: send(stack, key["secret"]).status == 200, 10, "the key admitted again")
+        assert time.monotonic() - stopped <= ASSIGNMENT_TTL_S + 3 <= 8
+    finally:
+        for thread in threads:
+            thread.join()
     assert statuses == [200, 200]
 
 

@@ -133,3 +133,12 @@ async def servicer_grants():
     await inbox.put(None)  # Envoy closes the stream
     await asyncio.wait_for(serving, 1)
     assert len(context.written) == 2 and servicer.holders == {}
+
+
+def test_an_assignment_outlives_two_reports_and_lapses_soon_after():
+    """Renewed at every report, so it never lapses while a plane answers; gone soon after one stops
+    answering, so a plane's outage refuses a key for at most this long (fail-open after)."""
+    from control_plane.names import IN_FLIGHT_REPORT_S
+    from control_plane.xds.quota_service import ASSIGNMENT_TTL_S
+
+    assert 2 * IN_FLIGHT_REPORT_S < ASSIGNMENT_TTL_S <= 2 * IN_FLIGHT_REPORT_S + 1

@@ -9,9 +9,9 @@ from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.type.v3 import percent_pb2
 from google.protobuf import struct_pb2, wrappers_pb2
 
-from control_plane.builders.common import ads_source, pack, seconds
+from control_plane.builders.common import ads_source, header, pack, seconds
 from control_plane.builders.secrets import upstream_transport_socket
-from control_plane.names import LONG_UPLOAD_KEY, TLS_MATCH_KEY, UNROUTED_CLUSTER, cluster_name
+from control_plane.names import HOP_HEADER, LONG_UPLOAD_KEY, TLS_MATCH_KEY, UNROUTED_CLUSTER, cluster_name
 from control_plane.config import GatewayConfig
 
 HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
@@ -30,7 +30,10 @@ def _health_check(config: GatewayConfig) -> health_check_pb2.HealthCheck:
         no_traffic_interval=seconds(r.health_interval_s),
         unhealthy_threshold=_uint(r.unhealthy_threshold),
         healthy_threshold=_uint(r.healthy_threshold),
-        http_health_check=health_check_pb2.HealthCheck.HttpHealthCheck(path=r.health_path),
+        # The hop header: a backend that is a whisper-gateway answers 508 (builders/routes.py), so a loop
+        # is taken out of rotation by its health checks; engines ignore it.
+        http_health_check=health_check_pb2.HealthCheck.HttpHealthCheck(
+            path=r.health_path, request_headers_to_add=[header(HOP_HEADER, "1")]),
     )
 
 

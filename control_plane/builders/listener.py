@@ -119,15 +119,18 @@ def build_listener(config: GatewayConfig, lua_source: str) -> listener_pb2.Liste
         socket_address=address_pb2.SocketAddress(address=config.listen.address, port_value=config.listen.port)
     )
     chain = listener_components_pb2.FilterChain(filters=[_manager_filter(manager)])
+    # INBOUND: `whisper-gateway envoy-drain` drains inbound listeners only (the metrics listener,
+    # which has none, keeps answering /health with 503 for the load balancer).
+    inbound = base_pb2.TrafficDirection.INBOUND
     if config.listen.tls is None:
-        return listener_pb2.Listener(name=LISTENER_NAME, address=address, filter_chains=[chain])
+        return listener_pb2.Listener(name=LISTENER_NAME, address=address, filter_chains=[chain], traffic_direction=inbound)
     # HTTPS: the TLS inspector tells a TLS handshake from plain HTTP, which gets a 400 that says
     # so instead of a dropped connection.
     chain.filter_chain_match.transport_protocol = "tls"
     chain.transport_socket.CopyFrom(downstream_transport_socket(config))
     inspector = listener_components_pb2.ListenerFilter(name="envoy.filters.listener.tls_inspector",
                                                        typed_config=pack(tls_inspector_pb2.TlsInspector()))
-    return listener_pb2.Listener(name=LISTENER_NAME, address=address, filter_chains=[chain],
+    return listener_pb2.Listener(name=LISTENER_NAME, address=address, filter_chains=[chain], traffic_direction=inbound,
                                  listener_filters=[inspector], default_filter_chain=_plaintext_refusal(config))
 
 

@@ -110,7 +110,14 @@ def _listing_routes(fleet: Fleet) -> list[rc.Route]:
     routes = [_answer(rc.RouteMatch(path="/v1/models"), 200, json.dumps({"object": "list", "data": objects}), "models")]
     for obj in objects:
         routes.append(_answer(rc.RouteMatch(path=f"/v1/models/{obj['id']}"), 200, json.dumps(obj), f"model:{obj['id']}"))
-    # Always 200 here; the drain-aware check for load balancers is on the metrics port (bootstrap).
+    # Envoy's health checks of engines carry the hop header (builders/clusters.py): a backend that
+    # is a whisper-gateway (a loop, or two gateways pointing at each other) answers them 508 here,
+    # so it is marked unhealthy and gets no traffic, rather than answering half its model's requests 508.
+    loop = {"error": {"message": "Loop detected: this health check already passed through a whisper-gateway.",
+                      "type": "LoopDetected", "param": None, "code": 508}}
+    routes.append(_answer(rc.RouteMatch(path="/health", headers=[rc.HeaderMatcher(name=HOP_HEADER, present_match=True)]),
+                          508, json.dumps(loop), "health:loop"))
+    # Otherwise 200; the drain-aware check for load balancers is on the metrics port (bootstrap).
     routes.append(_answer(rc.RouteMatch(path="/health"), 200, json.dumps({"status": "ok"}), "health"))
     return routes
 

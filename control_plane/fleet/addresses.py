@@ -113,9 +113,20 @@ def check_resolved(address: str) -> None:
     check_ip(ip)
 
 
+def canonical(address: str) -> str:
+    """One spelling per address: an IPv4-mapped IPv6 address (::ffff:127.0.0.1, ::ffff:7f00:1) is
+    its IPv4 address, which is what a socket dialling it reaches; IPv6 compressed."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return str(mapped if mapped is not None else ip)
+
+
 def is_local(address: str) -> bool:
     """True when `address` is one of this host's own: loopback, or one a socket can bind to."""
-    ip = ipaddress.ip_address(address)
+    ip = ipaddress.ip_address(canonical(address))
     if ip.is_loopback:
         return True
     family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
@@ -133,7 +144,7 @@ def own_port_problem(address: str, port: int, own: dict[str, tuple[str, int]]) -
         if port != bound_port:
             continue
         wildcard = bound in ("0.0.0.0", "::", "")
-        if (wildcard or _same_ip(bound, address)) and is_local(address):
+        if (wildcard or _same_ip(canonical(bound), canonical(address))) and is_local(address):
             return f"{address}:{port} is the gateway's own {name}: sending requests there would loop"
     return None
 

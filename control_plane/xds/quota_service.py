@@ -33,7 +33,12 @@ from control_plane.xds.server import Authorize, allow_all, read_into
 
 log = logging.getLogger(__name__)
 
-ASSIGNMENT_TTL_S = 15  # several reports (IN_FLIGHT_REPORT_S): a plane that is gone refuses no one after this
+# Each report (every IN_FLIGHT_REPORT_S) renews every bucket's assignment; one that is not renewed
+# lapses after this, and Envoy falls back to its no_assignment_behavior, ALLOW_ALL (builders/quotas.py):
+# a control plane that is gone (stopped, restarting, cut off) refuses no one for longer than this.
+# Fail-open: while no plane answers, in-flight limits are not enforced (rates and budgets still are).
+# Two reports and a second (names.IN_FLIGHT_REPORT_S is 2; tests/test_quota_service.py holds them together).
+ASSIGNMENT_TTL_S = 5
 ALLOW, DENY = ratelimit_strategy_pb2.RateLimitStrategy.ALLOW_ALL, ratelimit_strategy_pb2.RateLimitStrategy.DENY_ALL
 # A granted bucket refills itself fully in REFILL_S (Envoy's token buckets need a rate): slow
 # next to the grants, which replace it whenever a slot frees and at every report, so a part
