@@ -30,6 +30,7 @@ from control_plane.internal_pki import ServerCredentials
 from control_plane.peers import authorize
 from control_plane.names import IN_FLIGHT_BUCKET_ENTRY, LOCAL_CLUSTER, NO_ENGINE_CA, batch_lane, cluster_name
 from control_plane.config import ConfigError, GatewayConfig, load_config
+from control_plane.decide.ejection import Ejections
 from control_plane.decide.in_flight import GroupSlots, batch_lane_limits, needs_new_grants, plane_share, split
 from control_plane.decide.lanes import closed_to_batch, model_waits
 from control_plane.decide.policy import decide_routing, is_fresh
@@ -104,6 +105,7 @@ class ControlPlane:
         self.fleet: Fleet | None = None
         self.tracker = LoadTracker()  # what the scrapes said, per endpoint
         self.outcomes = Outcomes()  # what the Envoys saw of each engine's tries
+        self.ejections = Ejections()  # engines out for failing their answers (decide/ejection.py)
         self.ledger = Ledger()  # audio-seconds in flight per engine, its speed, and metering
         self.in_flight = InFlight()  # requests in flight per key and per model's batch lane
         self.in_flight_limits: dict[str, int] = {}  # key id or batch lane -> its share of the limit on this plane
@@ -393,9 +395,16 @@ class ControlPlane:
         if not routing.load_aware:
             return
         weights, long_uploads = decide_routing(fleet, states, routing)
-        if weights != fleet.weights or long_uploads != fleet.long_uploads:
+        ejected, returned = self.ejections.step(
+            {model: [(b.id, s.failure_ratio) for b, s in zip(fleet.backends_for(model), endpoints)]
+             for model, endpoints in states.items()}, now)
+        for backend in {b for b in fleet.backends if any((b.id, m) in returned for m in b.models)}:
+            self.outcomes.forget(backend.endpoint)
+        if ejected != fleet.ejected:
+            log.warning("engines ejected for failing their answers: %s", sorted(ejected) or "none")
+        if weights != fleet.weights or long_uploads != fleet.long_uploads or ejected != fleet.ejected:
             WEIGHT_UPDATES.inc()
-            await self.set_weights(weights, long_uploads)
+            await self.set_weights(weights, long_uploads, ejected)
 
     def serves_https_engines(self) -> bool:
         """Whether there is a CA to check https:// engines against (else none is taken)."""
@@ -458,10 +467,12 @@ class ControlPlane:
             self.envoys = envoys
 
     async def set_weights(self, weights: dict[tuple[str, str], int],
-                          long_uploads: frozenset[tuple[str, str]] = frozenset()) -> None:
-        """Publishes new endpoint weights (and long-upload endpoints); only the endpoints are rebuilt and sent."""
+                          long_uploads: frozenset[tuple[str, str]] = frozenset(),
+                          ejected: frozenset[tuple[str, str]] | None = None) -> None:
+        """Publishes new endpoint weights (and long-upload endpoints, ejections); only the endpoints
+        are rebuilt and sent."""
         async with self._publishing:
-            fleet = self.fleet.with_routing(weights, long_uploads)
+            fleet = self.fleet.with_routing(weights, long_uploads, ejected)
             self.cache.set_snapshot(self.cache.snapshot.with_type(ENDPOINT, build_load_assignments(fleet, self.envoys)))
             self.fleet = fleet
 

@@ -125,22 +125,32 @@ def test_500s_from_an_engine_do_not_eject_it(tmp_path):
     assert gateway.flags("e2") == "healthy"
 
 
-def test_an_engine_that_cuts_its_answers_loses_its_share(tmp_path):
-    """200 headers, then a cut connection: Envoy counts it a success; the gateway does not."""
+def test_an_engine_that_cuts_its_answers_is_ejected_and_comes_back_whole(tmp_path):
+    """200 headers, then a cut connection: Envoy counts it a success and cannot retry it; the
+    gateway sees the cuts in the try logs, ejects the engine (EDS unhealthy), and lets it back
+    once its time is up, where it must prove itself again."""
     gateway = FaultGateway(tmp_path, ["e1", "e2", "e3"])
-    gateway.fault("e3", requests="drop")
-    load = LoadGenerator(gateway.envoy.url, MODEL, concurrency=6, seconds=1, max_requests=240)
-    wait_until(lambda: len(load.statuses) >= 240, 60, "240 requests")
-    statuses = load.stop()
-    cut, late = statuses.count(0), statuses[len(statuses) // 2:].count(0)
-    # Least request hands the fastest finisher about half (47% measured before the fix); an equal
-    # share is a third. The first cuts are the evidence; once it is in, the engine gets little.
-    assert 0 < cut < len(statuses) / 3, (cut, len(statuses))
-    assert late <= len(statuses) / 20, (late, len(statuses))
     e3 = gateway.engines["e3"].removeprefix("http://")
-    assert int(gateway.hosts()[e3]["weight"]) <= 8
+    gateway.fault("e3", requests="drop")
+    load = LoadGenerator(gateway.envoy.url, MODEL, concurrency=6, seconds=1, max_requests=2000, max_seconds=60)
+    try:
+        wait_until(lambda: "failed_eds_health" in gateway.hosts()[e3]["health_flags"], 20, "e3 ejected")
+        evidence = len(load.statuses)
+        wait_until(lambda: len(load.statuses) >= evidence + 200, 60, "200 requests after the ejection")
+    finally:
+        statuses = load.stop()
+    cut_before, cut_after = statuses[:evidence].count(0), statuses[evidence:].count(0)
+    assert 0 < cut_before, statuses[:evidence]
+    assert cut_after <= len(statuses[evidence:]) / 100, (cut_after, len(statuses[evidence:]))  # at most 1%
     row = next(r for r in gateway.admin.status()["endpoints"] if r["url"] == gateway.engines["e3"])
-    assert row["failure_ratio"] > 0.5
+    assert row["ejected_until"] is not None and row["failure_ratio"] > 0.3
+    assert "ejected for failing their answers" in gateway.plane.log_text()
+    # Whole again: back once its ejection (10 s the first time) is over, and serving.
+    gateway.fault("e3", requests="ok")
+    wait_until(lambda: "failed_eds_health" not in gateway.hosts()[e3]["health_flags"], 20, "e3 back")
+    before = int(gateway.hosts()[e3]["rq_total"])
+    assert all(transcribe(gateway.envoy.url, MODEL).status == 200 for _ in range(30))
+    assert int(gateway.hosts()[e3]["rq_total"]) > before
 
 
 def test_503_queue_full_is_retried_on_another_engine(tmp_path):

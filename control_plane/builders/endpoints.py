@@ -25,11 +25,13 @@ def _metadata(backend: Backend, long_uploads: bool) -> base_pb2.Metadata:
     return metadata
 
 
-def _lb_endpoint(backend: Backend, weight: int, long_uploads: bool) -> endpoint_components_pb2.LbEndpoint:
+def _lb_endpoint(backend: Backend, weight: int, long_uploads: bool, ejected: bool = False
+                 ) -> endpoint_components_pb2.LbEndpoint:
     address = address_pb2.Address(
         socket_address=address_pb2.SocketAddress(address=backend.address, port_value=backend.port)
     )
-    status = health_check_pb2.DRAINING if backend.draining else health_check_pb2.UNKNOWN
+    status = health_check_pb2.DRAINING if backend.draining else \
+        health_check_pb2.UNHEALTHY if ejected else health_check_pb2.UNKNOWN
     # An https:// engine's hostname is the name its certificate must carry: Envoy sends it as SNI.
     return endpoint_components_pb2.LbEndpoint(
         endpoint=endpoint_components_pb2.Endpoint(address=address, hostname=backend.host if backend.tls else backend.id),
@@ -41,7 +43,8 @@ def _lb_endpoint(backend: Backend, weight: int, long_uploads: bool) -> endpoint_
 
 def build_load_assignment(model: str, fleet: Fleet) -> endpoint_pb2.ClusterLoadAssignment:
     ordered = sorted(fleet.backends_for(model), key=lambda b: (b.address, b.port))
-    lb_endpoints = [_lb_endpoint(b, fleet.weight(b, model), (b.id, model) in fleet.long_uploads) for b in ordered]
+    lb_endpoints = [_lb_endpoint(b, fleet.weight(b, model), (b.id, model) in fleet.long_uploads,
+                                 (b.id, model) in fleet.ejected) for b in ordered]
     endpoints = [endpoint_components_pb2.LocalityLbEndpoints(lb_endpoints=lb_endpoints)]
     return endpoint_pb2.ClusterLoadAssignment(cluster_name=cluster_name(model), endpoints=endpoints if ordered else [])
 

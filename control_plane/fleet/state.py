@@ -43,15 +43,19 @@ class Fleet:
     weights: dict[tuple[str, str], int] = field(default_factory=dict)
     # Endpoints that take long uploads, by (backend id, model); a model with none: all take them.
     long_uploads: frozenset[tuple[str, str]] = frozenset()
+    # Endpoints taken out for failing their answers (decide/ejection.py): EDS UNHEALTHY.
+    ejected: frozenset[tuple[str, str]] = frozenset()
     # Models whose engines are backed up, refusing batch keys -> the Retry-After (s) they give.
     batch_closed: dict[str, int] = field(default_factory=dict)
 
-    def with_routing(self, weights: dict[tuple[str, str], int],
-                     long_uploads: frozenset[tuple[str, str]]) -> "Fleet":
-        """This fleet with load-derived weights and long-upload marks, kept only for its own endpoints."""
+    def with_routing(self, weights: dict[tuple[str, str], int], long_uploads: frozenset[tuple[str, str]],
+                     ejected: frozenset[tuple[str, str]] | None = None) -> "Fleet":
+        """This fleet with load-derived weights, long-upload marks and ejections (None: as they
+        are), kept only for its own endpoints."""
         keep = self.endpoint_keys()
         return replace(self, weights={k: w for k, w in weights.items() if k in keep},
-                       long_uploads=frozenset(long_uploads) & keep)
+                       long_uploads=frozenset(long_uploads) & keep,
+                       ejected=frozenset(self.ejected if ejected is None else ejected) & keep)
 
     def weight(self, backend: Backend, model: str) -> int:
         return self.weights.get((backend.id, model), backend.weight)

@@ -71,6 +71,10 @@ class Outcomes:
         total = tally.ok + tally.failed
         return tally.failed / total if total >= MIN_EVIDENCE else 0.0
 
+    def forget(self, endpoint: str) -> None:
+        """Its evidence so far (an ejected engine that comes back starts afresh: decide/ejection.py)."""
+        self._tallies.pop(endpoint, None)
+
     def retain(self, endpoints: set[str]) -> None:
         """Forgets endpoints that left the fleet."""
         for key in set(self._tallies) - endpoints:

@@ -45,6 +45,8 @@ def endpoint_rows(plane, now: float) -> list[dict]:
                 "seconds_per_request": round(track.seconds_per_request, 4) if track and track.seconds_per_request else None,
                 "weight": fleet.weight(backend, model) if backend else None,
                 "long_uploads": (entry.id, model) in fleet.long_uploads,
+                # Out of rotation for failing its answers (decide/ejection.py), until this time.
+                "ejected_until": plane.ejections.until.get((entry.id, model)),
                 "base_weight": entry.weight,
                 "scrape_age_s": round(now - track.scraped_at, 3) if track and track.scraped_at is not None else None,
                 "scrape_error": track.error if track else None,
