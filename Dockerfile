@@ -22,7 +22,7 @@ COPY engines engines
 COPY envoy envoy
 RUN if [ -f /tmp/host-pip/pip.conf ]; then export PIP_CONFIG_FILE=/tmp/host-pip/pip.conf; fi \
     && pip install -q --no-deps -e . && rm -rf /tmp/host-pip /tmp/requirements.txt
-COPY deploy/gateway.yaml deploy/gateway-ha.yaml deploy/
+COPY deploy/gateway.yaml deploy/gateway-ha.yaml deploy/lb-envoy.yaml deploy/
 # Envoy: audio 8080, Prometheus 9902. Control plane: xDS 18000, admin API 18001. CPU engine: 8000.
 EXPOSE 8080 9902 18000 18001 8000
 ENTRYPOINT ["whisper-gateway"]

@@ -120,6 +120,9 @@ class ListenConfig:
     # token never travels in the clear; true keeps it plain HTTP there (a port published only on
     # a private network).
     admin_plaintext: StrictBool = False
+    # Every connection to listen.port starts with a PROXY protocol header (v1 or v2) from a load
+    # balancer in front (compose's `lb`), which names the client's address; one without is closed.
+    proxy_protocol: StrictBool = False
 
     def own_endpoints(self) -> dict[str, tuple[str, int]]:
         """Every address and port the gateway itself listens on: never a backend (a loop)."""

@@ -36,7 +36,7 @@ def compose_config() -> dict:
 
 def test_compose_file_is_valid_and_complete():
     services = compose_config()["services"]
-    assert set(services) == {"certs", "control-plane", "envoy", "engine", "engine-cpu", "prometheus", "grafana",
+    assert set(services) == {"certs", "control-plane", "envoy", "lb", "engine", "engine-cpu", "prometheus", "grafana",
                              "control-plane-b", "etcd-0", "etcd-1", "etcd-2"}  # the `ha` profile's too (this parser lists every profile)
     gpu = services["engine"]["deploy"]["resources"]["reservations"]["devices"][0]
     assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
@@ -105,6 +105,7 @@ def test_the_images_entry_points_run_with_composes_arguments(tmp_path):
     raw["discovery"] = []
     raw["backends"] = [{"url": f"http://127.0.0.1:{engine_port}", "models": ["whisper"]}]
     raw["internal_tls"]["dir"] = str(tmp_path / "pki")
+    raw["listen"]["proxy_protocol"] = False  # no `lb` in front here: the test talks to Envoy itself
     config = tmp_path / "gateway.yaml"
     config.write_text(yaml.safe_dump(raw))
     # The one-shot `certs` service first: the internal CA and certificates the others mount.

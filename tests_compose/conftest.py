@@ -27,7 +27,7 @@ def cpu(tmp_path_factory):
     """The `cpu` profile from nothing: certificates, control plane, Envoy, one CPU Whisper engine."""
     project = ComposeProject(tmp_path_factory.mktemp("compose-cpu"), f"wgcpu{os.getpid()}")
     try:
-        project.up("certs", "control-plane", "envoy", "engine-cpu")
+        project.up("certs", "control-plane", "envoy", "lb", "engine-cpu")
         wait_serving(project)
         project.secret = project.key("compose-suite")
         yield project
@@ -44,7 +44,7 @@ def ha(tmp_path_factory):
                              config="./deploy/gateway-ha.yaml", xds_host="control-plane,control-plane-b")
     project.admin_b = f"https://127.0.0.1:{project.ports['ADMIN_PORT_B']}"
     try:
-        project.up("certs", "etcd-0", "etcd-1", "etcd-2", "control-plane", "control-plane-b", "envoy", "engine-cpu")
+        project.up("certs", "etcd-0", "etcd-1", "etcd-2", "control-plane", "control-plane-b", "envoy", "lb", "engine-cpu")
         wait_serving(project)
         project.secret = project.key("compose-ha-suite")
         yield project

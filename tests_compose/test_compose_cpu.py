@@ -181,3 +181,36 @@ def test_a_killed_envoy_is_restarted_and_serves_again(cpu):
     failed = [s for s in statuses[killed_at:] if s != 200]
     assert set(failed) <= {0, 503}, failed  # refused or cut while down; 503 until its engines are healthy
     print(f"envoy kill: {len(failed)} failed of {len(statuses) - killed_at} sent from the kill on")
+
+
+def lb_hosts(project) -> dict[str, str]:
+    """The Envoys compose's `lb` sends to, with their health (its admin, inside its container)."""
+    script = ("import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:9903/clusters', "
+              "timeout=5).read().decode())")
+    text = project.exec("lb", "python", "-c", script).stdout
+    return {parts[1]: parts[3] for parts in (line.split("::") for line in text.splitlines())
+            if len(parts) == 4 and parts[0] == "envoys" and parts[2] == "health_flags"}
+
+
+def test_a_rolling_restart_of_one_of_two_envoys_loses_nothing(cpu):
+    """Two Envoys behind compose's `lb`: one drained with `envoy-drain` (its /health fails, the lb
+    stops sending it connections, its listener closes once its requests are done), restarted,
+    and back in rotation; the clients see only 200s."""
+    cpu.up("envoy", scale={"envoy": 2})
+    wait_until(lambda: list(lb_hosts(cpu).values()) == ["healthy", "healthy"], 60, "two Envoys behind the lb")
+    load = LoadGenerator(cpu.url, MODEL, concurrency=3, seconds=1.0, max_seconds=120, max_requests=600,
+                         headers=bearer(cpu))
+    try:
+        wait_until(lambda: len(load.statuses) >= 10, 60, "load through both")
+        first = cpu.containers("envoy")[0]["Id"]
+        drained = docker("exec", first, "whisper-gateway", "envoy-drain", "--config", "/etc/whisper-gateway/gateway.yaml",
+                         "--lb-grace", "2", "--timeout", "60", timeout=90)
+        assert "drained" in drained.stdout, drained.stdout
+        docker("restart", first, timeout=60)
+        wait_until(lambda: list(lb_hosts(cpu).values()) == ["healthy", "healthy"], 60, "both Envoys back")
+        served = len(load.statuses)
+        wait_until(lambda: len(load.statuses) >= served + 10, 60, "requests after the restart")
+    finally:
+        statuses = load.stop()
+        cpu.up("envoy", scale={"envoy": 1})
+    assert statuses and set(statuses) == {200}, {s: statuses.count(s) for s in set(statuses)}

@@ -10,6 +10,7 @@ from envoy.config.accesslog.v3 import accesslog_pb2
 from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, grpc_service_pb2, protocol_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.filters.listener.proxy_protocol.v3 import proxy_protocol_pb2
 from envoy.extensions.filters.listener.tls_inspector.v3 import tls_inspector_pb2
 from envoy.extensions.access_loggers.grpc.v3 import als_pb2 as grpc_als_pb2
 from envoy.extensions.filters.http.lua.v3 import lua_pb2
@@ -122,8 +123,14 @@ def build_listener(config: GatewayConfig, lua_source: str) -> listener_pb2.Liste
     # INBOUND: `whisper-gateway envoy-drain` drains inbound listeners only (the metrics listener,
     # which has none, keeps answering /health with 503 for the load balancer).
     inbound = base_pb2.TrafficDirection.INBOUND
+    # Behind a load balancer that speaks PROXY protocol: the client's address, for the per-address
+    # limit on wrong keys and the logs, is the one its header names.
+    proxy = [listener_components_pb2.ListenerFilter(name="envoy.filters.listener.proxy_protocol",
+                                                    typed_config=pack(proxy_protocol_pb2.ProxyProtocol()))
+             ] if config.listen.proxy_protocol else []
     if config.listen.tls is None:
-        return listener_pb2.Listener(name=LISTENER_NAME, address=address, filter_chains=[chain], traffic_direction=inbound)
+        return listener_pb2.Listener(name=LISTENER_NAME, address=address, filter_chains=[chain], traffic_direction=inbound,
+                                     listener_filters=proxy)
     # HTTPS: the TLS inspector tells a TLS handshake from plain HTTP, which gets a 400 that says
     # so instead of a dropped connection.
     chain.filter_chain_match.transport_protocol = "tls"
@@ -131,7 +138,7 @@ def build_listener(config: GatewayConfig, lua_source: str) -> listener_pb2.Liste
     inspector = listener_components_pb2.ListenerFilter(name="envoy.filters.listener.tls_inspector",
                                                        typed_config=pack(tls_inspector_pb2.TlsInspector()))
     return listener_pb2.Listener(name=LISTENER_NAME, address=address, filter_chains=[chain], traffic_direction=inbound,
-                                 listener_filters=[inspector], default_filter_chain=_plaintext_refusal(config))
+                                 listener_filters=proxy + [inspector], default_filter_chain=_plaintext_refusal(config))
 
 
 def _manager_filter(manager: hcm.HttpConnectionManager) -> listener_components_pb2.Filter:
