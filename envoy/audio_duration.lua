@@ -355,6 +355,11 @@ local function extension_of(filename)
   return ext and ext:lower() or ""
 end
 
+-- A header's duration under this is not trusted either: no upload is that short, and LuaJIT's
+-- string.format("%.3f") shows numbers under about 1e-171 (a WebM Duration can be one) as huge
+-- ones (LuaJIT 2.1 since 7152e154, 2025-12-08).
+local MIN_SECONDS = 0.001
+
 -- Seconds of audio in a file part of `size` bytes, read through read(offset, n), and whether
 -- that is an estimate. Never more than max_seconds; never an error.
 local function audio_duration(read, size, filename, max_seconds)
@@ -364,7 +369,7 @@ local function audio_duration(read, size, filename, max_seconds)
     kind = format_of(head)
     if kind then seconds, estimated = measure(kind, peek, head, size) end
   end)
-  if not ok or not seconds or seconds ~= seconds or seconds <= 0 or seconds > max_seconds then
+  if not ok or not seconds or seconds ~= seconds or seconds < MIN_SECONDS or seconds > max_seconds then
     kind = kind or EXTENSIONS[extension_of(filename)]
     seconds, estimated = math.min(max_seconds, size * 8 / ESTIMATE_BPS[kind or "other"]), true
   end

@@ -177,12 +177,14 @@ local function form_parts(body, delim)
   return parts
 end
 
--- Where a part's value ends: known from its own piece, or just before the next delimiter.
+-- Where a part's value ends: known from its own piece, or just before the next delimiter after it
+-- (a closing delimiter seen in the first window can come before parts found in the last).
 local function value_end(part, parts)
   if part.stop then return part.stop end
   local next_at = parts.closing
+  if next_at and next_at - 2 < part.start then next_at = nil end
   for _, other in ipairs(parts) do
-    if other.at > part.start and (next_at == nil or other.at < next_at) then next_at = other.at end
+    if other.at - 2 >= part.start and (next_at == nil or other.at < next_at) then next_at = other.at end
   end
   return next_at and next_at - 2 or nil
 end

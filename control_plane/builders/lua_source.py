@@ -32,7 +32,9 @@ def _literal(value) -> str:
 
 def filter_source(lua_source: str, context: dict, access: Access) -> str:
     """CONTEXT (the routing values) and KEY_GRANTS (digest -> {id, models}), then the filter."""
-    lines = [f"local CONTEXT = {_literal(context)};", "local KEY_GRANTS = {};"]
+    # No `;` after KEY_GRANTS: the next line may start with one, and `;;` (an empty statement)
+    # parses only in LuaJIT built with Lua 5.2 compatibility (Envoy's is, lupa's is not).
+    lines = [f"local CONTEXT = {_literal(context)};", "local KEY_GRANTS = {}"]
     items = sorted(access.grants.items())
     for start in range(0, len(items), GRANTS_PER_FUNCTION):
         lines.append(";(function(t)  -- `;`: a line starting with ( would call the line before")

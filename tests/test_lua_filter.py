@@ -1,0 +1,543 @@
+"""The Lua filter in-process (harness/lua_filter.py): every answer of README's "What Envoy
+answers" that the filter decides, and every corpus file's duration, in milliseconds and without
+Envoy. The filter's source is the control plane's (filter_source over envoy/*.lua); only Envoy's
+handle API is a stub.
+
+Rows decided elsewhere (Envoy's configuration, not the Lua): the quota filters' 429s for
+requests and audio-seconds per minute and day and for requests_in_flight (builders/quotas.py;
+the Lua part, the plan's share check and the x-ratelimit-* renaming, is here), malformed HTTP
+(400), plain HTTP to the TLS port (400), 408, 413, 431, 503, 504, `GET /v1/models`, `/health`
+and unknown paths (direct responses with the Lua filter off), and the 508 of health checks.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from control_plane.config import parse_config
+from control_plane.fleet.state import Fleet
+from control_plane.tenants.keys import Access, KeyTable
+from engines.common.audio import silent_wav
+from harness.lua_filter import LuaFilter
+from harness.processes import multipart
+from tests.test_audio_seconds import EXACT_TOLERANCE_S, MAX_AUDIO_S, corpus  # noqa: F401 (a fixture)
+
+BIG, SMALL, ALIAS = "big", "small", "whisper-1"
+RAW = {"models": [{"name": BIG, "aliases": [ALIAS]}, {"name": SMALL}], "backends": []}
+BOUNDARY = "wgboundary7MA4YWxk"  # harness.processes.multipart's
+FORM = {"content-type": f"multipart/form-data; boundary={BOUNDARY}"}
+OWN_HEADERS = ("x-whisper-model", "x-whisper-long-upload", "x-whisper-audio-seconds", "x-whisper-audio-estimated",
+               "x-whisper-key-id", "x-whisper-batch-lane")
+NOW_MS = 1_800_000_000_000
+
+
+def open_filter(**raw) -> LuaFilter:
+    return LuaFilter(parse_config(RAW | raw))
+
+
+def form(model: str | bytes | None = BIG, audio: bytes | None = None, filename: str | None = "clip.wav",
+         extra: list | None = None) -> bytes:
+    parts = [] if model is None else [("model", model, None)]
+    return multipart(parts + [("file", silent_wav(1.0) if audio is None else audio, filename)] + (extra or []))
+
+
+def raw_form(*parts: bytes, boundary: str = BOUNDARY, closing: bool = True) -> bytes:
+    """Parts given as (headers block, value) byte pairs, for what multipart() cannot write."""
+    out = b""
+    for headers, value in parts:
+        out += b"--" + boundary.encode() + b"\r\n" + headers + b"\r\n\r\n" + value + b"\r\n"
+    return out + (b"--" + boundary.encode() + b"--\r\n" if closing else b"")
+
+
+def disposition(name: bytes, filename: bytes | None = None) -> bytes:
+    return b'Content-Disposition: form-data; name="' + name + b'"' + (
+        b'; filename="' + filename + b'"' if filename is not None else b"")
+
+
+def assert_error(outcome, status: int, param: str | None = None, code=None, error_type: str | None = None) -> dict:
+    """An OpenAI-style answer of the filter's own, marked so Envoy's local-reply mapper keeps it."""
+    assert outcome.error is None, outcome.error
+    assert outcome.status == status, (outcome.status, outcome.reply_body)
+    assert outcome.reply_headers["content-type"] == "application/json"
+    error = outcome.json["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert error["param"] == param, error
+    assert error["code"] == (code if code is not None else status), error
+    if error_type is not None:
+        assert error["type"] == error_type, error
+    assert outcome.metadata["whisper_gateway"]["lua_reply"] == "1"
+    assert not outcome.route_cache_cleared
+    assert outcome.header("x-whisper-model") is None
+    assert not outcome.violations, outcome.violations
+    return error
+
+
+def assert_routed(outcome, model: str) -> None:
+    assert outcome.error is None, outcome.error
+    assert outcome.status is None, outcome.reply_body
+    assert outcome.header("x-whisper-model") == model and outcome.header_count("x-whisper-model") == 1
+    assert outcome.route_cache_cleared
+    assert outcome.metadata["whisper_gateway"]["model"] == model
+    assert outcome.header("x-whisper-audio-seconds") == outcome.metadata["whisper_gateway"]["audio_seconds"]
+    assert not outcome.violations, outcome.violations
+
+
+# -- routed: the model's header, the alias rewritten, the audio measured ------------------------------------------
+
+
+@pytest.mark.parametrize("model_first", [True, False], ids=["model-before-file", "model-after-file"])
+def test_a_form_is_routed_by_its_model_field(model_first):
+    lua = open_filter()
+    parts = [("model", SMALL, None), ("file", silent_wav(2.0), "clip.wav")]
+    body = multipart(parts if model_first else parts[::-1])
+    outcome = lua.run_request(headers=FORM, body=body)
+    assert_routed(outcome, SMALL)
+    assert outcome.body == body and not outcome.body_set  # the model's own name: the body as sent
+    assert outcome.header("x-whisper-audio-seconds") == "2.000" and outcome.header("x-whisper-audio-estimated") is None
+    assert outcome.metadata["whisper_gateway"]["audio_seconds"] == "2.000"
+    assert "audio_estimated" not in outcome.metadata["whisper_gateway"]
+    assert "key_id" not in outcome.metadata["whisper_gateway"] and outcome.header("x-whisper-key-id") is None
+
+
+def test_translations_and_a_quoted_boundary_with_an_unquoted_field_name():
+    boundary = "quoted boundary (needs quotes)"
+    body = raw_form((b"Content-Disposition: form-data; name=model", SMALL.encode()),
+                    (disposition(b"file", b"a.wav"), silent_wav(1.0)), boundary=boundary)
+    outcome = open_filter().run_request(path="/v1/audio/translations", body=body,
+                                        headers={"Content-Type": f'multipart/form-data; boundary="{boundary}"'})
+    assert_routed(outcome, SMALL)
+
+
+@pytest.mark.parametrize("where", ["model-before-a-large-file", "model-after-a-large-file", "model-between-long-fields"])
+def test_the_model_field_is_found_anywhere_in_a_large_form(where):
+    """The end windows hold the field, or the filter scans the whole body (and reads it all)."""
+    audio = silent_wav(5.0)  # 160 kB: far beyond a 4 KiB window
+    model, file = ("model", SMALL, None), ("file", audio, "clip.wav")
+    parts = {"model-before-a-large-file": [model, file], "model-after-a-large-file": [file, model],
+             "model-between-long-fields": [file, ("prompt", "x" * 20_000, None), model,
+                                           ("temperature", "0" * 9000, None)]}[where]
+    body = multipart(parts)
+    outcome = open_filter().run_request(headers=FORM, body=body)
+    assert_routed(outcome, SMALL)
+    assert outcome.header("x-whisper-audio-seconds") == "5.000"
+    whole_scan = where == "model-between-long-fields"
+    assert (outcome.bytes_read >= len(body)) == whole_scan, (outcome.bytes_read, len(body))
+
+
+def test_an_alias_is_rewritten_in_the_body_to_the_models_name():
+    audio = silent_wav(1.5)
+    body = multipart([("file", audio, "clip.wav"), ("model", ALIAS, None), ("language", "en", None)])
+    outcome = open_filter().run_request(headers=FORM, body=body)
+    assert_routed(outcome, BIG)
+    expected = multipart([("file", audio, "clip.wav"), ("model", BIG, None), ("language", "en", None)])
+    assert outcome.body_set and outcome.body == expected
+    assert outcome.header("content-length") == str(len(expected))  # Envoy's setBytes sets it
+    assert outcome.header("x-whisper-audio-seconds") == "1.500"  # measured before the bytes moved
+
+
+def test_headers_a_client_sends_under_the_filters_names_are_removed():
+    forged = {name: "forged" for name in OWN_HEADERS} | {"x-whisper-audio-seconds": "9999999",
+                                                         "x-envoy-upstream-rq-per-try-timeout-ms": "1"}
+    lua = open_filter(resilience={"retries": 0})  # no hedging: the filter sets no per-try deadline
+    routed = lua.run_request(headers=FORM | forged, body=form(SMALL))
+    assert_routed(routed, SMALL)
+    for name in OWN_HEADERS:
+        assert routed.header_count(name) <= 1 and routed.header(name) != "forged", name
+    assert routed.header("x-whisper-audio-seconds") == "1.000"
+    assert routed.header("x-whisper-key-id") is None and routed.header("x-whisper-long-upload") is None
+    assert routed.header("x-envoy-upstream-rq-per-try-timeout-ms") is None  # nor a deadline of its own
+    refused = lua.run_request(headers=FORM | forged, body=form("no-such-model"))
+    assert_error(refused, 404, "model", error_type="NotFoundError")
+    assert not any(refused.header(name) for name in OWN_HEADERS)  # gone from what the log sees too
+
+
+def test_long_uploads_are_marked_and_tries_get_a_deadline_by_size():
+    lua = open_filter(routing={"long_upload_kb": 100}, resilience={"hedge_after_s": 2, "hedge_per_mb_s": 3})
+    short, long = form(audio=silent_wav(1.0)), form(audio=silent_wav(5.0))  # 32 kB, 160 kB
+    outcome = lua.run_request(headers=FORM, body=short)
+    assert outcome.header("x-whisper-long-upload") is None
+    assert outcome.header("x-envoy-upstream-rq-per-try-timeout-ms") == str(2000 + len(short) * 3000 // 1048576)
+    outcome = lua.run_request(headers=FORM, body=long)
+    assert outcome.header("x-whisper-long-upload") == "1"
+    assert outcome.header("x-envoy-upstream-rq-per-try-timeout-ms") == str(2000 + len(long) * 3000 // 1048576)
+
+
+def test_an_upload_without_a_duration_field_is_estimated_and_says_so():
+    outcome = open_filter().run_request(headers=FORM, body=form(audio=b"\x00" * 16000, filename="clip.mp3"))
+    assert_routed(outcome, BIG)
+    assert outcome.header("x-whisper-audio-seconds") == "1.000"  # 16000 bytes at 128 kbit/s
+    assert outcome.header("x-whisper-audio-estimated") == "1"
+    assert outcome.metadata["whisper_gateway"]["audio_estimated"] == "1"
+
+
+def test_a_closing_delimiter_before_the_fields_never_makes_a_negative_duration():
+    """The first window holds a closing delimiter, the last the fields, the file's value runs to a
+    closing delimiter without its CRLF: the file's end is the body's, not before its start (found
+    by tests/test_lua_fuzz.py: model_router.lua's value_end took that first closing delimiter)."""
+    body = (b"--" + BOUNDARY.encode() + b"--\r\n" + b"epilogue " * 1000 + b"\r\n" + raw_form(
+        (disposition(b"model"), ALIAS.encode()), (disposition(b"file", b"a.wav"), silent_wav(0.05)), closing=False)[:-2]
+        + b"--" + BOUNDARY.encode() + b"--")
+    outcome = open_filter().run_request(headers=FORM, body=body)
+    assert_routed(outcome, BIG)
+    assert 0 <= float(outcome.header("x-whisper-audio-seconds")) < 1
+
+
+def tiny_webm(duration: bytes) -> bytes:
+    """EBML header, Segment (unknown size), Info with an 8-byte Duration, then bytes."""
+    return (b"\x1a\x45\xdf\xa3\x80" + b"\x18\x53\x80\x67\x01\xff\xff\xff\xff\xff\xff\xff"
+            + b"\x15\x49\xa9\x66\x8b" + b"\x44\x89\x88" + duration + b"\x00" * 6000)
+
+
+def test_a_webm_duration_too_small_to_show_is_estimated():
+    """A Duration of 6.95e-313 ms passes `> 0`; LuaJIT's string.format("%.3f") (since 2025-12-08)
+    shows such a number as 975630014329515881.946, past limits.max_audio_s (found by test_lua_fuzz.py)."""
+    lua = open_filter()
+    outcome = lua.run_request(headers=FORM, body=form(audio=tiny_webm(b"\x00\x00\x7f\xff\x00\x00\x00\x00"),
+                                                      filename="a.webm"))
+    assert_routed(outcome, BIG)
+    assert outcome.header("x-whisper-audio-estimated") == "1"
+    assert outcome.header("x-whisper-audio-seconds") == f"{len(tiny_webm(b'0' * 8)) * 8 / 48000:.3f}"
+    exact = lua.run_request(headers=FORM, body=form(audio=tiny_webm(b"\x40\xb3\x88\x00\x00\x00\x00\x00"),
+                                                    filename="a.webm"))  # 5000.0 ms
+    assert exact.header("x-whisper-audio-seconds") == "5.000" and exact.header("x-whisper-audio-estimated") is None
+
+
+# -- 400, 404, 405, 508 ----------------------------------------------------------------------------------------------
+
+LONG_HEADERS = disposition(b"file", b"a.wav") + b"\r\nX-Padding: " + b"p" * 8200
+BAD_FORMS = [
+    # (what, body, param)
+    ("model missing", form(None), "model"),
+    ("model empty", form(""), "model"),
+    ("model repeated", multipart([("model", BIG, None), ("model", SMALL, None), ("file", b"RIFF", "a.wav")]), "model"),
+    ("model over 256 bytes", form("m" * 257), "model"),
+    ("model with CR LF", form("whisper\r\nx-evil: 1"), "model"),
+    ("model with a control character", form("bi\x01g"), "model"),
+    ("model with a tab", form("big\t"), "model"),
+    ("file missing", multipart([("model", BIG, None)]), "file"),
+    ("file empty", form(audio=b""), "file"),
+    ("file repeated", multipart([("model", BIG, None), ("file", b"RIFF", "a.wav"), ("file", b"RIFF", "b.wav")]), "file"),
+    ("file name with a path", form(filename="dir/clip.wav"), "file"),
+    ("file name with a Windows path", form(filename="C:\\clip.wav"), "file"),
+    ("file name ..", form(filename=".."), "file"),
+    ("non-ASCII field name", raw_form((disposition(b"model"), BIG.encode()), (disposition(b"fil\xc3\xa9"), b"x"),
+                                      (disposition(b"file", b"a.wav"), silent_wav(0.5))), None),
+    ("part headers over 8 KiB", raw_form((disposition(b"model"), BIG.encode()), (LONG_HEADERS, silent_wav(0.5))), None),
+    ("part headers with a control character", raw_form((disposition(b"model") + b"\r\nX-Odd: a\x01b", BIG.encode()),
+                                                       (disposition(b"file", b"a.wav"), b"RIFF")), None),
+    ("part without a name", raw_form((disposition(b"model"), BIG.encode()), (b"Content-Type: text/plain", b"x"),
+                                     (disposition(b"file", b"a.wav"), b"RIFF")), None),
+    ("no closing boundary", raw_form((disposition(b"model"), BIG.encode()), (disposition(b"file", b"a.wav"), b"RIFF"),
+                                     closing=False), None),
+    ("cut in the model's value", raw_form((disposition(b"file", b"a.wav"), b"RIFF"), closing=False)
+     + b"--" + BOUNDARY.encode() + b"\r\n" + disposition(b"model") + b"\r\n\r\nbig--" + BOUNDARY.encode() + b"--", None),
+]
+
+
+@pytest.mark.parametrize("what,body,param", BAD_FORMS, ids=[b[0] for b in BAD_FORMS])
+def test_bad_forms_get_400(what, body, param):
+    outcome = open_filter().run_request(headers=FORM, body=body)
+    assert_error(outcome, 400, param, error_type="BadRequestError")
+
+
+NOT_FORMS = [
+    ("JSON", {"content-type": "application/json"}, b'{"model": "big"}'),
+    ("multipart without a boundary", {"content-type": "multipart/form-data"}, b"x"),
+    ("a boundary over 70 characters", {"content-type": "multipart/form-data; boundary=" + "b" * 71}, b"x"),
+    ("multipart/mixed", {"content-type": f"multipart/mixed; boundary={BOUNDARY}"}, form()),
+    ("no content-type", {}, form()),
+]
+
+
+@pytest.mark.parametrize("what,headers,body", NOT_FORMS, ids=[n[0] for n in NOT_FORMS])
+def test_a_body_that_is_not_a_multipart_form_gets_400_before_it_is_read(what, headers, body):
+    outcome = open_filter().run_request(headers=headers, body=body)
+    error = assert_error(outcome, 400, None, error_type="BadRequestError")
+    assert "multipart/form-data" in error["message"]
+    assert outcome.body_calls == 0
+
+
+def test_a_form_without_a_body_gets_400():
+    assert_error(open_filter().run_request(headers=FORM, body=None), 400, "model")
+
+
+def test_an_unknown_model_gets_404_naming_the_served_models():
+    error = assert_error(open_filter().run_request(headers=FORM, body=form("no-such-model")), 404, "model",
+                         error_type="NotFoundError")
+    assert error["message"] == "The model `no-such-model` does not exist. Served models: big, small, whisper-1."
+
+
+def test_a_non_ascii_model_name_is_echoed_as_valid_json():
+    outcome = open_filter().run_request(headers=FORM, body=form('caf\xe9 "quoted" \\'.encode()))
+    error = assert_error(outcome, 404, "model")
+    assert 'caf?? "quoted" \\' in error["message"]
+
+
+@pytest.mark.parametrize("method", ["GET", "PUT", "DELETE", "HEAD"])
+def test_other_methods_than_post_get_405(method):
+    outcome = open_filter().run_request(method=method, headers=FORM, body=None)
+    assert_error(outcome, 405, None, error_type="MethodNotAllowed")
+    assert outcome.body_calls == 0
+
+
+def test_a_request_that_already_passed_a_gateway_gets_508():
+    lua = LuaFilter(parse_config(RAW | {"auth": {"api_keys": "required"}}), access=Access(required=True))
+    outcome = lua.run_request(headers=FORM | {"x-whisper-gateway-hop": "1"}, body=form())
+    assert_error(outcome, 508, None, error_type="LoopDetected")
+    assert outcome.body_calls == 0  # before the key check and the body
+
+
+# -- API keys: 401, 403, wrong keys per address, the key's id, batch lanes and plans --------------------------------
+
+PLANS = {"audio": {"requests_per_minute": 100, "audio_seconds_per_minute": 20},
+         "daily": {"requests_per_minute": 100, "audio_seconds_per_minute": 1000, "audio_seconds_per_day": 10}}
+
+
+class Keys:
+    """A key table as the control plane keeps it, and the filter built from its grants."""
+
+    def __init__(self, auth: dict | None = None, fleet_options: dict | None = None, envoys: int = 1):
+        self.config = parse_config(RAW | {"auth": {"api_keys": "required", "plans": PLANS} | (auth or {})})
+        self.fleet = Fleet(models=self.config.models, backends=(), **(fleet_options or {}))
+        self.table, self.envoys = KeyTable(), envoys
+        self.ids: dict[str, str] = {}
+
+    def create(self, name: str, models: tuple[str, ...] = (), key_class: str = "interactive",
+               plan: str | None = None) -> str:
+        key, secret = self.table.create(name, models, key_class, NOW_MS / 1000, 100, plan=plan)
+        self.ids[name] = key.id
+        return secret
+
+    def lua(self) -> LuaFilter:
+        grants = self.table.grants(set(self.config.auth.plans), self.config.auth.default_plan)
+        return LuaFilter(self.config, self.fleet, Access(True, grants), self.envoys, now_ms=NOW_MS)
+
+
+def bearer(secret: str | None) -> dict:
+    return {} if secret is None else {"authorization": f"Bearer {secret}"}
+
+
+def test_a_valid_key_is_admitted_with_its_id_in_a_header_and_the_metadata():
+    keys = Keys()
+    secret = keys.create("app")
+    outcome = keys.lua().run_request(headers=FORM | bearer(secret) | {"x-whisper-key-id": "key-forged"}, body=form())
+    assert_routed(outcome, BIG)
+    assert outcome.header("x-whisper-key-id") == keys.ids["app"]
+    assert outcome.metadata["whisper_gateway"]["key_id"] == keys.ids["app"]
+    # Other spellings of the scheme, and spaces around the key, are accepted.
+    lua = keys.lua()
+    for authorization in (f"bearer {secret}", f"BEARER   {secret}  ", f" Bearer {secret}"):
+        assert_routed(lua.run_request(headers=FORM | {"authorization": authorization}, body=form()), BIG)
+
+
+def rotated_out(keys: Keys) -> str:
+    old = keys.create("rotated")
+    keys.table.rotate(keys.ids["rotated"], 0, NOW_MS / 1000)
+    return old
+
+
+def revoked(keys: Keys) -> str:
+    secret = keys.create("revoked")
+    keys.table.revoke(keys.ids["revoked"], NOW_MS / 1000)
+    return secret
+
+
+UNAUTHENTICATED = [
+    ("no key", lambda keys: {}),
+    ("not bearer", lambda keys: {"authorization": "Basic dXNlcjpwYXNz"}),
+    ("empty bearer", lambda keys: {"authorization": "Bearer "}),
+    ("unknown key", lambda keys: bearer("sk-wg-not-a-key")),
+    ("a key over 256 bytes", lambda keys: bearer("k" * 300)),
+    ("two tokens", lambda keys: {"authorization": f"Bearer {keys.create('two')} extra"}),
+    ("rotated-out key", lambda keys: bearer(rotated_out(keys))),
+    ("revoked key", lambda keys: bearer(revoked(keys))),
+]
+
+
+@pytest.mark.parametrize("what,headers", UNAUTHENTICATED, ids=[u[0] for u in UNAUTHENTICATED])
+def test_no_valid_key_gets_401_before_the_body_is_read(what, headers):
+    keys = Keys()
+    keys.create("someone")
+    sent = headers(keys)
+    outcome = keys.lua().run_request(headers=FORM | sent, body=form())
+    error = assert_error(outcome, 401, None, code="invalid_api_key", error_type="AuthenticationError")
+    assert outcome.body_calls == 0 and outcome.bytes_read == 0  # the upload is never buffered
+    assert outcome.header("x-whisper-key-id") is None and "key_id" not in outcome.metadata["whisper_gateway"]
+    for token in sent.get("authorization", "").split()[1:]:
+        assert token not in error["message"]  # the key is never echoed
+    assert ("didn't provide" in error["message"]) == (what in ("no key", "not bearer", "empty bearer", "two tokens"))
+
+
+def test_keys_are_checked_before_the_method():
+    outcome = Keys().lua().run_request(method="GET", body=None)
+    assert_error(outcome, 401, None, code="invalid_api_key")
+
+
+def test_a_key_limited_to_other_models_gets_403():
+    keys = Keys()
+    secret = keys.create("small-only", models=(SMALL,))
+    lua = keys.lua()
+    error = assert_error(lua.run_request(headers=FORM | bearer(secret), body=form(BIG)), 403, "model",
+                         code="model_not_allowed", error_type="PermissionDeniedError")
+    assert "`big`" in error["message"]
+    assert_error(lua.run_request(headers=FORM | bearer(secret), body=form(ALIAS)), 403, "model", code="model_not_allowed")
+    assert_routed(lua.run_request(headers=FORM | bearer(secret), body=form(SMALL)), SMALL)
+    big_only = keys.create("big-only", models=(BIG,))
+    assert_routed(keys.lua().run_request(headers=FORM | bearer(big_only), body=form(ALIAS)), BIG)  # its alias too
+
+
+THRESHOLD, WINDOW_S = 5, 3
+
+
+def guessing_filter() -> tuple[LuaFilter, str]:
+    keys = Keys({"bad_keys_per_address": THRESHOLD, "bad_key_window_s": WINDOW_S})
+    secret = keys.create("office")
+    return keys.lua(), secret
+
+
+def send_from(lua: LuaFilter, address: str, secret: str | None, at_ms: int = NOW_MS):
+    return lua.run_request(headers=FORM | bearer(secret), body=form(), remote_address=address, now_ms=at_ms)
+
+
+def assert_refused_for_guessing(outcome, retry_after: int) -> None:
+    assert_error(outcome, 429, None, code="too_many_bad_keys", error_type="bad_api_keys")
+    assert outcome.reply_headers["retry-after"] == str(retry_after)
+    assert f"wait {retry_after} s" in outcome.json["error"]["message"]
+    assert outcome.body_calls == 0
+
+
+def test_wrong_keys_past_the_threshold_get_429_until_the_window_ends():
+    lua, secret = guessing_filter()
+    address = "192.0.2.7:40001"
+    assert [send_from(lua, address, f"sk-wg-guess-{i}").status for i in range(THRESHOLD)] == [401] * THRESHOLD
+    assert_refused_for_guessing(send_from(lua, address, "sk-wg-guess-more"), WINDOW_S)
+    assert_refused_for_guessing(send_from(lua, "192.0.2.7:50000", None), WINDOW_S)  # any port; no key: 429 too
+    assert_refused_for_guessing(send_from(lua, address, "sk-wg-later", NOW_MS + 1200), 2)  # whole seconds left
+    assert_routed(send_from(lua, address, secret), BIG)  # a valid key from the address still passes
+    assert send_from(lua, "192.0.2.8:40001", "sk-wg-guess").status == 401  # another address: its own count
+    after = NOW_MS + WINDOW_S * 1000
+    assert send_from(lua, address, "sk-wg-guess-again", after).status == 401  # the window ended: a new one
+    statuses = [send_from(lua, address, f"sk-wg-{i}", after).status for i in range(THRESHOLD - 1)]
+    assert statuses == [401] * (THRESHOLD - 1)
+    assert_refused_for_guessing(send_from(lua, address, "sk-wg-over", after), WINDOW_S)
+
+
+def test_missing_keys_never_count_and_ipv6_addresses_count_by_their_64():
+    lua, _ = guessing_filter()
+    assert [send_from(lua, "192.0.2.9:1", None).status for _ in range(3 * THRESHOLD)] == [401] * (3 * THRESHOLD)
+    for i in range(THRESHOLD):  # each guess from another address of one /64
+        assert send_from(lua, f"[2001:db8:1:2::{i + 1}]:443", f"sk-wg-guess-{i}").status == 401
+    assert_refused_for_guessing(send_from(lua, "[2001:db8:1:2:ffff::9]:1", "sk-wg-guess"), WINDOW_S)
+    assert send_from(lua, "[2001:db8:1:3::1]:443", "sk-wg-guess").status == 401  # the next /64
+
+
+def test_a_threshold_of_zero_never_refuses():
+    keys = Keys({"bad_keys_per_address": 0})
+    lua = keys.lua()
+    assert {send_from(lua, "192.0.2.10:1", f"sk-wg-{i}").status for i in range(50)} == {401}
+
+
+def test_a_batch_key_gets_429_while_its_models_lane_is_closed():
+    keys = Keys({"batch_above_wait_s": 1.0}, {"batch_closed": {BIG: 7}})
+    bulk, live = keys.create("bulk", key_class="batch"), keys.create("live")
+    lua = keys.lua()
+    outcome = lua.run_request(headers=FORM | bearer(bulk), body=form(ALIAS))
+    error = assert_error(outcome, 429, None, code="rate_limit_exceeded", error_type="batch_lane")
+    assert outcome.reply_headers["retry-after"] == "7" and "`big`" in error["message"]
+    assert_routed(lua.run_request(headers=FORM | bearer(live), body=form(BIG)), BIG)  # interactive: never refused
+    assert_routed(lua.run_request(headers=FORM | bearer(bulk), body=form(SMALL)), SMALL)  # another model's lane
+
+
+def test_a_batch_keys_request_names_its_lane_when_lanes_are_counted():
+    keys = Keys({"batch_in_flight_per_engine": 2})
+    bulk, live = keys.create("bulk", key_class="batch"), keys.create("live")
+    lua = keys.lua()
+    outcome = lua.run_request(headers=FORM | bearer(bulk) | {"x-whisper-batch-lane": "forged"}, body=form(ALIAS))
+    assert_routed(outcome, BIG)
+    lane = outcome.header("x-whisper-batch-lane")
+    assert lane == lua.context["batch_lane_prefix"] + BIG and outcome.metadata["whisper_gateway"]["batch_lane"] == lane
+    outcome = lua.run_request(headers=FORM | bearer(live) | {"x-whisper-batch-lane": "forged"}, body=form())
+    assert outcome.header("x-whisper-batch-lane") is None and "batch_lane" not in outcome.metadata["whisper_gateway"]
+
+
+def test_a_plans_key_is_charged_its_uploads_whole_seconds():
+    keys = Keys()
+    secret = keys.create("metered", plan="audio")
+    outcome = keys.lua().run_request(headers=FORM | bearer(secret), body=form(audio=silent_wav(7.5)))
+    assert_routed(outcome, BIG)
+    assert outcome.metadata["whisper_gateway"]["plan"] == "audio"
+    assert outcome.metadata["whisper_gateway"]["audio_cost"] == 8
+    unlimited = keys.create("unlimited")
+    outcome = keys.lua().run_request(headers=FORM | bearer(unlimited), body=form())
+    assert "plan" not in outcome.metadata["whisper_gateway"] and "audio_cost" not in outcome.metadata["whisper_gateway"]
+
+
+@pytest.mark.parametrize("envoys", [1, 2])
+def test_an_upload_longer_than_the_plan_allows_is_told_why(envoys):
+    keys = Keys(envoys=envoys)
+    secret = keys.create("too-long", plan="audio")
+    seconds = 25.0 if envoys == 1 else 15.0  # 20 a minute; two gateways hold 10 each
+    outcome = keys.lua().run_request(headers=FORM | bearer(secret), body=form(audio=silent_wav(seconds)))
+    error = assert_error(outcome, 429, "file", code="rate_limit_exceeded", error_type="audio_seconds")
+    assert f"{seconds:.0f} audio-seconds" in error["message"] and "per minute" in error["message"]
+    assert ("each of the 2 gateways" in error["message"]) == (envoys == 2)
+    assert "retry-after" not in outcome.reply_headers  # waiting would not help
+    assert "plan" not in outcome.metadata["whisper_gateway"]  # nothing charged
+    daily = keys.create("daily", plan="daily")
+    error = assert_error(keys.lua().run_request(headers=FORM | bearer(daily), body=form(audio=silent_wav(12.0))), 429,
+                         "file", code="rate_limit_exceeded")
+    assert "per day" in error["message"]
+
+
+def test_the_quota_filters_headers_get_openais_names_and_a_retry_after():
+    keys = Keys()
+    secret = keys.create("metered", plan="audio")
+    lua = keys.lua()
+    request = lua.run_request(headers=FORM | bearer(secret), body=form(audio=silent_wav(7.5)))
+    quota_headers = [("x-ratelimit-limit", "20"), ("x-ratelimit-remaining", "4"), ("x-ratelimit-reset", "1"),
+                     ("x-ratelimit-limit", "100"), ("x-ratelimit-remaining", "97"), ("x-ratelimit-reset", "1")]
+    answer = lua.run_response(200, quota_headers, request.metadata)
+    assert answer.error is None and not answer.violations
+    assert answer.header("x-ratelimit-limit") is None and answer.header("x-ratelimit-remaining") is None
+    assert answer.header("x-ratelimit-limit-audio-seconds") == "20"
+    assert answer.header("x-ratelimit-remaining-audio-seconds") == "4"
+    assert answer.header("x-ratelimit-reset-audio-seconds") == "48s"
+    assert (answer.header("x-ratelimit-limit-requests"), answer.header("x-ratelimit-remaining-requests")) == ("100", "97")
+    assert answer.header("retry-after") is None
+    refused = lua.run_response(429, quota_headers + [("x-whisper-limited", "audio_seconds")], request.metadata)
+    assert refused.header("retry-after") == "12"  # 8 audio-seconds, 4 left, 20 a minute
+    refused = lua.run_response(429, [("x-ratelimit-limit", "3"), ("x-ratelimit-remaining", "0"),
+                                     ("x-whisper-limited", "requests")], request.metadata)
+    assert refused.header("retry-after") == "20" and refused.header("x-ratelimit-limit-requests") == "3"
+    plain = lua.run_response(200, [("content-type", "application/json")], request.metadata)
+    assert plain.headers == [(":status", "200"), ("content-type", "application/json")]
+
+
+def test_without_plans_there_is_no_response_hook():
+    assert open_filter().run_response(200).error == "no envoy_on_response in the filter"
+
+
+# -- every corpus file's duration, as tests/test_audio_seconds.py expects of it through Envoy -----------------------
+
+
+def test_every_corpus_file_is_measured_through_the_filter_as_envoy_meters_it(corpus):  # noqa: F811
+    """The clips test_audio_seconds sends through a real Envoy, with its limits and expectations:
+    exact containers within EXACT_TOLERANCE_S and not marked; estimates marked, within 0.1 s + 1 %."""
+    lua = LuaFilter(parse_config({"models": [{"name": BIG, "aliases": [ALIAS]}], "backends": [],
+                                  "limits": {"max_upload_mb": 64.0, "max_audio_s": MAX_AUDIO_S}}))
+    measured = {}
+    for clip in corpus:
+        outcome = lua.run_request(headers=FORM, body=multipart([("model", ALIAS, None),
+                                                                ("file", clip.path.read_bytes(), clip.path.name)]))
+        assert_routed(outcome, BIG)
+        seconds, estimated = float(outcome.header("x-whisper-audio-seconds")), outcome.header("x-whisper-audio-estimated")
+        measured[clip.name] = seconds
+        if clip.exact:
+            assert abs(seconds - clip.seconds) <= EXACT_TOLERANCE_S, (clip.name, seconds, clip.seconds)
+            assert estimated is None, clip.name
+        else:
+            assert abs(seconds - clip.seconds) <= 0.1 + 0.01 * clip.seconds, (clip.name, seconds, clip.seconds)
+            assert estimated == "1", clip.name
+    assert len(measured) == len(corpus) >= 40, json.dumps(measured)
