@@ -64,20 +64,17 @@ def channel(stack, creds):
     return grpc.secure_channel(target, creds) if creds is not None else grpc.insecure_channel(target)
 
 
-def held_open(first, stop: threading.Event):
-    """A request stream that sends `first` and stays open (a closed one ends the server's loop)."""
-    yield first
-    stop.wait(10)
-
-
-def ads_answer(stack, creds, node_id: str, type_url: str = CLUSTER, names=()):
-    """The first response an ADS client gets, or the status code its stream ended with."""
+def first_answer(stack, creds, open_stream, request):
+    """The first response on a bidirectional stream (`open_stream(channel, requests)`) that sends
+    `request` and stays open (a closed one ends the server's loop), or the status code it ended with."""
     stop = threading.Event()
+
+    def held_open():
+        yield request
+        stop.wait(10)
+
     with channel(stack, creds) as ch:
-        node = base_pb2.Node(id=node_id, cluster="whisper-gateway")
-        stream = ads_pb2_grpc.AggregatedDiscoveryServiceStub(ch).StreamAggregatedResources(
-            held_open(discovery_pb2.DiscoveryRequest(node=node, type_url=type_url, resource_names=names), stop),
-            timeout=5)
+        stream = open_stream(ch, held_open())
         try:
             return next(stream)
         except grpc.RpcError as error:
@@ -85,6 +82,14 @@ def ads_answer(stack, creds, node_id: str, type_url: str = CLUSTER, names=()):
         finally:
             stop.set()
             stream.cancel()
+
+
+def ads_answer(stack, creds, node_id: str, type_url: str = CLUSTER, names=()):
+    """The first response an ADS client gets, or the status code its stream ended with."""
+    node = base_pb2.Node(id=node_id, cluster="whisper-gateway")
+    return first_answer(stack, creds, lambda ch, requests: ads_pb2_grpc.AggregatedDiscoveryServiceStub(ch)
+                        .StreamAggregatedResources(requests, timeout=5),
+                        discovery_pb2.DiscoveryRequest(node=node, type_url=type_url, resource_names=names))
 
 
 def log_entry(model: str, seconds: str, key: str = "", endpoint: str = "127.0.0.1:9") -> accesslog_pb2.HTTPAccessLogEntry:
@@ -120,20 +125,11 @@ def send_logs(stack, creds, node_id: str, entries):
 def quota_report(stack, creds):
     """A report that the victim's bucket is refused (as the rogue streams of the finding sent);
     the answer, or the status code the stream ended with."""
-    stop = threading.Event()
     usage = rlqs_pb2.RateLimitQuotaUsageReports.BucketQuotaUsage(num_requests_denied=5)
     usage.bucket_id.bucket[IN_FLIGHT_BUCKET_ENTRY] = "key-victim"
-    with channel(stack, creds) as ch:
-        stream = rlqs_pb2_grpc.RateLimitQuotaServiceStub(ch).StreamRateLimitQuotas(
-            held_open(rlqs_pb2.RateLimitQuotaUsageReports(domain="whisper", bucket_quota_usages=[usage]), stop),
-            timeout=5)
-        try:
-            return next(stream)
-        except grpc.RpcError as error:
-            return error.code()
-        finally:
-            stop.set()
-            stream.cancel()
+    return first_answer(stack, creds, lambda ch, requests: rlqs_pb2_grpc.RateLimitQuotaServiceStub(ch)
+                        .StreamRateLimitQuotas(requests, timeout=5),
+                        rlqs_pb2.RateLimitQuotaUsageReports(domain="whisper", bucket_quota_usages=[usage]))
 
 
 def metric(stack, name: str, **labels) -> float:

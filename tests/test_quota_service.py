@@ -142,3 +142,20 @@ def test_an_assignment_outlives_two_reports_and_lapses_soon_after():
     from control_plane.xds.quota_service import ASSIGNMENT_TTL_S
 
     assert 2 * IN_FLIGHT_REPORT_S < ASSIGNMENT_TTL_S <= 2 * IN_FLIGHT_REPORT_S + 1
+
+
+def test_an_envoy_reporting_absurdly_many_buckets_is_bounded(monkeypatch):
+    """An authenticated Envoy that reports made-up groups without end: a stream keeps at most
+    MAX_BUCKETS_PER_STREAM, the rest are counted as dropped and neither granted nor held."""
+    import control_plane.xds.quota_service as quota_service
+
+    monkeypatch.setattr(quota_service, "MAX_BUCKETS_PER_STREAM", 3)
+    slots, dropped = Slots(), []
+    slots.publish({"g0": 1}, set())
+    servicer, buckets = QuotaServicer(slots, split, "group", lambda reason, peer: dropped.append(reason)), {}
+    response, _ = servicer.on_reports(1, buckets, reports(*[f"g{i}" for i in range(10)]))
+    assert told(response) == {"g0": 1, "g1": "allow", "g2": "allow"}
+    assert len(buckets) == 3 and dropped == ["too many buckets"] * 7
+    assert set(servicer.holders) == {"g0", "g1", "g2"}
+    servicer.on_reports(1, buckets, reports("g0"))  # buckets already held still report as before
+    assert len(dropped) == 7

@@ -125,6 +125,7 @@ class QuotaServicer(rlqs_pb2_grpc.RateLimitQuotaServiceServicer):
         self.authorize = authorize  # only Envoys report quotas (RLQS streams name no node)
         self.dropped = dropped  # (reason, peer) of each bucket report not taken
         self.bucket_entry = bucket_entry  # the bucket id's entry that names the group
+        self.peers: dict[int, str] = {}  # stream -> the peer's label (its certificate's identity)
         self.holders: dict[str, set[int]] = {}  # group -> the streams that reported its bucket
         self.wanting: dict[str, int] = {}  # group -> the stream that last reported refusals with no part
         self._ids = itertools.count(1)
@@ -155,7 +156,7 @@ class QuotaServicer(rlqs_pb2_grpc.RateLimitQuotaServiceServicer):
         for usage in reports.bucket_quota_usages:
             group = usage.bucket_id.bucket.get(self.bucket_entry)
             if group and group not in buckets and len(buckets) >= MAX_BUCKETS_PER_STREAM:
-                self.dropped("too many buckets", str(stream))
+                self.dropped("too many buckets", self.peers.get(stream, f"stream {stream}"))
                 continue
             if group:
                 buckets[group] = usage.bucket_id
@@ -181,8 +182,9 @@ class QuotaServicer(rlqs_pb2_grpc.RateLimitQuotaServiceServicer):
         self.slots.tell({g for g in buckets if g in self.slots.free and g in self.holders})
 
     async def StreamRateLimitQuotas(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
-        await self.authorize(context, None)
+        label = await self.authorize(context, None)
         stream = next(self._ids)
+        self.peers[stream] = label
         buckets: dict[str, rlqs_pb2.BucketId] = {}
         inbox: deque = deque()
         watcher = self.slots.watch()
@@ -208,3 +210,4 @@ class QuotaServicer(rlqs_pb2_grpc.RateLimitQuotaServiceServicer):
             reader.cancel()
             self.slots.unwatch(watcher)
             self.closed(stream, buckets)
+            self.peers.pop(stream, None)
