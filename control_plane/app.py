@@ -126,7 +126,6 @@ class ControlPlane:
         self.engine_tls: ssl.SSLContext | None = None  # the scrapes' TLS to https:// engines
         self._admin_tls: AdminTls | None = None
         self.xds_tls: ServerCredentials | None = None  # internal_tls: the xDS port's mutual TLS
-        self.not_applied_by: list[str] = []  # node ids that had not applied the last key change when it was answered
         self.known = Known(frozenset(), frozenset(), frozenset(), frozenset(), config.limits.max_audio_s)
 
     async def start(self) -> None:
@@ -134,8 +133,8 @@ class ControlPlane:
         listen = self.config.listen
         try:
             if (etcd := self.config.state).etcd:
-                password = os.environ.get(etcd.etcd_password_env) or None if etcd.etcd_password_env else None
-                if etcd.etcd_password_env and password is None:
+                password = None
+                if etcd.etcd_password_env and not (password := os.environ.get(etcd.etcd_password_env)):
                     raise StartupError(f"state.etcd_password_env: the environment variable {etcd.etcd_password_env} "
                                        "is not set")
                 self.shared = EtcdState(etcd.etcd, etcd.prefix, etcd.timeout_s, tls=etcd.etcd_tls, user=etcd.etcd_user,
@@ -396,8 +395,7 @@ class ControlPlane:
             return
         weights, long_uploads = decide_routing(fleet, states, routing)
         ejected, returned = self.ejections.step(
-            {model: [(b.id, s.failure_ratio) for b, s in zip(fleet.backends_for(model), endpoints)]
-             for model, endpoints in states.items()}, now)
+            {model: [(s.backend_id, s.failure_ratio) for s in endpoints] for model, endpoints in states.items()}, now)
         for backend in {b for b in fleet.backends if any((b.id, m) in returned for m in b.models)}:
             self.outcomes.forget(backend.endpoint)
         if ejected != fleet.ejected:
@@ -502,25 +500,24 @@ class ControlPlane:
 
     async def change_tokens(self, mutate: Callable[[TokenTable], T]) -> T:
         """The same for the named admin tokens (nothing an Envoy sees): returns what `mutate` returned."""
-        return await self._change(lambda: mutate(self.tokens))
+        return await self._change(lambda: mutate(self.tokens), publish=False)
 
-    async def change_keys(self, mutate: Callable[[KeyTable], T]) -> T:
-        """The same for the API keys; returns what `mutate` returned once every connected Envoy
-        applied the change (or REMOVAL_ACK_TIMEOUT_S passed), so a secret handed out works at once."""
+    async def change_keys(self, mutate: Callable[[KeyTable], T]) -> tuple[T, list[str]]:
+        """The same for the API keys: what `mutate` returned, once every responsive Envoy applied the
+        change (so a secret handed out works at once) or ADMIN_ACK_TIMEOUT_S passed, and the node
+        ids of the Envoys that had not applied it by then (a lagging one is not waited for)."""
         result = await self._change(lambda: mutate(self.keys))
         version = self.cache.snapshot.versions[ROUTE]
-        if not await self.cache.wait_for_acks(ROUTE, version, ADMIN_ACK_TIMEOUT_S):
-            self.not_applied_by = self.cache.laggards(ROUTE, version)
-            log.warning("a key change is not yet applied by %s after %.0f s", ", ".join(self.not_applied_by),
-                        ADMIN_ACK_TIMEOUT_S)
-        else:
-            self.not_applied_by = []
-        return result
+        await self.cache.wait_for_acks(ROUTE, version, ADMIN_ACK_TIMEOUT_S)
+        if behind := self.cache.not_applied(ROUTE, version):
+            log.warning("a key change is not yet applied by %s after %.0f s", ", ".join(behind), ADMIN_ACK_TIMEOUT_S)
+        return result, behind
 
     def saved_state(self) -> dict:
         return self.registry.to_json() | {"keys": self.keys.to_state(), "admin_tokens": self.tokens.to_state()}
 
-    async def _change(self, mutate: Callable[[], T]) -> T:
+    async def _change(self, mutate: Callable[[], T], publish: bool = True) -> T:
+        """`publish`: the change reaches the Envoys (False: admin tokens, which no Envoy sees)."""
         async with self._changing:
             for attempt in range(CONFLICT_RETRIES):
                 before = copy.deepcopy(self.registry), copy.deepcopy(self.keys), copy.deepcopy(self.tokens)
@@ -531,7 +528,8 @@ class ControlPlane:
                         written = await self._save_shared(change_id)
                     elif self.store is not None:
                         await asyncio.to_thread(self.store.save, self.saved_state())
-                    await self._publish_config(self.config)
+                    if publish:
+                        await self._publish_config(self.config)
                     if self.shared is not None:
                         self.revision = written
                     return result

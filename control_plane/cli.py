@@ -17,6 +17,7 @@ from pathlib import Path
 from control_plane.bootstrap import BOOTSTRAP_TEMPLATE, default_node_id, render_bootstrap, write_bootstrap
 from control_plane.config import ConfigError, GatewayConfig, load_config
 from control_plane.fleet.state_store import client_token, state_dir
+from control_plane.operator.tokens import ID_PREFIX as TOKEN_ID_PREFIX, ROLES
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -74,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     tokens = api_command("tokens", "create, list or revoke named admin tokens (roles: viewer, operator, admin)")
     tokens.add_argument("action", choices=["list", "create", "revoke"])
     tokens.add_argument("target", nargs="?", help="with create: the new token's name; with revoke: its id or name")
-    tokens.add_argument("--role", choices=["viewer", "operator", "admin"], help="with create: what it may do")
+    tokens.add_argument("--role", choices=ROLES, help="with create: what it may do")
 
     audit = api_command("audit", "who changed what through the admin API, oldest first")
     audit.add_argument("--since", help="from this time on (ISO 8601, UTC unless it says otherwise); default: the "
@@ -411,7 +412,7 @@ def _run_tokens_command(args: argparse.Namespace, config: GatewayConfig) -> int:
             answer = _call(args, config, "POST", "/tokens", {"name": args.target, "role": args.role})
         else:
             token_id = args.target
-            if not token_id.startswith("tok-"):
+            if not token_id.startswith(TOKEN_ID_PREFIX):
                 found = [t["id"] for t in _call(args, config, "GET", "/tokens")["data"]
                          if t["name"] == token_id and t["state"] == "active"]
                 if not found:
@@ -468,8 +469,8 @@ def _run_certs_command(args: argparse.Namespace, config: GatewayConfig) -> int:
                 [("etcd", n, hosts) for n in args.etcd] + \
                 ([("etcd-client", pki.CONTROL_PLANE, ())] if args.etcd else [])  # the control planes' to etcd
             for role, name, names in wanted:
-                if not pki.pair_paths(folder, role, name)[0].exists():
-                    print(pki.issue(folder, role, name, names, **days)[0])
+                if made := pki.issue_missing(folder, role, name, names, **days):
+                    print(made)
         elif args.action == "issue":
             if not args.role or (args.role != pki.CONTROL_PLANE and not args.name):
                 raise pki.PkiProblem("certs issue needs a role and, for envoy and etcd, a name")

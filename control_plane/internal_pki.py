@@ -233,15 +233,21 @@ def renew(folder: Path | str, within_days: float = RENEW_WITHIN_DAYS, days: int 
     return renewed
 
 
+def issue_missing(folder: Path | str, role: str, name: str = CONTROL_PLANE, hosts: tuple[str, ...] = (),
+                  days: int = LEAF_DAYS) -> Path | None:
+    """Issues the certificate unless its file is there (renew replaces); its path when it made one."""
+    if pair_paths(folder, role, name)[0].exists():
+        return None
+    return issue(folder, role, name, hosts, days)[0]
+
+
 def ensure(folder: Path | str, envoys: tuple[str, ...] = (), hosts: tuple[str, ...] = ("localhost", "127.0.0.1")) -> None:
     """What `up` and tests need: the CA, the control plane's certificate and each named Envoy's,
     made where missing."""
     init_ca(folder)
-    if not pair_paths(folder, CONTROL_PLANE)[0].exists():
-        issue(folder, CONTROL_PLANE, CONTROL_PLANE, hosts)
+    issue_missing(folder, CONTROL_PLANE, CONTROL_PLANE, hosts)
     for envoy in envoys:
-        if not pair_paths(folder, "envoy", envoy)[0].exists():
-            issue(folder, "envoy", envoy)
+        issue_missing(folder, "envoy", envoy)
 
 
 def file_signature(paths) -> tuple:
@@ -257,33 +263,25 @@ def file_signature(paths) -> tuple:
 
 
 def read_own(folder: Path | str, role: str = CONTROL_PLANE, name: str = CONTROL_PLANE) -> tuple[bytes, bytes, bytes]:
-    """(CA, certificate chain, key) as PEM, checked: the key is the certificate's, the CA signed it,
-    and it is valid now. PkiProblem says what is wrong."""
+    """(CA, certificate chain, key) as PEM, checked as every certificate file is
+    (certificates.read_pair: it parses, the key is its own, it is valid now), and issued by the
+    folder's CA. PkiProblem says what is wrong."""
+    from control_plane.certificates import CertificateProblem, read_authority, read_pair, utc_now
+
     cert_path, key_path = pair_paths(folder, role, name)
+    label = f"internal_tls.dir ({cert_path.stem})"
     try:
-        ca_pem, chain, key_pem = ca_path(folder, role).read_bytes(), cert_path.read_bytes(), key_path.read_bytes()
-    except OSError as error:
-        raise PkiProblem(f"internal_tls.dir: cannot read {error.filename}: {error.strerror}"
-                         " (make it with `whisper-gateway certs init`)") from None
+        pair = read_pair(str(cert_path), str(key_path), label, utc_now())
+        authority = read_authority(str(ca_path(folder, role)), f"{label} CA")
+    except CertificateProblem as problem:
+        raise PkiProblem(f"{problem} (make it with `whisper-gateway certs init`)") from None
+    leaf = x509.load_pem_x509_certificate(pair.chain)
     try:
-        ca = x509.load_pem_x509_certificate(ca_pem)
-        leaf = x509.load_pem_x509_certificate(chain)
-        key = serialization.load_pem_private_key(key_pem, password=None)
-    except (ValueError, TypeError) as error:
-        raise PkiProblem(f"internal_tls.dir: {cert_path.name}, {key_path.name} or {CA_FILE} does not parse: {error}") from None
-    raw = serialization.PublicFormat.SubjectPublicKeyInfo
-    if key.public_key().public_bytes(serialization.Encoding.DER, raw) != \
-            leaf.public_key().public_bytes(serialization.Encoding.DER, raw):
-        raise PkiProblem(f"internal_tls.dir: {key_path.name} is not the key of {cert_path.name}")
-    try:
-        leaf.verify_directly_issued_by(ca)
-    except (ValueError, TypeError, Exception) as error:  # InvalidSignature among them
-        raise PkiProblem(f"internal_tls.dir: {cert_path.name} was not issued by {CA_FILE} ({type(error).__name__})") from None
-    now = _now()
-    if not leaf.not_valid_before_utc <= now < leaf.not_valid_after_utc:
-        raise PkiProblem(f"internal_tls.dir: {cert_path.name} is not valid now (valid "
-                         f"{leaf.not_valid_before_utc:%Y-%m-%d %H:%M} to {leaf.not_valid_after_utc:%Y-%m-%d %H:%M} UTC)")
-    return ca_pem, chain, key_pem
+        leaf.verify_directly_issued_by(x509.load_pem_x509_certificate(authority.pem))
+    except Exception as error:  # InvalidSignature, ValueError, TypeError
+        raise PkiProblem(f"{label}: {cert_path.name} was not issued by {ca_path(folder, role).name} "
+                         f"({type(error).__name__})") from None
+    return authority.pem, pair.chain, pair.key
 
 
 class ServerCredentials:

@@ -89,7 +89,7 @@ class ComposeProject:
         assert not any(left.values()), left
 
 
-def wait_serving(project: ComposeProject, key: str | None = None, timeout: float = 180) -> None:
+def wait_serving(project: ComposeProject, timeout: float = 180) -> None:
     """Envoy's published port answers /v1/models (it got its config from the control plane)."""
     wait_until(lambda: request("GET", project.url + "/v1/models", timeout=3).status == 200, timeout,
                "Envoy in compose to serve /v1/models")

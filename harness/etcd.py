@@ -35,10 +35,8 @@ class EtcdCluster:
         if tls is not None:
             internal_pki.ensure(tls)
             for i in range(members):
-                if not internal_pki.pair_paths(tls, "etcd", f"m{i}")[0].exists():
-                    internal_pki.issue(tls, "etcd", f"m{i}", ("localhost", "127.0.0.1"))
-            if not internal_pki.pair_paths(tls, "etcd-client", internal_pki.CONTROL_PLANE)[0].exists():
-                internal_pki.issue(tls, "etcd-client", internal_pki.CONTROL_PLANE)
+                internal_pki.issue_missing(tls, "etcd", f"m{i}", ("localhost", "127.0.0.1"))
+            internal_pki.issue_missing(tls, "etcd-client", internal_pki.CONTROL_PLANE)
         self.ports = [(free_port(), free_port()) for _ in range(members)]  # (client, peer)
         self.initial = ",".join(f"m{i}={self.scheme}://127.0.0.1:{peer}" for i, (_, peer) in enumerate(self.ports))
         self.processes: list[Process | None] = [self._start(i, "new") for i in range(members)]

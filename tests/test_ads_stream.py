@@ -318,3 +318,28 @@ def test_secrets_are_sent_by_name_and_a_rotation_sends_only_the_changed_one():
     secret = secret_pb2.Secret()
     resource.Unpack(secret)
     assert secret.name == "listener_certificate" and secret.tls_certificate.certificate_chain.inline_bytes == b"TWO"
+
+
+def test_an_envoy_lags_only_on_responses_it_left_unanswered():
+    """Lagging (xds/cache.py LAGGING_AFTER_S) is a response sent and never answered for that long:
+    an Envoy that answers everything is never lagging, whatever it did not subscribe to (SDS
+    without TLS) and however often versions move; one that stops answering is, until it answers."""
+    import time
+
+    from control_plane.xds.cache import LAGGING_AFTER_S
+
+    cache, snap = SnapshotCache(static_clusters=STATIC), snapshot({})
+    cache.set_snapshot(snap)
+    later = lambda: time.monotonic() + LAGGING_AFTER_S + 1  # noqa: E731
+    good, stuck = ScriptedEnvoy(cache, 1, "good"), ScriptedEnvoy(cache, 2, "stuck")
+    for envoy in (good, stuck):
+        envoy.subscribe_all()
+    good.pump(snap)
+    cache.set_snapshot(snapshot({}, weights={MODELS[0]: 7}))  # a new version of a type
+    assert not cache.envoys[1].lagging(later(), LAGGING_AFTER_S)  # nothing was sent it has not answered
+    unanswered = stuck.stream.responses(snap)
+    assert unanswered and not cache.envoys[2].lagging(time.monotonic(), LAGGING_AFTER_S)
+    assert cache.envoys[2].lagging(later(), LAGGING_AFTER_S)
+    assert cache.not_applied(CLUSTER, snap.versions[CLUSTER]) == ["stuck"]
+    stuck.answer(unanswered[0], snap)
+    assert not cache.envoys[2].lagging(later(), LAGGING_AFTER_S)

@@ -168,6 +168,7 @@ class EtcdState:
         self.members = resolve_members(endpoints)
         self.prefix = prefix.encode()
         self.key = self.prefix + b"state"
+        self.audit_prefix = self.prefix + b"audit/"  # one key per audit record (operator/audit.py)
         self.timeout_s = timeout_s
         self.user, self.password = user, password
         # The name every member's certificate must carry (the module's docstring says why one).
@@ -401,13 +402,12 @@ class EtcdState:
     async def _audit_range(self, start: bytes, limit: int = 0, descend: bool = False, keys_only: bool = False,
                            count_only: bool = False):
         """A Range over the audit keys from `start`, which aetcd's get_range cannot limit."""
-        from aetcd import rpc as etcd_rpc
         from aetcd.utils import prefix_range_end
 
-        prefix = self.prefix + b"audit/"
-        order = etcd_rpc.RangeRequest.DESCEND if descend else etcd_rpc.RangeRequest.ASCEND
-        request = etcd_rpc.RangeRequest(key=start, range_end=prefix_range_end(prefix), limit=limit,
-                                        sort_order=order, sort_target=etcd_rpc.RangeRequest.KEY,
+        prefix = self.audit_prefix
+        order = rpc.RangeRequest.DESCEND if descend else rpc.RangeRequest.ASCEND
+        request = rpc.RangeRequest(key=start, range_end=prefix_range_end(prefix), limit=limit,
+                                        sort_order=order, sort_target=rpc.RangeRequest.KEY,
                                         keys_only=keys_only, count_only=count_only)
 
         async def call():
@@ -419,7 +419,7 @@ class EtcdState:
     async def add_audit_record(self, record_id: str, value: bytes, keep: int, slack: int) -> None:
         """Writes one record; once there are `slack` more than `keep`, the oldest beyond `keep` go.
         Trimming that fails is left to the next record."""
-        prefix = self.prefix + b"audit/"
+        prefix = self.audit_prefix
         await self._call(lambda: self.client.put(prefix + record_id.encode(), value))
         try:
             count = (await self._audit_range(prefix, count_only=True)).count
@@ -434,7 +434,7 @@ class EtcdState:
     async def audit_records(self, since: str | None, limit: int) -> tuple[list[bytes], bool]:
         """With `since`, the first `limit` records whose id is at or after it; without, the newest
         `limit`, oldest first. And whether more were left out."""
-        prefix = self.prefix + b"audit/"
+        prefix = self.audit_prefix
         if since is not None:
             found = await self._audit_range(prefix + since.encode(), limit=limit + 1)
             values = [kv.value for kv in found.kvs]

@@ -98,24 +98,19 @@ class Known:
                 return why
         return None
 
-    def over_limit(self, entry: accesslog_pb2.HTTPAccessLogEntry) -> bool:
-        """It claims more audio-seconds than one upload counts as (it is then counted as that much)."""
+    def clamp(self, entry: accesslog_pb2.HTTPAccessLogEntry) -> bool:
+        """Caps the entry's audio-seconds, wherever it carries them, at max_audio_s (one upload
+        counts as no more); True when it claimed more."""
+        value, clamped = repr(self.max_audio_s), False
+        headers = entry.request.request_headers
+        if (seconds := as_seconds(headers.get(AUDIO_SECONDS_HEADER, ""))) is not None and seconds > self.max_audio_s:
+            headers[AUDIO_SECONDS_HEADER], clamped = value, True
         fields = entry.common_properties.metadata.filter_metadata.get(METADATA_NAMESPACE)
-        claims = (entry.request.request_headers.get(AUDIO_SECONDS_HEADER, ""), _string(fields, SECONDS_KEY))
-        return any((seconds := as_seconds(text)) is not None and seconds > self.max_audio_s for text in claims)
-
-
-def _clamp(entry: accesslog_pb2.HTTPAccessLogEntry, limit: float) -> None:
-    """The entry's audio-seconds, wherever it carries them, at most `limit`."""
-    value = repr(limit)
-    headers = entry.request.request_headers
-    if (seconds := as_seconds(headers.get(AUDIO_SECONDS_HEADER, ""))) is not None and seconds > limit:
-        headers[AUDIO_SECONDS_HEADER] = value
-    fields = entry.common_properties.metadata.filter_metadata.get(METADATA_NAMESPACE)
-    if fields is not None and SECONDS_KEY in fields.fields:
-        seconds = as_seconds(fields.fields[SECONDS_KEY].string_value)
-        if seconds is not None and seconds > limit:
-            fields.fields[SECONDS_KEY].string_value = value
+        if fields is not None and SECONDS_KEY in fields.fields:
+            seconds = as_seconds(fields.fields[SECONDS_KEY].string_value)
+            if seconds is not None and seconds > self.max_audio_s:
+                fields.fields[SECONDS_KEY].string_value, clamped = value, True
+        return clamped
 
 
 def _meter_failed(entry: accesslog_pb2.HTTPAccessLogEntry, ledger: Ledger) -> None:
@@ -196,6 +191,11 @@ def _request_ended(entry: accesslog_pb2.HTTPAccessLogEntry, in_flight: InFlight,
     return in_flight.ended(entry.request.request_id, groups, now, tried=endpoint_of(entry) is not None)
 
 
+async def _as_it_says(context: grpc.aio.ServicerContext, node_id: str | None = None) -> str:
+    """Every peer taken as it says (tests of the counting alone)."""
+    return context.peer()
+
+
 class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):
     """Receives every Envoy's logs. Envoy opens a stream per worker thread and log; a try's start
     and end come on the same one, so when a stream ends its open tries go with it."""
@@ -203,8 +203,9 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):
     def __init__(self, outcomes: Outcomes, ledger: Ledger, in_flight: InFlight, clock: Callable[[], float],
                  in_flight_changed: Callable[[], None], known: Callable[[], Known] = Known,
                  dropped: Callable[[str, str], None] = lambda reason, peer: None,
-                 authorize: Callable[[grpc.aio.ServicerContext, str | None], Awaitable[str]] | None = None):
-        self.authorize = authorize  # (context, node id) -> the peer's label, or the stream is aborted
+                 authorize: Callable[[grpc.aio.ServicerContext, str | None], Awaitable[str]] = None):
+        # (context, node id) -> the peer's label, or the stream is aborted (control_plane/peers.py)
+        self.authorize = authorize or _as_it_says
         self.outcomes, self.ledger, self.in_flight, self.clock = outcomes, ledger, in_flight, clock
         self.in_flight_changed = in_flight_changed  # after a batch of entries that moved a count
         self.known = known  # what entries may speak of, now
@@ -218,20 +219,19 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):
             if why := known.problem(entry):
                 self.dropped(why, peer)
                 continue
-            if known.over_limit(entry):
+            if known.clamp(entry):
                 self.dropped("audio-seconds over limits.max_audio_s", peer)
-                _clamp(entry, known.max_audio_s)
             changed = record(entry, stream, self.outcomes, self.ledger, self.in_flight, now) or changed
         if changed:
             self.in_flight_changed()
 
     async def StreamAccessLogs(self, request_iterator, context: grpc.aio.ServicerContext):
-        peer = await self.authorize(context, None) if self.authorize else context.peer()
+        peer = await self.authorize(context, None)
         stream = next(self._streams)
         first = True
         try:
             async for message in request_iterator:
-                if first and self.authorize:  # the first message names the node: it must be the certificate's
+                if first:  # the first message names the node: it must be the certificate's
                     peer = await self.authorize(context, message.identifier.node.id)
                 first = False
                 self.take(message.http_logs.log_entry, stream, peer)

@@ -448,10 +448,10 @@ def _key_fields(plane: "ControlPlane", body: dict) -> dict:
     return given
 
 
-def _applied(plane: "ControlPlane", body: dict) -> dict:
+def _applied(behind: list[str], body: dict) -> dict:
     """A key change's answer, naming the Envoys that had not applied it when it was given (a stuck
     one is waited for ADMIN_ACK_TIMEOUT_S, then named here, in the log and on /status)."""
-    return body | {"not_applied_by": plane.not_applied_by} if plane.not_applied_by else body
+    return body | {"not_applied_by": behind} if behind else body
 
 
 async def _table_change(change, mutate):
@@ -479,12 +479,12 @@ async def create_key(request: web.Request) -> web.Response:
     plane = _plane(request)
     body = await _json_object(request, {"name", "models", "class", "plan"}, {"name"})
     given = _key_fields(plane, body)
-    key, secret = await _key_change(plane, lambda keys: keys.create(
+    (key, secret), behind = await _key_change(plane, lambda keys: keys.create(
         given["name"], given.get("models", ()), given.get("key_class", "interactive"), time.time(),
         plane.config.auth.max_keys, given.get("plan")))
     log.info("API key %s (%s) created", key.id, key.name)
     await _audit(request, "keys.create", key.id, None, _key_record(key))
-    return web.json_response(_applied(plane, _key_view(plane, key) | {"secret": secret}), status=201)
+    return web.json_response(_applied(behind, _key_view(plane, key) | {"secret": secret}), status=201)
 
 
 def _key_or_404(request: web.Request) -> ApiKey:
@@ -504,10 +504,10 @@ async def set_key(request: web.Request) -> web.Response:
     plane, before = _plane(request), _key_or_404(request)
     key_id = before.id
     given = _key_fields(plane, await _json_object(request, {"name", "models", "class", "plan"}))
-    key = await _key_change(plane, lambda keys: keys.update(key_id, **given))
+    key, behind = await _key_change(plane, lambda keys: keys.update(key_id, **given))
     log.info("API key %s (%s) changed: %s", key.id, key.name, ", ".join(sorted(given)) or "nothing")
     await _audit(request, "keys.set", key.id, _key_record(before), _key_record(key))
-    return web.json_response(_applied(plane, _key_view(plane, key)))
+    return web.json_response(_applied(behind, _key_view(plane, key)))
 
 
 @route("POST", "/keys/{id}/rotate", ADMIN)
@@ -516,11 +516,11 @@ async def rotate_key(request: web.Request) -> web.Response:
     key_id = before.id
     body = await _json_object(request, {"grace_s"})
     grace = _field(RotationGrace, body, "grace_s") if "grace_s" in body else plane.config.auth.rotation_grace_s
-    key, secret = await _key_change(plane, lambda keys: keys.rotate(key_id, grace, time.time()))
+    (key, secret), behind = await _key_change(plane, lambda keys: keys.rotate(key_id, grace, time.time()))
     log.info("API key %s (%s) rotated; the previous secret works for %g s more", key.id, key.name, grace)
     # A rotation changes the key even where its record looks the same (grace 0: one secret for another).
     await _audit(request, "keys.rotate", key.id, _key_record(before), _key_record(key), changed=True)
-    return web.json_response(_applied(plane, _key_view(plane, key) | {"secret": secret}))
+    return web.json_response(_applied(behind, _key_view(plane, key) | {"secret": secret}))
 
 
 @route("DELETE", "/keys/{id}", ADMIN)
@@ -529,10 +529,10 @@ async def revoke_key(request: web.Request) -> web.Response:
     key_id = before.id
     if request.query:
         raise ApiError(400, "DELETE /keys/{id} takes no query parameters")
-    key = await _key_change(plane, lambda keys: keys.revoke(key_id, time.time()))
+    key, behind = await _key_change(plane, lambda keys: keys.revoke(key_id, time.time()))
     log.info("API key %s (%s) revoked", key.id, key.name)
     await _audit(request, "keys.revoke", key.id, _key_record(before), _key_record(key))
-    return web.json_response(_applied(plane, _key_view(plane, key)))
+    return web.json_response(_applied(behind, _key_view(plane, key)))
 
 
 # --- named admin tokens (control_plane/operator/tokens.py): the secret is in create's answer only

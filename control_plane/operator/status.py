@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import time
+
 from control_plane.decide.lanes import model_waits
 from control_plane.names import batch_lane, is_batch_lane
 from control_plane.decide.policy import is_fresh
 from control_plane.observe.ledger import Metered
 from control_plane.observe.scraper import endpoint_states
+from control_plane.xds.cache import LAGGING_AFTER_S
 from control_plane.xds.types import SHORT_NAMES
 
 
@@ -118,13 +121,13 @@ def in_flight_rows(plane) -> list[dict]:
 def status_report(plane, now: float) -> dict:
     cache = plane.cache
     endpoints = endpoint_rows(plane, now)
-    lagging = set(cache.laggards())
+    moment = time.monotonic()
     envoys = [{
         "node_id": envoy.node_id,
         "peer": envoy.peer,
         "identity": envoy.identity,  # the certificate it proved (internal TLS), or "local <address>"
         # Behind on a version for over LAGGING_AFTER_S: changes stop waiting for it (xds/cache.py).
-        "lagging": envoy.node_id in lagging,
+        "lagging": envoy.lagging(moment, LAGGING_AFTER_S),
         "acked": {SHORT_NAMES[t]: v for t, v in envoy.acked.items()},
         "last_nack": None if envoy.last_nack is None else {
             "type": SHORT_NAMES.get(envoy.last_nack.type_url), "version": envoy.last_nack.version,

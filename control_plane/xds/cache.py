@@ -41,11 +41,12 @@ class EnvoyStatus:
     # resources it refused (by type and name), with the reason, until a good one replaces them.
     applied: dict[str, dict[str, str]] = field(default_factory=dict)
     rejected: dict[tuple[str, str], Nack] = field(default_factory=dict)
-    # Per type: since when (monotonic) it has not ACKed what is served; absent while up to date.
+    # Per type: when (monotonic) the oldest response it has not answered (ACK or NACK) was sent;
+    # absent while it has answered every one. Types it never asked for are never behind.
     behind_since: dict[str, float] = field(default_factory=dict)
 
     def lagging(self, now: float, after_s: float) -> bool:
-        """Behind on some type for longer than `after_s`: a stuck or overloaded Envoy."""
+        """A response unanswered for longer than `after_s`: a stuck or overloaded Envoy."""
         return any(now - since > after_s for since in self.behind_since.values())
 
 
@@ -127,9 +128,6 @@ class SnapshotCache:
         for type_url, version in snapshot.versions.items():
             if self._snapshot is None or self._snapshot.versions.get(type_url) != version:
                 self._published_at[type_url] = (version, now)
-                for status in self.envoys.values():
-                    if status.acked.get(type_url) != version:
-                        status.behind_since.setdefault(type_url, now)
         self._snapshot = snapshot
         for event in self._watchers:
             event.set()
@@ -147,8 +145,6 @@ class SnapshotCache:
 
     def stream_opened(self, status: EnvoyStatus) -> None:
         self.envoys[status.stream_id] = status
-        if self._snapshot is not None:  # behind on everything until it ACKs
-            status.behind_since = {t: time.monotonic() for t in self._snapshot.versions}
         log.info("envoy %s (%s, %s) connected", status.node_id, status.identity or "?", status.peer)
 
     def stream_closed(self, stream_id: int) -> None:
@@ -165,8 +161,6 @@ class SnapshotCache:
             first = status.acked.get(type_url) != version and self._published_at.get(type_url, ("",))[0] == version
             self.callbacks.on_ack(type_url, time.monotonic() - self._published_at[type_url][1] if first else None)
             status.acked[type_url] = version
-            if self._snapshot is not None and self._snapshot.versions.get(type_url) == version:
-                status.behind_since.pop(type_url, None)
         async with self._acks:
             self._acks.notify_all()
 
@@ -199,17 +193,24 @@ class SnapshotCache:
         """The Envoys connected (each stream authorized as its node): a node's several streams count once."""
         return len({status.node_id for status in self.envoys.values()})
 
+    def record_sent(self, stream_id: int, type_url: str) -> None:
+        """A response went to this Envoy: it is behind on the type until it answers (record_settled)."""
+        if (status := self.envoys.get(stream_id)) is not None:
+            status.behind_since.setdefault(type_url, time.monotonic())
+
+    def record_settled(self, stream_id: int, type_url: str) -> None:
+        """The Envoy answered every response of the type it was sent."""
+        if (status := self.envoys.get(stream_id)) is not None:
+            status.behind_since.pop(type_url, None)
+
     def responsive(self) -> list[EnvoyStatus]:
         """The connected Envoys that are not lagging (LAGGING_AFTER_S)."""
         now = time.monotonic()
         return [s for s in self.envoys.values() if not s.lagging(now, LAGGING_AFTER_S)]
 
-    def laggards(self, type_url: str | None = None, version: str | None = None) -> list[str]:
-        """Node ids of the Envoys lagging, or (with a type and version) that have not applied it."""
-        if type_url is not None:
-            return sorted({s.node_id for s in self.envoys.values() if s.acked.get(type_url) != version})
-        now = time.monotonic()
-        return sorted({s.node_id for s in self.envoys.values() if s.lagging(now, LAGGING_AFTER_S)})
+    def not_applied(self, type_url: str, version: str) -> list[str]:
+        """Node ids of the connected Envoys that have not applied `version` of a type."""
+        return sorted({s.node_id for s in self.envoys.values() if s.acked.get(type_url) != version})
 
     def applied_everywhere(self, type_url: str, names: set[str] | frozenset[str]) -> bool:
         """Every responsive Envoy ACKed the current content of each named resource (not just got it)."""

@@ -101,6 +101,8 @@ class AdsStream:
                 break
             self._forget(state, state.in_flight.pop(older))  # outcome unknown: sent again where it differs
         sent = state.in_flight.pop(request.response_nonce)
+        if not state.in_flight:
+            self.cache.record_settled(self.stream_id, type_url)
         if request.HasField("error_detail"):
             self._on_nack(type_url, state, sent, request.error_detail.message)
             return
@@ -174,6 +176,7 @@ class AdsStream:
             state.sent_hashes.update(hashes)
             state.sent_names = state.names
         state.in_flight[nonce] = _Sent(version, hashes)
+        self.cache.record_sent(self.stream_id, type_url)
         state.sent_version, state.nonce, state.resend = version, nonce, False
         return discovery_pb2.DiscoveryResponse(version_info=version, resources=snapshot.select(type_url, names),
                                                type_url=type_url, nonce=nonce)
