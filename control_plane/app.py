@@ -505,11 +505,13 @@ class ControlPlane:
     async def change_keys(self, mutate: Callable[[KeyTable], T]) -> tuple[T, list[str]]:
         """The same for the API keys: what `mutate` returned, once every responsive Envoy applied the
         change (so a secret handed out works at once) or ADMIN_ACK_TIMEOUT_S passed, and the node
-        ids of the Envoys that had not applied it by then (a lagging one is not waited for)."""
+        ids of the Envoys that had not applied it when the wait timed out (a lagging one is not waited
+        for, and not named once it is lagging: /status names it)."""
         result = await self._change(lambda: mutate(self.keys))
         version = self.cache.snapshot.versions[ROUTE]
-        await self.cache.wait_for_acks(ROUTE, version, ADMIN_ACK_TIMEOUT_S)
-        if behind := self.cache.not_applied(ROUTE, version):
+        behind = [] if await self.cache.wait_for_acks(ROUTE, version, ADMIN_ACK_TIMEOUT_S) else \
+            self.cache.not_applied(ROUTE, version)  # a lagging Envoy was not waited for: not named
+        if behind:
             log.warning("a key change is not yet applied by %s after %.0f s", ", ".join(behind), ADMIN_ACK_TIMEOUT_S)
         return result, behind
 
