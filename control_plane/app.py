@@ -24,6 +24,7 @@ from envoy.service.rate_limit_quota.v3 import rlqs_pb2_grpc
 from control_plane.bootstrap import read_lua_filter
 from control_plane.builders import build_load_assignments, build_resources
 from control_plane.builders.routes import build_route_configuration
+from control_plane.decide.hedging import deadlines
 from control_plane.builders.secrets import build_secrets
 from control_plane.certificates import AdminTls, CertificateFiles, CertificateProblem, engine_client_context
 from control_plane.internal_pki import ServerCredentials
@@ -275,9 +276,12 @@ class ControlPlane:
         self.registry.set_config(config.all_backends())
         fleet = await resolve_fleet(config, self.registry, self.hosts)
         async with self._publishing:
-            if self.fleet is not None:  # endpoints that stay keep their load-derived weights, models their lanes
+            if self.fleet is not None:  # endpoints that stay keep their load-derived weights, models their
+                # lanes and their measured try deadlines
                 fleet = fleet.with_routing(self.fleet.weights,
                                            self.fleet.long_uploads if config.routing.long_upload_bytes else frozenset())
+                fleet = replace(fleet, hedge_ms={m: ms for m, ms in self.fleet.hedge_ms.items()
+                                                 if m in fleet.model_names()})
                 if config.auth.batch_above_wait_s is not None:
                     fleet = replace(fleet, batch_closed={m: s for m, s in self.fleet.batch_closed.items()
                                                          if m in fleet.model_names()})
@@ -390,7 +394,10 @@ class ControlPlane:
             closed = closed_to_batch(model_waits(self.fleet, states, routing), self.fleet.batch_closed, level)
             if closed != self.fleet.batch_closed:
                 await self.set_lanes(closed)
-        fleet = self.fleet  # a finished drain or a lane may have changed it
+        hedges = deadlines(self.ledger.answered, self.config.resilience.hedge_factor)
+        if {m: ms for m, ms in hedges.items() if m in self.fleet.model_names()} != self.fleet.hedge_ms:
+            await self.set_hedging(hedges)
+        fleet = self.fleet  # a finished drain, a lane or a deadline may have changed it
         if not routing.load_aware:
             return
         weights, long_uploads = decide_routing(fleet, states, routing)
@@ -475,17 +482,29 @@ class ControlPlane:
             self.fleet = fleet
 
     async def set_lanes(self, closed: dict[str, int]) -> None:
-        """Publishes which models refuse batch keys (decide/lanes.py); only the routes are rebuilt and
-        sent. Not while a change is being made: the routes carry the keys, which it may yet undo."""
+        """Publishes which models refuse batch keys (decide/lanes.py)."""
+        if await self._set_route_facts(lambda fleet, models: replace(
+                fleet, batch_closed={m: s for m, s in closed.items() if m in models}),
+                lambda: self.config.auth.batch_above_wait_s is not None):  # a reload may have turned lanes off
+            log.info("batch lanes: refused for %s", sorted(closed) or "no model")
+
+    async def set_hedging(self, deadlines: dict[str, int]) -> None:
+        """Publishes each model's try deadline per audio-second (decide/hedging.py)."""
+        if await self._set_route_facts(lambda fleet, models: replace(
+                fleet, hedge_ms={m: ms for m, ms in deadlines.items() if m in models})):
+            log.info("hedging deadlines (ms per audio-second): %s", deadlines)
+
+    async def _set_route_facts(self, change: Callable[[Fleet, set[str]], Fleet],
+                               still: Callable[[], bool] = lambda: True) -> bool:
+        """Publishes a fact the routes carry to the Lua filter; only the routes are rebuilt and sent.
+        Not while a change is being made: the routes carry the keys, which it may yet undo."""
         async with self._changing, self._publishing:
-            if self.config.auth.batch_above_wait_s is None:  # a reload turned lanes off meanwhile
-                return
-            models = set(self.fleet.model_names())
-            fleet = replace(self.fleet, batch_closed={m: s for m, s in closed.items() if m in models})
-            routes = self._routes(fleet, self.envoys)
-            self.cache.set_snapshot(self.cache.snapshot.with_type(ROUTE, [routes]))
+            if not still():
+                return False
+            fleet = change(self.fleet, set(self.fleet.model_names()))
+            self.cache.set_snapshot(self.cache.snapshot.with_type(ROUTE, [self._routes(fleet, self.envoys)]))
             self.fleet = fleet
-        log.info("batch lanes: refused for %s", sorted(closed) or "no model")
+        return True
 
     async def publish(self, snapshot: Snapshot) -> None:
         """Serves `snapshot` (the cache checks it once and removes clusters make-before-break)."""

@@ -211,11 +211,16 @@ class ResilienceConfig:
     # A transcription has no side effects: a request cut by an engine that died is retried on
     # another (within the retry budget), so an engine crash loses nothing.
     retry_after_reset: StrictBool = True
-    # A try that has not answered within hedge_after_s + hedge_per_mb_s x the upload's MiB is
-    # hedged: another engine is asked too and the first answer wins (0 and 0: never). This bounds
-    # what an engine that hangs costs the requests it holds. Needs retries and retry_after_reset.
+    # A try that has not answered within its deadline is hedged: another engine is asked too and
+    # the first answer wins. This bounds what an engine that hangs costs the requests it holds.
+    # Once a model's speed is measured (decide/hedging.py) the deadline is hedge_factor x what its
+    # recent tries took per audio-second (90th percentile) x the upload's audio-seconds, at least
+    # hedge_floor_s; until then hedge_after_s + hedge_per_mb_s x the upload's MiB (0 and 0: never
+    # hedge). Needs retries and retry_after_reset.
     hedge_after_s: seconds(0, 86400) = 30.0
     hedge_per_mb_s: seconds(0, 86400) = 30.0
+    hedge_factor: Annotated[StrictFloat, within(1, 100)] = 1.25
+    hedge_floor_s: seconds(0.1, 86400) = 2.0
 
 
 EnvName = Annotated[StrictStr, matching(re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}"),

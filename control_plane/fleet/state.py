@@ -47,6 +47,8 @@ class Fleet:
     ejected: frozenset[tuple[str, str]] = frozenset()
     # Models whose engines are backed up, refusing batch keys -> the Retry-After (s) they give.
     batch_closed: dict[str, int] = field(default_factory=dict)
+    # Models whose speed is measured -> a try's deadline in ms per audio-second (decide/hedging.py).
+    hedge_ms: dict[str, int] = field(default_factory=dict)
 
     def with_routing(self, weights: dict[tuple[str, str], int], long_uploads: frozenset[tuple[str, str]],
                      ejected: frozenset[tuple[str, str]] | None = None) -> "Fleet":
