@@ -10,9 +10,11 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "control_plane"
 
 # (folder, what its modules may not import): the plane (app), the operator's side and the CLI
-# drive the rest; xds/ knows only itself, and observe/ never reads a decision.
+# drive the rest; xds/ knows only itself, observe/ never reads a decision, and config/ is read by
+# the rest (xds/ only for Envoy's weight bounds).
 RULES = [
     ("xds", ("app", "cli", "config", "fleet", "observe", "decide", "builders", "operator", "supervisor")),
+    ("config", ("app", "cli", "fleet", "observe", "decide", "builders", "operator", "supervisor", "tenants")),
     ("observe", ("app", "cli", "decide", "builders", "operator", "xds", "supervisor")),
     ("decide", ("app", "cli", "builders", "operator", "supervisor")),
     ("fleet", ("app", "cli", "observe", "decide", "builders", "operator", "supervisor")),

@@ -17,7 +17,7 @@ import json
 import pytest
 
 from control_plane.config import parse_config
-from control_plane.fleet.state import Fleet
+from control_plane.fleet.resolved import Fleet
 from control_plane.tenants.keys import Access, KeyTable
 from engines.common.audio import silent_wav
 from harness.lua_filter import LuaFilter

@@ -32,7 +32,7 @@ from control_plane.names import (
     cluster_name,
 )
 from control_plane.config import GatewayConfig
-from control_plane.fleet.state import Fleet
+from control_plane.fleet.resolved import Fleet
 from control_plane.tenants.keys import Access
 from control_plane.xds.snapshot import MAX_WEIGHT
 

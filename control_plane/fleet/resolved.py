@@ -1,11 +1,11 @@
-"""The desired state the builders turn into Envoy resources: models and the engines serving them."""
+"""The resolved fleet, the desired state the builders turn into Envoy resources: models and the engines serving them."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from control_plane.addresses import is_https
 from control_plane.config import ModelConfig
-from control_plane.fleet.addresses import is_https
 
 
 @dataclass(frozen=True)
