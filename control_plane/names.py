@@ -31,6 +31,13 @@ BATCH_LANE_LIMIT = "batch_lane"
 # bucket (each report is answered with fresh grants).
 IN_FLIGHT_BUCKET_ENTRY = "group"
 IN_FLIGHT_REPORT_S = 2
+# The quota filters' rate limits (builders/quotas.py): what x-whisper-limited says on each one's
+# 429s, and the windows their budgets refill over (the Lua filter's Retry-After reads them).
+REQUESTS_LIMIT = "requests"
+AUDIO_SECONDS_LIMIT = "audio_seconds"
+AUDIO_SECONDS_PER_DAY_LIMIT = "audio_seconds_per_day"
+MINUTE_S = 60
+DAY_S = 86400
 
 
 BATCH_LANE_PREFIX = "batch:"
@@ -43,6 +50,8 @@ def batch_lane(model: str) -> str:
 
 def is_batch_lane(group: str) -> bool:
     return group.startswith(BATCH_LANE_PREFIX)
+
+
 # Dynamic metadata the Lua filter sets (a client cannot forge it): LUA_REPLY_KEY on its own
 # answers; MODEL_KEY, SECONDS_KEY and ESTIMATED_KEY on every request it routes (the log of
 # failed requests meters those, never headers a client could have sent).
@@ -59,6 +68,19 @@ COST_KEY = "audio_cost"
 LONG_UPLOAD_KEY = "long_uploads"
 LUA_FILTER = "envoy.filters.http.lua"
 AUDIO_PATHS = ("/v1/audio/transcriptions", "/v1/audio/translations")
+
+# What the Lua filter uses of these, by the same names: builders/lua_source.py writes them ahead
+# of its source as `local NAMES = {...}`, and envoy/*.lua takes each from there, never a copy
+# typed in (tests/test_names_agree.py finds one).
+# The environment variable that tells the Lua filter how many worker threads Envoy runs (each
+# admits uploads against its share of limits.max_heap_mb: envoy/model_router.lua).
+WORKERS_ENV = "WHISPER_GATEWAY_WORKERS"
+
+LUA_NAMES = {name: globals()[name] for name in (
+    "MODEL_HEADER", "LONG_UPLOAD_HEADER", "HOP_HEADER", "AUDIO_SECONDS_HEADER", "AUDIO_ESTIMATED_HEADER",
+    "KEY_ID_HEADER", "LIMITED_HEADER", "BATCH_LANE_HEADER", "BATCH_LANE_PREFIX", "BATCH_LANE_LIMIT",
+    "REQUESTS_LIMIT", "AUDIO_SECONDS_LIMIT", "MINUTE_S", "DAY_S", "METADATA_NAMESPACE", "LUA_REPLY_KEY",
+    "MODEL_KEY", "SECONDS_KEY", "ESTIMATED_KEY", "KEY_ID_KEY", "BATCH_LANE_KEY", "PLAN_KEY", "COST_KEY", "WORKERS_ENV")}
 
 
 def cluster_name(model: str) -> str:
@@ -92,7 +114,3 @@ BACKEND_CLIENT_SECRET = "backend_client_certificate"
 TLS_MATCH_KEY = "tls"
 NO_ENGINE_CA = ("https:// engines need a CA to be checked against: set backend_tls.ca_file (this system has no CA "
                 "bundle; install ca-certificates)")
-
-# The environment variable that tells the Lua filter how many worker threads Envoy runs (each
-# admits uploads against its share of limits.max_heap_mb: envoy/model_router.lua).
-WORKERS_ENV = "WHISPER_GATEWAY_WORKERS"

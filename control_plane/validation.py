@@ -3,17 +3,21 @@
 A field's bounds and pattern live in its annotation (`within`, `matching`); `check` validates a
 value against such a type or a whole dataclass and phrases the first failure the way an
 operator wrote the key: `listen.port: 0 is out of range 1..65535`, `models[1].name: required`.
-Pure: no I/O.
+The same annotations put the bounds and pattern in the type's JSON schema
+(`TypeAdapter(kind).json_schema()`), which the admin API's OpenAPI document is made of
+(control_plane/operator/openapi.py). Pure: no I/O.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
-from pydantic import AfterValidator, TypeAdapter, ValidationError
-from pydantic_core import PydanticCustomError
+from pydantic import GetCoreSchemaHandler, GetJsonSchemaHandler, TypeAdapter, ValidationError
+from pydantic_core import PydanticCustomError, core_schema
 
 
 class ConfigError(ValueError):
@@ -33,22 +37,38 @@ def fail(message: str, kind: str = "gateway"):
     raise PydanticCustomError(kind, message)
 
 
-def within(low: float, high: float) -> AfterValidator:
+@dataclass(frozen=True, eq=False)
+class Checked:
+    """A check run after pydantic's own (as an AfterValidator is), and the JSON schema keywords
+    that say the same (`minimum`, `pattern`): a type's schema shows what its check refuses."""
+
+    check: Callable[[Any], Any]
+    schema: dict
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> core_schema.CoreSchema:
+        return core_schema.no_info_after_validator_function(self.check, handler(source))
+
+    def __get_pydantic_json_schema__(self, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler) -> dict:
+        return handler(schema) | self.schema
+
+
+def within(low: float, high: float) -> Checked:
     """A number's bounds: outside them is `<value as given> is out of range low..high`."""
     def check_range(value):
         if not low <= value <= high:
             fail(f"is out of range {low}..{high}", "out_of_range")
         return value
-    return AfterValidator(check_range)
+    return Checked(check_range, {"minimum": low, "maximum": high})
 
 
-def matching(pattern: re.Pattern, problem: str) -> AfterValidator:
-    """A string's pattern; `problem` says what is wrong with {!r}."""
+def matching(pattern: re.Pattern, problem: str) -> Checked:
+    """A string's pattern (the whole string must match); `problem` says what is wrong with {!r}."""
     def check_pattern(value: str) -> str:
         if not pattern.fullmatch(value):
             fail(problem.format(value))
         return value
-    return AfterValidator(check_pattern)
+    return Checked(check_pattern, {"pattern": f"^(?:{pattern.pattern})$" if "|" in pattern.pattern
+                                   else f"^{pattern.pattern}$"})
 
 
 _EXPECTED = {"int_type": "an integer", "float_type": "a number", "bool_type": "true or false",

@@ -7,40 +7,46 @@
 -- is not in either window (a multipart boundary never occurs inside a part, so any delimiter
 -- found in a window is a real one). The names clients may use, and the other values it needs,
 -- are CONTEXT, constants the control plane writes ahead of this source
--- (control_plane/builders/lua_source.py): models = {name or alias -> model}.
+-- (control_plane/builders/lua_source.py): models = {name or alias -> model}. The names it
+-- shares with the control plane (headers, metadata keys, limits) come the same way, as NAMES
+-- (control_plane/names.py LUA_NAMES): none is typed here.
 
-local MODEL_HEADER = "x-whisper-model"
--- How many worker threads Envoy runs (control_plane/supervisor.py sets it; control_plane/names.py).
-local WORKERS_ENV = "WHISPER_GATEWAY_WORKERS"
+local MODEL_HEADER = NAMES.MODEL_HEADER
+-- How many worker threads Envoy runs (control_plane/supervisor.py sets it).
+local WORKERS_ENV = NAMES.WORKERS_ENV
 -- Set on uploads of at least CONTEXT.long_upload_bytes (0: never): their routes prefer
 -- the engines that finish long clips soonest.
-local LONG_UPLOAD_HEADER = "x-whisper-long-upload"
--- Dynamic metadata (a client cannot forge it, control_plane/names.py): REPLY_KEY marks the
--- filter's own answers so Envoy's local-reply mapper leaves them as they are; the others carry
--- a routed request's model and audio-seconds to the log of failed requests, which meters them.
-local METADATA_NAMESPACE = "whisper_gateway"
-local REPLY_KEY = "lua_reply"
-local MODEL_KEY, SECONDS_KEY, ESTIMATED_KEY, KEY_ID_KEY = "model", "audio_seconds", "audio_estimated", "key_id"
-local BATCH_LANE_KEY = "batch_lane"
+local LONG_UPLOAD_HEADER = NAMES.LONG_UPLOAD_HEADER
+-- Dynamic metadata (a client cannot forge it): LUA_REPLY_KEY marks the filter's own answers so
+-- Envoy's local-reply mapper leaves them as they are; the others carry a routed request's model
+-- and audio-seconds to the log of failed requests, which meters them.
+local METADATA_NAMESPACE = NAMES.METADATA_NAMESPACE
+local LUA_REPLY_KEY = NAMES.LUA_REPLY_KEY
+local MODEL_KEY, SECONDS_KEY, ESTIMATED_KEY, KEY_ID_KEY = NAMES.MODEL_KEY, NAMES.SECONDS_KEY, NAMES.ESTIMATED_KEY,
+  NAMES.KEY_ID_KEY
+local BATCH_LANE_KEY = NAMES.BATCH_LANE_KEY
 -- Set on every request Envoy proxies (route config); one arriving with it has come round a loop
 -- (a gateway that is its own backend, or two gateways pointed at each other).
-local HOP_HEADER = "x-whisper-gateway-hop"
+local HOP_HEADER = NAMES.HOP_HEADER
 -- Per try, before another engine is asked too (hedged: the first answer wins): the router reads
 -- this header, set here from the upload's size so long files get longer.
 local PER_TRY_HEADER = "x-envoy-upstream-rq-per-try-timeout-ms"
 -- The upload's audio-seconds, and "1" when that is an estimate (envoy/audio_duration.lua).
-local AUDIO_SECONDS_HEADER = "x-whisper-audio-seconds"
-local AUDIO_ESTIMATED_HEADER = "x-whisper-audio-estimated"
+local AUDIO_SECONDS_HEADER = NAMES.AUDIO_SECONDS_HEADER
+local AUDIO_ESTIMATED_HEADER = NAMES.AUDIO_ESTIMATED_HEADER
 -- The id of the API key a request was admitted with (envoy/api_keys.lua), for the logs that meter it.
-local KEY_ID_HEADER = "x-whisper-key-id"
--- On a batch key's request, with CONTEXT.batch_lane_prefix: the model's batch lane, whose requests
--- in flight the quota filter after this one counts (control_plane/builders/quotas.py).
-local BATCH_LANE_HEADER = "x-whisper-batch-lane"
+local KEY_ID_HEADER = NAMES.KEY_ID_HEADER
+-- On a batch key's request, with CONTEXT.batch_lanes: the model's batch lane (BATCH_LANE_PREFIX
+-- and the model, names.py batch_lane()), whose requests in flight the quota filter after this
+-- one counts (control_plane/builders/quotas.py); its 429s are BATCH_LANE_LIMIT's.
+local BATCH_LANE_HEADER = NAMES.BATCH_LANE_HEADER
+local BATCH_LANE_PREFIX, BATCH_LANE_LIMIT = NAMES.BATCH_LANE_PREFIX, NAMES.BATCH_LANE_LIMIT
 -- The key's plan and the upload's cost in whole audio-seconds, as dynamic metadata: the quota
 -- filters after this one charge them (control_plane/builders/quotas.py), and say on a 429 which
--- limit refused it.
-local LIMITED_HEADER = "x-whisper-limited"
-local PLAN_KEY, COST_KEY = "plan", "audio_cost"
+-- limit refused it (LIMITED_HEADER: REQUESTS_LIMIT, AUDIO_SECONDS_LIMIT, ...).
+local LIMITED_HEADER = NAMES.LIMITED_HEADER
+local PLAN_KEY, COST_KEY = NAMES.PLAN_KEY, NAMES.COST_KEY
+local REQUESTS_LIMIT, AUDIO_SECONDS_LIMIT = NAMES.REQUESTS_LIMIT, NAMES.AUDIO_SECONDS_LIMIT
 -- What this filter sets: a client's own values never reach a route, an engine or a log.
 local OWN_HEADERS = {MODEL_HEADER, LONG_UPLOAD_HEADER, AUDIO_SECONDS_HEADER, AUDIO_ESTIMATED_HEADER, KEY_ID_HEADER,
   BATCH_LANE_HEADER}
@@ -104,12 +110,13 @@ local function json_string(s)
   return '"' .. s:gsub("[\128-\255]", "?") .. '"'
 end
 
--- An OpenAI-style error; `code` is the status unless OpenAI names one (invalid_api_key).
+-- An OpenAI-style error, the shape of control_plane/openai_errors.py (tests/test_names_agree.py holds the
+-- two to it); `code` is the status unless OpenAI names one (invalid_api_key).
 local function reply(h, status, message, error_type, param, code, retry_after)
   local body = '{"error":{"message":' .. json_string(message) .. ',"type":' .. json_string(error_type)
     .. ',"param":' .. (param and json_string(param) or "null") .. ',"code":' .. (code and json_string(code) or status)
     .. "}}"
-  h:streamInfo():dynamicMetadata():set(METADATA_NAMESPACE, REPLY_KEY, "1")
+  h:streamInfo():dynamicMetadata():set(METADATA_NAMESPACE, LUA_REPLY_KEY, "1")
   h:respond({[":status"] = tostring(status), ["content-type"] = "application/json",
     ["retry-after"] = retry_after and tostring(retry_after) or nil}, body)
 end
@@ -256,7 +263,7 @@ local function charge(h, grant, seconds)
     if allowed and cost * envoys > allowed then
       reply(h, 429, string.format("This upload is %d audio-seconds; the API key's plan allows %d per %s"
         .. (envoys > 1 and ", %d through each of the %d gateways." or "."), cost, allowed, limit[2],
-        math.floor(allowed / envoys), envoys), "audio_seconds", "file", "rate_limit_exceeded")
+        math.floor(allowed / envoys), envoys), AUDIO_SECONDS_LIMIT, "file", "rate_limit_exceeded")
       return true
     end
   end
@@ -400,10 +407,10 @@ function envoy_on_request(h)
   local seconds = measure_audio(h, headers, body, parts, model) -- before an alias moves the bytes
   if grant and grant.class == "batch" and CONTEXT.batch_closed[model] then -- control_plane/decide/lanes.py
     return reply(h, 429, "The model `" .. model .. "` is busy with interactive requests; this key's batch requests "
-      .. "wait until its backlog drains.", "batch_lane", nil, "rate_limit_exceeded", CONTEXT.batch_closed[model])
+      .. "wait until its backlog drains.", BATCH_LANE_LIMIT, nil, "rate_limit_exceeded", CONTEXT.batch_closed[model])
   end
-  if grant and grant.class == "batch" and CONTEXT.batch_lane_prefix then
-    local lane = CONTEXT.batch_lane_prefix .. model -- control_plane/names.py batch_lane()
+  if grant and grant.class == "batch" and CONTEXT.batch_lanes then
+    local lane = BATCH_LANE_PREFIX .. model -- control_plane/names.py batch_lane()
     headers:replace(BATCH_LANE_HEADER, lane)
     h:streamInfo():dynamicMetadata():set(METADATA_NAMESPACE, BATCH_LANE_KEY, lane)
   end
@@ -424,7 +431,7 @@ end
 -- passes back through them (audio-seconds first, then requests: builders/quotas.py), become
 -- OpenAI's `x-ratelimit-*-requests` and `x-ratelimit-*-audio-seconds`; a 429 of theirs gets
 -- Retry-After: when enough of its window has refilled for this request.
-local WINDOW_S = 60
+local WINDOW_S, DAY_S = NAMES.MINUTE_S, NAMES.DAY_S
 
 local function seconds_until_full(limit, remaining)
   return math.ceil(math.max(0, limit - remaining) * WINDOW_S / limit)
@@ -435,13 +442,13 @@ local function retry_after(h, limited, sets)
   local plan = CONTEXT.plans[charged[PLAN_KEY] or ""] or {}
   local cost = tonumber(charged[COST_KEY]) or 1
   local envoys = CONTEXT.envoys or 1 -- each charges envoys x the cost against the whole budget
-  if limited == "requests" and sets.requests then
+  if limited == REQUESTS_LIMIT and sets.requests then
     return math.ceil(envoys * WINDOW_S / sets.requests.limit)
-  elseif limited == "audio_seconds" and sets["audio-seconds"] then
+  elseif limited == AUDIO_SECONDS_LIMIT and sets["audio-seconds"] then
     local audio = sets["audio-seconds"]
     return math.ceil(math.max(1, cost * envoys - audio.remaining) * WINDOW_S / audio.limit)
   elseif plan.audio_seconds_per_day then -- its filter sends no counts: the time to refill this upload
-    return math.ceil(cost * envoys * 86400 / plan.audio_seconds_per_day)
+    return math.ceil(cost * envoys * DAY_S / plan.audio_seconds_per_day)
   end
   return WINDOW_S
 end

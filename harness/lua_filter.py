@@ -405,6 +405,16 @@ class LuaFilter:
                                    self.now_ms if now_ms is None else now_ms)
         return self._outcome(record)
 
+    def call_local(self, name: str, *args, headers: dict | list | None = None) -> Outcome:
+        """The filter's local function `name` (e.g. its `reply`) called as name(h, *args) with the
+        handle of a request without a body, as envoy_on_request would call it."""
+        bind = self.lua.eval("function(f, ...) local n, args = select('#', ...), {...} "
+                             "return function(h) return f(h, unpack(args, 1, n)) end end")
+        pairs = [(":method", "POST"), (":path", AUDIO_PATH)] + (
+            list(headers.items()) if isinstance(headers, dict) else list(headers or []))
+        record = self.stub.record(self._header_table(pairs), None, "127.0.0.1:40000", self.now_ms)
+        return self._outcome(self.stub.run(bind(self.local(name), *args), record, "request"))
+
     def run_response(self, status: int = 200, headers: dict | list | None = None,
                      metadata: dict[str, dict] | None = None) -> Outcome:
         """envoy_on_response (defined only where plans are enforced) with the request's dynamic

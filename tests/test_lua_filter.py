@@ -18,6 +18,7 @@ import pytest
 
 from control_plane.config import parse_config
 from control_plane.fleet.resolved import Fleet
+from control_plane.names import batch_lane
 from control_plane.tenants.keys import Access, KeyTable
 from engines.common.audio import silent_wav
 from harness.lua_filter import LuaFilter
@@ -496,7 +497,7 @@ def test_a_batch_keys_request_names_its_lane_when_lanes_are_counted():
     outcome = lua.run_request(headers=FORM | bearer(bulk) | {"x-whisper-batch-lane": "forged"}, body=form(ALIAS))
     assert_routed(outcome, BIG)
     lane = outcome.header("x-whisper-batch-lane")
-    assert lane == lua.context["batch_lane_prefix"] + BIG and outcome.metadata["whisper_gateway"]["batch_lane"] == lane
+    assert lua.context["batch_lanes"] and lane == batch_lane(BIG) and outcome.metadata["whisper_gateway"]["batch_lane"] == lane
     outcome = lua.run_request(headers=FORM | bearer(live) | {"x-whisper-batch-lane": "forged"}, body=form())
     assert outcome.header("x-whisper-batch-lane") is None and "batch_lane" not in outcome.metadata["whisper_gateway"]
 

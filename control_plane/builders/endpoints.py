@@ -7,7 +7,7 @@ from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from google.protobuf import wrappers_pb2
 
 from control_plane.builders.common import long_upload_metadata
-from control_plane.names import LOCAL_CLUSTER, TLS_MATCH_KEY, cluster_name
+from control_plane.names import LOCAL_CLUSTER, METADATA_NAMESPACE, TLS_MATCH_KEY, cluster_name
 from control_plane.xds.types import TLS_MATCH_NAMESPACE
 from control_plane.fleet.resolved import Backend, Fleet
 
@@ -17,7 +17,7 @@ def _metadata(backend: Backend, long_uploads: bool) -> base_pb2.Metadata:
     key marks the engines that take long uploads (routes.py matches it); the TLS mark selects
     the cluster's TLS transport socket for an https:// engine (clusters.py)."""
     metadata = base_pb2.Metadata()
-    metadata.filter_metadata["whisper_gateway"].update({"url": backend.url})
+    metadata.filter_metadata[METADATA_NAMESPACE].update({"url": backend.url})
     if long_uploads:
         metadata.MergeFrom(long_upload_metadata())
     if backend.tls:

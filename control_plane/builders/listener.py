@@ -6,6 +6,8 @@ fleet, so fleet changes do not drain client connections.
 
 from __future__ import annotations
 
+import json
+
 from envoy.config.accesslog.v3 import accesslog_pb2
 from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, grpc_service_pb2, protocol_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
@@ -28,6 +30,7 @@ from control_plane.names import (AUDIO_ESTIMATED_HEADER, AUDIO_SECONDS_HEADER, B
                                  LISTENER_NAME, LUA_FILTER, MODEL_HEADER, MODEL_KEY, REQUEST_LOG_NAME, ROUTE_CONFIG_NAME,
                                  UPSTREAM_LOG_NAME, XDS_CLUSTER)
 from control_plane.config import GatewayConfig
+from control_plane.openai_errors import openai_error
 from control_plane.tenants.keys import Access
 
 
@@ -146,8 +149,8 @@ def _manager_filter(manager: hcm.HttpConnectionManager) -> listener_components_p
                                           typed_config=pack(manager))
 
 
-PLAINTEXT_REFUSAL = ('{"error":{"message":"This port speaks HTTPS: send the request to https:// instead of '
-                     'http://.","type":"invalid_request_error","param":null,"code":"https_required"}}')
+PLAINTEXT_REFUSAL = json.dumps(openai_error("This port speaks HTTPS: send the request to https:// instead of http://.",
+                                            "invalid_request_error", None, "https_required"), separators=(",", ":"))
 
 
 def _plaintext_refusal(config: GatewayConfig) -> listener_components_pb2.FilterChain:

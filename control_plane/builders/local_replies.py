@@ -15,13 +15,14 @@ from google.protobuf import struct_pb2
 from control_plane.builders.common import lua_marked, status_is
 from control_plane.names import LIMITED_HEADER, LUA_REPLY_KEY
 from control_plane.config import GatewayConfig
+from control_plane.openai_errors import openai_error
 
 Format = substitution_format_string_pb2.SubstitutionFormatString
 
 
 def _json_error(message: str, error_type: str) -> Format:
     body = struct_pb2.Struct()
-    body.update({"error": {"message": message, "type": error_type, "param": None, "code": "%RESPONSE_CODE%"}})
+    body.update(openai_error(message, error_type, None, "%RESPONSE_CODE%"))
     return Format(json_format=body, content_type="application/json")
 
 
@@ -35,10 +36,8 @@ def _rate_limited() -> hcm.ResponseMapper:
     (a key's requests, audio_seconds, audio_seconds_per_day or requests_in_flight; a model's
     batch_lane)."""
     body = struct_pb2.Struct()
-    body.update({"error": {
-        "message": f"Rate limit reached: %RESP({LIMITED_HEADER})%. Retry after the time in the Retry-After "
-                   "header.",
-        "type": f"%RESP({LIMITED_HEADER})%", "param": None, "code": "rate_limit_exceeded"}})
+    body.update(openai_error(f"Rate limit reached: %RESP({LIMITED_HEADER})%. Retry after the time in the Retry-After "
+                             "header.", f"%RESP({LIMITED_HEADER})%", None, "rate_limit_exceeded"))
     return hcm.ResponseMapper(filter=status_is(accesslog_pb2.ComparisonFilter.EQ, 429, "local_reply"),
                               body_format_override=Format(json_format=body, content_type="application/json"))
 

@@ -1,5 +1,8 @@
 """The Lua filter's source as Envoy gets it: the values it needs, as Lua constants, ahead of the code.
 
+NAMES are the wire names it shares with the rest (control_plane/names.py LUA_NAMES), so envoy/*.lua
+types none of them; CONTEXT and KEY_GRANTS are the config's, the fleet's and the keys' values.
+
 The routes carry this source inline (LuaPerRoute.source_code), compiled once per update,
 rather than the values in a `filter_context`: Envoy copies a route's whole filter_context into
 every request that reads it, and with a key table of 1000 keys there each request cost five
@@ -8,6 +11,7 @@ times as much (docs/benchmarks.md). Constants cost nothing per request.
 
 from __future__ import annotations
 
+from control_plane.names import LUA_NAMES
 from control_plane.tenants.keys import Access
 
 GRANTS_PER_FUNCTION = 500  # LuaJIT caps the constants of one function; each grant is its own few
@@ -31,10 +35,10 @@ def _literal(value) -> str:
 
 
 def filter_source(lua_source: str, context: dict, access: Access) -> str:
-    """CONTEXT (the routing values) and KEY_GRANTS (digest -> {id, models}), then the filter."""
+    """NAMES, CONTEXT (the routing values) and KEY_GRANTS (digest -> {id, models}), then the filter."""
     # No `;` after KEY_GRANTS: the next line may start with one, and `;;` (an empty statement)
     # parses only in LuaJIT built with Lua 5.2 compatibility (Envoy's is, lupa's is not).
-    lines = [f"local CONTEXT = {_literal(context)};", "local KEY_GRANTS = {}"]
+    lines = [f"local NAMES = {_literal(LUA_NAMES)};", f"local CONTEXT = {_literal(context)};", "local KEY_GRANTS = {}"]
     items = sorted(access.grants.items())
     for start in range(0, len(items), GRANTS_PER_FUNCTION):
         lines.append(";(function(t)  -- `;`: a line starting with ( would call the line before")

@@ -42,9 +42,10 @@ from xds.type.matcher.v3 import matcher_pb2
 
 from control_plane.builders.common import header, pack, seconds
 from control_plane.config import GatewayConfig, PlanConfig
-from control_plane.names import (BATCH_LANE_HEADER, BATCH_LANE_LIMIT, COST_KEY, IN_FLIGHT_BUCKET_ENTRY,
-                                 IN_FLIGHT_LIMIT, IN_FLIGHT_REPORT_S, KEY_ID_HEADER, KEY_ID_KEY, LIMITED_HEADER,
-                                 METADATA_NAMESPACE, PLAN_KEY, XDS_CLUSTER)
+from control_plane.names import (AUDIO_SECONDS_LIMIT, AUDIO_SECONDS_PER_DAY_LIMIT, BATCH_LANE_HEADER, BATCH_LANE_LIMIT,
+                                 COST_KEY, DAY_S, IN_FLIGHT_BUCKET_ENTRY, IN_FLIGHT_LIMIT, IN_FLIGHT_REPORT_S,
+                                 KEY_ID_HEADER, KEY_ID_KEY, LIMITED_HEADER, METADATA_NAMESPACE, MINUTE_S, PLAN_KEY,
+                                 REQUESTS_LIMIT, XDS_CLUSTER)
 
 
 @dataclass(frozen=True)
@@ -61,9 +62,9 @@ class Limit:
 # In the order Envoy applies them. A request the first admits and a later one refuses has
 # still spent the first's token (the filters do not refund), so the cheap limit goes first.
 LIMITS = (
-    Limit("requests", 60.0, "requests_per_minute", False, True),
-    Limit("audio_seconds", 60.0, "audio_seconds_per_minute", True, True),
-    Limit("audio_seconds_per_day", 86400.0, "audio_seconds_per_day", True, False),
+    Limit(REQUESTS_LIMIT, MINUTE_S, "requests_per_minute", False, True),
+    Limit(AUDIO_SECONDS_LIMIT, MINUTE_S, "audio_seconds_per_minute", True, True),
+    Limit(AUDIO_SECONDS_PER_DAY_LIMIT, DAY_S, "audio_seconds_per_day", True, False),
 )
 
 

@@ -21,7 +21,6 @@ from control_plane.builders.common import JSON_HEADER, header, long_upload_metad
 from control_plane.builders.lua_source import filter_source
 from control_plane.names import (
     AUDIO_PATHS,
-    BATCH_LANE_PREFIX,
     HOP_HEADER,
     LONG_UPLOAD_HEADER,
     LUA_FILTER,
@@ -33,6 +32,7 @@ from control_plane.names import (
 )
 from control_plane.config import GatewayConfig
 from control_plane.fleet.resolved import Fleet
+from control_plane.openai_errors import openai_error
 from control_plane.tenants.keys import Access
 from control_plane.xds.snapshot import MAX_WEIGHT
 
@@ -113,8 +113,8 @@ def _listing_routes(fleet: Fleet) -> list[rc.Route]:
     # Envoy's health checks of engines carry the hop header (builders/clusters.py): a backend that
     # is a whisper-gateway (a loop, or two gateways pointing at each other) answers them 508 here,
     # so it is marked unhealthy and gets no traffic, rather than answering half its model's requests 508.
-    loop = {"error": {"message": "Loop detected: this health check already passed through a whisper-gateway.",
-                      "type": "LoopDetected", "param": None, "code": 508}}
+    loop = openai_error("Loop detected: this health check already passed through a whisper-gateway.", "LoopDetected",
+                        None, 508)
     routes.append(_answer(rc.RouteMatch(path="/health", headers=[rc.HeaderMatcher(name=HOP_HEADER, present_match=True)]),
                           508, json.dumps(loop), "health:loop"))
     # Otherwise 200; the drain-aware check for load balancers is on the metrics port (bootstrap).
@@ -171,8 +171,8 @@ def lua_context(config: GatewayConfig, fleet: Fleet | None, access: Access, envo
             "bad_keys_per_address": config.auth.bad_keys_per_address,
             "bad_key_window_s": config.auth.bad_key_window_s,
             "batch_closed": dict(fleet.batch_closed) if fleet is not None else {},
-            # With auth.batch_in_flight_per_engine: the prefix of a model's batch lane (names.batch_lane).
-            "batch_lane_prefix": BATCH_LANE_PREFIX if config.auth.batch_in_flight_per_engine is not None else False,
+            # With auth.batch_in_flight_per_engine: a batch key's request counts in its model's batch lane.
+            "batch_lanes": config.auth.batch_in_flight_per_engine is not None,
             "envoys": envoys,
             # Each plan's limits, for what the filter says on a 429 (builders/quotas.py enforces them).
             "plans": {name: {k: v for k, v in vars(plan).items() if v is not None}

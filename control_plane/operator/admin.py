@@ -33,6 +33,7 @@ from control_plane.fleet.resolve import dialable_address, read_engine_models
 from control_plane.fleet.etcd_state import StateUnavailable
 from control_plane.names import NO_ENGINE_CA
 from control_plane.observe.scraper import tls_problem
+from control_plane.openai_errors import openai_error
 from control_plane.operator import audit
 from control_plane.operator.openapi import OPENAPI
 from control_plane.fleet.registry import Entry, Source
@@ -63,7 +64,7 @@ class ApiError(Exception):
         self.headers = headers or {}
 
     def response(self) -> web.Response:
-        body = {"error": {"message": self.message, "type": self.error_type, "param": self.param, "code": self.status}}
+        body = openai_error(self.message, self.error_type, self.param, self.status)
         headers = ({"WWW-Authenticate": "Bearer"} if self.status == 401 else {}) | self.headers
         return web.json_response(body, status=self.status, headers=headers or None)
 

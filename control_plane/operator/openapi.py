@@ -1,5 +1,31 @@
-"""The admin API described for machines (served at /openapi.json)."""
+"""The admin API described for machines (served at /openapi.json).
 
+The bounds and patterns of the fields the admin API checks with the config's own types (a
+weight, a drain's timeout, a rotation's grace, a model's, a key's or a token's name) are those
+types' JSON schemas, so a bound changed there changes this document too.
+"""
+
+from __future__ import annotations
+
+from pydantic import TypeAdapter
+
+from control_plane.config import DrainTimeout, ModelName, RotationGrace, Weight
+from control_plane.tenants.keys import Name
+
+# What OpenAPI 3.0 shares with the JSON Schema pydantic writes (3.0 has no `null` type, `const`...).
+_OPENAPI_30 = {"type", "minimum", "maximum", "pattern", "minLength", "maxLength", "enum"}
+
+
+def _schema(kind, **more) -> dict:
+    """`kind`'s JSON schema (the bounds and pattern its check enforces), with `more` (a description)."""
+    schema = TypeAdapter(kind).json_schema()
+    if not set(schema) <= _OPENAPI_30:
+        raise TypeError(f"{kind} has a JSON schema OpenAPI 3.0 does not read: {schema}")
+    return schema | more
+
+
+_WEIGHT = _schema(Weight)
+_NAME = _schema(Name)
 _ERROR = {"$ref": "#/components/schemas/Error"}
 _BACKEND = {"$ref": "#/components/schemas/Backend"}
 _KEY = {"$ref": "#/components/schemas/Key"}
@@ -32,7 +58,7 @@ OPENAPI = {
             "Backend": {"type": "object", "properties": {
                 "id": {"type": "string"}, "url": {"type": "string"},
                 "models": {"type": "array", "items": {"type": "string"}},
-                "weight": {"type": "integer", "minimum": 1, "maximum": 128},
+                "weight": _WEIGHT,
                 "source": {"type": "string", "description": "config, api, or dns:<name>"},
                 "state": {"type": "string", "enum": ["active", "draining", "drained"]},
                 "drain_deadline": {"type": "number", "nullable": True},
@@ -42,11 +68,11 @@ OPENAPI = {
                     "http://host:port, no path or user info; host is a dotted IPv4 address, a bracketed IPv6 "
                     "address without a zone id, or a host name that resolves; link-local, unspecified, "
                     "multicast addresses and the gateway's own ports are refused")},
-                "models": {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 32,
+                "models": {"type": "array", "items": _schema(ModelName), "minItems": 1, "maxItems": 32,
                            "description": "default: read from the engine's /v1/models"},
-                "weight": {"type": "integer", "minimum": 1, "maximum": 128}}},
+                "weight": _WEIGHT}},
             "Drain": {"type": "object", "additionalProperties": False, "properties": {
-                "timeout_s": {"type": "number", "minimum": 1, "maximum": 86400}}},
+                "timeout_s": _schema(DrainTimeout)}},
             "Key": {"type": "object", "properties": {
                 "id": {"type": "string"}, "name": {"type": "string"},
                 "state": {"type": "string", "enum": ["active", "revoked"]},
@@ -62,7 +88,7 @@ OPENAPI = {
                                        "this control plane): what its plan's requests_in_flight limits"},
                 "secret": {"type": "string", "description": "create and rotate only: the new secret, shown once"}}},
             "KeyFields": {"type": "object", "additionalProperties": False, "properties": {
-                "name": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"},
+                "name": _NAME,
                 "models": {"type": "array", "items": {"type": "string"}, "nullable": True},
                 "class": {"type": "string", "enum": ["interactive", "batch"]},
                 "plan": {"type": "string", "description": "its limits: a plan under auth.plans (default: "
@@ -74,7 +100,7 @@ OPENAPI = {
                 "created_at": {"type": "number"}, "revoked_at": {"type": "number", "nullable": True},
                 "secret": {"type": "string", "description": "create only: the token, shown once"}}},
             "NewToken": {"type": "object", "required": ["name", "role"], "additionalProperties": False, "properties": {
-                "name": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"},
+                "name": _NAME,
                 "role": {"type": "string", "enum": ["viewer", "operator", "admin"]}}},
             "AuditRecord": {"type": "object", "properties": {
                 "id": {"type": "string", "description": "sorts as the records' times do"},
@@ -87,9 +113,8 @@ OPENAPI = {
                 "target": {"type": "string", "description": "the id of what changed"},
                 "before": {"type": "object", "nullable": True}, "after": {"type": "object", "nullable": True}}},
             "Rotate": {"type": "object", "additionalProperties": False, "properties": {
-                "grace_s": {"type": "number", "minimum": 0, "maximum": 2592000,
-                            "description": "how long the previous secret keeps working (default: "
-                                           "auth.rotation_grace_s)"}}},
+                "grace_s": _schema(RotationGrace, description="how long the previous secret keeps working "
+                                                               "(default: auth.rotation_grace_s)")}},
         },
     },
     "security": [{"bearer": []}],

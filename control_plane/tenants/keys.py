@@ -16,11 +16,18 @@ import re
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Annotated, Literal
+
+from pydantic import StrictStr
+
+from control_plane.validation import matching
 
 SECRET_PREFIX = "sk-wg-"  # looks like what the OpenAI SDK expects; says whose key it is
 KeyClass = Literal["interactive", "batch"]
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # use fullmatch
+# A key's or an admin token's name as a type: the admin API's document shows its pattern (operator/openapi.py).
+Name = Annotated[StrictStr, matching(NAME_PATTERN, "{!r} is not a valid name (1-64 characters: letters, digits, "
+                                                   ". _ -, starting with a letter or digit)")]
 ACTIVE, REVOKED = "active", "revoked"
 
 
