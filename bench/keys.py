@@ -21,7 +21,7 @@ from pathlib import Path
 
 from bench.machine import describe_machine
 from control_plane.fleet.registry import Registry
-from control_plane.fleet.state_store import StateStore
+from control_plane.fleet.local_store import StateStore
 from control_plane.tenants.keys import KeyTable
 from engines.common.audio import silent_wav
 from harness.processes import STARTED, GatewayStack, multipart, request, start_engine

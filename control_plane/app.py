@@ -22,11 +22,13 @@ from aiohttp import web
 from envoy.service.accesslog.v3 import als_pb2_grpc
 from envoy.service.rate_limit_quota.v3 import rlqs_pb2_grpc
 
+from control_plane.addresses import is_https, is_loopback
 from control_plane.bootstrap import read_lua_filter
 from control_plane.builders import build_load_assignments, build_resources
 from control_plane.builders.routes import build_route_configuration
+from control_plane.decide.hedging import deadlines
 from control_plane.builders.secrets import build_secrets
-from control_plane.certificates import AdminTls, CertificateFiles, CertificateProblem, engine_client_context
+from control_plane.certificates import AdminTls, CertificateFiles, CertificateProblem, TlsMaterial, engine_client_context
 from control_plane.internal_pki import ServerCredentials
 from control_plane.peers import authorize
 from control_plane.names import IN_FLIGHT_BUCKET_ENTRY, LOCAL_CLUSTER, NO_ENGINE_CA, batch_lane, cluster_name
@@ -35,14 +37,13 @@ from control_plane.decide.ejection import Ejections
 from control_plane.decide.in_flight import GroupSlots, batch_lane_limits, needs_new_grants, plane_share, split
 from control_plane.decide.lanes import closed_to_batch, model_waits
 from control_plane.decide.policy import decide_routing, is_fresh
-from control_plane.fleet.addresses import is_https, is_loopback
 from control_plane.fleet.dns_discovery import DnsDiscovery
 from control_plane.fleet.dns_discovery import plan as plan_dns
-from control_plane.fleet.registry import ACTIVE, DRAINED, DRAINING, Entry, Registry, Source
+from control_plane.fleet.registry import ACTIVE, DRAINED, DRAINING, Entry, Registry, Source, config_entries
 from control_plane.fleet.resolve import HostCache, resolve_fleet
-from control_plane.fleet.state import Fleet
-from control_plane.fleet.shared_state import Conflict, EtcdState, StateUnavailable
-from control_plane.fleet.state_store import StateStore, configured_token, ensure_token, state_dir
+from control_plane.fleet.resolved import Fleet
+from control_plane.fleet.etcd_state import Conflict, EtcdState, StateUnavailable
+from control_plane.fleet.local_store import StateStore, configured_token, ensure_token, state_dir
 from control_plane.observe import scraper
 from control_plane.observe.load_tracker import LoadTracker
 from control_plane.observe.access_logs import AccessLogServicer, Known
@@ -134,7 +135,38 @@ class ControlPlane:
 
     async def start(self) -> None:
         """Restores saved state and publishes it before any Envoy can connect: none sees a partial set."""
-        listen = self.config.listen
+        await self._restore_saved()
+        if (name := self.config.auth.engine_api_key_env) is not None:
+            self.engine_key = os.environ.get(name, "").strip() or None
+            if self.engine_key is None:
+                raise StartupError(f"auth.engine_api_key_env: the environment variable {name} is not set")
+        material = self._load_certificates()
+        https = any(is_https(e.url) for e in config_entries(self.config)) or \
+            any(d.scheme == "https" for d in self.config.discovery)
+        if https and not material.checks_engines:
+            raise StartupError(NO_ENGINE_CA)
+        await self.apply(self.config)
+        self._check_admin_exposure()
+        if self.state_directory is not None:
+            self.token, self.token_path = ensure_token(self.state_directory)
+        else:
+            self.token = configured_token()
+        self._telemetry = watch_fleet(self.view)
+        await self._start_servers()
+        self._tasks = [asyncio.create_task(self._load_loop()), asyncio.create_task(self._certificate_loop())]
+        if self.shared is not None:
+            self._tasks += [asyncio.create_task(self.shared.follow(self.revision, self._on_shared_state)),
+                            asyncio.create_task(self.shared.presence(self.plane_id, self._on_leading,
+                                                                     self.cache.envoy_count))]
+        else:
+            await self.discovery.restart(self.config.discovery)
+        log.info("admin API on %s (token %s)", self.config.admin_url,
+                 f"in {self.token_path}" if self.token_path else "from the environment")
+        log.info("xDS (ADS) listening on %s:%d (%s)", self.config.listen.xds_address, self.config.listen.xds_port,
+                 f"mutual TLS, internal CA in {self.config.internal_tls.dir}" if self.xds_tls else "plaintext, loopback")
+
+    async def _restore_saved(self) -> None:
+        """The saved state (etcd's, else the state file's) into the registry and the keys; the audit trail."""
         try:
             if (etcd := self.config.state).etcd:
                 password = None
@@ -153,10 +185,9 @@ class ControlPlane:
             raise StartupError(f"state.etcd: {error}") from None
         except (ValueError, TypeError, KeyError) as error:
             raise StartupError(f"cannot restore state: {error}") from None
-        if (name := self.config.auth.engine_api_key_env) is not None:
-            self.engine_key = os.environ.get(name, "").strip() or None
-            if self.engine_key is None:
-                raise StartupError(f"auth.engine_api_key_env: the environment variable {name} is not set")
+
+    def _load_certificates(self) -> TlsMaterial:
+        """The TLS files read and checked: the engines' client context, the admin API's and the xDS port's."""
         try:
             material = self.certificates.load()
             self.engine_tls = engine_client_context(self.config.backend_tls, material)
@@ -166,17 +197,11 @@ class ControlPlane:
                 self.xds_tls = ServerCredentials(self.config.internal_tls.dir)
         except (OSError, ValueError) as error:  # CertificateProblem, PkiProblem and ssl.SSLError among them
             raise StartupError(str(error)) from None
-        https = any(is_https(e.url) for e in self.config.all_backends()) or \
-            any(d.scheme == "https" for d in self.config.discovery)
-        if https and not material.checks_engines:
-            raise StartupError(NO_ENGINE_CA)
-        await self.apply(self.config)
-        self._check_admin_exposure()
-        if self.state_directory is not None:
-            self.token, self.token_path = ensure_token(self.state_directory)
-        else:
-            self.token = configured_token()
-        self._telemetry = watch_fleet(self.view)
+        return material
+
+    async def _start_servers(self) -> None:
+        """The admin API, and the xDS port (ADS, access logs, RLQS)."""
+        listen = self.config.listen
         self._admin = web.AppRunner(build_admin_app(self.view), access_log=None)
         await self._admin.setup()
         await web.TCPSite(self._admin, listen.admin_address, listen.admin_port,
@@ -189,17 +214,6 @@ class ControlPlane:
             lambda server: rlqs_pb2_grpc.add_RateLimitQuotaServiceServicer_to_server(
                 QuotaServicer(self.slots, split, IN_FLIGHT_BUCKET_ENTRY, telemetry.REPORTS_DROPPED.on("quota report"),
                               authorize), server)], self.xds_tls.credentials if self.xds_tls else None, authorize)
-        self._tasks = [asyncio.create_task(self._load_loop()), asyncio.create_task(self._certificate_loop())]
-        if self.shared is not None:
-            self._tasks += [asyncio.create_task(self.shared.follow(self.revision, self._on_shared_state)),
-                            asyncio.create_task(self.shared.presence(self.plane_id, self._on_leading,
-                                                                     self.cache.envoy_count))]
-        else:
-            await self.discovery.restart(self.config.discovery)
-        log.info("admin API on %s (token %s)", self.config.admin_url,
-                 f"in {self.token_path}" if self.token_path else "from the environment")
-        log.info("xDS (ADS) listening on %s:%d (%s)", listen.xds_address, listen.xds_port,
-                 f"mutual TLS, internal CA in {self.config.internal_tls.dir}" if self.xds_tls else "plaintext, loopback")
 
     def _check_admin_exposure(self) -> None:
         address = self.config.listen.admin_address
@@ -276,12 +290,15 @@ class ControlPlane:
 
     async def _publish_config(self, config: GatewayConfig) -> None:
         """apply() without its rollback: for callers that hold their own copy (change())."""
-        self.registry.set_config(config.all_backends())
+        self.registry.set_config(config_entries(config))
         fleet = await resolve_fleet(config, self.registry, self.hosts)
         async with self._publishing:
-            if self.fleet is not None:  # endpoints that stay keep their load-derived weights, models their lanes
+            if self.fleet is not None:  # endpoints that stay keep their load-derived weights, models their
+                # lanes and their measured try deadlines
                 fleet = fleet.with_routing(self.fleet.weights,
                                            self.fleet.long_uploads if config.routing.long_upload_bytes else frozenset())
+                fleet = replace(fleet, hedge_ms={m: ms for m, ms in self.fleet.hedge_ms.items()
+                                                 if m in fleet.model_names()})
                 if config.auth.batch_above_wait_s is not None:
                     fleet = replace(fleet, batch_closed={m: s for m, s in self.fleet.batch_closed.items()
                                                          if m in fleet.model_names()})
@@ -394,7 +411,10 @@ class ControlPlane:
             closed = closed_to_batch(model_waits(self.fleet, states, routing), self.fleet.batch_closed, level)
             if closed != self.fleet.batch_closed:
                 await self.set_lanes(closed)
-        fleet = self.fleet  # a finished drain or a lane may have changed it
+        hedges = deadlines(self.ledger.answered, self.config.resilience.hedge_factor)
+        if {m: ms for m, ms in hedges.items() if m in self.fleet.model_names()} != self.fleet.hedge_ms:
+            await self.set_hedging(hedges)
+        fleet = self.fleet  # a finished drain, a lane or a deadline may have changed it
         if not routing.load_aware:
             return
         weights, long_uploads = decide_routing(fleet, states, routing)
@@ -479,17 +499,29 @@ class ControlPlane:
             self.fleet = fleet
 
     async def set_lanes(self, closed: dict[str, int]) -> None:
-        """Publishes which models refuse batch keys (decide/lanes.py); only the routes are rebuilt and
-        sent. Not while a change is being made: the routes carry the keys, which it may yet undo."""
+        """Publishes which models refuse batch keys (decide/lanes.py)."""
+        if await self._set_route_facts(lambda fleet, models: replace(
+                fleet, batch_closed={m: s for m, s in closed.items() if m in models}),
+                lambda: self.config.auth.batch_above_wait_s is not None):  # a reload may have turned lanes off
+            log.info("batch lanes: refused for %s", sorted(closed) or "no model")
+
+    async def set_hedging(self, deadlines: dict[str, int]) -> None:
+        """Publishes each model's try deadline per audio-second (decide/hedging.py)."""
+        if await self._set_route_facts(lambda fleet, models: replace(
+                fleet, hedge_ms={m: ms for m, ms in deadlines.items() if m in models})):
+            log.info("hedging deadlines (ms per audio-second): %s", deadlines)
+
+    async def _set_route_facts(self, change: Callable[[Fleet, set[str]], Fleet],
+                               still: Callable[[], bool] = lambda: True) -> bool:
+        """Publishes a fact the routes carry to the Lua filter; only the routes are rebuilt and sent.
+        Not while a change is being made: the routes carry the keys, which it may yet undo."""
         async with self._changing, self._publishing:
-            if self.config.auth.batch_above_wait_s is None:  # a reload turned lanes off meanwhile
-                return
-            models = set(self.fleet.model_names())
-            fleet = replace(self.fleet, batch_closed={m: s for m, s in closed.items() if m in models})
-            routes = self._routes(fleet, self.envoys)
-            self.cache.set_snapshot(self.cache.snapshot.with_type(ROUTE, [routes]))
+            if not still():
+                return False
+            fleet = change(self.fleet, set(self.fleet.model_names()))
+            self.cache.set_snapshot(self.cache.snapshot.with_type(ROUTE, [self._routes(fleet, self.envoys)]))
             self.fleet = fleet
-        log.info("batch lanes: refused for %s", sorted(closed) or "no model")
+        return True
 
     async def publish(self, snapshot: Snapshot) -> None:
         """Serves `snapshot` (the cache checks it once and removes clusters make-before-break)."""

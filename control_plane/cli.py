@@ -16,7 +16,7 @@ from pathlib import Path
 
 from control_plane.bootstrap import BOOTSTRAP_TEMPLATE, default_node_id, render_bootstrap, write_bootstrap
 from control_plane.config import ConfigError, GatewayConfig, load_config
-from control_plane.fleet.state_store import client_token, state_dir
+from control_plane.fleet.local_store import client_token, state_dir
 from control_plane.operator.tokens import ID_PREFIX as TOKEN_ID_PREFIX, ROLES
 
 
@@ -24,35 +24,50 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="whisper-gateway", description="Load-aware gateway for Whisper on vLLM.")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     commands = parser.add_subparsers(dest="command", required=True)
+    _add_run_commands(commands)
+    _add_api_commands(commands)
+    _add_envoy_command(commands)
+    _add_certs_command(commands)
+    _add_envoy_tools(commands)
+    return parser
 
-    def with_config(sub):
-        # Containers set WHISPER_GATEWAY_CONFIG, so `docker compose exec control-plane whisper-gateway
-        # keys create NAME` finds the admin API (its address, its TLS) without --config.
-        given = os.environ.get("WHISPER_GATEWAY_CONFIG") or None
-        sub.add_argument("--config", type=Path, default=Path(given) if given else None,
-                         help="gateway YAML (default: $WHISPER_GATEWAY_CONFIG, else the embedded one)")
-        return sub
 
-    def with_state(sub):
-        sub.add_argument("--state-dir", type=Path,
-                         help="API changes and the admin token (default: $WHISPER_GATEWAY_STATE_DIR or .whisper-gateway)")
-        return sub
+def _with_config(sub):
+    # Containers set WHISPER_GATEWAY_CONFIG, so `docker compose exec control-plane whisper-gateway
+    # keys create NAME` finds the admin API (its address, its TLS) without --config.
+    given = os.environ.get("WHISPER_GATEWAY_CONFIG") or None
+    sub.add_argument("--config", type=Path, default=Path(given) if given else None,
+                     help="gateway YAML (default: $WHISPER_GATEWAY_CONFIG, else the embedded one)")
+    return sub
 
-    up = with_state(with_config(commands.add_parser(
+
+def _with_state(sub):
+    sub.add_argument("--state-dir", type=Path,
+                     help="API changes and the admin token (default: $WHISPER_GATEWAY_STATE_DIR or .whisper-gateway)")
+    return sub
+
+
+def _add_run_commands(commands) -> None:
+    """up and serve: the processes."""
+    up = _with_state(_with_config(commands.add_parser(
         "up", help="run engines, control plane and Envoy from one config, in the foreground")))
     up.add_argument("--run-dir", type=Path, help="where logs, Envoy's bootstrap and the sample clip go")
 
-    with_state(with_config(commands.add_parser(
+    _with_state(_with_config(commands.add_parser(
         "serve", help="run the control plane (xDS server, admin API); SIGHUP reloads the config")))
 
-    def api_command(name: str, help_text: str):
-        sub = with_state(with_config(commands.add_parser(name, help=help_text)))
-        sub.add_argument("--url", help="the admin API (default: http(s)://listen.admin_address:admin_port)")
-        sub.add_argument("--json", action="store_true", help="print the raw JSON answer")
-        return sub
 
-    api_command("status", "show every endpoint's state, load, weight and metric freshness")
-    backends = api_command("backends", "list, add, drain, resume or remove backends")
+def _api_command(commands, name: str, help_text: str):
+    sub = _with_state(_with_config(commands.add_parser(name, help=help_text)))
+    sub.add_argument("--url", help="the admin API (default: http(s)://listen.admin_address:admin_port)")
+    sub.add_argument("--json", action="store_true", help="print the raw JSON answer")
+    return sub
+
+
+def _add_api_commands(commands) -> None:
+    """The commands that call the admin API: status, backends, keys, tokens, audit."""
+    _api_command(commands, "status", "show every endpoint's state, load, weight and metric freshness")
+    backends = _api_command(commands, "backends", "list, add, drain, resume or remove backends")
     backends.add_argument("action", choices=["list", "add", "drain", "resume", "remove"])
     backends.add_argument("target", nargs="?", help="URL to add; id (or URL) to drain, resume or remove")
     backends.add_argument("--model", action="append", dest="models", help="with add: a model it serves (repeat)")
@@ -60,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     backends.add_argument("--timeout", type=float, help="with drain: seconds before removal anyway")
     backends.add_argument("--force", action="store_true", help="with remove: now, without draining")
 
-    keys = api_command("keys", "create, list, rotate, revoke or change API keys; show their usage")
+    keys = _api_command(commands, "keys", "create, list, rotate, revoke or change API keys; show their usage")
     keys.add_argument("action", choices=["list", "create", "set", "rotate", "revoke", "usage"])
     keys.add_argument("target", nargs="?", help="with create: the new key's name; else the key's id or name")
     keys.add_argument("--name", help="with set: a new name")
@@ -72,17 +87,19 @@ def _parser() -> argparse.ArgumentParser:
     keys.add_argument("--grace", type=float, help="with rotate: seconds the previous secret keeps working "
                                                   "(default: auth.rotation_grace_s)")
 
-    tokens = api_command("tokens", "create, list or revoke named admin tokens (roles: viewer, operator, admin)")
+    tokens = _api_command(commands, "tokens", "create, list or revoke named admin tokens (roles: viewer, operator, admin)")
     tokens.add_argument("action", choices=["list", "create", "revoke"])
     tokens.add_argument("target", nargs="?", help="with create: the new token's name; with revoke: its id or name")
     tokens.add_argument("--role", choices=ROLES, help="with create: what it may do")
 
-    audit = api_command("audit", "who changed what through the admin API, oldest first")
+    audit = _api_command(commands, "audit", "who changed what through the admin API, oldest first")
     audit.add_argument("--since", help="from this time on (ISO 8601, UTC unless it says otherwise); default: the "
                                        "newest --limit records")
     audit.add_argument("--limit", type=int, default=1000, help="records at most (1..1000, default 1000)")
 
-    envoy = with_config(commands.add_parser(
+
+def _add_envoy_command(commands) -> None:
+    envoy = _with_config(commands.add_parser(
         "envoy", help="run Envoy for this config: write its bootstrap, then become Envoy (containers use this)"))
     envoy.add_argument("--node-id", default=None, help="Envoy node id (default: envoy-<hostname>, or "
                                                        "<identity>.<hostname> with --identity)")
@@ -91,7 +108,9 @@ def _parser() -> argparse.ArgumentParser:
     envoy.add_argument("--xds-host", default=None, help="host Envoy dials for xDS (default: listen.xds_address)")
     envoy.add_argument("--bootstrap", type=Path, default=None, help="where to write the bootstrap (default: a temp file)")
 
-    certs = with_state(with_config(commands.add_parser(
+
+def _add_certs_command(commands) -> None:
+    certs = _with_state(_with_config(commands.add_parser(
         "certs", help="the internal CA and the certificates of control planes, Envoys and etcd (internal_tls)")))
     certs.add_argument("action", choices=["init", "issue", "renew", "list"],
                        help="init: the CA and the control plane's certificate; issue ROLE NAME; renew: those "
@@ -109,7 +128,10 @@ def _parser() -> argparse.ArgumentParser:
     certs.add_argument("--days", type=int, default=None, help="validity of issued certificates (default 90)")
     certs.add_argument("--within-days", type=float, default=30.0, help="with renew: renew what expires within this")
 
-    drain = with_config(commands.add_parser(
+
+def _add_envoy_tools(commands) -> None:
+    """envoy-drain and envoy-bootstrap: an Envoy's restart and its bootstrap file."""
+    drain = _with_config(commands.add_parser(
         "envoy-drain", help="drain an Envoy before restarting it: fail /health, close listeners, wait for "
                             "requests in flight; exits 0 when idle, 1 at the timeout"))
     drain.add_argument("--admin", default=None, help="Envoy's admin URL (default: http://127.0.0.1:listen.envoy_admin_port)")
@@ -118,12 +140,11 @@ def _parser() -> argparse.ArgumentParser:
                        help="seconds between failing /health and closing listeners (your load balancer's "
                             "health-check interval x threshold)")
 
-    boot = with_config(commands.add_parser("envoy-bootstrap", help="write Envoy's bootstrap for this config"))
+    boot = _with_config(commands.add_parser("envoy-bootstrap", help="write Envoy's bootstrap for this config"))
     boot.add_argument("--node-id", default=None, help="Envoy node id (default: envoy-<hostname>)")
     boot.add_argument("--xds-host", default=None, help="host Envoy dials for xDS (default: listen.xds_address)")
     boot.add_argument("--admin-port", type=int, default=None, help="Envoy admin port (default: listen.envoy_admin_port)")
     boot.add_argument("--output", "-o", type=Path, help="file to write (default: stdout)")
-    return parser
 
 
 def main(argv: list[str] | None = None) -> None:

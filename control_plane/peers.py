@@ -3,7 +3,7 @@
 With internal TLS the port requires a client certificate from the internal CA (no handshake
 without one), and each service admits a stream only from an Envoy's identity; the node id the
 stream then uses must be that identity's (control_plane/internal_pki.py). Without internal TLS
-the port is bound to loopback only (config.py refuses otherwise) and every local peer is taken
+the port is bound to loopback only (config/load.py refuses otherwise) and every local peer is taken
 as it says: `Peer.local`.
 """
 

@@ -229,14 +229,22 @@ local function charge(h, grant, seconds)
   return false
 end
 
+-- The deadline of each try (hedged after it: the first answer wins): by the model's measured
+-- speed once there is one (control_plane/decide/hedging.py), never under the floor; until then
+-- longer for larger uploads. 0: none.
+local function try_deadline_ms(model, seconds, bytes)
+  local per_audio_s = (CONTEXT.per_try_ms_per_audio_s or {})[model]
+  if per_audio_s then return math.max(CONTEXT.per_try_floor_ms or 0, math.ceil(seconds * per_audio_s)) end
+  return (CONTEXT.per_try_base_ms or 0) + math.floor(bytes * (CONTEXT.per_try_ms_per_mb or 0) / 1048576)
+end
+
 -- Where the router sends the request: the model's route, the long-upload subset, and the
--- deadline of each try (hedged after it: the first answer wins), longer for larger uploads.
-local function set_routing(h, headers, body, model)
+-- deadline of each try.
+local function set_routing(h, headers, body, model, seconds)
   headers:replace(MODEL_HEADER, model)
   local long_upload_bytes = CONTEXT.long_upload_bytes or 0
   if long_upload_bytes > 0 and body:length() >= long_upload_bytes then headers:replace(LONG_UPLOAD_HEADER, "1") end
-  local try_ms = (CONTEXT.per_try_base_ms or 0)
-    + math.floor(body:length() * (CONTEXT.per_try_ms_per_mb or 0) / 1048576)
+  local try_ms = try_deadline_ms(model, seconds, body:length())
   if try_ms > 0 then
     headers:replace(PER_TRY_HEADER, tostring(try_ms))
   else
@@ -368,7 +376,7 @@ function envoy_on_request(h)
       body:getBytes(part.stop, length - part.stop)}))
     release(length)
   end
-  set_routing(h, headers, body, model)
+  set_routing(h, headers, body, model, seconds)
 end
 
 -- The quota filters' `x-ratelimit-limit`, `-remaining` and `-reset`, appended as the response

@@ -27,7 +27,7 @@ from control_plane.bootstrap import read_lua_filter
 from control_plane.builders.lua_source import filter_source
 from control_plane.builders.routes import lua_context
 from control_plane.config import GatewayConfig, parse_config
-from control_plane.fleet.state import Fleet
+from control_plane.fleet.resolved import Fleet
 from control_plane.tenants.keys import Access
 
 try:  # LuaJIT 2.1, the VM family of Envoy's Lua filter (/work/shared/TOOLING_FACTS.md)

@@ -459,7 +459,7 @@ def test_with_etcd_tokens_and_the_audit_trail_are_shared(tmp_path):
 
 @pytest.mark.e2e
 def test_etcd_keeps_the_newest_audit_records(tmp_path):
-    from control_plane.fleet.shared_state import EtcdState
+    from control_plane.fleet.etcd_state import EtcdState
     from harness.etcd import EtcdCluster
 
     etcd = EtcdCluster(tmp_path / "etcd", members=1)

@@ -11,7 +11,7 @@ from google.rpc import status_pb2
 from control_plane.builders import build_resources
 from control_plane.certificates import Authority, TlsMaterial
 from control_plane.config import parse_config
-from control_plane.fleet.state import Backend, Fleet
+from control_plane.fleet.resolved import Backend, Fleet
 from control_plane.names import LOCAL_CLUSTER
 from control_plane.xds.cache import SnapshotCache
 from control_plane.xds.server import AdsStream

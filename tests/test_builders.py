@@ -18,7 +18,7 @@ from control_plane.names import (
     UNROUTED_CLUSTER,
 )
 from control_plane.config import parse_config
-from control_plane.fleet.state import Backend, Fleet
+from control_plane.fleet.resolved import Backend, Fleet
 from control_plane.xds.snapshot import Snapshot
 from control_plane.xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE
 
@@ -177,12 +177,12 @@ def test_versions_are_the_same_in_every_process():
     script = (
         "import asyncio;"
         "from control_plane.config import load_config;"
-        "from control_plane.fleet.registry import Registry;"
+        "from control_plane.fleet.registry import Registry, config_entries;"
         "from control_plane.fleet.resolve import resolve_fleet;"
         "from control_plane.builders import build_resources;"
         "from control_plane.bootstrap import read_lua_filter;"
         "from control_plane.xds.snapshot import Snapshot;"
-        "c = load_config('examples/simulated.yaml'); r = Registry.empty(); r.set_config(c.all_backends());"
+        "c = load_config('examples/simulated.yaml'); r = Registry.empty(); r.set_config(config_entries(c));"
         "f = asyncio.run(resolve_fleet(c, r));"
         "from control_plane.certificates import read_material, utc_now;"
         "m = read_material(c.listen.tls, c.backend_tls, utc_now());"

@@ -6,6 +6,7 @@ import pytest
 import yaml
 
 from control_plane.config import DEFAULT_CONFIG_PATH, ConfigError, load_config, parse_config
+from control_plane.fleet.registry import config_entries
 from harness.processes import REPO
 
 
@@ -25,7 +26,7 @@ def test_embedded_default_runs_two_cpu_whisper_engines():
 def test_the_simulated_example_loads():
     config = load_config(REPO / "examples" / "simulated.yaml")
     assert [m.name for m in config.models] == ["whisper-large-v3-turbo", "whisper-small"]
-    assert {b.models for b in config.all_backends()} == {("whisper-large-v3-turbo",), ("whisper-small",)}
+    assert {b.models for b in config_entries(config)} == {("whisper-large-v3-turbo",), ("whisper-small",)}
 
 
 def test_defaults_fill_what_is_not_given():

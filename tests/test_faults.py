@@ -6,6 +6,8 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 import signal
 import socket
+import statistics
+import time
 
 import pytest
 
@@ -38,10 +40,10 @@ FAST_RESILIENCE = {"health_interval_s": 0.5, "health_timeout_s": 1.0, "unhealthy
 class FaultGateway(GatewayStack):
     """Simulated engines by name behind a gateway tuned to notice failures quickly."""
 
-    def __init__(self, tmp_path, names: list[str], **sections):
+    def __init__(self, tmp_path, names: list[str], time_scale: float = 0.2, **sections):
         self.engines, self.processes = {}, {}
         for name in names:
-            self.processes[name], self.engines[name] = start_engine(tmp_path, MODEL, name, time_scale=0.2)
+            self.processes[name], self.engines[name] = start_engine(tmp_path, MODEL, name, time_scale=time_scale)
         sections.setdefault("resilience", FAST_RESILIENCE)
         super().__init__(tmp_path, MODEL, list(self.engines.values()), **sections)
         wait_until(lambda: all(h.get("health_flags") == "healthy" for h in self.hosts().values()), 10,
@@ -101,6 +103,41 @@ def test_hung_engine_costs_no_request_and_leaves_rotation(tmp_path):
     assert statuses and set(statuses) == {200}, [s for s in statuses if s != 200]
     assert gateway.envoy.stat(f"cluster.model_{MODEL}.upstream_rq_retry") > 0  # the hedged tries
     assert gateway.served_by(10) == {"e1": 10, "e2": 0}
+
+
+def timed_transcriptions(url: str, seconds: float, count: int, at_once: int) -> list[tuple[int, float]]:
+    """(status, seconds taken) of `count` requests of a `seconds` clip, `at_once` at a time."""
+    def one(_):
+        started = time.monotonic()
+        status = transcribe(url, MODEL, seconds=seconds).status
+        return status, time.monotonic() - started
+    with ThreadPoolExecutor(at_once) as pool:
+        return list(pool.map(one, range(count)))
+
+
+def test_a_stopped_engine_delays_no_request_more_than_three_times_its_expected_time(tmp_path):
+    # Once the model's speed is measured, a try is hedged after 1.25 x what recent tries took per
+    # audio-second (90th percentile) x the upload's audio-seconds: a 10 s clip that takes about
+    # 1.1 s is hedged after about 1.6 s, not after a fixed 30 s.
+    gateway = FaultGateway(tmp_path, ["e1", "e2", "e3"], time_scale=6.0,
+                           resilience={**FAST_RESILIENCE, "hedge_floor_s": 0.3})
+    warm = timed_transcriptions(gateway.envoy.url, 10.0, 12, 2)
+    assert {status for status, _ in warm} == {200}
+    expected = statistics.median(taken for _, taken in warm)
+    wait_until(lambda: gateway.admin.status()["models"][0]["hedge_ms_per_audio_s"], 10, "the model's speed measured")
+    published = f'["per_try_ms_per_audio_s"] = {{["{MODEL}"] = {gateway.admin.status()["models"][0]["hedge_ms_per_audio_s"]}}}'
+    wait_until(lambda: published in request("GET", gateway.envoy.admin + "/config_dump").text.replace('\\"', '"'),
+               10, "Envoy's routes to carry it")
+    hedged_before = gateway.envoy.stat(f"cluster.model_{MODEL}.upstream_rq_retry")
+    gateway.processes["e2"].signal(signal.SIGSTOP)
+    try:
+        stopped = timed_transcriptions(gateway.envoy.url, 10.0, 12, 2)
+    finally:
+        gateway.processes["e2"].signal(signal.SIGCONT)
+    assert {status for status, _ in stopped} == {200}
+    assert gateway.envoy.stat(f"cluster.model_{MODEL}.upstream_rq_retry") > hedged_before  # e2 held some: hedged
+    slowest = max(taken for _, taken in stopped)
+    assert slowest <= 3 * expected, (slowest, expected)
 
 
 def test_without_hedging_a_hung_engine_holds_its_requests_until_the_route_timeout(tmp_path):

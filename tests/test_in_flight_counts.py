@@ -8,7 +8,7 @@ import pytest
 
 from control_plane.decide.in_flight import GroupSlots, batch_lane_limits, needs_new_grants, plane_share, split
 from control_plane.config import ModelConfig
-from control_plane.fleet.state import Backend, Fleet
+from control_plane.fleet.resolved import Backend, Fleet
 from control_plane.observe.access_logs import REQUEST_ENDED, TRY_ENDED, TRY_STARTED, record
 from control_plane.observe.in_flight import ENDED_KEPT_S, RETRY_GRACE_S, InFlight
 from control_plane.observe.ledger import Ledger

@@ -39,12 +39,14 @@ RULES = [
     ("fleet", (*DRIVERS, "observe", "decide", "builders", "operator")),
     ("builders", (*DRIVERS, "observe", "decide", "operator")),
     ("operator", DRIVERS),
-    # The top-level modules. Names and the config's checks are leaves everyone reads.
+    # The top-level modules. Names, addresses and the config's checks are leaves everyone reads.
     ("names", everything_but()),
+    ("addresses", everything_but()),
     ("validation", everything_but()),
-    # The config reads only what its fields are checked with (addresses, bounds, file names), never
-    # a part that reads the config.
-    ("config", (*DRIVERS, "bootstrap", "certificates", "peers", "operator", "builders", "decide", "observe")),
+    # config/ reads only what its fields are checked with (addresses, validation, Envoy's weight
+    # bounds in xds/, the internal CA's file names), never a part that reads the config.
+    ("config", (*DRIVERS, "bootstrap", "certificates", "peers", "fleet", "observe", "decide", "builders", "operator",
+                "tenants")),
     # Certificates, the internal CA and the peers it names: files and TLS, below everything that serves.
     ("certificates", (*DRIVERS, "bootstrap", "peers", "operator", "builders", "decide", "observe", "fleet", "xds",
                       "tenants")),

@@ -180,3 +180,19 @@ def test_an_estimated_duration_is_metered_as_estimated_whichever_log_meters_it()
     record(failed_request, 1, outcomes, ledger, InFlight(), now=1.0)
     metered = ledger.metered["m"]
     assert (metered.requests, metered.received, metered.estimated) == (3, 19.5, 16.5)
+
+
+def timed(status, sent_s, answered_s, reset=False, seconds="12.5"):
+    """A try's end with the upstream timings Envoy logs (from the try's start)."""
+    logged = entry(TRY_ENDED, status=status, reset=reset, seconds=seconds)
+    logged.common_properties.time_to_last_upstream_tx_byte.FromMilliseconds(int(sent_s * 1000))
+    logged.common_properties.time_to_last_upstream_rx_byte.FromMilliseconds(int(answered_s * 1000))
+    return logged
+
+
+def test_a_whole_answer_is_evidence_of_its_models_speed_and_nothing_else_is():
+    ledger = Ledger()
+    for logged in (timed(200, 0.5, 3.0), timed(503, 0.0, 1.0), timed(200, 0.0, 9.0, reset=True),
+                   entry(TRY_ENDED, status=200)):  # no timings: not evidence
+        record(logged, 1, Outcomes(), ledger, InFlight(), now=1.0)
+    assert list(ledger.answered["m"]) == [(12.5, 2.5)]  # from the upload's last byte to the answer's

@@ -17,7 +17,7 @@ import json
 import pytest
 
 from control_plane.config import parse_config
-from control_plane.fleet.state import Fleet
+from control_plane.fleet.resolved import Fleet
 from control_plane.tenants.keys import Access, KeyTable
 from engines.common.audio import silent_wav
 from harness.lua_filter import LuaFilter
@@ -162,6 +162,20 @@ def test_long_uploads_are_marked_and_tries_get_a_deadline_by_size():
     outcome = lua.run_request(headers=FORM, body=long)
     assert outcome.header("x-whisper-long-upload") == "1"
     assert outcome.header("x-envoy-upstream-rq-per-try-timeout-ms") == str(2000 + len(long) * 3000 // 1048576)
+
+
+def test_once_a_models_speed_is_measured_tries_get_a_deadline_by_audio_seconds_with_a_floor():
+    config = parse_config(RAW | {"resilience": {"hedge_after_s": 2, "hedge_per_mb_s": 3, "hedge_floor_s": 1.5}})
+    fleet = Fleet(models=config.models, backends=(), hedge_ms={BIG: 300})  # 0.3 s per audio-second
+    lua = LuaFilter(config, fleet)
+    for seconds, deadline in ((20.0, 6000), (2.0, 1500)):  # 20 s x 300 ms; 2 s x 300 ms is under the floor
+        outcome = lua.run_request(headers=FORM, body=form(audio=silent_wav(seconds)))
+        assert_routed(outcome, BIG)
+        assert outcome.header("x-envoy-upstream-rq-per-try-timeout-ms") == str(deadline)
+    unmeasured = LuaFilter(config, Fleet(models=config.models, backends=(), hedge_ms={"other": 300}))
+    body = form(audio=silent_wav(20.0))  # a model not measured yet keeps the deadline by size
+    assert unmeasured.run_request(headers=FORM, body=body).header("x-envoy-upstream-rq-per-try-timeout-ms") == str(
+        2000 + len(body) * 3000 // 1048576)
 
 
 def test_an_upload_without_a_duration_field_is_estimated_and_says_so():

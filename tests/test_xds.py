@@ -14,7 +14,7 @@ from control_plane.app import ControlPlane
 from control_plane.builders import build_resources
 from control_plane.config import parse_config
 from control_plane.fleet.resolve import resolve_fleet
-from control_plane.fleet.registry import Registry
+from control_plane.fleet.registry import Registry, config_entries
 from control_plane.xds.snapshot import Snapshot
 from control_plane.xds.types import CLUSTER, ENDPOINT
 from harness.processes import (
@@ -205,7 +205,7 @@ def test_two_envoys_restarts_of_either_side(tmp_path, engines):
 
 def registry_of(config) -> Registry:
     registry = Registry.empty()
-    registry.set_config(config.all_backends())
+    registry.set_config(config_entries(config))
     return registry
 
 

@@ -9,7 +9,7 @@ from control_plane.builders.routes import build_route_configuration
 from control_plane.builders.secrets import build_secrets
 from control_plane.certificates import TlsMaterial
 from control_plane.config import GatewayConfig
-from control_plane.fleet.state import Fleet
+from control_plane.fleet.resolved import Fleet
 from control_plane.tenants.keys import Access
 from control_plane.xds.snapshot import Resources
 from control_plane.xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET

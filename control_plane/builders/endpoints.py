@@ -9,7 +9,7 @@ from google.protobuf import wrappers_pb2
 from control_plane.builders.common import long_upload_metadata
 from control_plane.names import LOCAL_CLUSTER, TLS_MATCH_KEY, cluster_name
 from control_plane.xds.types import TLS_MATCH_NAMESPACE
-from control_plane.fleet.state import Backend, Fleet
+from control_plane.fleet.resolved import Backend, Fleet
 
 
 def _metadata(backend: Backend, long_uploads: bool) -> base_pb2.Metadata:

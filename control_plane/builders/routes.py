@@ -32,7 +32,7 @@ from control_plane.names import (
     cluster_name,
 )
 from control_plane.config import GatewayConfig
-from control_plane.fleet.state import Fleet
+from control_plane.fleet.resolved import Fleet
 from control_plane.tenants.keys import Access
 from control_plane.xds.snapshot import MAX_WEIGHT
 
@@ -139,26 +139,28 @@ def _fallback_routes() -> list[rc.Route]:
     return routes
 
 
-def hedging(config: GatewayConfig) -> tuple[int, int]:
-    """(base ms, ms per MiB) of the per-try deadline the Lua filter sets; (0, 0): none.
+def hedging(config: GatewayConfig, fleet: Fleet | None) -> dict:
+    """The per-try deadline the Lua filter sets: by the model's measured speed (ms per
+    audio-second, decide/hedging.py) with a floor, else base ms + ms per MiB; all 0: none.
 
     A per-try timeout without a retry (or with retries that never follow a reset) would fail
     the request instead of asking another engine, so it is set only where it can hedge.
     """
     r = config.resilience
-    if not (r.retries and r.retry_after_reset):
-        return 0, 0
-    return int(r.hedge_after_s * 1000), int(r.hedge_per_mb_s * 1000)
+    if not (r.retries and r.retry_after_reset) or not (r.hedge_after_s or r.hedge_per_mb_s):
+        return {"per_try_base_ms": 0, "per_try_ms_per_mb": 0, "per_try_ms_per_audio_s": {}, "per_try_floor_ms": 0}
+    return {"per_try_base_ms": int(r.hedge_after_s * 1000), "per_try_ms_per_mb": int(r.hedge_per_mb_s * 1000),
+            "per_try_ms_per_audio_s": dict(fleet.hedge_ms) if fleet is not None else {},
+            "per_try_floor_ms": int(r.hedge_floor_s * 1000)}
 
 
 def lua_context(config: GatewayConfig, fleet: Fleet | None, access: Access, envoys: int = 1) -> dict:
     """What the Lua filter reads of the config and fleet (CONTEXT in its source); `envoys`: the
     gateways sharing each key's budget (builders/quotas.py)."""
-    base_ms, per_mb_ms = hedging(config)
-    return {"models": fleet.name_to_model() if fleet is not None else {},
+    return hedging(config, fleet) | {
+            "models": fleet.name_to_model() if fleet is not None else {},
             "long_upload_bytes": config.routing.long_upload_bytes,
             "max_audio_seconds": config.limits.max_audio_s,
-            "per_try_base_ms": base_ms, "per_try_ms_per_mb": per_mb_ms,
             "keys_required": access.required,
             # A client address over this many wrong keys per window gets 429 (envoy/api_keys.lua; 0: never).
             "bad_keys_per_address": config.auth.bad_keys_per_address,

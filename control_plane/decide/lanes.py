@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 
 from control_plane.config import RoutingConfig
 from control_plane.decide.policy import fresh, held_audio, work_seconds
-from control_plane.fleet.state import Fleet
+from control_plane.fleet.resolved import Fleet
 from control_plane.observe.ledger import CHUNK_S
 from control_plane.observe.load_tracker import EndpointState
 

@@ -39,7 +39,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
 from control_plane.config import RoutingConfig
-from control_plane.fleet.state import Fleet
+from control_plane.fleet.resolved import Fleet
 from control_plane.observe.ledger import CHUNK_S
 from control_plane.observe.load_tracker import EndpointState
 from control_plane.xds.snapshot import MAX_WEIGHT, MIN_WEIGHT

@@ -1,1 +1,2 @@
-"""The fleet: backends and their drains (registry), discovery and resolution, the state file."""
+"""The fleet: backends and their drains (registry), discovery and resolution (the resolved fleet),
+the state file (local_store) or etcd (etcd_state)."""

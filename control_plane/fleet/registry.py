@@ -12,6 +12,10 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, replace
 from enum import Enum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from control_plane.config import GatewayConfig
 
 ACTIVE, DRAINING, DRAINED = "active", "draining", "drained"
 
@@ -81,6 +85,12 @@ class Entry:
         drain = None if state == ACTIVE else Drain(state, data.get("drain_deadline"), data.get("drain_reason") or "admin")
         return cls(id=data["id"], url=data["url"], models=tuple(data["models"]), weight=data.get("weight", 1),
                    source=Source.API, drain=drain)
+
+
+def config_entries(config: GatewayConfig) -> list[Entry]:
+    """Configured backends plus the engines `up` runs, as the registry keeps them."""
+    given = [Entry.create(b.url, b.models, b.weight, Source.CONFIG) for b in config.backends]
+    return given + [Entry.create(e.url, (e.model,), 1, Source.CONFIG) for e in config.engines]
 
 
 @dataclass

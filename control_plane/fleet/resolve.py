@@ -13,9 +13,9 @@ import aiohttp
 
 from urllib.parse import urlsplit
 
-from control_plane.fleet.addresses import AddressError, check_resolved, is_ip_address, own_port_problem
+from control_plane.addresses import AddressError, check_resolved, is_ip_address, own_port_problem
 from control_plane.config import GatewayConfig, ListenConfig, ModelConfig
-from control_plane.fleet.state import Backend, Fleet
+from control_plane.fleet.resolved import Backend, Fleet
 from control_plane.fleet.registry import DRAINED, DRAINING, Entry, Registry
 
 log = logging.getLogger(__name__)

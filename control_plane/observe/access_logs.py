@@ -66,6 +66,16 @@ def delivered(entry: accesslog_pb2.HTTPAccessLogEntry) -> bool:
     return answered(entry) and not any(getattr(flags, name) for name in CUT_SHORT_FLAGS)
 
 
+def try_time(entry: accesslog_pb2.HTTPAccessLogEntry) -> float | None:
+    """Seconds from a try's last byte sent to the engine to its answer's last byte, or None."""
+    common = entry.common_properties
+    if not (common.HasField("time_to_last_upstream_tx_byte") and common.HasField("time_to_last_upstream_rx_byte")):
+        return None
+    taken = (common.time_to_last_upstream_rx_byte.ToTimedelta()
+             - common.time_to_last_upstream_tx_byte.ToTimedelta()).total_seconds()
+    return taken if taken >= 0 else None
+
+
 def _string(fields, name: str) -> str:
     """A string the Lua filter set as dynamic metadata (`fields`: its namespace's, or None), or ""."""
     return fields.fields[name].string_value if fields is not None and name in fields.fields else ""
@@ -137,11 +147,14 @@ def refused_here(entry: accesslog_pb2.HTTPAccessLogEntry, fields) -> bool:
 
 
 def _meter_served(entry: accesslog_pb2.HTTPAccessLogEntry, ledger: Ledger) -> None:
+    """A whole answer: its request served, and the time its try took (a model's speed)."""
     headers = entry.request.request_headers
     seconds = as_seconds(headers.get(AUDIO_SECONDS_HEADER, ""))
     if seconds is not None and headers.get(MODEL_HEADER):
         ledger.meter(headers[MODEL_HEADER], seconds, AUDIO_ESTIMATED_HEADER in headers, "served",
                      headers.get(KEY_ID_HEADER, ""))
+        if (taken := try_time(entry)) is not None:
+            ledger.took(headers[MODEL_HEADER], seconds, taken)
 
 
 def record(entry: accesslog_pb2.HTTPAccessLogEntry, stream: int, outcomes: Outcomes, ledger: Ledger,

@@ -10,6 +10,8 @@ over all Envoys and with no call in the request path:
 - per engine: the audio-seconds sent and not yet answered, and the audio-seconds it answers
   per second of having work in flight (decayed sums, time constant RATE_TAU_S): its measured
   speed, which does not depend on how long the clips it happened to get were;
+- per model, the audio-seconds and the time taken of its latest answered tries: the evidence
+  each model's hedging deadline follows (decide/hedging.py);
 - per model, and per API key and model: audio-seconds received, served and failed (each request
   once, at its end; "" is the key of requests made without one).
 
@@ -19,6 +21,7 @@ Pure: no I/O, and time is passed in.
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass, field
 
 from control_plane.observe.load_tracker import SPEED_MEMORY_S
@@ -28,6 +31,7 @@ CHUNK_S = 30.0  # Whisper's window: vLLM makes one engine request per started 30
 # A try this old that its engine does not hold (running + waiting 0) is over: longer than an
 # upload takes to reach the engine on a slow link.
 SETTLE_AFTER_S = 5.0
+RECENT_TRIES = 64  # answered tries kept per model as evidence of its speed
 
 
 @dataclass
@@ -90,6 +94,7 @@ class Ledger:
         self.engines: dict[str, _Engine] = {}
         self.metered: dict[str, Metered] = {}
         self.metered_by_key: dict[tuple[str, str], Metered] = {}  # (key id, model) ->
+        self.answered: dict[str, deque[tuple[float, float]]] = {}  # model -> (audio-seconds, seconds taken)
 
     def started(self, stream: int, request_id: str, endpoint: str, seconds: float, now: float) -> None:
         """A try of `seconds` of audio began at `endpoint` ("ip:port"), logged on Envoy stream `stream`."""
@@ -117,6 +122,10 @@ class Ledger:
             del engine.tries[(stream, request_id)]
         if answered:
             engine.done += entry.seconds
+
+    def took(self, model: str, seconds: float, taken_s: float) -> None:
+        """A try of `seconds` of audio was answered whole `taken_s` after the upload reached the engine."""
+        self.answered.setdefault(model, deque(maxlen=RECENT_TRIES)).append((seconds, taken_s))
 
     def meter(self, model: str, seconds: float, estimated: bool, outcome: str, key: str = "") -> None:
         """A request the filter routed to `model` ended, one of OUTCOMES: served (a whole 2xx),

@@ -15,7 +15,7 @@ from typing import Callable
 
 import aiohttp
 
-from control_plane.fleet.state import Backend, Fleet
+from control_plane.fleet.resolved import Backend, Fleet
 from control_plane.observe.ledger import Ledger
 from control_plane.observe.load_tracker import EndpointState, LoadTracker
 from control_plane.observe.metrics_parser import load_for_model, parse_loads

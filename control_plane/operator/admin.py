@@ -26,10 +26,10 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from control_plane.fleet.addresses import AddressError, is_https, parse_backend_url
+from control_plane.addresses import AddressError, is_https, parse_backend_url
 from control_plane.config import ConfigError, DrainTimeout, ModelName, RotationGrace, Weight, check
 from control_plane.fleet.resolve import dialable_address, read_engine_models
-from control_plane.fleet.shared_state import StateUnavailable
+from control_plane.fleet.etcd_state import StateUnavailable
 from control_plane.names import NO_ENGINE_CA
 from control_plane.observe.scraper import tls_problem
 from control_plane.operator import audit
@@ -149,7 +149,7 @@ async def _json_object(request: web.Request, allowed: set[str], required: set[st
 
 
 def _field(kind, body: dict, key: str):
-    """One field, checked as the config file checks the same setting (control_plane/config.py)."""
+    """One field, checked as the config file checks the same setting (control_plane/config/)."""
     try:
         return check(kind, body[key], key)
     except ConfigError as error:

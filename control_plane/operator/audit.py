@@ -32,7 +32,7 @@ from collections import deque
 from datetime import datetime, timezone
 from pathlib import Path
 
-from control_plane.fleet.state_store import write_atomically
+from control_plane.fleet.local_store import write_atomically
 
 AUDIT_FILE = "audit.jsonl"
 MAX_RECORDS = 100_000
@@ -190,7 +190,7 @@ class FileAudit:
 
 
 class EtcdAudit:
-    """The trail in etcd (state.etcd): control_plane/fleet/shared_state.py keeps the records."""
+    """The trail in etcd (state.etcd): control_plane/fleet/etcd_state.py keeps the records."""
 
     def __init__(self, shared, keep: int = MAX_RECORDS, slack: int = TRIM_SLACK):
         self.shared, self.keep, self.slack = shared, keep, slack

@@ -91,6 +91,9 @@ def model_rows(plane: PlaneView, endpoints: list[dict], now: float) -> list[dict
             "drain_rate": round(sum(rates), 3) if rates else None,
             "expected_wait_s": _rounded(waits[model]),
             "batch": "refused" if model in plane.fleet.batch_closed else "admitted",
+            # A try's deadline before it is hedged, per audio-second of the upload (decide/hedging.py);
+            # None: not measured yet (resilience.hedge_after_s + hedge_per_mb_s stand).
+            "hedge_ms_per_audio_s": plane.fleet.hedge_ms.get(model),
             # With auth.batch_in_flight_per_engine: batch requests in flight, and how many may be.
             "batch_in_flight": plane.requests_in_flight(batch_lane(model)),
             "batch_in_flight_limit": plane.in_flight_limits().get(batch_lane(model)),

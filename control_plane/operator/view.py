@@ -17,7 +17,7 @@ if TYPE_CHECKING:  # hints only: nothing of these runs here
 
     from control_plane.config import GatewayConfig
     from control_plane.fleet.registry import Entry
-    from control_plane.fleet.state import Fleet
+    from control_plane.fleet.resolved import Fleet
     from control_plane.observe.ledger import Metered
     from control_plane.observe.load_tracker import EndpointState, Track
     from control_plane.operator.tokens import AdminToken, TokenTable

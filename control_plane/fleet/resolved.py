@@ -1,11 +1,11 @@
-"""The desired state the builders turn into Envoy resources: models and the engines serving them."""
+"""The resolved fleet, the desired state the builders turn into Envoy resources: models and the engines serving them."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from control_plane.addresses import is_https
 from control_plane.config import ModelConfig
-from control_plane.fleet.addresses import is_https
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,8 @@ class Fleet:
     ejected: frozenset[tuple[str, str]] = frozenset()
     # Models whose engines are backed up, refusing batch keys -> the Retry-After (s) they give.
     batch_closed: dict[str, int] = field(default_factory=dict)
+    # Models whose speed is measured -> a try's deadline in ms per audio-second (decide/hedging.py).
+    hedge_ms: dict[str, int] = field(default_factory=dict)
 
     def with_routing(self, weights: dict[tuple[str, str], int], long_uploads: frozenset[tuple[str, str]],
                      ejected: frozenset[tuple[str, str]] | None = None) -> "Fleet":

@@ -1,4 +1,4 @@
-"""The state file: written atomically and durably before the API answers."""
+"""The state dir on this host: the state file, written atomically and durably before the API answers, and the admin token."""
 
 from __future__ import annotations
 

@@ -46,9 +46,9 @@ import grpc
 from aetcd import rpc
 from aetcd.watcher import Watcher
 
+from control_plane.addresses import is_ip_address
 from control_plane.certificates import CertificateProblem, read_authority, read_pair
 from control_plane.config import BackendTlsConfig
-from control_plane.fleet.addresses import is_ip_address
 
 log = logging.getLogger(__name__)
 
