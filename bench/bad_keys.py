@@ -159,7 +159,7 @@ def run(args: argparse.Namespace, log_dir: Path) -> dict:
     since = len(STARTED)
     try:
         engine = start_engine(log_dir, MODEL, "bad-keys", time_scale=0.0001, max_num_seqs=256)[1]
-        stack = GatewayStack(log_dir, MODEL, [engine], envoy_args=("--concurrency", str(args.workers)),
+        stack = GatewayStack(log_dir, MODEL, [engine], workers=args.workers,
                              auth={"api_keys": "required", "bad_keys_per_address": args.threshold})
         secret = stack.admin.call("POST", "/keys", {"name": "bench"}).json()["secret"]
         port = stack.raw["listen"]["port"]

@@ -289,7 +289,7 @@ def start_gateway(log_dir: Path, engine_urls: list[str], workers: int, name: str
     """A real GatewayStack (its default config unless `sections` say otherwise)."""
     stack_dir = log_dir / name
     stack_dir.mkdir()
-    stack = GatewayStack(stack_dir, MODEL, engine_urls, envoy_args=("--concurrency", str(workers)), **sections)
+    stack = GatewayStack(stack_dir, MODEL, engine_urls, workers=workers, **sections)
     running = envoy_concurrency(stack.envoy.admin)
     if running != workers:
         raise SystemExit(f"the gateway's Envoy runs {running} workers, not {workers}")

@@ -6,18 +6,27 @@ makes the Lua filter rewrite the body, a copy in LuaJIT's memory that Envoy's ov
 does not see). Envoy's resident memory is sampled every 20 ms: peak, and what is left after.
 
     .venv/bin/python -m bench.memory [--clients 10] [--mb 20] [--rounds 3]
+
+`--slow`: the issue's case instead: `--clients` uploads of `--mb` MiB at once, each sent over
+`--seconds` (all admitted or refused before any finishes), against `--heap-mb` of
+`limits.max_heap_mb`: peak RSS, and how many were answered 200, 503 (refused before a byte was
+buffered) or otherwise.
+
+    .venv/bin/python -m bench.memory --slow [--clients 40] [--mb 24] [--heap-mb 2048] [--seconds 10]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import socket
 import tempfile
 import threading
 import time
 from pathlib import Path
 
 from bench.machine import describe_machine
+from control_plane.supervisor import envoy_workers
 from engines.common.audio import silent_wav
 from harness.processes import STARTED, Envoy, GatewayConfigFile, base_config, free_port, multipart, request, \
     start_control_plane, start_engine
@@ -69,14 +78,81 @@ def run(log_dir: Path, model_field: str, clients: int, mb: int, rounds: int) -> 
             "answers": sorted(set(statuses)), "uploads": len(statuses)}
 
 
+def slow_upload(port: int, head: bytes, body: bytes, seconds: float) -> str:
+    """One upload sent in 20 pieces over `seconds`: its answer's status, or how it ended."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=120) as connection:
+            connection.sendall(head)
+            step = len(body) // 20 + 1
+            for at in range(0, len(body), step):
+                connection.sendall(body[at:at + step])
+                time.sleep(seconds / 20)
+            answer = connection.recv(4096)
+            return answer.split(b" ", 2)[1].decode() if answer else "closed"
+    except OSError as error:
+        return type(error).__name__
+
+
+def run_slow(log_dir: Path, clients: int, mb: int, heap_mb: int, seconds: float) -> dict:
+    _, engine = start_engine(log_dir, "m", "e-slow", time_scale=0.01, max_num_seqs=64)
+    raw = base_config(free_port(), free_port(), [{"name": "m"}], [{"url": engine, "models": ["m"]}],
+                      limits={"max_heap_mb": heap_mb, "max_upload_mb": mb + 1})
+    config = GatewayConfigFile(log_dir / "gateway-slow.yaml")
+    config.write(raw)
+    start_control_plane(log_dir, config.path, name="control-plane-slow", state_dir=log_dir / "slow")
+    envoy = Envoy(log_dir, raw, name="envoy-slow")
+    envoy.wait_serving()
+    pid = envoy.process.popen.pid
+    idle = rss_mib(pid)
+    body = multipart([("model", "m", None), ("file", silent_wav(mb * 1024 * 1024 / 32000), "a.wav")])
+    head = (f"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
+            "Content-Type: multipart/form-data; boundary=wgboundary7MA4YWxk\r\n\r\n").encode()
+    peak, done, outcomes = [idle], threading.Event(), []
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], rss_mib(pid))
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    senders = [threading.Thread(target=lambda: outcomes.append(slow_upload(envoy.listen_port, head, body, seconds)))
+               for _ in range(clients)]
+    for thread in senders:
+        thread.start()
+    for thread in senders:
+        thread.join()
+    done.set()
+    sampler.join()
+    counts = {outcome: outcomes.count(outcome) for outcome in sorted(set(outcomes))}
+    return {"heap_mb": heap_mb, "idle_rss_mib": idle, "peak_rss_mib": peak[0], "answers": counts,
+            "workers": envoy_workers()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--mb", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--slow", action="store_true")
+    parser.add_argument("--heap-mb", type=int, default=2048)
+    parser.add_argument("--seconds", type=float, default=10.0)
     args = parser.parse_args()
     log_dir = Path(tempfile.mkdtemp(prefix="bench-memory-"))
     machine = describe_machine()
+    if args.slow:
+        try:
+            row = run_slow(log_dir, args.clients, args.mb, args.heap_mb, args.seconds)
+        finally:
+            for process in reversed(STARTED):
+                process.stop()
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "memory-slow.json").write_text(json.dumps(
+            {"date": machine["date"], "commit": machine["git_commit"], "machine": machine, "clients": args.clients,
+             "mb": args.mb, "seconds": args.seconds, **row}, indent=2))
+        print(f"{args.clients} slow uploads of {args.mb} MiB, max_heap_mb {args.heap_mb}, {row['workers']} workers: "
+              f"idle {row['idle_rss_mib']} MiB, peak {row['peak_rss_mib']} MiB; answers {row['answers']}")
+        return
     try:
         rows = [run(log_dir, field, args.clients, args.mb, args.rounds) for field in ("m", "whisper-1")]
     finally:

@@ -518,12 +518,12 @@ def _exec_envoy(args: argparse.Namespace, config: GatewayConfig) -> None:
     """Replaces this process with Envoy, so signals (SIGTERM from a container runtime) reach it."""
     import os
 
-    from control_plane.supervisor import ENVOY_FLAGS, find_envoy
+    from control_plane.supervisor import envoy_command
 
     import socket
 
     path = args.bootstrap or Path(tempfile.mkdtemp(prefix="whisper-gateway-envoy-")) / "bootstrap.yaml"
     node_id = args.node_id or (f"{args.identity}.{socket.gethostname()}" if args.identity else default_node_id())
     write_bootstrap(path, config, node_id, args.xds_host, identity=args.identity)
-    binary = find_envoy()
-    os.execv(binary, [binary, *ENVOY_FLAGS, "-c", str(path)])
+    argv, env = envoy_command(path)
+    os.execve(argv[0], argv, env)

@@ -92,3 +92,7 @@ BACKEND_CLIENT_SECRET = "backend_client_certificate"
 TLS_MATCH_KEY = "tls"
 NO_ENGINE_CA = ("https:// engines need a CA to be checked against: set backend_tls.ca_file (this system has no CA "
                 "bundle; install ca-certificates)")
+
+# The environment variable that tells the Lua filter how many worker threads Envoy runs (each
+# admits uploads against its share of limits.max_heap_mb: envoy/model_router.lua).
+WORKERS_ENV = "WHISPER_GATEWAY_WORKERS"

@@ -23,6 +23,7 @@ import aiohttp
 from control_plane import internal_pki
 from control_plane.bootstrap import write_bootstrap
 from control_plane.config import DEFAULT_CONFIG_PATH, EngineConfig, GatewayConfig
+from control_plane.names import WORKERS_ENV
 
 # A spoken English sentence (espeak-ng, 16 kHz mono) for the example `up` prints.
 SAMPLE_CLIP = DEFAULT_CONFIG_PATH.parent / "sample.wav"
@@ -35,6 +36,21 @@ STOP_TIMEOUT_S = 10.0
 # How every Envoy of the gateway runs: no shared-memory hot restart (several Envoys share a host
 # in tests and compose), quiet logs, a short drain.
 ENVOY_FLAGS = ["--disable-hot-restart", "--log-level", "warn", "--drain-time-s", "5"]
+
+
+def envoy_workers() -> int:
+    """The worker threads Envoy runs: one per CPU this process may use."""
+    return max(1, len(os.sched_getaffinity(0)))
+
+
+def envoy_command(bootstrap: Path, flags: list[str] = ENVOY_FLAGS,
+                  workers: int | None = None) -> tuple[list[str], dict[str, str]]:
+    """Envoy's argv and environment: its worker count (default envoy_workers()) is set, and told
+    to the Lua filter, which admits uploads against each worker's share of the memory for them
+    (WORKERS_ENV)."""
+    workers = workers or envoy_workers()
+    return ([find_envoy(), *flags, "--concurrency", str(workers), "-c", str(bootstrap)],
+            {**os.environ, WORKERS_ENV: str(workers)})
 # Longest a stop waits for requests in flight through Envoy to finish.
 DRAIN_TIMEOUT_S = 30.0
 
@@ -95,11 +111,11 @@ class Child:
     process: asyncio.subprocess.Process
 
 
-async def _spawn(name: str, command: list[str], log_dir: Path) -> Child:
+async def _spawn(name: str, command: list[str], log_dir: Path, env: dict[str, str] | None = None) -> Child:
     log_file = open(log_dir / f"{name}.log", "ab")
     process = await asyncio.create_subprocess_exec(
         *command, stdout=log_file, stderr=asyncio.subprocess.STDOUT, stdin=asyncio.subprocess.DEVNULL,
-        preexec_fn=_die_with_parent,
+        preexec_fn=_die_with_parent, env=env,
     )
     log_file.close()
     return Child(name, process)
@@ -203,8 +219,8 @@ async def up(config: GatewayConfig, config_path: Path | None, run_dir: Path, sta
             plane = [sys.executable, "-m", "control_plane", "serve", "--config", str(config_path or DEFAULT_CONFIG_PATH),
                      "--state-dir", str(state_directory)]
             children.append(await _spawn("control-plane", plane, run_dir))
-            envoy = [find_envoy(), *ENVOY_FLAGS, "-c", str(bootstrap)]
-            children.append(await _spawn("envoy", envoy, run_dir))
+            envoy, env = envoy_command(bootstrap)
+            children.append(await _spawn("envoy", envoy, run_dir, env))
             await _wait_http_ok(session, f"{audio_url(config)}/v1/models", deadline, children, config.listen.tls is not None)
     except (RuntimeError, TimeoutError, FileNotFoundError) as error:
         log.error("gateway did not start: %s (logs in %s)", error, run_dir)

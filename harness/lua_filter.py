@@ -272,7 +272,9 @@ end
 function STUB.run(entry, record, direction)
   if entry == nil then record.error = "no envoy_on_" .. direction .. " in the filter"; return record end
   local co = coroutine.create(entry)
-  local ok, result = coroutine.resume(co, new_handle(record, direction))
+  -- The handle lives as long as the record (Envoy's: as long as the stream): Outcome.stream.
+  record.handle = new_handle(record, direction)
+  local ok, result = coroutine.resume(co, record.handle)
   if not ok then
     record.error = debug.traceback(co, tostring(result))
   elseif coroutine.status(co) ~= "dead" and result ~= RESPONDED then
@@ -330,6 +332,12 @@ class Outcome:
     body_set: bool  # whether body:setBytes replaced it
     logs: list[tuple[str, str]]
     violations: list[str] = field(default_factory=list)  # misuses of Envoy's API, swallowed by a pcall or not
+    # The request's stream, with the handle the filter had: held, it is in flight; end_stream()
+    # lets it go (as Envoy does when a stream ends, however it ends).
+    stream: Any = field(default=None, repr=False)
+
+    def end_stream(self) -> None:
+        self.stream = None
 
     @property
     def routed(self) -> bool:
@@ -426,4 +434,5 @@ class LuaFilter:
             body_set=bool(record.body_set),
             logs=[(entry[1], entry[2]) for entry in record.logs.values()],
             violations=list(record.violations.values()),
+            stream=record,
         )

@@ -21,7 +21,7 @@ import yaml
 
 from control_plane.bootstrap import write_bootstrap
 from control_plane.config import parse_config
-from control_plane.supervisor import find_envoy
+from control_plane.supervisor import envoy_command, find_envoy
 from engines.common.audio import silent_wav
 
 REPO = Path(__file__).resolve().parent.parent
@@ -244,18 +244,20 @@ class AdminClient:
 class Envoy:
     def __init__(self, log_dir: Path, raw_config: dict, name: str = "envoy", node_id: str | None = None,
                  extra_args: tuple[str, ...] = (), tls: ssl.SSLContext | None = None, xds_host: str | None = None,
-                 identity: str | None = None):
+                 identity: str | None = None, workers: int | None = None):
         """`tls`: how clients check the listener when the config gives listen.tls; `xds_host`:
         the control planes (host:port,...) when not the config's one; `identity`: with
-        internal_tls, the certificate it dials xDS with (envoy-<identity>; default: its node id's)."""
+        internal_tls, the certificate it dials xDS with (envoy-<identity>; default: its node id's);
+        `workers`: its worker threads (default: one per CPU)."""
         config = parse_config(raw_config)
         self.tls = tls
         self.listen_port = config.listen.port
         self.admin_port = free_port()
         bootstrap = write_bootstrap(log_dir / f"{name}-bootstrap.yaml", config, node_id or name, xds_host,
                                     self.admin_port, identity)
-        self.process = Process(name, [find_envoy(), "-c", str(bootstrap), "--disable-hot-restart",
-                                      "--log-level", "warn", "--drain-time-s", "1", *extra_args], log_dir)
+        command, env = envoy_command(bootstrap, ["--disable-hot-restart", "--log-level", "warn", "--drain-time-s", "1"],
+                                     workers)
+        self.process = Process(name, command + list(extra_args), log_dir, env=env)
         self.url = f"https://localhost:{self.listen_port}" if config.listen.tls else f"http://127.0.0.1:{self.listen_port}"
         self.admin = f"http://127.0.0.1:{self.admin_port}"
 
@@ -408,7 +410,7 @@ class GatewayStack:
 
     def __init__(self, tmp_path: Path, model: str, backends: list[str], aliases: tuple[str, ...] = (),
                  envoy_args: tuple[str, ...] = (), listen: dict | None = None, tls: ssl.SSLContext | None = None,
-                 **sections):
+                 workers: int | None = None, **sections):
         """`listen`: settings added to the listen section; `tls`: how clients check listen.tls."""
         self.tmp_path = tmp_path
         self.model = model
@@ -418,7 +420,7 @@ class GatewayStack:
         self.config = GatewayConfigFile(tmp_path / "gateway.yaml")
         self.config.write(self.raw)
         self.plane = start_control_plane(tmp_path, self.config.path)
-        self.envoy = Envoy(tmp_path, self.raw, extra_args=envoy_args, tls=tls)
+        self.envoy = Envoy(tmp_path, self.raw, extra_args=envoy_args, tls=tls, workers=workers)
         self.envoy.wait_serving()
         self.admin = AdminClient(f"http://127.0.0.1:{self.raw['listen']['admin_port']}", self.plane.state_dir)
         self.restarts = 0

@@ -32,7 +32,7 @@ THRESHOLD, WINDOW_S = 5, 3
 def stack(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("bad-keys")
     engine = start_engine(tmp_path, MODEL, "b1", time_scale=0.0001)
-    gateway = GatewayStack(tmp_path, MODEL, [engine[1]], envoy_args=("--concurrency", "1"),
+    gateway = GatewayStack(tmp_path, MODEL, [engine[1]], workers=1,
                            auth={"api_keys": "required", "bad_keys_per_address": THRESHOLD,
                                  "bad_key_window_s": WINDOW_S})
     yield gateway

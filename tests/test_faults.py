@@ -386,34 +386,62 @@ def test_two_gateways_pointed_at_each_other_stop_at_the_first_hop(tmp_path):
     assert b.stat(f"cluster.model_{MODEL}.upstream_rq_total") == 0
 
 
-def test_near_its_heap_limit_envoy_refuses_new_requests_and_recovers(tmp_path):
-    """Slow uploads fill Envoy's buffers: new requests get a 503 in OpenAI's shape, nothing crashes,
-    and once those uploads go, requests are served again."""
-    gateway = FaultGateway(tmp_path, ["e1"], limits={"max_heap_mb": 128})
-    body = multipart([("model", MODEL, None), ("file", b"\x01" * (20 * 1024 * 1024), "a.wav")])
+def test_uploads_that_would_fill_envoys_memory_get_503_and_those_admitted_finish(tmp_path):
+    """Slow uploads hold memory until they end: past the share of limits.max_heap_mb for uploads
+    (envoy/model_router.lua), a new upload gets a 503 in OpenAI's shape before a byte of it is
+    buffered; those admitted still finish; once they end, even by a client's reset, uploads are
+    admitted again."""
+    # 256 MiB: 192 for uploads (one worker); a 20 MiB upload holds 40 (with its retry copy): 4 fit.
+    gateway = FaultGateway(tmp_path, ["e1"], limits={"max_heap_mb": 256, "max_upload_mb": 21}, workers=1)
+    body = multipart([("model", MODEL, None), ("file", silent_wav(20 * 1024 * 1024 / 32000), "a.wav")])
     head = (f"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
             "Content-Type: multipart/form-data; boundary=wgboundary7MA4YWxk\r\n\r\n").encode()
-    held = []
+    connections = []
     try:
-        def overloaded() -> bool:
-            if len(held) < 12:  # each holds 20 MiB short of its last bytes: buffered, never finished
-                connection = socket.create_connection(("127.0.0.1", gateway.envoy.listen_port))
-                held.append(connection)
-                try:
-                    connection.sendall(head + body[:-50])
-                except OSError:
-                    pass  # refused or reset under pressure: that is the point
-            return gateway.envoy.stat("overload.envoy.overload_actions.stop_accepting_requests.active") == 1
-
-        wait_until(overloaded, 30, "Envoy to reach its heap limit", interval=0.05)
-        refused = transcribe(gateway.envoy.url, MODEL)
-        assert refused.status == 503, refused.text
-        assert refused.json()["error"]["code"] == 503 and "overloaded" in refused.json()["error"]["message"]
-        assert gateway.envoy.process.alive()
+        for sent in range(1, 7):  # all but the last bytes: admitted ones wait for them, buffered
+            connection = socket.create_connection(("127.0.0.1", gateway.envoy.listen_port))
+            connections.append(connection)
+            try:
+                connection.sendall(head + body[:-50])
+            except OSError:
+                pass  # refused while it was still sending: Envoy answered 503 and closed
+            wait_until(lambda: gateway.envoy.stat("http.whisper.downstream_rq_5xx")
+                       + gateway.envoy.stat("http.whisper.downstream_rq_active") == sent, 10, "the upload's fate")
+        assert gateway.envoy.stat("http.whisper.downstream_rq_active") == 4
+        refused = raw_http(gateway.envoy.listen_port, head)  # the answer comes before the body is sent
+        assert refused.status == 503 and refused.headers["retry-after"] == "1", refused.text
+        assert refused.json()["error"]["type"] == "ServiceUnavailableError"
+        assert "limits.max_heap_mb" in refused.json()["error"]["message"]
+        assert transcribe(gateway.envoy.url, MODEL).status == 200  # a small one still fits
+        rss_mib = int(next(line.split()[1] for line in open(f"/proc/{gateway.envoy.process.popen.pid}/status")
+                           if line.startswith("VmRSS"))) // 1024
+        assert rss_mib < 256, rss_mib
+        answers = []
+        for connection in connections:
+            try:
+                connection.sendall(body[-50:])
+                answers.append(connection.recv(4096).split(b" ", 2)[1])
+            except OSError:
+                answers.append(b"closed")
+        assert answers[:4] == [b"200"] * 4, answers  # what was admitted finishes
     finally:
-        for connection in held:
+        for connection in connections:
             connection.close()
-    wait_until(lambda: transcribe(gateway.envoy.url, MODEL).status == 200, 30, "requests served again")
+    held = socket.create_connection(("127.0.0.1", gateway.envoy.listen_port))
+    held.sendall(head + body[:-50])
+    wait_until(lambda: gateway.envoy.stat("http.whisper.downstream_rq_active") == 1, 10, "an upload in flight")
+    held.close()  # the client gives up: its reservation returns with its stream
+    wait_until(lambda: gateway.envoy.stat("http.whisper.downstream_rq_active") == 0, 10, "its stream to end")
+    refusals = gateway.envoy.stat("http.whisper.downstream_rq_5xx")
+    again = [socket.create_connection(("127.0.0.1", gateway.envoy.listen_port)) for _ in range(4)]
+    try:  # the whole share is free again: four fit, as at first
+        for connection in again:
+            connection.sendall(head + body[:-50])
+        wait_until(lambda: gateway.envoy.stat("http.whisper.downstream_rq_active") == 4, 10, "four uploads in flight")
+        assert gateway.envoy.stat("http.whisper.downstream_rq_5xx") == refusals
+    finally:
+        for connection in again:
+            connection.close()
 
 
 def test_envoy_drain_lets_requests_in_flight_finish_before_a_restart(tmp_path):

@@ -178,6 +178,31 @@ def test_once_a_models_speed_is_measured_tries_get_a_deadline_by_audio_seconds_w
         2000 + len(body) * 3000 // 1048576)
 
 
+def test_uploads_in_flight_are_admitted_against_the_memory_for_them_and_return_it_when_they_end():
+    # max_heap_mb 100: 75 MiB for uploads; a 20 MiB upload holds 40 (its body, the retry copy).
+    lua = open_filter(limits={"max_heap_mb": 100})
+    big = form(audio=silent_wav(20 * 1024 * 1024 / 32000))
+    first = lua.run_request(headers=FORM, body=big)
+    assert_routed(first, BIG)
+    refused = lua.run_request(headers=FORM, body=big)  # 80 > 75: refused before a byte is buffered
+    body = assert_error(refused, 503, error_type="ServiceUnavailableError")
+    assert "limits.max_heap_mb" in body["message"] and refused.reply_headers["retry-after"] == "1"
+    assert refused.body_calls == 0
+    small = lua.run_request(headers=FORM, body=form(audio=silent_wav(1.0)))  # 64 kB still fits
+    assert_routed(small, BIG)
+    first.end_stream()  # its stream ended: what it held is free again once collected
+    again = lua.run_request(headers=FORM, body=big, now_ms=lua.now_ms + 1000)
+    assert_routed(again, BIG)
+
+
+def test_a_worker_holding_nothing_admits_one_upload_larger_than_its_share():
+    lua = open_filter(limits={"max_heap_mb": 64, "max_upload_mb": 60})  # 48 MiB, less than 2 x 30
+    huge = form(audio=silent_wav(30 * 1024 * 1024 / 32000))
+    held = lua.run_request(headers=FORM, body=huge)
+    assert_routed(held, BIG)
+    assert lua.run_request(headers=FORM, body=form(audio=silent_wav(1.0))).status == 503
+
+
 def test_an_upload_without_a_duration_field_is_estimated_and_says_so():
     outcome = open_filter().run_request(headers=FORM, body=form(audio=b"\x00" * 16000, filename="clip.mp3"))
     assert_routed(outcome, BIG)

@@ -91,6 +91,11 @@ class TimeoutsConfig:
     request_headers_s: seconds(1, 600) = 10.0
 
 
+# Of limits.max_heap_mb, what uploads in flight may hold (the rest: Envoy's own memory,
+# connections, answers, the Lua filter's copies).
+UPLOAD_SHARE = 0.75
+
+
 @dataclass(frozen=True, config=SECTION)
 class LimitsConfig:
     # vLLM's own default upload limit.
@@ -107,6 +112,12 @@ class LimitsConfig:
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def upload_budget_bytes(self) -> int:
+        """What uploads in flight may hold of max_heap_mb, over all of an Envoy's workers
+        (envoy/model_router.lua admits each against it); the rest is Envoy's own."""
+        return int(self.max_heap_mb * 1024 * 1024 * UPLOAD_SHARE)
 
 
 @dataclass(frozen=True, config=SECTION)
