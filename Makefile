@@ -1,4 +1,4 @@
-# The two commands a newcomer types: `make up` and `make test`.
+# The two commands a newcomer types: `make up` and `make test` (`make unit`: the in-process layer alone).
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
@@ -6,7 +6,7 @@ DEBIAN_PACKAGES := curl openssl ca-certificates etcd-server espeak-ng sox docker
 BENCH_PACKAGES := wrk nginx
 COMPOSE_PACKAGES := docker.io debootstrap
 
-.PHONY: up test fuzz test-vllm test-compose images bench bench-full deps bench-deps venv clean
+.PHONY: up test unit fuzz test-vllm test-compose images bench bench-full deps bench-deps venv clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,8 +25,15 @@ deps:
 up: venv
 	$(BIN)/whisper-gateway up --run-dir .gateway-run
 
+# Every test in tests/: the unit layer and the e2e one (real Envoy, engines, control planes, etcd, encoders).
 test: deps venv
 	$(BIN)/pytest -q
+
+# The unit layer alone: tests not marked e2e, which start no process (tests/conftest.py fails one
+# that tries), the Lua filter's in-process tests (tests/test_lua_filter.py, lupa) among them.
+# About 7 s on 2 cores; needs no Debian package.
+unit: venv
+	$(BIN)/pytest -q -m "not e2e"
 
 # The Lua filter's parsers on a million mutated inputs each (tests/test_lua_fuzz.py; `make test`
 # runs 1,000,000 and 120,000): about 100 s on 2 cores.

@@ -12,7 +12,8 @@ import socket
 import ssl
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import TypeVar
 from dataclasses import replace
 from pathlib import Path
@@ -54,6 +55,7 @@ from control_plane.operator.audit import EtcdAudit, FileAudit, MemoryAudit
 from control_plane.operator.tokens import TokenTable
 from control_plane.operator import telemetry
 from control_plane.operator.telemetry import WEIGHT_UPDATES, XdsMetrics, forget_fleet, watch_fleet
+from control_plane.operator.view import PlaneView
 from control_plane.tenants.keys import Access, KeyTable
 from control_plane.xds.cache import InconsistentSnapshot, SnapshotCache
 from control_plane.xds.quota_service import QuotaServicer, Slots
@@ -128,6 +130,8 @@ class ControlPlane:
         self._admin_tls: AdminTls | None = None
         self.xds_tls: ServerCredentials | None = None  # internal_tls: the xDS port's mutual TLS
         self.known = Known(frozenset(), frozenset(), frozenset(), frozenset(), config.limits.max_audio_s)
+        self.view: PlaneView = OperatorView(self)  # all that operator/ (admin API, /status, /metrics) sees
+        self._telemetry = None  # the /metrics collector over `view`, while serving
 
     async def start(self) -> None:
         """Restores saved state and publishes it before any Envoy can connect: none sees a partial set."""
@@ -147,7 +151,7 @@ class ControlPlane:
             self.token, self.token_path = ensure_token(self.state_directory)
         else:
             self.token = configured_token()
-        watch_fleet(self)
+        self._telemetry = watch_fleet(self.view)
         await self._start_servers()
         self._tasks = [asyncio.create_task(self._load_loop()), asyncio.create_task(self._certificate_loop())]
         if self.shared is not None:
@@ -198,7 +202,7 @@ class ControlPlane:
     async def _start_servers(self) -> None:
         """The admin API, and the xDS port (ADS, access logs, RLQS)."""
         listen = self.config.listen
-        self._admin = web.AppRunner(build_admin_app(self), access_log=None)
+        self._admin = web.AppRunner(build_admin_app(self.view), access_log=None)
         await self._admin.setup()
         await web.TCPSite(self._admin, listen.admin_address, listen.admin_port,
                           ssl_context=self._admin_tls.context if self._admin_tls else None).start()
@@ -232,7 +236,7 @@ class ControlPlane:
             await self._server.stop(grace)
         if self._admin is not None:
             await self._admin.cleanup()
-        forget_fleet(self)
+        forget_fleet(self._telemetry)
 
     # -- config ------------------------------------------------------------------------------
 
@@ -716,6 +720,142 @@ class ControlPlane:
                 registry.remove(entry.id)
         await self.change(finish)
         log.info("drain of %s (%s) finished", entry.id, entry.url)
+
+
+class OperatorView:
+    """operator/view.py's PlaneView over a ControlPlane: the questions the operator's side asks of
+    it and the changes it makes, each answered from the plane's parts; nothing else of the plane."""
+
+    def __init__(self, plane: ControlPlane):
+        self._plane = plane
+
+    # -- what it was told and serves
+
+    config = property(lambda self: self._plane.config)
+    fleet = property(lambda self: self._plane.fleet)
+
+    def backends(self) -> list[Entry]:
+        return self._plane.registry.entries()
+
+    def backend(self, backend_id: str) -> Entry | None:
+        return self._plane.registry.get(backend_id)
+
+    def backend_at(self, url: str) -> Entry | None:
+        return self._plane.registry.find_url(url)
+
+    def api_keys(self) -> list:
+        return list(self._plane.keys.by_id.values())
+
+    def api_key(self, key_id: str):
+        return self._plane.keys.get(key_id)
+
+    # -- who may call the admin API, and where its changes are written down
+
+    bootstrap_token = property(lambda self: self._plane.token)
+    audit = property(lambda self: self._plane.audit)
+
+    def admin_tokens(self) -> Mapping:
+        return MappingProxyType(self._plane.tokens.by_id)
+
+    def admin_token_for(self, secret: str):
+        return self._plane.tokens.find(secret)
+
+    # -- the engines
+
+    engine_key = property(lambda self: self._plane.engine_key)
+    engine_tls = property(lambda self: self._plane.engine_tls)
+
+    def serves_https_engines(self) -> bool:
+        return self._plane.serves_https_engines()
+
+    # -- what it observed
+
+    def scrape(self, backend_id: str, model: str):
+        return self._plane.tracker.tracks.get((backend_id, model))
+
+    def endpoint_state(self, backend_id: str, model: str, base_weight: int, now: float):
+        return self._plane.tracker.state(backend_id, model, base_weight, now)
+
+    def endpoint_states(self, now: float) -> dict:
+        plane = self._plane
+        return scraper.endpoint_states(plane.fleet, plane.tracker, plane.outcomes, plane.ledger, now)
+
+    def ejected_until(self, backend_id: str, model: str) -> float | None:
+        return self._plane.ejections.until.get((backend_id, model))
+
+    def failure_ratio(self, endpoint: str, now: float) -> float:
+        return self._plane.outcomes.failure_ratio(endpoint, now)
+
+    def audio_in_flight(self, endpoint: str) -> float:
+        return self._plane.ledger.in_flight(endpoint)
+
+    def audio_rate(self, endpoint: str, now: float) -> float | None:
+        return self._plane.ledger.rate(endpoint, now)
+
+    def metered(self, model: str):
+        return self._plane.ledger.metered.get(model)
+
+    def metered_by_key(self) -> Mapping:
+        return MappingProxyType(self._plane.ledger.metered_by_key)
+
+    def usage_of(self, key_id: str) -> dict[str, dict]:
+        return self._plane.ledger.usage_of(key_id)
+
+    def requests_in_flight(self, group: str) -> int:
+        return self._plane.in_flight.count(group)
+
+    def requests_in_flight_by_group(self) -> dict[str, int]:
+        return self._plane.in_flight.counts()
+
+    def in_flight_limits(self) -> Mapping[str, int]:
+        return MappingProxyType(self._plane.in_flight_limits)
+
+    def no_slot_free(self, group: str) -> bool:
+        return self._plane.slots.free.get(group) == 0
+
+    # -- what it serves the Envoys, and how
+
+    def envoys(self) -> list:
+        return list(self._plane.cache.envoys.values())
+
+    def served_versions(self) -> Mapping[str, str]:
+        snapshot = self._plane.cache.snapshot
+        return MappingProxyType(snapshot.versions) if snapshot else MappingProxyType({})
+
+    def nacks_total(self) -> int:
+        return self._plane.cache.nacks_total
+
+    def certificate_status(self) -> dict:
+        return self._plane.certificates.status()
+
+    def internal_tls_status(self) -> dict | None:
+        tls = self._plane.xds_tls
+        return None if tls is None else {"dir": str(tls.folder), "problem": tls.problem}
+
+    def state_status(self) -> dict:
+        plane = self._plane
+        return {"store": "etcd" if plane.shared is not None else "file", "revision": plane.revision,
+                "leader": plane.leader, "plane": plane.plane_id}
+
+    # -- the changes the admin API makes
+
+    async def add_backend(self, entry: Entry) -> Entry:
+        return await self._plane.add_backend(entry)
+
+    async def drain(self, entry_id: str, timeout_s: float) -> Entry:
+        return await self._plane.drain(entry_id, timeout_s)
+
+    async def resume(self, entry_id: str) -> Entry:
+        return await self._plane.resume(entry_id)
+
+    async def remove_now(self, entry_id: str) -> None:
+        await self._plane.remove_now(entry_id)
+
+    async def change_keys(self, mutate: Callable[[KeyTable], T]) -> tuple[T, list[str]]:
+        return await self._plane.change_keys(mutate)
+
+    async def change_tokens(self, mutate: Callable[[TokenTable], T]) -> T:
+        return await self._plane.change_tokens(mutate)
 
 
 def next_round_in(interval: float, took: float, cpu: float) -> float:

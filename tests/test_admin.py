@@ -26,6 +26,8 @@ from harness.processes import (
     wait_until,
 )
 
+pytestmark = pytest.mark.e2e
+
 MODEL = "whisper-large-v3-turbo"
 
 

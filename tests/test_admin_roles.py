@@ -172,6 +172,7 @@ def fill(path: str, ids: dict[str, str]) -> str:
     return path
 
 
+@pytest.mark.e2e
 def test_each_role_against_each_route(plane):
     backend = plane.admin.call("POST", "/backends", {"url": f"http://127.0.0.1:{free_port()}", "models": [MODEL]})
     key = plane.admin.call("POST", "/keys", {"name": "for-reads"}).json()
@@ -215,6 +216,7 @@ def test_each_role_against_each_route(plane):
     assert {"/tokens", "/tokens/{id}", "/audit"} <= set(described)
 
 
+@pytest.mark.e2e
 def test_every_admin_change_is_audited_with_who_and_nothing_secret(plane):
     operator = plane.token("ops", "operator")
     admin = plane.token("sec", "admin")
@@ -284,6 +286,7 @@ def test_every_admin_change_is_audited_with_who_and_nothing_secret(plane):
     assert plane.admin.call("GET", "/audit?limit=0").status == 400
 
 
+@pytest.mark.e2e
 def test_the_trail_and_the_tokens_survive_a_restart(tmp_path):
     plane = Plane(tmp_path)
     operator = plane.token("ops", "operator")
@@ -304,6 +307,7 @@ def test_the_trail_and_the_tokens_survive_a_restart(tmp_path):
     plane.process.stop()
 
 
+@pytest.mark.e2e
 def test_the_cli_makes_tokens_and_reads_the_audit_trail(plane):
     def run(*args, token: str | None = None):
         env = {k: v for k, v in os.environ.items() if not k.startswith("WHISPER_GATEWAY_ADMIN_TOKEN")}
@@ -336,6 +340,7 @@ def test_the_cli_makes_tokens_and_reads_the_audit_trail(plane):
     assert run("audit", "--json").stdout.count("tokens.revoke") >= 1
 
 
+@pytest.mark.e2e
 def test_failed_authentication_is_limited_per_address(tmp_path):
     plane = Plane(tmp_path)
     port = plane.raw["listen"]["admin_port"]
@@ -377,6 +382,7 @@ def presented(port: int) -> str:
             return hashlib.sha256(tls.getpeercert(binary_form=True)).hexdigest()
 
 
+@pytest.mark.e2e
 def test_the_admin_api_beyond_loopback_serves_the_internal_certificate(tmp_path):
     pki, other = tmp_path / "pki", tmp_path / "other"
     internal_pki.ensure(pki)  # the CA and control-plane.pem for localhost and 127.0.0.1
@@ -420,6 +426,7 @@ def test_the_admin_api_beyond_loopback_serves_the_internal_certificate(tmp_path)
 # --- state in etcd: tokens and the trail shared by the control planes --------------------------
 
 
+@pytest.mark.e2e
 def test_with_etcd_tokens_and_the_audit_trail_are_shared(tmp_path):
     from harness.etcd import EtcdCluster
 
@@ -450,6 +457,7 @@ def test_with_etcd_tokens_and_the_audit_trail_are_shared(tmp_path):
         etcd.stop()
 
 
+@pytest.mark.e2e
 def test_etcd_keeps_the_newest_audit_records(tmp_path):
     from control_plane.fleet.etcd_state import EtcdState
     from harness.etcd import EtcdCluster
@@ -479,6 +487,7 @@ def test_etcd_keeps_the_newest_audit_records(tmp_path):
 # --- /metrics: key ids only with metrics.key_labels ------------------------------------------
 
 
+@pytest.mark.e2e
 def test_metrics_name_keys_only_when_told(tmp_path):
     _, engine = start_engine(tmp_path, MODEL, "m1", time_scale=0.0001)
     stack = GatewayStack(tmp_path, MODEL, [engine], auth={"api_keys": "required"})

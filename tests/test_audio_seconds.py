@@ -18,6 +18,8 @@ from openai import OpenAI
 from harness.audio_corpus import make_corpus, missing_tools
 from harness.processes import GatewayStack, multipart, post_form, request, start_engine, wait_until
 
+pytestmark = pytest.mark.e2e
+
 MODEL = "whisper-large-v3-turbo"
 EXACT_TOLERANCE_S = 0.02  # what the issue asks of formats that carry their duration
 MAX_AUDIO_S = 3600.0

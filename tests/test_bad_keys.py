@@ -82,6 +82,7 @@ def test_the_lua_filter_is_told_the_threshold_and_window():
     assert (defaults["bad_keys_per_address"], defaults["bad_key_window_s"]) == (20, 10.0)
 
 
+@pytest.mark.e2e
 def test_wrong_keys_past_the_threshold_get_429_and_reach_no_engine(stack):
     source = "127.0.0.11"
     before = engine_requests(stack)
@@ -94,6 +95,7 @@ def test_wrong_keys_past_the_threshold_get_429_and_reach_no_engine(stack):
     assert engine_requests(stack) == before
 
 
+@pytest.mark.e2e
 def test_a_valid_key_from_the_guessing_address_still_gets_through(stack):
     # The key first: a new key is a new route configuration, whose Lua starts with no counts.
     secret = create(stack, "office")["secret"]
@@ -109,12 +111,14 @@ def test_a_valid_key_from_the_guessing_address_still_gets_through(stack):
     assert_refused_for_guessing(send(stack, source, "sk-wg-guess-still"))  # and it cleared nothing
 
 
+@pytest.mark.e2e
 def test_missing_keys_never_count_towards_the_threshold(stack):
     source = "127.0.0.31"
     assert [send(stack, source, None).status for _ in range(2 * THRESHOLD)] == [401] * (2 * THRESHOLD)
     assert [send(stack, source, f"sk-wg-guess-{i}").status for i in range(THRESHOLD)] == [401] * THRESHOLD
 
 
+@pytest.mark.e2e
 def test_after_the_window_wrong_keys_get_401_again(stack):
     source = "127.0.0.41"
     for i in range(THRESHOLD):
@@ -129,6 +133,7 @@ def test_after_the_window_wrong_keys_get_401_again(stack):
     assert_refused_for_guessing(send(stack, source, "sk-wg-guess-over"))
 
 
+@pytest.mark.e2e
 def test_a_threshold_of_zero_never_refuses(stack):
     before = stack.envoy.config_versions()["RDS"]
     raw = stack.raw | {"auth": stack.raw["auth"] | {"bad_keys_per_address": 0}}
@@ -156,6 +161,7 @@ ADDRESSES = {  # Envoy's downstreamRemoteAddress -> what its wrong keys count ag
 }
 
 
+@pytest.mark.e2e
 def test_addresses_count_without_their_port_and_ipv6_by_its_64(tmp_path):
     """envoy/api_keys.lua's address_key, run by a bare Envoy's Lua."""
     port = free_port()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from envoy.config.core.v3 import health_check_pb2
 from envoy.extensions.filters.http.lua.v3 import lua_pb2
 
@@ -167,6 +168,7 @@ def test_consistency_catches_bad_weights():
     assert "has weight 0" in " ".join(Snapshot.from_resources(resources).consistency_errors())
 
 
+@pytest.mark.e2e
 def test_versions_are_the_same_in_every_process():
     """Hash versions survive restarts: map fields (metadata) pack in a fixed order."""
     import subprocess

@@ -20,6 +20,8 @@ from control_plane.supervisor import find_envoy
 from harness.speech import word_error_rate
 from harness.processes import PYTHON, REPO, Process, free_port, request, transcribe, wait_until
 
+pytestmark = pytest.mark.e2e
+
 CLI = [PYTHON, "-m", "control_plane"]
 # What control_plane/defaults/sample.wav says (espeak-ng -v en -s 150).
 SAMPLE_SENTENCE = "Welcome. Your speech was sent through the gateway and turned into text."

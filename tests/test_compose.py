@@ -34,6 +34,7 @@ def compose_config() -> dict:
     return yaml.safe_load(result.stdout)
 
 
+@pytest.mark.e2e
 def test_compose_file_is_valid_and_complete():
     services = compose_config()["services"]
     assert set(services) == {"certs", "control-plane", "envoy", "lb", "engine", "engine-cpu", "prometheus", "grafana",
@@ -47,6 +48,7 @@ def test_compose_file_is_valid_and_complete():
     assert (admin.get("host_ip") if isinstance(admin, dict) else admin.split(":")[0]) == "127.0.0.1"
 
 
+@pytest.mark.e2e
 def test_the_admin_token_is_required():
     env = {k: v for k, v in os.environ.items() if not k.startswith("WHISPER_GATEWAY")}
     result = subprocess.run(["docker-compose", "-f", str(COMPOSE), "config"], capture_output=True, text=True,
@@ -95,6 +97,7 @@ def _host_command(service: dict, tmp_path: Path, config: Path) -> list[str]:
     return command + mapped
 
 
+@pytest.mark.e2e
 def test_the_images_entry_points_run_with_composes_arguments(tmp_path):
     services = compose_config()["services"]
     # The mounted config, on free ports so the test can run beside anything.
@@ -144,6 +147,7 @@ def test_the_images_entry_points_run_with_composes_arguments(tmp_path):
         process.stop()
 
 
+@pytest.mark.e2e
 def test_the_ha_profile_runs_two_control_planes_on_etcd():
     env = {k: v for k, v in os.environ.items() if not k.startswith("WHISPER_GATEWAY")} | ENV | {
         "GATEWAY_CONFIG": "./deploy/gateway-ha.yaml", "XDS_HOST": "control-plane,control-plane-b"}

@@ -24,6 +24,8 @@ from harness.etcd import EtcdCluster
 from harness.processes import (PYTHON, REPO, AdminClient, base_config, free_port, request, start_control_plane,
                                wait_until)
 
+pytestmark = pytest.mark.e2e
+
 MODEL = "whisper-1"
 STATE_KEY = b"/whisper-gateway/state"
 

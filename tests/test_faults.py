@@ -29,6 +29,8 @@ from harness.processes import (
     wait_until,
 )
 
+pytestmark = pytest.mark.e2e
+
 MODEL = "whisper-large-v3-turbo"
 # Tight enough for tests: an engine that stops answering is out within about two seconds.
 FAST_RESILIENCE = {"health_interval_s": 0.5, "health_timeout_s": 1.0, "unhealthy_threshold": 2,

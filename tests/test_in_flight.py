@@ -63,6 +63,7 @@ def hold_two(stack, secret: str) -> tuple[list[threading.Thread], list[int]]:
     return threads, statuses
 
 
+@pytest.mark.e2e
 def test_a_key_at_its_limit_gets_429_until_one_of_its_requests_ends(stack):
     key, other = new_key(stack, "held", "two"), new_key(stack, "neighbour", "two")
     threads, statuses = hold_two(stack, key["secret"])
@@ -98,6 +99,7 @@ def test_a_key_at_its_limit_gets_429_until_one_of_its_requests_ends(stack):
     assert gauge not in request("GET", stack.admin.url + "/metrics").text  # none in flight now
 
 
+@pytest.mark.e2e
 def test_a_request_another_limit_refuses_gives_its_slot_back(stack):
     """The requests-per-minute filter comes after the in-flight one: what it refuses took a slot,
     which the request's log gives back, so the key keeps hearing about the limit it is over."""
@@ -114,6 +116,7 @@ def test_a_request_another_limit_refuses_gives_its_slot_back(stack):
         wait_until(lambda: metered() == sent, 10, "its log read")
 
 
+@pytest.mark.e2e
 def test_the_sdk_raises_rate_limit_error_and_a_key_without_the_limit_is_not_held(stack):
     key, free = new_key(stack, "sdk-held", "two"), new_key(stack, "unlimited", "open")
     threads, _ = hold_two(stack, key["secret"])
@@ -131,6 +134,7 @@ def test_the_sdk_raises_rate_limit_error_and_a_key_without_the_limit_is_not_held
     assert done == [200, 200]
 
 
+@pytest.mark.e2e
 def test_a_restarted_control_plane_holds_no_key_back_and_limits_again(stack):
     """Last in the module: it restarts the control plane."""
     key = new_key(stack, "restarted", "two")
@@ -157,6 +161,7 @@ def test_a_restarted_control_plane_holds_no_key_back_and_limits_again(stack):
     assert statuses == [200, 200]
 
 
+@pytest.mark.e2e
 def test_a_key_at_its_limit_is_admitted_again_soon_while_the_control_plane_is_away(stack):
     """Last in the module, after the restart: the plane stops with the key's slots all taken; the
     grants Envoy holds lapse after ASSIGNMENT_TTL_S, then Envoy admits the key (fail-open) while
@@ -180,6 +185,7 @@ def test_a_key_at_its_limit_is_admitted_again_soon_while_the_control_plane_is_aw
     assert statuses == [200, 200]
 
 
+@pytest.mark.e2e
 def test_two_envoys_share_a_limit_of_one_and_neither_is_left_without_it(tmp_path):
     """One slot, two Envoys on one port (the kernel splits connections): the Envoy that holds none
     and refuses for want of it gets the slot at its next report, so every request is served in

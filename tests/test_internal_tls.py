@@ -147,6 +147,7 @@ def served_engine(stack) -> str:
     return next(iter(stack.hosts()))
 
 
+@pytest.mark.e2e
 def test_an_envoy_with_its_certificate_serves_and_status_names_it(stack):
     assert transcribe(stack.envoy.url, MODEL).status == 401  # keys are required
     ok = request("POST", stack.envoy.url + "/v1/audio/transcriptions", *_form(stack.key))
@@ -162,6 +163,7 @@ def _form(key: str):
             {"Content-Type": f"multipart/form-data; boundary={boundary}", "Authorization": f"Bearer {key}"})
 
 
+@pytest.mark.e2e
 def test_without_a_good_certificate_there_is_no_handshake(stack, tmp_path):
     other = tmp_path / "other"
     make_pki(other)  # a second CA, with an Envoy certificate of the same name
@@ -181,6 +183,7 @@ def test_without_a_good_certificate_there_is_no_handshake(stack, tmp_path):
     assert [e["node_id"] for e in stack.admin.status()["envoys"]] == ["envoy"]
 
 
+@pytest.mark.e2e
 def test_a_certificate_speaks_only_for_its_own_node(stack):
     # Its own name, and a replica of it, get the configuration.
     for node in ("envoy-b", "envoy-b.replica-1"):
@@ -201,6 +204,7 @@ def test_a_certificate_speaks_only_for_its_own_node(stack):
     assert "may not use node id 'envoy'" in log and "is not an Envoy's certificate" in log
 
 
+@pytest.mark.e2e
 def test_what_an_authenticated_envoy_reports_is_bounded(stack):
     engine = served_engine(stack)
     key_id = stack.admin.call("GET", "/keys").json()["data"][0]["id"]
@@ -225,6 +229,7 @@ def test_what_an_authenticated_envoy_reports_is_bounded(stack):
     assert "not taken" in stack.plane.log_text()
 
 
+@pytest.mark.e2e
 def test_a_stuck_envoy_holds_up_nobody(stack):
     """An authenticated Envoy that subscribes and never ACKs: key changes wait for it a bounded
     time once, then not at all, and /status names it."""
@@ -275,6 +280,7 @@ def _envoy_client_serial(stack) -> str:
             if any(san.get("uri", "").endswith("/envoy/envoy") for san in c.get("subject_alt_names", []))}
 
 
+@pytest.mark.e2e
 def test_internal_certificates_rotate_under_load(stack):
     connected = stack.plane.log_text().count("connected")
     serial, client_serials = _server_serial(stack), _envoy_client_serial(stack)
@@ -309,6 +315,7 @@ def test_internal_certificates_rotate_under_load(stack):
     assert stack.plane.log_text().count("connected") == connected  # no reconnect, let alone a storm
 
 
+@pytest.mark.e2e
 def test_a_broken_internal_certificate_keeps_the_last_good_one(stack, tmp_path):
     serial = _server_serial(stack)
     cert, _ = pki.pair_paths(stack.pki, "control-plane")
@@ -335,6 +342,7 @@ def test_xds_beyond_loopback_needs_internal_tls():
     assert parse_config(raw | {"internal_tls": {"dir": "/etc/whisper-gateway/pki"}}).internal_tls.dir
 
 
+@pytest.mark.e2e
 def test_the_certs_command(tmp_path):
     def certs(*args):
         return subprocess.run([PYTHON, "-m", "control_plane", "certs", *args, "--dir", str(tmp_path)],

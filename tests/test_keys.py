@@ -73,6 +73,7 @@ def works(stack, secret: str) -> bool:
     return with_key(stack, secret).status == 200
 
 
+@pytest.mark.e2e
 def test_the_openai_sdk_sends_its_key_sync_async_and_streaming(stack):
     secret = create(stack, "sdk")["secret"]
     wait_until(lambda: works(stack, secret), 5, "the new key in Envoy")
@@ -98,6 +99,7 @@ REFUSED = [
 ]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("what,header", REFUSED, ids=[r[0] for r in REFUSED])
 def test_a_request_without_a_valid_key_gets_401_and_reaches_no_engine(stack, what, header):
     before = engine_requests(stack)
@@ -109,6 +111,7 @@ def test_a_request_without_a_valid_key_gets_401_and_reaches_no_engine(stack, wha
     assert engine_requests(stack) == before
 
 
+@pytest.mark.e2e
 def test_the_sdk_raises_authentication_error_for_a_wrong_key(stack):
     client = OpenAI(base_url=stack.envoy.url + "/v1", api_key="sk-wg-wrong", max_retries=0)
     with pytest.raises(AuthenticationError) as raised:
@@ -116,6 +119,7 @@ def test_the_sdk_raises_authentication_error_for_a_wrong_key(stack):
     assert raised.value.status_code == 401
 
 
+@pytest.mark.e2e
 def test_a_key_limited_to_models_gets_403_for_others(stack):
     secret = create(stack, "only-turbo", models=[MODEL])["secret"]
     wait_until(lambda: works(stack, secret), 5, "the new key in Envoy")
@@ -128,6 +132,7 @@ def test_a_key_limited_to_models_gets_403_for_others(stack):
     assert with_key(stack, secret, model="whisper-1").status == 200  # an alias of an allowed model
 
 
+@pytest.mark.e2e
 def test_revoked_keys_stop_at_once_and_rotated_ones_after_their_grace(stack):
     key = create(stack, "rotating")
     wait_until(lambda: works(stack, key["secret"]), 5, "the new key in Envoy")
@@ -142,6 +147,7 @@ def test_revoked_keys_stop_at_once_and_rotated_ones_after_their_grace(stack):
     assert stack.admin.call("POST", f"/keys/{key['id']}/rotate", {}).status == 409
 
 
+@pytest.mark.e2e
 def test_rotation_under_load_fails_no_request(stack):
     key = create(stack, "busy")
     wait_until(lambda: works(stack, key["secret"]), 5, "the new key in Envoy")
@@ -166,6 +172,7 @@ def test_rotation_under_load_fails_no_request(stack):
     assert len(statuses) > 20 and set(statuses) == {200}, sorted(set(statuses))
 
 
+@pytest.mark.e2e
 def test_the_engines_see_their_own_key_never_the_clients(stack):
     """The engines run with --api-key: they answer 401 to anything else, so a 200 through the
     gateway means Envoy replaced the client's key with theirs."""
@@ -175,6 +182,7 @@ def test_the_engines_see_their_own_key_never_the_clients(stack):
     assert transcribe(engine_url, MODEL).status == 401  # the engine does check
 
 
+@pytest.mark.e2e
 def test_usage_is_metered_per_key_and_sums_to_the_models(stack):
     key = create(stack, "metered")
     wait_until(lambda: works(stack, key["secret"]), 5, "the new key in Envoy")
@@ -213,6 +221,7 @@ BAD_ADMIN = [
 ]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("what,method,path,body,status,param", BAD_ADMIN, ids=[c[0] for c in BAD_ADMIN])
 def test_bad_key_changes_are_refused_and_change_nothing(stack, what, method, path, body, status, param):
     existing = stack.admin.call("GET", "/keys").json()["data"]
@@ -224,6 +233,7 @@ def test_bad_key_changes_are_refused_and_change_nothing(stack, what, method, pat
     assert (stack.plane.state_dir / "state.json").read_text() == before
 
 
+@pytest.mark.e2e
 def test_the_key_limit_is_refused_clearly(stack):
     active = [k for k in stack.admin.call("GET", "/keys").json()["data"] if k["state"] == "active"]
     fillers = [create(stack, f"fill-{i}") for i in range(MAX_KEYS - len(active))]
@@ -234,6 +244,7 @@ def test_the_key_limit_is_refused_clearly(stack):
     assert stack.admin.call("POST", "/keys", {"name": "one-too-many"}).status == 201
 
 
+@pytest.mark.e2e
 def test_no_secret_reaches_a_log_the_state_file_metrics_or_status(stack):
     key = create(stack, "secretive")
     wait_until(lambda: works(stack, key["secret"]), 5, "the new key in Envoy")
@@ -250,6 +261,7 @@ def test_no_secret_reaches_a_log_the_state_file_metrics_or_status(stack):
         assert not leaked, (secret[:8], leaked)
 
 
+@pytest.mark.e2e
 def test_the_cli_makes_lists_rotates_and_revokes_keys(stack):
     def run(*args):
         return subprocess.run([sys.executable, "-m", "control_plane", "keys", *args, "--config", str(stack.config.path),
@@ -272,6 +284,7 @@ def test_the_cli_makes_lists_rotates_and_revokes_keys(stack):
     assert missing.returncode == 1 and "no active key named 'from-cli'" in missing.stderr
 
 
+@pytest.mark.e2e
 def test_keys_are_kept_as_digests_and_survive_a_restart(stack):
     """Last of the tests on `stack`: the control plane it restarts is this test's, and stops with it."""
     key = create(stack, "durable")
@@ -331,6 +344,7 @@ def test_nothing_beyond_loopback_is_open_by_accident(address, auth, refused):
         parse_config(raw)
 
 
+@pytest.mark.e2e
 def test_envoy_hashes_secrets_of_every_length_as_the_state_file_keeps_them(tmp_path):
     """SHA-256 in the Lua filter against Python's: secrets around the 55/56/64-byte padding edges
     and over several blocks, written as digests into a state file before the gateway starts."""

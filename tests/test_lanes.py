@@ -36,6 +36,7 @@ def send(stack, secret: str, seconds: float):
         timeout=60)
 
 
+@pytest.mark.e2e
 def test_batch_keys_wait_while_the_model_is_backed_up(tmp_path):
     engine = start_engine(tmp_path, MODEL, "l1", max_num_seqs=1)[1]  # a 30 s chunk takes 0.25 s
     stack = GatewayStack(tmp_path, MODEL, [engine], auth={"api_keys": "required", "batch_above_wait_s": LEVEL_S})
@@ -70,6 +71,7 @@ def test_batch_keys_wait_while_the_model_is_backed_up(tmp_path):
     wait_until(lambda: send(stack, bulk, 5.0).status == 200, 10, "Envoy serving batch requests again")
 
 
+@pytest.mark.e2e
 def test_batch_keys_share_a_cap_of_requests_in_flight_per_engine(tmp_path):
     """auth.batch_in_flight_per_engine: all batch keys together hold at most that many requests per
     serving engine (granted to Envoy over RLQS like a key's requests_in_flight); interactive keys

@@ -562,6 +562,7 @@ def test_without_plans_there_is_no_response_hook():
 # -- every corpus file's duration, as tests/test_audio_seconds.py expects of it through Envoy -----------------------
 
 
+@pytest.mark.e2e  # the corpus is made by encoders (harness/audio_corpus.py)
 def test_every_corpus_file_is_measured_through_the_filter_as_envoy_meters_it(corpus):  # noqa: F811
     """The clips test_audio_seconds sends through a real Envoy, with its limits and expectations:
     exact containers within EXACT_TOLERANCE_S and not marked; estimates marked, within 0.1 s + 1 %."""

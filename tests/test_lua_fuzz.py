@@ -33,6 +33,8 @@ from harness.lua_filter import LuaFilter
 from harness.processes import multipart
 from tests.test_audio_seconds import HOSTILE, MAX_AUDIO_S, _mutations
 
+pytestmark = pytest.mark.e2e  # the Lua runs in process, but its seeds are the corpus, made by encoders
+
 MODEL, ALIAS = "whisper-large-v3-turbo", "whisper-1"
 # Inputs per target in `make test`, about 20 s together on 2 cores (audio_duration ~100,000 a
 # second, the whole request path ~12,000); LUA_FUZZ_CASES sets both (`make fuzz`: 1,000,000).

@@ -12,6 +12,8 @@ from openai import OpenAI, RateLimitError
 from control_plane.names import LOCAL_CLUSTER
 from harness.processes import Envoy, GatewayStack, multipart, request, silent_wav, start_engine, wait_until
 
+pytestmark = pytest.mark.e2e
+
 MODEL = "whisper-large-v3-turbo"
 PLANS = {
     "three": {"requests_per_minute": 3, "audio_seconds_per_minute": 1000},

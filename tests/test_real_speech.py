@@ -11,6 +11,8 @@ from harness.certificates import make_certificates
 from harness.processes import GatewayStack, post_form, request, start_cpu_engine, wait_until
 from harness.speech import SENTENCES, join_clips, speak, word_error_rate
 
+pytestmark = pytest.mark.e2e
+
 MODEL = "whisper-tiny.en"
 MAX_WER = 0.3
 TRUST: list = []  # the context that checks cpu-b's certificate, once the fixture made it

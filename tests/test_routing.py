@@ -8,6 +8,8 @@ from engines.common.audio import silent_wav
 from tests.conftest import MODEL_A, MODEL_B
 from harness.processes import engine_names_in, multipart, post_form, request, transcribe
 
+pytestmark = pytest.mark.e2e
+
 
 @pytest.mark.parametrize("model_first", [True, False], ids=["model-before-file", "model-after-file"])
 @pytest.mark.parametrize("model,engines", [(MODEL_A, ["a1", "a2"]), (MODEL_B, ["b1"])])

@@ -16,6 +16,8 @@ from harness.etcd import EtcdCluster
 from harness.processes import (AdminClient, Envoy, GatewayConfigFile, base_config, free_port, start_control_plane,
                                start_engine, transcribe, wait_until)
 
+pytestmark = pytest.mark.e2e
+
 MODEL = "whisper-1"
 
 

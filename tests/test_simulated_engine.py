@@ -12,6 +12,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from engines.common.audio import silent_wav
 from harness.processes import post_form, request, start_engine, wait_until
 
+pytestmark = pytest.mark.e2e
+
 MODEL = "whisper-tiny"
 
 

@@ -12,6 +12,8 @@ import pytest
 
 from harness.processes import GatewayStack, start_engine, transcribe, wait_until
 
+pytestmark = pytest.mark.e2e
+
 MODEL = "whisper-large-v3-turbo"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]

@@ -26,6 +26,8 @@ from harness.certificates import Certificates, make_certificates
 from harness.processes import (PYTHON, REPO, GatewayConfigFile, GatewayStack, Process, base_config, free_port,
                                multipart, request, silent_wav, start_engine, wait_until)
 
+pytestmark = pytest.mark.e2e
+
 MODEL = "whisper-1"
 FORM = multipart([("model", MODEL, None), ("file", silent_wav(1.0), "clip.wav")])
 FORM_HEADERS = {"Content-Type": "multipart/form-data; boundary=wgboundary7MA4YWxk"}

@@ -15,6 +15,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from engines.common.audio import silent_wav
 from harness.processes import post_form, request, start_engine
 
+pytestmark = pytest.mark.e2e
+
 FIXTURES = Path(__file__).parent / "fixtures" / "vllm"
 MODEL = "whisper-tiny"
 # The series routing reads, and the ones the speed estimate reads.

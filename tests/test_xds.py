@@ -56,6 +56,7 @@ def _serve_one_model(tmp_path, engine_url: str) -> tuple[dict, GatewayConfigFile
 # Processes a test starts are stopped by the reap_processes fixture, pass or fail.
 
 
+@pytest.mark.e2e
 def test_config_reload_changes_endpoints_and_traffic_follows(tmp_path, engines):
     e1, e2 = engines
     raw, config, plane = _serve_one_model(tmp_path, e1)
@@ -88,6 +89,7 @@ def test_config_reload_changes_endpoints_and_traffic_follows(tmp_path, engines):
     wait_until(lambda: f"model:{OTHER}" not in envoy.endpoints(), 10, "its cluster to go")
 
 
+@pytest.mark.e2e
 def test_bad_config_on_reload_changes_nothing(tmp_path, engines):
     e1, _ = engines
     raw, config, plane = _serve_one_model(tmp_path, e1)
@@ -131,6 +133,7 @@ class InProcessControlPlane:
         self.thread.join(5)
 
 
+@pytest.mark.e2e
 def test_rejected_resource_is_nacked_recorded_and_recovered_from(tmp_path, engines):
     e1, e2 = engines
     raw = base_config(free_port(), free_port(), [{"name": MODEL}], [{"url": e1, "models": [MODEL]}])
@@ -168,6 +171,7 @@ def test_rejected_resource_is_nacked_recorded_and_recovered_from(tmp_path, engin
         inproc.stop()
 
 
+@pytest.mark.e2e
 def test_two_envoys_restarts_of_either_side(tmp_path, engines):
     e1, e2 = engines
     raw, config, plane = _serve_one_model(tmp_path, e1)
@@ -251,6 +255,7 @@ def _scrape_rounds(plane, key, rounds: int) -> None:
                10, f"{rounds} scrape rounds", interval=0.02)
 
 
+@pytest.mark.e2e
 def test_a_refused_endpoint_update_never_takes_good_ones_down(tmp_path, monkeypatch):
     poisoned = _poisonable(monkeypatch)
     (_, e1), (_, e2), (_, e3) = [start_engine(tmp_path, model, name) for model, name in
@@ -315,4 +320,4 @@ def test_a_refused_endpoint_update_never_takes_good_ones_down(tmp_path, monkeypa
 async def _status(plane) -> dict:
     from control_plane.operator.status import status_report
 
-    return status_report(plane, asyncio.get_running_loop().time())
+    return status_report(plane.view, asyncio.get_running_loop().time())

@@ -22,7 +22,6 @@ import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
@@ -40,10 +39,8 @@ from control_plane.fleet.registry import Entry, Source
 from control_plane.operator.status import endpoint_rows, status_report
 from control_plane.operator.telemetry import AUDIT_WRITE_FAILURES, render as render_metrics
 from control_plane.operator.tokens import ADMIN, BOOTSTRAP, OPERATOR, ROLES, VIEWER, AdminToken, allows
+from control_plane.operator.view import PlaneView
 from control_plane.tenants.keys import ApiKey, KeyClass, KeyProblem
-
-if TYPE_CHECKING:
-    from control_plane.app import ControlPlane
 
 log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 64 * 1024
@@ -86,8 +83,9 @@ def _caller(request: web.Request) -> Caller | None:
     given = given.strip()
     if scheme.lower() != "bearer" or not given:
         return None
-    bootstrap = plane.token is not None and hmac.compare_digest(given.encode(), plane.token.encode())
-    named: AdminToken | None = plane.tokens.find(given)
+    token = plane.bootstrap_token
+    bootstrap = token is not None and hmac.compare_digest(given.encode(), token.encode())
+    named: AdminToken | None = plane.admin_token_for(given)
     if bootstrap:
         return Caller(BOOTSTRAP, ADMIN)
     return Caller(named.name, named.role, named.id) if named is not None else None
@@ -159,7 +157,7 @@ def _field(kind, body: dict, key: str):
         raise ApiError(400, str(error), param=key) from None
 
 
-PLANE: web.AppKey["ControlPlane"] = web.AppKey("plane")
+PLANE: web.AppKey[PlaneView] = web.AppKey("plane")
 FAILURES: web.AppKey[AuthFailures] = web.AppKey("auth_failures", AuthFailures)
 CALLER = "whisper_gateway.caller"  # the request's Caller, once authenticated
 routes = web.RouteTableDef()
@@ -222,18 +220,18 @@ async def _audit(request: web.Request, action: str, target: str, before: dict | 
         log.error("the audit record of %s %s by %s could not be written: %s", action, target, caller.name, error)
 
 
-def _plane(request: web.Request) -> "ControlPlane":
+def _plane(request: web.Request) -> PlaneView:
     return request.app[PLANE]
 
 
 def _entry_or_404(request: web.Request) -> Entry:
-    entry = _plane(request).registry.get(request.match_info["id"])
+    entry = _plane(request).backend(request.match_info["id"])
     if entry is None:
         raise ApiError(404, f"no backend with id {request.match_info['id']!r}", "not_found_error", "id")
     return entry
 
 
-def _view(plane: "ControlPlane", entry: Entry) -> dict:
+def _view(plane: PlaneView, entry: Entry) -> dict:
     """A backend as the API shows it: its record and, per model, its live endpoint figures."""
     now = asyncio.get_running_loop().time()
     rows = [row for row in endpoint_rows(plane, now) if row["id"] == entry.id]
@@ -304,7 +302,7 @@ async def status(request: web.Request) -> web.Response:
 @route("GET", "/backends", VIEWER)
 async def list_backends(request: web.Request) -> web.Response:
     plane = _plane(request)
-    return web.json_response({"object": "list", "data": [_view(plane, e) for e in plane.registry.entries()]})
+    return web.json_response({"object": "list", "data": [_view(plane, e) for e in plane.backends()]})
 
 
 @route("GET", "/backends/{id}", VIEWER)
@@ -312,7 +310,7 @@ async def get_backend(request: web.Request) -> web.Response:
     return web.json_response(_view(_plane(request), _entry_or_404(request)))
 
 
-async def _models_of(plane: "ControlPlane", url: str, body: dict) -> list[str]:
+async def _models_of(plane: PlaneView, url: str, body: dict) -> list[str]:
     """The models a new backend serves: given, or read from its /v1/models; checked as names."""
     if "models" in body:
         models = _model_list(body["models"], at_least=1)
@@ -356,7 +354,7 @@ async def add_backend(request: web.Request) -> web.Response:
         raise ApiError(400, str(error), param="url") from None
     if is_https(url) and not plane.serves_https_engines():
         raise ApiError(400, NO_ENGINE_CA, param="url")
-    if (existing := plane.registry.find_url(url)) is not None:
+    if (existing := plane.backend_at(url)) is not None:
         raise ApiError(409, f"{url} is already backend {existing.id} ({existing.origin})", "conflict_error", "url")
     weight = _field(Weight, body, "weight") if "weight" in body else 1
     models = await _models_of(plane, url, body)
@@ -411,9 +409,8 @@ async def delete(request: web.Request) -> web.Response:
 # --- API keys (control_plane/tenants/keys.py): secrets are in the answers of create and rotate only
 
 
-def _key_view(plane: "ControlPlane", key: ApiKey) -> dict:
-    return key.to_json() | {"usage": plane.ledger.usage_of(key.id),
-                            "requests_in_flight": plane.in_flight.count(key.id)}
+def _key_view(plane: PlaneView, key: ApiKey) -> dict:
+    return key.to_json() | {"usage": plane.usage_of(key.id), "requests_in_flight": plane.requests_in_flight(key.id)}
 
 
 def _key_record(key: ApiKey) -> dict:
@@ -422,7 +419,7 @@ def _key_record(key: ApiKey) -> dict:
     return key.to_json() | {"secrets": [{"expires_at": s.expires_at} for s in key.secrets]}
 
 
-def _key_fields(plane: "ControlPlane", body: dict) -> dict:
+def _key_fields(plane: PlaneView, body: dict) -> dict:
     """name, models and class as given, checked; models by their names as the config has them."""
     given = {}
     if "name" in body:
@@ -465,14 +462,14 @@ async def _table_change(change, mutate):
         raise ApiError(problem.status, str(problem), error_type, problem.param) from None
 
 
-async def _key_change(plane: "ControlPlane", mutate):
+async def _key_change(plane: PlaneView, mutate):
     return await _table_change(plane.change_keys, mutate)
 
 
 @route("GET", "/keys", VIEWER)
 async def list_keys(request: web.Request) -> web.Response:
     plane = _plane(request)
-    return web.json_response({"object": "list", "data": [_key_view(plane, k) for k in plane.keys.by_id.values()]})
+    return web.json_response({"object": "list", "data": [_key_view(plane, k) for k in plane.api_keys()]})
 
 
 @route("POST", "/keys", ADMIN)
@@ -490,7 +487,7 @@ async def create_key(request: web.Request) -> web.Response:
 
 def _key_or_404(request: web.Request) -> ApiKey:
     try:
-        return _plane(request).keys.get(request.match_info["id"])
+        return _plane(request).api_key(request.match_info["id"])
     except KeyProblem as problem:
         raise ApiError(404, str(problem), "not_found_error", "id") from None
 
@@ -539,13 +536,13 @@ async def revoke_key(request: web.Request) -> web.Response:
 # --- named admin tokens (control_plane/operator/tokens.py): the secret is in create's answer only
 
 
-async def _token_change(plane: "ControlPlane", mutate):
+async def _token_change(plane: PlaneView, mutate):
     return await _table_change(plane.change_tokens, mutate)
 
 
 @route("GET", "/tokens", ADMIN)
 async def list_tokens(request: web.Request) -> web.Response:
-    return web.json_response({"object": "list", "data": [t.to_json() for t in _plane(request).tokens.by_id.values()]})
+    return web.json_response({"object": "list", "data": [t.to_json() for t in _plane(request).admin_tokens().values()]})
 
 
 @route("POST", "/tokens", ADMIN)
@@ -563,9 +560,9 @@ async def revoke_token(request: web.Request) -> web.Response:
     plane, token_id = _plane(request), request.match_info["id"]
     if request.query:
         raise ApiError(400, "DELETE /tokens/{id} takes no query parameters")
-    if token_id not in plane.tokens.by_id:
+    if (known := plane.admin_tokens().get(token_id)) is None:
         raise ApiError(404, f"no admin token with id {token_id!r}", "not_found_error", "id")
-    before = plane.tokens.by_id[token_id].to_json()
+    before = known.to_json()
     token = await _token_change(plane, lambda tokens: tokens.revoke(token_id, time.time()))
     log.info("admin token %s (%s) revoked", token.id, token.name)
     await _audit(request, "tokens.revoke", token.id, before, token.to_json())
@@ -596,7 +593,7 @@ async def read_audit(request: web.Request) -> web.Response:
     return web.json_response({"object": "list", "data": records, "has_more": more})
 
 
-def build_admin_app(plane: "ControlPlane") -> web.Application:
+def build_admin_app(plane: PlaneView) -> web.Application:
     """The admin API over `plane`, which handlers reach through the PLANE app key."""
     app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[guard])
     app[PLANE] = plane

@@ -1,4 +1,6 @@
-"""What an operator sees: per endpoint its state, load, weight and metric freshness; per Envoy its versions."""
+"""What an operator sees: per endpoint its state, load, weight and metric freshness; per Envoy its versions.
+
+`plane` is the running control plane as operator/view.py's PlaneView shows it."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ from control_plane.decide.lanes import model_waits
 from control_plane.names import batch_lane, is_batch_lane
 from control_plane.decide.policy import is_fresh
 from control_plane.observe.ledger import Metered
-from control_plane.observe.scraper import endpoint_states
+from control_plane.operator.view import PlaneView
 from control_plane.xds.cache import LAGGING_AFTER_S
 from control_plane.xds.types import SHORT_NAMES
 
@@ -24,14 +26,14 @@ def _health(track, state, routing) -> str:
     return "failing" if track.error else "unknown"
 
 
-def endpoint_rows(plane, now: float) -> list[dict]:
+def endpoint_rows(plane: PlaneView, now: float) -> list[dict]:
     """One row per (backend, model), drained backends included."""
-    fleet, tracker = plane.fleet, plane.tracker
+    fleet = plane.fleet
     in_fleet = {b.id: b for b in fleet.backends}
     rows = []
-    for entry in plane.registry.entries():
+    for entry in plane.backends():
         for model in entry.models:
-            track = tracker.tracks.get((entry.id, model))
+            track = plane.scrape(entry.id, model)
             load = track.load if track else None
             backend = in_fleet.get(entry.id)
             rows.append({
@@ -41,7 +43,7 @@ def endpoint_rows(plane, now: float) -> list[dict]:
                 "source": entry.origin,
                 "state": entry.state,
                 "drain_deadline": entry.drain_deadline,
-                "health": _health(track, tracker.state(entry.id, model, entry.weight, now), plane.config.routing),
+                "health": _health(track, plane.endpoint_state(entry.id, model, entry.weight, now), plane.config.routing),
                 "running": load.running if load else None,
                 "waiting": load.waiting if load else None,
                 "kv_cache_usage": round(load.kv_cache_usage, 4) if load else None,
@@ -49,17 +51,16 @@ def endpoint_rows(plane, now: float) -> list[dict]:
                 "weight": fleet.weight(backend, model) if backend else None,
                 "long_uploads": (entry.id, model) in fleet.long_uploads,
                 # Out of rotation for failing its answers (decide/ejection.py), until this time.
-                "ejected_until": plane.ejections.until.get((entry.id, model)),
+                "ejected_until": plane.ejected_until(entry.id, model),
                 "base_weight": entry.weight,
                 "scrape_age_s": round(now - track.scraped_at, 3) if track and track.scraped_at is not None else None,
                 "scrape_error": track.error if track else None,
                 # Recent tries this engine failed (cut, reset, 502-504), as the Envoys saw them.
-                "failure_ratio": round(plane.outcomes.failure_ratio(backend.endpoint, now),
-                                       3) if backend else None,
+                "failure_ratio": round(plane.failure_ratio(backend.endpoint, now), 3) if backend else None,
                 # Audio-seconds sent and not yet answered, over every Envoy; and how many it
                 # answers per second of being busy (control_plane/observe/ledger.py).
-                "audio_in_flight_s": round(plane.ledger.in_flight(backend.endpoint), 3) if backend else None,
-                "audio_rate": _rounded(plane.ledger.rate(backend.endpoint, now)) if backend else None,
+                "audio_in_flight_s": round(plane.audio_in_flight(backend.endpoint), 3) if backend else None,
+                "audio_rate": _rounded(plane.audio_rate(backend.endpoint, now)) if backend else None,
             })
     return rows
 
@@ -68,7 +69,7 @@ def _rounded(value: float | None, digits: int = 3) -> float | None:
     return None if value is None else round(value, digits)
 
 
-def model_rows(plane, endpoints: list[dict], now: float) -> list[dict]:
+def model_rows(plane: PlaneView, endpoints: list[dict], now: float) -> list[dict]:
     """Per model (with its `endpoint_rows`): audio-seconds metered, the backlog, the fleet's
     drain rate, and the expected wait for a new 30 s clip as the policy estimates it
     (`model_waits`: the number to autoscale on), and whether its
@@ -76,11 +77,10 @@ def model_rows(plane, endpoints: list[dict], now: float) -> list[dict]:
     rows = []
     if plane.fleet is None:
         return rows
-    states = endpoint_states(plane.fleet, plane.tracker, plane.outcomes, plane.ledger, now)
-    waits = model_waits(plane.fleet, states, plane.config.routing)
+    waits = model_waits(plane.fleet, plane.endpoint_states(now), plane.config.routing)
     for model in plane.fleet.model_names():
         serving = [e for e in endpoints if e["model"] == model and e["state"] == "active" and e["weight"] is not None]
-        metered = plane.ledger.metered.get(model) or Metered()
+        metered = plane.metered(model) or Metered()
         rates = [e["audio_rate"] for e in serving if e["audio_rate"]]
         rows.append({
             "model": model,
@@ -95,34 +95,32 @@ def model_rows(plane, endpoints: list[dict], now: float) -> list[dict]:
             # None: not measured yet (resilience.hedge_after_s + hedge_per_mb_s stand).
             "hedge_ms_per_audio_s": plane.fleet.hedge_ms.get(model),
             # With auth.batch_in_flight_per_engine: batch requests in flight, and how many may be.
-            "batch_in_flight": plane.in_flight.count(batch_lane(model)),
-            "batch_in_flight_limit": plane.in_flight_limits.get(batch_lane(model)),
+            "batch_in_flight": plane.requests_in_flight(batch_lane(model)),
+            "batch_in_flight_limit": plane.in_flight_limits().get(batch_lane(model)),
         })
     return rows
 
 
-def key_rows(plane) -> list[dict]:
+def key_rows(plane: PlaneView) -> list[dict]:
     """Per API key (by id and name; never a secret) and model: what was metered. Key "" is the
     requests made without a key (auth.api_keys off)."""
-    names = {key.id: (key.name, key.state) for key in plane.keys.by_id.values()}
+    names = {key.id: (key.name, key.state) for key in plane.api_keys()}
     rows = []
-    for (key, model), metered in sorted(plane.ledger.metered_by_key.items()):
+    for (key, model), metered in sorted(plane.metered_by_key().items()):
         name, state = names.get(key, ("(no key)" if key == "" else "(unknown)", None))
         rows.append({"key": key, "name": name, "state": state, "model": model, **metered.figures()})
     return rows
 
 
-def in_flight_rows(plane) -> list[dict]:
+def in_flight_rows(plane: PlaneView) -> list[dict]:
     """Keys with requests in flight or a requests_in_flight limit: the count, this plane's share of
     the limit, and whether no slot is free on this plane (then the Envoys hold none for the key)."""
-    counts = plane.in_flight.counts()
-    return [{"key": key, "in_flight": counts.get(key, 0), "limit": plane.in_flight_limits.get(key),
-             "refused": plane.slots.free.get(key) == 0}
-            for key in sorted(set(counts) | set(plane.in_flight_limits)) if not is_batch_lane(key)]
+    counts, limits = plane.requests_in_flight_by_group(), plane.in_flight_limits()
+    return [{"key": key, "in_flight": counts.get(key, 0), "limit": limits.get(key), "refused": plane.no_slot_free(key)}
+            for key in sorted(set(counts) | set(limits)) if not is_batch_lane(key)]
 
 
-def status_report(plane, now: float) -> dict:
-    cache = plane.cache
+def status_report(plane: PlaneView, now: float) -> dict:
     endpoints = endpoint_rows(plane, now)
     moment = time.monotonic()
     envoys = [{
@@ -139,24 +137,21 @@ def status_report(plane, now: float) -> dict:
         "rejected": [{"type": SHORT_NAMES.get(t), "resource": name, "version": nack.version,
                       "message": nack.message, "since": nack.at}
                      for (t, name), nack in sorted(envoy.rejected.items())],
-    } for envoy in cache.envoys.values()]
-    snapshot = cache.snapshot
+    } for envoy in plane.envoys()]
     return {
         "endpoints": endpoints,
         "models": model_rows(plane, endpoints, now),
         "keys": key_rows(plane),
         "requests_in_flight": in_flight_rows(plane),
         "envoys": envoys,
-        "versions": {SHORT_NAMES[t]: v for t, v in snapshot.versions.items()} if snapshot else {},
-        "nacks_total": cache.nacks_total,
+        "versions": {SHORT_NAMES[t]: v for t, v in plane.served_versions().items()},
+        "nacks_total": plane.nacks_total(),
         # The certificates served (subject, expiry, fingerprint) and why a replaced file is not.
-        "certificates": plane.certificates.status(),
+        "certificates": plane.certificate_status(),
         # The xDS port's mutual TLS (internal_tls) and why replaced files are not served, if so.
-        "internal_tls": None if plane.xds_tls is None else {"dir": str(plane.xds_tls.folder),
-                                                            "problem": plane.xds_tls.problem},
+        "internal_tls": plane.internal_tls_status(),
         # Where runtime changes live; with several control planes, which one leads.
-        "state": {"store": "etcd" if plane.shared is not None else "file", "revision": plane.revision,
-                  "leader": plane.leader, "plane": plane.plane_id},
+        "state": plane.state_status(),
     }
 
 

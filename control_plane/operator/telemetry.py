@@ -12,6 +12,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from control_plane.names import is_batch_lane
 from control_plane.observe.ledger import OUTCOMES
 from control_plane.operator.status import endpoint_rows, model_rows
+from control_plane.operator.view import PlaneView
 from control_plane.xds.types import SHORT_NAMES
 
 REGISTRY = CollectorRegistry()
@@ -93,14 +94,14 @@ def on_scrape(backend, seconds: float, failed: bool) -> None:
 
 
 class FleetCollector:
-    """Per-endpoint gauges read from the running control plane at scrape time."""
+    """Per-endpoint gauges read from the running control plane (operator/view.py) at scrape time."""
 
-    def __init__(self, plane):
+    def __init__(self, plane: PlaneView):
         self.plane = plane
 
     def collect(self):
         envoys = GaugeMetricFamily("whisper_gateway_connected_envoys", "Envoys with an open ADS stream.")
-        envoys.add_metric([], len(self.plane.cache.envoys))
+        envoys.add_metric([], len(self.plane.envoys()))
         yield envoys
         if self.plane.fleet is None:
             return
@@ -152,7 +153,7 @@ class FleetCollector:
                                     labels=key_label + ["model", "outcome"])
         totals: dict[tuple, list[float]] = {}  # (key?, model) -> requests, then each outcome's audio-seconds
         outcomes = ("received", *OUTCOMES)
-        for (key, model), metered in sorted(self.plane.ledger.metered_by_key.items()):
+        for (key, model), metered in sorted(self.plane.metered_by_key().items()):
             sums = totals.setdefault((key, model) if by_key else (model,), [0.0] * (1 + len(outcomes)))
             sums[0] += metered.requests
             for i, outcome in enumerate(outcomes, 1):
@@ -167,7 +168,8 @@ class FleetCollector:
                                       "(with metrics.key_labels; else of every key together), logged to this "
                                       "control plane.", labels=key_label)
         # A model's batch lane is not a key: whisper_gateway_model_batch_in_flight.
-        counts = {key: count for key, count in sorted(self.plane.in_flight.counts().items()) if not is_batch_lane(key)}
+        counts = {key: count for key, count in sorted(self.plane.requests_in_flight_by_group().items())
+                  if not is_batch_lane(key)}
         if by_key:
             for key, count in counts.items():
                 in_flight.add_metric([key], count)
@@ -207,15 +209,15 @@ class FleetCollector:
         yield from gauges.values()
 
 
-def watch_fleet(plane) -> None:
-    """Registers the per-endpoint gauges of `plane` (one control plane per process)."""
+def watch_fleet(plane: PlaneView) -> FleetCollector:
+    """Registers the per-endpoint gauges of `plane` (one control plane per process); what
+    forget_fleet takes back."""
     collector = FleetCollector(plane)
     REGISTRY.register(collector)
-    plane.telemetry_collector = collector
+    return collector
 
 
-def forget_fleet(plane) -> None:
-    collector = getattr(plane, "telemetry_collector", None)
+def forget_fleet(collector: FleetCollector | None) -> None:
     if collector is not None:
         REGISTRY.unregister(collector)
 
