@@ -33,14 +33,16 @@ def everything_but(*allowed: str) -> tuple[str, ...]:
 DRIVERS = ("app", "cli", "__main__", "supervisor")
 RULES = [
     ("xds", everything_but()),
-    ("tenants", everything_but()),
+    ("tenants", everything_but("validation")),
     ("observe", (*DRIVERS, "decide", "builders", "operator", "xds")),
     ("decide", (*DRIVERS, "builders", "operator")),
     ("fleet", (*DRIVERS, "observe", "decide", "builders", "operator")),
     ("builders", (*DRIVERS, "observe", "decide", "operator")),
     ("operator", DRIVERS),
-    # The top-level modules. Names, addresses and the config's checks are leaves everyone reads.
+    # The top-level modules. Names, OpenAI's error shape, addresses and the config's checks are leaves
+    # everyone reads (tenants/ checks its names with validation).
     ("names", everything_but()),
+    ("openai_errors", everything_but()),
     ("addresses", everything_but()),
     ("validation", everything_but()),
     # config/ reads only what its fields are checked with (addresses, validation, Envoy's weight
