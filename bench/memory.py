@@ -39,6 +39,27 @@ def rss_mib(pid: int) -> int:
         return next(int(line.split()[1]) // 1024 for line in status if line.startswith("VmRSS"))
 
 
+def peak_rss_while(pid: int, clients: int, send) -> int:
+    """Envoy's peak RSS (MiB, sampled every 20 ms) while `clients` threads each run send()."""
+    peak, done = [rss_mib(pid)], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], rss_mib(pid))
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    senders = [threading.Thread(target=send) for _ in range(clients)]
+    for thread in senders:
+        thread.start()
+    for thread in senders:
+        thread.join()
+    done.set()
+    sampler.join()
+    return peak[0]
+
+
 def run(log_dir: Path, model_field: str, clients: int, mb: int, rounds: int) -> dict:
     _, engine = start_engine(log_dir, "m", f"e-{model_field}", time_scale=0.01, max_num_seqs=64)
     raw = base_config(free_port(), free_port(), [{"name": "m", "aliases": ["whisper-1"]}],
@@ -53,28 +74,15 @@ def run(log_dir: Path, model_field: str, clients: int, mb: int, rounds: int) -> 
     audio = silent_wav(mb * 1024 * 1024 / 32000)  # 16 kHz, 16-bit: 32 kB a second
     body = multipart([("model", model_field, None), ("file", audio, "a.wav")])
     headers = {"Content-Type": "multipart/form-data; boundary=wgboundary7MA4YWxk"}
-    peak, done, statuses = [idle], threading.Event(), []
-
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], rss_mib(pid))
-            time.sleep(0.02)
+    statuses = []
 
     def send() -> None:
         for _ in range(rounds):
             statuses.append(request("POST", envoy.url + "/v1/audio/transcriptions", body, headers, timeout=120).status)
 
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    senders = [threading.Thread(target=send) for _ in range(clients)]
-    for thread in senders:
-        thread.start()
-    for thread in senders:
-        thread.join()
-    done.set()
-    sampler.join()
+    peak = peak_rss_while(pid, clients, send)
     time.sleep(0.5)
-    return {"model_field": model_field, "idle_rss_mib": idle, "peak_rss_mib": peak[0], "after_rss_mib": rss_mib(pid),
+    return {"model_field": model_field, "idle_rss_mib": idle, "peak_rss_mib": peak, "after_rss_mib": rss_mib(pid),
             "answers": sorted(set(statuses)), "uploads": len(statuses)}
 
 
@@ -107,25 +115,10 @@ def run_slow(log_dir: Path, clients: int, mb: int, heap_mb: int, seconds: float)
     body = multipart([("model", "m", None), ("file", silent_wav(mb * 1024 * 1024 / 32000), "a.wav")])
     head = (f"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
             "Content-Type: multipart/form-data; boundary=wgboundary7MA4YWxk\r\n\r\n").encode()
-    peak, done, outcomes = [idle], threading.Event(), []
-
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], rss_mib(pid))
-            time.sleep(0.02)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    senders = [threading.Thread(target=lambda: outcomes.append(slow_upload(envoy.listen_port, head, body, seconds)))
-               for _ in range(clients)]
-    for thread in senders:
-        thread.start()
-    for thread in senders:
-        thread.join()
-    done.set()
-    sampler.join()
+    outcomes = []
+    peak = peak_rss_while(pid, clients, lambda: outcomes.append(slow_upload(envoy.listen_port, head, body, seconds)))
     counts = {outcome: outcomes.count(outcome) for outcome in sorted(set(outcomes))}
-    return {"heap_mb": heap_mb, "idle_rss_mib": idle, "peak_rss_mib": peak[0], "answers": counts,
+    return {"heap_mb": heap_mb, "idle_rss_mib": idle, "peak_rss_mib": peak, "answers": counts,
             "workers": envoy_workers()}
 
 
