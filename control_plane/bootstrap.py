@@ -11,9 +11,11 @@ from control_plane.internal_pki import CONTROL_PLANE, IDENTITY_PREFIX, ca_path, 
 
 ENVOY_DIR = Path(__file__).resolve().parent.parent / "envoy"
 BOOTSTRAP_TEMPLATE = ENVOY_DIR / "bootstrap.yaml"
-# The Lua filter is one source: the key check's and the duration reader's functions, then the
-# router that calls them.
-LUA_FILTER_PATHS = (ENVOY_DIR / "api_keys.lua", ENVOY_DIR / "audio_duration.lua", ENVOY_DIR / "model_router.lua")
+# The Lua filter's modules, envoy/<name>.lua, in the order read_lua_filter joins them: each reads
+# only modules before it, and `main` defines the entry points Envoy calls.
+LUA_MODULES = ("openai_errors", "api_keys", "audio_duration", "uploads", "multipart", "models", "metering", "lanes",
+               "plans", "routing", "main")
+LUA_FILTER_PATHS = tuple(ENVOY_DIR / f"{name}.lua" for name in LUA_MODULES)
 
 
 def xds_endpoints(xds_host: str | None, config: GatewayConfig) -> list[tuple[str, int]]:
@@ -116,5 +118,11 @@ def default_node_id() -> str:
     return f"envoy-{socket.gethostname()}"
 
 
-def read_lua_filter(paths: tuple[Path, ...] = LUA_FILTER_PATHS) -> str:
-    return "\n".join(path.read_text() for path in paths)
+def read_lua_filter(modules: tuple[str, ...] = LUA_MODULES) -> str:
+    """The Lua filter as one chunk (Envoy takes one source): each module's file is the body of its
+    own function, run once, whose returned table (the module's exports) is a local named after it:
+    `local multipart = (function() ... end)()`. A module's locals stay its own (LuaJIT's limits of
+    200 locals and 60 upvalues count per function), and a later module reads it only through its
+    table. builders/lua_source.py writes NAMES, CONTEXT and KEY_GRANTS ahead of the chunk."""
+    return "\n".join(f"local {name} = (function()\n{(ENVOY_DIR / f'{name}.lua').read_text().rstrip()}\nend)()"
+                     for name in modules)

@@ -73,7 +73,7 @@ AUDIO_PATHS = ("/v1/audio/transcriptions", "/v1/audio/translations")
 # of its source as `local NAMES = {...}`, and envoy/*.lua takes each from there, never a copy
 # typed in (tests/test_names_agree.py finds one).
 # The environment variable that tells the Lua filter how many worker threads Envoy runs (each
-# admits uploads against its share of limits.max_heap_mb: envoy/model_router.lua).
+# admits uploads against its share of limits.max_heap_mb: envoy/uploads.lua).
 WORKERS_ENV = "WHISPER_GATEWAY_WORKERS"
 
 LUA_NAMES = {name: globals()[name] for name in (

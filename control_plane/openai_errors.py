@@ -3,7 +3,7 @@
 Made here for every answer the control plane writes or configures: the admin API's, the
 answers Envoy makes itself (builders/local_replies.py), the routes' own (builders/routes.py) and
 the plain-HTTP refusal (builders/listener.py). The Lua filter builds the same body at request
-time (`reply` in envoy/model_router.lua); tests/test_names_agree.py holds the two to one shape.
+time (`reply` in envoy/openai_errors.lua); tests/test_names_agree.py holds the two to one shape.
 """
 
 from __future__ import annotations

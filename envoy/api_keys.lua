@@ -2,10 +2,12 @@
 --
 -- The control plane keeps only each key's SHA-256 (control_plane/tenants/keys.py) and pushes
 -- them as KEY_GRANTS[<hex digest>] = {id, models}, a table it writes ahead of this source
--- (control_plane/builders/routes.py), so neither its state file nor Envoy's config holds a secret. Envoy's Lua has no hash function, so
--- SHA-256 is here (FIPS 180-4, on LuaJIT's 32-bit `bit` operations); each worker remembers the
--- digests of the secrets it saw lately, so a client's key is hashed once, not per request.
+-- (control_plane/builders/lua_source.py), so neither its state file nor Envoy's config holds a
+-- secret. Envoy's Lua has no hash function, so SHA-256 is here (FIPS 180-4, on LuaJIT's 32-bit
+-- `bit` operations); each worker remembers the digests of the secrets it saw lately, so a client's
+-- key is hashed once, not per request.
 
+local reply = openai_errors.reply
 local bit = require("bit")
 local band, bor, bxor, bnot, rshift, lshift, ror, tobit, tohex =
   bit.band, bit.bor, bit.bxor, bit.bnot, bit.rshift, bit.lshift, bit.ror, bit.tobit, bit.tohex
@@ -171,3 +173,21 @@ local function allows(grant, model)
   end
   return false
 end
+
+-- The key step: the request's grant, or false where keys are not required; nil once it answered
+-- (401, or 429 to an address guessing keys).
+local function admit(h, headers)
+  if not CONTEXT.keys_required then return false end
+  local grant, why, wrong = authenticate(headers)
+  if grant ~= nil then return grant end
+  -- An address guessing keys gets 429 until its window ends; its valid keys still pass (bad_key_wait).
+  local wait = bad_key_wait(h, wrong)
+  if wait then
+    return reply(h, 429, "Too many requests with a wrong API key from this address; send a valid key, "
+      .. "or wait " .. wait .. " s.", "bad_api_keys", nil, "too_many_bad_keys", wait)
+  end
+  return reply(h, 401, why, "AuthenticationError", nil, "invalid_api_key")
+end
+
+-- address_key: for tests/test_bad_keys.py, which runs it in a bare Envoy.
+return {admit = admit, allows = allows, address_key = address_key}

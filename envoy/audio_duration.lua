@@ -375,3 +375,5 @@ local function audio_duration(read, size, filename, max_seconds)
   end
   return seconds, estimated == true
 end
+
+return {audio_duration = audio_duration}

@@ -2,10 +2,12 @@
 Envoy's handle API, in microseconds rather than through a running Envoy.
 
 The source is built exactly as the control plane builds it (filter_source over read_lua_filter,
-with lua_context's CONTEXT and the access's KEY_GRANTS), so the real envoy/*.lua files run. The
-stub (STUB below, in Lua) does what Envoy 1.40's Lua filter does with what those files call:
-headers get (all values joined by ","), getAtIndex, getNumValues, add, replace (every value
-replaced by one), remove, pairs; body() (nil without a body) as a buffer whose getBytes raises
+with lua_context's CONTEXT and the access's KEY_GRANTS), so the real envoy/*.lua files run; one
+line added after it returns the modules' tables, so a test reaches a module's exports by name
+(LuaFilter.module) and calls one with a request's handle (LuaFilter.call). The stub (STUB
+below, in Lua) does what Envoy 1.40's Lua filter does with what those files call: headers get
+(all values joined by ","), getAtIndex, getNumValues, add, replace (every value replaced by
+one), remove, pairs; body() (nil without a body) as a buffer whose getBytes raises
 Envoy's error when index or length is negative or the range passes the end, and whose setBytes
 sets content-length; streamInfo() with dynamicMetadata() set/get and downstreamRemoteAddress();
 respond(), which ends the script as Envoy's yield does; clearRouteCache(); timestamp() (ms, a
@@ -23,7 +25,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from control_plane.bootstrap import read_lua_filter
+from control_plane.bootstrap import LUA_MODULES, read_lua_filter
 from control_plane.builders.lua_source import filter_source
 from control_plane.builders.routes import lua_context
 from control_plane.config import GatewayConfig, parse_config
@@ -287,30 +289,6 @@ function STUB.request(headers, body, remote_address, now_ms)
   return STUB.run(envoy_on_request, STUB.record(headers, body, remote_address, now_ms), "request")
 end
 
--- A local of the filter's chunk (a function or value its globals' closures hold), by name: what
--- only the chunk itself can reach, reached through the debug library without changing the source.
-function STUB.find_local(name)
-  local seen, queue = {}, {}
-  for _, root in ipairs({envoy_on_request, envoy_on_response}) do queue[#queue + 1] = root end
-  local i = 1
-  while queue[i] do
-    local f = queue[i]
-    i = i + 1
-    if not seen[f] then
-      seen[f] = true
-      local u = 1
-      while true do
-        local upname, value = debug.getupvalue(f, u)
-        if upname == nil then break end
-        if upname == name then return value end
-        if type(value) == "function" then queue[#queue + 1] = value end
-        u = u + 1
-      end
-    end
-  end
-  error("no local named " .. name .. " reachable from the filter's entry points")
-end
-
 return STUB
 """
 
@@ -381,16 +359,21 @@ class LuaFilter:
         self.now_ms = now_ms
         self.lua = _lupa.LuaRuntime(encoding=ENCODING, unpack_returned_tuples=True)
         load = self.lua.eval("function(source, name) return assert(loadstring(source, name)) end")
-        load(self.source, "=whisper-gateway-lua-filter")()
+        # The modules' tables, returned by a line added after the source (Envoy's copy returns nothing).
+        exports = "\nreturn {" + ", ".join(f"{name} = {name}" for name in LUA_MODULES) + "}"
+        self.modules = load(self.source + exports, "=whisper-gateway-lua-filter")()
         self.stub = load(STUB, "=harness/lua_filter.py stub")()
 
     @classmethod
     def from_raw(cls, raw: dict, access: Access = Access(), **options) -> "LuaFilter":
         return cls(parse_config(raw), access=access, **options)
 
-    def local(self, name: str):
-        """A local of the filter's source (e.g. audio_duration), reached without changing it."""
-        return self.stub.find_local(name)
+    def module(self, name: str):
+        """A module's exports (envoy/<name>.lua's returned table, e.g. module("audio_duration").audio_duration)."""
+        exports = self.modules[name]
+        if exports is None:
+            raise KeyError(f"no Lua module {name!r} (control_plane/bootstrap.py LUA_MODULES)")
+        return exports
 
     def run_request(self, method: str = "POST", path: str = AUDIO_PATH, headers: dict | list | None = None,
                     body: bytes | str | None = None, remote_address: str = "127.0.0.1:40000",
@@ -405,15 +388,15 @@ class LuaFilter:
                                    self.now_ms if now_ms is None else now_ms)
         return self._outcome(record)
 
-    def call_local(self, name: str, *args, headers: dict | list | None = None) -> Outcome:
-        """The filter's local function `name` (e.g. its `reply`) called as name(h, *args) with the
-        handle of a request without a body, as envoy_on_request would call it."""
+    def call(self, function, *args, headers: dict | list | None = None) -> Outcome:
+        """A Lua function of the filter (e.g. module("openai_errors").reply) called as function(h, *args)
+        with the handle of a request without a body, as envoy_on_request would call it."""
         bind = self.lua.eval("function(f, ...) local n, args = select('#', ...), {...} "
                              "return function(h) return f(h, unpack(args, 1, n)) end end")
         pairs = [(":method", "POST"), (":path", AUDIO_PATH)] + (
             list(headers.items()) if isinstance(headers, dict) else list(headers or []))
         record = self.stub.record(self._header_table(pairs), None, "127.0.0.1:40000", self.now_ms)
-        return self._outcome(self.stub.run(bind(self.local(name), *args), record, "request"))
+        return self._outcome(self.stub.run(bind(function, *args), record, "request"))
 
     def run_response(self, status: int = 200, headers: dict | list | None = None,
                      metadata: dict[str, dict] | None = None) -> Outcome:

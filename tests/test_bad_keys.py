@@ -14,7 +14,7 @@ import time
 import pytest
 import yaml
 
-from control_plane.bootstrap import LUA_FILTER_PATHS
+from control_plane.bootstrap import read_lua_filter
 from control_plane.builders.lua_source import filter_source
 from control_plane.builders.routes import lua_context
 from control_plane.config import parse_config
@@ -165,10 +165,9 @@ ADDRESSES = {  # Envoy's downstreamRemoteAddress -> what its wrong keys count ag
 def test_addresses_count_without_their_port_and_ipv6_by_its_64(tmp_path):
     """envoy/api_keys.lua's address_key, run by a bare Envoy's Lua."""
     port = free_port()
-    api_keys = next(path for path in LUA_FILTER_PATHS if path.name == "api_keys.lua")
-    source = filter_source(api_keys.read_text(), {}, Access()) + """
+    source = filter_source(read_lua_filter(("openai_errors", "api_keys")), {}, Access()) + """
 function envoy_on_request(h)
-  h:respond({[":status"] = "200"}, address_key(h:headers():get("x-address")))
+  h:respond({[":status"] = "200"}, api_keys.address_key(h:headers():get("x-address")))
 end
 """
     bootstrap = {"static_resources": {"listeners": [{

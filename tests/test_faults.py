@@ -388,7 +388,7 @@ def test_two_gateways_pointed_at_each_other_stop_at_the_first_hop(tmp_path):
 
 def test_uploads_that_would_fill_envoys_memory_get_503_and_those_admitted_finish(tmp_path):
     """Slow uploads hold memory until they end: past the share of limits.max_heap_mb for uploads
-    (envoy/model_router.lua), a new upload gets a 503 in OpenAI's shape before a byte of it is
+    (envoy/uploads.lua), a new upload gets a 503 in OpenAI's shape before a byte of it is
     buffered; those admitted still finish; once they end, even by a client's reset, uploads are
     admitted again."""
     # 256 MiB: 192 for uploads (one worker); a 20 MiB upload holds 40 (with its retry copy): 4 fit.

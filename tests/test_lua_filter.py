@@ -215,7 +215,7 @@ def test_an_upload_without_a_duration_field_is_estimated_and_says_so():
 def test_a_closing_delimiter_before_the_fields_never_makes_a_negative_duration():
     """The first window holds a closing delimiter, the last the fields, the file's value runs to a
     closing delimiter without its CRLF: the file's end is the body's, not before its start (found
-    by tests/test_lua_fuzz.py: model_router.lua's value_end took that first closing delimiter)."""
+    by tests/test_lua_fuzz.py: multipart.lua's value_end took that first closing delimiter)."""
     body = (b"--" + BOUNDARY.encode() + b"--\r\n" + b"epilogue " * 1000 + b"\r\n" + raw_form(
         (disposition(b"model"), ALIAS.encode()), (disposition(b"file", b"a.wav"), silent_wav(0.05)), closing=False)[:-2]
         + b"--" + BOUNDARY.encode() + b"--")

@@ -2,7 +2,7 @@
 
 Two targets, each fed real inputs mutated in Lua (one Python call runs a batch of thousands):
 audio_duration, audio_duration.lua's entry point, on the corpus's real files; and the whole
-request path, envoy_on_request (model_router.lua's multipart scanner, then the duration), on
+request path, envoy_on_request (multipart.lua's scanner, then the duration), on
 real multipart forms. Mutations: bytes flipped or set, 16/32/64-bit fields set to 0, 1,
 0x7fffffff, 0xffffffff and their kin (LE and BE, at the offsets of each format's fields),
 EBML sizes, truncations, insertions (format tokens, delimiters, copies of the input's own
@@ -57,7 +57,7 @@ local find, sub, char = string.find, string.sub, string.char
 local F = {}
 local buf, cap = nil, 0 -- the input being mutated
 local tokens, seeds, marks, own, own_marks, stacked = {}, {}, {}, {}, {}, 0.3
-local WINDOW = 4096 -- model_router.lua's: where its windows begin and end matters
+local WINDOW = 4096 -- multipart.lua's: where its windows begin and end matters
 
 -- Offsets (0-based) where a token starts in `s`: where the fields worth lying in are.
 local function marks_of(s, list)
@@ -99,7 +99,7 @@ local function offset(n, m)
     return max(0, min(n - 1, o))
   elseif r < 0.75 then return random(0, min(n, 512) - 1)
   elseif r < 0.85 then return n - random(1, min(n, 2048))
-  elseif r < 0.9 then -- about the edges of model_router.lua's windows
+  elseif r < 0.9 then -- about the edges of multipart.lua's windows
     return max(0, min(n - 1, (random() < 0.5 and WINDOW or n - WINDOW) + random(-80, 80)))
   end
   return random(0, n - 1)
@@ -219,7 +219,7 @@ function F.audio(audio_duration, names, cases, seed, max_seconds)
     if not ok then why = "a Lua error: " .. tostring(seconds)
     elseif type(seconds) ~= "number" or seconds ~= seconds or seconds < 0 or seconds > max_seconds then
       why = "duration " .. tostring(seconds)
-    elseif not (tonumber(string.format("%.3f", seconds)) <= max_seconds) then -- as model_router.lua shows it
+    elseif not (tonumber(string.format("%.3f", seconds)) <= max_seconds) then -- as metering.lua shows it
       why = string.format("duration %.17g shown as %.3f", seconds, seconds)
     elseif type(estimated) ~= "boolean" then why = "estimated is " .. tostring(estimated)
     elseif bad then why = bad
@@ -341,7 +341,7 @@ def test_audio_duration_survives_mutated_real_files(lua, clips, tmp_path):
     data = [c.path.read_bytes() for c in clips]
     fuzz.setup(lua_list(lua, data), lua_list(lua, AUDIO_TOKENS), None, 0.3)
     names = lua_list(lua, [c.path.name for c in clips])
-    audio_duration = lua.local("audio_duration")
+    audio_duration = lua.module("audio_duration").audio_duration
     results = run_batches(lambda batch_seed, cases: fuzz.audio(audio_duration, names, cases, batch_seed, MAX_AUDIO_S),
                           "audio_duration", tmp_path)
     estimated = sum(r.estimated for r in results) / sum(r.cases for r in results)
@@ -359,7 +359,7 @@ def seed_forms(clips) -> list[tuple[bytes, str]]:
         forms.append((multipart([("model", ALIAS, None), ("file", audio, name)], boundary), boundary))
         forms.append((multipart([("file", audio, name), ("model", MODEL, None), ("language", "en", None),
                                  ("response_format", "verbose_json", None)], boundary), boundary))
-    # The fields at the ends of a large body, found by model_router.lua's windows or by its whole scan.
+    # The fields at the ends of a large body, found by multipart.lua's windows or by its whole scan.
     short = silent_wav(0.08)  # the file within the last window
     forms.append((multipart([("prompt", "Meeting notes. " * 700, None), ("model", ALIAS, None), ("file", short, "a.wav")],
                             "wgboundary7MA4YWxk"), "wgboundary7MA4YWxk"))

@@ -3,7 +3,7 @@
 The wire names the filter shares with the control plane (headers, dynamic metadata keys, limits,
 windows) are control_plane/names.py's, written ahead of the filter as `local NAMES = {...}`
 (builders/lua_source.py); a copy typed into envoy/*.lua, or a NAMES field no one writes, fails
-here. The OpenAI error body the filter builds at request time (`reply` in envoy/model_router.lua)
+here. The OpenAI error body the filter builds at request time (`reply` in envoy/openai_errors.lua)
 parses to exactly what control_plane/openai_errors.py gives the rest. In process (LuaJIT via lupa).
 """
 
@@ -133,7 +133,7 @@ def lua() -> LuaFilter:
     (508, 'Loop"Detected\\', None, None),
 ])
 def test_the_lua_reply_is_openai_error(lua, message, status, error_type, param, code):
-    outcome = lua.call_local("reply", status, message.encode(), error_type, param, code)
+    outcome = lua.call(lua.module("openai_errors").reply, status, message.encode(), error_type, param, code)
     assert outcome.error is None, outcome.error
     assert outcome.status == status and outcome.reply_headers["content-type"] == "application/json"
     assert json.loads(outcome.reply_body) == openai_error(_as_lua_sends_it(message), error_type, param,

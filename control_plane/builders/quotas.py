@@ -12,7 +12,7 @@ local cluster, `LOCAL_CLUSTER`, which the control plane sends them).
 
 Each filter reports its own bucket in `x-ratelimit-*`; Envoy appends them (audio first, then
 requests, as the responses pass back), and the Lua filter renames them to OpenAI's
-`x-ratelimit-*-requests` and `-audio-seconds` and adds Retry-After (envoy/model_router.lua).
+`x-ratelimit-*-requests` and `-audio-seconds` and adds Retry-After (envoy/plans.lua).
 A 429's `x-whisper-limited` says which limit refused it.
 
 A plan's `requests_in_flight`, and `auth.batch_in_flight_per_engine`, are not rates: Envoy's

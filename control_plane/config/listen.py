@@ -116,7 +116,7 @@ class LimitsConfig:
     @property
     def upload_budget_bytes(self) -> int:
         """What uploads in flight may hold of max_heap_mb, over all of an Envoy's workers
-        (envoy/model_router.lua admits each against it); the rest is Envoy's own."""
+        (envoy/uploads.lua admits each against it); the rest is Envoy's own."""
         return int(self.max_heap_mb * 1024 * 1024 * UPLOAD_SHARE)
 
 

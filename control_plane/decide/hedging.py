@@ -5,7 +5,7 @@ policy asks another engine and the first answer wins (builders/routes.py). A fix
 either far too long for a voice command or too short for an hour of audio, so each model's
 deadline follows what its engines have lately taken: `factor` x the 90th percentile of the
 seconds per audio-second of recent answered tries (observe/ledger.py), times the upload's
-audio-seconds, never under `resilience.hedge_floor_s` (envoy/model_router.lua applies it).
+audio-seconds, never under `resilience.hedge_floor_s` (envoy/routing.lua applies it).
 Tries under MIN_SAMPLE_S of audio say more about a request's fixed cost than about speed, so
 they are not evidence (the floor covers short clips). Published as whole milliseconds per
 audio-second on a grid of steps of STEP, so the routes (which carry it to the Lua filter) change

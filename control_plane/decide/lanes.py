@@ -3,7 +3,7 @@
 Each API key is `interactive` (the default) or `batch`. When the expected wait for a new 30 s
 clip on a model (the number an autoscaler scales on) passes `auth.batch_above_wait_s`, the
 control plane tells every Envoy to answer that model's batch requests 429 with Retry-After
-(envoy/model_router.lua), and opens the lane again once the wait is back under REOPEN_AT of
+(envoy/lanes.lua), and opens the lane again once the wait is back under REOPEN_AT of
 the level: engines are FIFO, so the only way to keep interactive clips from queueing behind a
 flood of batch work is not to admit the flood. Pure.
 """

@@ -1,0 +1,39 @@
+-- whisper-gateway: the Lua filter's entry points, composed of the other modules' steps.
+--
+-- The filter is one source: control_plane/bootstrap.py joins envoy/<module>.lua in LUA_MODULES'
+-- order, each file's body its own function whose returned table (its exports) becomes a local
+-- named after the module, so a module reads an earlier one only through what it exports. Ahead of
+-- them the control plane writes the values they need as constants
+-- (control_plane/builders/lua_source.py): CONTEXT, the routing values (models = {name or alias
+-- -> model}, ...), KEY_GRANTS, and NAMES, the names shared with the control plane (headers,
+-- metadata keys, limits: control_plane/names.py LUA_NAMES), so none is typed here.
+--
+-- A step either answers the request itself (h:respond: Envoy never resumes the script after it)
+-- and returns nil, or returns what the steps after it need (true when nothing).
+
+function envoy_on_request(h)
+  local headers = h:headers()
+  if not routing.first_pass(h, headers) then return end
+  local grant = api_keys.admit(h, headers) -- before the body: a stranger's upload is never buffered
+  if grant == nil then return end -- false: no key is required
+  local boundary = multipart.request_boundary(h, headers)
+  if not boundary or not uploads.admit(h, headers) then return end -- before a byte of it is buffered
+  local body = h:body()
+  headers = h:headers() -- h:body() yields: handles taken before it are no longer valid
+  local form = multipart.read_form(h, body, boundary)
+  local model = form and models.resolve(h, form.model_name, grant)
+  if not model then return end
+  local seconds = metering.meter(h, headers, body, form, grant, model) -- before an alias moves the bytes
+  if not lanes.assign(h, headers, grant, model) or not plans.charge(h, grant, seconds) then return end
+  models.rewrite_alias(body, form, model)
+  routing.route(h, headers, body, model, seconds)
+end
+
+-- Defined only where plans are enforced: a Lua filter with an envoy_on_response runs it for every
+-- response, and without quotas there is nothing for it to do.
+if CONTEXT.keys_required and next(CONTEXT.plans or {}) ~= nil then
+  envoy_on_response = plans.rate_limit_headers
+end
+
+-- Its exports are the globals Envoy calls.
+return {}

@@ -1,0 +1,59 @@
+-- whisper-gateway: where Envoy's router sends a request: to the route of the model its form names.
+--
+-- Envoy matches routes on headers, but the model is a field of the multipart body. The filter
+-- buffers the body (retries need it buffered anyway), finds the `model` part (multipart.lua),
+-- and sets x-whisper-model, which the routes match.
+
+local reply = openai_errors.reply
+
+local MODEL_HEADER = NAMES.MODEL_HEADER
+-- Set on uploads of at least CONTEXT.long_upload_bytes (0: never): their routes prefer
+-- the engines that finish long clips soonest.
+local LONG_UPLOAD_HEADER = NAMES.LONG_UPLOAD_HEADER
+-- Set on every request Envoy proxies (route config); one arriving with it has come round a loop
+-- (a gateway that is its own backend, or two gateways pointed at each other).
+local HOP_HEADER = NAMES.HOP_HEADER
+-- Per try, before another engine is asked too (hedged: the first answer wins): the router reads
+-- this header, set here from the upload's size so long files get longer.
+local PER_TRY_HEADER = "x-envoy-upstream-rq-per-try-timeout-ms"
+-- What this filter sets (here, and in metering.lua and lanes.lua): a client's own values never
+-- reach a route, an engine or a log.
+local OWN_HEADERS = {MODEL_HEADER, LONG_UPLOAD_HEADER, NAMES.AUDIO_SECONDS_HEADER, NAMES.AUDIO_ESTIMATED_HEADER,
+  NAMES.KEY_ID_HEADER, NAMES.BATCH_LANE_HEADER}
+
+-- The first step: a client's own values of the filter's headers removed; true, or nil once it
+-- answered 508 (a request that has come round a loop).
+local function first_pass(h, headers)
+  for _, name in ipairs(OWN_HEADERS) do headers:remove(name) end
+  if headers:get(HOP_HEADER) ~= nil then
+    return reply(h, 508, "Loop detected: this request already passed through a whisper-gateway. "
+      .. "A backend is the gateway itself, or two gateways point at each other.", "LoopDetected", nil)
+  end
+  return true
+end
+
+-- The deadline of each try (hedged after it: the first answer wins): by the model's measured
+-- speed once there is one (control_plane/decide/hedging.py), never under the floor; until then
+-- longer for larger uploads. 0: none.
+local function try_deadline_ms(model, seconds, bytes)
+  local per_audio_s = (CONTEXT.per_try_ms_per_audio_s or {})[model]
+  if per_audio_s then return math.max(CONTEXT.per_try_floor_ms or 0, math.ceil(seconds * per_audio_s)) end
+  return (CONTEXT.per_try_base_ms or 0) + math.floor(bytes * (CONTEXT.per_try_ms_per_mb or 0) / 1048576)
+end
+
+-- The last step: where the router sends the request: the model's route, the long-upload subset,
+-- and the deadline of each try.
+local function route(h, headers, body, model, seconds)
+  headers:replace(MODEL_HEADER, model)
+  local long_upload_bytes = CONTEXT.long_upload_bytes or 0
+  if long_upload_bytes > 0 and body:length() >= long_upload_bytes then headers:replace(LONG_UPLOAD_HEADER, "1") end
+  local try_ms = try_deadline_ms(model, seconds, body:length())
+  if try_ms > 0 then
+    headers:replace(PER_TRY_HEADER, tostring(try_ms))
+  else
+    headers:remove(PER_TRY_HEADER)
+  end
+  h:clearRouteCache()
+end
+
+return {first_pass = first_pass, route = route}
