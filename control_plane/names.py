@@ -61,12 +61,22 @@ MODEL_KEY = "model"
 SECONDS_KEY = "audio_seconds"
 ESTIMATED_KEY = "audio_estimated"
 KEY_ID_KEY = "key_id"
+# On a routed 2xx whose answer carries the engine's own duration (`usage.seconds`, or
+# verbose_json's `duration`) and which differs from the edge's: that figure, which corrects
+# the metering (envoy/model_router.lua's response side; observe/access_logs.py).
+ENGINE_SECONDS_KEY = "audio_engine_seconds"
+# On an upload whose container claimed less audio than its data holds (a patched header): the
+# claim, which was not believed (envoy/audio_duration.lua). Its request is logged as a mismatch.
+CLAIMED_KEY = "audio_claimed"
 # With a key that has a plan: the plan and the upload's cost in whole audio-seconds, which the
 # quota filters charge (builders/quotas.py).
 PLAN_KEY = "plan"
 COST_KEY = "audio_cost"
 LONG_UPLOAD_KEY = "long_uploads"
 LUA_FILTER = "envoy.filters.http.lua"
+# The listener's second Lua filter, before LUA_FILTER: the same source, run for upload admission
+# only (builders/listener.py). No route overrides it, so its state lives as long as the listener.
+UPLOAD_FILTER = "whisper.upload_admission"
 AUDIO_PATHS = ("/v1/audio/transcriptions", "/v1/audio/translations")
 
 # What the Lua filter uses of these, by the same names: builders/lua_source.py writes them ahead
@@ -80,7 +90,8 @@ LUA_NAMES = {name: globals()[name] for name in (
     "MODEL_HEADER", "LONG_UPLOAD_HEADER", "HOP_HEADER", "AUDIO_SECONDS_HEADER", "AUDIO_ESTIMATED_HEADER",
     "KEY_ID_HEADER", "LIMITED_HEADER", "BATCH_LANE_HEADER", "BATCH_LANE_PREFIX", "BATCH_LANE_LIMIT",
     "REQUESTS_LIMIT", "AUDIO_SECONDS_LIMIT", "MINUTE_S", "DAY_S", "METADATA_NAMESPACE", "LUA_REPLY_KEY",
-    "MODEL_KEY", "SECONDS_KEY", "ESTIMATED_KEY", "KEY_ID_KEY", "BATCH_LANE_KEY", "PLAN_KEY", "COST_KEY", "WORKERS_ENV")}
+    "MODEL_KEY", "SECONDS_KEY", "ESTIMATED_KEY", "KEY_ID_KEY", "BATCH_LANE_KEY", "PLAN_KEY", "COST_KEY", "WORKERS_ENV",
+    "ENGINE_SECONDS_KEY", "CLAIMED_KEY")}
 
 
 def cluster_name(model: str) -> str:

@@ -37,9 +37,11 @@ local function view(read, size)
   end, head
 end
 
+-- Decoders time PCM by its sample rate and frame size (block align), not by the byte-rate
+-- field, which a client can set to anything: that field is only the container's claim.
 local function wav(peek, head, size)
   local riff = sub(head, 1, 4)
-  local offset, byte_rate, ds64_data = 12, nil, nil
+  local offset, frame_rate, byte_rate, ds64_data = 12, nil, nil, nil
   for _ = 1, 64 do
     local chunk = peek(offset, 8)
     if #chunk < 8 then return nil end
@@ -47,7 +49,9 @@ local function wav(peek, head, size)
     if id == "ds64" then
       ds64_data = u64le(peek(offset + 8, 24), 9)
     elseif id == "fmt " then
-      byte_rate = u32le(peek(offset + 8, 16), 9)
+      local fmt = peek(offset + 8, 16)
+      if #fmt < 16 then return nil end
+      frame_rate, byte_rate = u32le(fmt, 5) * u16le(fmt, 13), u32le(fmt, 9)
     elseif id == "data" then
       local present = size - offset - 8
       local data = n
@@ -56,12 +60,20 @@ local function wav(peek, head, size)
       elseif n == 0 or n == 4294967295 then -- a streaming writer: the bytes that follow
         data = present
       end
-      if not byte_rate or byte_rate == 0 then return nil end
-      return math.min(data, present) / byte_rate
+      if not frame_rate or frame_rate == 0 then return nil end
+      local bytes = math.min(data, present)
+      if byte_rate ~= frame_rate and byte_rate > 0 then return bytes / frame_rate, false, bytes / byte_rate end
+      return bytes / frame_rate
     end
     offset = offset + 8 + n + n % 2
   end
   return nil
+end
+
+-- A claimed duration is a lie when the bytes sent could not hold that little audio: their
+-- bit rate over it would pass the most the codec ever spends (`max_bps`, with 5% to spare).
+local function implausible(bytes, seconds, max_bps)
+  return seconds > 0 and bytes * 8 / seconds > max_bps * 1.05
 end
 
 local function id3v2_size(peek, offset)
@@ -72,14 +84,82 @@ local function id3v2_size(peek, offset)
   return 10 + ((a * 128 + b) * 128 + c) * 128 + d + footer
 end
 
-local function flac(peek, start)
+-- CRC-8 (x^8 + x^2 + x + 1) of s's bytes i to j: what guards a FLAC frame header.
+local function crc8(s, i, j)
+  local crc = 0
+  for k = i, j do
+    crc = bit.bxor(crc, byte(s, k))
+    for _ = 1, 8 do
+      crc = bit.band(crc, 0x80) ~= 0 and bit.band(bit.bxor(bit.lshift(crc, 1), 0x07), 0xFF)
+        or bit.band(bit.lshift(crc, 1), 0xFF)
+    end
+  end
+  return crc
+end
+
+local FLAC_BLOCK = {[1] = 192, [2] = 576, [3] = 1152, [4] = 2304, [5] = 4608, [8] = 256, [9] = 512, [10] = 1024,
+  [11] = 2048, [12] = 4096, [13] = 8192, [14] = 16384, [15] = 32768}
+
+-- The samples up to the end of the FLAC frame whose header starts at 1-based i of s (its
+-- number, coded as UTF-8 is, x the stream's block size, or its first sample's number, plus
+-- its own block), or nil when no valid header (CRC-8 checked) starts there.
+local function flac_frame_end(s, i, block_size)
+  local b1, b2, b3, n = byte(s, i + 1, i + 4)
+  if not n or b3 % 2 == 1 then return nil end -- the reserved bit
+  local variable, code, rate_code = b1 == 0xF9, floor(b2 / 16), b2 % 16
+  local extra = 0
+  if n >= 0x80 then -- 110xxxxx: one more byte, 1110xxxx: two, ... 11111110: six
+    local mask, more = 0x40, 0
+    while mask > 0 and bit.band(n, mask) ~= 0 do more, mask = more + 1, mask / 2 end
+    if more == 0 or more > 6 then return nil end
+    n = bit.band(n, mask * 2 - 1)
+    for k = 1, more do
+      local c = byte(s, i + 4 + k)
+      if not c or floor(c / 64) ~= 2 then return nil end
+      n = n * 64 + c % 64
+    end
+    extra = more
+  end
+  local at = i + 5 + extra -- 1-based: the byte after the coded number
+  local block = FLAC_BLOCK[code]
+  if code == 6 then block, at = (byte(s, at) or 0) + 1, at + 1
+  elseif code == 7 then block, at = u16le(string.reverse(sub(s, at, at + 1)), 1) + 1, at + 2 end
+  if rate_code == 12 then at = at + 1 elseif rate_code == 13 or rate_code == 14 then at = at + 2 end
+  if not block or not byte(s, at) or crc8(s, i, at - 1) ~= byte(s, at) then return nil end
+  return variable and n + block or n * block_size + block
+end
+
+-- The samples up to the last valid frame in the file's tail: what the data holds.
+local function flac_tail_samples(peek, size, block_size)
+  local length = math.min(size, TAIL_MAX)
+  local tail = peek(size - length, length)
+  local best, pos = nil, 1
+  while true do
+    local at = find(tail, "\255[\248\249]", pos)
+    if not at then break end
+    best = flac_frame_end(tail, at, block_size) or best
+    pos = at + 1
+  end
+  return best
+end
+
+-- STREAMINFO's sample count is the container's claim. FLAC never takes much more room than the
+-- raw PCM it codes (rate x channels x bits): a count too small for the bytes sent is a lie,
+-- and the data's own figure stands: the last frame's header in the tail numbers its samples
+-- (else the raw PCM rate bounds the audio from below: an estimate).
+local function flac(peek, start, size)
   local info = peek(start + 8, 18) -- STREAMINFO follows "fLaC" and its 4-byte block header
   if #info < 18 then return nil end
   local b10, b11, b12, b13 = byte(info, 11, 14)
   local rate = b10 * 4096 + b11 * 16 + floor(b12 / 16)
+  local channels, bits = floor(b12 / 2) % 8 + 1, (b12 % 2) * 16 + floor(b13 / 16) + 1
   local samples = (b13 % 16) * 4294967296 + u32be(info, 15)
   if rate == 0 or samples == 0 then return nil end
-  return samples / rate
+  local claimed, raw_bps = samples / rate, rate * channels * bits
+  if not implausible(size - start, claimed, raw_bps) then return claimed end
+  local played = flac_tail_samples(peek, size, u16le(string.reverse(sub(info, 3, 4)), 1))
+  if played then return played / rate, false, claimed end
+  return (size - start) * 8 / raw_bps, true, claimed
 end
 
 local MP3_BITRATES = {
@@ -99,7 +179,25 @@ local function mp3_frame(h, i)
   if not bitrate or not rate then return nil end
   local mono = floor(b4 / 64) == 3
   return {rate = rate, bitrate = bitrate * 1000, samples = version == 3 and 1152 or 576,
-    side = version == 3 and (mono and 17 or 32) or (mono and 9 or 17)}
+    side = version == 3 and (mono and 17 or 32) or (mono and 9 or 17),
+    max_bps = (version == 3 and 320 or 160) * 1000,
+    length = floor((version == 3 and 144 or 72) * bitrate * 1000 / rate) + floor(b3 / 2) % 2}
+end
+
+-- The audio bytes over the mean bit rate of frame headers found at MP3_PROBES places spread
+-- over them: what a file whose frame count lied (or that has none, VBR) holds, as an estimate.
+local MP3_PROBES = 16
+local function mp3_by_frames(peek, size, start, audio)
+  local total, found = 0, 0
+  for k = 0, MP3_PROBES - 1 do
+    local window = peek(start + floor(audio * k / MP3_PROBES), 4096)
+    for i = 1, #window - 3 do
+      local frame = mp3_frame(window, i) -- and the next one where it says: not bytes that look like one
+      if frame and mp3_frame(window, i + frame.length) then total, found = total + frame.bitrate, found + 1; break end
+    end
+  end
+  if found == 0 then return nil end
+  return audio * 8 / (total / found), true
 end
 
 -- `start`: where the audio begins (after any ID3v2 tag).
@@ -111,6 +209,7 @@ local function mp3(peek, size, start)
     if frame then start = start + skip; break end
   end
   if not frame then return nil end
+  local audio = size - start - (peek(size - 128, 3) == "TAG" and 128 or 0)
   local xing = start + 4 + frame.side
   local tag = peek(xing, 12)
   local id = sub(tag, 1, 4)
@@ -125,16 +224,21 @@ local function mp3(peek, size, start)
         local a, b, c = byte(l, 22, 24)
         skip = (a * 16 + floor(b / 16)) + ((b % 16) * 256 + c) -- encoder delay + padding, in samples
       end
-      return math.max(0, frames * frame.samples - skip) / frame.rate
+      local claimed = math.max(0, frames * frame.samples - skip) / frame.rate
+      if not implausible(audio, claimed, frame.max_bps) then return claimed end
+      local seconds = mp3_by_frames(peek, size, start, audio)
+      return seconds, true, claimed
     end
   end
   local vbri = peek(start + 36, 18)
   if sub(vbri, 1, 4) == "VBRI" and #vbri == 18 then
-    return u32be(vbri, 15) * frame.samples / frame.rate
+    local claimed = u32be(vbri, 15) * frame.samples / frame.rate
+    if not implausible(audio, claimed, frame.max_bps) then return claimed end
+    local seconds = mp3_by_frames(peek, size, start, audio)
+    return seconds, true, claimed
   end
   -- Constant bitrate: the audio bytes over the first frame's bitrate (a VBR file without a
   -- header would be wrong here, so it is an estimate).
-  local audio = size - start - (peek(size - 128, 3) == "TAG" and 128 or 0)
   return audio * 8 / frame.bitrate, true
 end
 
@@ -166,46 +270,90 @@ local function ogg(peek, head, size)
     end
     if last then
       if rate == 0 then return nil end
-      return (u64le(tail, last + 6) - preskip) / rate
+      local claimed = (u64le(tail, last + 6) - preskip) / rate
+      -- Granules are the container's claim: Opus never spends over 510 kbit/s, Vorbis 500.
+      if implausible(size, claimed, 512000) then return size * 8 / ESTIMATE_BPS.ogg, true, claimed end
+      return claimed
     end
     if length >= size or window >= TAIL_MAX then return nil end
     window = TAIL_MAX
   end
 end
 
-local function mp4(peek, size)
-  local offset = 0
-  for _ = 1, 64 do
+-- The boxes from `offset` to `stop`: each (kind, offset of its body, offset past it), at most 64.
+local function boxes(peek, offset, stop)
+  local count = 0
+  return function()
+    if count >= 64 or offset + 8 > stop then return nil end
+    count = count + 1
     local box = peek(offset, 16)
     if #box < 8 then return nil end
-    local n, kind = u32be(box, 1), sub(box, 5, 8)
-    local header = 8
-    if n == 1 then n, header = u64be(box, 9), 16 elseif n == 0 then n = size - offset end
+    local n, kind, header = u32be(box, 1), sub(box, 5, 8), 8
+    if n == 1 and #box == 16 then n, header = u64be(box, 9), 16 elseif n == 0 then n = stop - offset end
     if n < header then return nil end
-    if kind == "moov" then
-      local child = offset + header
-      for _ = 1, 64 do
-        local c = peek(child, 8)
-        if #c < 8 then return nil end
-        local m, ckind = u32be(c, 1), sub(c, 5, 8)
-        if ckind == "mvhd" then
-          local mvhd = peek(child + 8, 32)
-          if #mvhd < 32 then return nil end
-          local scale, duration
-          if byte(mvhd, 1) == 1 then
-            scale, duration = u32be(mvhd, 21), u64be(mvhd, 25)
-          else
-            scale, duration = u32be(mvhd, 13), u32be(mvhd, 17)
-          end
-          if scale == 0 or duration == 4294967295 then return nil end
-          return duration / scale
-        end
-        if m < 8 then return nil end
-        child = child + m
-      end
-      return nil
-    end
+    local at = offset
     offset = offset + n
+    return kind, at + header, math.min(at + n, stop)
+  end
+end
+
+local function child(peek, start, stop, wanted)
+  for kind, body, past in boxes(peek, start, stop) do
+    if kind == wanted then return body, past end
+  end
+  return nil
+end
+
+-- The audio track's length from its sample table (`stts`: how many samples of what duration,
+-- what a decoder plays), over its `mdhd` timescale; nil when there is no such track.
+local function sample_table_seconds(peek, moov, moov_end)
+  for kind, trak, trak_end in boxes(peek, moov, moov_end) do
+    local mdia, mdia_end = nil, nil
+    if kind == "trak" then mdia, mdia_end = child(peek, trak, trak_end, "mdia") end
+    local hdlr = mdia and child(peek, mdia, mdia_end, "hdlr")
+    if hdlr and sub(peek(hdlr + 8, 4), 1, 4) == "soun" then
+      local mdhd = child(peek, mdia, mdia_end, "mdhd")
+      local minf, minf_end = child(peek, mdia, mdia_end, "minf")
+      local stbl, stbl_end = nil, nil
+      if minf then stbl, stbl_end = child(peek, minf, minf_end, "stbl") end
+      local stts = stbl and child(peek, stbl, stbl_end, "stts")
+      if not (mdhd and stts) then return nil end
+      local m = peek(mdhd, 32)
+      local scale = byte(m, 1) == 1 and u32be(m, 21) or u32be(m, 13)
+      local entries = math.min(u32be(peek(stts + 4, 4), 1), 4096)
+      local table_bytes = peek(stts + 8, entries * 8)
+      local samples = 0
+      for e = 0, floor(#table_bytes / 8) - 1 do
+        samples = samples + u32be(table_bytes, e * 8 + 1) * u32be(table_bytes, e * 8 + 5)
+      end
+      if scale == 0 then return nil end
+      return samples / scale
+    end
+  end
+  return nil
+end
+
+-- `mvhd`'s duration is the container's claim (rounded by muxers: the exact figure the tests
+-- hold it to); the audio track's sample table is what plays. When they disagree by more than 2%
+-- and 0.1 s, the claim is a lie and the table's figure stands.
+local function mp4(peek, size)
+  for kind, moov, moov_end in boxes(peek, 0, size) do
+    if kind == "moov" then
+      local mvhd = child(peek, moov, moov_end, "mvhd")
+      if not mvhd then return nil end
+      local header = peek(mvhd, 32)
+      if #header < 32 then return nil end
+      local scale, duration
+      if byte(header, 1) == 1 then
+        scale, duration = u32be(header, 21), u64be(header, 25)
+      else
+        scale, duration = u32be(header, 13), u32be(header, 17)
+      end
+      if scale == 0 or duration == 4294967295 then return nil end
+      local claimed, played = duration / scale, sample_table_seconds(peek, moov, moov_end)
+      if played and math.abs(played - claimed) > played * 0.02 + 0.1 then return played, false, claimed end
+      return claimed
+    end
   end
   return nil
 end
@@ -318,10 +466,14 @@ local function webm_tail(peek, size, scale)
   return cluster and (cluster + block) * scale / 1e9, true
 end
 
+-- Duration is the container's claim; the last Cluster's timecode is where the data ends. A
+-- Duration short of it (by more than 2% and a block) is a lie: the data's figure stands.
 local function webm(peek, head, size)
   local seconds, scale = webm_head(head)
-  if seconds then return seconds end
-  return webm_tail(peek, size, scale)
+  local data = webm_tail(peek, size, scale)
+  if seconds and (not data or data <= seconds * 1.02 + 0.1) then return seconds end
+  if seconds then return data, true, seconds end
+  return data, true
 end
 
 -- The format by its first bytes; nil when unknown.
@@ -338,13 +490,13 @@ end
 
 local function measure(kind, peek, head, size)
   if kind == "wav" then return wav(peek, head, size) end
-  if kind == "flac" then return flac(peek, 0) end
+  if kind == "flac" then return flac(peek, 0, size) end
   if kind == "ogg" then return ogg(peek, head, size) end
   if kind == "mp4" then return mp4(peek, size) end
   if kind == "webm" then return webm(peek, head, size) end
   if kind == "mp3" then
     local id3 = id3v2_size(peek, 0)
-    if peek(id3, 4) == "fLaC" then return flac(peek, id3) end -- FLAC behind an ID3 tag
+    if peek(id3, 4) == "fLaC" then return flac(peek, id3, size) end -- FLAC behind an ID3 tag
     return mp3(peek, size, id3)
   end
   return nil
@@ -360,20 +512,22 @@ end
 -- ones (LuaJIT 2.1 since 7152e154, 2025-12-08).
 local MIN_SECONDS = 0.001
 
--- Seconds of audio in a file part of `size` bytes, read through read(offset, n), and whether
--- that is an estimate. Never more than max_seconds; never an error.
+-- Seconds of audio in a file part of `size` bytes, read through read(offset, n), whether that
+-- is an estimate, and what the container claimed when that was a lie (else nil). Never more
+-- than max_seconds; never an error.
 local function audio_duration(read, size, filename, max_seconds)
-  local kind, seconds, estimated = nil, nil, false
+  local kind, seconds, estimated, claimed = nil, nil, false, nil
   local ok = pcall(function()
     local peek, head = view(read, size)
     kind = format_of(head)
-    if kind then seconds, estimated = measure(kind, peek, head, size) end
+    if kind then seconds, estimated, claimed = measure(kind, peek, head, size) end
   end)
   if not ok or not seconds or seconds ~= seconds or seconds < MIN_SECONDS or seconds > max_seconds then
     kind = kind or EXTENSIONS[extension_of(filename)]
     seconds, estimated = math.min(max_seconds, size * 8 / ESTIMATE_BPS[kind or "other"]), true
   end
-  return seconds, estimated == true
+  if type(claimed) ~= "number" or claimed ~= claimed then claimed = nil end
+  return seconds, estimated == true, claimed
 end
 
 return {audio_duration = audio_duration}

@@ -17,7 +17,7 @@ function envoy_on_request(h)
   local grant = api_keys.admit(h, headers) -- before the body: a stranger's upload is never buffered
   if grant == nil then return end -- false: no key is required
   local boundary = multipart.request_boundary(h, headers)
-  if not boundary or not uploads.admit(h, headers) then return end -- before a byte of it is buffered
+  if not boundary then return end -- its memory was admitted by the listener's filter, below
   local body = h:body()
   headers = h:headers() -- h:body() yields: handles taken before it are no longer valid
   local form = multipart.read_form(h, body, boundary)
@@ -29,10 +29,22 @@ function envoy_on_request(h)
   routing.route(h, headers, body, model, seconds)
 end
 
--- Defined only where plans are enforced: a Lua filter with an envoy_on_response runs it for every
--- response, and without quotas there is nothing for it to do.
-if CONTEXT.keys_required and next(CONTEXT.plans or {}) ~= nil then
-  envoy_on_response = plans.rate_limit_headers
+-- The listener's upload-admission filter (control_plane/builders/listener.py) runs this source
+-- too, before the routes' one, for that alone: a POST's memory, admitted before a byte of it is
+-- buffered. No route overrides that filter, so its count of what uploads hold lives as long as
+-- the listener, while every route update starts the routes' Lua states afresh.
+if CONTEXT.upload_admission then
+  function envoy_on_request(h) uploads.admit(h, h:headers()) end
+end
+
+-- Every routed request's answer: OpenAI's rate-limit headers where plans are enforced (headers
+-- first: reading the body yields), then the engine's own figure of its audio.
+local with_plans = CONTEXT.keys_required and next(CONTEXT.plans or {}) ~= nil
+if not CONTEXT.upload_admission then
+  function envoy_on_response(h)
+    if with_plans then plans.rate_limit_headers(h) end
+    metering.reconcile(h)
+  end
 end
 
 -- Its exports are the globals Envoy calls.

@@ -11,12 +11,16 @@ local KEY_ID_HEADER = NAMES.KEY_ID_HEADER
 local METADATA_NAMESPACE = NAMES.METADATA_NAMESPACE
 local MODEL_KEY, SECONDS_KEY, ESTIMATED_KEY, KEY_ID_KEY = NAMES.MODEL_KEY, NAMES.SECONDS_KEY, NAMES.ESTIMATED_KEY,
   NAMES.KEY_ID_KEY
+-- A container's claim that its data disproved, and the engine's own figure where it differs
+-- from the edge's: either sends the request's log as a mismatch, which the control plane
+-- counts, the engine's figure correcting what was metered (control_plane/observe/access_logs.py).
+local CLAIMED_KEY, ENGINE_SECONDS_KEY = NAMES.CLAIMED_KEY, NAMES.ENGINE_SECONDS_KEY
 
 -- Seconds of audio in the upload (envoy/audio_duration.lua), as headers the engines and the
 -- upload's tries' logs see (a 2xx try's end meters it), and as dynamic metadata for the log of
 -- failed requests.
 local function measure_audio(h, headers, body, file, model)
-  local seconds, estimated = audio_duration.audio_duration(
+  local seconds, estimated, claimed = audio_duration.audio_duration(
     function(offset, n) return body:getBytes(file.start + offset, n) end,
     file.stop - file.start, file.filename, CONTEXT.max_audio_seconds or math.huge)
   local shown = string.format("%.3f", seconds)
@@ -26,7 +30,47 @@ local function measure_audio(h, headers, body, file, model)
   metadata:set(METADATA_NAMESPACE, MODEL_KEY, model)
   metadata:set(METADATA_NAMESPACE, SECONDS_KEY, shown)
   if estimated then metadata:set(METADATA_NAMESPACE, ESTIMATED_KEY, "1") end
+  if claimed then metadata:set(METADATA_NAMESPACE, CLAIMED_KEY, string.format("%.3f", math.max(0, claimed))) end
   return seconds
+end
+
+-- The engine's own duration in a JSON answer: vLLM's `usage.seconds` (json: whole seconds,
+-- rounded up; the last one, the top level's) or verbose_json's `duration`. A transcript's own
+-- quotes are escaped, so its text cannot pass for either.
+local function engine_seconds(text)
+  local last
+  for value in text:gmatch('"usage"%s*:%s*{[^{}]-"seconds"%s*:%s*(%d+%.?%d*)') do last = value end
+  if last then return tonumber(last), true end
+  return tonumber(text:match('"duration"%s*:%s*(%d+%.?%d*)')), false
+end
+
+-- Whether the engine's figure contradicts the edge's: usage.seconds is the duration rounded up
+-- to a whole second, so the edge's must lie in (seconds - 1, seconds]; a duration must be within
+-- 1%; either with 50 ms to spare.
+local function contradicts(edge, engine, whole)
+  if whole then return edge > engine + 0.05 or edge < engine - 1.05 end
+  return math.abs(edge - engine) > 0.01 * engine + 0.05
+end
+
+local MAX_ANSWER_BYTES = 4194304 -- a JSON answer larger than this is not read (no transcript is)
+
+-- The reconciling step, after a routed request's whole 2xx JSON answer: where the engine's
+-- figure contradicts the edge's, it goes to the request's log. Streamed (SSE) and plain-text answers carry none: the edge's stands.
+local function reconcile(h)
+  local headers = h:headers()
+  local status, content_type = headers:get(":status") or "", headers:get("content-type") or ""
+  if status:sub(1, 1) ~= "2" or not content_type:find("application/json", 1, true) then return end
+  local fields = h:streamInfo():dynamicMetadata():get(METADATA_NAMESPACE)
+  local edge = fields and tonumber(fields[SECONDS_KEY])
+  if not edge then return end -- not a request this filter routed
+  local body = h:body()
+  if body == nil or body:length() > MAX_ANSWER_BYTES then return end
+  local engine, whole = engine_seconds(body:getBytes(0, body:length()))
+  if engine and contradicts(edge, engine, whole) then
+    local limit = CONTEXT.max_audio_seconds or math.huge -- the engine's figure is bounded as the edge's is
+    h:streamInfo():dynamicMetadata():set(METADATA_NAMESPACE, ENGINE_SECONDS_KEY,
+      string.format("%.3f", math.min(engine, limit)))
+  end
 end
 
 -- The metering step: the key's id (a grant, or false without keys), then the upload's
@@ -39,4 +83,4 @@ local function meter(h, headers, body, form, grant, model)
   return measure_audio(h, headers, body, form.file, model)
 end
 
-return {meter = meter}
+return {meter = meter, reconcile = reconcile}

@@ -28,7 +28,7 @@ local reservations = setmetatable({}, {__mode = "k"}) -- handle -> its reservati
 
 local function reserve_upload(h, headers)
   local budget = CONTEXT.upload_budget_bytes or 0
-  if budget <= 0 then return true end
+  if budget <= 0 or headers:get(":method") ~= "POST" then return true end -- only a POST carries an upload
   local limit = CONTEXT.max_upload_bytes or math.huge
   local bytes = math.min(tonumber(headers:get("content-length") or "") or limit, limit) * (CONTEXT.upload_copies or 1)
   local share = budget / WORKERS

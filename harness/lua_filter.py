@@ -28,6 +28,7 @@ from typing import Any
 from control_plane.bootstrap import LUA_MODULES, read_lua_filter
 from control_plane.builders.lua_source import filter_source
 from control_plane.builders.routes import lua_context
+from control_plane.builders.listener import upload_admission_context
 from control_plane.config import GatewayConfig, parse_config
 from control_plane.fleet.resolved import Fleet
 from control_plane.tenants.keys import Access
@@ -348,13 +349,14 @@ def _bytes(value: str | bytes | None) -> bytes | None:
 
 
 class LuaFilter:
-    """The filter as Envoy gets it for `config`, `fleet` and `access`, in one Lua state."""
+    """The filter as Envoy gets it for `config`, `fleet` and `access`, in one Lua state; with
+    `admission`, the listener's upload-admission filter instead (builders/listener.py)."""
 
     def __init__(self, config: GatewayConfig, fleet: Fleet | None = None, access: Access = Access(),
-                 envoys: int = 1, now_ms: int = 1_800_000_000_000):
+                 envoys: int = 1, now_ms: int = 1_800_000_000_000, admission: bool = False):
         fleet = fleet if fleet is not None else Fleet(models=config.models, backends=())
         self.config, self.fleet, self.access = config, fleet, access
-        self.context = lua_context(config, fleet, access, envoys)
+        self.context = upload_admission_context(config) if admission else lua_context(config, fleet, access, envoys)
         self.source = filter_source(read_lua_filter(), self.context, access)
         self.now_ms = now_ms
         self.lua = _lupa.LuaRuntime(encoding=ENCODING, unpack_returned_tuples=True)
@@ -399,11 +401,11 @@ class LuaFilter:
         return self._outcome(self.stub.run(bind(function, *args), record, "request"))
 
     def run_response(self, status: int = 200, headers: dict | list | None = None,
-                     metadata: dict[str, dict] | None = None) -> Outcome:
-        """envoy_on_response (defined only where plans are enforced) with the request's dynamic
-        metadata (an Outcome's .metadata); .error says when the filter has none."""
+                     metadata: dict[str, dict] | None = None, body: bytes | str | None = None) -> Outcome:
+        """envoy_on_response with the request's dynamic metadata (an Outcome's .metadata) and the
+        answer's body; .error says when the filter has none."""
         pairs = [(":status", str(status))] + (list(headers.items()) if isinstance(headers, dict) else list(headers or []))
-        record = self.stub.record(self._header_table(pairs), None, "127.0.0.1:40000", self.now_ms)
+        record = self.stub.record(self._header_table(pairs), _bytes(body), "127.0.0.1:40000", self.now_ms)
         for namespace, fields in (metadata or {}).items():
             record.metadata[namespace] = self.lua.table_from(fields)
         return self._outcome(self.stub.run(self.lua.globals().envoy_on_response, record, "response"))

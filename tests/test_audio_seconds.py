@@ -16,6 +16,7 @@ import pytest
 from openai import OpenAI
 
 from harness.audio_corpus import make_corpus, missing_tools
+from harness.lying_audio import LYING_KINDS, lying
 from harness.processes import GatewayStack, multipart, post_form, request, start_engine, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -70,6 +71,19 @@ def test_every_format_is_metered_at_its_true_length(stack, corpus):
             assert abs(seconds - clip.seconds) <= 0.1 + 0.01 * clip.seconds, (clip.name, seconds, clip.seconds)
             assert estimated == pytest.approx(seconds, abs=0.002), clip.name
         assert after["audio_served_s"] - before["audio_served_s"] == pytest.approx(seconds, abs=0.002)
+
+
+def test_containers_that_lie_are_metered_within_two_percent_of_the_truth_and_logged_as_mismatches(stack, corpus):
+    """Each header patched to claim 1 s of a 61 s clip (harness/lying_audio.py): the edge measures
+    the data, the engine's own figure corrects what the edge could only estimate, and each
+    upload counts as a mismatch."""
+    for clip in [c for c in corpus if c.name.startswith("61s-") and c.name.removeprefix("61s-") in LYING_KINDS]:
+        before = metered(stack)
+        answer = send(stack, lying(clip.path, clip.name.removeprefix("61s-"), clip.seconds), clip.path.name)
+        assert answer.status == 200, (clip.name, answer.text)
+        wait_until(lambda: metered(stack)["mismatches"] == before["mismatches"] + 1, 10, f"{clip.name} a mismatch")
+        served = metered(stack)["audio_served_s"] - before["audio_served_s"]
+        assert abs(served - clip.seconds) <= 0.02 * clip.seconds, (clip.name, served)
 
 
 def test_the_metrics_and_status_count_audio_seconds(stack, corpus):

@@ -408,6 +408,11 @@ def test_uploads_that_would_fill_envoys_memory_get_503_and_those_admitted_finish
             wait_until(lambda: gateway.envoy.stat("http.whisper.downstream_rq_5xx")
                        + gateway.envoy.stat("http.whisper.downstream_rq_active") == sent, 10, "the upload's fate")
         assert gateway.envoy.stat("http.whisper.downstream_rq_active") == 4
+        routes = gateway.envoy.config_versions()["RDS"]
+        gateway.raw["models"][0]["aliases"] = ["whisper-1"]  # a route update starts the routes' Lua afresh:
+        gateway.config.write(gateway.raw)  # the listener's count of what uploads hold goes on
+        gateway.plane.signal(signal.SIGHUP)
+        wait_until(lambda: gateway.envoy.config_versions()["RDS"] != routes, 15, "the routes updated")
         refused = raw_http(gateway.envoy.listen_port, head)  # the answer comes before the body is sent
         assert refused.status == 503 and refused.headers["retry-after"] == "1", refused.text
         assert refused.json()["error"]["type"] == "ServiceUnavailableError"

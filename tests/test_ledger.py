@@ -196,3 +196,33 @@ def test_a_whole_answer_is_evidence_of_its_models_speed_and_nothing_else_is():
                    entry(TRY_ENDED, status=200)):  # no timings: not evidence
         record(logged, 1, Outcomes(), ledger, InFlight(), now=1.0)
     assert list(ledger.answered["m"]) == [(12.5, 2.5)]  # from the upload's last byte to the answer's
+
+
+def served_request(edge="60.0", engine=None, status=200, key=None):
+    """A served request's own log, sent only when its engine measured the audio otherwise."""
+    logged = entry(REQUEST_ENDED, status=status, seconds=edge, key=key)
+    if engine is not None:
+        logged.common_properties.metadata.filter_metadata["whisper_gateway"].update({"audio_engine_seconds": engine})
+    return logged
+
+
+def test_the_engines_own_figure_corrects_what_the_edge_metered_and_shows_as_corrected():
+    ledger, in_flight = Ledger(), InFlight()
+    record(entry(TRY_ENDED, status=200, seconds="1.0", key="k"), 1, Outcomes(), ledger, in_flight, now=1.0)
+    assert record(served_request(edge="1.0", engine="60", key="k"), 1, Outcomes(), ledger, in_flight, now=1.0) is False
+    metered = ledger.metered["m"]
+    assert (metered.requests, metered.received, metered.served, metered.corrected, metered.mismatches) == (
+        1, 60.0, 60.0, 59.0, 1)
+    assert ledger.usage_of("k")["m"]["audio_served_s"] == 60.0 and ledger.usage_of("k")["m"]["mismatches"] == 1
+    record(served_request(edge="1.0", engine=None), 1, Outcomes(), ledger, in_flight, now=1.0)  # no figure: nothing
+    assert ledger.metered["m"].served == 60.0
+
+
+def test_a_container_that_lied_is_a_mismatch_even_where_the_edge_measured_its_data_right():
+    ledger = Ledger()
+    logged = served_request(edge="61.0", key="k")
+    logged.common_properties.metadata.filter_metadata["whisper_gateway"].update({"audio_claimed": "1.000"})
+    record(entry(TRY_ENDED, status=200, seconds="61.0", key="k"), 1, Outcomes(), ledger, InFlight(), now=1.0)
+    record(logged, 1, Outcomes(), ledger, InFlight(), now=1.0)
+    metered = ledger.metered["m"]
+    assert (metered.served, metered.corrected, metered.mismatches) == (61.0, 0.0, 1)

@@ -179,29 +179,44 @@ def test_once_a_models_speed_is_measured_tries_get_a_deadline_by_audio_seconds_w
         2000 + len(body) * 3000 // 1048576)
 
 
+def admission_filter(**raw) -> LuaFilter:
+    """The listener's upload-admission filter: the same source, run for that alone."""
+    return LuaFilter(parse_config(RAW | raw), admission=True)
+
+
+def admitted(outcome) -> bool:
+    """Let through to the routes' filter, its body not read here."""
+    assert outcome.error is None and outcome.body_calls == 0, outcome.error
+    return outcome.status is None
+
+
 def test_uploads_in_flight_are_admitted_against_the_memory_for_them_and_return_it_when_they_end():
     # max_heap_mb 100: 75 MiB for uploads; a 20 MiB upload holds 40 (its body, the retry copy).
-    lua = open_filter(limits={"max_heap_mb": 100})
+    lua = admission_filter(limits={"max_heap_mb": 100})
     big = form(audio=silent_wav(20 * 1024 * 1024 / 32000))
     first = lua.run_request(headers=FORM, body=big)
-    assert_routed(first, BIG)
+    assert admitted(first)
     refused = lua.run_request(headers=FORM, body=big)  # 80 > 75: refused before a byte is buffered
     body = assert_error(refused, 503, error_type="ServiceUnavailableError")
     assert "limits.max_heap_mb" in body["message"] and refused.reply_headers["retry-after"] == "1"
-    assert refused.body_calls == 0
-    small = lua.run_request(headers=FORM, body=form(audio=silent_wav(1.0)))  # 64 kB still fits
-    assert_routed(small, BIG)
+    assert admitted(lua.run_request(headers=FORM, body=form(audio=silent_wav(1.0))))  # 64 kB still fits
+    assert admitted(lua.run_request(method="GET", path="/v1/models"))  # no upload: nothing to hold
     first.end_stream()  # its stream ended: what it held is free again once collected
-    again = lua.run_request(headers=FORM, body=big, now_ms=lua.now_ms + 1000)
-    assert_routed(again, BIG)
+    assert admitted(lua.run_request(headers=FORM, body=big, now_ms=lua.now_ms + 1000))
 
 
 def test_a_worker_holding_nothing_admits_one_upload_larger_than_its_share():
-    lua = open_filter(limits={"max_heap_mb": 64, "max_upload_mb": 60})  # 48 MiB, less than 2 x 30
-    huge = form(audio=silent_wav(30 * 1024 * 1024 / 32000))
-    held = lua.run_request(headers=FORM, body=huge)
-    assert_routed(held, BIG)
+    lua = admission_filter(limits={"max_heap_mb": 64, "max_upload_mb": 60})  # 48 MiB, less than 2 x 30
+    held = lua.run_request(headers=FORM, body=form(audio=silent_wav(30 * 1024 * 1024 / 32000)))
+    assert admitted(held)
     assert lua.run_request(headers=FORM, body=form(audio=silent_wav(1.0))).status == 503
+
+
+def test_the_routes_filter_leaves_upload_memory_to_the_listeners():
+    lua = open_filter(limits={"max_heap_mb": 64, "max_upload_mb": 60})
+    huge = form(audio=silent_wav(30 * 1024 * 1024 / 32000))
+    held = [lua.run_request(headers=FORM, body=huge) for _ in range(2)]
+    assert [outcome.status for outcome in held] == [None, None]
 
 
 def test_an_upload_without_a_duration_field_is_estimated_and_says_so():
@@ -555,8 +570,50 @@ def test_the_quota_filters_headers_get_openais_names_and_a_retry_after():
     assert plain.headers == [(":status", "200"), ("content-type", "application/json")]
 
 
-def test_without_plans_there_is_no_response_hook():
-    assert open_filter().run_response(200).error == "no envoy_on_response in the filter"
+JSON = [("content-type", "application/json")]
+
+
+@pytest.mark.parametrize("why,edge,body,engine", [
+    ("json's usage.seconds, far from what the edge metered", "1.000",
+     b'{"text":" hi","usage":{"type":"duration","seconds":61}}', "61.000"),
+    ("verbose_json's duration", "1.000", b'{"duration":61.05,"language":"en","text":" hi","segments":[]}', "61.050"),
+    ("within vLLM's rounding up to a whole second: the edge's figure stands", "60.400",
+     b'{"text":" hi","usage":{"type":"duration","seconds":61}}', None),
+    ("an edge estimate over the rounded-up figure is corrected", "62.936",
+     b'{"text":" hi","usage":{"type":"duration","seconds":62}}', "62.000"),
+    ("a duration within 1%", "61.500", b'{"duration":61.05,"text":" hi"}', None),
+    ("a transcript's own quotes are escaped: it cannot pass for the figure", "2.000",
+     b'{"text":"say \\"usage\\":{\\"seconds\\":999}","usage":{"type":"duration","seconds":2}}', None),
+    ("the engine's figure is bounded as the edge's is", "1.000",
+     b'{"text":" hi","usage":{"type":"duration","seconds":99999999}}', "14400.000"),
+])
+def test_the_engines_own_figure_goes_to_the_log_where_it_differs_from_the_edges(why, edge, body, engine):
+    metadata = {"whisper_gateway": {"model": BIG, "audio_seconds": edge}}
+    answer = open_filter().run_response(200, JSON, metadata, body=body)
+    assert answer.error is None, answer.error
+    assert answer.metadata["whisper_gateway"].get("audio_engine_seconds") == engine, why
+    assert answer.headers == [(":status", "200")] + JSON  # headers untouched without plans
+
+
+def test_answers_the_filter_did_not_route_or_that_carry_no_figure_are_not_read():
+    routed = {"whisper_gateway": {"model": BIG, "audio_seconds": "1.000"}}
+    for status, headers, metadata in ((200, JSON, None), (200, [("content-type", "text/event-stream")], routed),
+                                      (200, [("content-type", "text/plain")], routed), (500, JSON, routed)):
+        answer = open_filter().run_response(status, headers, metadata, body=b'{"usage":{"seconds":61}}')
+        assert answer.error is None and answer.body_calls == 0, (status, headers)
+        assert "audio_engine_seconds" not in answer.metadata.get("whisper_gateway", {})
+
+
+def test_a_container_whose_claim_its_data_disproves_is_metered_by_its_data_and_marked():
+    honest = silent_wav(10.0)
+    lying = bytearray(honest)
+    lying[28:32] = (32000 * 10).to_bytes(4, "little")  # the byte rate x10: the header claims 1 s
+    outcome = open_filter().run_request(headers=FORM, body=form(audio=bytes(lying)))
+    assert_routed(outcome, BIG)
+    assert outcome.header("x-whisper-audio-seconds") == "10.000"  # the samples a decoder plays
+    assert outcome.metadata["whisper_gateway"]["audio_claimed"] == "1.000"
+    assert "audio_claimed" not in open_filter().run_request(headers=FORM, body=form(audio=honest)).metadata[
+        "whisper_gateway"]
 
 
 # -- every corpus file's duration, as tests/test_audio_seconds.py expects of it through Envoy -----------------------

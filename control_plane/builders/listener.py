@@ -25,9 +25,9 @@ from control_plane.builders.local_replies import build_local_reply_config
 from control_plane.builders.lua_source import filter_source
 from control_plane.builders.quotas import build_quota_filters, limits_in_flight
 from control_plane.builders.secrets import downstream_transport_socket
-from control_plane.names import (AUDIO_ESTIMATED_HEADER, AUDIO_SECONDS_HEADER, BATCH_LANE_HEADER, CUT_SHORT_FLAGS,
+from control_plane.names import (AUDIO_ESTIMATED_HEADER, AUDIO_SECONDS_HEADER, BATCH_LANE_HEADER, CLAIMED_KEY, CUT_SHORT_FLAGS, ENGINE_SECONDS_KEY,
                                  KEY_ID_HEADER, LIMITED_HEADER,
-                                 LISTENER_NAME, LUA_FILTER, MODEL_HEADER, MODEL_KEY, REQUEST_LOG_NAME, ROUTE_CONFIG_NAME,
+                                 LISTENER_NAME, LUA_FILTER, MODEL_HEADER, UPLOAD_FILTER, MODEL_KEY, REQUEST_LOG_NAME, ROUTE_CONFIG_NAME,
                                  UPSTREAM_LOG_NAME, XDS_CLUSTER)
 from control_plane.config import GatewayConfig
 from control_plane.openai_errors import openai_error
@@ -76,13 +76,26 @@ def _unanswered() -> accesslog_pb2.AccessLogFilter:
     """Requests the Lua filter routed that did not end in a whole 2xx: each is metered as failed
     (or refused) from its request log, whether an engine or Envoy failed it. A 2xx was metered
     from its try's end, so most requests cost one log entry fewer (bench/datapath.py measured
-    each entry)."""
+    each entry); only one whose engine measured its audio otherwise is logged, to correct it."""
     comparisons = [status_is(accesslog_pb2.ComparisonFilter.LE, 199, "unanswered"),
                    status_is(accesslog_pb2.ComparisonFilter.GE, 300, "unanswered"),
                    accesslog_pb2.AccessLogFilter(response_flag_filter=accesslog_pb2.ResponseFlagFilter(
                        flags=sorted(CUT_SHORT_FLAGS.values())))]
     not_2xx = accesslog_pb2.AccessLogFilter(or_filter=accesslog_pb2.OrFilter(filters=comparisons))
-    return accesslog_pb2.AccessLogFilter(and_filter=accesslog_pb2.AndFilter(filters=[lua_marked(MODEL_KEY), not_2xx]))
+    failed = accesslog_pb2.AccessLogFilter(and_filter=accesslog_pb2.AndFilter(filters=[lua_marked(MODEL_KEY), not_2xx]))
+    # And a 2xx whose container lied, or whose engine's own duration differed from the edge's
+    # (the Lua filter marks both): a mismatch, and the engine's figure corrects the metering.
+    return accesslog_pb2.AccessLogFilter(or_filter=accesslog_pb2.OrFilter(
+        filters=[failed, lua_marked(ENGINE_SECONDS_KEY), lua_marked(CLAIMED_KEY)]))
+
+
+def upload_admission_context(config: GatewayConfig) -> dict:
+    """CONTEXT of the listener's upload-admission filter (envoy/uploads.lua): uploads in flight
+    are admitted against upload_budget_bytes (each worker its share), by what they declare x
+    the copies Envoy keeps (the body, and the router's own to replay it)."""
+    return {"upload_admission": True, "upload_budget_bytes": config.limits.upload_budget_bytes,
+            "max_upload_bytes": config.limits.max_upload_bytes,
+            "upload_copies": 2 if config.resilience.retries else 1}
 
 
 def build_listener(config: GatewayConfig, lua_source: str) -> listener_pb2.Listener:
@@ -94,6 +107,8 @@ def build_listener(config: GatewayConfig, lua_source: str) -> listener_pb2.Liste
     flush_s = IN_FLIGHT_LOG_FLUSH_S if limits_in_flight(config) else LOG_FLUSH_S
     context = {"models": {}, "keys_required": access.required, "batch_closed": {}, "plans": {}}
     lua = lua_pb2.Lua(default_source_code=base_pb2.DataSource(inline_string=filter_source(lua_source, context, access)))
+    admission = lua_pb2.Lua(default_source_code=base_pb2.DataSource(
+        inline_string=filter_source(lua_source, upload_admission_context(config), Access())))
     manager = hcm.HttpConnectionManager(
         stat_prefix="whisper",
         codec_type=hcm.HttpConnectionManager.AUTO,
@@ -116,7 +131,10 @@ def build_listener(config: GatewayConfig, lua_source: str) -> listener_pb2.Liste
         # the filter's refusals and 2xx answers are not sent).
         # A 429's x-whisper-limited says which in-flight filter refused it (observe/access_logs.py).
         access_log=[_grpc_log(REQUEST_LOG_NAME, [], flush_s, only=_unanswered(), response_headers=[LIMITED_HEADER])],
-        http_filters=[hcm.HttpFilter(name=LUA_FILTER, typed_config=pack(lua))] + build_quota_filters(config) + [
+        # Upload admission runs in a Lua filter of its own, which no route overrides: its count of
+        # what uploads hold survives route updates (each starts the routes' Lua states afresh).
+        http_filters=[hcm.HttpFilter(name=UPLOAD_FILTER, typed_config=pack(admission)),
+                      hcm.HttpFilter(name=LUA_FILTER, typed_config=pack(lua))] + build_quota_filters(config) + [
             hcm.HttpFilter(name="envoy.filters.http.router", typed_config=pack(_router(flush_s)))],
     )
     address = address_pb2.Address(

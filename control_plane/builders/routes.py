@@ -161,11 +161,6 @@ def lua_context(config: GatewayConfig, fleet: Fleet | None, access: Access, envo
             "models": fleet.name_to_model() if fleet is not None else {},
             "long_upload_bytes": config.routing.long_upload_bytes,
             "max_audio_seconds": config.limits.max_audio_s,
-            # Uploads in flight are admitted against this (each worker its share), by what they
-            # declare x the copies Envoy keeps: the body, and the router's own to replay it.
-            "upload_budget_bytes": config.limits.upload_budget_bytes,
-            "max_upload_bytes": config.limits.max_upload_bytes,
-            "upload_copies": 2 if config.resilience.retries else 1,
             "keys_required": access.required,
             # A client address over this many wrong keys per window gets 429 (envoy/api_keys.lua; 0: never).
             "bad_keys_per_address": config.auth.bad_keys_per_address,

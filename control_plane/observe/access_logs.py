@@ -28,7 +28,7 @@ from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
 from control_plane.names import (AUDIO_ESTIMATED_HEADER, AUDIO_SECONDS_HEADER, BATCH_LANE_HEADER, CUT_SHORT_FLAGS,
-                                 BATCH_LANE_KEY, ESTIMATED_KEY, IN_FLIGHT_LIMIT, KEY_ID_HEADER, KEY_ID_KEY,
+                                 BATCH_LANE_KEY, CLAIMED_KEY, ENGINE_SECONDS_KEY, ESTIMATED_KEY, IN_FLIGHT_LIMIT, KEY_ID_HEADER, KEY_ID_KEY,
                                  LIMITED_HEADER, LUA_REPLY_KEY, METADATA_NAMESPACE, MODEL_HEADER, MODEL_KEY,
                                  SECONDS_KEY)
 from control_plane.observe.in_flight import InFlight
@@ -116,10 +116,11 @@ class Known:
         if (seconds := as_seconds(headers.get(AUDIO_SECONDS_HEADER, ""))) is not None and seconds > self.max_audio_s:
             headers[AUDIO_SECONDS_HEADER], clamped = value, True
         fields = entry.common_properties.metadata.filter_metadata.get(METADATA_NAMESPACE)
-        if fields is not None and SECONDS_KEY in fields.fields:
-            seconds = as_seconds(fields.fields[SECONDS_KEY].string_value)
-            if seconds is not None and seconds > self.max_audio_s:
-                fields.fields[SECONDS_KEY].string_value, clamped = value, True
+        for key in (SECONDS_KEY, ENGINE_SECONDS_KEY):
+            if fields is not None and key in fields.fields:
+                seconds = as_seconds(fields.fields[key].string_value)
+                if seconds is not None and seconds > self.max_audio_s:
+                    fields.fields[key].string_value, clamped = value, True
         return clamped
 
 
@@ -157,6 +158,16 @@ def _meter_served(entry: accesslog_pb2.HTTPAccessLogEntry, ledger: Ledger) -> No
             ledger.took(headers[MODEL_HEADER], seconds, taken)
 
 
+def _correct_served(entry: accesslog_pb2.HTTPAccessLogEntry, ledger: Ledger) -> None:
+    """A served request whose container lied, or whose engine measured its audio otherwise than
+    the edge: a mismatch, corrected to the engine's figure where the answer carried one."""
+    fields = entry.common_properties.metadata.filter_metadata[METADATA_NAMESPACE]
+    edge = as_seconds(_string(fields, SECONDS_KEY))
+    if MODEL_KEY in fields.fields and edge is not None:
+        ledger.correct(fields.fields[MODEL_KEY].string_value, edge, as_seconds(_string(fields, ENGINE_SECONDS_KEY)),
+                       _string(fields, KEY_ID_KEY))
+
+
 def record(entry: accesslog_pb2.HTTPAccessLogEntry, stream: int, outcomes: Outcomes, ledger: Ledger,
            in_flight: InFlight, now: float) -> bool:
     """One log entry into the failure ratios, the ledger, the metering or the requests in flight
@@ -164,6 +175,10 @@ def record(entry: accesslog_pb2.HTTPAccessLogEntry, stream: int, outcomes: Outco
     kind = entry.common_properties.access_log_type
     request_id = entry.request.request_id
     if kind == REQUEST_ENDED:
+        fields = entry.common_properties.metadata.filter_metadata.get(METADATA_NAMESPACE)
+        if delivered(entry) and (_string(fields, ENGINE_SECONDS_KEY) or _string(fields, CLAIMED_KEY)):
+            _correct_served(entry, ledger)  # a 2xx logged as a mismatch: metered at its try's end
+            return False
         _meter_failed(entry, ledger)
         return _request_ended(entry, in_flight, now)
     endpoint = endpoint_of(entry)

@@ -77,11 +77,14 @@ class Metered:
     estimated: float = 0.0  # of received: from a size estimate, not a header
     requests: int = 0
     longest: float = 0.0  # the longest single upload
+    corrected: float = 0.0  # of received and served: the engines' figures less the edge's
+    mismatches: int = 0  # answers whose engine figure differed from the edge's
 
     def figures(self) -> dict:
         """As `/status`, the admin API and the CLI show them."""
         return {"requests": self.requests, "audio_received_s": round(self.received, 3)} | {
-            f"audio_{outcome}_s": round(getattr(self, outcome), 3) for outcome in OUTCOMES}
+            f"audio_{outcome}_s": round(getattr(self, outcome), 3) for outcome in OUTCOMES} | {
+            "audio_corrected_s": round(self.corrected, 3), "mismatches": self.mismatches}
 
 
 def engine_requests(seconds: float) -> int:
@@ -136,6 +139,18 @@ class Ledger:
             metered.longest = max(metered.longest, seconds)
             metered.estimated += seconds if estimated else 0.0
             setattr(metered, outcome, getattr(metered, outcome) + seconds)
+
+    def correct(self, model: str, edge_s: float, engine_s: float | None, key: str = "") -> None:
+        """A served request whose container lied about its length, or whose engine said its audio
+        was `engine_s` where the edge had metered `edge_s` (a lie, or an estimate): a mismatch,
+        and the engine's figure, when there is one, stands (the difference shows as corrected)."""
+        delta = 0.0 if engine_s is None else engine_s - edge_s
+        for metered in (self.metered.setdefault(model, Metered()), self.metered_by_key.setdefault((key, model), Metered())):
+            metered.received += delta
+            metered.served += delta
+            metered.corrected += delta
+            metered.mismatches += 1
+            metered.longest = max(metered.longest, edge_s + delta)
 
     def usage_of(self, key: str) -> dict[str, dict]:
         """A key's metering per model, as the admin API shows it."""

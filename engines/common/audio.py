@@ -1,8 +1,15 @@
-"""Audio length without decoding: the simulated engine needs only how long a clip is."""
+"""Audio length: the simulated engine needs only how long a clip is, and tells it as vLLM does,
+from the samples rather than from what the container claims (a header can lie: harness/lying_audio.py)."""
 
 from __future__ import annotations
 
+import io
 import struct
+
+try:  # PyAV (with the `cpu` extra): decodes every container vLLM reads
+    import av
+except ImportError:  # pragma: no cover - without it, compressed clips are timed by their size
+    av = None
 
 from engines.common.errors import INVALID_AUDIO, EngineError
 
@@ -18,8 +25,9 @@ def _wav_duration(data: bytes) -> float:
     while offset + 8 <= len(data):
         chunk_id, size = struct.unpack_from("<4sI", data, offset)
         body = offset + 8
-        if chunk_id == b"fmt " and size >= 16:
-            byte_rate = struct.unpack_from("<I", data, body + 8)[0]
+        if chunk_id == b"fmt " and size >= 16:  # the decoder's rate: samples x frame size, not the byte-rate field
+            rate, block_align = struct.unpack_from("<I", data, body + 4)[0], struct.unpack_from("<H", data, body + 12)[0]
+            byte_rate = rate * block_align
         elif chunk_id == b"data":
             data_bytes = min(size, len(data) - body)
             break
@@ -29,14 +37,31 @@ def _wav_duration(data: bytes) -> float:
     return data_bytes / byte_rate
 
 
+def _decoded_duration(data: bytes) -> float | None:
+    """The samples a decoder gets out of the clip over their rate; None without PyAV or when it
+    cannot decode it."""
+    if av is None:
+        return None
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            samples, rate = 0, None
+            for frame in container.decode(container.streams.audio[0]):
+                samples, rate = samples + frame.samples, frame.sample_rate
+        return samples / rate if rate else None
+    except (av.error.FFmpegError, IndexError, ValueError):
+        return None
+
+
 def audio_duration_seconds(data: bytes) -> float:
-    """Exact for WAV; estimated from size for common compressed containers; 400 for anything else."""
+    """Exact for WAV; decoded (PyAV) or else estimated from size for common compressed
+    containers; 400 for anything else."""
     if data[:4] == b"RIFF":
         return _wav_duration(data)
     is_mp3_frame = len(data) > 1 and data[0] == 0xFF and data[1] & 0xE0 == 0xE0
     is_mp4 = data[4:8] == b"ftyp"
     if data.startswith(_COMPRESSED_MAGIC) or is_mp3_frame or is_mp4:
-        return len(data) * 8 / ASSUMED_COMPRESSED_BITS_PER_SECOND
+        decoded = _decoded_duration(data)
+        return decoded if decoded is not None else len(data) * 8 / ASSUMED_COMPRESSED_BITS_PER_SECOND
     raise EngineError(400, INVALID_AUDIO)
 
 
