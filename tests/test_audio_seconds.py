@@ -84,6 +84,8 @@ def test_containers_that_lie_are_metered_within_two_percent_of_the_truth_and_log
         wait_until(lambda: metered(stack)["mismatches"] == before["mismatches"] + 1, 10, f"{clip.name} a mismatch")
         served = metered(stack)["audio_served_s"] - before["audio_served_s"]
         assert abs(served - clip.seconds) <= 0.02 * clip.seconds, (clip.name, served)
+    text = request("GET", stack.admin.url + "/metrics").text
+    assert 'whisper_gateway_audio_mismatches_total{model="%s"} %d.0' % (MODEL, metered(stack)["mismatches"]) in text
 
 
 def test_the_metrics_and_status_count_audio_seconds(stack, corpus):

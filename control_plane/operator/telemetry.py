@@ -183,6 +183,11 @@ class FleetCollector:
                                     "(received = served + failed + refused by a quota).", labels=["model", "outcome"])
         estimated = CounterMetricFamily("whisper_gateway_audio_seconds_estimated", "Of the received audio-seconds, "
                                         "those estimated from the upload's size.", labels=["model"])
+        corrected = CounterMetricFamily("whisper_gateway_audio_seconds_corrected", "Of the received and served "
+                                        "audio-seconds, the engines' own figures less the edge's.", labels=["model"])
+        mismatches = CounterMetricFamily("whisper_gateway_audio_mismatches", "Served requests whose container claimed "
+                                         "less audio than it held, or whose engine measured it otherwise.",
+                                         labels=["model"])
         gauges = {
             "backlog_audio_s": GaugeMetricFamily("whisper_gateway_model_backlog_audio_seconds",
                                                  "Audio-seconds sent to the model's engines and not yet answered.",
@@ -201,11 +206,12 @@ class FleetCollector:
             for outcome in ("received", *OUTCOMES):
                 audio.add_metric([row["model"], outcome], row[f"audio_{outcome}_s"])
             estimated.add_metric([row["model"]], row["audio_estimated_s"])
+            corrected.add_metric([row["model"]], row["audio_corrected_s"])
+            mismatches.add_metric([row["model"]], row["mismatches"])
             for name, family in gauges.items():
                 if row[name] is not None:
                     family.add_metric([row["model"]], row[name])
-        yield audio
-        yield estimated
+        yield from (audio, estimated, corrected, mismatches)
         yield from gauges.values()
 
 
