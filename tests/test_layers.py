@@ -26,11 +26,12 @@ def everything_but(*allowed: str) -> tuple[str, ...]:
     return tuple(sorted(units() - set(allowed)))
 
 
-# (part, what its modules may not import). What drives the loop: the plane (app), the CLI and
-# `python -m control_plane` (__main__), the supervisor of the processes `up` starts, and the
-# operator's side (admin API, /status, /metrics). xds/ knows only itself, observe/ never reads a
-# decision, and operator/ sees the plane only through operator/view.py (the plane hands it one).
-DRIVERS = ("app", "cli", "__main__", "supervisor")
+# (part, what its modules may not import). What drives the loop: the plane (app, and its parts in
+# plane/), the CLI and `python -m control_plane` (__main__), the supervisor of the processes `up`
+# starts, and the operator's side (admin API, /status, /metrics). xds/ knows only itself,
+# observe/ never reads a decision, and operator/ sees the plane only through operator/view.py
+# (the plane hands it one).
+DRIVERS = ("app", "plane", "cli", "__main__", "supervisor")
 RULES = [
     ("xds", everything_but()),
     ("tenants", everything_but("validation")),
@@ -58,7 +59,10 @@ RULES = [
     # An Envoy's bootstrap file: from the config and the internal CA's file names.
     ("bootstrap", (*DRIVERS, "operator", "builders", "decide", "observe", "fleet", "xds", "tenants")),
     # The supervisor starts processes (Envoy, engines, `serve`): it never runs the plane in its own.
-    ("supervisor", ("app", "cli", "__main__", "operator", "builders", "decide", "observe", "fleet", "xds", "tenants")),
+    ("supervisor", ("app", "plane", "cli", "__main__", "operator", "builders", "decide", "observe", "fleet", "xds", "tenants")),
+    # The plane's parts (plane/) are built by app.py, the composition root, and never reach up to it,
+    # nor to operator/ but for its admin tokens' table and its view's types (PLANE_READS_OF_OPERATOR).
+    ("plane", ("app", "cli", "__main__", "supervisor")),
     # The plane is started by the CLI alone (`serve`, `up` through the supervisor's `serve`).
     ("app", ("cli", "__main__", "supervisor")),
     ("cli", ("__main__",)),
@@ -112,6 +116,37 @@ def test_the_plane_is_imported_by_the_cli_alone():
     assert importers == {"cli"}
 
 
+def test_the_plane_parts_are_built_by_app_alone():
+    importers = {part_of(p) for p in PACKAGE.rglob("*.py") if "plane" in imported(p) and part_of(p) != "plane"}
+    assert importers == {"app"}
+
+
+# What plane/ may read of operator/: the admin tokens' table, kept and saved with the API keys by
+# the state keeper, and the view's types, which plane/operator_view.py answers.
+PLANE_READS_OF_OPERATOR = {"control_plane.operator.tokens", "control_plane.operator.view"}
+
+
+def modules_imported(path: Path) -> set[str]:
+    """The dotted modules of the package that the module at `path` imports from (absolute imports)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            assert not node.level, (str(path), "a relative import: name the module")
+            found |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+    return {name for name in found if name.startswith("control_plane.")}
+
+
+def test_the_plane_parts_read_operator_only_for_tokens_and_the_view():
+    for module in files("plane"):
+        reads = {name for name in modules_imported(module) if name.startswith("control_plane.operator")}
+        # `from control_plane.operator.tokens import TokenTable` names the module and the name in it
+        wrong = {name for name in reads if not any(name == allowed or name.startswith(allowed + ".")
+                                                  for allowed in PLANE_READS_OF_OPERATOR)}
+        assert not wrong, (str(module.relative_to(PACKAGE)), sorted(wrong))
+
+
 def test_hints_and_late_imports_count():
     """The checks above see what a regex stripping TYPE_CHECKING blocks would not."""
     source = ("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from control_plane.app import ControlPlane\n"
@@ -151,7 +186,7 @@ def test_operator_code_asks_the_plane_only_what_the_view_holds():
 
 
 def test_the_plane_gives_operator_the_whole_view():
-    from control_plane.app import OperatorView
+    from control_plane.plane.operator_view import OperatorView
     from control_plane.operator.view import PlaneView
 
     public = {name for name in vars(OperatorView) if not name.startswith("_")}

@@ -241,7 +241,7 @@ def test_queued_requests_takes_the_larger_view():
 
 def test_the_load_loop_adapts_its_interval_to_the_fleet():
     """A round that uses more than half the interval's CPU is followed by a pause as long as that."""
-    from control_plane.app import next_round_in
+    from control_plane.plane.load_loop import next_round_in
 
     assert next_round_in(0.25, 0.01, 0.01) == pytest.approx(0.24)
     assert next_round_in(0.25, 0.2, 0.2) == 0.2  # 1000 engines at the default interval: every 0.4 s

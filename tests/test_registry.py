@@ -8,7 +8,8 @@ from dataclasses import replace
 
 import pytest
 
-from control_plane.app import IDLE_SCRAPES_TO_FINISH_DRAIN, ControlPlane
+from control_plane.app import ControlPlane
+from control_plane.plane.drains import IDLE_SCRAPES_TO_FINISH_DRAIN
 from control_plane.config import parse_config
 from control_plane.observe.metrics_parser import ModelLoad
 from control_plane.fleet.registry import ACTIVE, DRAINED, DRAINING, Entry, Registry, Source

@@ -154,7 +154,7 @@ class Registry:
             "version": 1,
             "models": list(self.api_models),
             "backends": [e.to_json() | {"source": "api"} for e in self.by_id.values() if e.source is Source.API],
-            # What DNS discovery found (its leader's records, control_plane/app.py): control planes
+            # What DNS discovery found (its leader's records, control_plane/plane/state_keeper.py): control planes
             # that share the state serve the same engines; one alone finds them again anyway.
             "discovered": [{"url": e.url, "models": list(e.models), "weight": e.weight, "dns_name": e.dns_name}
                            for e in self.by_id.values() if e.source is Source.DNS],

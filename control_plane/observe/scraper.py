@@ -2,7 +2,7 @@
 
 One aiohttp session for all scrapes, a bounded number at once, each with a timeout shorter
 than the interval, so one hung engine delays nothing. What is observed goes into the load
-tracker; nothing here decides or publishes (control_plane/app.py runs the loop).
+tracker; nothing here decides or publishes (control_plane/plane/load_loop.py runs the loop).
 """
 
 from __future__ import annotations

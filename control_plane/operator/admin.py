@@ -260,7 +260,7 @@ async def guard(request: web.Request, handler):
                         "method_not_allowed").response()
     except web.HTTPNotFound:
         return ApiError(404, f"no such path: {request.path}", "not_found_error").response()
-    except Exception as error:  # changes roll back whole (ControlPlane.change): say which kind of call failed
+    except Exception as error:  # changes roll back whole (StateKeeper.change): say which kind of call failed
         log.exception("admin request %s %s failed", request.method, request.path)
         what = "the change was not applied" if request.method not in ("GET", "HEAD") else \
             f"cannot answer {request.method} {request.path}"

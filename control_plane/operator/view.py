@@ -1,10 +1,11 @@
 """What the operator's side (the admin API, /status, /metrics) may ask of the running control
 plane, and the changes it may make: PlaneView, and nothing else of it.
 
-The plane (control_plane/app.py) drives operator/ and hands it an object of this shape; operator/
-never imports the plane, so what it reads is written down here rather than taken from the
-plane's attributes. Answers are the plane's current objects: read them, never change them (a
-change goes through one of the actions at the end, which save it and publish it whole).
+The plane (control_plane/app.py) drives operator/ and hands it an object of this shape
+(control_plane/plane/operator_view.py); operator/ never imports the plane, so what it reads is
+written down here rather than taken from the plane's attributes. Answers are the plane's current
+objects: read them, never change them (a change goes through one of the actions at the end,
+which save it and publish it whole).
 """
 
 from __future__ import annotations
