@@ -37,6 +37,7 @@ from control_plane.operator.telemetry import WEIGHT_UPDATES, XdsMetrics, forget_
 from control_plane.operator.view import AuditTrail, PlaneView
 from control_plane.peers import authorize
 from control_plane.plane import StartupError
+from control_plane.fleet.usage_store import EtcdUsageStore, FileUsageStore, MemoryUsageStore
 from control_plane.plane.drains import Drains
 from control_plane.plane.in_flight import InFlightLimits
 from control_plane.plane.load_loop import LoadLoop
@@ -44,6 +45,7 @@ from control_plane.plane.operator_view import OperatorView
 from control_plane.plane.publisher import Publisher
 from control_plane.plane.state_keeper import StateKeeper
 from control_plane.plane.tls import Tls
+from control_plane.plane.usage import UsageKeeper
 from control_plane.xds.cache import InconsistentSnapshot, SnapshotCache
 from control_plane.xds.quota_service import QuotaServicer
 from control_plane.xds.server import start_ads_server
@@ -78,6 +80,9 @@ class ControlPlane:
                                   self.ledger, self.ejections, lambda: self.tls.engine_tls, telemetry.on_scrape,
                                   telemetry.LOAD_ROUND_SECONDS.observe, WEIGHT_UPDATES.inc)
         self.discovery = DnsDiscovery(self.state.on_dns_records)
+        # The metering by day, written for billing: in memory until start picks the state dir or etcd.
+        self.usage = UsageKeeper(self.ledger.usage, MemoryUsageStore(), self.state.plane_id,
+                                 lambda: self.publisher.config.state.usage_days, lambda: self.state.leader)
         self.audit: AuditTrail = MemoryAudit()  # the admin changes' trail: in the state dir or etcd once started
         self.token: str | None = None
         self.token_path: Path | None = None
@@ -85,7 +90,7 @@ class ControlPlane:
         self.view: PlaneView = OperatorView(
             publisher=self.publisher, state=self.state, drains=self.drains, limits=self.limits, tls=self.tls,
             tracker=self.tracker, outcomes=self.outcomes, ledger=self.ledger, ejections=self.ejections,
-            bootstrap_token=lambda: self.token, audit=lambda: self.audit)
+            bootstrap_token=lambda: self.token, audit=lambda: self.audit, usage=self.usage)
         self._server = None
         self._admin: web.AppRunner | None = None
         self._tasks: list[asyncio.Task] = []
@@ -103,6 +108,10 @@ class ControlPlane:
         await self.state.restore_saved()
         self.audit = EtcdAudit(self.state.shared) if self.state.shared is not None else \
             FileAudit(self.state_directory) if self.state_directory is not None else MemoryAudit()
+        if (shared := self.state.shared) is not None:
+            self.usage.store = EtcdUsageStore(shared.prefix, shared.call, lambda: shared.client)
+        elif self.state_directory is not None:
+            self.usage.store = FileUsageStore(self.state_directory)
         if (name := self.config.auth.engine_api_key_env) is not None:
             self.publisher.engine_key = os.environ.get(name, "").strip() or None
             if self.publisher.engine_key is None:
@@ -121,7 +130,7 @@ class ControlPlane:
         self._telemetry = watch_fleet(self.view)
         await self._start_servers()
         self._tasks = [asyncio.create_task(task) for task in (
-            self.load_loop.run(), self.tls.watch(self.publisher.publish_secrets),
+            self.load_loop.run(), self.tls.watch(self.publisher.publish_secrets), self.usage.run(),
             *self.state.shared_tasks(self.publisher.envoys_here))]
         if self.state.shared is None:
             await self.discovery.restart(self.config.discovery)

@@ -86,6 +86,10 @@ def _add_api_commands(commands) -> None:
     keys.add_argument("--plan", help="with create or set: its limits, a plan under auth.plans (\"\": the default plan)")
     keys.add_argument("--grace", type=float, help="with rotate: seconds the previous secret keeps working "
                                                   "(default: auth.rotation_grace_s)")
+    keys.add_argument("--since", help="with usage: per day from this UTC day on (YYYY-MM-DD), for billing: every "
+                                      "control plane's records, kept state.usage_days")
+    keys.add_argument("--until", help="with usage --since: to this day, inclusive (default: today)")
+    keys.add_argument("--csv", action="store_true", help="with usage --since: as CSV")
 
     tokens = _api_command(commands, "tokens", "create, list or revoke named admin tokens (roles: viewer, operator, admin)")
     tokens.add_argument("action", choices=["list", "create", "revoke"])
@@ -352,6 +356,26 @@ def _keys_table(keys: list[dict]) -> str:
     return "\n".join(render_rows(header, rows))
 
 
+def _print_usage(args: argparse.Namespace, config: GatewayConfig) -> None:
+    """`keys usage [KEY] --since DAY [--until DAY] [--csv | --json]`: GET /usage, per day, key and model."""
+    from urllib.parse import urlencode
+
+    from control_plane.observe.usage import FIGURES, as_csv
+    from control_plane.operator.status import render_rows
+
+    query = {"from": args.since} | ({"to": args.until} if args.until else {}) | (
+        {"key": _key_id(args, config, args.target)} if args.target else {})
+    rows = _call(args, config, "GET", "/usage?" + urlencode(query))["data"]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    elif args.csv:
+        print(as_csv(rows), end="")
+    else:
+        header = ("DAY", "KEY", "MODEL", *(name.upper().replace("AUDIO_", "").replace("_S", " (s)") for name in FIGURES))
+        print("\n".join(render_rows(header, [(r["day"], r["key"] or "-", r["model"], *(str(r[n]) for n in FIGURES))
+                                             for r in rows])))
+
+
 def _key_body(args) -> dict:
     body: dict = {}
     if args.name:
@@ -369,6 +393,9 @@ def _key_body(args) -> dict:
 
 def _run_keys_command(args: argparse.Namespace, config: GatewayConfig) -> int:
     try:
+        if args.action == "usage" and args.since:
+            _print_usage(args, config)
+            return 0
         if args.action in ("list", "usage"):
             keys = _call(args, config, "GET", "/keys")["data"]
             if args.action == "usage" and args.target:

@@ -140,6 +140,22 @@ def test_changes_made_on_both_at_once_lose_nothing(rig):
                    2, "every key on every plane")
 
 
+def usage_requests(admin: AdminClient) -> int:
+    answer = admin.call("GET", "/usage")
+    assert answer.status == 200, answer.text
+    return sum(row["requests"] for row in answer.json()["data"])
+
+
+def test_usage_is_one_figure_over_both_planes(rig):
+    """Each plane writes the requests logged to it as its own records in etcd; either sums them all."""
+    before = usage_requests(rig.admins[0])
+    assert usage_requests(rig.admins[1]) == before
+    for _ in range(10):
+        assert transcribe(rig.envoys[0].url, MODEL).status == 200
+    for admin in rig.admins:
+        wait_until(lambda: usage_requests(admin) == before + 10, 10, "the requests on the usage of each plane")
+
+
 def test_one_leader_finishes_a_drain_once(rig):
     wait_until(lambda: rig.leader() is not None, 10, "one leader")
     follower = 1 - rig.leader()

@@ -5,13 +5,13 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, StrictStr
+from pydantic import AfterValidator, StrictInt, StrictStr
 from pydantic.dataclasses import dataclass
 
 from control_plane.addresses import is_ip_address
 from control_plane.config.fields import DNS_NAME, SECTION, EnvName, seconds
 from control_plane.config.listen import BackendTlsConfig
-from control_plane.validation import fail, matching
+from control_plane.validation import fail, matching, within
 
 
 def _host_port(value: Any) -> str:
@@ -38,3 +38,6 @@ class StateConfig:
     prefix: Annotated[StrictStr, matching(re.compile(r"/[A-Za-z0-9._/-]{0,200}/"),
                                           "expected a key prefix such as /whisper-gateway/, got {!r}")] = "/whisper-gateway/"
     timeout_s: seconds(0.1, 60) = 2.0
+    # Days of per-key usage kept for billing (GET /usage, `whisper-gateway keys usage`), in the
+    # state dir or in etcd beside the shared state.
+    usage_days: Annotated[StrictInt, within(1, 3660)] = 400

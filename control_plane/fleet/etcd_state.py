@@ -242,6 +242,11 @@ class EtcdState:
         loop = asyncio.get_running_loop()
         loop.call_later(2 * self.timeout_s, lambda: loop.create_task(_quietly(old.close())))
 
+    async def call(self, make: Callable[[], Awaitable]):
+        """One call of `make` on the client, with this store's retries and timeout (for the usage
+        records, fleet/usage_store.py)."""
+        return await self._call(make)
+
     async def _call(self, make: Callable[[], Awaitable]):
         """One etcd call, tried again until `timeout_s` x 2 has passed: a member lost makes the
         next call wait for etcd's election (about a second), which nobody should notice. While

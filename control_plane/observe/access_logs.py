@@ -66,6 +66,11 @@ def delivered(entry: accesslog_pb2.HTTPAccessLogEntry) -> bool:
     return answered(entry) and not any(getattr(flags, name) for name in CUT_SHORT_FLAGS)
 
 
+def day_of(entry: accesslog_pb2.HTTPAccessLogEntry) -> str:
+    """The UTC day its Envoy started the request (what a bill counts it in)."""
+    return entry.common_properties.start_time.ToDatetime().date().isoformat()
+
+
 def try_time(entry: accesslog_pb2.HTTPAccessLogEntry) -> float | None:
     """Seconds from a try's last byte sent to the engine to its answer's last byte, or None."""
     common = entry.common_properties
@@ -132,7 +137,7 @@ def _meter_failed(entry: accesslog_pb2.HTTPAccessLogEntry, ledger: Ledger) -> No
     if seconds is not None:
         key = _string(fields, KEY_ID_KEY)
         ledger.meter(fields.fields[MODEL_KEY].string_value, seconds, ESTIMATED_KEY in fields.fields,
-                     "refused" if refused_here(entry, fields) else "failed", key)
+                     "refused" if refused_here(entry, fields) else "failed", key, day_of(entry))
 
 
 # The response details of a 429 from the requests-in-flight filter (Envoy's rate_limit_quota).
@@ -153,7 +158,7 @@ def _meter_served(entry: accesslog_pb2.HTTPAccessLogEntry, ledger: Ledger) -> No
     seconds = as_seconds(headers.get(AUDIO_SECONDS_HEADER, ""))
     if seconds is not None and headers.get(MODEL_HEADER):
         ledger.meter(headers[MODEL_HEADER], seconds, AUDIO_ESTIMATED_HEADER in headers, "served",
-                     headers.get(KEY_ID_HEADER, ""))
+                     headers.get(KEY_ID_HEADER, ""), day_of(entry))
         if (taken := try_time(entry)) is not None:
             ledger.took(headers[MODEL_HEADER], seconds, taken)
 
@@ -165,7 +170,7 @@ def _correct_served(entry: accesslog_pb2.HTTPAccessLogEntry, ledger: Ledger) -> 
     edge = as_seconds(_string(fields, SECONDS_KEY))
     if MODEL_KEY in fields.fields and edge is not None:
         ledger.correct(fields.fields[MODEL_KEY].string_value, edge, as_seconds(_string(fields, ENGINE_SECONDS_KEY)),
-                       _string(fields, KEY_ID_KEY))
+                       _string(fields, KEY_ID_KEY), day_of(entry))
 
 
 def record(entry: accesslog_pb2.HTTPAccessLogEntry, stream: int, outcomes: Outcomes, ledger: Ledger,

@@ -25,6 +25,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from control_plane.observe.load_tracker import SPEED_MEMORY_S
+from control_plane.observe.usage import UsageBook
 
 RATE_TAU_S = 10.0  # how fast old evidence of an engine's speed fades
 CHUNK_S = 30.0  # Whisper's window: vLLM makes one engine request per started 30 s of audio
@@ -98,6 +99,7 @@ class Ledger:
         self.metered: dict[str, Metered] = {}
         self.metered_by_key: dict[tuple[str, str], Metered] = {}  # (key id, model) ->
         self.answered: dict[str, deque[tuple[float, float]]] = {}  # model -> (audio-seconds, seconds taken)
+        self.usage = UsageBook(Metered)  # the same metering by UTC day, for billing
 
     def started(self, stream: int, request_id: str, endpoint: str, seconds: float, now: float) -> None:
         """A try of `seconds` of audio began at `endpoint` ("ip:port"), logged on Envoy stream `stream`."""
@@ -130,22 +132,29 @@ class Ledger:
         """A try of `seconds` of audio was answered whole `taken_s` after the upload reached the engine."""
         self.answered.setdefault(model, deque(maxlen=RECENT_TRIES)).append((seconds, taken_s))
 
-    def meter(self, model: str, seconds: float, estimated: bool, outcome: str, key: str = "") -> None:
+    def _books(self, model: str, key: str, day: str | None) -> list[Metered]:
+        """Where a request's metering goes: its model's, its key's, and its day's (observe/usage.py)."""
+        books = [self.metered.setdefault(model, Metered()), self.metered_by_key.setdefault((key, model), Metered())]
+        return books + ([self.usage.entry(day, key, model)] if day is not None else [])
+
+    def meter(self, model: str, seconds: float, estimated: bool, outcome: str, key: str = "",
+              day: str | None = None) -> None:
         """A request the filter routed to `model` ended, one of OUTCOMES: served (a whole 2xx),
-        failed (whoever failed it) or refused (the gateway's own 429)."""
-        for metered in (self.metered.setdefault(model, Metered()), self.metered_by_key.setdefault((key, model), Metered())):
+        failed (whoever failed it) or refused (the gateway's own 429); `day`: the UTC day its
+        Envoy started it (for billing)."""
+        for metered in self._books(model, key, day):
             metered.requests += 1
             metered.received += seconds
             metered.longest = max(metered.longest, seconds)
             metered.estimated += seconds if estimated else 0.0
             setattr(metered, outcome, getattr(metered, outcome) + seconds)
 
-    def correct(self, model: str, edge_s: float, engine_s: float | None, key: str = "") -> None:
+    def correct(self, model: str, edge_s: float, engine_s: float | None, key: str = "", day: str | None = None) -> None:
         """A served request whose container lied about its length, or whose engine said its audio
         was `engine_s` where the edge had metered `edge_s` (a lie, or an estimate): a mismatch,
         and the engine's figure, when there is one, stands (the difference shows as corrected)."""
         delta = 0.0 if engine_s is None else engine_s - edge_s
-        for metered in (self.metered.setdefault(model, Metered()), self.metered_by_key.setdefault((key, model), Metered())):
+        for metered in self._books(model, key, day):
             metered.received += delta
             metered.served += delta
             metered.corrected += delta

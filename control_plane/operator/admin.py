@@ -21,6 +21,7 @@ import time
 
 from collections import OrderedDict, deque
 from dataclasses import dataclass
+from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 
 import aiohttp
@@ -32,6 +33,7 @@ from control_plane.fleet.resolve import dialable_address, read_engine_models
 from control_plane.fleet.etcd_state import StateUnavailable
 from control_plane.names import NO_ENGINE_CA
 from control_plane.observe.scraper import tls_problem
+from control_plane.observe.usage import as_csv
 from control_plane.openai_errors import openai_error
 from control_plane.operator import audit
 from control_plane.operator.openapi import OPENAPI
@@ -483,6 +485,44 @@ async def create_key(request: web.Request) -> web.Response:
     log.info("API key %s (%s) created", key.id, key.name)
     await _audit(request, "keys.create", key.id, None, _key_record(key))
     return web.json_response(_applied(behind, _key_view(plane, key) | {"secret": secret}), status=201)
+
+
+USAGE_DAYS_DEFAULT = 31  # GET /usage without `from`: this many days up to `to`
+USAGE_DAYS_MOST = 3660
+
+
+def _day(request: web.Request, name: str, default: date) -> date:
+    text = request.query.get(name)
+    if text is None:
+        return default
+    try:
+        if len(text) != 10:  # fromisoformat takes 20261207 too; a bill's days are written one way
+            raise ValueError(text)
+        return date.fromisoformat(text)
+    except ValueError:
+        raise ApiError(400, f"{name}: expected a day as YYYY-MM-DD, got {text!r}", param=name) from None
+
+
+@route("GET", "/usage", VIEWER)
+async def read_usage(request: web.Request) -> web.Response:
+    """Usage for billing: per UTC day, API key and model, over every control plane and restart
+    (observe/usage.py). ?from=&to= (YYYY-MM-DD, inclusive; default: the last 31 days), ?key=
+    (an id; "" is requests made without a key), ?format=csv."""
+    if unknown := sorted(set(request.query) - {"from", "to", "key", "format"}):
+        raise ApiError(400, "the query parameters are from, to, key and format", param=unknown[0])
+    last = _day(request, "to", datetime.now(timezone.utc).date())
+    first = _day(request, "from", last - timedelta(days=USAGE_DAYS_DEFAULT - 1))
+    if not timedelta(0) <= last - first < timedelta(days=USAGE_DAYS_MOST):
+        raise ApiError(400, f"from must be at most to, and at most {USAGE_DAYS_MOST} days before it", param="from")
+    if (fmt := request.query.get("format", "json")) not in ("json", "csv"):
+        raise ApiError(400, f"format: expected json or csv, got {fmt!r}", param="format")
+    try:
+        rows = await _plane(request).usage(first.isoformat(), last.isoformat(), request.query.get("key"))
+    except StateUnavailable as error:
+        raise ApiError(503, f"usage not readable now: {error}", "service_unavailable_error") from None
+    if fmt == "csv":
+        return web.Response(text=as_csv(rows), content_type="text/csv")
+    return web.json_response({"object": "list", "from": first.isoformat(), "to": last.isoformat(), "data": rows})
 
 
 def _key_or_404(request: web.Request) -> ApiKey:

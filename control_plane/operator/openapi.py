@@ -185,6 +185,19 @@ OPENAPI = {
             "delete": {"summary": "revoke: the token stops working at once", "responses": _answers(
                 "200", _TOKEN, "404", "409")},
         },
+        "/usage": {
+            "get": {"summary": "usage for billing: per UTC day, API key and model, summed over every control plane "
+                               "and restart (requests; audio-seconds received, served, failed, refused, estimated, "
+                               "corrected by the engines; mismatches); kept state.usage_days",
+                    "parameters": [{"name": "from", "in": "query", "schema": {"type": "string", "format": "date"}},
+                                   {"name": "to", "in": "query", "schema": {"type": "string", "format": "date"}},
+                                   {"name": "key", "in": "query", "schema": {"type": "string"}},
+                                   {"name": "format", "in": "query", "schema": {"type": "string",
+                                                                                 "enum": ["json", "csv"]}}],
+                    "responses": _answers("200", {"type": "object", "properties": {
+                        "from": {"type": "string", "format": "date"}, "to": {"type": "string", "format": "date"},
+                        "data": {"type": "array", "items": {"type": "object"}}}}, "400", "503")},
+        },
         "/audit": {
             "get": {"summary": "the admin changes' trail: with since, the first `limit` records from then on; "
                                "without, the newest `limit`; oldest first (has_more: some were left out)",

@@ -115,6 +115,10 @@ class PlaneView(Protocol):
     def usage_of(self, key_id: str) -> dict[str, dict]:
         """A key's metering per model, as the admin API shows it."""
 
+    async def usage(self, first: str, last: str, key_id: str | None) -> list[dict]:
+        """Usage for billing: per UTC day from `first` to `last` (YYYY-MM-DD), key and model,
+        summed over every control plane's records (observe/usage.py); `key_id`: that key's alone."""
+
     def requests_in_flight(self, group: str) -> int:
         """Of a key, or of a model's batch lane (names.batch_lane)."""
 

@@ -20,6 +20,7 @@ from control_plane.plane.in_flight import InFlightLimits
 from control_plane.plane.publisher import Publisher
 from control_plane.plane.state_keeper import StateKeeper
 from control_plane.plane.tls import Tls
+from control_plane.plane.usage import UsageKeeper
 from control_plane.tenants.keys import KeyTable
 
 T = TypeVar("T")
@@ -30,11 +31,11 @@ class OperatorView:
 
     def __init__(self, *, publisher: Publisher, state: StateKeeper, drains: Drains, limits: InFlightLimits, tls: Tls,
                  tracker: LoadTracker, outcomes: Outcomes, ledger: Ledger, ejections: Ejections,
-                 bootstrap_token: Callable[[], str | None], audit: Callable[[], AuditTrail]):
+                 bootstrap_token: Callable[[], str | None], audit: Callable[[], AuditTrail], usage: UsageKeeper):
         """`bootstrap_token` and `audit`: the plane's, once started."""
         self._publisher, self._state, self._drains, self._limits, self._tls = publisher, state, drains, limits, tls
         self._tracker, self._outcomes, self._ledger, self._ejections = tracker, outcomes, ledger, ejections
-        self._bootstrap_token, self._audit = bootstrap_token, audit
+        self._bootstrap_token, self._audit, self._usage = bootstrap_token, audit, usage
 
     # -- what it was told and serves
 
@@ -106,6 +107,9 @@ class OperatorView:
 
     def usage_of(self, key_id: str) -> dict[str, dict]:
         return self._ledger.usage_of(key_id)
+
+    async def usage(self, first: str, last: str, key_id: str | None) -> list[dict]:
+        return await self._usage.rows(first, last, key_id)
 
     def requests_in_flight(self, group: str) -> int:
         return self._limits.counts.count(group)

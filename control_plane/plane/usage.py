@@ -1,0 +1,61 @@
+"""The usage keeper: this process's metering by day (observe/usage.py's book, in the ledger)
+written as its own records (fleet/usage_store.py) every USAGE_FLUSH_S and when it stops; read
+back, summed over every writer, for `GET /usage`. The leader (or a lone plane) drops days past
+`state.usage_days` once an hour.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from datetime import date, datetime, timedelta, timezone
+
+from control_plane.observe.usage import USAGE_FLUSH_S, UsageBook, summed
+
+log = logging.getLogger(__name__)
+RETENTION_CHECK_S = 3600.0
+
+
+def today() -> date:
+    return datetime.now(timezone.utc).date()
+
+
+class UsageKeeper:
+    def __init__(self, book: UsageBook, store, writer: str, days: Callable[[], int], leading: Callable[[], bool]):
+        """`store`: a FileUsageStore or EtcdUsageStore; `writer`: this process's name for its
+        records; `days`: state.usage_days now; `leading`: whether this plane drops old days."""
+        self.book, self.store, self.writer, self.days, self.leading = book, store, writer, days, leading
+
+    async def flush(self) -> None:
+        """Writes the days metered since the last flush; a day not written is tried again next time."""
+        for day in self.book.take_changed():
+            try:
+                await self.store.put(day, self.writer, self.book.record(day))
+            except Exception as error:  # noqa: BLE001 - the store away: kept, and written once it is back
+                self.book.changed.add(day)
+                log.warning("usage for %s not written yet: %s", day, error)
+
+    async def run(self) -> None:
+        checked = None
+        try:
+            while True:
+                await asyncio.sleep(USAGE_FLUSH_S)
+                await self.flush()
+                now = asyncio.get_running_loop().time()
+                if self.leading() and (checked is None or now - checked >= RETENTION_CHECK_S):
+                    checked = now
+                    first_kept = (today() - timedelta(days=self.days() - 1)).isoformat()
+                    self.book.forget_before(first_kept)
+                    await self.store.drop_before(first_kept)
+        finally:
+            await asyncio.shield(self.flush())  # what was metered since the last write, as it stops
+
+    async def rows(self, first: str, last: str, key: str | None) -> list[dict]:
+        """Every writer's records of those days (this one's as it stands now), summed per day,
+        key and model."""
+        records = await self.store.records(first, last)
+        for day in self.book.days:
+            if first <= day <= last:
+                records.setdefault(day, {})[self.writer] = self.book.record(day)
+        return summed({day: list(writers.values()) for day, writers in records.items()}, key)
