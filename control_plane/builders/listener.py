@@ -98,17 +98,28 @@ def upload_admission_context(config: GatewayConfig) -> dict:
             "upload_copies": 2 if config.resilience.retries else 1}
 
 
+def _http_filters(config: GatewayConfig, lua_source: str, access: Access, flush_s: float) -> list[hcm.HttpFilter]:
+    """Upload admission, the Lua filter, the quota filters, the router. Upload admission runs in a
+    Lua filter of its own, which no route overrides: its count of what uploads hold survives route
+    updates (each starts the routes' Lua states afresh). The routes carry the Lua filter's source
+    with their models and keys; its default here, with none, answers what no route configures."""
+    def lua(context: dict, keys: Access) -> lua_pb2.Lua:
+        return lua_pb2.Lua(default_source_code=base_pb2.DataSource(inline_string=filter_source(lua_source, context, keys)))
+
+    default = {"models": {}, "keys_required": access.required, "batch_closed": {}, "plans": {}}
+    return [hcm.HttpFilter(name=UPLOAD_FILTER, typed_config=pack(lua(upload_admission_context(config), Access()))),
+            hcm.HttpFilter(name=LUA_FILTER, typed_config=pack(lua(default, access)))] + build_quota_filters(config) + [
+        hcm.HttpFilter(name="envoy.filters.http.router", typed_config=pack(_router(flush_s)))]
+
+
 def build_listener(config: GatewayConfig, lua_source: str) -> listener_pb2.Listener:
     # The routes carry the source with their models and keys (builders/lua_source.py); this one,
     # with none, answers only what no route configures, and refuses it when keys are required.
     # Only what the listener must know: other values here would make reloads that change them
-    # rebuild the listener, and with it the quota filters' buckets (builders/quotas.py).
+    # rebuild the listener, and with it the quota filters' buckets (builders/quotas.py). Upload
+    # admission needs limits.max_heap_mb, max_upload_mb and resilience.retries: rarely changed.
     access = Access(required=config.auth.api_keys == "required")
     flush_s = IN_FLIGHT_LOG_FLUSH_S if limits_in_flight(config) else LOG_FLUSH_S
-    context = {"models": {}, "keys_required": access.required, "batch_closed": {}, "plans": {}}
-    lua = lua_pb2.Lua(default_source_code=base_pb2.DataSource(inline_string=filter_source(lua_source, context, access)))
-    admission = lua_pb2.Lua(default_source_code=base_pb2.DataSource(
-        inline_string=filter_source(lua_source, upload_admission_context(config), Access())))
     manager = hcm.HttpConnectionManager(
         stat_prefix="whisper",
         codec_type=hcm.HttpConnectionManager.AUTO,
@@ -131,11 +142,7 @@ def build_listener(config: GatewayConfig, lua_source: str) -> listener_pb2.Liste
         # the filter's refusals and 2xx answers are not sent).
         # A 429's x-whisper-limited says which in-flight filter refused it (observe/access_logs.py).
         access_log=[_grpc_log(REQUEST_LOG_NAME, [], flush_s, only=_unanswered(), response_headers=[LIMITED_HEADER])],
-        # Upload admission runs in a Lua filter of its own, which no route overrides: its count of
-        # what uploads hold survives route updates (each starts the routes' Lua states afresh).
-        http_filters=[hcm.HttpFilter(name=UPLOAD_FILTER, typed_config=pack(admission)),
-                      hcm.HttpFilter(name=LUA_FILTER, typed_config=pack(lua))] + build_quota_filters(config) + [
-            hcm.HttpFilter(name="envoy.filters.http.router", typed_config=pack(_router(flush_s)))],
+        http_filters=_http_filters(config, lua_source, access, flush_s),
     )
     address = address_pb2.Address(
         socket_address=address_pb2.SocketAddress(address=config.listen.address, port_value=config.listen.port)
