@@ -68,6 +68,9 @@ ENGINE_SECONDS_KEY = "audio_engine_seconds"
 # On an upload whose container claimed less audio than its data holds (a patched header): the
 # claim, which was not believed (envoy/audio_duration.lua). Its request is logged as a mismatch.
 CLAIMED_KEY = "audio_claimed"
+# On an upload whose duration was checked against its data (not a header's claim or an estimate):
+# its answer's body need not be read for the engine's figure (envoy/metering.lua).
+CHECKED_KEY = "audio_checked"
 # With a key that has a plan: the plan and the upload's cost in whole audio-seconds, which the
 # quota filters charge (builders/quotas.py).
 PLAN_KEY = "plan"
@@ -91,7 +94,7 @@ LUA_NAMES = {name: globals()[name] for name in (
     "KEY_ID_HEADER", "LIMITED_HEADER", "BATCH_LANE_HEADER", "BATCH_LANE_PREFIX", "BATCH_LANE_LIMIT",
     "REQUESTS_LIMIT", "AUDIO_SECONDS_LIMIT", "MINUTE_S", "DAY_S", "METADATA_NAMESPACE", "LUA_REPLY_KEY",
     "MODEL_KEY", "SECONDS_KEY", "ESTIMATED_KEY", "KEY_ID_KEY", "BATCH_LANE_KEY", "PLAN_KEY", "COST_KEY", "WORKERS_ENV",
-    "ENGINE_SECONDS_KEY", "CLAIMED_KEY")}
+    "ENGINE_SECONDS_KEY", "CLAIMED_KEY", "CHECKED_KEY")}
 
 
 def cluster_name(model: str) -> str:

@@ -62,8 +62,8 @@ local function wav(peek, head, size)
       end
       if not frame_rate or frame_rate == 0 then return nil end
       local bytes = math.min(data, present)
-      if byte_rate ~= frame_rate and byte_rate > 0 then return bytes / frame_rate, false, bytes / byte_rate end
-      return bytes / frame_rate
+      if byte_rate ~= frame_rate and byte_rate > 0 then return bytes / frame_rate, false, bytes / byte_rate, true end
+      return bytes / frame_rate, false, nil, true
     end
     offset = offset + 8 + n + n % 2
   end
@@ -351,8 +351,8 @@ local function mp4(peek, size)
       end
       if scale == 0 or duration == 4294967295 then return nil end
       local claimed, played = duration / scale, sample_table_seconds(peek, moov, moov_end)
-      if played and math.abs(played - claimed) > played * 0.02 + 0.1 then return played, false, claimed end
-      return claimed
+      if played and math.abs(played - claimed) > played * 0.02 + 0.1 then return played, false, claimed, true end
+      return claimed, false, nil, played ~= nil
     end
   end
   return nil
@@ -471,8 +471,8 @@ end
 local function webm(peek, head, size)
   local seconds, scale = webm_head(head)
   local data = webm_tail(peek, size, scale)
-  if seconds and (not data or data <= seconds * 1.02 + 0.1) then return seconds end
-  if seconds then return data, true, seconds end
+  if seconds and (not data or data <= seconds * 1.02 + 0.1) then return seconds, false, nil, data ~= nil end
+  if seconds then return data, true, seconds, true end
   return data, true
 end
 
@@ -513,21 +513,22 @@ end
 local MIN_SECONDS = 0.001
 
 -- Seconds of audio in a file part of `size` bytes, read through read(offset, n), whether that
--- is an estimate, and what the container claimed when that was a lie (else nil). Never more
--- than max_seconds; never an error.
+-- is an estimate, what the container claimed when that was a lie (else nil), and whether the
+-- figure was checked against the data itself (WAV's bytes, M4A's sample table, WebM's last
+-- Cluster: then the engine's own figure need not be read). Never more than max_seconds; never an error.
 local function audio_duration(read, size, filename, max_seconds)
-  local kind, seconds, estimated, claimed = nil, nil, false, nil
+  local kind, seconds, estimated, claimed, checked = nil, nil, false, nil, false
   local ok = pcall(function()
     local peek, head = view(read, size)
     kind = format_of(head)
-    if kind then seconds, estimated, claimed = measure(kind, peek, head, size) end
+    if kind then seconds, estimated, claimed, checked = measure(kind, peek, head, size) end
   end)
   if not ok or not seconds or seconds ~= seconds or seconds < MIN_SECONDS or seconds > max_seconds then
     kind = kind or EXTENSIONS[extension_of(filename)]
-    seconds, estimated = math.min(max_seconds, size * 8 / ESTIMATE_BPS[kind or "other"]), true
+    seconds, estimated, checked = math.min(max_seconds, size * 8 / ESTIMATE_BPS[kind or "other"]), true, false
   end
   if type(claimed) ~= "number" or claimed ~= claimed then claimed = nil end
-  return seconds, estimated == true, claimed
+  return seconds, estimated == true, claimed, checked == true
 end
 
 return {audio_duration = audio_duration}

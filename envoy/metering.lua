@@ -15,12 +15,14 @@ local MODEL_KEY, SECONDS_KEY, ESTIMATED_KEY, KEY_ID_KEY = NAMES.MODEL_KEY, NAMES
 -- from the edge's: either sends the request's log as a mismatch, which the control plane
 -- counts, the engine's figure correcting what was metered (control_plane/observe/access_logs.py).
 local CLAIMED_KEY, ENGINE_SECONDS_KEY = NAMES.CLAIMED_KEY, NAMES.ENGINE_SECONDS_KEY
+-- Set on a figure checked against the data (audio_duration's): its answer's body is not read.
+local CHECKED_KEY = NAMES.CHECKED_KEY
 
 -- Seconds of audio in the upload (envoy/audio_duration.lua), as headers the engines and the
 -- upload's tries' logs see (a 2xx try's end meters it), and as dynamic metadata for the log of
 -- failed requests.
 local function measure_audio(h, headers, body, file, model)
-  local seconds, estimated, claimed = audio_duration.audio_duration(
+  local seconds, estimated, claimed, checked = audio_duration.audio_duration(
     function(offset, n) return body:getBytes(file.start + offset, n) end,
     file.stop - file.start, file.filename, CONTEXT.max_audio_seconds or math.huge)
   local shown = string.format("%.3f", seconds)
@@ -31,6 +33,7 @@ local function measure_audio(h, headers, body, file, model)
   metadata:set(METADATA_NAMESPACE, SECONDS_KEY, shown)
   if estimated then metadata:set(METADATA_NAMESPACE, ESTIMATED_KEY, "1") end
   if claimed then metadata:set(METADATA_NAMESPACE, CLAIMED_KEY, string.format("%.3f", math.max(0, claimed))) end
+  if checked then metadata:set(METADATA_NAMESPACE, CHECKED_KEY, "1") end
   return seconds
 end
 
@@ -54,15 +57,16 @@ end
 
 local MAX_ANSWER_BYTES = 4194304 -- a JSON answer larger than this is not read (no transcript is)
 
--- The reconciling step, after a routed request's whole 2xx JSON answer: where the engine's
--- figure contradicts the edge's, it goes to the request's log. Streamed (SSE) and plain-text answers carry none: the edge's stands.
+-- The reconciling step, after a routed request's whole 2xx JSON answer whose audio the edge
+-- could not check against the data (a header's claim, or an estimate): where the engine's figure
+-- contradicts the edge's, it goes to the request's log. Streamed (SSE) and plain-text answers carry none: the edge's stands.
 local function reconcile(h)
   local headers = h:headers()
   local status, content_type = headers:get(":status") or "", headers:get("content-type") or ""
   if status:sub(1, 1) ~= "2" or not content_type:find("application/json", 1, true) then return end
   local fields = h:streamInfo():dynamicMetadata():get(METADATA_NAMESPACE)
   local edge = fields and tonumber(fields[SECONDS_KEY])
-  if not edge then return end -- not a request this filter routed
+  if not edge or fields[CHECKED_KEY] then return end -- not routed here, or measured from the data itself
   local body = h:body()
   if body == nil or body:length() > MAX_ANSWER_BYTES then return end
   local engine, whole = engine_seconds(body:getBytes(0, body:length()))

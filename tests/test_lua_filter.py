@@ -595,9 +595,11 @@ def test_the_engines_own_figure_goes_to_the_log_where_it_differs_from_the_edges(
     assert answer.headers == [(":status", "200")] + JSON  # headers untouched without plans
 
 
-def test_answers_the_filter_did_not_route_or_that_carry_no_figure_are_not_read():
+def test_answers_the_filter_did_not_route_checked_against_the_data_or_that_carry_no_figure_are_not_read():
     routed = {"whisper_gateway": {"model": BIG, "audio_seconds": "1.000"}}
-    for status, headers, metadata in ((200, JSON, None), (200, [("content-type", "text/event-stream")], routed),
+    checked = {"whisper_gateway": {"model": BIG, "audio_seconds": "1.000", "audio_checked": "1"}}  # a WAV's bytes
+    for status, headers, metadata in ((200, JSON, None), (200, JSON, checked),
+                                      (200, [("content-type", "text/event-stream")], routed),
                                       (200, [("content-type", "text/plain")], routed), (500, JSON, routed)):
         answer = open_filter().run_response(status, headers, metadata, body=b'{"usage":{"seconds":61}}')
         assert answer.error is None and answer.body_calls == 0, (status, headers)
@@ -612,6 +614,7 @@ def test_a_container_whose_claim_its_data_disproves_is_metered_by_its_data_and_m
     assert_routed(outcome, BIG)
     assert outcome.header("x-whisper-audio-seconds") == "10.000"  # the samples a decoder plays
     assert outcome.metadata["whisper_gateway"]["audio_claimed"] == "1.000"
+    assert outcome.metadata["whisper_gateway"]["audio_checked"] == "1"  # the engine's figure need not be read
     assert "audio_claimed" not in open_filter().run_request(headers=FORM, body=form(audio=honest)).metadata[
         "whisper_gateway"]
 

@@ -146,6 +146,26 @@ def test_metered_audio_agrees_with_vllms_own_usage(real, seconds):
         usage, counted)
 
 
+def test_a_container_that_lies_is_metered_by_vllms_own_figure(real, tmp_path):
+    """A VBR MP3 whose Xing frame count claims 1 s of 61: the edge disbelieves it and estimates from
+    sampled frames; vLLM's `usage.seconds` corrects that, and the upload counts as a mismatch."""
+    from harness.audio_corpus import make_corpus
+    from harness.lying_audio import lying
+
+    def metered():
+        return next(m for m in real.gateway.admin.status()["models"] if m["model"] == MODEL)
+
+    clip = make_corpus(tmp_path, (61.0,), only=("mp3-vbr",))[0]
+    before = metered()
+    answer = ask(real.gateway.envoy.url, audio=lying(clip.path, "mp3-vbr", clip.seconds))
+    assert answer.status == 200, answer.text
+    wait_until(lambda: metered()["mismatches"] == before["mismatches"] + 1, 10, "the upload logged as a mismatch")
+    usage = answer.json()["usage"]["seconds"]
+    assert abs(usage - clip.seconds) <= 1, usage  # vLLM decoded the samples
+    served = metered()["audio_served_s"] - before["audio_served_s"]
+    assert served == pytest.approx(usage, abs=0.01) and abs(served - clip.seconds) <= 0.02 * clip.seconds
+
+
 def test_vllms_own_api_key_keeps_working_behind_the_gateway(real):
     """Engine b checks its --api-key (vLLM's own middleware); the gateway sends it in place of
     whatever the client sent, so every request, b's included, is answered."""
