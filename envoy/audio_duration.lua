@@ -84,6 +84,21 @@ local function id3v2_size(peek, offset)
   return 10 + ((a * 128 + b) * 128 + c) * 128 + d + footer
 end
 
+-- The file's last TAIL_MAX bytes, and the last of what take(tail, at) gives for each place
+-- `pattern` (`plain`: a plain string) is found in them; nil where it gives nothing.
+local function last_in_tail(peek, size, pattern, plain, take)
+  local length = math.min(size, TAIL_MAX)
+  local tail = peek(size - length, length)
+  local last, pos = nil, 1
+  while true do
+    local at = find(tail, pattern, pos, plain)
+    if not at then break end
+    last = take(tail, at) or last
+    pos = at + 1
+  end
+  return last, tail
+end
+
 -- CRC-8 (x^8 + x^2 + x + 1) of s's bytes i to j: what guards a FLAC frame header.
 local function crc8(s, i, j)
   local crc = 0
@@ -131,16 +146,9 @@ end
 
 -- The samples up to the last valid frame in the file's tail: what the data holds.
 local function flac_tail_samples(peek, size, block_size)
-  local length = math.min(size, TAIL_MAX)
-  local tail = peek(size - length, length)
-  local best, pos = nil, 1
-  while true do
-    local at = find(tail, "\255[\248\249]", pos)
-    if not at then break end
-    best = flac_frame_end(tail, at, block_size) or best
-    pos = at + 1
-  end
-  return best
+  return (last_in_tail(peek, size, "\255[\248\249]", false, function(s, at)
+    return flac_frame_end(s, at, block_size)
+  end))
 end
 
 -- STREAMINFO's sample count is the container's claim. FLAC never takes much more room than the
@@ -436,16 +444,10 @@ end
 -- Without a Duration (browsers' MediaRecorder): the last Cluster's Timecode plus its last
 -- block's, in the tail; short by that block's length (20 ms for Opus), so an estimate.
 local function webm_tail(peek, size, scale)
-  local length = math.min(size, TAIL_MAX)
-  local tail = peek(size - length, length)
-  local last, pos = nil, 1
-  while true do
-    local at = find(tail, CLUSTER_ID, pos, true)
-    if not at then break end
-    local _, nl = vint(tail, at + 4, true)
-    if nl and byte(tail, at + 4 + nl) == 0xE7 then last = at + 4 + nl end -- a Cluster starts with its Timecode
-    pos = at + 4
-  end
+  local last, tail = last_in_tail(peek, size, CLUSTER_ID, true, function(s, at)
+    local _, nl = vint(s, at + 4, true)
+    if nl and byte(s, at + 4 + nl) == 0xE7 then return at + 4 + nl end -- a Cluster starts with its Timecode
+  end)
   if not last then return nil end
   local i, cluster, block = last, nil, 0
   while i <= #tail do

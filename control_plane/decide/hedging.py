@@ -8,8 +8,9 @@ seconds per audio-second of recent answered tries (observe/ledger.py), times the
 audio-seconds, never under `resilience.hedge_floor_s` (envoy/routing.lua applies it).
 Tries under MIN_SAMPLE_S of audio say more about a request's fixed cost than about speed, so
 they are not evidence (the floor covers short clips). Published as whole milliseconds per
-audio-second on a grid of steps of STEP, so the routes (which carry it to the Lua filter) change
-when the speed does, not with every answer. Pure.
+audio-second on a grid of steps of STEP, and only when a model's speed moved by MOVE_AT (slower
+at once, faster at most every REPUBLISH_S: to_publish): the routes carry it to the Lua filter,
+and each change is a route update. Pure.
 """
 
 from __future__ import annotations
@@ -18,6 +19,11 @@ import math
 from collections.abc import Mapping, Sequence
 
 MIN_SAMPLE_S = 2.0  # audio-seconds a try must carry to count as evidence of speed
+# A published deadline moves only when the measured one is this much off it (relative), and at
+# most once per REPUBLISH_S: each change is a route update, which Envoy pays for (it compiles the
+# Lua filter again in every worker) and which starts the routes' Lua states afresh.
+MOVE_AT = 0.25
+REPUBLISH_S = 30.0
 MIN_SAMPLES = 8  # fewer: the configured size-based deadline stands
 QUANTILE = 0.9
 STEP = 1.1  # the grid: a published value moves only when the speed moves by a step
@@ -45,3 +51,19 @@ def deadlines(samples: Mapping[str, Sequence[tuple[float, float]]], factor: floa
     """Each model with evidence enough -> its ms per audio-second (deadline_ms_per_audio_s)."""
     return {model: ms for model, taken in samples.items()
             if (ms := deadline_ms_per_audio_s(taken, factor)) is not None}
+
+
+def to_publish(published: Mapping[str, int], measured: Mapping[str, int], now: float,
+               last: float | None) -> dict[str, int] | None:
+    """What to publish now (None: leave what is published): a model measured for the first time,
+    or slower by MOVE_AT or more, at once (a deadline too short hedges tries that are only slow);
+    faster by MOVE_AT or more once REPUBLISH_S has passed since the `last` publish."""
+    moved = {model for model, ms in measured.items()
+             if model in published and abs(ms - published[model]) >= MOVE_AT * published[model]}
+    urgent = any(model not in published or (model in moved and ms > published[model])
+                 for model, ms in measured.items())
+    gone = any(model not in measured for model in published)
+    if not (urgent or gone or (moved and (last is None or now - last >= REPUBLISH_S))):
+        return None
+    return {model: ms if model not in published or model in moved else published[model]
+            for model, ms in measured.items()}

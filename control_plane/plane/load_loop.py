@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 from control_plane.config.routing import RoutingConfig
 from control_plane.decide.ejection import Ejections
-from control_plane.decide.hedging import deadlines
+from control_plane.decide.hedging import deadlines, to_publish
 from control_plane.decide.lanes import closed_to_batch, model_waits
 from control_plane.decide.policy import decide_routing
 from control_plane.fleet.resolved import Fleet
@@ -54,6 +54,7 @@ class LoadLoop:
         self.tracker, self.outcomes, self.ledger, self.ejections = tracker, outcomes, ledger, ejections
         self.engine_tls = engine_tls
         self.on_scrape, self.on_round, self.on_new_weights = on_scrape, on_round, on_new_weights
+        self.hedges_published_at: float | None = None
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -81,7 +82,8 @@ class LoadLoop:
         states = scraper.endpoint_states(self.publisher.fleet, self.tracker, self.outcomes, self.ledger, now)
         if (closed := self.decide_lanes(states, routing)) is not None:
             await self.publisher.set_lanes(closed)
-        if (hedges := self.decide_hedging()) is not None:
+        if (hedges := self.decide_hedging(now)) is not None:
+            self.hedges_published_at = now
             await self.publisher.set_hedging(hedges)
         if not routing.load_aware:
             return
@@ -131,11 +133,12 @@ class LoadLoop:
         closed = closed_to_batch(model_waits(fleet, states, routing), fleet.batch_closed, level)
         return closed if closed != fleet.batch_closed else None
 
-    def decide_hedging(self) -> dict[str, int] | None:
-        """Each model's try deadline per audio-second (decide/hedging.py), when that changed."""
-        hedges = deadlines(self.ledger.answered, self.publisher.config.resilience.hedge_factor)
+    def decide_hedging(self, now: float) -> dict[str, int] | None:
+        """Each model's try deadline per audio-second (decide/hedging.py), when it should move."""
         fleet = self.publisher.fleet
-        return hedges if {m: ms for m, ms in hedges.items() if m in fleet.model_names()} != fleet.hedge_ms else None
+        measured = {m: ms for m, ms in deadlines(self.ledger.answered, self.publisher.config.resilience.hedge_factor)
+                    .items() if m in fleet.model_names()}
+        return to_publish(fleet.hedge_ms, measured, now, self.hedges_published_at)
 
     def decide_weights(self, fleet: Fleet, states: dict[str, list[EndpointState]], routing: RoutingConfig,
                        now: float) -> Weights | None:
