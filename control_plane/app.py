@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 import time
+import uuid
 from dataclasses import replace
 from pathlib import Path
 
@@ -81,7 +82,8 @@ class ControlPlane:
                                   telemetry.LOAD_ROUND_SECONDS.observe, WEIGHT_UPDATES.inc)
         self.discovery = DnsDiscovery(self.state.on_dns_records)
         # The metering by day, written for billing: in memory until start picks the state dir or etcd.
-        self.usage = UsageKeeper(self.ledger.usage, MemoryUsageStore(), self.state.plane_id,
+        # Its records' writer: this process alone (a restarted one keeps its host name and pid 1).
+        self.usage = UsageKeeper(self.ledger.usage, MemoryUsageStore(), f"{self.state.plane_id}-{uuid.uuid4().hex[:8]}",
                                  lambda: self.publisher.config.state.usage_days, lambda: self.state.leader)
         self.audit: AuditTrail = MemoryAudit()  # the admin changes' trail: in the state dir or etcd once started
         self.token: str | None = None
@@ -169,9 +171,10 @@ class ControlPlane:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.state.close()
         if self._server is not None:
             await self._server.stop(grace)
+        await self.usage.flush()  # what the logs metered up to the end, before the store closes
+        await self.state.close()
         if self._admin is not None:
             await self._admin.cleanup()
         forget_fleet(self._telemetry)

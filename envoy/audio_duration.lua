@@ -37,11 +37,26 @@ local function view(read, size)
   end, head
 end
 
--- Decoders time PCM by its sample rate and frame size (block align), not by the byte-rate
--- field, which a client can set to anything: that field is only the container's claim.
+-- Sample formats whose frame is channels x bytes per sample: PCM, IEEE float, A-law, mu-law.
+local WAV_SAMPLE_FORMATS = {[1] = true, [3] = true, [6] = true, [7] = true}
+
+-- The bytes a second of the `fmt ` chunk's audio takes as decoders play it, and whether that was
+-- checked: for sample formats, rate x channels x bytes per sample, whatever the byte-rate field
+-- says (a client can set it to anything); for coded ones (ADPCM, GSM: a block holds many
+-- samples) only the byte-rate field, a claim the engine's own figure must confirm.
+local function wav_rate(fmt)
+  local tag, channels, rate, byte_rate, bits = u16le(fmt, 1), u16le(fmt, 3), u32le(fmt, 5), u32le(fmt, 9),
+    u16le(fmt, 15)
+  if tag == 0xFFFE and #fmt >= 26 then tag = u16le(fmt, 25) end -- extensible: the subformat's code
+  if WAV_SAMPLE_FORMATS[tag] then return rate * channels * math.ceil(bits / 8), byte_rate, true end
+  return byte_rate, byte_rate, false
+end
+
+-- Decoders time PCM by its sample rate and frame size, not by the byte-rate field, which is
+-- only the container's claim.
 local function wav(peek, head, size)
   local riff = sub(head, 1, 4)
-  local offset, frame_rate, byte_rate, ds64_data = 12, nil, nil, nil
+  local offset, frame_rate, byte_rate, checked, ds64_data = 12, nil, nil, false, nil
   for _ = 1, 64 do
     local chunk = peek(offset, 8)
     if #chunk < 8 then return nil end
@@ -49,9 +64,9 @@ local function wav(peek, head, size)
     if id == "ds64" then
       ds64_data = u64le(peek(offset + 8, 24), 9)
     elseif id == "fmt " then
-      local fmt = peek(offset + 8, 16)
+      local fmt = peek(offset + 8, 26)
       if #fmt < 16 then return nil end
-      frame_rate, byte_rate = u32le(fmt, 5) * u16le(fmt, 13), u32le(fmt, 9)
+      frame_rate, byte_rate, checked = wav_rate(fmt)
     elseif id == "data" then
       local present = size - offset - 8
       local data = n
@@ -63,7 +78,7 @@ local function wav(peek, head, size)
       if not frame_rate or frame_rate == 0 then return nil end
       local bytes = math.min(data, present)
       if byte_rate ~= frame_rate and byte_rate > 0 then return bytes / frame_rate, false, bytes / byte_rate, true end
-      return bytes / frame_rate, false, nil, true
+      return bytes / frame_rate, false, nil, checked
     end
     offset = offset + 8 + n + n % 2
   end
@@ -138,7 +153,11 @@ local function flac_frame_end(s, i, block_size)
   local at = i + 5 + extra -- 1-based: the byte after the coded number
   local block = FLAC_BLOCK[code]
   if code == 6 then block, at = (byte(s, at) or 0) + 1, at + 1
-  elseif code == 7 then block, at = u16le(string.reverse(sub(s, at, at + 1)), 1) + 1, at + 2 end
+  elseif code == 7 then
+    local two = sub(s, at, at + 1)
+    if #two < 2 then return nil end
+    block, at = u16le(string.reverse(two), 1) + 1, at + 2
+  end
   if rate_code == 12 then at = at + 1 elseif rate_code == 13 or rate_code == 14 then at = at + 2 end
   if not block or not byte(s, at) or crc8(s, i, at - 1) ~= byte(s, at) then return nil end
   return variable and n + block or n * block_size + block
@@ -166,8 +185,9 @@ local function flac(peek, start, size)
   local claimed, raw_bps = samples / rate, rate * channels * bits
   if not implausible(size - start, claimed, raw_bps) then return claimed end
   local played = flac_tail_samples(peek, size, u16le(string.reverse(sub(info, 3, 4)), 1))
-  if played then return played / rate, false, claimed end
-  return (size - start) * 8 / raw_bps, true, claimed
+  local least = (size - start) * 8 / (raw_bps * 1.05) -- a frame header can be forged too: never under this
+  if played and played / rate >= least then return played / rate, false, claimed end
+  return least, true, claimed
 end
 
 local MP3_BITRATES = {
@@ -359,8 +379,11 @@ local function mp4(peek, size)
       end
       if scale == 0 or duration == 4294967295 then return nil end
       local claimed, played = duration / scale, sample_table_seconds(peek, moov, moov_end)
-      if played and math.abs(played - claimed) > played * 0.02 + 0.1 then return played, false, claimed, true end
-      return claimed, false, nil, played ~= nil
+      if played and math.abs(played - claimed) > played * 0.02 + 0.1 then return played, false, claimed end
+      -- The sample table is the client's to write too: a claim the bytes could not hold (AAC
+      -- never spends 640 kbit/s) is not believed either, and the engine's figure decides.
+      if implausible(size, claimed, 640000) then return size * 8 / ESTIMATE_BPS.mp4, true, claimed end
+      return claimed
     end
   end
   return nil
@@ -473,8 +496,11 @@ end
 local function webm(peek, head, size)
   local seconds, scale = webm_head(head)
   local data = webm_tail(peek, size, scale)
-  if seconds and (not data or data <= seconds * 1.02 + 0.1) then return seconds, false, nil, data ~= nil end
-  if seconds then return data, true, seconds, true end
+  if seconds and (not data or data <= seconds * 1.02 + 0.1) then
+    if implausible(size, seconds, 512000) then return size * 8 / ESTIMATE_BPS.webm, true, seconds end
+    return seconds
+  end
+  if seconds then return data, true, seconds end
   return data, true
 end
 
@@ -516,8 +542,8 @@ local MIN_SECONDS = 0.001
 
 -- Seconds of audio in a file part of `size` bytes, read through read(offset, n), whether that
 -- is an estimate, what the container claimed when that was a lie (else nil), and whether the
--- figure was checked against the data itself (WAV's bytes, M4A's sample table, WebM's last
--- Cluster: then the engine's own figure need not be read). Never more than max_seconds; never an error.
+-- figure was checked against data no client can set apart from the samples (a sample-format
+-- WAV's bytes: then the engine's own figure need not be read). Never more than max_seconds; never an error.
 local function audio_duration(read, size, filename, max_seconds)
   local kind, seconds, estimated, claimed, checked = nil, nil, false, nil, false
   local ok = pcall(function()

@@ -55,7 +55,9 @@ local function contradicts(edge, engine, whole)
   return math.abs(edge - engine) > 0.01 * engine + 0.05
 end
 
-local MAX_ANSWER_BYTES = 4194304 -- a JSON answer larger than this is not read (no transcript is)
+-- A JSON answer larger than this is not read: Envoy buffers what the filter reads within its
+-- connection buffer limit (1 MiB), and a 500 for an answer already made is worse than the edge's figure.
+local MAX_ANSWER_BYTES = 524288
 
 -- The reconciling step, after a routed request's whole 2xx JSON answer whose audio the edge
 -- could not check against the data (a header's claim, or an estimate): where the engine's figure
@@ -64,11 +66,13 @@ local function reconcile(h)
   local headers = h:headers()
   local status, content_type = headers:get(":status") or "", headers:get("content-type") or ""
   if status:sub(1, 1) ~= "2" or not content_type:find("application/json", 1, true) then return end
+  local length = tonumber(headers:get("content-length") or "")
+  if not length or length > MAX_ANSWER_BYTES then return end -- a chunked or large answer: not buffered
   local fields = h:streamInfo():dynamicMetadata():get(METADATA_NAMESPACE)
   local edge = fields and tonumber(fields[SECONDS_KEY])
   if not edge or fields[CHECKED_KEY] then return end -- not routed here, or measured from the data itself
   local body = h:body()
-  if body == nil or body:length() > MAX_ANSWER_BYTES then return end
+  if body == nil then return end
   local engine, whole = engine_seconds(body:getBytes(0, body:length()))
   if engine and contradicts(edge, engine, whole) then
     local limit = CONTEXT.max_audio_seconds or math.huge -- the engine's figure is bounded as the edge's is

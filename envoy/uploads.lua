@@ -29,6 +29,11 @@ local reservations = setmetatable({}, {__mode = "k"}) -- handle -> its reservati
 local function reserve_upload(h, headers)
   local budget = CONTEXT.upload_budget_bytes or 0
   if budget <= 0 or headers:get(":method") ~= "POST" then return true end -- only a POST carries an upload
+  -- Where keys are required, a request without one is refused at its headers (api_keys.lua), its
+  -- body never buffered: it holds nothing, so a stranger cannot fill the share with such requests.
+  if CONTEXT.keys_required and not (headers:get("authorization") or ""):find("^%s*[Bb]earer%s+%S") then
+    return true
+  end
   local limit = CONTEXT.max_upload_bytes or math.huge
   local bytes = math.min(tonumber(headers:get("content-length") or "") or limit, limit) * (CONTEXT.upload_copies or 1)
   local share = budget / WORKERS

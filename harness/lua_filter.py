@@ -405,6 +405,8 @@ class LuaFilter:
         """envoy_on_response with the request's dynamic metadata (an Outcome's .metadata) and the
         answer's body; .error says when the filter has none."""
         pairs = [(":status", str(status))] + (list(headers.items()) if isinstance(headers, dict) else list(headers or []))
+        if body is not None and not any(k.lower() in ("content-length", "transfer-encoding") for k, _ in pairs):
+            pairs.append(("content-length", str(len(body))))
         record = self.stub.record(self._header_table(pairs), _bytes(body), "127.0.0.1:40000", self.now_ms)
         for namespace, fields in (metadata or {}).items():
             record.metadata[namespace] = self.lua.table_from(fields)

@@ -212,6 +212,17 @@ def test_a_worker_holding_nothing_admits_one_upload_larger_than_its_share():
     assert lua.run_request(headers=FORM, body=form(audio=silent_wav(1.0))).status == 503
 
 
+def test_where_keys_are_required_a_request_without_one_holds_no_upload_memory():
+    lua = admission_filter(limits={"max_heap_mb": 64, "max_upload_mb": 60}, auth={"api_keys": "required"})
+    huge = form(audio=silent_wav(30 * 1024 * 1024 / 32000))
+    strangers = [lua.run_request(headers=FORM, body=huge) for _ in range(3)]  # refused at their headers (401)
+    assert all(admitted(outcome) for outcome in strangers)
+    keyed = FORM | {"Authorization": "Bearer sk-whatever"}
+    held = lua.run_request(headers=keyed, body=huge)  # the share is still whole
+    assert admitted(held)
+    assert lua.run_request(headers=keyed, body=huge).status == 503
+
+
 def test_the_routes_filter_leaves_upload_memory_to_the_listeners():
     lua = open_filter(limits={"max_heap_mb": 64, "max_upload_mb": 60})
     huge = form(audio=silent_wav(30 * 1024 * 1024 / 32000))
@@ -592,13 +603,14 @@ def test_the_engines_own_figure_goes_to_the_log_where_it_differs_from_the_edges(
     answer = open_filter().run_response(200, JSON, metadata, body=body)
     assert answer.error is None, answer.error
     assert answer.metadata["whisper_gateway"].get("audio_engine_seconds") == engine, why
-    assert answer.headers == [(":status", "200")] + JSON  # headers untouched without plans
+    assert answer.headers == [(":status", "200")] + JSON + [("content-length", str(len(body)))]  # untouched
 
 
 def test_answers_the_filter_did_not_route_checked_against_the_data_or_that_carry_no_figure_are_not_read():
     routed = {"whisper_gateway": {"model": BIG, "audio_seconds": "1.000"}}
     checked = {"whisper_gateway": {"model": BIG, "audio_seconds": "1.000", "audio_checked": "1"}}  # a WAV's bytes
-    for status, headers, metadata in ((200, JSON, None), (200, JSON, checked),
+    chunked = JSON + [("transfer-encoding", "chunked")]  # of unknown size: Envoy would buffer all of it
+    for status, headers, metadata in ((200, JSON, None), (200, JSON, checked), (200, chunked, routed),
                                       (200, [("content-type", "text/event-stream")], routed),
                                       (200, [("content-type", "text/plain")], routed), (500, JSON, routed)):
         answer = open_filter().run_response(status, headers, metadata, body=b'{"usage":{"seconds":61}}')

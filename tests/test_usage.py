@@ -28,11 +28,19 @@ def test_each_days_metering_is_a_record_of_this_writer_and_the_days_sum_over_wri
                                          "2026-12-07,k1,m,4,90.0,90.0,0.0,0.0,5.0,55.0,1"]
 
 
-def test_a_damaged_or_hostile_record_counts_for_nothing():
-    bad = {"k": {"m": {"requests": -5, "audio_served_s": float("inf"), "audio_failed_s": "lots"}}, "j": "x"}
+def test_a_damaged_record_counts_for_nothing():
+    bad = {"k": {"m": {"requests": True, "audio_served_s": float("inf"), "audio_failed_s": "lots"}}, "j": "x"}
     assert summed({"2026-12-07": [bad]}) == [{"day": "2026-12-07", "key": "k", "model": "m",
                                              **{name: 0 if name in ("requests", "mismatches") else 0.0
                                                 for name in FIGURES}}]
+
+
+def test_a_correction_one_plane_metered_for_a_request_another_served_sums_to_the_engines_figure():
+    served_here = {"k": {"m": {"requests": 1, "audio_received_s": 65.0, "audio_served_s": 65.0}}}
+    corrected_there = {"k": {"m": {"audio_received_s": -4.0, "audio_served_s": -4.0, "audio_corrected_s": -4.0,
+                                   "mismatches": 1}}}
+    [row] = summed({"2026-12-07": [served_here, corrected_there]})
+    assert (row["audio_served_s"], row["audio_corrected_s"], row["mismatches"]) == (61.0, -4.0, 1)
 
 
 def test_the_state_dir_keeps_every_writers_records_by_day_and_drops_old_days(tmp_path):

@@ -93,7 +93,8 @@ def upload_admission_context(config: GatewayConfig) -> dict:
     """CONTEXT of the listener's upload-admission filter (envoy/uploads.lua): uploads in flight
     are admitted against upload_budget_bytes (each worker its share), by what they declare x
     the copies Envoy keeps (the body, and the router's own to replay it)."""
-    return {"upload_admission": True, "upload_budget_bytes": config.limits.upload_budget_bytes,
+    return {"upload_admission": True, "keys_required": config.auth.api_keys == "required",
+            "upload_budget_bytes": config.limits.upload_budget_bytes,
             "max_upload_bytes": config.limits.max_upload_bytes,
             "upload_copies": 2 if config.resilience.retries else 1}
 
@@ -116,8 +117,10 @@ def build_listener(config: GatewayConfig, lua_source: str) -> listener_pb2.Liste
     # The routes carry the source with their models and keys (builders/lua_source.py); this one,
     # with none, answers only what no route configures, and refuses it when keys are required.
     # Only what the listener must know: other values here would make reloads that change them
-    # rebuild the listener, and with it the quota filters' buckets (builders/quotas.py). Upload
-    # admission needs limits.max_heap_mb, max_upload_mb and resilience.retries: rarely changed.
+    # rebuild the listener, and with it the quota filters' buckets (builders/quotas.py) and upload
+    # admission's count (while old connections drain, both counts hold uploads: up to twice the
+    # budget). Upload admission needs limits.max_heap_mb, max_upload_mb and resilience.retries:
+    # rarely changed.
     access = Access(required=config.auth.api_keys == "required")
     flush_s = IN_FLIGHT_LOG_FLUSH_S if limits_in_flight(config) else LOG_FLUSH_S
     manager = hcm.HttpConnectionManager(

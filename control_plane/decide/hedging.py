@@ -18,7 +18,8 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
-MIN_SAMPLE_S = 2.0  # audio-seconds a try must carry to count as evidence of speed
+from control_plane.observe.ledger import MIN_SAMPLE_S  # what the ledger keeps as evidence of speed
+
 # A published deadline moves only when the measured one is this much off it (relative), and at
 # most once per REPUBLISH_S: each change is a route update, which Envoy pays for (it compiles the
 # Lua filter again in every worker) and which starts the routes' Lua states afresh.

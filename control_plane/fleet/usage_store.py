@@ -7,6 +7,7 @@ then reads every plane's records. Days before the retention are deleted.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import shutil
@@ -50,7 +51,9 @@ class FileUsageStore:
         self.directory = directory / "usage"
 
     async def put(self, day: str, writer: str, record: dict) -> None:
-        write_atomically(self.directory / day / f"{writer}.json", json.dumps(record, sort_keys=True).encode())
+        """Written and synced in a thread: the event loop serves ADS and the logs meanwhile."""
+        await asyncio.to_thread(write_atomically, self.directory / day / f"{writer}.json",
+                                json.dumps(record, sort_keys=True).encode())
 
     async def records(self, first: str, last: str) -> dict[str, dict[str, dict]]:
         """{day: {writer: its record}} for the days from `first` to `last`, inclusive."""

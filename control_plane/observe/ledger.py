@@ -33,6 +33,7 @@ CHUNK_S = 30.0  # Whisper's window: vLLM makes one engine request per started 30
 # upload takes to reach the engine on a slow link.
 SETTLE_AFTER_S = 5.0
 RECENT_TRIES = 64  # answered tries kept per model as evidence of its speed
+MIN_SAMPLE_S = 2.0  # audio-seconds a try must carry to be that evidence (shorter: its fixed cost)
 
 
 @dataclass
@@ -78,8 +79,15 @@ class Metered:
     estimated: float = 0.0  # of received: from a size estimate, not a header
     requests: int = 0
     longest: float = 0.0  # the longest single upload
-    corrected: float = 0.0  # of received and served: the engines' figures less the edge's
+    # Of received and served: what the engines' figures added to the edge's, and took off it
+    # (each only grows, as Prometheus counters must; corrected is the difference).
+    corrected_up: float = 0.0
+    corrected_down: float = 0.0
     mismatches: int = 0  # answers whose engine figure differed from the edge's
+
+    @property
+    def corrected(self) -> float:
+        return self.corrected_up - self.corrected_down
 
     def figures(self) -> dict:
         """As `/status`, the admin API and the CLI show them."""
@@ -129,8 +137,11 @@ class Ledger:
             engine.done += entry.seconds
 
     def took(self, model: str, seconds: float, taken_s: float) -> None:
-        """A try of `seconds` of audio was answered whole `taken_s` after the upload reached the engine."""
-        self.answered.setdefault(model, deque(maxlen=RECENT_TRIES)).append((seconds, taken_s))
+        """A try of `seconds` of audio was answered whole `taken_s` after the upload reached the
+        engine. Only tries long enough to be evidence of speed are kept (decide/hedging.py), so
+        short clips never push the evidence out."""
+        if seconds >= MIN_SAMPLE_S:
+            self.answered.setdefault(model, deque(maxlen=RECENT_TRIES)).append((seconds, taken_s))
 
     def _books(self, model: str, key: str, day: str | None) -> list[Metered]:
         """Where a request's metering goes: its model's, its key's, and its day's (observe/usage.py)."""
@@ -157,7 +168,8 @@ class Ledger:
         for metered in self._books(model, key, day):
             metered.received += delta
             metered.served += delta
-            metered.corrected += delta
+            metered.corrected_up += max(delta, 0.0)
+            metered.corrected_down += max(-delta, 0.0)
             metered.mismatches += 1
             metered.longest = max(metered.longest, edge_s + delta)
 

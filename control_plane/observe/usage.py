@@ -15,7 +15,9 @@ import io
 import math
 from collections.abc import Callable, Iterable, Mapping
 
-USAGE_FLUSH_S = 1.0  # how much metering a control plane killed outright loses, at most
+# How often each process writes its records: what a control plane killed outright loses at most
+# (a stopped one writes at once); each write is the whole day's record of every key it metered.
+USAGE_FLUSH_S = 5.0
 FIGURES = ("requests", "audio_received_s", "audio_served_s", "audio_failed_s", "audio_refused_s",
            "audio_estimated_s", "audio_corrected_s", "mismatches")
 _FIELD_OF = {"requests": "requests", "audio_received_s": "received", "audio_served_s": "served",
@@ -61,8 +63,10 @@ class UsageBook:
 
 
 def _number(value) -> float:
-    """A figure read back from a record: finite and not negative (a damaged record counts 0)."""
-    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) and value >= 0 else 0.0
+    """A figure read back from a record: a finite number (a damaged record counts 0). A writer's
+    figures may be negative: a correction logged to one plane, its request's audio to another."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+        else 0.0
 
 
 def summed(records: Mapping[str, Iterable[dict]], key: str | None = None) -> list[dict]:

@@ -85,6 +85,9 @@ def model_rows(plane: PlaneView, endpoints: list[dict], now: float) -> list[dict
         rows.append({
             "model": model,
             **metered.figures(),
+            # For Prometheus's counters, which only grow: corrected = added - removed.
+            "audio_corrected_added_s": round(metered.corrected_up, 3),
+            "audio_corrected_removed_s": round(metered.corrected_down, 3),
             "audio_estimated_s": round(metered.estimated, 3),
             "longest_upload_s": round(metered.longest, 3),
             "backlog_audio_s": round(sum(e["audio_in_flight_s"] or 0.0 for e in serving), 3),

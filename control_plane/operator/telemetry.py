@@ -183,8 +183,9 @@ class FleetCollector:
                                     "(received = served + failed + refused by a quota).", labels=["model", "outcome"])
         estimated = CounterMetricFamily("whisper_gateway_audio_seconds_estimated", "Of the received audio-seconds, "
                                         "those estimated from the upload's size.", labels=["model"])
-        corrected = CounterMetricFamily("whisper_gateway_audio_seconds_corrected", "Of the received and served "
-                                        "audio-seconds, the engines' own figures less the edge's.", labels=["model"])
+        corrected = CounterMetricFamily("whisper_gateway_audio_seconds_corrected", "What the engines' own figures "
+                                        "added to the edge's (direction added) or took off it (removed); served = "
+                                        "the outcome's counter + added - removed.", labels=["model", "direction"])
         mismatches = CounterMetricFamily("whisper_gateway_audio_mismatches", "Served requests whose container claimed "
                                          "less audio than it held, or whose engine measured it otherwise.",
                                          labels=["model"])
@@ -203,10 +204,12 @@ class FleetCollector:
                                                  "control plane).", labels=["model"]),
         }
         for row in rows:
-            for outcome in ("received", *OUTCOMES):
-                audio.add_metric([row["model"], outcome], row[f"audio_{outcome}_s"])
+            for outcome in ("received", *OUTCOMES):  # the edge's figures: counters only grow
+                edge = row[f"audio_{outcome}_s"] - (row["audio_corrected_s"] if outcome in ("received", "served") else 0)
+                audio.add_metric([row["model"], outcome], round(edge, 3))
             estimated.add_metric([row["model"]], row["audio_estimated_s"])
-            corrected.add_metric([row["model"]], row["audio_corrected_s"])
+            corrected.add_metric([row["model"], "added"], row["audio_corrected_added_s"])
+            corrected.add_metric([row["model"], "removed"], row["audio_corrected_removed_s"])
             mismatches.add_metric([row["model"]], row["mismatches"])
             for name, family in gauges.items():
                 if row[name] is not None:

@@ -28,28 +28,37 @@ class UsageKeeper:
         self.book, self.store, self.writer, self.days, self.leading = book, store, writer, days, leading
 
     async def flush(self) -> None:
-        """Writes the days metered since the last flush; a day not written is tried again next time."""
-        for day in self.book.take_changed():
+        """Writes the days metered since the last flush; a day not written (the store away, or the
+        flush cancelled) is tried again next time."""
+        days = self.book.take_changed()
+        for i, day in enumerate(days):
             try:
                 await self.store.put(day, self.writer, self.book.record(day))
-            except Exception as error:  # noqa: BLE001 - the store away: kept, and written once it is back
-                self.book.changed.add(day)
+            except BaseException as error:
+                self.book.changed.update(days[i:])
+                if not isinstance(error, Exception):
+                    raise
                 log.warning("usage for %s not written yet: %s", day, error)
+                return
 
     async def run(self) -> None:
+        """Writes every USAGE_FLUSH_S; once an hour forgets the days past the retention (the
+        leader deletes them from the store too). The plane flushes once more when it stops,
+        after its access-log intake (ControlPlane.stop)."""
         checked = None
-        try:
-            while True:
-                await asyncio.sleep(USAGE_FLUSH_S)
-                await self.flush()
-                now = asyncio.get_running_loop().time()
-                if self.leading() and (checked is None or now - checked >= RETENTION_CHECK_S):
-                    checked = now
-                    first_kept = (today() - timedelta(days=self.days() - 1)).isoformat()
-                    self.book.forget_before(first_kept)
-                    await self.store.drop_before(first_kept)
-        finally:
-            await asyncio.shield(self.flush())  # what was metered since the last write, as it stops
+        while True:
+            await asyncio.sleep(USAGE_FLUSH_S)
+            await self.flush()
+            now = asyncio.get_running_loop().time()
+            if checked is None or now - checked >= RETENTION_CHECK_S:
+                checked = now
+                first_kept = (today() - timedelta(days=self.days() - 1)).isoformat()
+                self.book.forget_before(first_kept)
+                if self.leading():
+                    try:
+                        await self.store.drop_before(first_kept)
+                    except Exception as error:  # noqa: BLE001 - tried again next hour; writing goes on
+                        log.warning("usage older than %s not deleted yet: %s", first_kept, error)
 
     async def rows(self, first: str, last: str, key: str | None) -> list[dict]:
         """Every writer's records of those days (this one's as it stands now), summed per day,

@@ -25,9 +25,12 @@ def _wav_duration(data: bytes) -> float:
     while offset + 8 <= len(data):
         chunk_id, size = struct.unpack_from("<4sI", data, offset)
         body = offset + 8
-        if chunk_id == b"fmt " and size >= 16:  # the decoder's rate: samples x frame size, not the byte-rate field
-            rate, block_align = struct.unpack_from("<I", data, body + 4)[0], struct.unpack_from("<H", data, body + 12)[0]
-            byte_rate = rate * block_align
+        if chunk_id == b"fmt " and size >= 16:  # the decoder's rate: for sample formats not the byte-rate field
+            tag, channels, rate, byte_rate, _, bits = struct.unpack_from("<HHIIHH", data, body)
+            if tag == 0xFFFE and size >= 26:
+                tag = struct.unpack_from("<H", data, body + 24)[0]
+            if tag in (1, 3, 6, 7):  # PCM, float, A-law, mu-law: a frame is channels x bytes per sample
+                byte_rate = rate * channels * -(-bits // 8)
         elif chunk_id == b"data":
             data_bytes = min(size, len(data) - body)
             break
