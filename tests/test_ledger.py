@@ -226,3 +226,15 @@ def test_a_container_that_lied_is_a_mismatch_even_where_the_edge_measured_its_da
     record(logged, 1, Outcomes(), ledger, InFlight(), now=1.0)
     metered = ledger.metered["m"]
     assert (metered.served, metered.corrected, metered.mismatches) == (61.0, 0.0, 1)
+
+
+def test_an_absurd_engine_figure_from_an_authenticated_envoy_counts_as_one_uploads_most():
+    from control_plane.observe.access_logs import Known
+
+    logged = served_request(edge="1.000", engine="1e12")
+    known = Known(max_audio_s=14400.0)
+    assert known.problem(logged) is None and known.clamp(logged) is True  # counted as dropped-or-clamped
+    ledger = Ledger()
+    record(entry(TRY_ENDED, status=200, seconds="1.000"), 1, Outcomes(), ledger, InFlight(), now=1.0)
+    record(logged, 1, Outcomes(), ledger, InFlight(), now=1.0)
+    assert ledger.metered["m"].served == 14400.0

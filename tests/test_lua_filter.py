@@ -22,6 +22,7 @@ from control_plane.names import batch_lane
 from control_plane.tenants.keys import Access, KeyTable
 from engines.common.audio import silent_wav
 from harness.lua_filter import LuaFilter
+from harness.lying_audio import LYING_KINDS, lying
 from harness.processes import multipart
 from tests.test_audio_seconds import EXACT_TOLERANCE_S, MAX_AUDIO_S, corpus  # noqa: F401 (a fixture)
 
@@ -654,3 +655,64 @@ def test_every_corpus_file_is_measured_through_the_filter_as_envoy_meters_it(cor
             assert abs(seconds - clip.seconds) <= 0.1 + 0.01 * clip.seconds, (clip.name, seconds, clip.seconds)
             assert estimated == "1", clip.name
     assert len(measured) == len(corpus) >= 40, json.dumps(measured)
+
+
+# Of a 61 s clip whose header claims 1 s (harness/lying_audio.py): what the edge measures from the
+# data, and how close it comes before the engine's figure corrects it (an estimate: marked).
+LYING_EDGE = {"wav": (0.001, False), "flac": (0.001, False), "m4a-faststart": (0.01, False),
+              "m4a-moov-at-end": (0.01, False), "webm": (0.01, True), "mp3-cbr": (0.01, True),
+              "mp3-vbr": (0.10, True), "opus": (0.10, True), "vorbis": (0.25, True)}
+
+
+@pytest.mark.e2e  # the corpus is made by encoders (harness/audio_corpus.py)
+def test_a_container_whose_claim_its_data_disproves_is_measured_from_the_data(corpus):  # noqa: F811
+    lua = LuaFilter(parse_config({"models": [{"name": BIG}], "backends": [], "limits": {"max_upload_mb": 64.0}}))
+    assert set(LYING_EDGE) == set(LYING_KINDS)
+    for clip in [c for c in corpus if c.name.startswith("61s-") and c.name.removeprefix("61s-") in LYING_KINDS]:
+        kind = clip.name.removeprefix("61s-")
+        outcome = lua.run_request(headers=FORM, body=form(audio=lying(clip.path, kind, clip.seconds),
+                                                            filename=clip.path.name))
+        assert_routed(outcome, BIG)
+        seconds = float(outcome.header("x-whisper-audio-seconds"))
+        tolerance, estimated = LYING_EDGE[kind]
+        assert abs(seconds - clip.seconds) <= tolerance * clip.seconds, (kind, seconds)
+        assert (outcome.header("x-whisper-audio-estimated") == "1") == estimated, kind
+        assert abs(float(outcome.metadata["whisper_gateway"]["audio_claimed"]) - 1.0) <= 0.15, kind
+        assert "audio_checked" not in outcome.metadata["whisper_gateway"] or kind == "wav", kind
+
+
+def coded_wav(seconds: float) -> bytes:
+    """IMA ADPCM, 16 kHz mono: 256-byte blocks of 505 samples (about 8.1 kB a second)."""
+    blocks = int(seconds * 16000 / 505)
+    byte_rate = 16000 * 256 // 505
+    fmt = (17).to_bytes(2, "little") + (1).to_bytes(2, "little") + (16000).to_bytes(4, "little") + \
+        byte_rate.to_bytes(4, "little") + (256).to_bytes(2, "little") + (4).to_bytes(2, "little")
+    data = b"\x00" * (blocks * 256)
+    return (b"RIFF" + (4 + 8 + len(fmt) + 8 + len(data)).to_bytes(4, "little") + b"WAVE" + b"fmt " +
+            len(fmt).to_bytes(4, "little") + fmt + b"data" + len(data).to_bytes(4, "little") + data)
+
+
+def test_a_coded_wav_is_timed_by_its_byte_rate_and_left_for_the_engine_to_confirm():
+    outcome = open_filter().run_request(headers=FORM, body=form(audio=coded_wav(60.0)))
+    assert_routed(outcome, BIG)
+    assert abs(float(outcome.header("x-whisper-audio-seconds")) - 60.0) < 0.1  # not 60 / 256 x 505
+    assert "audio_checked" not in outcome.metadata["whisper_gateway"]  # the engine's figure is read
+
+
+def test_a_forged_last_flac_frame_never_takes_the_figure_under_the_raw_pcm_rate():
+    stream_info = bytes.fromhex("10001000") + b"\x00" * 6 + ((16000 << 44) | (15 << 36) | 16000).to_bytes(8, "big")
+    data = b"fLaC" + b"\x80\x00\x00\x22" + stream_info + b"\x00" * 16 + b"\x11" * 960000  # claims 1 s of 30 s
+    frame = bytes([0xFF, 0xF8, 0xC5, 0x08, 0x00])  # frame number 0: the data "ends" at 4096 samples
+    data += frame + bytes([lua_crc8(frame)])
+    seconds = float(open_filter().run_request(headers=FORM, body=form(audio=data, filename="a.flac"))
+                    .header("x-whisper-audio-seconds"))
+    assert seconds >= len(data) * 8 / (16000 * 16 * 1.05) - 0.01  # at least what raw PCM would take
+
+
+def lua_crc8(data: bytes) -> int:
+    crc = 0
+    for byte in data:
+        crc ^= byte
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x07) & 0xFF if crc & 0x80 else (crc << 1) & 0xFF
+    return crc

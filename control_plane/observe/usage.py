@@ -18,11 +18,11 @@ from collections.abc import Callable, Iterable, Mapping
 # How often each process writes its records: what a control plane killed outright loses at most
 # (a stopped one writes at once); each write is the whole day's record of every key it metered.
 USAGE_FLUSH_S = 5.0
-FIGURES = ("requests", "audio_received_s", "audio_served_s", "audio_failed_s", "audio_refused_s",
-           "audio_estimated_s", "audio_corrected_s", "mismatches")
+# A record's figures, by the name it holds each under -> the ledger's Metered field.
 _FIELD_OF = {"requests": "requests", "audio_received_s": "received", "audio_served_s": "served",
              "audio_failed_s": "failed", "audio_refused_s": "refused", "audio_estimated_s": "estimated",
              "audio_corrected_s": "corrected", "mismatches": "mismatches"}
+FIGURES = tuple(_FIELD_OF)
 
 
 def figures(metered) -> dict:
