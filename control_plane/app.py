@@ -28,6 +28,7 @@ from control_plane.fleet.local_store import StateStore, configured_token, ensure
 from control_plane.fleet.registry import Entry, config_entries
 from control_plane.names import IN_FLIGHT_BUCKET_ENTRY, LOCAL_CLUSTER, NO_ENGINE_CA
 from control_plane.observe.access_logs import AccessLogServicer
+from control_plane.observe.admissions import Admissions
 from control_plane.observe.ledger import Ledger
 from control_plane.observe.load_tracker import LoadTracker
 from control_plane.observe.outcomes import Outcomes
@@ -39,6 +40,7 @@ from control_plane.operator.view import AuditTrail, PlaneView
 from control_plane.peers import authorize
 from control_plane.plane import StartupError
 from control_plane.fleet.usage_store import EtcdUsageStore, FileUsageStore, MemoryUsageStore
+from control_plane.plane.budgets import BudgetKeeper
 from control_plane.plane.drains import Drains
 from control_plane.plane.in_flight import InFlightLimits
 from control_plane.plane.load_loop import LoadLoop
@@ -85,6 +87,11 @@ class ControlPlane:
         # Its records' writer: this process alone (a restarted one keeps its host name and pid 1).
         self.usage = UsageKeeper(self.ledger.usage, MemoryUsageStore(), f"{self.state.plane_id}-{uuid.uuid4().hex[:8]}",
                                  lambda: self.publisher.config.state.usage_days, lambda: self.state.leader)
+        # One budget per key across the Envoys: where its requests arrive, and what each Envoy charges them.
+        self.admissions = Admissions()
+        self.budgets = BudgetKeeper(self.admissions, self.publisher.key_plans, lambda: self.publisher.envoys,
+                                    lambda day: self.usage.rows(day, day, None), self.publisher.set_budgets,
+                                    share=self._budget_share)
         self.audit: AuditTrail = MemoryAudit()  # the admin changes' trail: in the state dir or etcd once started
         self.token: str | None = None
         self.token_path: Path | None = None
@@ -97,6 +104,11 @@ class ControlPlane:
         self._admin: web.AppRunner | None = None
         self._tasks: list[asyncio.Task] = []
         self._telemetry = None  # the /metrics collector over `view`, while serving
+
+    def _budget_share(self) -> float:
+        """This plane's part of every key's per-minute budget: its Envoys' part of all planes' Envoys."""
+        here, total = self.publisher.envoys_here(), self.state.envoys_total()
+        return 1.0 if total is None or here <= 0 or total <= here else here / total
 
     # What tests and tools read of the running plane: each part's own.
     config = property(lambda self: self.publisher.config)  # the config last published
@@ -123,6 +135,7 @@ class ControlPlane:
             any(d.scheme == "https" for d in self.config.discovery)
         if https and not material.checks_engines:
             raise StartupError(NO_ENGINE_CA)
+        await self.budgets.round(check_days=True)  # a day spent before a restart stays spent
         await self.state.apply(self.config)
         self._check_admin_exposure()
         if self.state_directory is not None:
@@ -133,6 +146,7 @@ class ControlPlane:
         await self._start_servers()
         self._tasks = [asyncio.create_task(task) for task in (
             self.load_loop.run(), self.tls.watch(self.publisher.publish_secrets), self.usage.run(),
+            self.budgets.run(),
             *self.state.shared_tasks(self.publisher.envoys_here))]
         if self.state.shared is None:
             await self.discovery.restart(self.config.discovery)
@@ -152,7 +166,7 @@ class ControlPlane:
             lambda server: als_pb2_grpc.add_AccessLogServiceServicer_to_server(
                 AccessLogServicer(self.outcomes, self.ledger, limits.counts, time.monotonic, limits.update_slots,
                                   lambda: self.publisher.known, telemetry.REPORTS_DROPPED.on("access log"),
-                                  authorize), server),
+                                  authorize, self.admissions.arrived), server),
             lambda server: rlqs_pb2_grpc.add_RateLimitQuotaServiceServicer_to_server(
                 QuotaServicer(limits.slots, split, IN_FLIGHT_BUCKET_ENTRY, telemetry.REPORTS_DROPPED.on("quota report"),
                               authorize), server)], self.tls.xds.credentials if self.tls.xds else None, authorize)

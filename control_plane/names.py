@@ -38,6 +38,9 @@ AUDIO_SECONDS_LIMIT = "audio_seconds"
 AUDIO_SECONDS_PER_DAY_LIMIT = "audio_seconds_per_day"
 MINUTE_S = 60
 DAY_S = 86400
+# The per-minute buckets hold BUDGET_SCALE tokens per request or audio-second, so an Envoy can
+# charge a key's uploads a fractional multiple of their cost (its share: decide/budgets.py).
+BUDGET_SCALE = 250
 
 
 BATCH_LANE_PREFIX = "batch:"
@@ -71,10 +74,12 @@ CLAIMED_KEY = "audio_claimed"
 # On an upload whose duration was checked against its data (not a header's claim or an estimate):
 # its answer's body need not be read for the engine's figure (envoy/metering.lua).
 CHECKED_KEY = "audio_checked"
-# With a key that has a plan: the plan and the upload's cost in whole audio-seconds, which the
-# quota filters charge (builders/quotas.py).
+# With a key that has a plan: the plan, and what the quota filters charge (builders/quotas.py),
+# in BUDGET_SCALE tokens: the upload's whole audio-seconds (at least 1) and its 1 request, each
+# times the key's charge on this Envoy (tenants/keys.py Grant, envoy/plans.lua).
 PLAN_KEY = "plan"
 COST_KEY = "audio_cost"
+REQUEST_COST_KEY = "request_cost"
 LONG_UPLOAD_KEY = "long_uploads"
 LUA_FILTER = "envoy.filters.http.lua"
 # The listener's second Lua filter, before LUA_FILTER: the same source, run for upload admission
@@ -92,8 +97,9 @@ WORKERS_ENV = "WHISPER_GATEWAY_WORKERS"
 LUA_NAMES = {name: globals()[name] for name in (
     "MODEL_HEADER", "LONG_UPLOAD_HEADER", "HOP_HEADER", "AUDIO_SECONDS_HEADER", "AUDIO_ESTIMATED_HEADER",
     "KEY_ID_HEADER", "LIMITED_HEADER", "BATCH_LANE_HEADER", "BATCH_LANE_PREFIX", "BATCH_LANE_LIMIT",
-    "REQUESTS_LIMIT", "AUDIO_SECONDS_LIMIT", "MINUTE_S", "DAY_S", "METADATA_NAMESPACE", "LUA_REPLY_KEY",
+    "REQUESTS_LIMIT", "AUDIO_SECONDS_LIMIT", "MINUTE_S", "METADATA_NAMESPACE", "LUA_REPLY_KEY",
     "MODEL_KEY", "SECONDS_KEY", "ESTIMATED_KEY", "KEY_ID_KEY", "BATCH_LANE_KEY", "PLAN_KEY", "COST_KEY", "WORKERS_ENV",
+    "REQUEST_COST_KEY", "BUDGET_SCALE", "AUDIO_SECONDS_PER_DAY_LIMIT",
     "ENGINE_SECONDS_KEY", "CLAIMED_KEY", "CHECKED_KEY")}
 
 

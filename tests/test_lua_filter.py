@@ -13,13 +13,15 @@ and unknown paths (direct responses with the Lua filter off), and the 508 of hea
 from __future__ import annotations
 
 import json
+import time
+from dataclasses import replace
 
 import pytest
 
 from control_plane.config import parse_config
 from control_plane.fleet.resolved import Fleet
-from control_plane.names import batch_lane
-from control_plane.tenants.keys import Access, KeyTable
+from control_plane.names import AUDIO_SECONDS_PER_DAY_LIMIT, BUDGET_SCALE, batch_lane
+from control_plane.tenants.keys import Access, Budget, KeyTable
 from engines.common.audio import silent_wav
 from harness.lua_filter import LuaFilter
 from harness.lying_audio import LYING_KINDS, lying
@@ -529,42 +531,86 @@ def test_a_batch_keys_request_names_its_lane_when_lanes_are_counted():
     assert outcome.header("x-whisper-batch-lane") is None and "batch_lane" not in outcome.metadata["whisper_gateway"]
 
 
-def test_a_plans_key_is_charged_its_uploads_whole_seconds():
+def test_a_plans_key_is_charged_its_uploads_whole_seconds_times_its_charge_here():
     keys = Keys()
     secret = keys.create("metered", plan="audio")
     outcome = keys.lua().run_request(headers=FORM | bearer(secret), body=form(audio=silent_wav(7.5)))
     assert_routed(outcome, BIG)
     assert outcome.metadata["whisper_gateway"]["plan"] == "audio"
-    assert outcome.metadata["whisper_gateway"]["audio_cost"] == 8
+    # In tokens: 8 audio-seconds and 1 request, charged once each (one Envoy, no charge published yet).
+    assert outcome.metadata["whisper_gateway"]["audio_cost"] == 8 * BUDGET_SCALE
+    assert outcome.metadata["whisper_gateway"]["request_cost"] == BUDGET_SCALE
     unlimited = keys.create("unlimited")
     outcome = keys.lua().run_request(headers=FORM | bearer(unlimited), body=form())
     assert "plan" not in outcome.metadata["whisper_gateway"] and "audio_cost" not in outcome.metadata["whisper_gateway"]
 
 
-@pytest.mark.parametrize("envoys", [1, 2])
-def test_an_upload_longer_than_the_plan_allows_is_told_why(envoys):
+def with_budget(keys: Keys, name: str, budget: Budget) -> LuaFilter:
+    grants = keys.table.grants(set(keys.config.auth.plans), keys.config.auth.default_plan)
+    grants = {d: replace(g, budget=budget) if g.id == keys.ids[name] else g for d, g in grants.items()}
+    return LuaFilter(keys.config, keys.fleet, Access(True, grants), keys.envoys, now_ms=NOW_MS)
+
+
+@pytest.mark.parametrize("envoys,charge,audio_cost", [
+    (1, None, 8 * BUDGET_SCALE),
+    (2, None, 2 * 8 * BUDGET_SCALE),  # before the control plane has seen where the key's traffic arrives
+    (4, 2 * BUDGET_SCALE, 2 * 8 * BUDGET_SCALE),  # its published charge
+    (4, 3 * BUDGET_SCALE, 20 * BUDGET_SCALE),  # never more than the whole bucket: 20 a minute
+    (4, None, 20 * BUDGET_SCALE),
+])
+def test_each_envoy_charges_the_keys_published_charge_capped_at_the_whole_bucket(envoys, charge, audio_cost):
     keys = Keys(envoys=envoys)
-    secret = keys.create("too-long", plan="audio")
-    seconds = 25.0 if envoys == 1 else 15.0  # 20 a minute; two gateways hold 10 each
-    outcome = keys.lua().run_request(headers=FORM | bearer(secret), body=form(audio=silent_wav(seconds)))
+    keys.create("spread", plan="audio")
+    secret = keys.create("metered", plan="audio")
+    lua = with_budget(keys, "metered", Budget(requests_charge=charge, audio_charge=charge))
+    outcome = lua.run_request(headers=FORM | bearer(secret), body=form(audio=silent_wav(7.5)))
+    assert_routed(outcome, BIG)
+    assert outcome.metadata["whisper_gateway"]["audio_cost"] == audio_cost
+    assert outcome.metadata["whisper_gateway"]["request_cost"] == (charge or envoys * BUDGET_SCALE)
+
+
+@pytest.mark.parametrize("envoys", [1, 2, 8])
+def test_an_upload_of_a_whole_minutes_budget_passes_any_number_of_envoys_and_a_longer_one_is_told_why(envoys):
+    keys = Keys(envoys=envoys)
+    secret = keys.create("long", plan="audio")
+    whole = keys.lua().run_request(headers=FORM | bearer(secret), body=form(audio=silent_wav(20.0)))
+    assert_routed(whole, BIG)
+    assert whole.metadata["whisper_gateway"]["audio_cost"] == 20 * BUDGET_SCALE  # the whole bucket, no more
+    outcome = keys.lua().run_request(headers=FORM | bearer(secret), body=form(audio=silent_wav(25.0)))
     error = assert_error(outcome, 429, "file", code="rate_limit_exceeded", error_type="audio_seconds")
-    assert f"{seconds:.0f} audio-seconds" in error["message"] and "per minute" in error["message"]
-    assert ("each of the 2 gateways" in error["message"]) == (envoys == 2)
+    assert "25 audio-seconds" in error["message"] and "20 per minute" in error["message"]
     assert "retry-after" not in outcome.reply_headers  # waiting would not help
     assert "plan" not in outcome.metadata["whisper_gateway"]  # nothing charged
     daily = keys.create("daily", plan="daily")
     error = assert_error(keys.lua().run_request(headers=FORM | bearer(daily), body=form(audio=silent_wav(12.0))), 429,
-                         "file", code="rate_limit_exceeded")
+                         "file", code="rate_limit_exceeded", error_type="audio_seconds_per_day")
     assert "per day" in error["message"]
 
 
-def test_the_quota_filters_headers_get_openais_names_and_a_retry_after():
+def test_a_key_the_control_plane_refused_gets_429_until_then_and_passes_after():
+    keys = Keys()
+    secret = keys.create("spent", plan="daily")
+    until = int(time.time()) + 3600
+    lua = with_budget(keys, "spent", Budget(refused=AUDIO_SECONDS_PER_DAY_LIMIT, refused_until=until))
+    outcome = lua.run_request(headers=FORM | bearer(secret), body=form())
+    error = assert_error(outcome, 429, None, code="rate_limit_exceeded", error_type=AUDIO_SECONDS_PER_DAY_LIMIT)
+    assert "10 audio-seconds a day" in error["message"]
+    assert 3590 <= int(outcome.reply_headers["retry-after"]) <= 3600
+    assert "plan" not in outcome.metadata["whisper_gateway"]  # nothing charged
+    lua = with_budget(keys, "spent", Budget(refused=AUDIO_SECONDS_PER_DAY_LIMIT, refused_until=int(time.time()) - 1))
+    assert_routed(lua.run_request(headers=FORM | bearer(secret), body=form()), BIG)  # the refusal is over
+
+
+def test_the_quota_filters_headers_get_openais_names_in_whole_units_and_a_retry_after():
     keys = Keys()
     secret = keys.create("metered", plan="audio")
     lua = keys.lua()
     request = lua.run_request(headers=FORM | bearer(secret), body=form(audio=silent_wav(7.5)))
-    quota_headers = [("x-ratelimit-limit", "20"), ("x-ratelimit-remaining", "4"), ("x-ratelimit-reset", "1"),
-                     ("x-ratelimit-limit", "100"), ("x-ratelimit-remaining", "97"), ("x-ratelimit-reset", "1")]
+    tokens = BUDGET_SCALE  # per unit
+    quota_headers = [("x-ratelimit-limit", str(20 * tokens)), ("x-ratelimit-remaining", str(4 * tokens + 7)),
+                     ("x-ratelimit-reset", "1"),
+                     ("x-ratelimit-limit", str(100 * tokens)), ("x-ratelimit-remaining", str(97 * tokens)),
+                     ("x-ratelimit-reset", "1")]
     answer = lua.run_response(200, quota_headers, request.metadata)
     assert answer.error is None and not answer.violations
     assert answer.header("x-ratelimit-limit") is None and answer.header("x-ratelimit-remaining") is None
@@ -575,7 +621,7 @@ def test_the_quota_filters_headers_get_openais_names_and_a_retry_after():
     assert answer.header("retry-after") is None
     refused = lua.run_response(429, quota_headers + [("x-whisper-limited", "audio_seconds")], request.metadata)
     assert refused.header("retry-after") == "12"  # 8 audio-seconds, 4 left, 20 a minute
-    refused = lua.run_response(429, [("x-ratelimit-limit", "3"), ("x-ratelimit-remaining", "0"),
+    refused = lua.run_response(429, [("x-ratelimit-limit", str(3 * tokens)), ("x-ratelimit-remaining", "0"),
                                      ("x-whisper-limited", "requests")], request.metadata)
     assert refused.header("retry-after") == "20" and refused.header("x-ratelimit-limit-requests") == "3"
     plain = lua.run_response(200, [("content-type", "application/json")], request.metadata)

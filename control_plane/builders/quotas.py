@@ -1,19 +1,26 @@
-"""Per-key quotas: Envoy's local rate limit filters, one per limit, between the Lua filter and the router.
+"""Per-key quotas: Envoy's local rate limit filters, one per per-minute limit, between the Lua filter and the router.
 
 A key's limits come from its plan (auth.plans). The Lua filter sets the key's id, its plan and
-the upload's cost (its audio-seconds rounded up) as dynamic metadata, which no client can send
-and which requests the filter does not handle (`/v1/models`, `/health`) never carry; each
-filter has one descriptor per plan whose key entry is a wildcard, so every key gets buckets of
-its own without being named here. So the filters change only with the config file's plans, never with the keys: Envoy
+what the request costs as dynamic metadata, which no client can send and which requests the
+filter does not handle (`/v1/models`, `/health`) never carry; each filter has one descriptor per
+plan whose key entry is a wildcard, so every key gets buckets of its own without being named
+here. So the filters change only with the config file's plans, never with the keys: Envoy
 rebuilds a rate limit filter's buckets full whenever its config changes, and making a key must
-not refill everyone's. The buckets live in the listener (it changes only with the config file). Several Envoys share
-a budget: each takes 1/N of it, N being the Envoys connected to the control plane (Envoy's
-local cluster, `LOCAL_CLUSTER`, which the control plane sends them).
+not refill everyone's. The buckets live in the listener (it changes only with the config file).
+
+One budget across several Envoys: every Envoy's bucket holds the key's whole budget, in
+BUDGET_SCALE tokens per request or audio-second, and each Envoy charges a key's requests its
+charge (a multiple of their cost, at least 1) that the control plane sets from where the key's
+traffic arrives (decide/budgets.py): spread over N Envoys, each charges about N times; all
+through one, that one charges once. The control plane keeps the exact figure from the access
+logs and raises the charges to repay what the Envoys admitted beyond it. A day's budget is not
+a bucket here: the control plane counts it in the durable usage and refuses the key in the
+routes once it is spent (envoy/plans.lua).
 
 Each filter reports its own bucket in `x-ratelimit-*`; Envoy appends them (audio first, then
 requests, as the responses pass back), and the Lua filter renames them to OpenAI's
-`x-ratelimit-*-requests` and `-audio-seconds` and adds Retry-After (envoy/plans.lua).
-A 429's `x-whisper-limited` says which limit refused it.
+`x-ratelimit-*-requests` and `-audio-seconds` (in units of the whole budget) and adds
+Retry-After (envoy/plans.lua). A 429's `x-whisper-limited` says which limit refused it.
 
 A plan's `requests_in_flight`, and `auth.batch_in_flight_per_engine`, are not rates: Envoy's
 rate_limit_quota filters, first in line, hold a bucket per key (and per model's batch lane)
@@ -42,29 +49,27 @@ from xds.type.matcher.v3 import matcher_pb2
 
 from control_plane.builders.common import header, pack, seconds
 from control_plane.config import GatewayConfig, PlanConfig
-from control_plane.names import (AUDIO_SECONDS_LIMIT, AUDIO_SECONDS_PER_DAY_LIMIT, BATCH_LANE_HEADER, BATCH_LANE_LIMIT,
-                                 COST_KEY, DAY_S, IN_FLIGHT_BUCKET_ENTRY, IN_FLIGHT_LIMIT, IN_FLIGHT_REPORT_S,
-                                 KEY_ID_HEADER, KEY_ID_KEY, LIMITED_HEADER, METADATA_NAMESPACE, MINUTE_S, PLAN_KEY,
-                                 REQUESTS_LIMIT, XDS_CLUSTER)
+from control_plane.names import (AUDIO_SECONDS_LIMIT, BATCH_LANE_HEADER, BATCH_LANE_LIMIT, BUDGET_SCALE, COST_KEY,
+                                 IN_FLIGHT_BUCKET_ENTRY, IN_FLIGHT_LIMIT, IN_FLIGHT_REPORT_S, KEY_ID_HEADER,
+                                 KEY_ID_KEY, LIMITED_HEADER, METADATA_NAMESPACE, MINUTE_S, PLAN_KEY,
+                                 REQUEST_COST_KEY, REQUESTS_LIMIT, XDS_CLUSTER)
 
 
 @dataclass(frozen=True)
 class Limit:
-    """One limit every plan may set: what it is called, its window, and what a request costs."""
+    """One limit every plan sets: what it is called, the PlanConfig field, and the metadata key
+    of what a request costs it (BUDGET_SCALE tokens per unit, times the key's charge here)."""
 
     name: str  # x-whisper-limited on its 429s; the filter's stat prefix
-    window_s: float
-    amount: str  # the PlanConfig field
-    costs_audio: bool  # False: each request costs 1
-    reports: bool  # whether it sends x-ratelimit-* (the Lua filter renames two sets, no more)
+    amount: str  # the PlanConfig field: units a minute
+    cost_key: str
 
 
 # In the order Envoy applies them. A request the first admits and a later one refuses has
 # still spent the first's token (the filters do not refund), so the cheap limit goes first.
 LIMITS = (
-    Limit(REQUESTS_LIMIT, MINUTE_S, "requests_per_minute", False, True),
-    Limit(AUDIO_SECONDS_LIMIT, MINUTE_S, "audio_seconds_per_minute", True, True),
-    Limit(AUDIO_SECONDS_PER_DAY_LIMIT, DAY_S, "audio_seconds_per_day", True, False),
+    Limit(REQUESTS_LIMIT, "requests_per_minute", REQUEST_COST_KEY),
+    Limit(AUDIO_SECONDS_LIMIT, "audio_seconds_per_minute", COST_KEY),
 )
 
 
@@ -85,20 +90,17 @@ def _from_metadata(key: str, descriptor_key: str) -> rc.RateLimit.Action:
 def _filter(limit: Limit, plans: dict[str, PlanConfig], max_keys: int) -> hcm.HttpFilter | None:
     descriptors = []
     for name, plan in sorted(plans.items()):
-        amount = getattr(plan, limit.amount)
-        if amount is None:
-            continue
+        tokens = getattr(plan, limit.amount) * BUDGET_SCALE
         descriptors.append(ratelimit_pb2.LocalRateLimitDescriptor(
             entries=[ratelimit_pb2.RateLimitDescriptor.Entry(key=f"plan_{limit.name}", value=name),
                      ratelimit_pb2.RateLimitDescriptor.Entry(key="key", value="")],  # "": a bucket per key
-            token_bucket=token_bucket_pb2.TokenBucket(  # refilled continuously, `amount` per window
-                max_tokens=amount, tokens_per_fill=wrappers_pb2.UInt32Value(value=amount),
-                fill_interval=seconds(limit.window_s))))
+            token_bucket=token_bucket_pb2.TokenBucket(  # refilled continuously, the whole budget a minute
+                max_tokens=tokens, tokens_per_fill=wrappers_pb2.UInt32Value(value=tokens),
+                fill_interval=seconds(MINUTE_S))))
     if not descriptors:
         return None
     rate_limit = rc.RateLimit(actions=[_from_metadata(PLAN_KEY, f"plan_{limit.name}"), _from_metadata(KEY_ID_KEY, "key")])
-    if limit.costs_audio:
-        rate_limit.hits_addend.format = f"%DYNAMIC_METADATA({METADATA_NAMESPACE}:{COST_KEY})%"
+    rate_limit.hits_addend.format = f"%DYNAMIC_METADATA({METADATA_NAMESPACE}:{limit.cost_key})%"
     config = lrl.LocalRateLimit(
         stat_prefix=f"whisper_quota_{limit.name}",
         filter_enabled=_all(f"whisper_gateway.quota.{limit.name}.enabled"),
@@ -107,10 +109,7 @@ def _filter(limit: Limit, plans: dict[str, PlanConfig], max_keys: int) -> hcm.Ht
         rate_limits=[rate_limit],
         max_dynamic_descriptors=wrappers_pb2.UInt32Value(value=max_keys),
         response_headers_to_add=[header(LIMITED_HEADER, limit.name)],
-        enable_x_ratelimit_headers=ratelimit_pb2.XRateLimitHeadersRFCVersion.DRAFT_VERSION_03 if limit.reports else 0,
-        # Each Envoy charges members x the cost, members being LOCAL_CLUSTER's size: the Envoys
-        # a load balancer spreads keys over admit a budget once between them.
-        local_cluster_rate_limit=ratelimit_pb2.LocalClusterRateLimit(),
+        enable_x_ratelimit_headers=ratelimit_pb2.XRateLimitHeadersRFCVersion.DRAFT_VERSION_03,
     )
     return hcm.HttpFilter(name=f"whisper.quota.{limit.name}", typed_config=pack(config))
 

@@ -17,12 +17,16 @@ PlanName = Annotated[StrictStr, matching(re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{
 
 @dataclass(frozen=True, config=SECTION)
 class PlanConfig:
-    """A key's limits, enforced in every Envoy by its quota filters (builders/quotas.py)."""
+    """A key's limits, each the key's whole budget however many Envoys it reaches: the per-minute
+    ones enforced in every Envoy by its quota filters (builders/quotas.py), the day's by the
+    control plane from the durable usage (decide/budgets.py)."""
 
+    # Envoy's buckets are 32-bit and hold BUDGET_SCALE tokens a unit, hence the bounds.
     requests_per_minute: Annotated[StrictInt, within(1, 10_000_000)]
     # Each upload costs its duration, rounded up to a whole second (envoy/audio_duration.lua).
-    audio_seconds_per_minute: Annotated[StrictInt, within(1, 1_000_000_000)]
-    audio_seconds_per_day: Annotated[StrictInt, within(1, 4_000_000_000)] | None = None  # Envoy's buckets are 32-bit
+    audio_seconds_per_minute: Annotated[StrictInt, within(1, 16_000_000)]
+    # A UTC calendar day's audio-seconds (received, less refused: what engines were sent).
+    audio_seconds_per_day: Annotated[StrictInt, within(1, 4_000_000_000)] | None = None
     # At most this many of the key's requests at once (counted by the control plane, enforced in
     # every Envoy: builders/quotas.py); null: no limit.
     requests_in_flight: Annotated[StrictInt, within(1, 100_000)] | None = None

@@ -27,7 +27,7 @@ import grpc
 from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
-from control_plane.names import (AUDIO_ESTIMATED_HEADER, AUDIO_SECONDS_HEADER, BATCH_LANE_HEADER, CUT_SHORT_FLAGS,
+from control_plane.names import (AUDIO_ESTIMATED_HEADER, AUDIO_SECONDS_HEADER, AUDIO_SECONDS_LIMIT, REQUESTS_LIMIT, BATCH_LANE_HEADER, CUT_SHORT_FLAGS,
                                  BATCH_LANE_KEY, CLAIMED_KEY, ENGINE_SECONDS_KEY, ESTIMATED_KEY, IN_FLIGHT_LIMIT, KEY_ID_HEADER, KEY_ID_KEY,
                                  LIMITED_HEADER, LUA_REPLY_KEY, METADATA_NAMESPACE, MODEL_HEADER, MODEL_KEY,
                                  SECONDS_KEY)
@@ -207,6 +207,25 @@ def record(entry: accesslog_pb2.HTTPAccessLogEntry, stream: int, outcomes: Outco
     return False
 
 
+def arrival(entry: accesslog_pb2.HTTPAccessLogEntry) -> tuple[str, float, bool] | None:
+    """A keyed request's arrival at its Envoy, for the budgets across Envoys (observe/admissions.py):
+    (key id, its cost in whole audio-seconds, admitted) for a try's start (admitted) or a request
+    a per-minute quota filter refused; None for any other entry."""
+    kind = entry.common_properties.access_log_type
+    if kind == TRY_STARTED:
+        headers = entry.request.request_headers
+        key, seconds = headers.get(KEY_ID_HEADER, ""), as_seconds(headers.get(AUDIO_SECONDS_HEADER, ""))
+        admitted = True
+    elif kind == REQUEST_ENDED and entry.response.response_headers.get(LIMITED_HEADER) in (REQUESTS_LIMIT,
+                                                                                          AUDIO_SECONDS_LIMIT):
+        fields = entry.common_properties.metadata.filter_metadata.get(METADATA_NAMESPACE)
+        key, seconds = _string(fields, KEY_ID_KEY), as_seconds(_string(fields, SECONDS_KEY))
+        admitted = False
+    else:
+        return None
+    return (key, max(1, math.ceil(seconds)), admitted) if key and seconds is not None else None
+
+
 def _request_ended(entry: accesslog_pb2.HTTPAccessLogEntry, in_flight: InFlight, now: float) -> bool:
     """A routed request that did not end in a 2xx, into the requests in flight. One the in-flight
     filters refused took no token of the refusing filter's group, nor of the groups of the filters
@@ -236,17 +255,20 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):
     def __init__(self, outcomes: Outcomes, ledger: Ledger, in_flight: InFlight, clock: Callable[[], float],
                  in_flight_changed: Callable[[], None], known: Callable[[], Known] = Known,
                  dropped: Callable[[str, str], None] = lambda reason, peer: None,
-                 authorize: Callable[[grpc.aio.ServicerContext, str | None], Awaitable[str]] = None):
+                 authorize: Callable[[grpc.aio.ServicerContext, str | None], Awaitable[str]] = None,
+                 arrived: Callable[[str, str, str, float, bool, float], None] = lambda *arrival: None):
         # (context, node id) -> the peer's label, or the stream is aborted (control_plane/peers.py)
         self.authorize = authorize or _as_it_says
         self.outcomes, self.ledger, self.in_flight, self.clock = outcomes, ledger, in_flight, clock
         self.in_flight_changed = in_flight_changed  # after a batch of entries that moved a count
         self.known = known  # what entries may speak of, now
         self.dropped = dropped  # (reason, peer) of each entry not taken, or clamped
+        # (request id, key id, Envoy's node id, cost, admitted, now) of each keyed request's arrival
+        self.arrived = arrived
         self._streams = itertools.count(1)
 
-    def take(self, entries, stream: int, peer: str) -> None:
-        """One message's entries, each checked against what is known first."""
+    def take(self, entries, stream: int, peer: str, node: str = "") -> None:
+        """One message's entries from Envoy `node`, each checked against what is known first."""
         now, known, changed = self.clock(), self.known(), False
         for entry in entries:
             if why := known.problem(entry):
@@ -255,19 +277,22 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):
             if known.clamp(entry):
                 self.dropped("audio-seconds over limits.max_audio_s", peer)
             changed = record(entry, stream, self.outcomes, self.ledger, self.in_flight, now) or changed
+            if (came := arrival(entry)) is not None:
+                self.arrived(entry.request.request_id, came[0], node, came[1], came[2], now)
         if changed:
             self.in_flight_changed()
 
     async def StreamAccessLogs(self, request_iterator, context: grpc.aio.ServicerContext):
         peer = await self.authorize(context, None)
         stream = next(self._streams)
-        first = True
+        first, node = True, ""
         try:
             async for message in request_iterator:
                 if first:  # the first message names the node: it must be the certificate's
-                    peer = await self.authorize(context, message.identifier.node.id)
+                    node = message.identifier.node.id
+                    peer = await self.authorize(context, node)
                 first = False
-                self.take(message.http_logs.log_entry, stream, peer)
+                self.take(message.http_logs.log_entry, stream, peer, node)
         finally:
             self.ledger.stream_closed(stream, self.clock())
             if self.in_flight.stream_closed(stream):

@@ -28,7 +28,7 @@ from control_plane.fleet.resolve import HostCache, resolve_fleet
 from control_plane.fleet.resolved import Fleet
 from control_plane.names import batch_lane
 from control_plane.observe.access_logs import Known
-from control_plane.tenants.keys import Access, KeyTable
+from control_plane.tenants.keys import Access, Budget, KeyTable
 from control_plane.xds.cache import SnapshotCache
 from control_plane.xds.snapshot import Snapshot
 from control_plane.xds.types import ENDPOINT, ROUTE, SECRET
@@ -50,6 +50,7 @@ class Publisher:
         self.certificates = certificates  # read and watched by plane/tls.py; served here as SDS secrets
         self.fleet: Fleet | None = None  # the fleet last published
         self.envoys = 1  # LOCAL_CLUSTER's members as last published: the Envoys connected, at least one
+        self.budgets: dict[str, Budget] = {}  # key id -> its budget's state (plane/budgets.py), in its grant
         self.engine_key: str | None = None  # the engines' own --api-key (auth.engine_api_key_env), set at start
         self.known = Known(frozenset(), frozenset(), frozenset(), frozenset(), config.limits.max_audio_s)
         self.hosts = HostCache()  # backends' host names, resolved at most every HOST_TTL_S
@@ -89,7 +90,16 @@ class Publisher:
     def access(self, config: GatewayConfig) -> Access:
         """Who may call, as the routes carry it: the keys' grants under `config`'s plans."""
         grants = self._keys().grants(set(config.auth.plans), config.auth.default_plan)
+        if self.budgets:
+            grants = {digest: replace(grant, budget=self.budgets[grant.id]) if grant.id in self.budgets else grant
+                      for digest, grant in grants.items()}
         return Access(config.auth.api_keys == "required", grants, self.engine_key)
+
+    def key_plans(self) -> dict:
+        """Each key with a plan under the config last published: key id -> its PlanConfig."""
+        plans = self.config.auth.plans
+        return {grant.id: plans[grant.plan] for grant in self.access(self.config).grants.values()
+                if grant.plan is not None}
 
     def _known(self) -> Known:
         """What the Envoys' reports may speak of: the fleet and keys just published (keys revoked or
@@ -126,6 +136,16 @@ class Publisher:
         if await self._set_route_facts(lambda fleet, models: replace(
                 fleet, hedge_ms={m: ms for m, ms in deadlines.items() if m in models})):
             log.info("hedging deadlines (ms per audio-second): %s", deadlines)
+
+    async def set_budgets(self, budgets: dict[str, Budget]) -> None:
+        """Publishes the keys' budgets: what each Envoy charges them, and which are refused
+        (decide/budgets.py); only the routes are rebuilt and sent (before the first publish, kept
+        for it)."""
+        async with self._changing, self._publishing:
+            self.budgets = budgets
+            if self.fleet is not None:
+                self.cache.set_snapshot(
+                    self.cache.snapshot.with_type(ROUTE, [self._routes(self.fleet, self.envoys)]))
 
     async def _set_route_facts(self, change: Callable[[Fleet, set[str]], Fleet],
                                still: Callable[[], bool] = lambda: True) -> bool:

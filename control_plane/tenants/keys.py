@@ -94,19 +94,39 @@ class ApiKey:
 
 
 @dataclass(frozen=True)
+class Budget:
+    """What the control plane decides of a key's budget for every Envoy (decide/budgets.py): what
+    each charges per request and per audio-second, in BUDGET_SCALE tokens of the key's per-minute
+    buckets (None: the Lua filter's default, the Envoys' count), and a limit that refuses the key
+    until an epoch second."""
+
+    requests_charge: int | None = None
+    audio_charge: int | None = None
+    refused: str | None = None  # the limit's name (x-whisper-limited)
+    refused_until: int = 0
+
+    def to_context(self) -> dict:
+        return ({"requests_charge": self.requests_charge} if self.requests_charge is not None else {}) \
+            | ({"audio_charge": self.audio_charge} if self.audio_charge is not None else {}) \
+            | ({"refused": self.refused, "refused_until": self.refused_until} if self.refused else {})
+
+
+@dataclass(frozen=True)
 class Grant:
     """What Envoy learns of a key: its id, the models it may use (None: all), its plan (None: no
-    limits) and its lane."""
+    limits), its lane and its budget's state."""
 
     id: str
     models: tuple[str, ...] | None
     plan: str | None = None
     key_class: KeyClass = "interactive"
+    budget: Budget = Budget()
 
     def to_context(self) -> dict:
         return ({"id": self.id} | ({"models": list(self.models)} if self.models is not None else {})
                 | ({"plan": self.plan} if self.plan is not None else {})
-                | ({"class": self.key_class} if self.key_class != "interactive" else {}))
+                | ({"class": self.key_class} if self.key_class != "interactive" else {})
+                | (self.budget.to_context() if self.plan is not None else {}))
 
 
 @dataclass

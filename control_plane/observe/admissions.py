@@ -1,0 +1,73 @@
+"""Where each key's requests arrive: what every Envoy admitted and refused of a key, from the access
+logs, for the budgets that hold across Envoys (decide/budgets.py).
+
+A request is admitted when its first try starts (the quota filters charged it then; a retry or
+a hedge is the same request and charges nothing), refused when the gateway's own 429 ends it.
+Both are demand at that Envoy; only admissions are charged to the key's exact budget. Pure.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+# How far back demand is measured (per minute: scaled from this window).
+DEMAND_WINDOW_S = 20.0
+# How long a request id is remembered so its retries and hedges are not counted again.
+SEEN_FOR_S = 600.0
+
+
+@dataclass(frozen=True)
+class Arrival:
+    at: float
+    key: str
+    envoy: str
+    seconds: float  # the upload's whole audio-seconds, at least 1 (its cost)
+    admitted: bool
+
+
+class Admissions:
+    def __init__(self) -> None:
+        self.window: deque[Arrival] = deque()  # the last DEMAND_WINDOW_S, oldest first
+        self.unbilled: list[Arrival] = []  # admissions not yet taken by the budgets
+        self._seen: dict[str, float] = {}  # request id -> when its first try started (insertion order)
+
+    def arrived(self, request_id: str, key: str, envoy: str, seconds: float, admitted: bool, now: float) -> None:
+        """One request of `key` at `envoy`: admitted (a first try started; a request id seen before
+        is a retry or hedge and counts nothing), or refused."""
+        if admitted:
+            if request_id in self._seen:
+                return
+            self._seen[request_id] = now
+        arrival = Arrival(now, key, envoy, seconds, admitted)
+        self.window.append(arrival)
+        if admitted:
+            self.unbilled.append(arrival)
+        self._forget(now)
+
+    def _forget(self, now: float) -> None:
+        while self.window and self.window[0].at < now - DEMAND_WINDOW_S:
+            self.window.popleft()
+        while self._seen:
+            request_id, at = next(iter(self._seen.items()))
+            if at >= now - SEEN_FOR_S:
+                break
+            del self._seen[request_id]
+
+    def demand(self, now: float, since: float) -> dict[str, dict[str, tuple[float, float]]]:
+        """key -> envoy -> (requests, audio-seconds) a minute, admitted and refused, over the last
+        DEMAND_WINDOW_S (or since `since`, when the window reaches back before it)."""
+        self._forget(now)
+        span = max(1.0, min(DEMAND_WINDOW_S, now - since))
+        counts: dict[str, dict[str, list[float]]] = {}
+        for arrival in self.window:
+            count = counts.setdefault(arrival.key, {}).setdefault(arrival.envoy, [0.0, 0.0])
+            count[0] += 1
+            count[1] += arrival.seconds
+        per_minute = 60.0 / span
+        return {key: {envoy: (c[0] * per_minute, c[1] * per_minute) for envoy, c in envoys.items()}
+                for key, envoys in counts.items()}
+
+    def take_unbilled(self) -> list[Arrival]:
+        taken, self.unbilled = self.unbilled, []
+        return taken

@@ -1,0 +1,186 @@
+"""One budget per key across Envoys: the decisions (decide/budgets.py), where requests arrive
+(observe/admissions.py, from access-log entries) and the keeper that publishes them (plane/budgets.py),
+in process. tests/test_quotas.py holds real Envoys to the budget."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from envoy.data.accesslog.v3 import accesslog_pb2
+
+from control_plane.config import PlanConfig
+from control_plane.decide.budgets import REPAY_S, Ledger, charge, charges, moved, water_level
+from control_plane.names import (AUDIO_SECONDS_HEADER, AUDIO_SECONDS_LIMIT, AUDIO_SECONDS_PER_DAY_LIMIT, BUDGET_SCALE,
+                                 KEY_ID_HEADER, KEY_ID_KEY, LIMITED_HEADER, METADATA_NAMESPACE, REQUESTS_LIMIT,
+                                 SECONDS_KEY)
+from control_plane.observe.access_logs import REQUEST_ENDED, TRY_ENDED, TRY_STARTED, arrival
+from control_plane.observe.admissions import DEMAND_WINDOW_S, Admissions
+from control_plane.plane.budgets import BudgetKeeper, next_midnight
+from control_plane.tenants.keys import Budget
+
+
+@pytest.mark.parametrize("demands,budget,level", [
+    ([], 60, 60),  # no demand: the whole budget anywhere
+    ([100], 60, 60),  # all through one Envoy
+    ([100, 100], 60, 30),  # spread evenly over two
+    ([100] * 8, 60, 7.5),  # over eight
+    ([100, 10], 60, 50),  # one wants less than its even share: the rest to the other
+    ([20, 20], 60, 40),  # wanting less than the budget: the largest plus what is left over
+    ([0, 100, 0], 60, 60),  # Envoys with nothing count for nothing
+    ([30, 30], 60, 30),  # exactly the budget
+])
+def test_the_water_level_shares_a_budget_by_demand(demands, budget, level):
+    assert water_level(demands, budget) == pytest.approx(level)
+    if sum(demands) >= budget:
+        assert sum(min(d, level) for d in demands) == pytest.approx(budget)
+
+
+@pytest.mark.parametrize("demands,shared,envoys,times", [
+    ([100] * 2, 60, 2, 2),
+    ([100] * 8, 60, 8, 8),
+    ([100], 60, 8, 1),  # all on one of eight: charged once
+    ([100, 10], 60, 2, 1.2),
+    ([100] * 8, 60, 2, 2),  # never more than the Envoys' count (while nothing is owed)
+    ([100] * 2, 30, 2, 4),  # half the budget held back to repay debt: twice the charge
+])
+def test_the_charge_is_the_budget_over_the_water_level(demands, shared, envoys, times):
+    assert charge(demands, shared, 60, envoys) == pytest.approx(times * BUDGET_SCALE, abs=1)
+
+
+def test_a_charge_moves_only_past_its_step():
+    assert moved(500, None) and moved(530, 500) and moved(470, 500)
+    assert not moved(520, 500) and not moved(480, 500)
+
+
+def test_the_ledger_refills_a_minutes_budget_a_minute_and_repays_debt_by_sharing_out_less():
+    ledger = Ledger.full(60, now=0.0)
+    ledger.take(60, 0.0)
+    assert ledger.debt(0.0) == 0 and ledger.shared_out(0.0) == 60
+    ledger.take(15, 0.0)  # 15 admitted beyond it
+    assert ledger.debt(0.0) == 15
+    assert ledger.shared_out(0.0) == pytest.approx(60 - 15 * 60 / REPAY_S)
+    assert ledger.debt(15.0) == 0  # a minute's budget comes back in a minute: 15 in 15 s
+    ledger.take(1000, 16.0)
+    assert ledger.shared_out(16.0) == pytest.approx(6)  # at most 90% held back
+    assert Ledger.full(60, 0.0).debt(3600.0) == 0 and Ledger.full(60, 0.0).tokens == 60
+
+
+def test_charges_per_limit_follow_each_limits_own_demand():
+    ledgers = {REQUESTS_LIMIT: Ledger.full(600, 0.0), AUDIO_SECONDS_LIMIT: Ledger.full(60, 0.0)}
+    # Two Envoys: the requests' budget barely touched (its level: 10 + the 580 left, so a charge of
+    # 600 / 590), the audio wanted twice over at each (charged twice).
+    decided = charges({"a": (10, 120), "b": (10, 120)}, ledgers, {REQUESTS_LIMIT: 600, AUDIO_SECONDS_LIMIT: 60}, 2, 0.0)
+    assert decided == {REQUESTS_LIMIT: 255, AUDIO_SECONDS_LIMIT: 2 * BUDGET_SCALE}
+
+
+def entry(kind, request_id="r1", key="key-1", seconds="7.5", limited=None) -> accesslog_pb2.HTTPAccessLogEntry:
+    e = accesslog_pb2.HTTPAccessLogEntry()
+    e.common_properties.access_log_type = kind
+    e.request.request_id = request_id
+    if kind != REQUEST_ENDED:
+        e.request.request_headers[KEY_ID_HEADER] = key
+        e.request.request_headers[AUDIO_SECONDS_HEADER] = seconds
+    else:
+        fields = e.common_properties.metadata.filter_metadata[METADATA_NAMESPACE].fields
+        fields[KEY_ID_KEY].string_value = key
+        fields[SECONDS_KEY].string_value = seconds
+        e.response.response_code.value = 429
+        if limited:
+            e.response.response_headers[LIMITED_HEADER] = limited
+    return e
+
+
+def test_arrivals_are_a_tries_start_and_a_per_minute_limits_refusal():
+    assert arrival(entry(TRY_STARTED)) == ("key-1", 8, True)  # its cost in whole audio-seconds
+    assert arrival(entry(TRY_STARTED, seconds="0.2")) == ("key-1", 1, True)
+    assert arrival(entry(REQUEST_ENDED, limited=AUDIO_SECONDS_LIMIT)) == ("key-1", 8, False)
+    assert arrival(entry(REQUEST_ENDED, limited=REQUESTS_LIMIT)) == ("key-1", 8, False)
+    assert arrival(entry(REQUEST_ENDED, limited="requests_in_flight")) is None  # not a rate
+    assert arrival(entry(REQUEST_ENDED)) is None  # an engine's 429
+    assert arrival(entry(TRY_ENDED)) is None
+    assert arrival(entry(TRY_STARTED, key="")) is None  # no key: no budget
+    assert arrival(entry(TRY_STARTED, seconds="nan")) is None
+
+
+def test_admissions_count_a_request_once_and_demand_per_envoy_per_minute():
+    seen = Admissions()
+    for i in range(10):
+        seen.arrived(f"r{i}", "k", "envoy-1", 2, True, 10.0 + i)
+        seen.arrived(f"r{i}", "k", "envoy-1", 2, True, 10.5 + i)  # a retry or a hedge: the same request
+    for i in range(5):
+        seen.arrived(f"s{i}", "k", "envoy-2", 3, False, 12.0 + i)  # refused: demand, not billed
+    assert len(seen.take_unbilled()) == 10 and seen.take_unbilled() == []
+    demand = seen.demand(20.0, since=0.0)["k"]
+    per_minute = 60 / DEMAND_WINDOW_S
+    assert demand["envoy-1"] == pytest.approx((10 * per_minute, 20 * per_minute))
+    assert demand["envoy-2"] == pytest.approx((5 * per_minute, 15 * per_minute))
+    # Just started: the window is what has been seen.
+    assert seen.demand(20.0, since=15.0)["k"]["envoy-1"][0] == pytest.approx(10 * 60 / 5)
+    assert seen.demand(20.0 + DEMAND_WINDOW_S + 10, since=0.0) == {}  # gone past the window
+
+
+class Clock:
+    def __init__(self):
+        self.now, self.wall = 1000.0, 1_800_000_000.0
+
+
+def keeper_for(plans, envoys=2, rows=()):
+    clock, published, seen = Clock(), [], Admissions()
+
+    async def publish(budgets):
+        published.append(budgets)
+
+    async def usage_rows(day):
+        return list(rows)
+
+    keeper = BudgetKeeper(seen, lambda: plans, lambda: envoys, usage_rows, publish, lambda: clock.now,
+                          lambda: clock.wall)
+    return keeper, seen, clock, published
+
+
+PLAN = PlanConfig(requests_per_minute=600, audio_seconds_per_minute=60, audio_seconds_per_day=1000)
+
+
+def test_the_keeper_publishes_each_keys_charge_from_where_its_requests_arrive():
+    keeper, seen, clock, published = keeper_for({"k": PLAN, "idle": PLAN}, envoys=2)
+    clock.now += DEMAND_WINDOW_S
+    for i in range(20):  # 2 s clips at two Envoys, 120 audio-seconds a minute wanted at each
+        seen.arrived(f"a{i}", "k", "envoy-1", 2, i < 10, clock.now - i)
+        seen.arrived(f"b{i}", "k", "envoy-2", 2, i < 10, clock.now - i)
+    asyncio.run(keeper.round())
+    # 60 requests a minute at each of 600: level 60 + 480; the audio spread evenly: twice.
+    assert published[-1] == {"k": Budget(requests_charge=278, audio_charge=2 * BUDGET_SCALE)}
+    clock.now += 1
+    asyncio.run(keeper.round())
+    assert len(published) == 1  # nothing moved: nothing published
+
+
+def test_the_keeper_refuses_a_key_whose_day_is_spent_until_midnight_utc():
+    rows = [{"key": "k", "model": "m1", "audio_received_s": 900.0, "audio_refused_s": 50.0},
+            {"key": "k", "model": "m2", "audio_received_s": 150.0, "audio_refused_s": 0.0},
+            {"key": "other", "model": "m1", "audio_received_s": 999.0, "audio_refused_s": 0.0}]
+    keeper, _, clock, published = keeper_for({"k": PLAN, "other": PLAN}, rows=rows)
+    asyncio.run(keeper.round())
+    day, midnight = next_midnight(clock.wall)
+    assert published[-1] == {"k": Budget(refused=AUDIO_SECONDS_PER_DAY_LIMIT, refused_until=midnight)}
+    assert 0 < midnight - clock.wall <= 86400 and midnight % 86400 == 0
+    clock.wall = midnight + 1  # the next day: its usage starts again (these rows are the day before's)
+    keeper.usage_rows = lambda day: asyncio.sleep(0, result=[])
+    clock.now += 10
+    asyncio.run(keeper.round())
+    assert published[-1] == {}
+
+
+def test_debt_from_admissions_beyond_the_budget_raises_the_charge_until_repaid():
+    keeper, seen, clock, published = keeper_for({"k": PLAN}, envoys=1)
+    clock.now += DEMAND_WINDOW_S
+    for i in range(60):  # 120 audio-seconds admitted at once, against 60 a minute (a refilled bucket)
+        seen.arrived(f"r{i}", "k", "envoy-1", 2, True, clock.now)
+    asyncio.run(keeper.round())
+    assert published[-1]["k"].audio_charge == pytest.approx(BUDGET_SCALE * 60 / 6, abs=1)  # 90% held back
+    clock.now += 60 + REPAY_S
+    for i in range(5):
+        seen.arrived(f"s{i}", "k", "envoy-1", 2, True, clock.now)
+    asyncio.run(keeper.round())
+    assert published[-1]["k"].audio_charge == BUDGET_SCALE  # repaid: once again
