@@ -166,7 +166,7 @@ class ControlPlane:
             lambda server: als_pb2_grpc.add_AccessLogServiceServicer_to_server(
                 AccessLogServicer(self.outcomes, self.ledger, limits.counts, time.monotonic, limits.update_slots,
                                   lambda: self.publisher.known, telemetry.REPORTS_DROPPED.on("access log"),
-                                  authorize, self.admissions.arrived), server),
+                                  authorize, self.admissions.arrived, self.admissions.charged_after), server),
             lambda server: rlqs_pb2_grpc.add_RateLimitQuotaServiceServicer_to_server(
                 QuotaServicer(limits.slots, split, IN_FLIGHT_BUCKET_ENTRY, telemetry.REPORTS_DROPPED.on("quota report"),
                               authorize), server)], self.tls.xds.credentials if self.tls.xds else None, authorize)

@@ -12,9 +12,9 @@ from envoy.data.accesslog.v3 import accesslog_pb2
 from control_plane.config import PlanConfig
 from control_plane.decide.budgets import REPAY_S, Ledger, charge, charges, moved, water_level
 from control_plane.names import (AUDIO_SECONDS_HEADER, AUDIO_SECONDS_LIMIT, AUDIO_SECONDS_PER_DAY_LIMIT, BUDGET_SCALE,
-                                 KEY_ID_HEADER, KEY_ID_KEY, LIMITED_HEADER, METADATA_NAMESPACE, REQUESTS_LIMIT,
+                                 ENGINE_SECONDS_KEY, KEY_ID_HEADER, KEY_ID_KEY, LIMITED_HEADER, METADATA_NAMESPACE, REQUESTS_LIMIT,
                                  SECONDS_KEY)
-from control_plane.observe.access_logs import REQUEST_ENDED, TRY_ENDED, TRY_STARTED, arrival
+from control_plane.observe.access_logs import REQUEST_ENDED, TRY_ENDED, TRY_STARTED, arrival, charged_after
 from control_plane.observe.admissions import DEMAND_WINDOW_S, Admissions
 from control_plane.plane.budgets import BudgetKeeper, next_midnight
 from control_plane.tenants.keys import Budget
@@ -67,7 +67,7 @@ def test_the_ledger_refills_a_minutes_budget_a_minute_and_repays_debt_by_sharing
 
 
 def test_charges_per_limit_follow_each_limits_own_demand():
-    ledgers = {REQUESTS_LIMIT: Ledger.full(600, 0.0), AUDIO_SECONDS_LIMIT: Ledger.full(60, 0.0)}
+    ledgers = {REQUESTS_LIMIT: Ledger(600, 0.0, 0.0), AUDIO_SECONDS_LIMIT: Ledger(60, 0.0, 0.0)}  # just spent
     # Two Envoys: the requests' budget barely touched (its level: 10 + the 580 left, so a charge of
     # 600 / 590), the audio wanted twice over at each (charged twice).
     decided = charges({"a": (10, 120), "b": (10, 120)}, ledgers, {REQUESTS_LIMIT: 600, AUDIO_SECONDS_LIMIT: 60}, 2, 0.0)
@@ -184,3 +184,41 @@ def test_debt_from_admissions_beyond_the_budget_raises_the_charge_until_repaid()
         seen.arrived(f"s{i}", "k", "envoy-1", 2, True, clock.now)
     asyncio.run(keeper.round())
     assert published[-1]["k"].audio_charge == BUDGET_SCALE  # repaid: once again
+
+
+def test_what_the_envoys_left_unspent_is_shared_out_while_the_key_wants_more():
+    ledger = Ledger.full(60, now=0.0)
+    ledger.take(56, 0.0)  # 4 left unspent
+    assert ledger.shared_out(0.0, wanted=120) == 60  # not in its first minute: its start was assumed
+    ledger.since = -60.0
+    assert ledger.shared_out(0.0, wanted=30) == 60  # wanting less than the budget: nothing added
+    assert ledger.shared_out(0.0, wanted=120) == pytest.approx(60 + 4 * 60 / REPAY_S)
+    assert Ledger(60, 60, 0.0).shared_out(0.0, wanted=120) == pytest.approx(60 * 1.25)  # at most a quarter more
+    ledger.take(5, 0.0)  # within the slack: the plan's
+    assert ledger.shared_out(0.0, wanted=120) == 60
+
+
+def served_with_engine_figure(edge: str, engine: str | None) -> accesslog_pb2.HTTPAccessLogEntry:
+    e = accesslog_pb2.HTTPAccessLogEntry()
+    e.common_properties.access_log_type = REQUEST_ENDED
+    e.response.response_code.value = 200
+    fields = e.common_properties.metadata.filter_metadata[METADATA_NAMESPACE].fields
+    fields[KEY_ID_KEY].string_value = "key-1"
+    fields[SECONDS_KEY].string_value = edge
+    if engine is not None:
+        fields[ENGINE_SECONDS_KEY].string_value = engine
+    return e
+
+
+def test_what_the_engines_figure_adds_is_charged_to_the_keys_budget_after_the_fact():
+    assert charged_after(served_with_engine_figure("0.95", "61.0")) == ("key-1", 60)  # charged 1, was 61
+    assert charged_after(served_with_engine_figure("60.4", "61.0")) is None  # the same whole seconds
+    assert charged_after(served_with_engine_figure("61.0", "30.0")) is None  # less: never refunded early
+    assert charged_after(served_with_engine_figure("1.0", None)) is None
+    keeper, seen, clock, published = keeper_for({"k": PLAN}, envoys=1)
+    seen.arrived("r1", "k", "envoy-1", 1, True, clock.now)
+    seen.charged_after("k", 60, clock.now)
+    asyncio.run(keeper.round())
+    assert keeper.ledgers["k"][AUDIO_SECONDS_LIMIT].debt(clock.now) == pytest.approx(1)
+    assert keeper.ledgers["k"][REQUESTS_LIMIT].tokens == pytest.approx(599)  # one request, not two
+    assert seen.demand(clock.now, 0.0)["k"] == {"envoy-1": pytest.approx((60 / DEMAND_WINDOW_S, 60 / DEMAND_WINDOW_S))}

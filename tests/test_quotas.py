@@ -174,6 +174,8 @@ def test_one_keep_alive_connection_gets_the_keys_whole_budget_behind_two_envoys(
         time.sleep(max(0.0, start + sent * 0.5 - time.monotonic()))
     allowed = 60 * elapsed / 60
     assert 0.8 * allowed <= admitted <= 1.2 * allowed + 1, (admitted, allowed)
+    key = next(k for k in stack.admin.call("GET", "/keys").json()["data"] if k["name"] == "one-connection")
+    assert key["budget"]["charge"]["audio_seconds"] == 1.0  # all through one Envoy: charged once there
     second.stop()
     stack.stop()
 

@@ -226,6 +226,20 @@ def arrival(entry: accesslog_pb2.HTTPAccessLogEntry) -> tuple[str, float, bool] 
     return (key, max(1, math.ceil(seconds)), admitted) if key and seconds is not None else None
 
 
+def charged_after(entry: accesslog_pb2.HTTPAccessLogEntry) -> tuple[str, float] | None:
+    """A served request whose engine measured more audio than the edge charged: (key id, the
+    whole audio-seconds more), which the key's budget is charged after the fact; else None."""
+    fields = entry.common_properties.metadata.filter_metadata.get(METADATA_NAMESPACE)
+    if entry.common_properties.access_log_type != REQUEST_ENDED or not delivered(entry):
+        return None
+    key, edge = _string(fields, KEY_ID_KEY), as_seconds(_string(fields, SECONDS_KEY))
+    engine = as_seconds(_string(fields, ENGINE_SECONDS_KEY))
+    if not key or edge is None or engine is None:
+        return None
+    more = math.ceil(engine) - max(1, math.ceil(edge))
+    return (key, more) if more > 0 else None
+
+
 def _request_ended(entry: accesslog_pb2.HTTPAccessLogEntry, in_flight: InFlight, now: float) -> bool:
     """A routed request that did not end in a 2xx, into the requests in flight. One the in-flight
     filters refused took no token of the refusing filter's group, nor of the groups of the filters
@@ -256,7 +270,8 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):
                  in_flight_changed: Callable[[], None], known: Callable[[], Known] = Known,
                  dropped: Callable[[str, str], None] = lambda reason, peer: None,
                  authorize: Callable[[grpc.aio.ServicerContext, str | None], Awaitable[str]] = None,
-                 arrived: Callable[[str, str, str, float, bool, float], None] = lambda *arrival: None):
+                 arrived: Callable[[str, str, str, float, bool, float], None] = lambda *arrival: None,
+                 charged: Callable[[str, float, float], None] = lambda *charge: None):
         # (context, node id) -> the peer's label, or the stream is aborted (control_plane/peers.py)
         self.authorize = authorize or _as_it_says
         self.outcomes, self.ledger, self.in_flight, self.clock = outcomes, ledger, in_flight, clock
@@ -265,6 +280,7 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):
         self.dropped = dropped  # (reason, peer) of each entry not taken, or clamped
         # (request id, key id, Envoy's node id, cost, admitted, now) of each keyed request's arrival
         self.arrived = arrived
+        self.charged = charged  # (key id, audio-seconds, now) the engine's figure added to a request's cost
         self._streams = itertools.count(1)
 
     def take(self, entries, stream: int, peer: str, node: str = "") -> None:
@@ -279,6 +295,8 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):
             changed = record(entry, stream, self.outcomes, self.ledger, self.in_flight, now) or changed
             if (came := arrival(entry)) is not None:
                 self.arrived(entry.request.request_id, came[0], node, came[1], came[2], now)
+            elif (more := charged_after(entry)) is not None:
+                self.charged(more[0], more[1], now)
         if changed:
             self.in_flight_changed()
 

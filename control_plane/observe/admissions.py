@@ -3,7 +3,8 @@ logs, for the budgets that hold across Envoys (decide/budgets.py).
 
 A request is admitted when its first try starts (the quota filters charged it then; a retry or
 a hedge is the same request and charges nothing), refused when the gateway's own 429 ends it.
-Both are demand at that Envoy; only admissions are charged to the key's exact budget. Pure.
+Both are demand at that Envoy; only admissions are charged to the key's exact budget, and with
+them what the engine's own figure of an upload's audio added to it after the answer. Pure.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ class Arrival:
     envoy: str
     seconds: float  # the upload's whole audio-seconds, at least 1 (its cost)
     admitted: bool
+    request: bool = True  # False: audio-seconds charged after the fact (the engine's figure), no request
 
 
 class Admissions:
@@ -44,6 +46,11 @@ class Admissions:
         if admitted:
             self.unbilled.append(arrival)
         self._forget(now)
+
+    def charged_after(self, key: str, seconds: float, now: float) -> None:
+        """Audio-seconds the engine's figure added to a request of `key` already admitted: billed,
+        not demand (the request was counted where it arrived)."""
+        self.unbilled.append(Arrival(now, key, "", seconds, True, request=False))
 
     def _forget(self, now: float) -> None:
         while self.window and self.window[0].at < now - DEMAND_WINDOW_S:

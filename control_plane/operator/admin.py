@@ -412,7 +412,8 @@ async def delete(request: web.Request) -> web.Response:
 
 
 def _key_view(plane: PlaneView, key: ApiKey) -> dict:
-    return key.to_json() | {"usage": plane.usage_of(key.id), "requests_in_flight": plane.requests_in_flight(key.id)}
+    return key.to_json() | {"usage": plane.usage_of(key.id), "requests_in_flight": plane.requests_in_flight(key.id),
+                            "budget": plane.budget_of(key.id)}
 
 
 def _key_record(key: ApiKey) -> dict:

@@ -86,6 +86,9 @@ OPENAPI = {
                 "usage": {"type": "object", "description": "per model: requests and audio-seconds metered"},
                 "requests_in_flight": {"type": "integer", "description": "its requests in flight now (as logged to "
                                        "this control plane): what its plan's requests_in_flight limits"},
+                "budget": {"type": "object", "description": "its budget across the Envoys as last published: "
+                           "`charge` per limit (what each Envoy charges its requests, times their cost; absent: the "
+                           "Envoys' count) and `refused` with `refused_until` (epoch s) when its day is spent"},
                 "secret": {"type": "string", "description": "create and rotate only: the new secret, shown once"}}},
             "KeyFields": {"type": "object", "additionalProperties": False, "properties": {
                 "name": _NAME,

@@ -119,6 +119,10 @@ class PlaneView(Protocol):
         """Usage for billing: per UTC day from `first` to `last` (YYYY-MM-DD), key and model,
         summed over every control plane's records (observe/usage.py); `key_id`: that key's alone."""
 
+    def budget_of(self, key_id: str) -> dict:
+        """A key's budget across the Envoys as last published: what each charges per unit (times
+        its cost; absent: the Envoys' count) and a refusal with its end (epoch s)."""
+
     def requests_in_flight(self, group: str) -> int:
         """Of a key, or of a model's batch lane (names.batch_lane)."""
 

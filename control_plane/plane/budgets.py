@@ -64,7 +64,7 @@ class BudgetKeeper:
         for arrival in self.admissions.take_unbilled():
             if (plan := plans.get(arrival.key)) is not None:
                 ledgers = self._ledgers(arrival.key, plan, arrival.at)
-                ledgers[REQUESTS_LIMIT].take(1, arrival.at)
+                ledgers[REQUESTS_LIMIT].take(1 if arrival.request else 0, arrival.at)
                 ledgers[AUDIO_SECONDS_LIMIT].take(arrival.seconds, arrival.at)
 
     def decide(self, plans: Mapping[str, PlanConfig], now: float, wall: float) -> dict[str, Budget]:

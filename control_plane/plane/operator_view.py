@@ -9,6 +9,7 @@ from typing import TypeVar
 
 from control_plane.decide.ejection import Ejections
 from control_plane.fleet.registry import Entry
+from control_plane.names import AUDIO_SECONDS_LIMIT, BUDGET_SCALE, REQUESTS_LIMIT
 from control_plane.observe import scraper
 from control_plane.observe.ledger import Ledger
 from control_plane.observe.load_tracker import LoadTracker
@@ -110,6 +111,16 @@ class OperatorView:
 
     async def usage(self, first: str, last: str, key_id: str | None) -> list[dict]:
         return await self._usage.rows(first, last, key_id)
+
+    def budget_of(self, key_id: str) -> dict:
+        budget = self._publisher.budgets.get(key_id)
+        if budget is None:
+            return {}
+        charges = {name: round(charge / BUDGET_SCALE, 3) for name, charge in
+                   ((REQUESTS_LIMIT, budget.requests_charge), (AUDIO_SECONDS_LIMIT, budget.audio_charge))
+                   if charge is not None}
+        return ({"charge": charges} if charges else {}) | (
+            {"refused": budget.refused, "refused_until": budget.refused_until} if budget.refused else {})
 
     def requests_in_flight(self, group: str) -> int:
         return self._limits.counts.count(group)
