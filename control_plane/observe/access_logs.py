@@ -18,6 +18,8 @@ Envoy sends the logs in batches, and a control plane that is down loses only evi
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
 import math
 from collections.abc import Awaitable, Callable
@@ -266,6 +268,9 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):
         # (request id, key id, Envoy's node id, cost, admitted, now) of each keyed request's arrival
         self.arrived = arrived
         self._streams = itertools.count(1)
+        # A stopping plane (drain()): each stream ends after its next message, and a new one is
+        # refused unread, so its Envoy sends those entries again to the plane that comes back.
+        self.draining, self.open_streams, self._ended = False, 0, asyncio.Event()
 
     def take(self, entries, stream: int, peer: str, node: str = "") -> None:
         """One message's entries from Envoy `node`, each checked against what is known first."""
@@ -282,10 +287,24 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):
         if changed:
             self.in_flight_changed()
 
+    async def drain(self, timeout: float) -> None:
+        """Until every stream has ended after its next message (or `timeout`): Envoy sends a
+        worker's entries once per flush interval, so what it logs later goes to a new stream."""
+        self.draining = True
+        deadline = asyncio.get_running_loop().time() + timeout
+        while self.open_streams and (left := deadline - asyncio.get_running_loop().time()) > 0:
+            self._ended.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._ended.wait(), left)
+
     async def StreamAccessLogs(self, request_iterator, context: grpc.aio.ServicerContext):
+        if self.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "control plane stopping")
         peer = await self.authorize(context, None)
+        await context.send_initial_metadata(())  # Envoy stops holding what it sent for a retry
         stream = next(self._streams)
         first, node = True, ""
+        self.open_streams += 1
         try:
             async for message in request_iterator:
                 if first:  # the first message names the node: it must be the certificate's
@@ -293,7 +312,11 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):
                     peer = await self.authorize(context, node)
                 first = False
                 self.take(message.http_logs.log_entry, stream, peer, node)
+                if self.draining:
+                    break
         finally:
+            self.open_streams -= 1
+            self._ended.set()
             self.ledger.stream_closed(stream, self.clock())
             if self.in_flight.stream_closed(stream):
                 self.in_flight_changed()
