@@ -57,6 +57,9 @@ log = logging.getLogger(__name__)
 # How long a stopping plane waits for each access-log stream to end after its next message:
 # Envoy sends each worker's entries every 0.1 s (builders/listener.py), an idle worker none.
 LOG_DRAIN_S = 0.5
+# How long it answers Envoy's health checks NOT_SERVING first: two of their intervals (0.2 s,
+# envoy/bootstrap.yaml), so no Envoy opens a new log stream to it while it drains.
+HEALTH_NOTICED_S = 0.5
 
 
 class ControlPlane:
@@ -172,6 +175,7 @@ class ControlPlane:
                                               self.admissions.arrived)
         self._server = await start_ads_server(self.cache, listen.xds_address, listen.xds_port, [
             lambda server: als_pb2_grpc.add_AccessLogServiceServicer_to_server(self._access_logs, server),
+            lambda server: server.add_generic_rpc_handlers((self._access_logs.health(),)),
             lambda server: rlqs_pb2_grpc.add_RateLimitQuotaServiceServicer_to_server(
                 QuotaServicer(limits.slots, split, IN_FLIGHT_BUCKET_ENTRY, telemetry.REPORTS_DROPPED.on("quota report"),
                               authorize), server)], self.tls.xds.credentials if self.tls.xds else None, authorize)
@@ -193,7 +197,7 @@ class ControlPlane:
         if self._access_logs is not None:
             # Each log stream ends after the entries it carries now, and a new one is refused
             # unread: Envoy holds what it logs next and sends it to the plane that comes back.
-            await self._access_logs.drain(LOG_DRAIN_S)
+            await self._access_logs.drain(LOG_DRAIN_S, HEALTH_NOTICED_S)
         if self._server is not None:
             await self._server.stop(grace)
         await self.usage.flush()  # what the logs metered up to the end, before the store closes

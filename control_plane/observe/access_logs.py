@@ -287,10 +287,22 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):
         if changed:
             self.in_flight_changed()
 
-    async def drain(self, timeout: float) -> None:
-        """Until every stream has ended after its next message (or `timeout`): Envoy sends a
-        worker's entries once per flush interval, so what it logs later goes to a new stream."""
+    def health(self) -> grpc.GenericRpcHandler:
+        """grpc.health.v1's Check, which Envoy's xds_cluster asks (envoy/bootstrap.yaml): SERVING
+        until the plane starts draining. An Envoy that was told NOT_SERVING starts no log stream
+        here: its workers keep their entries for the plane that comes back."""
+        async def check(request: bytes, context) -> bytes:
+            return b"\x08\x02" if self.draining else b"\x08\x01"  # status: NOT_SERVING (2), SERVING (1)
+
+        method = grpc.unary_unary_rpc_method_handler(check, lambda raw: raw, lambda raw: raw)
+        return grpc.method_handlers_generic_handler("grpc.health.v1.Health", {"Check": method})
+
+    async def drain(self, timeout: float, noticed_s: float = 0.0) -> None:
+        """Answers health checks NOT_SERVING, waits `noticed_s` for every Envoy to have asked,
+        then until every stream has ended after its next message (or `timeout`): Envoy sends a
+        worker's entries once per flush interval, so what it logs later waits in Envoy."""
         self.draining = True
+        await asyncio.sleep(noticed_s)
         deadline = asyncio.get_running_loop().time() + timeout
         while self.open_streams and (left := deadline - asyncio.get_running_loop().time()) > 0:
             self._ended.clear()
