@@ -54,6 +54,12 @@ from control_plane.xds.quota_service import QuotaServicer
 from control_plane.xds.server import start_ads_server
 
 log = logging.getLogger(__name__)
+# How long a stopping plane waits for each access-log stream to end after its next message:
+# Envoy sends each worker's entries every 0.1 s (builders/listener.py), an idle worker none.
+LOG_DRAIN_S = 0.5
+# How long it answers Envoy's health checks NOT_SERVING first: two of their intervals (0.2 s,
+# envoy/bootstrap.yaml), so no Envoy opens a new log stream to it while it drains.
+HEALTH_NOTICED_S = 0.5
 
 
 class ControlPlane:
@@ -101,6 +107,7 @@ class ControlPlane:
             tracker=self.tracker, outcomes=self.outcomes, ledger=self.ledger, ejections=self.ejections,
             bootstrap_token=lambda: self.token, audit=lambda: self.audit, usage=self.usage)
         self._server = None
+        self._access_logs: AccessLogServicer | None = None
         self._admin: web.AppRunner | None = None
         self._tasks: list[asyncio.Task] = []
         self._telemetry = None  # the /metrics collector over `view`, while serving
@@ -162,11 +169,13 @@ class ControlPlane:
         await self._admin.setup()
         await web.TCPSite(self._admin, listen.admin_address, listen.admin_port,
                           ssl_context=self.tls.admin.context if self.tls.admin else None).start()
+        self._access_logs = AccessLogServicer(self.outcomes, self.ledger, limits.counts, time.monotonic,
+                                              limits.update_slots, lambda: self.publisher.known,
+                                              telemetry.REPORTS_DROPPED.on("access log"), authorize,
+                                              self.admissions.arrived, self.admissions.charged_after)
         self._server = await start_ads_server(self.cache, listen.xds_address, listen.xds_port, [
-            lambda server: als_pb2_grpc.add_AccessLogServiceServicer_to_server(
-                AccessLogServicer(self.outcomes, self.ledger, limits.counts, time.monotonic, limits.update_slots,
-                                  lambda: self.publisher.known, telemetry.REPORTS_DROPPED.on("access log"),
-                                  authorize, self.admissions.arrived, self.admissions.charged_after), server),
+            lambda server: als_pb2_grpc.add_AccessLogServiceServicer_to_server(self._access_logs, server),
+            lambda server: server.add_generic_rpc_handlers((self._access_logs.health(),)),
             lambda server: rlqs_pb2_grpc.add_RateLimitQuotaServiceServicer_to_server(
                 QuotaServicer(limits.slots, split, IN_FLIGHT_BUCKET_ENTRY, telemetry.REPORTS_DROPPED.on("quota report"),
                               authorize), server)], self.tls.xds.credentials if self.tls.xds else None, authorize)
@@ -185,6 +194,10 @@ class ControlPlane:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._access_logs is not None:
+            # Each log stream ends after the entries it carries now, and a new one is refused
+            # unread: Envoy holds what it logs next and sends it to the plane that comes back.
+            await self._access_logs.drain(LOG_DRAIN_S, HEALTH_NOTICED_S)
         if self._server is not None:
             await self._server.stop(grace)
         await self.usage.flush()  # what the logs metered up to the end, before the store closes

@@ -66,6 +66,7 @@ def _transport_socket(config: GatewayConfig, sds_path: Path) -> str:
         "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
         sni: {CONTROL_PLANE}
         common_tls_context:
+          alpn_protocols: [h2]  # the health checks' connections too (envoy/bootstrap.yaml)
           tls_certificate_sds_secret_configs:
           - name: {INTERNAL_SECRET}
             sds_config:

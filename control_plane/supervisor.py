@@ -159,11 +159,28 @@ async def drain_envoy(session: aiohttp.ClientSession, admin: str, timeout: float
             async with session.get(f"{admin}/stats?filter=^http.whisper.downstream_rq_active$") as response:
                 text = await response.text()
             if text.strip().endswith(": 0") or not text.strip():
-                return True
+                return await _logs_sent(session, admin, deadline)
             await asyncio.sleep(0.1)
     except aiohttp.ClientError:
         return True  # Envoy is gone: nothing is in flight on it
     return False
+
+
+async def _logs_sent(session: aiohttp.ClientSession, admin: str, deadline: float) -> bool:
+    """Until every access-log entry Envoy took is sent to a control plane (or dropped): a worker
+    holds its last ones for up to a flush interval, or while no plane takes them, and an Envoy
+    stopped then loses them (they are what /usage bills)."""
+    while True:
+        async with session.get(f"{admin}/stats?filter=^access_logs") as response:
+            counts: dict[str, int] = {}
+            for line in (await response.text()).splitlines():
+                name, _, value = line.partition(": ")
+                if value.isdigit():
+                    kind = name.rsplit(".", 1)[-1]
+                    counts[kind] = counts.get(kind, 0) + int(value)
+        if counts.get("grpc_entries_flushed", 0) >= counts.get("logs_written", 0) or time.monotonic() >= deadline:
+            return counts.get("grpc_entries_flushed", 0) >= counts.get("logs_written", 0)
+        await asyncio.sleep(0.05)
 
 
 async def _stop(children: list[Child]) -> None:

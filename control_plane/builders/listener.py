@@ -46,6 +46,11 @@ LOGGED_HEADERS = [MODEL_HEADER, AUDIO_SECONDS_HEADER, AUDIO_ESTIMATED_HEADER, KE
 # routing bench's p99 against least request went from 0.83-1.01x to 1.13-1.30x with it, the
 # control plane's extra work sharing the cores), so only limits get it.
 LOG_FLUSH_S, IN_FLIGHT_LOG_FLUSH_S = 0.1, 0.01
+# While no control plane takes the logs (one restarting: the bootstrap's xds_cluster marks it
+# unhealthy), a worker keeps its entries and sends them once one does, up to LOG_BUFFER_BYTES
+# (Envoy's default of 16 KiB held about 15 tries' entries; past it, new entries are dropped).
+# Below the control plane's gRPC message limit (4 MiB), as the batch goes as one message.
+LOG_BUFFER_BYTES = 1 << 20
 
 
 def _grpc_log(log_name: str, headers: list[str], flush_s: float, only: accesslog_pb2.AccessLogFilter | None = None,
@@ -57,6 +62,7 @@ def _grpc_log(log_name: str, headers: list[str], flush_s: float, only: accesslog
         grpc_service=grpc_service_pb2.GrpcService(
             envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=XDS_CLUSTER)),
         buffer_flush_interval=seconds(flush_s),  # each message carries every entry since the last
+        buffer_size_bytes=wrappers_pb2.UInt32Value(value=LOG_BUFFER_BYTES),
     )
     logged = grpc_als_pb2.HttpGrpcAccessLogConfig(common_config=common, additional_request_headers_to_log=headers,
                                                   additional_response_headers_to_log=response_headers)

@@ -18,6 +18,8 @@ Envoy sends the logs in batches, and a control plane that is down loses only evi
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
 import math
 from collections.abc import Awaitable, Callable
@@ -282,6 +284,9 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):
         self.arrived = arrived
         self.charged = charged  # (key id, audio-seconds, now) the engine's figure added to a request's cost
         self._streams = itertools.count(1)
+        # A stopping plane (drain()): each stream ends after its next message, and a new one is
+        # refused unread, so its Envoy sends those entries again to the plane that comes back.
+        self.draining, self.open_streams, self._ended = False, 0, asyncio.Event()
 
     def take(self, entries, stream: int, peer: str, node: str = "") -> None:
         """One message's entries from Envoy `node`, each checked against what is known first."""
@@ -300,10 +305,36 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):
         if changed:
             self.in_flight_changed()
 
+    def health(self) -> grpc.GenericRpcHandler:
+        """grpc.health.v1's Check, which Envoy's xds_cluster asks (envoy/bootstrap.yaml): SERVING
+        until the plane starts draining. An Envoy that was told NOT_SERVING starts no log stream
+        here: its workers keep their entries for the plane that comes back."""
+        async def check(request: bytes, context) -> bytes:
+            return b"\x08\x02" if self.draining else b"\x08\x01"  # status: NOT_SERVING (2), SERVING (1)
+
+        method = grpc.unary_unary_rpc_method_handler(check, lambda raw: raw, lambda raw: raw)
+        return grpc.method_handlers_generic_handler("grpc.health.v1.Health", {"Check": method})
+
+    async def drain(self, timeout: float, noticed_s: float = 0.0) -> None:
+        """Answers health checks NOT_SERVING, waits `noticed_s` for every Envoy to have asked,
+        then until every stream has ended after its next message (or `timeout`): Envoy sends a
+        worker's entries once per flush interval, so what it logs later waits in Envoy."""
+        self.draining = True
+        await asyncio.sleep(noticed_s)
+        deadline = asyncio.get_running_loop().time() + timeout
+        while self.open_streams and (left := deadline - asyncio.get_running_loop().time()) > 0:
+            self._ended.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._ended.wait(), left)
+
     async def StreamAccessLogs(self, request_iterator, context: grpc.aio.ServicerContext):
+        if self.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "control plane stopping")
         peer = await self.authorize(context, None)
+        await context.send_initial_metadata(())  # Envoy stops holding what it sent for a retry
         stream = next(self._streams)
         first, node = True, ""
+        self.open_streams += 1
         try:
             async for message in request_iterator:
                 if first:  # the first message names the node: it must be the certificate's
@@ -311,7 +342,11 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):
                     peer = await self.authorize(context, node)
                 first = False
                 self.take(message.http_logs.log_entry, stream, peer, node)
+                if self.draining:
+                    break
         finally:
+            self.open_streams -= 1
+            self._ended.set()
             self.ledger.stream_closed(stream, self.clock())
             if self.in_flight.stream_closed(stream):
                 self.in_flight_changed()
