@@ -10,7 +10,7 @@ import pytest
 from envoy.data.accesslog.v3 import accesslog_pb2
 
 from control_plane.config import PlanConfig
-from control_plane.decide.budgets import REPAY_S, Ledger, charge, charges, moved, water_level
+from control_plane.decide.budgets import DEBT_SLACK, REPAY_S, Ledger, charge, charges, moved, water_level
 from control_plane.names import (AUDIO_SECONDS_HEADER, AUDIO_SECONDS_LIMIT, AUDIO_SECONDS_PER_DAY_LIMIT, BUDGET_SCALE,
                                  ENGINE_SECONDS_KEY, KEY_ID_HEADER, KEY_ID_KEY, LIMITED_HEADER, METADATA_NAMESPACE, REQUESTS_LIMIT,
                                  SECONDS_KEY)
@@ -59,7 +59,8 @@ def test_the_ledger_refills_a_minutes_budget_a_minute_and_repays_debt_by_sharing
     assert ledger.debt(0.0) == 0 and ledger.shared_out(0.0) == 60
     ledger.take(15, 0.0)  # 15 admitted beyond it
     assert ledger.debt(0.0) == 15
-    assert ledger.shared_out(0.0) == pytest.approx(60 - 15 * 60 / REPAY_S)
+    slack = 1 + DEBT_SLACK * 60
+    assert ledger.shared_out(0.0) == pytest.approx(60 - (15 - slack) * 60 / REPAY_S)
     assert ledger.debt(15.0) == 0  # a minute's budget comes back in a minute: 15 in 15 s
     ledger.take(1000, 16.0)
     assert ledger.shared_out(16.0) == pytest.approx(6)  # at most 90% held back
@@ -192,7 +193,7 @@ def test_what_the_envoys_left_unspent_is_shared_out_while_the_key_wants_more():
     assert ledger.shared_out(0.0, wanted=120) == 60  # not in its first minute: its start was assumed
     ledger.since = -60.0
     assert ledger.shared_out(0.0, wanted=30) == 60  # wanting less than the budget: nothing added
-    assert ledger.shared_out(0.0, wanted=120) == pytest.approx(60 + 4 * 60 / REPAY_S)
+    assert ledger.shared_out(0.0, wanted=120) == pytest.approx(60 + (4 - 1 - DEBT_SLACK * 60) * 60 / REPAY_S)
     assert Ledger(60, 60, 0.0).shared_out(0.0, wanted=120) == pytest.approx(60 * 1.25)  # at most a quarter more
     ledger.take(5, 0.0)  # within the slack: the plan's
     assert ledger.shared_out(0.0, wanted=120) == 60

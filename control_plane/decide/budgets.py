@@ -101,15 +101,18 @@ class Ledger:
         return max(0.0, -self.tokens)
 
     def shared_out(self, now: float, wanted: float = 0.0) -> float:
-        """The budget a minute to share among the Envoys now: the plan's, less the debt's
-        repayment; when `wanted` (a minute's demand) is more than the budget, plus what was left
-        unspent. Within a slack of one unit and DEBT_SLACK, neither."""
+        """The budget a minute to share among the Envoys now: the plan's, less the repayment of
+        the debt beyond a slack (one unit and DEBT_SLACK); when `wanted` (a minute's demand) is
+        more than the budget, plus what was left unspent beyond the slack. Continuous in both,
+        so a debt that hovers at the slack moves no charge."""
         self._refill(now)
         slack = 1 + DEBT_SLACK * self.per_minute
         if self.tokens < -slack:
-            return max(self.per_minute * (1 - MOST_HELD_BACK), self.per_minute + self.tokens * MINUTE_S / REPAY_S)
+            repay = (-self.tokens - slack) * MINUTE_S / REPAY_S
+            return max(self.per_minute * (1 - MOST_HELD_BACK), self.per_minute - repay)
         if wanted > self.per_minute and self.tokens > slack and now - self.since >= MINUTE_S:
-            return self.per_minute * (1 + min(MOST_ADDED, self.tokens / self.per_minute * MINUTE_S / REPAY_S))
+            added = (self.tokens - slack) * MINUTE_S / REPAY_S
+            return self.per_minute + min(MOST_ADDED * self.per_minute, added)
         return self.per_minute
 
 

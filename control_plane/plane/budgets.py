@@ -114,6 +114,7 @@ class BudgetKeeper:
                 log.warning("today's usage not read: %s", error)
         budgets = self.decide(plans, now, wall)
         if budgets != self.published:
+            log.debug("budgets: %s", budgets)
             await self.publish(budgets)
             self.published = budgets
 
