@@ -29,6 +29,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_envoy_command(commands)
     _add_certs_command(commands)
     _add_envoy_tools(commands)
+    _add_check_command(commands)
     return parser
 
 
@@ -151,9 +152,22 @@ def _add_envoy_tools(commands) -> None:
     boot.add_argument("--output", "-o", type=Path, help="file to write (default: stdout)")
 
 
+def _add_check_command(commands) -> None:
+    check = commands.add_parser("check", help="check a gateway config before deploying it (a Helm chart's "
+                                              "rendered gateway.yaml too): every problem found, or ok")
+    check.add_argument("config_file", type=Path, metavar="CONFIG")
+    check.add_argument("--envoy", action="store_true",
+                       help="also run `envoy --mode validate` on the bootstrap it implies (with stand-in internal "
+                            "certificates when internal_tls.dir is not on this machine)")
+    check.add_argument("--xds-host", default=None, help="with --envoy: as `whisper-gateway envoy` is given it")
+    check.add_argument("--identity", default="envoy", help="with --envoy: the Envoy's certificate (default: envoy)")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "check":
+        sys.exit(_run_check(args))
     try:
         config = load_config(args.config)
     except ConfigError as error:
@@ -193,6 +207,57 @@ def main(argv: list[str] | None = None) -> None:
 
     run_dir = args.run_dir or Path(tempfile.mkdtemp(prefix="whisper-gateway-"))
     sys.exit(asyncio.run(up(config, args.config, run_dir, state_dir(args.state_dir))))
+
+
+def _run_check(args: argparse.Namespace) -> int:
+    """Every problem the loader finds in CONFIG, one a line (a process would stop at the first),
+    then with --envoy Envoy's own verdict on its bootstrap; exit 1 with any, else `ok` and 0."""
+    import yaml
+
+    from control_plane.config import config_problems, parse_config
+
+    path = args.config_file
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as error:
+        found = [f"cannot read config: {error.strerror}"]
+    except yaml.YAMLError as error:
+        found = [f"not valid YAML: {error}"]
+    else:
+        found = config_problems(raw)
+    if not found and args.envoy:
+        found = _bootstrap_problems(parse_config(raw), args.xds_host, args.identity)
+    for problem in found:
+        print(f"{path}: {problem}", file=sys.stderr)
+    if not found:
+        print(f"{path}: ok" + (" (Envoy's bootstrap validated)" if args.envoy else ""))
+    return 1 if found else 0
+
+
+def _bootstrap_problems(config: GatewayConfig, xds_host: str | None, identity: str) -> list[str]:
+    """What `envoy --mode validate` says of the bootstrap `whisper-gateway envoy` would write. The
+    internal certificates usually live where the config is deployed (a Kubernetes Secret), not
+    here: throwaway ones of the same names stand in, so the bootstrap's shape is what is checked."""
+    import subprocess
+    from dataclasses import replace
+
+    from control_plane import internal_pki
+    from control_plane.config import InternalTlsConfig
+    from control_plane.supervisor import find_envoy
+
+    with tempfile.TemporaryDirectory(prefix="whisper-gateway-check-") as folder:
+        folder = Path(folder)
+        if config.internal_tls is not None and not internal_pki.ca_path(config.internal_tls.dir).exists():
+            internal_pki.init_ca(folder / "pki")
+            internal_pki.issue(folder / "pki", "envoy", identity)
+            config = replace(config, internal_tls=InternalTlsConfig(dir=str(folder / "pki")))
+        bootstrap = write_bootstrap(folder / "bootstrap.yaml", config, f"{identity}.check", xds_host, identity=identity)
+        result = subprocess.run([find_envoy(), "--mode", "validate", "-c", str(bootstrap)], capture_output=True,
+                                text=True, timeout=120)
+    if result.returncode == 0:
+        return []
+    said = (result.stderr or result.stdout).strip().splitlines()
+    return [f"Envoy refuses the bootstrap this config implies: {said[-1] if said else f'exit {result.returncode}'}"]
 
 
 async def _drain(args: argparse.Namespace, config: GatewayConfig) -> int:

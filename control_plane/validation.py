@@ -122,12 +122,25 @@ def _problem(error: dict, root: type) -> str:
     return error["msg"]
 
 
-def _config_error(error: ValidationError, root: type, prefix: str) -> ConfigError:
-    first = error.errors()[0]
-    loc = tuple(first["loc"]) + (("kind",) if first["type"].startswith("union_tag") else ())
+def _message(error: dict, root: type, prefix: str) -> str:
+    loc = tuple(error["loc"]) + (("kind",) if error["type"].startswith("union_tag") else ())
     spelled = _walk(root, loc)[0] if hasattr(root, "__dataclass_fields__") else list(loc)
     key = prefix + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in spelled)
-    return ConfigError(f"{key.lstrip('.') or 'config'}: {_problem(first, root)}")
+    return f"{key.lstrip('.') or 'config'}: {_problem(error, root)}"
+
+
+def _config_error(error: ValidationError, root: type, prefix: str) -> ConfigError:
+    return ConfigError(_message(error.errors()[0], root, prefix))
+
+
+def problems(kind, value: Any) -> list[str]:
+    """Every key of `value` that is wrong for `kind`, each said as check() would say it (a checker
+    shows them all at once; a process stops at the first)."""
+    try:
+        _adapter(kind).validate_python(value)
+    except ValidationError as error:
+        return [_message(each, kind, "") for each in error.errors()]
+    return []
 
 
 @lru_cache(maxsize=None)

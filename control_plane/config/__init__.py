@@ -18,7 +18,7 @@ from control_plane.config.fields import (MODEL_NAME_PATTERN, SECTION, YAML_OFF, 
 from control_plane.config.gateway import GatewayConfig
 from control_plane.config.listen import (BackendTlsConfig, InternalTlsConfig, LimitsConfig, ListenConfig, ListenTlsConfig,
                                          MetricsConfig, TimeoutsConfig)
-from control_plane.config.load import DEFAULT_CONFIG_PATH, load_config, parse_config
+from control_plane.config.load import DEFAULT_CONFIG_PATH, config_problems, load_config, parse_config
 from control_plane.config.routing import ResilienceConfig, RoutingConfig
 from control_plane.config.state import StateConfig
 from control_plane.validation import ConfigError, check
@@ -30,5 +30,5 @@ __all__ = [
     "LimitsConfig", "ListenConfig", "ListenTlsConfig", "MetricsConfig", "ModelConfig", "ModelName", "PlanConfig",
     "PlanName", "Port", "Positive", "PositiveInt", "ResilienceConfig", "RotationGrace", "RoutingConfig",
     "SimulatedEngine", "StateConfig", "TimeoutsConfig", "VllmEngine", "Weight", "WhisperCpuEngine",
-    "check", "load_config", "parse_config", "seconds",
+    "check", "config_problems", "load_config", "parse_config", "seconds",
 ]

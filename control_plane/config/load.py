@@ -9,7 +9,7 @@ import yaml
 
 from control_plane.addresses import is_ip_address, is_loopback, own_port_problem, parse_backend_url
 from control_plane.config.gateway import GatewayConfig
-from control_plane.validation import ConfigError, check
+from control_plane.validation import ConfigError, check, problems
 
 DEFAULT_CONFIG_PATH = Path(__file__).parent.parent / "defaults" / "gateway.yaml"
 
@@ -109,11 +109,9 @@ def _check_endpoints(config: GatewayConfig) -> None:
                 raise ConfigError(f"backends: {url}: {problem}")
 
 
-def _cross_checks(config: GatewayConfig) -> None:
-    """What one section cannot see: names used twice, models nobody declared, ports and URLs that clash."""
-    for check_part in (_check_models, _check_served_models, _check_routing, _check_auth, _check_tls, _check_state,
-                       _check_endpoints):
-        check_part(config)
+# What one section cannot see: names used twice, models nobody declared, ports and URLs that clash.
+CROSS_CHECKS = (_check_models, _check_served_models, _check_routing, _check_auth, _check_tls, _check_state,
+                _check_endpoints)
 
 
 def parse_config(raw: Any) -> GatewayConfig:
@@ -121,8 +119,26 @@ def parse_config(raw: Any) -> GatewayConfig:
     if isinstance(raw, dict):
         raw = {key: value for key, value in raw.items() if value is not None}  # `listen:` with nothing under it
     config = check(GatewayConfig, raw)
-    _cross_checks(config)
+    for check_part in CROSS_CHECKS:
+        check_part(config)
     return config
+
+
+def config_problems(raw: Any) -> list[str]:
+    """Everything wrong with a parsed file, for `whisper-gateway check`: every bad key; once the
+    sections pass, each failing check across them."""
+    if isinstance(raw, dict):
+        raw = {key: value for key, value in raw.items() if value is not None}
+    found = problems(GatewayConfig, raw)
+    if found:
+        return found
+    config = check(GatewayConfig, raw)
+    for check_part in CROSS_CHECKS:
+        try:
+            check_part(config)
+        except ConfigError as error:
+            found.append(str(error))
+    return found
 
 
 def load_config(path: Path | str | None = None) -> GatewayConfig:
