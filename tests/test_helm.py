@@ -277,7 +277,7 @@ class Dns:
 
     def __init__(self, name: str):
         from dnslib import QTYPE, RR, A
-        from dnslib.server import BaseResolver, DNSServer
+        from dnslib.server import BaseResolver, DNSLogger, DNSServer
 
         class Resolver(BaseResolver):
             def resolve(self, request, handler):
@@ -286,7 +286,7 @@ class Dns:
                     reply.add_answer(RR(name + ".", QTYPE.A, rdata=A("127.0.0.1"), ttl=1))
                 return reply
         self.port = free_port()
-        self.server = DNSServer(Resolver(), port=self.port, address="127.0.0.1")
+        self.server = DNSServer(Resolver(), port=self.port, address="127.0.0.1", logger=DNSLogger("-request,-reply"))
         self.server.start_thread()
 
 
@@ -308,7 +308,7 @@ def test_the_rendered_control_plane_and_envoy_answer_a_transcription(tmp_path):
     discovered = raw["discovery"][0]
     dns = Dns(discovered["name"])
     engine_key = _secret(objects, f"{FULL}-engine-api-key")
-    _, engine = start_engine(tmp_path, discovered["models"][0], "k8s-engine", api_key=engine_key)
+    engine_process, engine = start_engine(tmp_path, discovered["models"][0], "k8s-engine", api_key=engine_key)
     discovered.update(port=int(engine.rsplit(":", 1)[1]), nameserver=f"127.0.0.1:{dns.port}", interval_s=0.2)
     raw["internal_tls"]["dir"] = str(tmp_path / "pki")
     config = tmp_path / "gateway.yaml"
@@ -318,6 +318,7 @@ def test_the_rendered_control_plane_and_envoy_answer_a_transcription(tmp_path):
                            "--host", f"{FULL}-admin", "--envoy", "envoy"], capture_output=True, text=True, timeout=60,
                           cwd=REPO)
     assert made.returncode == 0, made.stderr
+    (tmp_path / "envoy-tmp").mkdir()  # the pod's /tmp: Envoy watches the folder of its certificate's SDS file
     (tmp_path / "admin-token").write_text(_secret(objects, f"{FULL}-admin-token"))
 
     deployments = by_kind(objects, "Deployment")
@@ -325,14 +326,16 @@ def test_the_rendered_control_plane_and_envoy_answer_a_transcription(tmp_path):
     def host_command(name: str) -> tuple[list[str], dict]:
         container = deployments[f"{FULL}-{name}"]["spec"]["template"]["spec"]["containers"][0]
         mapped = {"/etc/whisper-gateway/gateway.yaml": str(config), "/var/lib/whisper-gateway": str(tmp_path / "state"),
-                  "/tmp/bootstrap.yaml": str(tmp_path / "bootstrap.yaml"), f"{FULL}-xds.{DOMAIN}": "127.0.0.1",
+                  "/tmp/bootstrap.yaml": str(tmp_path / "envoy-tmp" / "bootstrap.yaml"), f"{FULL}-xds.{DOMAIN}": "127.0.0.1",
                   "/etc/whisper-gateway/admin-token/token": str(tmp_path / "admin-token")}
         env = {e["name"]: mapped.get(e["value"], e["value"]) for e in container["env"] if "value" in e}
         env |= {e["name"]: engine_key for e in container["env"] if "secretKeyRef" in e.get("valueFrom", {})}
         return [PYTHON, "-m", "control_plane"] + [mapped.get(a, a) for a in container["args"]], env
 
-    plane = Process("control-plane", *host_command("control-plane"), tmp_path)
-    envoy = Process("envoy", *host_command("envoy"), tmp_path)
+    envoy_command, envoy_env = host_command("envoy")
+    envoy = Process("envoy", envoy_command, tmp_path, env=envoy_env)  # first: pods start in any order
+    plane_command, plane_env = host_command("control-plane")
+    plane = Process("control-plane", plane_command, tmp_path, env=plane_env)
     ca = ssl.create_default_context(cafile=str(tmp_path / "pki" / "ca.pem"))
     admin = f"https://127.0.0.1:{listen['admin_port']}"
     token = {"Authorization": f"Bearer {_secret(objects, f'{FULL}-admin-token')}", "Content-Type": "application/json"}
@@ -350,6 +353,6 @@ def test_the_rendered_control_plane_and_envoy_answer_a_transcription(tmp_path):
         assert "k8s-engine" in answer.json()["text"]
         assert transcribe(base, "whisper-1").status == 401  # api_keys: required, as rendered
     finally:
-        for process in (envoy, plane):
+        for process in (envoy, plane, engine_process):
             process.stop()
         dns.server.stop()
