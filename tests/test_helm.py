@@ -9,7 +9,6 @@ import base64
 import json
 import ssl
 import subprocess
-from pathlib import Path
 
 import jsonschema
 import kubernetes_validate
