@@ -213,7 +213,7 @@ def test_each_part_finds_its_internal_certificates_where_the_config_says(file):
         assert certificates[f"{FULL}-control-plane"]["spec"]["uris"] == \
             ["spiffe://whisper-gateway/control-plane/control-plane"]
         assert f"{FULL}-admin.{DOMAIN}" in certificates[f"{FULL}-control-plane"]["spec"]["dnsNames"]
-        assert set(state["etcd"][0].rsplit(":", 1)[0] for state in [config["state"]]) <= \
+        assert {member.rsplit(":", 1)[0] for member in config["state"]["etcd"]} <= \
             set(certificates[f"{FULL}-etcd-member"]["spec"]["dnsNames"])
         assert config["listen"]["tls"] == {"cert_file": "/etc/whisper-gateway/certs/tls.crt",
                                            "key_file": "/etc/whisper-gateway/certs/tls.key"}
