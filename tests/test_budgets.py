@@ -10,7 +10,7 @@ import pytest
 from envoy.data.accesslog.v3 import accesslog_pb2
 
 from control_plane.config import PlanConfig
-from control_plane.decide.budgets import DEBT_SLACK, REPAY_S, Ledger, charge, charges, moved, water_level
+from control_plane.decide.budgets import DEBT_SLACK, MOST_ADDED, REPAY_S, Ledger, charge, charges, moved, water_level
 from control_plane.names import (AUDIO_SECONDS_HEADER, AUDIO_SECONDS_LIMIT, AUDIO_SECONDS_PER_DAY_LIMIT, BUDGET_SCALE,
                                  ENGINE_SECONDS_KEY, KEY_ID_HEADER, KEY_ID_KEY, LIMITED_HEADER, METADATA_NAMESPACE, REQUESTS_LIMIT,
                                  SECONDS_KEY)
@@ -49,8 +49,8 @@ def test_the_charge_is_the_budget_over_the_water_level(demands, shared, envoys, 
 
 
 def test_a_charge_moves_only_past_its_step():
-    assert moved(500, None) and moved(530, 500) and moved(470, 500)
-    assert not moved(520, 500) and not moved(480, 500)
+    assert moved(500, None) and moved(511, 500) and moved(489, 500)
+    assert not moved(510, 500) and not moved(490, 500)
 
 
 def test_the_ledger_refills_a_minutes_budget_a_minute_and_repays_debt_by_sharing_out_less():
@@ -194,7 +194,7 @@ def test_what_the_envoys_left_unspent_is_shared_out_while_the_key_wants_more():
     ledger.since = -60.0
     assert ledger.shared_out(0.0, wanted=30) == 60  # wanting less than the budget: nothing added
     assert ledger.shared_out(0.0, wanted=120) == pytest.approx(60 + (4 - 1 - DEBT_SLACK * 60) * 60 / REPAY_S)
-    assert Ledger(60, 60, 0.0).shared_out(0.0, wanted=120) == pytest.approx(60 * 1.25)  # at most a quarter more
+    assert Ledger(60, 60, 0.0).shared_out(0.0, wanted=120) == pytest.approx(60 * (1 + MOST_ADDED))  # at most so much
     ledger.take(5, 0.0)  # within the slack: the plan's
     assert ledger.shared_out(0.0, wanted=120) == 60
 

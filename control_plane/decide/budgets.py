@@ -35,10 +35,10 @@ DEBT_SLACK = 0.02
 # While a key wants more than its budget, what the Envoys left unspent of it (an Envoy capped
 # while its neighbour had room) is shared out too, over REPAY_S, at most this much more; not in
 # a ledger's first minute, whose start is assumed (a new key, a restarted plane).
-MOST_ADDED = 0.25
+MOST_ADDED = 0.1
 # A charge moves only when the new one is this far from the one published (each move is a route
-# update, which every Envoy's Lua filter recompiles).
-CHARGE_STEP = 0.05
+# update, which every Envoy's Lua filter recompiles; a wider step leaves a charge stuck that far off).
+CHARGE_STEP = 0.02
 
 
 def water_level(demands: Iterable[float], budget: float) -> float:
