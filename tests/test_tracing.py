@@ -141,6 +141,7 @@ def test_a_transcription_is_a_server_span_over_its_try_with_what_a_slow_one_is_d
     assert server["parent_span_id"] == client_span
     assert upstream["parent_span_id"] == server["span_id"]
     assert server["resource"]["service.name"] == "whisper-gateway"
+    assert (server["name"], upstream["name"]) == ("ingress", f"router model:{MODEL} egress")
     attributes = server["attributes"]
     assert attributes["gen_ai.operation.name"] == "transcription"
     assert attributes["gen_ai.request.model"] == MODEL
@@ -247,3 +248,22 @@ def test_with_tracing_off_nothing_is_exported_and_a_clients_traceparent_passes_u
         assert receiver.trace(trace_id) == []
     finally:
         plain.stop()
+
+
+
+def test_with_sampling_0_a_clients_trace_goes_on_to_the_engine_unsampled(traced, tmp_path):
+    """The sampling decision is the gateway's: a client's sampled traceparent does not override it."""
+    _, receiver, engine_urls, _ = traced
+    rare = GatewayStack(tmp_path, MODEL, engine_urls[:1], resilience=RESILIENCE,
+                        observability={"tracing": {"otlp_endpoint": f"127.0.0.1:{receiver.port}", "sampling": 0.0}})
+    try:
+        wait_until(lambda: rare.hosts() and all(h.get("health_flags") == "healthy" for h in rare.hosts().values()),
+                   20, "the engine healthy")
+        header, trace_id, client_span = traceparent()
+        assert transcribe(rare.envoy.url, MODEL, headers=form_headers(None, header)).status == 200
+        (sent,) = [tp for tp in traceparents_seen(engine_urls[0]) if tp and trace_id in tp]
+        version, trace, span, flags = sent.split("-")
+        # The same trace, a span of Envoy's (not recorded), and the engine told not to record its own.
+        assert (version, trace, flags) == ("00", trace_id, "00") and span != client_span
+    finally:
+        rare.stop()
