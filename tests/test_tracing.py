@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import json
 import secrets
-import threading
-from concurrent import futures
 
-import grpc
 import pytest
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.proto.trace.v1 import trace_pb2
 
+from harness.otlp import Receiver
 from harness.processes import GatewayStack, free_port, request, start_engine, transcribe, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -27,45 +24,6 @@ SERVER, CLIENT = trace_pb2.Span.SPAN_KIND_SERVER, trace_pb2.Span.SPAN_KIND_CLIEN
 # Engines that answer at once and stay in rotation through a test's 503s.
 RESILIENCE = {"health_interval_s": 0.5, "health_timeout_s": 1.0, "unhealthy_threshold": 2, "healthy_threshold": 1,
               "ejection_s": 2, "consecutive_gateway_failures": 1000}
-
-
-def _value(any_value) -> object:
-    kind = any_value.WhichOneof("value")
-    return getattr(any_value, kind) if kind else None
-
-
-class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
-    """An OpenTelemetry collector's OTLP/gRPC trace receiver: keeps every span it is sent."""
-
-    def __init__(self) -> None:
-        self.spans: list[dict] = []
-        self.lock = threading.Lock()
-        self.port = free_port()
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(self, self.server)
-        self.server.add_insecure_port(f"127.0.0.1:{self.port}")
-        self.server.start()
-
-    def Export(self, request, context):  # noqa: N802 - the gRPC method's name
-        received = []
-        for resource_spans in request.resource_spans:
-            resource = {a.key: _value(a.value) for a in resource_spans.resource.attributes}
-            for scope_spans in resource_spans.scope_spans:
-                for span in scope_spans.spans:
-                    received.append({"trace_id": span.trace_id.hex(), "span_id": span.span_id.hex(),
-                                     "parent_span_id": span.parent_span_id.hex(), "name": span.name, "kind": span.kind,
-                                     "attributes": {a.key: _value(a.value) for a in span.attributes},
-                                     "resource": resource})
-        with self.lock:
-            self.spans += received
-        return trace_service_pb2.ExportTraceServiceResponse()
-
-    def trace(self, trace_id: str) -> list[dict]:
-        with self.lock:
-            return [span for span in self.spans if span["trace_id"] == trace_id]
-
-    def stop(self) -> None:
-        self.server.stop(grace=None)
 
 
 def traceparent() -> tuple[str, str, str]:
