@@ -13,6 +13,9 @@ two upload sizes (5 s of 16 kHz 16-bit mono audio, about 160 kB, and 30 s, about
   gateway-tls   the gateway with listen.tls: HTTPS from wrk (TLS 1.3, certificates made with openssl)
   nginx-tls     nginx with the same kind of certificate on its listener (`ssl`), the same TLS from wrk
   gateway-mtls  the gateway with internal_tls: xDS, the access logs of every try and RLQS over mutual TLS
+  gateway-tracing  the gateway with observability.tracing at sampling 1.0: every request's spans
+                exported over OTLP/gRPC to a receiver in this process (harness/otlp.py)
+  gateway-tracing-1pct  the same at sampling 0.01
   target    --target URL: any OpenAI-compatible router already running (CPU only with --target-pid)
 
 Reported per path and size: requests/s, latency p50/p99, latency added over `direct`, and the
@@ -308,6 +311,25 @@ def start_gateway_with_keys(log_dir: Path, engine_urls: list[str], workers: int)
     return replace(path, authorization=f"Bearer {secrets[KEYS // 2]}")
 
 
+def start_gateway_with_tracing(log_dir: Path, engine_urls: list[str], workers: int, sampling: float = 1.0,
+                               name: str = "gateway-tracing") -> DataPath:
+    """observability.tracing: a span per request and per try, exported to an OTLP/gRPC receiver in
+    this process (it only counts them; a collector elsewhere would cost Envoy the same)."""
+    from harness.otlp import Receiver  # opentelemetry-proto: the test extra
+
+    receiver = Receiver(keep=False)
+    COLLECTORS.append(receiver)
+    return start_gateway(log_dir, engine_urls, workers, name, observability={
+        "tracing": {"otlp_endpoint": f"127.0.0.1:{receiver.port}", "sampling": sampling}})
+
+
+def start_gateway_with_sampled_tracing(log_dir: Path, engine_urls: list[str], workers: int) -> DataPath:
+    return start_gateway_with_tracing(log_dir, engine_urls, workers, 0.01, "gateway-tracing-1pct")
+
+
+COLLECTORS: list = []  # the tracing paths' receivers, stopped at the end
+
+
 def start_gateway_without_retries(log_dir: Path, engine_urls: list[str], workers: int) -> DataPath:
     """`resilience.retries: 0`: Envoy's router then keeps no copy of each body for replays."""
     return start_gateway(log_dir, engine_urls, workers, "gateway-r0", resilience={"retries": 0})
@@ -473,7 +495,8 @@ def run(args: argparse.Namespace, log_dir: Path) -> tuple[list[Measurement], dic
     starters = {"envoy": start_plain_envoy, "nginx": start_nginx, "gateway": start_gateway,
                 "gateway-r0": start_gateway_without_retries, "gateway-keys": start_gateway_with_keys,
                 "gateway-tls": start_gateway_with_tls, "nginx-tls": start_nginx_with_tls,
-                "gateway-mtls": start_gateway_with_internal_tls}
+                "gateway-mtls": start_gateway_with_internal_tls, "gateway-tracing": start_gateway_with_tracing,
+                "gateway-tracing-1pct": start_gateway_with_sampled_tracing}
     floor = DataPath("direct", engine_urls[0] + AUDIO_PATH, thread_hosts=tuple(urlsplit(u).netloc for u in engine_urls))
     paths = [floor] if "direct" in wanted else []
     paths += [start(log_dir, engine_urls, args.workers) for name, start in starters.items() if name in wanted]
@@ -501,6 +524,8 @@ def run(args: argparse.Namespace, log_dir: Path) -> tuple[list[Measurement], dic
                 "engine_options": ENGINE_OPTIONS,
                 "uploads": {u.label: {"audio_s": u.audio_s, "bytes": u.size} for u in ours},
                 "target": args.target}
+    if COLLECTORS:  # the tracing paths': spans their receivers took (a check that they were exported)
+        settings["spans_exported"] = [receiver.count for receiver in COLLECTORS]
     return measurements, settings
 
 
@@ -521,6 +546,8 @@ def main() -> None:
     finally:
         for process in reversed(STARTED):
             process.stop()
+        for receiver in COLLECTORS:
+            receiver.stop()
     summaries = summarize(measurements)
     verdicts = judge_targets(summaries)
     markdown = render_markdown(summaries, verdicts, settings, machine)

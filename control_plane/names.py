@@ -56,7 +56,8 @@ def is_batch_lane(group: str) -> bool:
 
 
 # Dynamic metadata the Lua filter sets (a client cannot forge it): LUA_REPLY_KEY on its own
-# answers; MODEL_KEY, SECONDS_KEY and ESTIMATED_KEY on every request it routes (the log of
+# answers (their OpenAI code, or their status, shown in traces); MODEL_KEY, SECONDS_KEY and
+# ESTIMATED_KEY on every request it routes (the log of
 # failed requests meters those, never headers a client could have sent).
 METADATA_NAMESPACE = "whisper_gateway"
 LUA_REPLY_KEY = "lua_reply"
@@ -64,6 +65,8 @@ MODEL_KEY = "model"
 SECONDS_KEY = "audio_seconds"
 ESTIMATED_KEY = "audio_estimated"
 KEY_ID_KEY = "key_id"
+# On a request that named an alias: the name it used (MODEL_KEY is the model it stands for), for traces.
+REQUESTED_MODEL_KEY = "requested_model"
 # On a routed 2xx whose answer carries the engine's own duration (`usage.seconds`, or
 # verbose_json's `duration`) and which differs from the edge's: that figure, which corrects
 # the metering (envoy/model_router.lua's response side; observe/access_logs.py).
@@ -98,7 +101,7 @@ LUA_NAMES = {name: globals()[name] for name in (
     "MODEL_HEADER", "LONG_UPLOAD_HEADER", "HOP_HEADER", "AUDIO_SECONDS_HEADER", "AUDIO_ESTIMATED_HEADER",
     "KEY_ID_HEADER", "LIMITED_HEADER", "BATCH_LANE_HEADER", "BATCH_LANE_PREFIX", "BATCH_LANE_LIMIT",
     "REQUESTS_LIMIT", "AUDIO_SECONDS_LIMIT", "MINUTE_S", "METADATA_NAMESPACE", "LUA_REPLY_KEY",
-    "MODEL_KEY", "SECONDS_KEY", "ESTIMATED_KEY", "KEY_ID_KEY", "BATCH_LANE_KEY", "PLAN_KEY", "COST_KEY", "WORKERS_ENV",
+    "MODEL_KEY", "SECONDS_KEY", "ESTIMATED_KEY", "KEY_ID_KEY", "REQUESTED_MODEL_KEY", "BATCH_LANE_KEY", "PLAN_KEY", "COST_KEY", "WORKERS_ENV",
     "REQUEST_COST_KEY", "BUDGET_SCALE", "AUDIO_SECONDS_PER_DAY_LIMIT",
     "ENGINE_SECONDS_KEY", "CLAIMED_KEY", "CHECKED_KEY")}
 
@@ -114,6 +117,10 @@ XDS_CLUSTER = "xds_cluster"
 # The gRPC access logs of every upstream try and every request (control_plane/observe/access_logs.py).
 UPSTREAM_LOG_NAME = "whisper_upstream_tries"
 REQUEST_LOG_NAME = "whisper_requests"
+# The cluster of the OpenTelemetry collector that traces go to (observability.tracing.otlp_endpoint;
+# published over CDS only while it is set: builders/tracing.py), and the service the spans name.
+OTLP_CLUSTER = "whisper_otlp"
+TRACING_SERVICE_NAME = "whisper-gateway"
 
 # The bootstrap's static cluster of every Envoy on this control plane (one endpoint each, over
 # EDS): the quota filters divide each key's budget by its size (builders/quotas.py).

@@ -4,6 +4,8 @@
 local reply = openai_errors.reply
 local allows = api_keys.allows
 local release = uploads.release
+-- On a request that named an alias: the name it used, for traces (control_plane/builders/tracing.py).
+local METADATA_NAMESPACE, REQUESTED_MODEL_KEY = NAMES.METADATA_NAMESPACE, NAMES.REQUESTED_MODEL_KEY
 
 local function served_names(models)
   local names = {}
@@ -25,6 +27,7 @@ local function resolve(h, name, grant)
     return reply(h, 403, "This API key may not use the model `" .. name .. "`.", "PermissionDeniedError", "model",
       "model_not_allowed")
   end
+  if model ~= name then h:streamInfo():dynamicMetadata():set(METADATA_NAMESPACE, REQUESTED_MODEL_KEY, name) end
   return model
 end
 

@@ -1,7 +1,7 @@
 -- whisper-gateway: the Lua filter's own answers, in OpenAI's error shape.
 
 -- Dynamic metadata (a client cannot forge it): LUA_REPLY_KEY marks the filter's own answers so
--- Envoy's local-reply mapper leaves them as they are.
+-- Envoy's local-reply mapper leaves them as they are; its value, the answer's code, shows in traces.
 local METADATA_NAMESPACE = NAMES.METADATA_NAMESPACE
 local LUA_REPLY_KEY = NAMES.LUA_REPLY_KEY
 
@@ -22,7 +22,7 @@ local function reply(h, status, message, error_type, param, code, retry_after)
   local body = '{"error":{"message":' .. json_string(message) .. ',"type":' .. json_string(error_type)
     .. ',"param":' .. (param and json_string(param) or "null") .. ',"code":' .. (code and json_string(code) or status)
     .. "}}"
-  h:streamInfo():dynamicMetadata():set(METADATA_NAMESPACE, LUA_REPLY_KEY, "1")
+  h:streamInfo():dynamicMetadata():set(METADATA_NAMESPACE, LUA_REPLY_KEY, code or tostring(status))
   h:respond({[":status"] = tostring(status), ["content-type"] = "application/json",
     ["retry-after"] = retry_after and tostring(retry_after) or nil}, body)
 end

@@ -282,3 +282,54 @@ def test_secrets_carry_the_files_and_a_missing_one_is_inconsistent():
     resources[SECRET] = [s for s in resources[SECRET] if s.name != "client_ca"]
     assert Snapshot.from_resources(resources).consistency_errors(frozenset({LOCAL_CLUSTER})) == [
         "listener 'whisper_http' needs missing secret 'client_ca'"]
+
+
+def _manager(resources):
+    from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
+
+    manager = hcm.HttpConnectionManager()
+    resources[LISTENER][0].filter_chains[0].filters[0].typed_config.Unpack(manager)
+    return manager
+
+
+def test_tracing_is_off_by_default_and_publishes_nothing_for_it():
+    resources = build(Backend("http://a:1", "10.0.0.1", 1, ("big",)))
+    assert not _manager(resources).HasField("tracing")
+    assert {c.name for c in resources[CLUSTER]} == {"model:big", "model:small", UNROUTED_CLUSTER}
+    assert not any(route.HasField("tracing") for route in resources[ROUTE][0].virtual_hosts[0].routes)
+
+
+def test_tracing_exports_to_the_collector_cluster_with_the_lua_filters_metadata_as_tags():
+    from envoy.config.trace.v3 import opentelemetry_pb2
+
+    from control_plane.builders.tracing import METADATA_TAGS
+    from control_plane.names import METADATA_NAMESPACE, OTLP_CLUSTER
+
+    raw = dict(RAW, observability={"tracing": {"otlp_endpoint": "collector.example:4317", "sampling": 0.01}},
+               routing={"long_upload_kb": 1024})
+    resources = build_resources(parse_config(raw), fleet(Backend("http://a:1", "10.0.0.1", 1, ("big",))), "-- lua")
+    tracing = _manager(resources).tracing
+    assert tracing.provider.name == "envoy.tracers.opentelemetry"
+    tracer = opentelemetry_pb2.OpenTelemetryConfig()
+    tracing.provider.typed_config.Unpack(tracer)
+    assert tracer.service_name == "whisper-gateway" and tracer.grpc_service.envoy_grpc.cluster_name == OTLP_CLUSTER
+    assert tracing.random_sampling.value == pytest.approx(1.0) and tracing.spawn_upstream_span.value
+    tags = {tag.tag: tag for tag in tracing.custom_tags}
+    for name, key in METADATA_TAGS.items():
+        assert tags[name].metadata.metadata_key.key == METADATA_NAMESPACE
+        assert [p.key for p in tags[name].metadata.metadata_key.path] == [key]
+    # Never a request header: a client's Authorization would be one.
+    assert not any(tag.HasField("request_header") for tag in tracing.custom_tags)
+    collector = {c.name: c for c in resources[CLUSTER]}[OTLP_CLUSTER]
+    address = collector.load_assignment.endpoints[0].lb_endpoints[0].endpoint.address.socket_address
+    assert (address.address, address.port_value) == ("collector.example", 4317)
+    assert collector.type == collector.STRICT_DNS
+    # Each audio route names its operation and keeps the listener's sampling (a route's own
+    # random_sampling would default to 100%).
+    routes = [r for r in resources[ROUTE][0].virtual_hosts[0].routes if r.HasField("route")]
+    assert routes and all(r.HasField("tracing") for r in routes)
+    for route in routes:
+        assert route.tracing.random_sampling.numerator == 10_000  # of a million: 1%
+        expected = "translation" if route.match.path.endswith("translations") else "transcription"
+        assert [(t.tag, t.literal.value) for t in route.tracing.custom_tags] == [("gen_ai.operation.name", expected)]
+    assert Snapshot.from_resources(resources).consistency_errors(frozenset({LOCAL_CLUSTER})) == []

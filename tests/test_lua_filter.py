@@ -71,7 +71,7 @@ def assert_error(outcome, status: int, param: str | None = None, code=None, erro
     assert error["code"] == (code if code is not None else status), error
     if error_type is not None:
         assert error["type"] == error_type, error
-    assert outcome.metadata["whisper_gateway"]["lua_reply"] == "1"
+    assert outcome.metadata["whisper_gateway"]["lua_reply"] == str(code if code is not None else status)
     assert not outcome.route_cache_cleared
     assert outcome.header("x-whisper-model") is None
     assert not outcome.violations, outcome.violations

@@ -138,4 +138,4 @@ def test_the_lua_reply_is_openai_error(lua, message, status, error_type, param, 
     assert outcome.status == status and outcome.reply_headers["content-type"] == "application/json"
     assert json.loads(outcome.reply_body) == openai_error(_as_lua_sends_it(message), error_type, param,
                                                           status if code is None else code)
-    assert outcome.metadata[names.METADATA_NAMESPACE][names.LUA_REPLY_KEY] == "1"
+    assert outcome.metadata[names.METADATA_NAMESPACE][names.LUA_REPLY_KEY] == str(status if code is None else code)

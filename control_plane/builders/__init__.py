@@ -7,6 +7,7 @@ from control_plane.builders.endpoints import build_envoys_assignment, build_load
 from control_plane.builders.listener import build_listener
 from control_plane.builders.routes import build_route_configuration
 from control_plane.builders.secrets import build_secrets
+from control_plane.builders.tracing import build_collector_cluster
 from control_plane.certificates import TlsMaterial
 from control_plane.config import GatewayConfig
 from control_plane.fleet.resolved import Fleet
@@ -27,10 +28,11 @@ def build_resources(config: GatewayConfig, fleet: Fleet, lua_source: str, access
     before they get here (the snapshot's check would stop them)."""
     models = fleet.model_names()
     engine_tls = certificates is not None and certificates.checks_engines
+    collector = build_collector_cluster(config)  # observability.tracing's, while it is set
     return {
         LISTENER: [build_listener(config, lua_source)],
         ROUTE: [build_route_configuration(config, fleet, lua_source, access, envoys)],
-        CLUSTER: [build_cluster(model, config, engine_tls) for model in models] + [build_unrouted_cluster()],
+        CLUSTER: [build_cluster(model, config, engine_tls) for model in models] + [build_unrouted_cluster()] + ([collector] if collector else []),
         ENDPOINT: build_load_assignments(fleet, envoys),
         SECRET: build_secrets(certificates),
     }

@@ -25,6 +25,7 @@ from control_plane.builders.local_replies import build_local_reply_config
 from control_plane.builders.lua_source import filter_source
 from control_plane.builders.quotas import build_quota_filters, limits_in_flight
 from control_plane.builders.secrets import downstream_transport_socket
+from control_plane.builders.tracing import build_http_tracing
 from control_plane.names import (AUDIO_ESTIMATED_HEADER, AUDIO_SECONDS_HEADER, BATCH_LANE_HEADER, CLAIMED_KEY, CUT_SHORT_FLAGS, ENGINE_SECONDS_KEY,
                                  KEY_ID_HEADER, LIMITED_HEADER,
                                  LISTENER_NAME, LUA_FILTER, MODEL_HEADER, UPLOAD_FILTER, MODEL_KEY, REQUEST_LOG_NAME, ROUTE_CONFIG_NAME,
@@ -152,6 +153,8 @@ def build_listener(config: GatewayConfig, lua_source: str) -> listener_pb2.Liste
         # A 429's x-whisper-limited says which in-flight filter refused it (observe/access_logs.py).
         access_log=[_grpc_log(REQUEST_LOG_NAME, [], flush_s, only=_unanswered(), response_headers=[LIMITED_HEADER])],
         http_filters=_http_filters(config, lua_source, access, flush_s),
+        # With observability.tracing.otlp_endpoint: spans to the collector, traceparent to the engines.
+        tracing=build_http_tracing(config),
     )
     address = address_pb2.Address(
         socket_address=address_pb2.SocketAddress(address=config.listen.address, port_value=config.listen.port)

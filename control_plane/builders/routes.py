@@ -19,6 +19,7 @@ from google.protobuf import wrappers_pb2
 
 from control_plane.builders.common import JSON_HEADER, header, long_upload_metadata, pack, seconds
 from control_plane.builders.lua_source import filter_source
+from control_plane.builders.tracing import build_route_tracing
 from control_plane.names import (
     AUDIO_PATHS,
     HOP_HEADER,
@@ -62,6 +63,7 @@ def _model_routes(config: GatewayConfig, fleet: Fleet) -> list[rc.Route]:
     long_upload = rc.HeaderMatcher(name=LONG_UPLOAD_HEADER, present_match=True)
     for name, model in sorted(fleet.name_to_model().items()):
         for path in AUDIO_PATHS:
+            tracing = build_route_tracing(config, path)  # None: tracing is off
             named = rc.HeaderMatcher(name=MODEL_HEADER, string_match=string_pb2.StringMatcher(exact=name))
             route_name = f"{model}:{name}:{path.rsplit('/', 1)[-1]}"
             action = rc.RouteAction(cluster=cluster_name(model), timeout=seconds(config.timeouts.route_s),
@@ -71,9 +73,10 @@ def _model_routes(config: GatewayConfig, fleet: Fleet) -> list[rc.Route]:
                 long_action = rc.RouteAction()
                 long_action.CopyFrom(action)
                 long_action.metadata_match.CopyFrom(long_upload_metadata())
-                routes.append(rc.Route(name=route_name + ":long", route=long_action,
+                routes.append(rc.Route(name=route_name + ":long", route=long_action, tracing=tracing,
                                        match=rc.RouteMatch(path=path, headers=[named, long_upload])))
-            routes.append(rc.Route(name=route_name, match=rc.RouteMatch(path=path, headers=[named]), route=action))
+            routes.append(rc.Route(name=route_name, match=rc.RouteMatch(path=path, headers=[named]), route=action,
+                                   tracing=tracing))
     return routes
 
 
@@ -122,14 +125,14 @@ def _listing_routes(fleet: Fleet) -> list[rc.Route]:
     return routes
 
 
-def _fallback_routes() -> list[rc.Route]:
+def _fallback_routes(config: GatewayConfig) -> list[rc.Route]:
     # Requests match these before the Lua filter sets the model header. They must be real
     # route actions: Envoy applies the virtual host's body limit only to those, and answers
     # "payload too large" at 1 MiB otherwise. The filter answers every request itself or sets
     # the header, so the empty cluster is only a safe end for what might slip past it.
     routes = [
         rc.Route(name=f"unrouted:{path}", match=rc.RouteMatch(path=path),
-                 route=rc.RouteAction(cluster=UNROUTED_CLUSTER))
+                 route=rc.RouteAction(cluster=UNROUTED_CLUSTER), tracing=build_route_tracing(config, path))
         for path in AUDIO_PATHS
     ]
     # A plain message: Envoy's local reply mapper gives every error it answers OpenAI's shape.
@@ -187,7 +190,7 @@ def build_route_configuration(config: GatewayConfig, fleet: Fleet, lua_source: s
     virtual_host = rc.VirtualHost(
         name=VIRTUAL_HOST_NAME,
         domains=["*"],
-        routes=_listing_routes(fleet) + _model_routes(config, fleet) + _fallback_routes(),
+        routes=_listing_routes(fleet) + _model_routes(config, fleet) + _fallback_routes(config),
         # The Lua filter buffers whole bodies; Envoy takes this limit from the route matched
         # before the filter sets the model header, so it must sit on the virtual host.
         request_body_buffer_limit=wrappers_pb2.UInt64Value(value=config.limits.max_upload_bytes),

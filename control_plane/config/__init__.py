@@ -5,8 +5,8 @@ them and names the failing key). A typo must stop the process with the key that 
 become a default silently, so unknown keys are errors too. The admin API checks its fields
 with the same types.
 
-fields.py: the shared field types; listen.py, routing.py, auth.py, backends.py, state.py: the
-sections; gateway.py: the whole file; load.py: reading it and the checks across sections.
+fields.py: the shared field types; listen.py, routing.py, auth.py, backends.py, state.py,
+observability.py: the sections; gateway.py: the whole file; load.py: reading it and the checks across sections.
 """
 
 from control_plane.config.auth import AuthConfig, PlanConfig, PlanName
@@ -19,6 +19,7 @@ from control_plane.config.gateway import GatewayConfig
 from control_plane.config.listen import (BackendTlsConfig, InternalTlsConfig, LimitsConfig, ListenConfig, ListenTlsConfig,
                                          MetricsConfig, TimeoutsConfig)
 from control_plane.config.load import DEFAULT_CONFIG_PATH, config_problems, load_config, parse_config
+from control_plane.config.observability import ObservabilityConfig, TracingConfig
 from control_plane.config.routing import ResilienceConfig, RoutingConfig
 from control_plane.config.state import StateConfig
 from control_plane.validation import ConfigError, check
@@ -27,8 +28,8 @@ __all__ = [
     "DEFAULT_CONFIG_PATH", "MODEL_NAME_PATTERN", "SECTION", "YAML_OFF",
     "Address", "AnyEngine", "AuthConfig", "BackendConfig", "BackendTlsConfig", "BackendUrl", "ConfigError", "Count",
     "DiscoveryConfig", "DrainTimeout", "EngineConfig", "EnvName", "FilePath", "GatewayConfig", "InternalTlsConfig",
-    "LimitsConfig", "ListenConfig", "ListenTlsConfig", "MetricsConfig", "ModelConfig", "ModelName", "PlanConfig",
+    "LimitsConfig", "ListenConfig", "ListenTlsConfig", "MetricsConfig", "ModelConfig", "ModelName", "ObservabilityConfig", "PlanConfig",
     "PlanName", "Port", "Positive", "PositiveInt", "ResilienceConfig", "RotationGrace", "RoutingConfig",
-    "SimulatedEngine", "StateConfig", "TimeoutsConfig", "VllmEngine", "Weight", "WhisperCpuEngine",
+    "SimulatedEngine", "StateConfig", "TimeoutsConfig", "TracingConfig", "VllmEngine", "Weight", "WhisperCpuEngine",
     "check", "config_problems", "load_config", "parse_config", "seconds",
 ]

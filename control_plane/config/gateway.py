@@ -13,6 +13,7 @@ from control_plane.config.backends import AnyEngine, BackendConfig, DiscoveryCon
 from control_plane.config.fields import SECTION, DrainTimeout
 from control_plane.config.listen import (BackendTlsConfig, InternalTlsConfig, LimitsConfig, ListenConfig, MetricsConfig,
                                          TimeoutsConfig)
+from control_plane.config.observability import ObservabilityConfig
 from control_plane.config.routing import ResilienceConfig, RoutingConfig
 from control_plane.config.state import StateConfig
 
@@ -33,6 +34,7 @@ class GatewayConfig:
     state: StateConfig = StateConfig()
     internal_tls: InternalTlsConfig | None = None
     metrics: MetricsConfig = MetricsConfig()
+    observability: ObservabilityConfig = ObservabilityConfig()
     # How long a drain may take before the backend is removed anyway.
     drain_timeout_s: DrainTimeout = 300.0
 

@@ -6,6 +6,9 @@
   hang | drop (answer begins, then the connection is cut)
 - slowdown: 1 or more; the simulated GPU works that many times slower
 - crash: true ends the process at once, as a killed engine would
+
+`GET /_sim/traceparents`: the W3C traceparent of each speech request received (the last 100,
+oldest first; null where none came), as a tracing engine would continue it.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+from collections import deque
 from dataclasses import asdict, dataclass
 
 from aiohttp import web
@@ -57,6 +61,7 @@ class Faults:
 def install_faults(app: web.Application, faults: Faults, on_slowdown) -> None:
     """Adds the switch and the behaviour to an engine app before it starts."""
     stopping = asyncio.Event()  # a hang lasts until the engine stops, so stopping stays quick
+    traceparents: deque[str | None] = deque(maxlen=100)
 
     async def on_shutdown(app: web.Application) -> None:
         stopping.set()
@@ -72,6 +77,8 @@ def install_faults(app: web.Application, faults: Faults, on_slowdown) -> None:
 
     @web.middleware
     async def inject(request: web.Request, handler):
+        if request.path in SPEECH_PATHS:
+            traceparents.append(request.headers.get("traceparent"))
         fault = fault_for(request.path)
         if fault == "ok":
             return await handler(request)
@@ -111,3 +118,4 @@ def install_faults(app: web.Application, faults: Faults, on_slowdown) -> None:
     app.middlewares.append(inject)  # inside the error middleware, which shapes EngineError answers
     app.router.add_get("/_sim/faults", show)
     app.router.add_post("/_sim/faults", change)
+    app.router.add_get("/_sim/traceparents", lambda request: web.json_response(list(traceparents)))
