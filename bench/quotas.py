@@ -6,13 +6,15 @@ audio-seconds a minute. A client offers twice the quota as clips of CLIP_S at a 
 either `spread` (a new connection each, so every Envoy gets some) or `one` (one keep-alive
 connection, so one Envoy gets all). Its buckets start full, so the client first spends them
 (clips until eight in a row are refused), then offers the load for --seconds, of which the
-first WARMUP_S are not counted (the control plane learning where the key's traffic arrives):
-the steady state, where the plan allows QUOTA x T / 60 over the T counted. The report gives
+first WARMUP_S are not counted: the control plane learns where the key's traffic arrives, and
+repays what the Envoys' buckets admitted beyond the key's exact budget while their charges moved
+(or shares out what they left), which takes up to a minute. Then the steady state, where the
+plan allows QUOTA x T / 60 over the T counted. The report gives
 what was admitted against that. A last
 two-Envoy run restarts the control plane halfway. Each run also sends, under a key of its own,
 one upload of a whole minute's budget, which must pass however many Envoys there are.
 
-    .venv/bin/python -m bench.quotas [--seconds 90]
+    .venv/bin/python -m bench.quotas [--seconds 150]
 
 Writes bench/results/quotas.{json,md}.
 """
@@ -36,7 +38,7 @@ QUOTA = 120  # audio-seconds a minute
 CLIP_S = 2.0
 OFFERED = 2.0  # times the quota
 TARGET = (0.95, 1.05)  # admitted within these times what the plan allows
-WARMUP_S = 15.0
+WARMUP_S = 60.0
 BOUNDARY = "wgboundary7MA4YWxk"
 
 
@@ -130,7 +132,7 @@ def markdown(report: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=float, default=90.0)
+    parser.add_argument("--seconds", type=float, default=150.0)
     parser.add_argument("--only", default="", help="runs to make, e.g. '8:spread,2:restart' (default: all)")
     args = parser.parse_args()
     machine = describe_machine()

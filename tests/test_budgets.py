@@ -10,7 +10,7 @@ import pytest
 from envoy.data.accesslog.v3 import accesslog_pb2
 
 from control_plane.config import PlanConfig
-from control_plane.decide.budgets import DEBT_SLACK, MOST_ADDED, REPAY_S, Ledger, charge, charges, moved, water_level
+from control_plane.decide.budgets import DEBT_SLACK, REPAY_S, Ledger, charge, charges, moved, water_level
 from control_plane.names import (AUDIO_SECONDS_HEADER, AUDIO_SECONDS_LIMIT, AUDIO_SECONDS_PER_DAY_LIMIT, BUDGET_SCALE,
                                  ENGINE_SECONDS_KEY, KEY_ID_HEADER, KEY_ID_KEY, LIMITED_HEADER, METADATA_NAMESPACE, REQUESTS_LIMIT,
                                  SECONDS_KEY)
@@ -185,18 +185,6 @@ def test_debt_from_admissions_beyond_the_budget_raises_the_charge_until_repaid()
         seen.arrived(f"s{i}", "k", "envoy-1", 2, True, clock.now)
     asyncio.run(keeper.round())
     assert published[-1]["k"].audio_charge == BUDGET_SCALE  # repaid: once again
-
-
-def test_what_the_envoys_left_unspent_is_shared_out_while_the_key_wants_more():
-    ledger = Ledger.full(60, now=0.0)
-    ledger.take(56, 0.0)  # 4 left unspent
-    assert ledger.shared_out(0.0, wanted=120) == 60  # not in its first minute: its start was assumed
-    ledger.since = -60.0
-    assert ledger.shared_out(0.0, wanted=30) == 60  # wanting less than the budget: nothing added
-    assert ledger.shared_out(0.0, wanted=120) == pytest.approx(60 + (4 - 1 - DEBT_SLACK * 60) * 60 / REPAY_S)
-    assert Ledger(60, 60, 0.0).shared_out(0.0, wanted=120) == pytest.approx(60 * (1 + MOST_ADDED))  # at most so much
-    ledger.take(5, 0.0)  # within the slack: the plan's
-    assert ledger.shared_out(0.0, wanted=120) == 60
 
 
 def served_with_engine_figure(edge: str, engine: str | None) -> accesslog_pb2.HTTPAccessLogEntry:

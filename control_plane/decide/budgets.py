@@ -13,8 +13,8 @@ finds room at once.
 The exact figure is a token bucket per key and limit (`Ledger`), charged with every admission
 the access logs report: what the Envoys admitted beyond it (their buckets refilled by a restart,
 a charge that lagged a shift of traffic) is debt, repaid by sharing out less of the budget over
-the next REPAY_S; what they left unspent while the key wanted more (an Envoy capped while
-another had room) is shared out likewise. A day's budget is the UTC day's durable usage: once it is spent, the key is
+the next REPAY_S. What they leave unspent is not given back later: a key gets at most its
+budget's rate, and a catch-up would show as more than the plan in any minute. A day's budget is the UTC day's durable usage: once it is spent, the key is
 refused until midnight.
 """
 
@@ -32,10 +32,6 @@ from control_plane.names import AUDIO_SECONDS_LIMIT, BUDGET_SCALE, MINUTE_S, REQ
 REPAY_S = 30.0
 MOST_HELD_BACK = 0.9
 DEBT_SLACK = 0.02
-# While a key wants more than its budget, what the Envoys left unspent of it (an Envoy capped
-# while its neighbour had room) is shared out too, over REPAY_S, at most this much more; not in
-# a ledger's first minute, whose start is assumed (a new key, a restarted plane).
-MOST_ADDED = 0.1
 # A charge moves only when the new one is this far from the one published (each move is a route
 # update, which every Envoy's Lua filter recompiles; a wider step leaves a charge stuck that far off).
 CHARGE_STEP = 0.02
@@ -79,13 +75,11 @@ class Ledger:
     per_minute: float
     tokens: float
     at: float
-    since: float = -math.inf  # when it began: what it holds before a minute has passed is assumed
 
     @classmethod
     def full(cls, per_minute: float, now: float) -> "Ledger":
-        """A key's first budget (or a restarted plane's): assumed full, as the Envoys' buckets
-        of a new key are; what it has left unspent is not shared out until a minute has passed."""
-        return cls(per_minute, per_minute, now, now)
+        """A key's first budget (or a restarted plane's): assumed full, as a new key's buckets are."""
+        return cls(per_minute, per_minute, now)
 
     def _refill(self, now: float) -> None:
         if now > self.at:
@@ -100,20 +94,14 @@ class Ledger:
         self._refill(now)
         return max(0.0, -self.tokens)
 
-    def shared_out(self, now: float, wanted: float = 0.0) -> float:
+    def shared_out(self, now: float) -> float:
         """The budget a minute to share among the Envoys now: the plan's, less the repayment of
-        the debt beyond a slack (one unit and DEBT_SLACK); when `wanted` (a minute's demand) is
-        more than the budget, plus what was left unspent beyond the slack. Continuous in both,
-        so a debt that hovers at the slack moves no charge."""
+        the debt beyond a slack (one unit and DEBT_SLACK), continuous in it, so a debt that
+        hovers at the slack moves no charge."""
         self._refill(now)
         slack = 1 + DEBT_SLACK * self.per_minute
-        if self.tokens < -slack:
-            repay = (-self.tokens - slack) * MINUTE_S / REPAY_S
-            return max(self.per_minute * (1 - MOST_HELD_BACK), self.per_minute - repay)
-        if wanted > self.per_minute and self.tokens > slack and now - self.since >= MINUTE_S:
-            added = (self.tokens - slack) * MINUTE_S / REPAY_S
-            return self.per_minute + min(MOST_ADDED * self.per_minute, added)
-        return self.per_minute
+        repay = max(0.0, -self.tokens - slack) * MINUTE_S / REPAY_S
+        return max(self.per_minute * (1 - MOST_HELD_BACK), self.per_minute - repay)
 
 
 # The per-minute limits, by name: the PlanConfig field and which figure of a demand counts.
@@ -128,8 +116,8 @@ def charges(demand: Mapping[str, tuple[float, float]], ledgers: Mapping[str, Led
     out = {}
     for name, (_, figure) in MINUTE_LIMITS.items():
         if name in ledgers:
-            wanted = [d[figure] for d in demand.values()]
-            out[name] = charge(wanted, ledgers[name].shared_out(now, sum(wanted)), buckets[name], envoys)
+            out[name] = charge((d[figure] for d in demand.values()), ledgers[name].shared_out(now), buckets[name],
+                               envoys)
     return out
 
 
