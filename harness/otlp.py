@@ -32,15 +32,24 @@ class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
         self.server.add_insecure_port(f"127.0.0.1:{self.port}")
         self.server.start()
 
+    @staticmethod
+    def _scopes(resource_spans):
+        """Its spans by scope. xds-protos ships an older copy of the OTLP protos into the same
+        package path as opentelemetry-proto, and whichever installs last is imported: the older
+        names the field `instrumentation_library_spans`, with the same number and wire format."""
+        if "scope_spans" in resource_spans.DESCRIPTOR.fields_by_name:
+            return resource_spans.scope_spans
+        return resource_spans.instrumentation_library_spans
+
     def Export(self, request, context):  # noqa: N802 - the gRPC method's name
         if not self.keep:
             with self.lock:
-                self.count += sum(len(s.spans) for r in request.resource_spans for s in r.scope_spans)
+                self.count += sum(len(s.spans) for r in request.resource_spans for s in self._scopes(r))
             return trace_service_pb2.ExportTraceServiceResponse()
         received = []
         for resource_spans in request.resource_spans:
             resource = {a.key: _value(a.value) for a in resource_spans.resource.attributes}
-            for scope_spans in resource_spans.scope_spans:
+            for scope_spans in self._scopes(resource_spans):
                 for span in scope_spans.spans:
                     received.append({"trace_id": span.trace_id.hex(), "span_id": span.span_id.hex(),
                                      "parent_span_id": span.parent_span_id.hex(), "name": span.name, "kind": span.kind,

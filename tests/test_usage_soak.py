@@ -92,7 +92,8 @@ def test_usage_equals_what_clients_were_served_across_engine_plane_and_envoy_res
         answered = clients.stop()
         served = answered.get(200, 0)
         gateway_answers = sum(n for status, n in answered.items() if status != 0)
-        wait_until(lambda: billed(stack, key["id"])[1] >= round(served * CLIP_S, 3), 15, "the last entries metered")
+        wait_until(lambda: billed(stack, key["id"])[1] >= round(served * CLIP_S, 3), 15,
+                   f"the last entries metered (served {served}: {round(served * CLIP_S, 3)} s)")
         requests, seconds = billed(stack, key["id"])
         assert seconds == round(served * CLIP_S, 3), (answered, requests, seconds)
         assert requests == gateway_answers, (answered, requests, seconds)
