@@ -15,7 +15,7 @@ import pytest
 from control_plane.supervisor import drain_envoy
 from harness.processes import Envoy, GatewayStack, start_engine, transcribe, wait_until
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.soak]
 
 MODEL = "whisper-large-v3-turbo"
 CLIP_S = 0.5
@@ -92,8 +92,11 @@ def test_usage_equals_what_clients_were_served_across_engine_plane_and_envoy_res
         answered = clients.stop()
         served = answered.get(200, 0)
         gateway_answers = sum(n for status, n in answered.items() if status != 0)
-        wait_until(lambda: billed(stack, key["id"])[1] >= round(served * CLIP_S, 3), 15,
-                   f"the last entries metered (served {served}: {round(served * CLIP_S, 3)} s)")
+        try:
+            wait_until(lambda: billed(stack, key["id"])[1] >= round(served * CLIP_S, 3), 15, "the last entries metered")
+        except AssertionError:
+            raise AssertionError(f"answers {answered}: {round(served * CLIP_S, 3)} s served; billed (requests, "
+                                 f"seconds) {billed(stack, key['id'])}") from None
         requests, seconds = billed(stack, key["id"])
         assert seconds == round(served * CLIP_S, 3), (answered, requests, seconds)
         assert requests == gateway_answers, (answered, requests, seconds)
