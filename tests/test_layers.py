@@ -34,6 +34,8 @@ def everything_but(*allowed: str) -> tuple[str, ...]:
 DRIVERS = ("app", "plane", "cli", "__main__", "supervisor")
 RULES = [
     ("xds", everything_but()),
+    # Long recordings' pure parts (where to cut, how to join the answers): they know only themselves.
+    ("longform", everything_but()),
     ("tenants", everything_but("validation")),
     ("observe", (*DRIVERS, "decide", "builders", "operator", "xds")),
     ("decide", (*DRIVERS, "builders", "operator")),

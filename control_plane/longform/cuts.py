@@ -1,0 +1,96 @@
+"""Where a long recording is cut into pieces: vLLM's own rule, moved above the engines.
+
+vLLM cuts audio longer than its 30 s window at the quietest 0.1 s window in the last second before
+each boundary, so no word is cut where a pause exists (vllm/entrypoints/openai/speech_to_text:
+`_find_split_point`). The gateway cuts the same way, each piece then one engine request.
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+import wave
+from array import array
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+RATE = 16_000  # what pieces are sent as: 16 kHz mono, 16-bit
+PIECE_S = 30.0  # the engines' window: a piece is at most this long
+SEARCH_S = 1.0  # the cut is looked for in this last part before a piece's end
+QUIET_S = 0.1  # the quiet window's length (vLLM's min_energy_split_window_size, 1600 samples)
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One piece of a recording: its place in the recording's samples."""
+
+    index: int
+    start: int  # first sample
+    end: int  # one past the last sample
+
+    def offset_s(self, rate: int = RATE) -> float:
+        return self.start / rate
+
+    def duration_s(self, rate: int = RATE) -> float:
+        return (self.end - self.start) / rate
+
+
+def _energy(samples: Sequence[int], start: int, end: int) -> int:
+    return sum(x * x for x in samples[start:end])
+
+
+def quietest(samples: Sequence[int], start: int, end: int, window: int) -> int:
+    """The middle of the quietest whole `window` of samples in [start, end); the first among
+    equals (vLLM's tie-break). `start` when no whole window fits."""
+    best, at = None, start
+    for left in range(start, end - window + 1, window):
+        energy = _energy(samples, left, left + window)
+        if best is None or energy < best:
+            best, at = energy, left + window // 2
+    return at
+
+
+def cut(samples: Sequence[int], start: int = 0, rate: int = RATE, piece_s: float = PIECE_S,
+        search_s: float = SEARCH_S, quiet_s: float = QUIET_S) -> int | None:
+    """Where the piece that begins at sample `start` ends: at the quietest `quiet_s` in the last
+    `search_s` before it would pass `piece_s`; None when the rest fits in one piece. It reads no
+    more than `piece_s` past `start`, so a recording can be cut as it is decoded."""
+    length, window = round(piece_s * rate), max(1, round(quiet_s * rate))
+    if len(samples) - start <= length:
+        return None
+    search = min(length, round(search_s * rate))
+    at = quietest(samples, start + length - search, start + length, window)
+    return at if at > start else start + length
+
+
+def pieces(samples: Sequence[int], rate: int = RATE, piece_s: float = PIECE_S, search_s: float = SEARCH_S,
+           quiet_s: float = QUIET_S) -> list[Piece]:
+    """A whole recording's `samples` (mono, at `rate`) as its pieces, one after the other."""
+    bounds = [0]
+    while (end := cut(samples, bounds[-1], rate, piece_s, search_s, quiet_s)) is not None:
+        bounds.append(end)
+    bounds.append(len(samples))
+    return [Piece(i, a, b) for i, (a, b) in enumerate(zip(bounds, bounds[1:])) if b > a]
+
+
+def pcm16(data: bytes) -> array:
+    """Little-endian 16-bit samples (ffmpeg's `-f s16le`) as integers."""
+    samples = array("h")
+    samples.frombytes(data[: len(data) // 2 * 2])
+    if sys.byteorder == "big":  # pragma: no cover - the file's order is little-endian
+        samples.byteswap()
+    return samples
+
+
+def wav(samples: array, piece: Piece, rate: int = RATE) -> bytes:
+    """The piece as a 16-bit mono WAV file, what every engine reads."""
+    part = samples[piece.start:piece.end]
+    if sys.byteorder == "big":  # pragma: no cover
+        part.byteswap()
+    out = io.BytesIO()
+    with wave.open(out, "wb") as file:
+        file.setnchannels(1)
+        file.setsampwidth(2)
+        file.setframerate(rate)
+        file.writeframes(part.tobytes())
+    return out.getvalue()
