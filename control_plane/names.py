@@ -26,6 +26,19 @@ IN_FLIGHT_LIMIT = "requests_in_flight"  # the plan's field, and x-whisper-limite
 BATCH_LANE_HEADER = "x-whisper-batch-lane"
 BATCH_LANE_KEY = "batch_lane"  # the same as dynamic metadata, for the request's own log
 BATCH_LANE_LIMIT = "batch_lane"
+# Long recordings (control_plane/longform/): the Lua filter sets LONGFORM_HEADER on an admitted
+# upload longer than longform.split_above_s, whose route goes to the longform workers
+# (LONGFORM_CLUSTER), with how many of its pieces may be at the engines at once. A worker sends
+# each piece to the pieces listener (loopback, or the worker's certificate with internal TLS), whose
+# own filter marks it (PIECE_FILTER): routed, retried and hedged like any request, counted in its
+# engine's load, but never admitted, charged or metered again (the recording was, once).
+LONGFORM_HEADER = "x-whisper-longform"
+LONGFORM_PARALLEL_HEADER = "x-whisper-longform-parallel"
+LONGFORM_CLUSTER = "whisper:longform"
+PIECES_LISTENER_NAME = "whisper_pieces"
+PIECE_FILTER = "whisper.piece"
+PIECE_HEADER = "x-whisper-piece"
+PIECE_KEY = "piece"
 # The in-flight filters' buckets (builders/quotas.py, xds/quota_service.py): the bucket id's entry
 # that names the group (a key's id, a model's batch lane), and how often Envoy reports each
 # bucket (each report is answered with fresh grants).
@@ -99,7 +112,8 @@ WORKERS_ENV = "WHISPER_GATEWAY_WORKERS"
 
 LUA_NAMES = {name: globals()[name] for name in (
     "MODEL_HEADER", "LONG_UPLOAD_HEADER", "HOP_HEADER", "AUDIO_SECONDS_HEADER", "AUDIO_ESTIMATED_HEADER",
-    "KEY_ID_HEADER", "LIMITED_HEADER", "BATCH_LANE_HEADER", "BATCH_LANE_PREFIX", "BATCH_LANE_LIMIT",
+    "KEY_ID_HEADER", "LIMITED_HEADER", "BATCH_LANE_HEADER", "LONGFORM_HEADER", "LONGFORM_PARALLEL_HEADER", "PIECE_HEADER",
+    "PIECE_KEY", "BATCH_LANE_PREFIX", "BATCH_LANE_LIMIT",
     "REQUESTS_LIMIT", "AUDIO_SECONDS_LIMIT", "MINUTE_S", "METADATA_NAMESPACE", "LUA_REPLY_KEY",
     "MODEL_KEY", "SECONDS_KEY", "ESTIMATED_KEY", "KEY_ID_KEY", "REQUESTED_MODEL_KEY", "BATCH_LANE_KEY", "PLAN_KEY", "COST_KEY", "WORKERS_ENV",
     "REQUEST_COST_KEY", "BUDGET_SCALE", "AUDIO_SECONDS_PER_DAY_LIMIT",
