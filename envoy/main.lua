@@ -14,8 +14,13 @@
 function envoy_on_request(h)
   local headers = h:headers()
   if not routing.first_pass(h, headers) then return end
-  local grant = api_keys.admit(h, headers) -- before the body: a stranger's upload is never buffered
-  if grant == nil then return end -- false: no key is required
+  -- A piece of a recording this gateway admitted and charged once, as a whole: no key of its own.
+  local piece = routing.is_piece(h)
+  local grant = false
+  if not piece then
+    grant = api_keys.admit(h, headers) -- before the body: a stranger's upload is never buffered
+    if grant == nil then return end -- false: no key is required
+  end
   local boundary = multipart.request_boundary(h, headers)
   if not boundary then return end -- its memory was admitted by the listener's filter, below
   local body = h:body()
@@ -26,7 +31,7 @@ function envoy_on_request(h)
   local seconds = metering.meter(h, headers, body, form, grant, model) -- before an alias moves the bytes
   if not lanes.assign(h, headers, grant, model) or not plans.charge(h, grant, seconds) then return end
   models.rewrite_alias(body, form, model)
-  routing.route(h, headers, body, model, seconds)
+  routing.route(h, headers, body, model, seconds, piece)
 end
 
 -- The listener's upload-admission filter (control_plane/builders/listener.py) runs this source
@@ -37,10 +42,16 @@ if CONTEXT.upload_admission then
   function envoy_on_request(h) uploads.admit(h, h:headers()) end
 end
 
+-- The pieces listener's first filter runs this source too (control_plane/builders/listener.py),
+-- to mark what comes in there as a piece of a recording (routing.lua).
+if CONTEXT.piece_marker then
+  function envoy_on_request(h) routing.mark_piece(h) end
+end
+
 -- Every routed request's answer: OpenAI's rate-limit headers where plans are enforced (headers
 -- first: reading the body yields), then the engine's own figure of its audio.
 local with_plans = CONTEXT.keys_required and next(CONTEXT.plans or {}) ~= nil
-if not CONTEXT.upload_admission then
+if not (CONTEXT.upload_admission or CONTEXT.piece_marker) then
   function envoy_on_response(h)
     if with_plans then plans.rate_limit_headers(h) end
     metering.reconcile(h)

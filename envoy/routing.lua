@@ -19,7 +19,11 @@ local PER_TRY_HEADER = "x-envoy-upstream-rq-per-try-timeout-ms"
 -- What this filter sets (here, and in metering.lua and lanes.lua): a client's own values never
 -- reach a route, an engine or a log.
 local OWN_HEADERS = {MODEL_HEADER, LONG_UPLOAD_HEADER, NAMES.AUDIO_SECONDS_HEADER, NAMES.AUDIO_ESTIMATED_HEADER,
-  NAMES.KEY_ID_HEADER, NAMES.BATCH_LANE_HEADER}
+  NAMES.KEY_ID_HEADER, NAMES.BATCH_LANE_HEADER, NAMES.LONGFORM_HEADER, NAMES.LONGFORM_PARALLEL_HEADER, NAMES.PIECE_HEADER}
+-- Long recordings (control_plane/longform/): an upload longer than CONTEXT.longform_above_s (0:
+-- never) goes to a longform worker, which sends its pieces back through the pieces listener,
+-- whose own filter marks each as a piece (dynamic metadata PIECE_KEY) before this one runs.
+local METADATA_NAMESPACE, PIECE_KEY = NAMES.METADATA_NAMESPACE, NAMES.PIECE_KEY
 
 -- The first step: a client's own values of the filter's headers removed; true, or nil once it
 -- answered 508 (a request that has come round a loop).
@@ -41,10 +45,34 @@ local function try_deadline_ms(model, seconds, bytes)
   return (CONTEXT.per_try_base_ms or 0) + math.floor(bytes * (CONTEXT.per_try_ms_per_mb or 0) / 1048576)
 end
 
+-- The pieces listener's own filter: what comes in there is a piece of a recording a worker split.
+local function mark_piece(h)
+  h:streamInfo():dynamicMetadata():set(METADATA_NAMESPACE, PIECE_KEY, "1")
+end
+
+-- Whether the request is a piece (only the pieces listener makes them; clients cannot reach it).
+local function is_piece(h)
+  if (CONTEXT.longform_above_s or 0) <= 0 then return false end
+  local fields = h:streamInfo():dynamicMetadata():get(METADATA_NAMESPACE)
+  return fields ~= nil and fields[PIECE_KEY] ~= nil
+end
+
 -- The last step: where the router sends the request: the model's route, the long-upload subset,
--- and the deadline of each try.
-local function route(h, headers, body, model, seconds)
+-- and the deadline of each try; a recording longer than CONTEXT.longform_above_s, to the
+-- longform workers, with how many of its pieces may be at the engines at once; a piece, marked
+-- for the logs (counted in its engine's load, never metered: its recording was).
+local function route(h, headers, body, model, seconds, piece)
   headers:replace(MODEL_HEADER, model)
+  local above = CONTEXT.longform_above_s or 0
+  if piece then
+    headers:replace(NAMES.PIECE_HEADER, "1")
+  elseif above > 0 and seconds > above then
+    headers:replace(NAMES.LONGFORM_HEADER, "1")
+    headers:replace(NAMES.LONGFORM_PARALLEL_HEADER, tostring((CONTEXT.longform_parallel or {})[model] or 1))
+    headers:remove(PER_TRY_HEADER) -- no hedging of a whole recording: its pieces are hedged
+    h:clearRouteCache()
+    return
+  end
   local long_upload_bytes = CONTEXT.long_upload_bytes or 0
   if long_upload_bytes > 0 and body:length() >= long_upload_bytes then headers:replace(LONG_UPLOAD_HEADER, "1") end
   local try_ms = try_deadline_ms(model, seconds, body:length())
@@ -56,4 +84,4 @@ local function route(h, headers, body, model, seconds)
   h:clearRouteCache()
 end
 
-return {first_pass = first_pass, route = route}
+return {first_pass = first_pass, route = route, mark_piece = mark_piece, is_piece = is_piece}

@@ -286,10 +286,6 @@ function STUB.run(entry, record, direction)
   return record
 end
 
-function STUB.request(headers, body, remote_address, now_ms)
-  return STUB.run(envoy_on_request, STUB.record(headers, body, remote_address, now_ms), "request")
-end
-
 return STUB
 """
 
@@ -379,16 +375,19 @@ class LuaFilter:
 
     def run_request(self, method: str = "POST", path: str = AUDIO_PATH, headers: dict | list | None = None,
                     body: bytes | str | None = None, remote_address: str = "127.0.0.1:40000",
-                    now_ms: int | None = None) -> Outcome:
+                    now_ms: int | None = None, metadata: dict[str, dict] | None = None) -> Outcome:
         """envoy_on_request for one request; `headers`: a dict or (name, value) pairs, beside the
-        pseudo-headers; `body`: None for a request without one."""
+        pseudo-headers; `body`: None for a request without one; `metadata`: dynamic metadata an
+        earlier filter set."""
         pairs = [(":method", method), (":path", path), (":authority", "gateway"), (":scheme", "http")]
         pairs += list(headers.items()) if isinstance(headers, dict) else list(headers or [])
         if body is not None and not any(k.lower() == "content-length" for k, _ in pairs):
             pairs.append(("content-length", str(len(body))))
-        record = self.stub.request(self._header_table(pairs), _bytes(body), remote_address,
-                                   self.now_ms if now_ms is None else now_ms)
-        return self._outcome(record)
+        record = self.stub.record(self._header_table(pairs), _bytes(body), remote_address,
+                                  self.now_ms if now_ms is None else now_ms)
+        for namespace, fields in (metadata or {}).items():
+            record.metadata[namespace] = self.lua.table_from(fields)
+        return self._outcome(self.stub.run(self.lua.globals().envoy_on_request, record, "request"))
 
     def call(self, function, *args, headers: dict | list | None = None) -> Outcome:
         """A Lua function of the filter (e.g. module("openai_errors").reply) called as function(h, *args)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from envoy.config.core.v3 import health_check_pb2
 from envoy.extensions.filters.http.lua.v3 import lua_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
 
 from control_plane.builders import build_resources
 from control_plane.certificates import Authority, TlsMaterial
@@ -13,6 +14,9 @@ from control_plane.names import (
     LB_METADATA,
     LONG_UPLOAD_HEADER,
     LONG_UPLOAD_KEY,
+    LONGFORM_CLUSTER,
+    PIECE_FILTER,
+    PIECES_LISTENER_NAME,
     LUA_FILTER,
     MODEL_HEADER,
     UNROUTED_CLUSTER,
@@ -333,3 +337,38 @@ def test_tracing_exports_to_the_collector_cluster_with_the_lua_filters_metadata_
         expected = "translation" if route.match.path.endswith("translations") else "transcription"
         assert [(t.tag, t.literal.value) for t in route.tracing.custom_tags] == [("gen_ai.operation.name", expected)]
     assert Snapshot.from_resources(resources).consistency_errors(frozenset({LOCAL_CLUSTER})) == []
+
+
+def test_long_recordings_get_the_workers_cluster_their_routes_and_the_pieces_listener():
+    raw = RAW | {"longform": {"workers": ["127.0.0.1:8093", "127.0.0.1:8094"], "pieces_port": 8092, "timeout_s": 1800}}
+    resources = build_resources(parse_config(raw), fleet(Backend("http://a:1", "10.0.0.1", 1, ("big",))), "-- lua",
+                                certificates=ENGINE_CA)
+    assert Snapshot.from_resources(resources).consistency_errors(frozenset({LOCAL_CLUSTER})) == []
+    workers = {c.name: c for c in resources[CLUSTER]}[LONGFORM_CLUSTER]
+    hosts = workers.load_assignment.endpoints[0].lb_endpoints
+    assert [(h.endpoint.address.socket_address.address, h.endpoint.address.socket_address.port_value) for h in hosts] == [
+        ("127.0.0.1", 8093), ("127.0.0.1", 8094)]
+    assert workers.health_checks[0].http_health_check.path == "/health"
+    routes = resources[ROUTE][0].virtual_hosts[0].routes
+    names = [r.name for r in routes]
+    # Before every model's route: the Lua filter's mark sends a recording there, whatever its model.
+    assert names.index("longform:transcriptions") < names.index("big:big:transcriptions")
+    longform = routes[names.index("longform:translations")]
+    assert longform.match.headers[0].name == "x-whisper-longform" and longform.route.cluster == LONGFORM_CLUSTER
+    assert longform.route.timeout.seconds == 1800
+    assert not longform.route.retry_policy.retriable_status_codes  # a worker that has it is not asked again
+    listeners = {listener.name: listener for listener in resources[LISTENER]}
+    pieces = listeners[PIECES_LISTENER_NAME]
+    assert (pieces.address.socket_address.address, pieces.address.socket_address.port_value) == ("127.0.0.1", 8092)
+    manager = hcm.HttpConnectionManager()
+    pieces.filter_chains[0].filters[0].typed_config.Unpack(manager)
+    assert [f.name for f in manager.http_filters] == [PIECE_FILTER, LUA_FILTER, "envoy.filters.http.router"]
+    assert manager.rds.route_config_name == resources[ROUTE][0].name  # the same routes as the audio listener
+    assert not manager.access_log  # a failed piece fails its recording, which is logged
+
+
+def test_without_workers_no_recording_is_split():
+    resources = build()
+    assert LONGFORM_CLUSTER not in {c.name for c in resources[CLUSTER]}
+    assert [listener.name for listener in resources[LISTENER]] == ["whisper_http"]
+    assert not [r for r in resources[ROUTE][0].virtual_hosts[0].routes if r.name.startswith("longform:")]

@@ -13,13 +13,14 @@ and unknown paths (direct responses with the Lua filter off), and the 508 of hea
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import replace
 
 import pytest
 
 from control_plane.config import parse_config
-from control_plane.fleet.resolved import Fleet
+from control_plane.fleet.resolved import Backend, Fleet
 from control_plane.names import AUDIO_SECONDS_PER_DAY_LIMIT, BUDGET_SCALE, batch_lane
 from control_plane.tenants.keys import Access, Budget, KeyTable
 from engines.common.audio import silent_wav
@@ -762,3 +763,70 @@ def lua_crc8(data: bytes) -> int:
         for _ in range(8):
             crc = ((crc << 1) ^ 0x07) & 0xFF if crc & 0x80 else (crc << 1) & 0xFF
     return crc
+
+
+# -- long recordings: to the longform workers above longform.split_above_s; their pieces neither admitted nor charged --
+
+
+def longform_keys(envoys: int = 1) -> Keys:
+    keys = Keys(auth={"plans": {"long": {"requests_per_minute": 100, "audio_seconds_per_minute": 100_000}}}, envoys=envoys)
+    keys.config = replace(keys.config, longform=parse_config(RAW | {"longform": {
+        "workers": ["127.0.0.1:8093"], "split_above_s": 60.0, "max_share": 0.5}}).longform)
+    engines = [Backend(f"e{i}", "10.0.0.1", 9000 + i, (BIG,)) for i in range(5)] + [Backend("s", "10.0.0.2", 9000, (SMALL,))]
+    keys.fleet = Fleet(models=keys.config.models, backends=tuple(engines))
+    return keys
+
+
+PIECE = {"whisper_gateway": {"piece": "1"}}  # what the pieces listener's first filter sets
+
+
+@pytest.mark.parametrize("seconds,model,to_workers,parallel", [
+    (60.0, BIG, False, None),  # at the threshold: whole, to one engine
+    (61.0, BIG, True, "2"),  # above it: to a worker, with half of the model's five engines at once
+    (61.0, SMALL, True, "1"),  # one engine: at least one piece at a time
+])
+def test_a_recording_above_the_threshold_goes_to_the_longform_workers(seconds, model, to_workers, parallel):
+    keys = longform_keys()
+    secret = keys.create("app", plan="long")
+    outcome = keys.lua().run_request(headers=FORM | bearer(secret), body=form(model, silent_wav(seconds)))
+    assert_routed(outcome, model)
+    assert outcome.header("x-whisper-longform") == ("1" if to_workers else None)
+    assert outcome.header("x-whisper-longform-parallel") == parallel
+    assert outcome.header("x-whisper-key-id") == keys.ids["app"]  # admitted, metered and charged once, as a whole
+    assert outcome.metadata["whisper_gateway"]["audio_cost"] == math.ceil(seconds) * BUDGET_SCALE
+    assert outcome.metadata["whisper_gateway"]["audio_seconds"] == f"{seconds:.3f}"
+    assert outcome.header("x-whisper-piece") is None
+
+
+def test_a_clients_own_longform_and_piece_headers_are_dropped():
+    keys = longform_keys()
+    secret = keys.create("app", plan="long")
+    forged = {"x-whisper-longform": "1", "x-whisper-longform-parallel": "64", "x-whisper-piece": "1"}
+    outcome = keys.lua().run_request(headers=FORM | bearer(secret) | forged, body=form(BIG, silent_wav(5.0)))
+    assert_routed(outcome, BIG)
+    assert [outcome.header(name) for name in forged] == [None, None, None]
+
+
+def test_a_piece_is_routed_without_a_key_and_marked_never_charged():
+    keys = longform_keys()
+    outcome = keys.lua().run_request(headers=FORM, body=form(BIG, silent_wav(29.5)), metadata=PIECE)
+    assert_routed(outcome, BIG)
+    assert outcome.header("x-whisper-piece") == "1"
+    assert outcome.header("x-whisper-key-id") is None and "key_id" not in outcome.metadata["whisper_gateway"]
+    assert not {"plan", "audio_cost", "request_cost"} & set(outcome.metadata["whisper_gateway"])  # no bucket charged
+    # A piece above the threshold (a worker configured with longer pieces) still goes to an engine.
+    long_piece = keys.lua().run_request(headers=FORM, body=form(BIG, silent_wav(61.0)), metadata=PIECE)
+    assert_routed(long_piece, BIG)
+    assert long_piece.header("x-whisper-longform") is None
+
+
+def test_without_the_mark_a_keyless_request_is_refused_as_before():
+    keys = longform_keys()
+    assert_error(keys.lua().run_request(headers=FORM, body=form(BIG, silent_wav(5.0))), 401, None,
+                 code="invalid_api_key")
+
+
+def test_without_workers_nothing_is_split_and_the_mark_means_nothing():
+    outcome = open_filter().run_request(headers=FORM, body=form(BIG, silent_wav(400.0)), metadata=PIECE)
+    assert_routed(outcome, BIG)
+    assert outcome.header("x-whisper-longform") is None and outcome.header("x-whisper-piece") is None

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from control_plane.builders.clusters import build_cluster, build_unrouted_cluster
+from control_plane.builders.clusters import build_cluster, build_longform_cluster, build_unrouted_cluster
 from control_plane.builders.endpoints import build_envoys_assignment, build_load_assignment
-from control_plane.builders.listener import build_listener
+from control_plane.builders.listener import build_listener, build_pieces_listener
 from control_plane.builders.routes import build_route_configuration
 from control_plane.builders.secrets import build_secrets
 from control_plane.builders.tracing import build_collector_cluster
@@ -29,10 +29,12 @@ def build_resources(config: GatewayConfig, fleet: Fleet, lua_source: str, access
     models = fleet.model_names()
     engine_tls = certificates is not None and certificates.checks_engines
     collector = build_collector_cluster(config)  # observability.tracing's, while it is set
+    longform = config.longform.enabled  # the workers' cluster, and the listener they send pieces to
     return {
-        LISTENER: [build_listener(config, lua_source)],
+        LISTENER: [build_listener(config, lua_source)] + ([build_pieces_listener(config, lua_source)] if longform else []),
         ROUTE: [build_route_configuration(config, fleet, lua_source, access, envoys)],
-        CLUSTER: [build_cluster(model, config, engine_tls) for model in models] + [build_unrouted_cluster()] + ([collector] if collector else []),
+        CLUSTER: [build_cluster(model, config, engine_tls) for model in models] + [build_unrouted_cluster()] + ([collector] if collector else [])
+                   + ([build_longform_cluster(config)] if longform else []),
         ENDPOINT: build_load_assignments(fleet, envoys),
         SECRET: build_secrets(certificates),
     }

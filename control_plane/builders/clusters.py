@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2, outlier_detection_pb2
-from envoy.config.core.v3 import health_check_pb2, protocol_pb2
-from envoy.config.endpoint.v3 import endpoint_pb2
+from envoy.config.core.v3 import address_pb2, health_check_pb2, protocol_pb2
+from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.type.v3 import percent_pb2
 from google.protobuf import struct_pb2, wrappers_pb2
 
 from control_plane.builders.common import ads_source, header, pack, seconds
 from control_plane.builders.secrets import upstream_transport_socket
-from control_plane.names import HOP_HEADER, LONG_UPLOAD_KEY, TLS_MATCH_KEY, UNROUTED_CLUSTER, cluster_name
+from control_plane.addresses import is_ip_address, parse_backend_url
+from control_plane.names import HOP_HEADER, LONG_UPLOAD_KEY, LONGFORM_CLUSTER, TLS_MATCH_KEY, UNROUTED_CLUSTER, cluster_name
 from control_plane.config import GatewayConfig
 
 HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
@@ -128,4 +129,28 @@ def build_unrouted_cluster() -> cluster_pb2.Cluster:
         type=cluster_pb2.Cluster.STATIC,
         connect_timeout=seconds(1),
         load_assignment=endpoint_pb2.ClusterLoadAssignment(cluster_name=UNROUTED_CLUSTER),
+    )
+
+
+def build_longform_cluster(config: GatewayConfig) -> cluster_pb2.Cluster:
+    """The longform workers (longform.workers), balanced by least request and health-checked, so a
+    stopped worker gets no recording."""
+    hosts = []
+    for worker in config.longform.workers:
+        _, host, port = parse_backend_url("http://" + worker)
+        address = address_pb2.Address(socket_address=address_pb2.SocketAddress(address=host.strip("[]"), port_value=port))
+        hosts.append(endpoint_components_pb2.LbEndpoint(endpoint=endpoint_components_pb2.Endpoint(address=address)))
+    by_ip = all(is_ip_address(parse_backend_url("http://" + w)[1]) for w in config.longform.workers)
+    return cluster_pb2.Cluster(
+        name=LONGFORM_CLUSTER,
+        type=cluster_pb2.Cluster.STATIC if by_ip else cluster_pb2.Cluster.STRICT_DNS,
+        connect_timeout=seconds(config.timeouts.connect_s),
+        lb_policy=cluster_pb2.Cluster.LEAST_REQUEST,
+        load_assignment=endpoint_pb2.ClusterLoadAssignment(
+            cluster_name=LONGFORM_CLUSTER, endpoints=[endpoint_components_pb2.LocalityLbEndpoints(lb_endpoints=hosts)]),
+        health_checks=[health_check_pb2.HealthCheck(
+            timeout=seconds(1), interval=seconds(1), no_traffic_interval=seconds(1),
+            unhealthy_threshold=_uint(2), healthy_threshold=_uint(1),
+            http_health_check=health_check_pb2.HealthCheck.HttpHealthCheck(path="/health"))],
+        common_lb_config=cluster_pb2.Cluster.CommonLbConfig(healthy_panic_threshold=percent_pb2.Percent(value=0.0)),
     )

@@ -28,8 +28,9 @@ from control_plane.builders.secrets import downstream_transport_socket
 from control_plane.builders.tracing import build_http_tracing
 from control_plane.names import (AUDIO_ESTIMATED_HEADER, AUDIO_SECONDS_HEADER, BATCH_LANE_HEADER, CLAIMED_KEY, CUT_SHORT_FLAGS, ENGINE_SECONDS_KEY,
                                  KEY_ID_HEADER, LIMITED_HEADER,
-                                 LISTENER_NAME, LUA_FILTER, MODEL_HEADER, UPLOAD_FILTER, MODEL_KEY, REQUEST_LOG_NAME, ROUTE_CONFIG_NAME,
-                                 UPSTREAM_LOG_NAME, XDS_CLUSTER)
+                                 LISTENER_NAME, LONGFORM_HEADER, LUA_FILTER, MODEL_HEADER, UPLOAD_FILTER, MODEL_KEY, PIECE_FILTER,
+                                 PIECE_HEADER, PIECES_LISTENER_NAME, REQUEST_LOG_NAME, ROUTE_CONFIG_NAME, UPSTREAM_LOG_NAME,
+                                 XDS_CLUSTER)
 from control_plane.config import GatewayConfig
 from control_plane.openai_errors import openai_error
 from control_plane.tenants.keys import Access
@@ -38,7 +39,9 @@ from control_plane.tenants.keys import Access
 # What the control plane reads from each logged try: the model, the upload's audio-seconds and
 # the key it was admitted with, as the Lua filter set them (envoy/audio_duration.lua; a client's own are removed first).
 # Requests' logs carry them as dynamic metadata.
-LOGGED_HEADERS = [MODEL_HEADER, AUDIO_SECONDS_HEADER, AUDIO_ESTIMATED_HEADER, KEY_ID_HEADER, BATCH_LANE_HEADER]
+# A recording sent to a longform worker, and each of its pieces, say so (neither is metered twice).
+LOGGED_HEADERS = [MODEL_HEADER, AUDIO_SECONDS_HEADER, AUDIO_ESTIMATED_HEADER, KEY_ID_HEADER, BATCH_LANE_HEADER, LONGFORM_HEADER,
+                  PIECE_HEADER]
 
 
 # How often each Envoy worker sends its log entries: Envoy's 1 s default would delay the evidence.
@@ -179,6 +182,37 @@ def build_listener(config: GatewayConfig, lua_source: str) -> listener_pb2.Liste
                                                        typed_config=pack(tls_inspector_pb2.TlsInspector()))
     return listener_pb2.Listener(name=LISTENER_NAME, address=address, filter_chains=[chain], traffic_direction=inbound,
                                  listener_filters=proxy + [inspector], default_filter_chain=_plaintext_refusal(config))
+
+
+def build_pieces_listener(config: GatewayConfig, lua_source: str) -> listener_pb2.Listener:
+    """Where the longform workers send a recording's pieces (longform.pieces_port, loopback only):
+    the same routes as the audio listener, so each piece is routed, retried and hedged like any
+    request; its first filter marks it a piece (envoy/routing.lua), which the Lua filter neither
+    admits nor charges, and the logs count in its engine's load without metering it (its
+    recording was metered once). No upload admission or in-flight quotas (the recording passed
+    them), and no request log (a failed piece fails its recording, which is logged)."""
+    flush_s = IN_FLIGHT_LOG_FLUSH_S if limits_in_flight(config) else LOG_FLUSH_S
+
+    def lua(context: dict) -> lua_pb2.Lua:
+        return lua_pb2.Lua(default_source_code=base_pb2.DataSource(inline_string=filter_source(lua_source, context, Access())))
+
+    manager = hcm.HttpConnectionManager(
+        stat_prefix="whisper_pieces",
+        codec_type=hcm.HttpConnectionManager.AUTO,
+        rds=hcm.Rds(config_source=ads_source(), route_config_name=ROUTE_CONFIG_NAME),
+        stream_idle_timeout=seconds(config.timeouts.stream_idle_s),
+        request_timeout=seconds(config.timeouts.request_s),
+        server_name="whisper-gateway",
+        local_reply_config=build_local_reply_config(config),
+        http_filters=[hcm.HttpFilter(name=PIECE_FILTER, typed_config=pack(lua({"piece_marker": True}))),
+                      hcm.HttpFilter(name=LUA_FILTER, typed_config=pack(lua({"models": {}, "batch_closed": {}, "plans": {}}))),
+                      hcm.HttpFilter(name="envoy.filters.http.router", typed_config=pack(_router(flush_s)))],
+        tracing=build_http_tracing(config),
+    )
+    address = address_pb2.Address(socket_address=address_pb2.SocketAddress(address="127.0.0.1",
+                                                                           port_value=config.longform.pieces_port))
+    return listener_pb2.Listener(name=PIECES_LISTENER_NAME, address=address, traffic_direction=base_pb2.TrafficDirection.INBOUND,
+                                 filter_chains=[listener_components_pb2.FilterChain(filters=[_manager_filter(manager)])])
 
 
 def _manager_filter(manager: hcm.HttpConnectionManager) -> listener_components_pb2.Filter:

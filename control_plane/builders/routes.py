@@ -24,6 +24,8 @@ from control_plane.names import (
     AUDIO_PATHS,
     HOP_HEADER,
     LONG_UPLOAD_HEADER,
+    LONGFORM_CLUSTER,
+    LONGFORM_HEADER,
     LUA_FILTER,
     MODEL_HEADER,
     ROUTE_CONFIG_NAME,
@@ -78,6 +80,21 @@ def _model_routes(config: GatewayConfig, fleet: Fleet) -> list[rc.Route]:
             routes.append(rc.Route(name=route_name, match=rc.RouteMatch(path=path, headers=[named]), route=action,
                                    tracing=tracing))
     return routes
+
+
+def _longform_routes(config: GatewayConfig) -> list[rc.Route]:
+    """A recording the Lua filter sends to the longform workers (longform.split_above_s): another
+    worker when one cannot be reached, never a second try once one has it (its pieces are retried)."""
+    if not config.longform.enabled:
+        return []
+    retry = rc.RetryPolicy(retry_on="connect-failure,refused-stream,reset-before-request",
+                           num_retries=wrappers_pb2.UInt32Value(value=2))
+    marked = rc.HeaderMatcher(name=LONGFORM_HEADER, present_match=True)
+    return [rc.Route(name=f"longform:{path.rsplit('/', 1)[-1]}", match=rc.RouteMatch(path=path, headers=[marked]),
+                     route=rc.RouteAction(cluster=LONGFORM_CLUSTER, timeout=seconds(config.longform.timeout_s),
+                                          retry_policy=retry),
+                     tracing=build_route_tracing(config, path))
+            for path in AUDIO_PATHS]
 
 
 def _retry_policy(config: GatewayConfig) -> rc.RetryPolicy | None:
@@ -172,6 +189,11 @@ def lua_context(config: GatewayConfig, fleet: Fleet | None, access: Access, envo
             # With auth.batch_in_flight_per_engine: a batch key's request counts in its model's batch lane.
             "batch_lanes": config.auth.batch_in_flight_per_engine is not None,
             "envoys": envoys,
+            # Long recordings (0: never split), and how many of a recording's pieces may be at a
+            # model's engines at once: longform.max_share of them, at least one.
+            "longform_above_s": config.longform.split_above_s if config.longform.enabled else 0,
+            "longform_parallel": {model: max(1, int(config.longform.max_share * len(fleet.backends_for(model))))
+                                  for model in fleet.model_names()} if fleet is not None and config.longform.enabled else {},
             # Each plan's limits, for what the filter says on a 429 (builders/quotas.py enforces them).
             "plans": {name: {k: v for k, v in vars(plan).items() if v is not None}
                       for name, plan in config.auth.plans.items()}}
@@ -190,7 +212,7 @@ def build_route_configuration(config: GatewayConfig, fleet: Fleet, lua_source: s
     virtual_host = rc.VirtualHost(
         name=VIRTUAL_HOST_NAME,
         domains=["*"],
-        routes=_listing_routes(fleet) + _model_routes(config, fleet) + _fallback_routes(config),
+        routes=_listing_routes(fleet) + _longform_routes(config) + _model_routes(config, fleet) + _fallback_routes(config),
         # The Lua filter buffers whole bodies; Envoy takes this limit from the route matched
         # before the filter sets the model header, so it must sit on the virtual host.
         request_body_buffer_limit=wrappers_pb2.UInt64Value(value=config.limits.max_upload_bytes),

@@ -25,7 +25,18 @@ def _backend_url(value: Any) -> str:
         fail(str(error))
 
 
+def _host_port(value: Any) -> str:
+    """`host:port` (`[v6]:port`) in one spelling; no scheme, no path."""
+    if "://" in value:
+        fail(f"{value!r}: expected host:port, without a scheme")
+    try:
+        return parse_backend_url("http://" + value)[0].removeprefix("http://")
+    except AddressError as error:
+        fail(str(error).replace("http://", "", 1))
+
+
 Port = Annotated[StrictInt, within(1, 65535)]
+HostPort = Annotated[StrictStr, AfterValidator(_host_port)]
 Weight = Annotated[StrictInt, within(MIN_WEIGHT, MAX_WEIGHT)]
 Count = Annotated[StrictInt, within(1, 1_000_000)]
 _positive = AfterValidator(lambda v: v if v > 0 else fail(f"expected a positive number, got {v!r}"))

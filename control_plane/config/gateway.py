@@ -13,6 +13,7 @@ from control_plane.config.backends import AnyEngine, BackendConfig, DiscoveryCon
 from control_plane.config.fields import SECTION, DrainTimeout
 from control_plane.config.listen import (BackendTlsConfig, InternalTlsConfig, LimitsConfig, ListenConfig, MetricsConfig,
                                          TimeoutsConfig)
+from control_plane.config.longform import LongformConfig
 from control_plane.config.observability import ObservabilityConfig
 from control_plane.config.routing import ResilienceConfig, RoutingConfig
 from control_plane.config.state import StateConfig
@@ -35,6 +36,7 @@ class GatewayConfig:
     internal_tls: InternalTlsConfig | None = None
     metrics: MetricsConfig = MetricsConfig()
     observability: ObservabilityConfig = ObservabilityConfig()
+    longform: LongformConfig = LongformConfig()
     # How long a drain may take before the backend is removed anyway.
     drain_timeout_s: DrainTimeout = 300.0
 

@@ -109,9 +109,27 @@ def _check_endpoints(config: GatewayConfig) -> None:
                 raise ConfigError(f"backends: {url}: {problem}")
 
 
+def _check_longform(config: GatewayConfig) -> None:
+    """The workers and the pieces listener: loopback (the pieces listener admits no one else), and
+    ports of their own."""
+    longform = config.longform
+    if not longform.enabled:
+        return
+    own = {port for _, port in config.listen.own_endpoints().values()}
+    if longform.pieces_port in own:
+        raise ConfigError(f"longform.pieces_port: {longform.pieces_port} is one of the gateway's own ports")
+    for worker in longform.workers:
+        _, host, port = parse_backend_url("http://" + worker)
+        if not is_loopback(host):
+            raise ConfigError(f"longform.workers: {worker}: workers run beside their Envoy, on a loopback address "
+                              "(the pieces they send come back over loopback)")
+        if port in own or port == longform.pieces_port:
+            raise ConfigError(f"longform.workers: {worker}: its port is one of the gateway's own")
+
+
 # What one section cannot see: names used twice, models nobody declared, ports and URLs that clash.
 CROSS_CHECKS = (_check_models, _check_served_models, _check_routing, _check_auth, _check_tls, _check_state,
-                _check_endpoints)
+                _check_endpoints, _check_longform)
 
 
 def parse_config(raw: Any) -> GatewayConfig:

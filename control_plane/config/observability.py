@@ -2,24 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
-from pydantic import AfterValidator, StrictFloat, StrictStr
+from pydantic import StrictFloat
 from pydantic.dataclasses import dataclass
 
-from control_plane.addresses import AddressError, parse_backend_url
-from control_plane.config.fields import SECTION
-from control_plane.validation import fail, within
-
-
-def _host_port(value: Any) -> str:
-    """`host:port` (`[v6]:port`) of a collector, in one spelling; no scheme, no path."""
-    if "://" in value:
-        fail(f"{value!r}: expected host:port (OTLP/gRPC), without a scheme")
-    try:
-        return parse_backend_url("http://" + value)[0].removeprefix("http://")
-    except AddressError as error:
-        fail(str(error).replace("http://", "", 1))
+from control_plane.config.fields import SECTION, HostPort
+from control_plane.validation import within
 
 
 @dataclass(frozen=True, config=SECTION)
@@ -29,7 +18,7 @@ class TracingConfig:
     W3C `traceparent` on to the engines (vLLM's own spans join when it has --otlp-traces-endpoint)."""
 
     # host:port of an OpenTelemetry collector's OTLP/gRPC receiver (usually :4317); unset: no traces.
-    otlp_endpoint: Annotated[StrictStr, AfterValidator(_host_port)] | None = None
+    otlp_endpoint: HostPort | None = None
     # The share of requests traced (0..1) unless the client's traceparent already decided. Every
     # request by default: turned on to debug, a trace is wanted for the slow request at hand;
     # lower it (0.01) on a busy gateway, where each traced request costs its spans' export.

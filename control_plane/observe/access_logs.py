@@ -30,7 +30,7 @@ from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
 from control_plane.names import (AUDIO_ESTIMATED_HEADER, AUDIO_SECONDS_HEADER, AUDIO_SECONDS_LIMIT, REQUESTS_LIMIT, BATCH_LANE_HEADER, CUT_SHORT_FLAGS,
-                                 BATCH_LANE_KEY, CLAIMED_KEY, ENGINE_SECONDS_KEY, ESTIMATED_KEY, IN_FLIGHT_LIMIT, KEY_ID_HEADER, KEY_ID_KEY,
+                                 BATCH_LANE_KEY, CLAIMED_KEY, ENGINE_SECONDS_KEY, ESTIMATED_KEY, IN_FLIGHT_LIMIT, KEY_ID_HEADER, KEY_ID_KEY, LONGFORM_HEADER, PIECE_HEADER,
                                  LIMITED_HEADER, LUA_REPLY_KEY, METADATA_NAMESPACE, MODEL_HEADER, MODEL_KEY,
                                  SECONDS_KEY)
 from control_plane.observe.in_flight import InFlight
@@ -154,14 +154,16 @@ def refused_here(entry: accesslog_pb2.HTTPAccessLogEntry, fields) -> bool:
     return entry.response.response_code.value == 429 and own
 
 
-def _meter_served(entry: accesslog_pb2.HTTPAccessLogEntry, ledger: Ledger) -> None:
-    """A whole answer: its request served, and the time its try took (a model's speed)."""
+def _meter_served(entry: accesslog_pb2.HTTPAccessLogEntry, ledger: Ledger, billed: bool = True, timed: bool = True) -> None:
+    """A whole answer: its request served (`billed`: not a recording's piece), and the time its try
+    took (`timed`: an engine's try, not a whole recording's at a worker): a model's speed."""
     headers = entry.request.request_headers
     seconds = as_seconds(headers.get(AUDIO_SECONDS_HEADER, ""))
     if seconds is not None and headers.get(MODEL_HEADER):
-        ledger.meter(headers[MODEL_HEADER], seconds, AUDIO_ESTIMATED_HEADER in headers, "served",
-                     headers.get(KEY_ID_HEADER, ""), day_of(entry))
-        if (taken := try_time(entry)) is not None:
+        if billed:
+            ledger.meter(headers[MODEL_HEADER], seconds, AUDIO_ESTIMATED_HEADER in headers, "served",
+                         headers.get(KEY_ID_HEADER, ""), day_of(entry))
+        if timed and (taken := try_time(entry)) is not None:
             ledger.took(headers[MODEL_HEADER], seconds, taken)
 
 
@@ -191,20 +193,24 @@ def record(entry: accesslog_pb2.HTTPAccessLogEntry, stream: int, outcomes: Outco
     endpoint = endpoint_of(entry)
     if endpoint is None:
         return False
+    headers = entry.request.request_headers
+    # A recording at a longform worker is no engine's work (its pieces are, and are not metered:
+    # the recording is, once).
+    recording, piece = LONGFORM_HEADER in headers, PIECE_HEADER in headers
     if kind == TRY_STARTED:
-        headers = entry.request.request_headers
         seconds = as_seconds(headers.get(AUDIO_SECONDS_HEADER, ""))
-        if seconds is not None:
+        if seconds is not None and not recording:
             ledger.started(stream, request_id, endpoint, seconds, now)
         return in_flight.started((headers.get(KEY_ID_HEADER, ""), headers.get(BATCH_LANE_HEADER, "")), request_id,
                                  stream, endpoint, now)
     if kind == TRY_ENDED:
         ok = not failed(entry)
-        outcomes.record(endpoint, ok, now)
-        ledger.ended(stream, request_id, endpoint, ok and entry.response.response_code.value < 400, now)
+        if not recording:
+            outcomes.record(endpoint, ok, now)
+            ledger.ended(stream, request_id, endpoint, ok and entry.response.response_code.value < 400, now)
         answered = delivered(entry)
         if answered:
-            _meter_served(entry, ledger)
+            _meter_served(entry, ledger, billed=not piece, timed=not recording)
         return in_flight.try_ended(request_id, endpoint, answered, now)
     return False
 

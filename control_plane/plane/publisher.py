@@ -103,10 +103,11 @@ class Publisher:
 
     def _known(self) -> Known:
         """What the Envoys' reports may speak of: the fleet and keys just published (keys revoked or
-        rotated out included, so their last requests are still metered)."""
+        rotated out included, so their last requests are still metered), the longform workers."""
         models = frozenset(self.fleet.model_names())
         return Known(models, frozenset(self._keys().by_id), frozenset(batch_lane(m) for m in models),
-                     frozenset(b.endpoint for b in self.fleet.backends), self.config.limits.max_audio_s)
+                     frozenset(b.endpoint for b in self.fleet.backends) | set(self.config.longform.workers),
+                     self.config.limits.max_audio_s)
 
     def _routes(self, fleet: Fleet, envoys: int):
         """The route configuration alone, for changes that reach nothing else (lanes, the Envoys' count)."""
