@@ -26,7 +26,7 @@ from control_plane.decide.in_flight import split
 from control_plane.fleet.dns_discovery import DnsDiscovery
 from control_plane.fleet.local_store import StateStore, configured_token, ensure_token, state_dir
 from control_plane.fleet.registry import Entry, config_entries
-from control_plane.names import IN_FLIGHT_BUCKET_ENTRY, LOCAL_CLUSTER, NO_ENGINE_CA
+from control_plane.names import IN_FLIGHT_BUCKET_ENTRY, NO_ENGINE_CA
 from control_plane.observe.access_logs import AccessLogServicer
 from control_plane.observe.admissions import Admissions
 from control_plane.observe.ledger import Ledger
@@ -67,7 +67,7 @@ class ControlPlane:
                  state_directory: Path | None = None):
         self.config_path = config_path
         self.state_directory = state_directory
-        self.cache = SnapshotCache(XdsMetrics(), frozenset({LOCAL_CLUSTER}))
+        self.cache = SnapshotCache(XdsMetrics())
         self.tls = Tls(config)
         changing = asyncio.Lock()  # held while a runtime change is made (the state keeper's)
         self.publisher = Publisher(config, lua_source if lua_source is not None else read_lua_filter(), self.cache,
