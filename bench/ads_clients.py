@@ -27,7 +27,6 @@ from envoy.config.listener.v3 import listener_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
-from control_plane.names import LOCAL_CLUSTER
 from control_plane.xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE
 
 STREAMS_PER_CHANNEL = 100
@@ -35,7 +34,7 @@ IDENTITY = "bench-envoy"  # with --pki: the certificate every stream shows
 
 
 def _eds_names(response: discovery_pb2.DiscoveryResponse) -> list[str]:
-    names = [LOCAL_CLUSTER]
+    names = []
     for resource in response.resources:
         cluster = cluster_pb2.Cluster()
         resource.Unpack(cluster)

@@ -17,6 +17,7 @@ from pathlib import Path
 from aiohttp import web
 from envoy.service.accesslog.v3 import als_pb2_grpc
 from envoy.service.rate_limit_quota.v3 import rlqs_pb2_grpc
+from grpc_health.v1 import health_pb2_grpc
 
 from control_plane.addresses import is_https, is_loopback
 from control_plane.bootstrap import read_lua_filter
@@ -26,7 +27,7 @@ from control_plane.decide.in_flight import split
 from control_plane.fleet.dns_discovery import DnsDiscovery
 from control_plane.fleet.local_store import StateStore, configured_token, ensure_token, state_dir
 from control_plane.fleet.registry import Entry, config_entries
-from control_plane.names import IN_FLIGHT_BUCKET_ENTRY, LOCAL_CLUSTER, NO_ENGINE_CA
+from control_plane.names import IN_FLIGHT_BUCKET_ENTRY, NO_ENGINE_CA
 from control_plane.observe.access_logs import AccessLogServicer
 from control_plane.observe.admissions import Admissions
 from control_plane.observe.ledger import Ledger
@@ -67,7 +68,7 @@ class ControlPlane:
                  state_directory: Path | None = None):
         self.config_path = config_path
         self.state_directory = state_directory
-        self.cache = SnapshotCache(XdsMetrics(), frozenset({LOCAL_CLUSTER}))
+        self.cache = SnapshotCache(XdsMetrics())
         self.tls = Tls(config)
         changing = asyncio.Lock()  # held while a runtime change is made (the state keeper's)
         self.publisher = Publisher(config, lua_source if lua_source is not None else read_lua_filter(), self.cache,
@@ -175,7 +176,7 @@ class ControlPlane:
                                               self.admissions.arrived, self.admissions.charged_after)
         self._server = await start_ads_server(self.cache, listen.xds_address, listen.xds_port, [
             lambda server: als_pb2_grpc.add_AccessLogServiceServicer_to_server(self._access_logs, server),
-            lambda server: server.add_generic_rpc_handlers((self._access_logs.health(),)),
+            lambda server: health_pb2_grpc.add_HealthServicer_to_server(self._access_logs.health, server),
             lambda server: rlqs_pb2_grpc.add_RateLimitQuotaServiceServicer_to_server(
                 QuotaServicer(limits.slots, split, IN_FLIGHT_BUCKET_ENTRY, telemetry.REPORTS_DROPPED.on("quota report"),
                               authorize), server)], self.tls.xds.credentials if self.tls.xds else None, authorize)

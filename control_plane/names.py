@@ -136,10 +136,6 @@ REQUEST_LOG_NAME = "whisper_requests"
 OTLP_CLUSTER = "whisper_otlp"
 TRACING_SERVICE_NAME = "whisper-gateway"
 
-# The bootstrap's static cluster of every Envoy on this control plane (one endpoint each, over
-# EDS): the quota filters divide each key's budget by its size (builders/quotas.py).
-LOCAL_CLUSTER = "whisper_envoys"
-
 # An answer the engine (or the way to it) cut short after its 2xx headers: the flags Envoy sets
 # both on the try's log entry and on the request's, by field name and short name. Metered as
 # failed, once, from the request's log (control_plane/observe/access_logs.py).

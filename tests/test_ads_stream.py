@@ -12,7 +12,6 @@ from control_plane.builders import build_resources
 from control_plane.certificates import Authority, TlsMaterial
 from control_plane.config import parse_config
 from control_plane.fleet.resolved import Backend, Fleet
-from control_plane.names import LOCAL_CLUSTER
 from control_plane.xds.cache import SnapshotCache
 from control_plane.xds.server import AdsStream
 from control_plane.xds.snapshot import Snapshot
@@ -22,9 +21,6 @@ MODELS = ("m1", "m2", "m3")
 ENGINE_CA = TlsMaterial(backend_ca=Authority(b"CA", "ca.pem", 1))  # the control plane always has one
 BAD_ADDRESS = "fe80::1%lo"  # what Envoy refuses: "malformed IP address"
 
-
-# The Envoys' own cluster: in every bootstrap, its endpoints from the control plane.
-STATIC = frozenset({LOCAL_CLUSTER})
 
 def snapshot(addresses: dict[str, str], weights: dict[str, int] | None = None, models=MODELS) -> Snapshot:
     """One backend per model at the given address; weights by model."""
@@ -121,7 +117,7 @@ def sent_names(responses, type_url: str) -> list[list[str]]:
 
 
 def test_first_connection_sends_types_in_order_and_holds_routes_until_clusters_are_acked():
-    cache, snap = SnapshotCache(static_clusters=STATIC), snapshot({})
+    cache, snap = SnapshotCache(), snapshot({})
     cache.set_snapshot(snap)
     envoy = ScriptedEnvoy(cache)
     envoy.subscribe_all()
@@ -133,11 +129,11 @@ def test_first_connection_sends_types_in_order_and_holds_routes_until_clusters_a
     for response in second:
         envoy.answer(response, snap)
     assert [r.type_url for r in envoy.pump(snap)] == [ROUTE]
-    assert set(envoy.applied[ENDPOINT]) == {f"model:{m}" for m in MODELS} | STATIC
+    assert set(envoy.applied[ENDPOINT]) == {f"model:{m}" for m in MODELS}
 
 
 def test_a_nacked_batch_is_split_and_only_the_refused_resource_is_held_back():
-    cache = SnapshotCache(static_clusters=STATIC)
+    cache = SnapshotCache()
     good = snapshot({})
     cache.set_snapshot(good)
     envoy = ScriptedEnvoy(cache)
@@ -170,7 +166,7 @@ def test_a_nacked_batch_is_split_and_only_the_refused_resource_is_held_back():
 
 
 def test_a_refusal_ends_when_the_content_returns_to_what_envoy_holds():
-    cache, good = SnapshotCache(static_clusters=STATIC), snapshot({})
+    cache, good = SnapshotCache(), snapshot({})
     cache.set_snapshot(good)
     envoy = ScriptedEnvoy(cache)
     envoy.subscribe_all()
@@ -184,20 +180,20 @@ def test_a_refusal_ends_when_the_content_returns_to_what_envoy_holds():
 
 
 def test_an_envoy_joining_while_a_bad_resource_is_pending_gets_everything_else():
-    cache = SnapshotCache(static_clusters=STATIC)
+    cache = SnapshotCache()
     poisoned = snapshot({"m2": BAD_ADDRESS})
     cache.set_snapshot(poisoned)
     envoy = ScriptedEnvoy(cache, stream_id=2, node="late")
     envoy.subscribe_all()
     envoy.pump(poisoned)
-    assert set(envoy.applied[ENDPOINT]) == {"model:m1", "model:m3"} | STATIC
+    assert set(envoy.applied[ENDPOINT]) == {"model:m1", "model:m3"}
     assert list(cache.envoys[2].rejected) == [(ENDPOINT, "model:m2")]
     # Routes are not held back by the refused endpoints: Envoy keeps what it has for that model.
     assert any(r.type_url == ROUTE for r in envoy.sent)
 
 
 def test_a_stale_nonce_is_ignored_and_a_nacked_cluster_version_is_not_resent():
-    cache, snap = SnapshotCache(static_clusters=STATIC), snapshot({})
+    cache, snap = SnapshotCache(), snapshot({})
     cache.set_snapshot(snap)
     envoy = ScriptedEnvoy(cache)
     envoy.request(CLUSTER)
@@ -213,7 +209,7 @@ def test_a_stale_nonce_is_ignored_and_a_nacked_cluster_version_is_not_resent():
 
 
 def test_endpoints_are_resent_after_a_cluster_change():
-    cache, snap = SnapshotCache(static_clusters=STATIC), snapshot({})
+    cache, snap = SnapshotCache(), snapshot({})
     cache.set_snapshot(snap)
     envoy = ScriptedEnvoy(cache)
     envoy.subscribe_all()
@@ -222,12 +218,12 @@ def test_endpoints_are_resent_after_a_cluster_change():
     cache.set_snapshot(grown)
     sent = envoy.pump(grown)
     assert [r.type_url for r in sent][:2] == [CLUSTER, ENDPOINT]
-    assert set(sum(sent_names(sent, ENDPOINT), [])) == {f"model:{m}" for m in MODELS + ("m4",)} | STATIC
-    assert set(envoy.applied[ENDPOINT]) == {f"model:{m}" for m in MODELS + ("m4",)} | STATIC
+    assert set(sum(sent_names(sent, ENDPOINT), [])) == {f"model:{m}" for m in MODELS + ("m4",)}
+    assert set(envoy.applied[ENDPOINT]) == {f"model:{m}" for m in MODELS + ("m4",)}
 
 
 def test_responses_never_answered_on_their_own_are_sent_again():
-    cache, snap = SnapshotCache(static_clusters=STATIC), snapshot({})
+    cache, snap = SnapshotCache(), snapshot({})
     cache.set_snapshot(snap)
     envoy = ScriptedEnvoy(cache)
     envoy.subscribe_all()
@@ -246,7 +242,7 @@ def test_responses_never_answered_on_their_own_are_sent_again():
 
 def test_a_new_subscription_echoing_an_answered_nonce_is_served():
     """Envoy asks for a new cluster's endpoints with the last EDS nonce it already ACKed."""
-    cache, snap = SnapshotCache(static_clusters=STATIC), snapshot({})
+    cache, snap = SnapshotCache(), snapshot({})
     cache.set_snapshot(snap)
     envoy = ScriptedEnvoy(cache)
     envoy.subscribe_all()
@@ -275,7 +271,7 @@ def test_pushes_acks_and_nacks_reach_the_callbacks():
         def on_nack(self, type_url):
             seen.append(("nack", type_url))
 
-    cache = SnapshotCache(Recorder(), STATIC)
+    cache = SnapshotCache(Recorder())
     cache.set_snapshot(good := snapshot({}))
     envoy = ScriptedEnvoy(cache)
     envoy.subscribe_all()
@@ -302,7 +298,7 @@ def test_secrets_are_sent_by_name_and_a_rotation_sends_only_the_changed_one():
         pair = KeyPair(chain, b"KEY", "CN=x", datetime(2030, 1, 1, tzinfo=timezone.utc), "ab")
         return snapshot({}).with_type(SECRET, build_secrets(TlsMaterial(listener=pair, backend_ca=ENGINE_CA.backend_ca)))
 
-    cache, snap = SnapshotCache(static_clusters=STATIC), with_secrets(b"ONE")
+    cache, snap = SnapshotCache(), with_secrets(b"ONE")
     cache.set_snapshot(snap)
     envoy = ScriptedEnvoy(cache)
     envoy.subscribe_all()
@@ -328,7 +324,7 @@ def test_an_envoy_lags_only_on_responses_it_left_unanswered():
 
     from control_plane.xds.cache import LAGGING_AFTER_S
 
-    cache, snap = SnapshotCache(static_clusters=STATIC), snapshot({})
+    cache, snap = SnapshotCache(), snapshot({})
     cache.set_snapshot(snap)
     later = lambda: time.monotonic() + LAGGING_AFTER_S + 1  # noqa: E731
     good, stuck = ScriptedEnvoy(cache, 1, "good"), ScriptedEnvoy(cache, 2, "stuck")

@@ -10,7 +10,6 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import http_con
 from control_plane.builders import build_resources
 from control_plane.certificates import Authority, TlsMaterial
 from control_plane.names import (
-    LOCAL_CLUSTER,
     LB_METADATA,
     LONG_UPLOAD_HEADER,
     LONG_UPLOAD_KEY,
@@ -19,6 +18,7 @@ from control_plane.names import (
     PIECES_LISTENER_NAME,
     LUA_FILTER,
     MODEL_HEADER,
+    ROUTE_CONFIG_NAME,
     UNROUTED_CLUSTER,
 )
 from control_plane.config import parse_config
@@ -46,6 +46,13 @@ def build(*backends: Backend):
     return build_resources(parse_config(RAW), fleet(*backends), "-- lua", certificates=ENGINE_CA)
 
 
+def _lua_source(route_config) -> str:
+    """The Lua filter's source as the routes carry it (CONTEXT and the keys ahead of the filter)."""
+    per_route = lua_pb2.LuaPerRoute()
+    route_config.virtual_hosts[0].typed_per_filter_config[LUA_FILTER].Unpack(per_route)
+    return per_route.source_code.inline_string
+
+
 def test_a_cluster_and_an_assignment_per_model():
     resources = build(Backend("http://a:1", "10.0.0.1", 1, ("big",), weight=7),
                       Backend("http://b:1", "10.0.0.2", 1, ("big", "small"), draining=True))
@@ -54,6 +61,7 @@ def test_a_cluster_and_an_assignment_per_model():
     assert clusters["model:big"].lb_policy == clusters["model:big"].LEAST_REQUEST
     assert clusters["model:big"].common_lb_config.healthy_panic_threshold.value == 0
     assignments = {a.cluster_name: a for a in resources[ENDPOINT]}
+    assert set(assignments) == {"model:big", "model:small"}  # the EDS clusters', and nothing else
     big = assignments["model:big"].endpoints[0].lb_endpoints
     assert [(e.endpoint.address.socket_address.address, e.load_balancing_weight.value) for e in big] == [
         ("10.0.0.1", 7), ("10.0.0.2", 1)]
@@ -88,10 +96,7 @@ def test_long_uploads_select_the_marked_endpoints_of_the_same_cluster():
     assert long_route.route.metadata_match.filter_metadata[LB_METADATA][LONG_UPLOAD_KEY] is True
     assert long_route.route.cluster == plain.route.cluster and long_route.route.timeout == plain.route.timeout
     assert not plain.route.HasField("metadata_match")
-    context = resources[ROUTE][0].virtual_hosts[0].typed_per_filter_config[LUA_FILTER]
-    per_route = lua_pb2.LuaPerRoute()
-    context.Unpack(per_route)
-    assert f'["long_upload_bytes"] = {2048 * 1024}' in per_route.source_code.inline_string
+    assert f'["long_upload_bytes"] = {2048 * 1024}' in _lua_source(resources[ROUTE][0])
 
 
 def test_long_upload_routing_can_be_switched_off():
@@ -131,10 +136,7 @@ def test_routes_per_name_and_path_with_a_long_timeout():
     assert all(r.timeout.seconds == 900 for r in routed.values())
     assert vhost.request_body_buffer_limit.value == 10 * 1024 * 1024
     # The names the Lua filter accepts travel with the routes, not the listener.
-    per_route = lua_pb2.LuaPerRoute()
-    vhost.typed_per_filter_config[LUA_FILTER].Unpack(per_route)
-    assert '["models"] = {["big"] = "big", ["small"] = "small", ["whisper-1"] = "big"}' in \
-        per_route.source_code.inline_string
+    assert '["models"] = {["big"] = "big", ["small"] = "small", ["whisper-1"] = "big"}' in _lua_source(route_config)
 
 
 def test_audio_paths_match_a_real_route_before_the_model_is_known():
@@ -161,9 +163,23 @@ def test_versions_are_content_hashes():
     first = Snapshot.from_resources(build())
     again = Snapshot.from_resources(build())
     assert first.versions == again.versions
-    assert first.consistency_errors(frozenset({LOCAL_CLUSTER})) == []
-    # the Envoys' own cluster is in every bootstrap, not CDS: only a cache told so accepts it
-    assert first.consistency_errors() == [f"ClusterLoadAssignment {LOCAL_CLUSTER!r} has no cluster"]
+    assert first.consistency_errors() == []
+
+
+def test_the_envoys_count_reaches_the_lua_filter_through_the_routes_alone():
+    config, fleet_ = parse_config(RAW), fleet(Backend("http://a:1", "10.0.0.1", 1, ("big",)))
+    one, three = (Snapshot.from_resources(build_resources(config, fleet_, "-- lua", envoys=n, certificates=ENGINE_CA))
+                  for n in (1, 3))
+    assert {t for t in one.versions if one.versions[t] != three.versions[t]} == {ROUTE}
+    assert '["envoys"] = 3' in _lua_source(three.resources[ROUTE][ROUTE_CONFIG_NAME])
+
+
+def test_consistency_refuses_endpoints_of_a_cluster_envoy_was_not_sent():
+    resources = build(Backend("http://a:1", "10.0.0.1", 1, ("big",)))
+    resources[CLUSTER] = [c for c in resources[CLUSTER] if c.name != "model:small"]
+    resources[ROUTE][0].virtual_hosts[0].ClearField("routes")
+    assert Snapshot.from_resources(resources).consistency_errors() == [
+        "ClusterLoadAssignment 'model:small' has no cluster"]
 
 
 def test_consistency_catches_bad_weights():
@@ -282,9 +298,9 @@ def test_secrets_carry_the_files_and_a_missing_one_is_inconsistent():
     assert set(secrets) == {"listener_certificate", "client_ca", "backend_ca"}
     assert secrets["listener_certificate"].tls_certificate.private_key.inline_bytes == b"KEY"
     assert secrets["client_ca"].validation_context.trusted_ca.inline_bytes == b"CA"
-    assert Snapshot.from_resources(resources).consistency_errors(frozenset({LOCAL_CLUSTER})) == []
+    assert Snapshot.from_resources(resources).consistency_errors() == []
     resources[SECRET] = [s for s in resources[SECRET] if s.name != "client_ca"]
-    assert Snapshot.from_resources(resources).consistency_errors(frozenset({LOCAL_CLUSTER})) == [
+    assert Snapshot.from_resources(resources).consistency_errors() == [
         "listener 'whisper_http' needs missing secret 'client_ca'"]
 
 
@@ -336,14 +352,14 @@ def test_tracing_exports_to_the_collector_cluster_with_the_lua_filters_metadata_
         assert route.tracing.random_sampling.numerator == 10_000  # of a million: 1%
         expected = "translation" if route.match.path.endswith("translations") else "transcription"
         assert [(t.tag, t.literal.value) for t in route.tracing.custom_tags] == [("gen_ai.operation.name", expected)]
-    assert Snapshot.from_resources(resources).consistency_errors(frozenset({LOCAL_CLUSTER})) == []
+    assert Snapshot.from_resources(resources).consistency_errors() == []
 
 
 def test_long_recordings_get_the_workers_cluster_their_routes_and_the_pieces_listener():
     raw = RAW | {"longform": {"workers": ["127.0.0.1:8093", "127.0.0.1:8094"], "pieces_port": 8092, "timeout_s": 1800}}
     resources = build_resources(parse_config(raw), fleet(Backend("http://a:1", "10.0.0.1", 1, ("big",))), "-- lua",
                                 certificates=ENGINE_CA)
-    assert Snapshot.from_resources(resources).consistency_errors(frozenset({LOCAL_CLUSTER})) == []
+    assert Snapshot.from_resources(resources).consistency_errors() == []
     workers = {c.name: c for c in resources[CLUSTER]}[LONGFORM_CLUSTER]
     hosts = workers.load_assignment.endpoints[0].lb_endpoints
     assert [(h.endpoint.address.socket_address.address, h.endpoint.address.socket_address.port_value) for h in hosts] == [

@@ -153,7 +153,7 @@ def test_hints_and_late_imports_count():
     """The checks above see what a regex stripping TYPE_CHECKING blocks would not."""
     source = ("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from control_plane.app import ControlPlane\n"
               "def late():\n    from control_plane import supervisor\n    import control_plane.cli\n"
-              "from . import tokens\nfrom ..names import LOCAL_CLUSTER\nfrom .. import decide\n")
+              "from . import tokens\nfrom ..names import MODEL_HEADER\nfrom .. import decide\n")
     assert imported(PACKAGE / "operator" / "probe.py", source) == {"app", "supervisor", "cli", "operator", "names",
                                                                     "decide"}
 

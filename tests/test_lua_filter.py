@@ -21,7 +21,8 @@ import pytest
 
 from control_plane.config import parse_config
 from control_plane.fleet.resolved import Backend, Fleet
-from control_plane.names import AUDIO_SECONDS_PER_DAY_LIMIT, BUDGET_SCALE, batch_lane
+from control_plane.names import (AUDIO_SECONDS_PER_DAY_LIMIT, BUDGET_SCALE, METADATA_NAMESPACE, MODEL_KEY,
+                                 REQUESTED_MODEL_KEY, batch_lane)
 from control_plane.tenants.keys import Access, Budget, KeyTable
 from engines.common.audio import silent_wav
 from harness.lua_filter import LuaFilter
@@ -140,6 +141,17 @@ def test_an_alias_is_rewritten_in_the_body_to_the_models_name():
     assert outcome.body_set and outcome.body == expected
     assert outcome.header("content-length") == str(len(expected))  # Envoy's setBytes sets it
     assert outcome.header("x-whisper-audio-seconds") == "1.500"  # measured before the bytes moved
+
+
+@pytest.mark.parametrize("named,served,requested", [(ALIAS, BIG, ALIAS), (BIG, BIG, None), (SMALL, SMALL, None)],
+                         ids=["an-alias", "a-model-with-aliases", "a-model-without"])
+def test_the_name_a_request_used_is_in_the_metadata_only_when_it_was_an_alias(named, served, requested):
+    """envoy/models.lua: the alias as asked goes to the traces (whisper.requested_model) beside the
+    model served; a request naming the model itself carries only the model."""
+    outcome = open_filter().run_request(headers=FORM, body=form(named))
+    assert_routed(outcome, served)
+    metadata = outcome.metadata[METADATA_NAMESPACE]
+    assert metadata[MODEL_KEY] == served and metadata.get(REQUESTED_MODEL_KEY) == requested
 
 
 def test_headers_a_client_sends_under_the_filters_names_are_removed():

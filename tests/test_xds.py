@@ -203,6 +203,24 @@ def test_two_envoys_restarts_of_either_side(tmp_path, engines):
     assert served_by(first.url, MODEL, ["e1", "e2"], 12)["e2"] > 0
 
 
+@pytest.mark.e2e
+def test_envoy_checks_the_plane_serving_while_up_and_not_serving_when_it_stops(tmp_path, engines):
+    """Envoy's xds_cluster health checks (grpc.health.v1): a stopping plane answers NOT_SERVING
+    before it ends its log streams, so no Envoy opens one to it meanwhile."""
+    raw, _, plane = _serve_one_model(tmp_path, engines[0])
+    envoy = Envoy(tmp_path, raw)
+    envoy.wait_serving()
+    checks = "cluster.xds_cluster.health_check."
+
+    def answered_failures() -> int:  # checks the plane answered, but not SERVING (not a refused connection)
+        return envoy.stat(checks + "failure") - envoy.stat(checks + "network_failure")
+
+    wait_until(lambda: envoy.stat(checks + "success") > 0, 10, "a health check answered SERVING")
+    assert envoy.stat("cluster.xds_cluster.membership_healthy") == 1 and answered_failures() == 0
+    plane.stop()  # SIGTERM: the plane drains, then exits
+    wait_until(lambda: answered_failures() > 0, 10, "a health check answered NOT_SERVING")
+
+
 def registry_of(config) -> Registry:
     registry = Registry.empty()
     registry.set_config(config_entries(config))

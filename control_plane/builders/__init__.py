@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from control_plane.builders.clusters import build_cluster, build_longform_cluster, build_unrouted_cluster
-from control_plane.builders.endpoints import build_envoys_assignment, build_load_assignment
+from control_plane.builders.endpoints import build_load_assignment
 from control_plane.builders.listener import build_listener, build_pieces_listener
 from control_plane.builders.routes import build_route_configuration
 from control_plane.builders.secrets import build_secrets
@@ -16,9 +16,9 @@ from control_plane.xds.snapshot import Resources
 from control_plane.xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET
 
 
-def build_load_assignments(fleet: Fleet, envoys: int = 1) -> list:
-    """Endpoints alone: what a weight change rebuilds; and the Envoys' own cluster (`envoys` members)."""
-    return [build_load_assignment(model, fleet) for model in fleet.model_names()] + [build_envoys_assignment(envoys)]
+def build_load_assignments(fleet: Fleet) -> list:
+    """Endpoints alone: what a weight change rebuilds."""
+    return [build_load_assignment(model, fleet) for model in fleet.model_names()]
 
 
 def build_resources(config: GatewayConfig, fleet: Fleet, lua_source: str, access: Access = Access(),
@@ -35,6 +35,6 @@ def build_resources(config: GatewayConfig, fleet: Fleet, lua_source: str, access
         ROUTE: [build_route_configuration(config, fleet, lua_source, access, envoys)],
         CLUSTER: [build_cluster(model, config, engine_tls) for model in models] + [build_unrouted_cluster()] + ([collector] if collector else [])
                    + ([build_longform_cluster(config)] if longform else []),
-        ENDPOINT: build_load_assignments(fleet, envoys),
+        ENDPOINT: build_load_assignments(fleet),
         SECRET: build_secrets(certificates),
     }

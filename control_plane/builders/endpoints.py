@@ -7,7 +7,7 @@ from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from google.protobuf import wrappers_pb2
 
 from control_plane.builders.common import long_upload_metadata
-from control_plane.names import LOCAL_CLUSTER, METADATA_NAMESPACE, TLS_MATCH_KEY, cluster_name
+from control_plane.names import METADATA_NAMESPACE, TLS_MATCH_KEY, cluster_name
 from control_plane.xds.types import TLS_MATCH_NAMESPACE
 from control_plane.fleet.resolved import Backend, Fleet
 
@@ -48,13 +48,3 @@ def build_load_assignment(model: str, fleet: Fleet) -> endpoint_pb2.ClusterLoadA
     endpoints = [endpoint_components_pb2.LocalityLbEndpoints(lb_endpoints=lb_endpoints)]
     return endpoint_pb2.ClusterLoadAssignment(cluster_name=cluster_name(model), endpoints=endpoints if ordered else [])
 
-
-def build_envoys_assignment(envoys: int) -> endpoint_pb2.ClusterLoadAssignment:
-    """LOCAL_CLUSTER's members: one endpoint per Envoy connected (at least one). Nothing dials
-    them; each Envoy's quota filters take 1/members of every key's budget, so the Envoys
-    together admit the budget once."""
-    lb_endpoints = [endpoint_components_pb2.LbEndpoint(endpoint=endpoint_components_pb2.Endpoint(
-        address=address_pb2.Address(socket_address=address_pb2.SocketAddress(address="127.0.0.1", port_value=1 + i))))
-        for i in range(max(1, envoys))]
-    return endpoint_pb2.ClusterLoadAssignment(
-        cluster_name=LOCAL_CLUSTER, endpoints=[endpoint_components_pb2.LocalityLbEndpoints(lb_endpoints=lb_endpoints)])

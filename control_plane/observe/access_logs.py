@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import grpc
 from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
+from grpc_health.v1 import health
 
 from control_plane.names import (AUDIO_ESTIMATED_HEADER, AUDIO_SECONDS_HEADER, AUDIO_SECONDS_LIMIT, REQUESTS_LIMIT, BATCH_LANE_HEADER, CUT_SHORT_FLAGS,
                                  BATCH_LANE_KEY, CLAIMED_KEY, ENGINE_SECONDS_KEY, ESTIMATED_KEY, IN_FLIGHT_LIMIT, KEY_ID_HEADER, KEY_ID_KEY, LONGFORM_HEADER, PIECE_HEADER,
@@ -293,6 +294,10 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):
         # A stopping plane (drain()): each stream ends after its next message, and a new one is
         # refused unread, so its Envoy sends those entries again to the plane that comes back.
         self.draining, self.open_streams, self._ended = False, 0, asyncio.Event()
+        # grpc.health.v1, which Envoy's xds_cluster checks (envoy/bootstrap.yaml): SERVING until
+        # drain(). An Envoy told NOT_SERVING starts no log stream here: its workers keep their
+        # entries for the plane that comes back.
+        self.health = health.aio.HealthServicer()
 
     def take(self, entries, stream: int, peer: str, node: str = "") -> None:
         """One message's entries from Envoy `node`, each checked against what is known first."""
@@ -311,21 +316,12 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):
         if changed:
             self.in_flight_changed()
 
-    def health(self) -> grpc.GenericRpcHandler:
-        """grpc.health.v1's Check, which Envoy's xds_cluster asks (envoy/bootstrap.yaml): SERVING
-        until the plane starts draining. An Envoy that was told NOT_SERVING starts no log stream
-        here: its workers keep their entries for the plane that comes back."""
-        async def check(request: bytes, context) -> bytes:
-            return b"\x08\x02" if self.draining else b"\x08\x01"  # status: NOT_SERVING (2), SERVING (1)
-
-        method = grpc.unary_unary_rpc_method_handler(check, lambda raw: raw, lambda raw: raw)
-        return grpc.method_handlers_generic_handler("grpc.health.v1.Health", {"Check": method})
-
     async def drain(self, timeout: float, noticed_s: float = 0.0) -> None:
         """Answers health checks NOT_SERVING, waits `noticed_s` for every Envoy to have asked,
         then until every stream has ended after its next message (or `timeout`): Envoy sends a
         worker's entries once per flush interval, so what it logs later waits in Envoy."""
         self.draining = True
+        await self.health.enter_graceful_shutdown()
         await asyncio.sleep(noticed_s)
         deadline = asyncio.get_running_loop().time() + timeout
         while self.open_streams and (left := deadline - asyncio.get_running_loop().time()) > 0:

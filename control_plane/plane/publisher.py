@@ -3,7 +3,7 @@
 The config and the fleet last published, and the facts each round's decisions change in them:
 endpoint weights, long-upload endpoints and ejections (EDS), which models refuse batch keys and
 their hedging deadlines (the route facts, RDS), the certificates (SDS), and the Envoys' count
-(their local cluster and the Lua filter's count). One lock (`publishing`) orders every write
+(the Lua filter's, in the routes). One lock (`publishing`) orders every write
 into the cache; route facts and the Envoys' count also wait for a runtime change to finish (the
 state keeper's `changing` lock), as the routes carry the keys it may yet undo.
 
@@ -49,7 +49,7 @@ class Publisher:
         self.cache = cache
         self.certificates = certificates  # read and watched by plane/tls.py; served here as SDS secrets
         self.fleet: Fleet | None = None  # the fleet last published
-        self.envoys = 1  # LOCAL_CLUSTER's members as last published: the Envoys connected, at least one
+        self.envoys = 1  # the Lua filter's count as last published (CONTEXT.envoys): the Envoys connected, at least one
         self.budgets: dict[str, Budget] = {}  # key id -> its budget's state (plane/budgets.py), in its grant
         self.engine_key: str | None = None  # the engines' own --api-key (auth.engine_api_key_env), set at start
         self.known = Known(frozenset(), frozenset(), frozenset(), frozenset(), config.limits.max_audio_s)
@@ -122,7 +122,7 @@ class Publisher:
         are rebuilt and sent."""
         async with self._publishing:
             fleet = self.fleet.with_routing(weights, long_uploads, ejected)
-            self.cache.set_snapshot(self.cache.snapshot.with_type(ENDPOINT, build_load_assignments(fleet, self.envoys)))
+            self.cache.set_snapshot(self.cache.snapshot.with_type(ENDPOINT, build_load_assignments(fleet)))
             self.fleet = fleet
 
     async def set_lanes(self, closed: dict[str, int]) -> None:
@@ -161,18 +161,17 @@ class Publisher:
         return True
 
     async def count_envoys(self, all_planes: int | None) -> None:
-        """Quotas are split among the Envoys connected: when their number changes, their cluster
-        (LOCAL_CLUSTER) and the Lua filter's count are published again. `all_planes`: the Envoys
-        of every plane (state.etcd), which share the budgets too; None when not known."""
+        """The Lua filter charges a key by the Envoys connected until its budget has a charge of its
+        own (envoy/plans.lua): when their number changes, the routes carrying the count are
+        published again. `all_planes`: the Envoys of every plane (state.etcd), which share the
+        budgets too; None when not known."""
         envoys = self.cache.envoy_count()
         if all_planes is not None:
             envoys = max(envoys, all_planes)
         if (envoys := max(1, envoys)) == self.envoys:
             return
         async with self._changing, self._publishing:  # only what the count is in: a failure is tried next round
-            routes = self._routes(self.fleet, envoys)
-            self.cache.set_snapshot(self.cache.snapshot.with_type(ENDPOINT, build_load_assignments(self.fleet, envoys))
-                                    .with_type(ROUTE, [routes]))
+            self.cache.set_snapshot(self.cache.snapshot.with_type(ROUTE, [self._routes(self.fleet, envoys)]))
             self.envoys = envoys
 
     def envoys_here(self) -> int:

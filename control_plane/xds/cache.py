@@ -78,11 +78,8 @@ LAGGING_AFTER_S = 10.0
 
 
 class SnapshotCache:
-    def __init__(self, callbacks: Callbacks | None = None, static_clusters: frozenset[str] = frozenset()) -> None:
-        """`static_clusters`: EDS clusters every Envoy's bootstrap defines, whose endpoints come
-        from here with no CDS cluster."""
+    def __init__(self, callbacks: Callbacks | None = None) -> None:
         self.callbacks: Callbacks = callbacks or NoCallbacks()
-        self.static_clusters = static_clusters
         self._snapshot: Snapshot | None = None
         self._watchers: set[asyncio.Event] = set()
         self._acks = asyncio.Condition()
@@ -117,7 +114,7 @@ class SnapshotCache:
         return self._serve(snapshot)
 
     def _check(self, snapshot: Snapshot) -> None:
-        errors = snapshot.consistency_errors(self.static_clusters)
+        errors = snapshot.consistency_errors()
         if errors:
             raise InconsistentSnapshot("; ".join(errors))
 

@@ -79,16 +79,15 @@ class Snapshot:
             return [packed[name] for name in sorted(packed)]
         return [packed[name] for name in sorted(set(names)) if name in packed]
 
-    def consistency_errors(self, static_clusters: frozenset[str] = frozenset()) -> list[str]:
-        """What would make Envoy route to nothing or reject an update; empty when servable.
-        `static_clusters`: EDS clusters that every Envoy's bootstrap defines, not CDS."""
+    def consistency_errors(self) -> list[str]:
+        """What would make Envoy route to nothing or reject an update; empty when servable."""
         errors = []
         clusters = self.resources[CLUSTER]
         for name, cluster in clusters.items():
             if cluster.type == cluster_pb2.Cluster.EDS and name not in self.resources[ENDPOINT]:
                 errors.append(f"cluster {name!r} has no ClusterLoadAssignment")
         for name, assignment in self.resources[ENDPOINT].items():
-            if name not in clusters and name not in static_clusters:
+            if name not in clusters:
                 errors.append(f"ClusterLoadAssignment {name!r} has no cluster")
             cluster = clusters.get(name)
             secure = cluster is not None and len(cluster.transport_socket_matches) > 0
