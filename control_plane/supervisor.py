@@ -86,6 +86,13 @@ def engine_command(engine: EngineConfig) -> list[str]:
     return command
 
 
+def longform_command(config: GatewayConfig, worker: str) -> list[str]:
+    """A longform worker on `worker` (host:port), sending its pieces to this Envoy's pieces listener."""
+    return [sys.executable, "-m", "control_plane", "longform-worker", "--listen", worker,
+            "--pieces", f"http://127.0.0.1:{config.longform.pieces_port}",
+            "--max-upload-mb", str(config.limits.max_upload_mb)]
+
+
 def ports_in_use(config: GatewayConfig) -> list[str]:
     """Ports `up` would bind that something else holds already, named by their config key."""
     wanted = [("listen.port", config.listen.address, config.listen.port),
@@ -94,6 +101,11 @@ def ports_in_use(config: GatewayConfig) -> list[str]:
               ("listen.xds_port", config.listen.xds_address, config.listen.xds_port),
               ("listen.admin_port", config.listen.admin_address, config.listen.admin_port)]
     wanted += [(f"engines[{i}].port", "127.0.0.1", e.port) for i, e in enumerate(config.engines)]
+    if config.longform.enabled:
+        wanted.append(("longform.pieces_port", "127.0.0.1", config.longform.pieces_port))
+        for i, worker in enumerate(config.longform.workers):
+            host, port = worker.rsplit(":", 1)
+            wanted.append((f"longform.workers[{i}]", host.strip("[]"), int(port)))
     busy = []
     for key, host, port in wanted:
         with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
@@ -233,6 +245,10 @@ async def up(config: GatewayConfig, config_path: Path | None, run_dir: Path, sta
                 children.append(await _spawn(f"engine-{engine.name}", engine_command(engine), run_dir))
             for engine in config.engines:
                 await _wait_http_ok(session, f"{engine.url}/health", deadline, children)
+            for i, worker in enumerate(config.longform.workers):
+                children.append(await _spawn(f"longform-{i}", longform_command(config, worker), run_dir))
+            for worker in config.longform.workers:
+                await _wait_http_ok(session, f"http://{worker}/health", deadline, children)
             plane = [sys.executable, "-m", "control_plane", "serve", "--config", str(config_path or DEFAULT_CONFIG_PATH),
                      "--state-dir", str(state_directory)]
             children.append(await _spawn("control-plane", plane, run_dir))

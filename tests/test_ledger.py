@@ -238,3 +238,43 @@ def test_an_absurd_engine_figure_from_an_authenticated_envoy_counts_as_one_uploa
     record(entry(TRY_ENDED, status=200, seconds="1.000"), 1, Outcomes(), ledger, InFlight(), now=1.0)
     record(logged, 1, Outcomes(), ledger, InFlight(), now=1.0)
     assert ledger.metered["m"].served == 14400.0
+
+
+def marked(logged: accesslog_pb2.HTTPAccessLogEntry, header: str) -> accesslog_pb2.HTTPAccessLogEntry:
+    logged.request.request_headers[header] = "1"
+    return logged
+
+
+WORKER = "127.0.0.1:8093"
+
+
+def test_a_split_recording_is_metered_once_and_its_pieces_count_as_engine_work():
+    """A recording at a longform worker (x-whisper-longform) is the key's, metered once when it is
+    answered, and no engine's work; each piece (x-whisper-piece) is its engine's work and speed,
+    metered never."""
+    ledger, outcomes = Ledger(), Outcomes()
+    recording = dict(endpoint=WORKER, seconds="70.0", key="key-a", request_id="rec")
+    record(marked(entry(TRY_STARTED, **recording), "x-whisper-longform"), 1, outcomes, ledger, InFlight(), now=1.0)
+    assert ledger.in_flight(WORKER) == 0.0  # a worker is no engine
+    pieces = [("p1", "29.5"), ("p2", "29.5"), ("p3", "11.0")]
+    for request_id, seconds in pieces:
+        record(marked(entry(TRY_STARTED, seconds=seconds, request_id=request_id), "x-whisper-piece"), 1, outcomes, ledger,
+               InFlight(), now=1.0)
+    assert ledger.in_flight(E1) == 70.0  # what the engine holds, as any request's
+    for request_id, seconds in pieces:
+        piece = timed(200, 0.1, 2.0, seconds=seconds)
+        piece.request.request_id = request_id
+        record(marked(piece, "x-whisper-piece"), 1, outcomes, ledger, InFlight(), now=1.0)
+    assert ledger.in_flight(E1) == 0.0
+    assert "m" not in ledger.metered  # no piece is metered
+    assert len(ledger.answered["m"]) == 3  # each is evidence of the engines' speed
+    answered = timed(200, 0.5, 10.0, seconds="70.0")
+    answered.request.request_id = "rec"
+    answered.common_properties.upstream_remote_address.socket_address.port_value = 8093
+    answered.request.request_headers["x-whisper-key-id"] = "key-a"
+    record(marked(answered, "x-whisper-longform"), 1, outcomes, ledger, InFlight(), now=1.0)
+    metered = ledger.metered["m"]
+    assert (metered.requests, metered.received, metered.served) == (1, 70.0, 70.0)
+    assert ledger.usage_of("key-a")  # billed to its key
+    assert len(ledger.answered["m"]) == 3  # a whole recording's time is not an engine's speed
+    assert WORKER not in outcomes._tallies  # nor is the worker judged as an engine

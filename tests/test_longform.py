@@ -1,0 +1,92 @@
+"""Long recordings split across the fleet, end to end: Envoy sends an admitted upload above
+longform.split_above_s to a longform worker, which cuts it, sends the pieces back through Envoy's
+pieces listener to the model's engines at once, and answers as one engine would have. The
+recording is metered once, for its whole duration; its pieces count as their engines' work."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from harness.processes import PYTHON, GatewayStack, Process, free_port, request, start_engine, transcribe, wait_until
+
+pytestmark = pytest.mark.e2e
+
+MODEL = "whisper-large-v3-turbo"
+NAMES = ["e1", "e2", "e3", "e4"]
+RECORDING_S = 95.0  # four pieces: three of about 29 s and the rest
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("longform")
+    engines = [start_engine(tmp_path, MODEL, name, time_scale=0.01)[1] for name in NAMES]
+    worker_port, pieces_port = free_port(), free_port()
+    worker = Process("longform-worker", [PYTHON, "-m", "control_plane", "longform-worker", "--listen",
+                                         f"127.0.0.1:{worker_port}", "--pieces", f"http://127.0.0.1:{pieces_port}"], tmp_path)
+    wait_until(lambda: worker.alive() and request("GET", f"http://127.0.0.1:{worker_port}/health", timeout=2).status == 200,
+               20, "the longform worker")
+    gateway = GatewayStack(tmp_path, MODEL, engines, longform={
+        "workers": [f"127.0.0.1:{worker_port}"], "split_above_s": 60.0, "pieces_port": pieces_port, "max_share": 1.0})
+    wait_until(lambda: all(h.get("health_flags") == "healthy"
+                           for h in gateway.envoy.endpoints().get("whisper:longform", {"-": {}}).values()),
+               10, "Envoy to find the worker healthy")
+    yield gateway
+    gateway.stop()
+    worker.stop()
+
+
+def usage(stack) -> tuple[int, float]:
+    rows = stack.admin.call("GET", "/usage").json()["data"]
+    return sum(r["requests"] for r in rows), round(sum(r["audio_served_s"] for r in rows), 3)
+
+
+def pieces_in(text: str) -> list[tuple[str, float]]:
+    """(engine, seconds) of each piece, from the simulated engines' text: one 30 s window each."""
+    return [(name, float(seconds)) for name, seconds in re.findall(r" (e\d) transcribed chunk 1 of 1 \(([\d.]+) s\)", text)]
+
+
+def test_a_long_recording_is_split_across_the_engines_metered_once(stack):
+    before = usage(stack)
+    answer = transcribe(stack.envoy.url, MODEL, seconds=RECORDING_S)
+    assert answer.status == 200, answer.text
+    body = answer.json()
+    assert body["usage"] == {"type": "duration", "seconds": 95}
+    pieces = pieces_in(body["text"])
+    assert len(pieces) == 4 and round(sum(s for _, s in pieces), 1) == RECORDING_S, body["text"]
+    assert all(s <= 30.0 for _, s in pieces)
+    assert len({name for name, _ in pieces}) >= 2  # at once, on several engines
+    # The recording, once, for its whole duration: not its pieces too.
+    wait_until(lambda: usage(stack) == (before[0] + 1, round(before[1] + RECORDING_S, 3)), 10, "the recording metered")
+
+
+def test_verbose_json_is_timed_across_the_whole_recording(stack):
+    answer = transcribe(stack.envoy.url, MODEL, seconds=RECORDING_S, extra=[("response_format", "verbose_json", None)])
+    assert answer.status == 200, answer.text
+    body = answer.json()
+    assert body["duration"] == RECORDING_S
+    segments = body["segments"]
+    assert [s["id"] for s in segments] == list(range(4))
+    assert segments[0]["start"] == 0.0 and segments[-1]["end"] == pytest.approx(RECORDING_S, abs=0.01)
+    assert all(a["end"] == pytest.approx(b["start"], abs=0.01) for a, b in zip(segments, segments[1:]))
+
+
+def test_a_streamed_recording_sends_its_pieces_in_order(stack):
+    answer = transcribe(stack.envoy.url, MODEL, seconds=RECORDING_S, extra=[("stream", "true", None)])
+    assert answer.status == 200, answer.text
+    events = [line.removeprefix("data: ") for line in answer.text.split("\n") if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    lengths = [s for _, s in pieces_in(text)]
+    assert len(lengths) == 4 and lengths[-1] < 29  # in the recording's order: the short rest last
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_a_recording_below_the_threshold_goes_whole_to_one_engine(stack):
+    answer = transcribe(stack.envoy.url, MODEL, seconds=50.0)
+    assert answer.status == 200, answer.text
+    assert " transcribed chunk 1 of 2 " in answer.json()["text"]  # the engine cut it into its own windows
+
