@@ -96,7 +96,7 @@ class ControlPlane:
         # One budget per key across the Envoys: where its requests arrive, and what each Envoy charges them.
         self.admissions = Admissions()
         self.budgets = BudgetKeeper(self.admissions, self.publisher.key_plans, lambda: self.publisher.envoys,
-                                    lambda day: self.usage.rows(day, day, None), self.publisher.set_budgets,
+                                    self.usage.own_rows, self.usage.other_rows, self.publisher.set_budgets,
                                     share=self._budget_share)
         self.audit: AuditTrail = MemoryAudit()  # the admin changes' trail: in the state dir or etcd once started
         self.token: str | None = None

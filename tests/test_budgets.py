@@ -15,7 +15,11 @@ from control_plane.names import (AUDIO_SECONDS_HEADER, AUDIO_SECONDS_LIMIT, AUDI
                                  ENGINE_SECONDS_KEY, KEY_ID_HEADER, KEY_ID_KEY, LIMITED_HEADER, METADATA_NAMESPACE, REQUESTS_LIMIT,
                                  SECONDS_KEY)
 from control_plane.observe.access_logs import REQUEST_ENDED, TRY_ENDED, TRY_STARTED, arrival, charged_after
+from control_plane.fleet.usage_store import MemoryUsageStore
 from control_plane.observe.admissions import DEMAND_WINDOW_S, Admissions
+from control_plane.observe.ledger import Ledger as Metering
+from control_plane.observe.usage import USAGE_FLUSH_S
+from control_plane.plane.usage import UsageKeeper
 from control_plane.plane.budgets import BudgetKeeper, next_midnight
 from control_plane.tenants.keys import Budget
 
@@ -126,17 +130,17 @@ class Clock:
         self.now, self.wall = 1000.0, 1_800_000_000.0
 
 
-def keeper_for(plans, envoys=2, rows=()):
-    clock, published, seen = Clock(), [], Admissions()
+def keeper_for(plans, envoys=2):
+    """A keeper over a real metering ledger and usage keeper, whose store the other planes write to."""
+    clock, published, seen, ledger = Clock(), [], Admissions(), Metering()
+    usage = UsageKeeper(ledger.usage, MemoryUsageStore(), "this-plane", lambda: 30, lambda: True)
 
     async def publish(budgets):
         published.append(budgets)
 
-    async def usage_rows(day):
-        return list(rows)
-
-    keeper = BudgetKeeper(seen, lambda: plans, lambda: envoys, usage_rows, publish, lambda: clock.now,
-                          lambda: clock.wall)
+    keeper = BudgetKeeper(seen, lambda: plans, lambda: envoys, usage.own_rows, usage.other_rows, publish,
+                          lambda: clock.now, lambda: clock.wall)
+    keeper.metering, keeper.usage = ledger, usage  # what the tests meter and write through
     return keeper, seen, clock, published
 
 
@@ -158,19 +162,35 @@ def test_the_keeper_publishes_each_keys_charge_from_where_its_requests_arrive():
 
 
 def test_the_keeper_refuses_a_key_whose_day_is_spent_until_midnight_utc():
-    rows = [{"key": "k", "model": "m1", "audio_received_s": 900.0, "audio_refused_s": 50.0},
-            {"key": "k", "model": "m2", "audio_received_s": 150.0, "audio_refused_s": 0.0},
-            {"key": "other", "model": "m1", "audio_received_s": 999.0, "audio_refused_s": 0.0}]
-    keeper, _, clock, published = keeper_for({"k": PLAN, "other": PLAN}, rows=rows)
-    asyncio.run(keeper.round())
+    keeper, _, clock, published = keeper_for({"k": PLAN, "other": PLAN})
     day, midnight = next_midnight(clock.wall)
+    asyncio.run(keeper.usage.store.put(day, "plane-b", {
+        "k": {"m1": {"audio_received_s": 900.0, "audio_refused_s": 50.0}, "m2": {"audio_received_s": 150.0}},
+        "other": {"m1": {"audio_received_s": 999.0}}}))
+    asyncio.run(keeper.round(check_days=True))
     assert published[-1] == {"k": Budget(refused=AUDIO_SECONDS_PER_DAY_LIMIT, refused_until=midnight)}
     assert 0 < midnight - clock.wall <= 86400 and midnight % 86400 == 0
-    clock.wall = midnight + 1  # the next day: its usage starts again (these rows are the day before's)
-    keeper.usage_rows = lambda day: asyncio.sleep(0, result=[])
+    clock.wall = midnight + 1  # the next day: its usage starts again (those records are the day before's)
     clock.now += 10
     asyncio.run(keeper.round())
     assert published[-1] == {}
+
+
+def test_a_day_spent_on_this_plane_is_refused_next_round_and_on_other_planes_within_a_flush():
+    keeper, _, clock, published = keeper_for({"here": PLAN, "there": PLAN, "flushed": PLAN})
+    day, midnight = next_midnight(clock.wall)
+    refused = Budget(refused=AUDIO_SECONDS_PER_DAY_LIMIT, refused_until=midnight)
+    asyncio.run(keeper.round(check_days=True))
+    keeper.metering.meter("m1", 600.0, False, "served", "flushed", day)
+    asyncio.run(keeper.usage.flush())  # this plane's own record, written: counted once, not twice
+    asyncio.run(keeper.usage.store.put(day, "plane-b", {"there": {"m1": {"audio_received_s": 1000.0}}}))
+    keeper.metering.meter("m1", 1000.0, False, "served", "here", day)
+    clock.now += 1
+    asyncio.run(keeper.round())
+    assert published[-1] == {"here": refused}  # this plane's own metering: at once
+    clock.now += USAGE_FLUSH_S - 1
+    asyncio.run(keeper.round())
+    assert published[-1] == {"here": refused, "there": refused}  # another plane's: once its records are read
 
 
 def test_debt_from_admissions_beyond_the_budget_raises_the_charge_until_repaid():

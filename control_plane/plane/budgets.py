@@ -16,13 +16,14 @@ from control_plane.config import PlanConfig
 from control_plane.decide.budgets import MINUTE_LIMITS, Ledger, charges, day_spent, moved
 from control_plane.names import AUDIO_SECONDS_LIMIT, AUDIO_SECONDS_PER_DAY_LIMIT, REQUESTS_LIMIT
 from control_plane.observe.admissions import Admissions
+from control_plane.observe.usage import USAGE_FLUSH_S
 from control_plane.tenants.keys import Budget
 
 log = logging.getLogger(__name__)
+# Each round also counts today's usage: this plane's as metered (in memory), so a day's budget
+# is overspent by what arrives in about a round; the other planes' records are read from the
+# usage store every USAGE_FLUSH_S, as often as they are written.
 BUDGET_ROUND_S = 1.0
-# How often today's usage is read (this plane's as metered; other planes' as last written, every
-# USAGE_FLUSH_S): a day's budget is overspent by what arrives in about this long.
-DAY_CHECK_S = 1.0
 
 
 def next_midnight(wall: float) -> tuple[str, int]:
@@ -32,24 +33,37 @@ def next_midnight(wall: float) -> tuple[str, int]:
     return day.isoformat(), int(end.timestamp())
 
 
+def spent_by_key(rows: list[dict]) -> dict[str, float]:
+    """Usage rows -> each key's audio-seconds that count against its day (received, less refused)."""
+    spent: dict[str, float] = {}
+    for row in rows:
+        spent[row["key"]] = spent.get(row["key"], 0.0) + row["audio_received_s"] - row["audio_refused_s"]
+    return spent
+
+
 class BudgetKeeper:
     def __init__(self, admissions: Admissions, plans: Callable[[], Mapping[str, PlanConfig]],
-                 envoys: Callable[[], int], usage_rows: Callable[[str], Awaitable[list[dict]]],
+                 envoys: Callable[[], int], own_rows: Callable[[str], list[dict]],
+                 other_rows: Callable[[str], Awaitable[list[dict]]],
                  publish: Callable[[dict[str, Budget]], Awaitable[None]],
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
                  share: Callable[[], float] = lambda: 1.0):
         """`plans`: each key's plan now (key id -> PlanConfig; keys without one absent);
-        `envoys`: how many there are; `usage_rows`: a day's durable usage rows (every plane's);
+        `envoys`: how many there are; `own_rows`: a day's usage rows as this plane metered them;
+        `other_rows`: the day's durable rows of every other writer (the usage store);
         `publish`: serves the keys' budgets; `share`: this plane's part of every budget (with
         several planes, its Envoys' part of all Envoys: each plane sees only its own Envoys' logs)."""
-        self.admissions, self.plans, self.envoys, self.usage_rows = admissions, plans, envoys, usage_rows
+        self.admissions, self.plans, self.envoys = admissions, plans, envoys
+        self.own_rows, self.other_rows = own_rows, other_rows
         self.share = share
         self.publish, self.clock, self.wall = publish, clock, wall
         self.ledgers: dict[str, dict[str, Ledger]] = {}  # key id -> limit name -> its exact budget
         self.published: dict[str, Budget] = {}
         self.day_refused: dict[str, int] = {}  # key id -> until (epoch s)
         self.started = clock()
-        self._day_checked = -DAY_CHECK_S
+        # The other writers' audio-seconds by key, of the day named, as last read (at `_others_read`).
+        self._others: tuple[str, dict[str, float]] = ("", {})
+        self._others_read = -USAGE_FLUSH_S
 
     def _ledgers(self, key: str, plan: PlanConfig, now: float) -> dict[str, Ledger]:
         ledgers, share = self.ledgers.setdefault(key, {}), self.share()
@@ -88,30 +102,36 @@ class BudgetKeeper:
                 budgets[key] = budget
         return budgets
 
-    async def check_days(self, plans: Mapping[str, PlanConfig], wall: float) -> None:
-        """Which keys have spent today's audio-seconds, by every plane's durable usage."""
+    async def check_days(self, plans: Mapping[str, PlanConfig], now: float, wall: float,
+                         read_others: bool = True) -> None:
+        """Which keys have spent today's audio-seconds: this plane's metering, and the other
+        writers' durable records (read again when `read_others`, or when the day changed)."""
         daily = {key: plan.audio_seconds_per_day for key, plan in plans.items() if plan.audio_seconds_per_day}
         if not daily:
             self.day_refused = {}
             return
         day, until = next_midnight(wall)
-        spent: dict[str, float] = {}
-        for row in await self.usage_rows(day):
-            spent[row["key"]] = spent.get(row["key"], 0.0) + row["audio_received_s"] - row["audio_refused_s"]
+        if read_others or self._others[0] != day:
+            if self._others[0] != day:
+                self._others = (day, {})  # a new day: nothing of the last one counts
+            self._others_read = now
+            try:
+                self._others = (day, spent_by_key(await self.other_rows(day)))
+            except Exception as error:  # noqa: BLE001 - the store away: the other planes' usage as last read
+                log.warning("today's usage of other planes not read: %s", error)
+        spent = spent_by_key(self.own_rows(day))
+        for key, seconds in self._others[1].items():
+            spent[key] = spent.get(key, 0.0) + seconds
         self.day_refused = {key: until for key, per_day in daily.items() if day_spent(spent.get(key, 0.0), per_day)}
 
     async def round(self, check_days: bool = False) -> None:
-        """Bills what the logs reported, and publishes the budgets if any changed; `check_days`:
-        reads today's usage now (otherwise every DAY_CHECK_S). The plane runs one before its
-        first publish, so a key whose day is spent is refused from the start."""
+        """Bills what the logs reported, counts today's usage, and publishes the budgets if any
+        changed; `check_days`: reads the other planes' usage now (otherwise every USAGE_FLUSH_S).
+        The plane runs one before its first publish, so a key whose day is spent is refused from
+        the start."""
         plans, now, wall = self.plans(), self.clock(), self.wall()
         self.bill(plans, now)
-        if check_days or now - self._day_checked >= DAY_CHECK_S:
-            self._day_checked = now
-            try:
-                await self.check_days(plans, wall)
-            except Exception as error:  # noqa: BLE001 - the store away: the last refusals stand
-                log.warning("today's usage not read: %s", error)
+        await self.check_days(plans, now, wall, check_days or now - self._others_read >= USAGE_FLUSH_S)
         budgets = self.decide(plans, now, wall)
         if budgets != self.published:
             log.debug("budgets: %s", budgets)

@@ -68,3 +68,13 @@ class UsageKeeper:
             if first <= day <= last:
                 records.setdefault(day, {})[self.writer] = self.book.record(day)
         return summed({day: list(writers.values()) for day, writers in records.items()}, key)
+
+    def own_rows(self, day: str) -> list[dict]:
+        """This process's metering of `day` as it stands now (no I/O), summed per key and model."""
+        return summed({day: [self.book.record(day)]})
+
+    async def other_rows(self, day: str) -> list[dict]:
+        """Every other writer's records of `day` as last written (other planes', and this plane's
+        before a restart), summed per key and model."""
+        records = (await self.store.records(day, day)).get(day, {})
+        return summed({day: [record for writer, record in records.items() if writer != self.writer]})
