@@ -21,7 +21,7 @@ from control_plane.observe.ledger import Ledger as Metering
 from control_plane.observe.usage import USAGE_FLUSH_S
 from control_plane.plane.usage import UsageKeeper
 from control_plane.plane.budgets import BudgetKeeper, next_midnight
-from control_plane.tenants.keys import Budget
+from control_plane.tenants.keys import Budget, KeyTable
 
 
 @pytest.mark.parametrize("demands,budget,level", [
@@ -231,3 +231,19 @@ def test_what_the_engines_figure_adds_is_charged_to_the_keys_budget_after_the_fa
     assert keeper.ledgers["k"][AUDIO_SECONDS_LIMIT].debt(clock.now) == pytest.approx(1)
     assert keeper.ledgers["k"][REQUESTS_LIMIT].tokens == pytest.approx(599)  # one request, not two
     assert seen.demand(clock.now, 0.0)["k"] == {"envoy-1": pytest.approx((60 / DEMAND_WINDOW_S, 60 / DEMAND_WINDOW_S))}
+
+
+def test_the_keys_with_budgets_are_those_envoy_grants_a_plan():
+    table, ids = KeyTable(), iter(f"key-{i}" for i in range(10))
+    make = {"make_id": lambda: next(ids)}
+    own, default, dropped, unplanned, revoked = (
+        table.create("own", (), "interactive", 0.0, 10, plan="gold", **make)[0],
+        table.create("default", (), "interactive", 0.0, 10, **make)[0],
+        table.create("dropped", (), "interactive", 0.0, 10, plan="silver", **make)[0],
+        table.create("unplanned", (), "interactive", 0.0, 10, **make)[0],
+        table.create("revoked", (), "interactive", 0.0, 10, plan="gold", **make)[0])
+    table.revoke(revoked.id, 1.0)
+    expected = {own.id: "gold", default.id: "basic", dropped.id: "basic", unplanned.id: "basic"}
+    assert table.plans({"gold", "basic"}, "basic") == expected  # a plan the config dropped: the default
+    assert table.plans({"gold"}, None) == {own.id: "gold"}
+    assert {grant.id: grant.plan for grant in table.grants({"gold", "basic"}, "basic").values()} == expected
