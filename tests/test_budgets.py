@@ -247,3 +247,18 @@ def test_the_keys_with_budgets_are_those_envoy_grants_a_plan():
     assert table.plans({"gold", "basic"}, "basic") == expected  # a plan the config dropped: the default
     assert table.plans({"gold"}, None) == {own.id: "gold"}
     assert {grant.id: grant.plan for grant in table.grants({"gold", "basic"}, "basic").values()} == expected
+
+
+def test_only_keys_with_traffic_have_ledgers_and_an_idle_keys_goes_once_refilled():
+    plans = {f"key-{i}": PLAN for i in range(1000)}
+    keeper, seen, clock, published = keeper_for(plans, envoys=1)
+    for i in range(40):  # 80 audio-seconds, against 60 a minute: 20 owed
+        seen.arrived(f"r{i}", "key-7", "envoy-1", 2, True, clock.now)
+    asyncio.run(keeper.round())
+    assert set(keeper.ledgers) == {"key-7"} and set(published[-1]) == {"key-7"}
+    clock.now += DEMAND_WINDOW_S + 1  # no demand left, still owing
+    asyncio.run(keeper.round())
+    assert set(keeper.ledgers) == {"key-7"}
+    clock.now += 60  # repaid and refilled: the same as a new key's ledger
+    asyncio.run(keeper.round())
+    assert keeper.ledgers == {} and published[-1] == {}

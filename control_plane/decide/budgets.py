@@ -94,6 +94,11 @@ class Ledger:
         self._refill(now)
         return max(0.0, -self.tokens)
 
+    def refilled(self, now: float) -> bool:
+        """Whether it holds its whole minute again: the same as a new key's (`full`)."""
+        self._refill(now)
+        return self.tokens >= self.per_minute
+
     def shared_out(self, now: float) -> float:
         """The budget a minute to share among the Envoys now: the plan's, less the repayment of
         the debt beyond a slack (one unit and DEBT_SLACK), continuous in it, so a debt that

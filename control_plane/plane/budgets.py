@@ -82,15 +82,19 @@ class BudgetKeeper:
                 ledgers[AUDIO_SECONDS_LIMIT].take(arrival.seconds, arrival.at)
 
     def decide(self, plans: Mapping[str, PlanConfig], now: float, wall: float) -> dict[str, Budget]:
-        """Each key's budget now: its charges where it has demand, and a refusal where its day is spent."""
+        """Each key's budget now: its charges where it has demand, and a refusal where its day is
+        spent. Ledgers are kept for keys billed or with demand, until they are full again."""
         demand = self.admissions.demand(now, self.started)
         for key in [k for k in self.ledgers if k not in plans]:
             del self.ledgers[key]
         budgets = {}
         for key, plan in plans.items():
-            ledgers = self._ledgers(key, plan, now)
-            buckets = {name: getattr(plan, field) for name, (field, _) in MINUTE_LIMITS.items()}
-            decided = charges(demand[key], ledgers, buckets, self.envoys(), now) if key in demand else {}
+            decided = {}
+            if key in demand:
+                buckets = {name: getattr(plan, field) for name, (field, _) in MINUTE_LIMITS.items()}
+                decided = charges(demand[key], self._ledgers(key, plan, now), buckets, self.envoys(), now)
+            elif key in self.ledgers and all(ledger.refilled(now) for ledger in self._ledgers(key, plan, now).values()):
+                del self.ledgers[key]  # no demand, nothing owed: as a new key's, made again when it is next billed
             before = self.published.get(key, Budget())
             requests, audio = decided.get(REQUESTS_LIMIT), decided.get(AUDIO_SECONDS_LIMIT)
             budget = Budget(
