@@ -94,7 +94,7 @@ class ControlPlane:
         self.usage = UsageKeeper(self.ledger.usage, MemoryUsageStore(), f"{self.state.plane_id}-{uuid.uuid4().hex[:8]}",
                                  lambda: self.publisher.config.state.usage_days, lambda: self.state.leader)
         # One budget per key across the Envoys: where its requests arrive, and what each Envoy charges them.
-        self.admissions = Admissions()
+        self.admissions = Admissions(lambda: self.publisher.config.timeouts.route_s)
         self.budgets = BudgetKeeper(self.admissions, self.publisher.key_plans, lambda: self.publisher.envoys,
                                     self.usage.own_rows, self.usage.other_rows, self.publisher.set_budgets,
                                     share=self._budget_share)

@@ -16,7 +16,7 @@ from control_plane.names import (AUDIO_SECONDS_HEADER, AUDIO_SECONDS_LIMIT, AUDI
                                  SECONDS_KEY)
 from control_plane.observe.access_logs import REQUEST_ENDED, TRY_ENDED, TRY_STARTED, arrival, charged_after
 from control_plane.fleet.usage_store import MemoryUsageStore
-from control_plane.observe.admissions import DEMAND_WINDOW_S, Admissions
+from control_plane.observe.admissions import DEMAND_WINDOW_S, SEEN_MARGIN_S, SEEN_MOST, Admissions
 from control_plane.observe.ledger import Ledger as Metering
 from control_plane.observe.usage import USAGE_FLUSH_S
 from control_plane.plane.usage import UsageKeeper
@@ -262,3 +262,19 @@ def test_only_keys_with_traffic_have_ledgers_and_an_idle_keys_goes_once_refilled
     clock.now += 60  # repaid and refilled: the same as a new key's ledger
     asyncio.run(keeper.round())
     assert keeper.ledgers == {} and published[-1] == {}
+
+
+def test_a_request_id_is_remembered_per_envoy_as_long_as_a_request_lasts_and_no_more_than_its_bound():
+    seen = Admissions(route_s=lambda: 900.0)
+    seen.arrived("r1", "k", "envoy-1", 2, True, 0.0)
+    seen.arrived("r1", "k", "envoy-2", 2, True, 500.0)  # another Envoy's id: its own request
+    seen.arrived("r1", "k", "envoy-1", 2, True, 900.0)  # a retry at the route timeout's end: the same request
+    assert len(seen.take_unbilled()) == 2
+    seen.arrived("r1", "k", "envoy-1", 2, True, 900.0 + SEEN_MARGIN_S + 1)  # no request lasts so long: a new one
+    assert len(seen.take_unbilled()) == 1
+    for i in range(SEEN_MOST + 10):  # one Envoy reporting more ids than any lasting requests could be
+        seen.arrived(f"x{i}", "k", "envoy-3", 1, True, 1000.0)
+    assert seen.seen() <= 3 + SEEN_MOST
+    seen.arrived("r1", "k", "envoy-2", 2, True, 1000.0)  # the other Envoys' ids are kept
+    assert len(seen.take_unbilled()) == SEEN_MOST + 10
+    assert seen.demand(1000.0 + 900.0 + SEEN_MARGIN_S + 1, since=0.0) == {} and seen.seen() == 0
