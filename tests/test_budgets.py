@@ -18,9 +18,9 @@ from control_plane.observe.access_logs import REQUEST_ENDED, TRY_ENDED, TRY_STAR
 from control_plane.fleet.usage_store import MemoryUsageStore
 from control_plane.observe.admissions import DEMAND_WINDOW_S, SEEN_MARGIN_S, SEEN_MOST, Admissions
 from control_plane.observe.ledger import Ledger as Metering
-from control_plane.observe.usage import USAGE_FLUSH_S
+from control_plane.observe.usage import USAGE_FLUSH_S, utc_day
 from control_plane.plane.usage import UsageKeeper
-from control_plane.plane.budgets import BudgetKeeper, next_midnight
+from control_plane.plane.budgets import BudgetKeeper
 from control_plane.tenants.keys import Budget, KeyTable
 
 
@@ -163,7 +163,8 @@ def test_the_keeper_publishes_each_keys_charge_from_where_its_requests_arrive():
 
 def test_the_keeper_refuses_a_key_whose_day_is_spent_until_midnight_utc():
     keeper, _, clock, published = keeper_for({"k": PLAN, "other": PLAN})
-    day, midnight = next_midnight(clock.wall)
+    day, midnight = utc_day(clock.wall)
+    day = day.isoformat()
     asyncio.run(keeper.usage.store.put(day, "plane-b", {
         "k": {"m1": {"audio_received_s": 900.0, "audio_refused_s": 50.0}, "m2": {"audio_received_s": 150.0}},
         "other": {"m1": {"audio_received_s": 999.0}}}))
@@ -178,7 +179,8 @@ def test_the_keeper_refuses_a_key_whose_day_is_spent_until_midnight_utc():
 
 def test_a_day_spent_on_this_plane_is_refused_next_round_and_on_other_planes_within_a_flush():
     keeper, _, clock, published = keeper_for({"here": PLAN, "there": PLAN, "flushed": PLAN})
-    day, midnight = next_midnight(clock.wall)
+    day, midnight = utc_day(clock.wall)
+    day = day.isoformat()
     refused = Budget(refused=AUDIO_SECONDS_PER_DAY_LIMIT, refused_until=midnight)
     asyncio.run(keeper.round(check_days=True))
     keeper.metering.meter("m1", 600.0, False, "served", "flushed", day)

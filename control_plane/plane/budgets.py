@@ -10,13 +10,12 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from datetime import datetime, timedelta, timezone
 
 from control_plane.config import PlanConfig
 from control_plane.decide.budgets import MINUTE_LIMITS, Ledger, charges, day_spent, moved
 from control_plane.names import AUDIO_SECONDS_LIMIT, AUDIO_SECONDS_PER_DAY_LIMIT, REQUESTS_LIMIT
 from control_plane.observe.admissions import Admissions
-from control_plane.observe.usage import USAGE_FLUSH_S
+from control_plane.observe.usage import USAGE_FLUSH_S, utc_day
 from control_plane.tenants.keys import Budget
 
 log = logging.getLogger(__name__)
@@ -24,13 +23,6 @@ log = logging.getLogger(__name__)
 # is overspent by what arrives in about a round; the other planes' records are read from the
 # usage store every USAGE_FLUSH_S, as often as they are written.
 BUDGET_ROUND_S = 1.0
-
-
-def next_midnight(wall: float) -> tuple[str, int]:
-    """Today's UTC date and the epoch second its day ends."""
-    day = datetime.fromtimestamp(wall, timezone.utc).date()
-    end = datetime.combine(day + timedelta(days=1), datetime.min.time(), timezone.utc)
-    return day.isoformat(), int(end.timestamp())
 
 
 def spent_by_key(rows: list[dict]) -> dict[str, float]:
@@ -114,7 +106,8 @@ class BudgetKeeper:
         if not daily:
             self.day_refused = {}
             return
-        day, until = next_midnight(wall)
+        today, until = utc_day(wall)
+        day = today.isoformat()
         if read_others or self._others[0] != day:
             if self._others[0] != day:
                 self._others = (day, {})  # a new day: nothing of the last one counts

@@ -8,17 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
-from datetime import date, datetime, timedelta, timezone
+from datetime import timedelta
 
-from control_plane.observe.usage import USAGE_FLUSH_S, UsageBook, summed
+from control_plane.observe.usage import USAGE_FLUSH_S, UsageBook, summed, utc_day
 
 log = logging.getLogger(__name__)
 RETENTION_CHECK_S = 3600.0
-
-
-def today() -> date:
-    return datetime.now(timezone.utc).date()
 
 
 class UsageKeeper:
@@ -52,7 +49,7 @@ class UsageKeeper:
             now = asyncio.get_running_loop().time()
             if checked is None or now - checked >= RETENTION_CHECK_S:
                 checked = now
-                first_kept = (today() - timedelta(days=self.days() - 1)).isoformat()
+                first_kept = (utc_day(time.time())[0] - timedelta(days=self.days() - 1)).isoformat()
                 self.book.forget_before(first_kept)
                 if self.leading():
                     try:
