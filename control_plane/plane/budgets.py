@@ -12,7 +12,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 
 from control_plane.config import PlanConfig
-from control_plane.decide.budgets import MINUTE_LIMITS, Ledger, charges, day_spent, moved
+from control_plane.decide.budgets import MINUTE_LIMITS, MOST_OWED_MINUTES, Ledger, charges, day_spent, moved
 from control_plane.names import AUDIO_SECONDS_LIMIT, AUDIO_SECONDS_PER_DAY_LIMIT, REQUESTS_LIMIT
 from control_plane.observe.admissions import Admissions
 from control_plane.observe.usage import USAGE_FLUSH_S, utc_day
@@ -66,12 +66,15 @@ class BudgetKeeper:
         return ledgers
 
     def bill(self, plans: Mapping[str, PlanConfig], now: float) -> None:
-        """Every admission the logs reported since the last round, into its key's ledgers."""
-        for arrival in self.admissions.take_unbilled():
-            if (plan := plans.get(arrival.key)) is not None:
-                ledgers = self._ledgers(arrival.key, plan, arrival.at)
-                ledgers[REQUESTS_LIMIT].take(1 if arrival.request else 0, arrival.at)
-                ledgers[AUDIO_SECONDS_LIMIT].take(arrival.seconds, arrival.at)
+        """Every admission the logs reported since the last round, into its key's ledgers (of keys
+        with a plan; each owing at most MOST_OWED_MINUTES of its plan per Envoy)."""
+        envoys = max(1, self.envoys())
+        for billed in self.admissions.take_unbilled():
+            if (plan := plans.get(billed.key)) is not None:
+                ledgers = self._ledgers(billed.key, plan, billed.at)
+                for name, units in ((REQUESTS_LIMIT, billed.requests), (AUDIO_SECONDS_LIMIT, billed.seconds)):
+                    most_owed = MOST_OWED_MINUTES * envoys * getattr(plan, MINUTE_LIMITS[name][0])
+                    ledgers[name].take(units, billed.at, most_owed)
 
     def decide(self, plans: Mapping[str, PlanConfig], now: float, wall: float) -> dict[str, Budget]:
         """Each key's budget now: its charges where it has demand, and a refusal where its day is
