@@ -95,9 +95,9 @@ class ControlPlane:
         self.usage = UsageKeeper(self.ledger.usage, MemoryUsageStore(), f"{self.state.plane_id}-{uuid.uuid4().hex[:8]}",
                                  lambda: self.publisher.config.state.usage_days, lambda: self.state.leader)
         # One budget per key across the Envoys: where its requests arrive, and what each Envoy charges them.
-        self.admissions = Admissions()
+        self.admissions = Admissions(lambda: self.publisher.config.timeouts.route_s)
         self.budgets = BudgetKeeper(self.admissions, self.publisher.key_plans, lambda: self.publisher.envoys,
-                                    lambda day: self.usage.rows(day, day, None), self.publisher.set_budgets,
+                                    self.usage.own_rows, self.usage.other_rows, self.publisher.set_budgets,
                                     share=self._budget_share)
         self.audit: AuditTrail = MemoryAudit()  # the admin changes' trail: in the state dir or etcd once started
         self.token: str | None = None

@@ -10,14 +10,22 @@ import pytest
 from envoy.data.accesslog.v3 import accesslog_pb2
 
 from control_plane.config import PlanConfig
-from control_plane.decide.budgets import DEBT_SLACK, REPAY_S, Ledger, charge, charges, moved, water_level
+from control_plane.decide.budgets import (DEBT_SLACK, MOST_HELD_BACK, MOST_OWED_MINUTES, REPAY_S, Ledger, charge, charges,
+                                         moved, water_level)
 from control_plane.names import (AUDIO_SECONDS_HEADER, AUDIO_SECONDS_LIMIT, AUDIO_SECONDS_PER_DAY_LIMIT, BUDGET_SCALE,
                                  ENGINE_SECONDS_KEY, KEY_ID_HEADER, KEY_ID_KEY, LIMITED_HEADER, METADATA_NAMESPACE, REQUESTS_LIMIT,
                                  SECONDS_KEY)
-from control_plane.observe.access_logs import REQUEST_ENDED, TRY_ENDED, TRY_STARTED, arrival, charged_after
-from control_plane.observe.admissions import DEMAND_WINDOW_S, Admissions
-from control_plane.plane.budgets import BudgetKeeper, next_midnight
-from control_plane.tenants.keys import Budget
+from control_plane.observe.access_logs import (REQUEST_ENDED, TRY_ENDED, TRY_STARTED, AccessLogServicer, Known, arrival,
+                                              charged_after)
+from control_plane.fleet.usage_store import MemoryUsageStore
+from control_plane.observe.admissions import DEMAND_WINDOW_S, MOST_ENVOYS, SEEN_MARGIN_S, SEEN_MOST, Admissions
+from control_plane.observe.in_flight import InFlight
+from control_plane.observe.ledger import Ledger as Metering
+from control_plane.observe.outcomes import Outcomes
+from control_plane.observe.usage import USAGE_FLUSH_S, utc_day
+from control_plane.plane.usage import UsageKeeper
+from control_plane.plane.budgets import BudgetKeeper
+from control_plane.tenants.keys import Budget, KeyTable
 
 
 @pytest.mark.parametrize("demands,budget,level", [
@@ -104,6 +112,10 @@ def test_arrivals_are_a_tries_start_and_a_per_minute_limits_refusal():
     assert arrival(entry(TRY_STARTED, seconds="nan")) is None
 
 
+def requests_billed(seen: Admissions) -> int:
+    return sum(billed.requests for billed in seen.take_unbilled())
+
+
 def test_admissions_count_a_request_once_and_demand_per_envoy_per_minute():
     seen = Admissions()
     for i in range(10):
@@ -111,7 +123,7 @@ def test_admissions_count_a_request_once_and_demand_per_envoy_per_minute():
         seen.arrived(f"r{i}", "k", "envoy-1", 2, True, 10.5 + i)  # a retry or a hedge: the same request
     for i in range(5):
         seen.arrived(f"s{i}", "k", "envoy-2", 3, False, 12.0 + i)  # refused: demand, not billed
-    assert len(seen.take_unbilled()) == 10 and seen.take_unbilled() == []
+    assert requests_billed(seen) == 10 and seen.take_unbilled() == []
     demand = seen.demand(20.0, since=0.0)["k"]
     per_minute = 60 / DEMAND_WINDOW_S
     assert demand["envoy-1"] == pytest.approx((10 * per_minute, 20 * per_minute))
@@ -126,17 +138,17 @@ class Clock:
         self.now, self.wall = 1000.0, 1_800_000_000.0
 
 
-def keeper_for(plans, envoys=2, rows=()):
-    clock, published, seen = Clock(), [], Admissions()
+def keeper_for(plans, envoys=2):
+    """A keeper over a real metering ledger and usage keeper, whose store the other planes write to."""
+    clock, published, seen, ledger = Clock(), [], Admissions(), Metering()
+    usage = UsageKeeper(ledger.usage, MemoryUsageStore(), "this-plane", lambda: 30, lambda: True)
 
     async def publish(budgets):
         published.append(budgets)
 
-    async def usage_rows(day):
-        return list(rows)
-
-    keeper = BudgetKeeper(seen, lambda: plans, lambda: envoys, usage_rows, publish, lambda: clock.now,
-                          lambda: clock.wall)
+    keeper = BudgetKeeper(seen, lambda: plans, lambda: envoys, usage.own_rows, usage.other_rows, publish,
+                          lambda: clock.now, lambda: clock.wall)
+    keeper.metering, keeper.usage = ledger, usage  # what the tests meter and write through
     return keeper, seen, clock, published
 
 
@@ -158,19 +170,37 @@ def test_the_keeper_publishes_each_keys_charge_from_where_its_requests_arrive():
 
 
 def test_the_keeper_refuses_a_key_whose_day_is_spent_until_midnight_utc():
-    rows = [{"key": "k", "model": "m1", "audio_received_s": 900.0, "audio_refused_s": 50.0},
-            {"key": "k", "model": "m2", "audio_received_s": 150.0, "audio_refused_s": 0.0},
-            {"key": "other", "model": "m1", "audio_received_s": 999.0, "audio_refused_s": 0.0}]
-    keeper, _, clock, published = keeper_for({"k": PLAN, "other": PLAN}, rows=rows)
-    asyncio.run(keeper.round())
-    day, midnight = next_midnight(clock.wall)
+    keeper, _, clock, published = keeper_for({"k": PLAN, "other": PLAN})
+    day, midnight = utc_day(clock.wall)
+    day = day.isoformat()
+    asyncio.run(keeper.usage.store.put(day, "plane-b", {
+        "k": {"m1": {"audio_received_s": 900.0, "audio_refused_s": 50.0}, "m2": {"audio_received_s": 150.0}},
+        "other": {"m1": {"audio_received_s": 999.0}}}))
+    asyncio.run(keeper.round(check_days=True))
     assert published[-1] == {"k": Budget(refused=AUDIO_SECONDS_PER_DAY_LIMIT, refused_until=midnight)}
     assert 0 < midnight - clock.wall <= 86400 and midnight % 86400 == 0
-    clock.wall = midnight + 1  # the next day: its usage starts again (these rows are the day before's)
-    keeper.usage_rows = lambda day: asyncio.sleep(0, result=[])
+    clock.wall = midnight + 1  # the next day: its usage starts again (those records are the day before's)
     clock.now += 10
     asyncio.run(keeper.round())
     assert published[-1] == {}
+
+
+def test_a_day_spent_on_this_plane_is_refused_next_round_and_on_other_planes_within_a_flush():
+    keeper, _, clock, published = keeper_for({"here": PLAN, "there": PLAN, "flushed": PLAN})
+    day, midnight = utc_day(clock.wall)
+    day = day.isoformat()
+    refused = Budget(refused=AUDIO_SECONDS_PER_DAY_LIMIT, refused_until=midnight)
+    asyncio.run(keeper.round(check_days=True))
+    keeper.metering.meter("m1", 600.0, False, "served", "flushed", day)
+    asyncio.run(keeper.usage.flush())  # this plane's own record, written: counted once, not twice
+    asyncio.run(keeper.usage.store.put(day, "plane-b", {"there": {"m1": {"audio_received_s": 1000.0}}}))
+    keeper.metering.meter("m1", 1000.0, False, "served", "here", day)
+    clock.now += 1
+    asyncio.run(keeper.round())
+    assert published[-1] == {"here": refused}  # this plane's own metering: at once
+    clock.now += USAGE_FLUSH_S - 1
+    asyncio.run(keeper.round())
+    assert published[-1] == {"here": refused, "there": refused}  # another plane's: once its records are read
 
 
 def test_debt_from_admissions_beyond_the_budget_raises_the_charge_until_repaid():
@@ -211,3 +241,100 @@ def test_what_the_engines_figure_adds_is_charged_to_the_keys_budget_after_the_fa
     assert keeper.ledgers["k"][AUDIO_SECONDS_LIMIT].debt(clock.now) == pytest.approx(1)
     assert keeper.ledgers["k"][REQUESTS_LIMIT].tokens == pytest.approx(599)  # one request, not two
     assert seen.demand(clock.now, 0.0)["k"] == {"envoy-1": pytest.approx((60 / DEMAND_WINDOW_S, 60 / DEMAND_WINDOW_S))}
+
+
+def test_the_keys_with_budgets_are_those_envoy_grants_a_plan():
+    table, ids = KeyTable(), iter(f"key-{i}" for i in range(10))
+    make = {"make_id": lambda: next(ids)}
+    own, default, dropped, unplanned, revoked = (
+        table.create("own", (), "interactive", 0.0, 10, plan="gold", **make)[0],
+        table.create("default", (), "interactive", 0.0, 10, **make)[0],
+        table.create("dropped", (), "interactive", 0.0, 10, plan="silver", **make)[0],
+        table.create("unplanned", (), "interactive", 0.0, 10, **make)[0],
+        table.create("revoked", (), "interactive", 0.0, 10, plan="gold", **make)[0])
+    table.revoke(revoked.id, 1.0)
+    expected = {own.id: "gold", default.id: "basic", dropped.id: "basic", unplanned.id: "basic"}
+    assert table.plans({"gold", "basic"}, "basic") == expected  # a plan the config dropped: the default
+    assert table.plans({"gold"}, None) == {own.id: "gold"}
+    assert {grant.id: grant.plan for grant in table.grants({"gold", "basic"}, "basic").values()} == expected
+
+
+def test_only_keys_with_traffic_have_ledgers_and_an_idle_keys_goes_once_refilled():
+    plans = {f"key-{i}": PLAN for i in range(1000)}
+    keeper, seen, clock, published = keeper_for(plans, envoys=1)
+    for i in range(40):  # 80 audio-seconds, against 60 a minute: 20 owed
+        seen.arrived(f"r{i}", "key-7", "envoy-1", 2, True, clock.now)
+    asyncio.run(keeper.round())
+    assert set(keeper.ledgers) == {"key-7"} and set(published[-1]) == {"key-7"}
+    clock.now += DEMAND_WINDOW_S + 1  # no demand left, still owing
+    asyncio.run(keeper.round())
+    assert set(keeper.ledgers) == {"key-7"}
+    clock.now += 60  # repaid and refilled: the same as a new key's ledger
+    asyncio.run(keeper.round())
+    assert keeper.ledgers == {} and published[-1] == {}
+
+
+def test_a_request_id_is_remembered_per_envoy_as_long_as_a_request_lasts_within_a_bound():
+    seen = Admissions(route_s=lambda: 900.0)
+    seen.arrived("r1", "k", "envoy-1", 2, True, 0.0)
+    seen.arrived("r1", "k", "envoy-2", 2, True, 500.0)  # another Envoy's id: its own request
+    seen.arrived("r1", "k", "envoy-1", 2, True, 900.0)  # a retry at the route timeout's end: the same request
+    assert requests_billed(seen) == 2
+    seen.arrived("r1", "k", "envoy-1", 2, True, 900.0 + SEEN_MARGIN_S + 1)  # no request lasts so long: a new one
+    assert requests_billed(seen) == 1
+    for i in range(SEEN_MOST + 10):  # one Envoy reporting more ids than are kept: its own oldest go
+        seen.arrived(f"x{i}", "k", "envoy-3", 1, True, 1000.0)
+    assert seen.seen() == SEEN_MOST
+    seen.arrived("r1", "k", "envoy-2", 2, True, 1000.0)  # the other Envoys' ids are kept: a retry
+    assert requests_billed(seen) == SEEN_MOST + 10 and seen.seen() == SEEN_MOST
+    assert seen.demand(1000.0 + 900.0 + SEEN_MARGIN_S + 1, since=0.0) == {} and seen.seen() == 0
+
+
+def test_an_envoy_flooding_fake_admissions_only_raises_existing_keys_charges_within_bounds():
+    """An authenticated Envoy reporting what it likes (many admissions under fresh request ids,
+    huge audio-seconds, unknown keys, node ids of its own making, another Envoy's request ids):
+    only keys that exist are charged, the charge and the debt stop at their caps, no other key's
+    charge falls, and what the plane holds stays bounded."""
+    plans = {"key-a": PLAN, "key-b": PLAN}
+
+    def plane():
+        keeper, seen, clock, published = keeper_for(plans, envoys=2)
+        servicer = AccessLogServicer(Outcomes(), Metering(), InFlight(), lambda: clock.now, lambda: None,
+                                     lambda: Known(keys=frozenset(plans), max_audio_s=14400.0),
+                                     arrived=seen.arrived, charged=seen.charged_after)
+        clock.now += DEMAND_WINDOW_S
+        return keeper, seen, clock, published, servicer
+
+    def legit(servicer):  # key-b's own traffic at envoy-1
+        servicer.take([entry(TRY_STARTED, f"b{i}", "key-b", "2") for i in range(10)], 1, "envoy-1", "envoy-1")
+
+    calm, _, _, calm_published, calm_servicer = plane()
+    legit(calm_servicer)
+    asyncio.run(calm.round())
+
+    keeper, seen, clock, published, servicer = plane()
+    servicer.take([entry(TRY_STARTED, f"b{i}", "key-a", "2") for i in range(10)]  # envoy-1's ids, first
+                  + [entry(TRY_STARTED, f"fake-{i}", "key-a", "1e300") for i in range(20_000)]
+                  + [entry(TRY_STARTED, f"forged-{i}", "key-forged", "60") for i in range(1000)], 2, "evil", "evil")
+    for i in range(MOST_ENVOYS + 100):  # a stream per node id it makes up
+        servicer.take([entry(TRY_STARTED, f"n{i}", "key-a", "5"), entry(REQUEST_ENDED, f"m{i}", "key-a", "5",
+                                                                       limited=AUDIO_SECONDS_LIMIT)],
+                      3 + i, "evil", f"evil.{i}")
+    legit(servicer)
+    asyncio.run(keeper.round())
+
+    assert set(keeper.ledgers) == {"key-a", "key-b"} and set(published[-1]) == {"key-a", "key-b"}
+    most_charge = 2 * BUDGET_SCALE / (1 - MOST_HELD_BACK)  # the Envoys' count, with the most held back for debt
+    assert all(charged <= most_charge + 1 for charged in (published[-1]["key-a"].requests_charge,
+                                                          published[-1]["key-a"].audio_charge))
+    for name, amount in ((REQUESTS_LIMIT, PLAN.requests_per_minute), (AUDIO_SECONDS_LIMIT, PLAN.audio_seconds_per_minute)):
+        assert keeper.ledgers["key-a"][name].debt(clock.now) <= MOST_OWED_MINUTES * 2 * amount
+        assert keeper.ledgers["key-b"][name].debt(clock.now) >= calm.ledgers["key-b"][name].debt(clock.now)
+    flooded, before = published[-1]["key-b"], calm_published[-1]["key-b"]
+    assert flooded.requests_charge >= before.requests_charge and flooded.audio_charge >= before.audio_charge
+    assert seen.envoys() <= MOST_ENVOYS + 1 and seen.seen() <= SEEN_MOST
+    assert len(seen.window) <= DEMAND_WINDOW_S + 1
+    assert all(len(counts) <= len(plans) * (MOST_ENVOYS + 1) for _, counts in seen.window)
+    clock.now += 60 * MOST_OWED_MINUTES * 2  # every Envoy's minute repaid: owed no more
+    asyncio.run(keeper.round())
+    assert published[-1] == {} and all(ledger.debt(clock.now) == 0 for ledger in keeper.ledgers["key-a"].values())

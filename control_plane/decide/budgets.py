@@ -32,6 +32,10 @@ from control_plane.names import AUDIO_SECONDS_LIMIT, BUDGET_SCALE, MINUTE_S, REQ
 REPAY_S = 30.0
 MOST_HELD_BACK = 0.9
 DEBT_SLACK = 0.02
+# The most a key's ledger owes, in minutes of its plan's budget per Envoy: every Envoy's bucket
+# refilled at once (a restart) admits a minute's budget there; whatever the logs claim beyond it
+# is not repaid, so no report keeps a key's charges raised for longer than that takes.
+MOST_OWED_MINUTES = 1.0
 # A charge moves only when the new one is this far from the one published (each move is a route
 # update, which every Envoy's Lua filter recompiles; a wider step leaves a charge stuck that far off).
 CHARGE_STEP = 0.02
@@ -86,13 +90,19 @@ class Ledger:
             self.tokens = min(self.per_minute, self.tokens + (now - self.at) * self.per_minute / MINUTE_S)
             self.at = now
 
-    def take(self, units: float, now: float) -> None:
+    def take(self, units: float, now: float, most_owed: float = math.inf) -> None:
+        """Charges `units`; what is owed beyond `most_owed` is not kept (see MOST_OWED_MINUTES)."""
         self._refill(now)
-        self.tokens -= units
+        self.tokens = max(-most_owed, self.tokens - units)
 
     def debt(self, now: float) -> float:
         self._refill(now)
         return max(0.0, -self.tokens)
+
+    def refilled(self, now: float) -> bool:
+        """Whether it holds its whole minute again: the same as a new key's (`full`)."""
+        self._refill(now)
+        return self.tokens >= self.per_minute
 
     def shared_out(self, now: float) -> float:
         """The budget a minute to share among the Envoys now: the plan's, less the repayment of

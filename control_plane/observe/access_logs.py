@@ -168,14 +168,33 @@ def _meter_served(entry: accesslog_pb2.HTTPAccessLogEntry, ledger: Ledger, bille
             ledger.took(headers[MODEL_HEADER], seconds, taken)
 
 
-def _correct_served(entry: accesslog_pb2.HTTPAccessLogEntry, ledger: Ledger) -> None:
+@dataclass(frozen=True)
+class Mismatch:
     """A served request whose container lied, or whose engine measured its audio otherwise than
-    the edge: a mismatch, corrected to the engine's figure where the answer carried one."""
-    fields = entry.common_properties.metadata.filter_metadata[METADATA_NAMESPACE]
-    edge = as_seconds(_string(fields, SECONDS_KEY))
-    if MODEL_KEY in fields.fields and edge is not None:
-        ledger.correct(fields.fields[MODEL_KEY].string_value, edge, as_seconds(_string(fields, ENGINE_SECONDS_KEY)),
-                       _string(fields, KEY_ID_KEY), day_of(entry))
+    the edge: the edge's audio-seconds and the engine's figure, where the answer carried one."""
+
+    model: str
+    key: str
+    edge: float | None
+    engine: float | None
+    day: str
+
+
+def mismatch(entry: accesslog_pb2.HTTPAccessLogEntry) -> Mismatch | None:
+    """A 2xx request's entry that the Lua filter logged as a mismatch (its try's end metered it),
+    or None for any other entry."""
+    fields = entry.common_properties.metadata.filter_metadata.get(METADATA_NAMESPACE)
+    if entry.common_properties.access_log_type != REQUEST_ENDED or not delivered(entry) \
+            or not (_string(fields, ENGINE_SECONDS_KEY) or _string(fields, CLAIMED_KEY)):
+        return None
+    return Mismatch(_string(fields, MODEL_KEY), _string(fields, KEY_ID_KEY), as_seconds(_string(fields, SECONDS_KEY)),
+                    as_seconds(_string(fields, ENGINE_SECONDS_KEY)), day_of(entry))
+
+
+def cost(seconds: float) -> int:
+    """What an upload of `seconds` is charged to a key's budget: whole audio-seconds, at least one
+    (as the Lua filter charges it)."""
+    return max(1, math.ceil(seconds))
 
 
 def record(entry: accesslog_pb2.HTTPAccessLogEntry, stream: int, outcomes: Outcomes, ledger: Ledger,
@@ -185,9 +204,9 @@ def record(entry: accesslog_pb2.HTTPAccessLogEntry, stream: int, outcomes: Outco
     kind = entry.common_properties.access_log_type
     request_id = entry.request.request_id
     if kind == REQUEST_ENDED:
-        fields = entry.common_properties.metadata.filter_metadata.get(METADATA_NAMESPACE)
-        if delivered(entry) and (_string(fields, ENGINE_SECONDS_KEY) or _string(fields, CLAIMED_KEY)):
-            _correct_served(entry, ledger)  # a 2xx logged as a mismatch: metered at its try's end
+        if (found := mismatch(entry)) is not None:  # metered at its try's end: corrected to the engine's figure
+            if found.model and found.edge is not None:
+                ledger.correct(found.model, found.edge, found.engine, found.key, found.day)
             return False
         _meter_failed(entry, ledger)
         return _request_ended(entry, in_flight, now)
@@ -232,21 +251,17 @@ def arrival(entry: accesslog_pb2.HTTPAccessLogEntry) -> tuple[str, float, bool] 
         admitted = False
     else:
         return None
-    return (key, max(1, math.ceil(seconds)), admitted) if key and seconds is not None else None
+    return (key, cost(seconds), admitted) if key and seconds is not None else None
 
 
 def charged_after(entry: accesslog_pb2.HTTPAccessLogEntry) -> tuple[str, float] | None:
-    """A served request whose engine measured more audio than the edge charged: (key id, the
-    whole audio-seconds more), which the key's budget is charged after the fact; else None."""
-    fields = entry.common_properties.metadata.filter_metadata.get(METADATA_NAMESPACE)
-    if entry.common_properties.access_log_type != REQUEST_ENDED or not delivered(entry):
+    """A mismatch whose engine measured more audio than the edge charged: (key id, the whole
+    audio-seconds more), which the key's budget is charged after the fact; else None."""
+    found = mismatch(entry)
+    if found is None or not found.key or found.edge is None or found.engine is None:
         return None
-    key, edge = _string(fields, KEY_ID_KEY), as_seconds(_string(fields, SECONDS_KEY))
-    engine = as_seconds(_string(fields, ENGINE_SECONDS_KEY))
-    if not key or edge is None or engine is None:
-        return None
-    more = math.ceil(engine) - max(1, math.ceil(edge))
-    return (key, more) if more > 0 else None
+    more = math.ceil(found.engine) - cost(found.edge)
+    return (found.key, more) if more > 0 else None
 
 
 def _request_ended(entry: accesslog_pb2.HTTPAccessLogEntry, in_flight: InFlight, now: float) -> bool:

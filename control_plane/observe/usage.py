@@ -14,6 +14,7 @@ import csv
 import io
 import math
 from collections.abc import Callable, Iterable, Mapping
+from datetime import date, datetime, timedelta, timezone
 
 # How often each process writes its records: what a control plane killed outright loses at most
 # (a stopped one writes at once); each write is the whole day's record of every key it metered.
@@ -23,6 +24,12 @@ _FIELD_OF = {"requests": "requests", "audio_received_s": "received", "audio_serv
              "audio_failed_s": "failed", "audio_refused_s": "refused", "audio_estimated_s": "estimated",
              "audio_corrected_s": "corrected", "mismatches": "mismatches"}
 FIGURES = tuple(_FIELD_OF)
+
+
+def utc_day(wall: float) -> tuple[date, int]:
+    """The UTC day of epoch second `wall` (what usage is counted in), and the epoch second it ends."""
+    day = datetime.fromtimestamp(wall, timezone.utc).date()
+    return day, int(datetime.combine(day + timedelta(days=1), datetime.min.time(), timezone.utc).timestamp())
 
 
 def figures(metered) -> dict:

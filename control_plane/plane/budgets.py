@@ -10,46 +10,52 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from datetime import datetime, timedelta, timezone
 
 from control_plane.config import PlanConfig
-from control_plane.decide.budgets import MINUTE_LIMITS, Ledger, charges, day_spent, moved
+from control_plane.decide.budgets import MINUTE_LIMITS, MOST_OWED_MINUTES, Ledger, charges, day_spent, moved
 from control_plane.names import AUDIO_SECONDS_LIMIT, AUDIO_SECONDS_PER_DAY_LIMIT, REQUESTS_LIMIT
 from control_plane.observe.admissions import Admissions
+from control_plane.observe.usage import USAGE_FLUSH_S, utc_day
 from control_plane.tenants.keys import Budget
 
 log = logging.getLogger(__name__)
+# Each round also counts today's usage: this plane's as metered (in memory), so a day's budget
+# is overspent by what arrives in about a round; the other planes' records are read from the
+# usage store every USAGE_FLUSH_S, as often as they are written.
 BUDGET_ROUND_S = 1.0
-# How often today's usage is read (this plane's as metered; other planes' as last written, every
-# USAGE_FLUSH_S): a day's budget is overspent by what arrives in about this long.
-DAY_CHECK_S = 1.0
 
 
-def next_midnight(wall: float) -> tuple[str, int]:
-    """Today's UTC date and the epoch second its day ends."""
-    day = datetime.fromtimestamp(wall, timezone.utc).date()
-    end = datetime.combine(day + timedelta(days=1), datetime.min.time(), timezone.utc)
-    return day.isoformat(), int(end.timestamp())
+def spent_by_key(rows: list[dict]) -> dict[str, float]:
+    """Usage rows -> each key's audio-seconds that count against its day (received, less refused)."""
+    spent: dict[str, float] = {}
+    for row in rows:
+        spent[row["key"]] = spent.get(row["key"], 0.0) + row["audio_received_s"] - row["audio_refused_s"]
+    return spent
 
 
 class BudgetKeeper:
     def __init__(self, admissions: Admissions, plans: Callable[[], Mapping[str, PlanConfig]],
-                 envoys: Callable[[], int], usage_rows: Callable[[str], Awaitable[list[dict]]],
+                 envoys: Callable[[], int], own_rows: Callable[[str], list[dict]],
+                 other_rows: Callable[[str], Awaitable[list[dict]]],
                  publish: Callable[[dict[str, Budget]], Awaitable[None]],
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
                  share: Callable[[], float] = lambda: 1.0):
         """`plans`: each key's plan now (key id -> PlanConfig; keys without one absent);
-        `envoys`: how many there are; `usage_rows`: a day's durable usage rows (every plane's);
+        `envoys`: how many there are; `own_rows`: a day's usage rows as this plane metered them;
+        `other_rows`: the day's durable rows of every other writer (the usage store);
         `publish`: serves the keys' budgets; `share`: this plane's part of every budget (with
         several planes, its Envoys' part of all Envoys: each plane sees only its own Envoys' logs)."""
-        self.admissions, self.plans, self.envoys, self.usage_rows = admissions, plans, envoys, usage_rows
+        self.admissions, self.plans, self.envoys = admissions, plans, envoys
+        self.own_rows, self.other_rows = own_rows, other_rows
         self.share = share
         self.publish, self.clock, self.wall = publish, clock, wall
         self.ledgers: dict[str, dict[str, Ledger]] = {}  # key id -> limit name -> its exact budget
         self.published: dict[str, Budget] = {}
         self.day_refused: dict[str, int] = {}  # key id -> until (epoch s)
         self.started = clock()
-        self._day_checked = -DAY_CHECK_S
+        # The other writers' audio-seconds by key, of the day named, as last read (at `_others_read`).
+        self._others: tuple[str, dict[str, float]] = ("", {})
+        self._others_read = -USAGE_FLUSH_S
 
     def _ledgers(self, key: str, plan: PlanConfig, now: float) -> dict[str, Ledger]:
         ledgers, share = self.ledgers.setdefault(key, {}), self.share()
@@ -60,23 +66,30 @@ class BudgetKeeper:
         return ledgers
 
     def bill(self, plans: Mapping[str, PlanConfig], now: float) -> None:
-        """Every admission the logs reported since the last round, into its key's ledgers."""
-        for arrival in self.admissions.take_unbilled():
-            if (plan := plans.get(arrival.key)) is not None:
-                ledgers = self._ledgers(arrival.key, plan, arrival.at)
-                ledgers[REQUESTS_LIMIT].take(1 if arrival.request else 0, arrival.at)
-                ledgers[AUDIO_SECONDS_LIMIT].take(arrival.seconds, arrival.at)
+        """Every admission the logs reported since the last round, into its key's ledgers (of keys
+        with a plan; each owing at most MOST_OWED_MINUTES of its plan per Envoy)."""
+        envoys = max(1, self.envoys())
+        for billed in self.admissions.take_unbilled():
+            if (plan := plans.get(billed.key)) is not None:
+                ledgers = self._ledgers(billed.key, plan, billed.at)
+                for name, units in ((REQUESTS_LIMIT, billed.requests), (AUDIO_SECONDS_LIMIT, billed.seconds)):
+                    most_owed = MOST_OWED_MINUTES * envoys * getattr(plan, MINUTE_LIMITS[name][0])
+                    ledgers[name].take(units, billed.at, most_owed)
 
     def decide(self, plans: Mapping[str, PlanConfig], now: float, wall: float) -> dict[str, Budget]:
-        """Each key's budget now: its charges where it has demand, and a refusal where its day is spent."""
+        """Each key's budget now: its charges where it has demand, and a refusal where its day is
+        spent. Ledgers are kept for keys billed or with demand, until they are full again."""
         demand = self.admissions.demand(now, self.started)
         for key in [k for k in self.ledgers if k not in plans]:
             del self.ledgers[key]
         budgets = {}
         for key, plan in plans.items():
-            ledgers = self._ledgers(key, plan, now)
-            buckets = {name: getattr(plan, field) for name, (field, _) in MINUTE_LIMITS.items()}
-            decided = charges(demand[key], ledgers, buckets, self.envoys(), now) if key in demand else {}
+            decided = {}
+            if key in demand:
+                buckets = {name: getattr(plan, field) for name, (field, _) in MINUTE_LIMITS.items()}
+                decided = charges(demand[key], self._ledgers(key, plan, now), buckets, self.envoys(), now)
+            elif key in self.ledgers and all(ledger.refilled(now) for ledger in self._ledgers(key, plan, now).values()):
+                del self.ledgers[key]  # no demand, nothing owed: as a new key's, made again when it is next billed
             before = self.published.get(key, Budget())
             requests, audio = decided.get(REQUESTS_LIMIT), decided.get(AUDIO_SECONDS_LIMIT)
             budget = Budget(
@@ -88,30 +101,37 @@ class BudgetKeeper:
                 budgets[key] = budget
         return budgets
 
-    async def check_days(self, plans: Mapping[str, PlanConfig], wall: float) -> None:
-        """Which keys have spent today's audio-seconds, by every plane's durable usage."""
+    async def check_days(self, plans: Mapping[str, PlanConfig], now: float, wall: float,
+                         read_others: bool = True) -> None:
+        """Which keys have spent today's audio-seconds: this plane's metering, and the other
+        writers' durable records (read again when `read_others`, or when the day changed)."""
         daily = {key: plan.audio_seconds_per_day for key, plan in plans.items() if plan.audio_seconds_per_day}
         if not daily:
             self.day_refused = {}
             return
-        day, until = next_midnight(wall)
-        spent: dict[str, float] = {}
-        for row in await self.usage_rows(day):
-            spent[row["key"]] = spent.get(row["key"], 0.0) + row["audio_received_s"] - row["audio_refused_s"]
+        today, until = utc_day(wall)
+        day = today.isoformat()
+        if read_others or self._others[0] != day:
+            if self._others[0] != day:
+                self._others = (day, {})  # a new day: nothing of the last one counts
+            self._others_read = now
+            try:
+                self._others = (day, spent_by_key(await self.other_rows(day)))
+            except Exception as error:  # noqa: BLE001 - the store away: the other planes' usage as last read
+                log.warning("today's usage of other planes not read: %s", error)
+        spent = spent_by_key(self.own_rows(day))
+        for key, seconds in self._others[1].items():
+            spent[key] = spent.get(key, 0.0) + seconds
         self.day_refused = {key: until for key, per_day in daily.items() if day_spent(spent.get(key, 0.0), per_day)}
 
     async def round(self, check_days: bool = False) -> None:
-        """Bills what the logs reported, and publishes the budgets if any changed; `check_days`:
-        reads today's usage now (otherwise every DAY_CHECK_S). The plane runs one before its
-        first publish, so a key whose day is spent is refused from the start."""
+        """Bills what the logs reported, counts today's usage, and publishes the budgets if any
+        changed; `check_days`: reads the other planes' usage now (otherwise every USAGE_FLUSH_S).
+        The plane runs one before its first publish, so a key whose day is spent is refused from
+        the start."""
         plans, now, wall = self.plans(), self.clock(), self.wall()
         self.bill(plans, now)
-        if check_days or now - self._day_checked >= DAY_CHECK_S:
-            self._day_checked = now
-            try:
-                await self.check_days(plans, wall)
-            except Exception as error:  # noqa: BLE001 - the store away: the last refusals stand
-                log.warning("today's usage not read: %s", error)
+        await self.check_days(plans, now, wall, check_days or now - self._others_read >= USAGE_FLUSH_S)
         budgets = self.decide(plans, now, wall)
         if budgets != self.published:
             log.debug("budgets: %s", budgets)

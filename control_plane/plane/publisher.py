@@ -54,6 +54,7 @@ class Publisher:
         self.engine_key: str | None = None  # the engines' own --api-key (auth.engine_api_key_env), set at start
         self.known = Known(frozenset(), frozenset(), frozenset(), frozenset(), config.limits.max_audio_s)
         self.hosts = HostCache()  # backends' host names, resolved at most every HOST_TTL_S
+        self._key_plans: dict | None = None  # key id -> its PlanConfig, as last published
         self._keys = keys
         self._changing = changing
         self._published = published
@@ -80,6 +81,7 @@ class Publisher:
             await self.publish(Snapshot.from_resources(resources))
             self.config, self.fleet = config, fleet
             self.known = self._known()
+            self._key_plans = self._plans_of(config)
             self._published()
 
     async def publish(self, snapshot: Snapshot) -> None:
@@ -96,10 +98,16 @@ class Publisher:
         return Access(config.auth.api_keys == "required", grants, self.engine_key)
 
     def key_plans(self) -> dict:
-        """Each key with a plan under the config last published: key id -> its PlanConfig."""
-        plans = self.config.auth.plans
-        return {grant.id: plans[grant.plan] for grant in self.access(self.config).grants.values()
-                if grant.plan is not None}
+        """Each key with a plan under the config last published: key id -> its PlanConfig. Kept
+        from the last whole publish (every key change and reload is one), so a budget round reads
+        it without rebuilding any grant; before the first, taken from the keys as they are."""
+        if self._key_plans is None:
+            return self._plans_of(self.config)
+        return self._key_plans
+
+    def _plans_of(self, config: GatewayConfig) -> dict:
+        plans = config.auth.plans
+        return {key: plans[name] for key, name in self._keys().plans(set(plans), config.auth.default_plan).items()}
 
     def _known(self) -> Known:
         """What the Envoys' reports may speak of: the fleet and keys just published (keys revoked or

@@ -8,17 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
-from datetime import date, datetime, timedelta, timezone
+from datetime import timedelta
 
-from control_plane.observe.usage import USAGE_FLUSH_S, UsageBook, summed
+from control_plane.observe.usage import USAGE_FLUSH_S, UsageBook, summed, utc_day
 
 log = logging.getLogger(__name__)
 RETENTION_CHECK_S = 3600.0
-
-
-def today() -> date:
-    return datetime.now(timezone.utc).date()
 
 
 class UsageKeeper:
@@ -52,7 +49,7 @@ class UsageKeeper:
             now = asyncio.get_running_loop().time()
             if checked is None or now - checked >= RETENTION_CHECK_S:
                 checked = now
-                first_kept = (today() - timedelta(days=self.days() - 1)).isoformat()
+                first_kept = (utc_day(time.time())[0] - timedelta(days=self.days() - 1)).isoformat()
                 self.book.forget_before(first_kept)
                 if self.leading():
                     try:
@@ -68,3 +65,13 @@ class UsageKeeper:
             if first <= day <= last:
                 records.setdefault(day, {})[self.writer] = self.book.record(day)
         return summed({day: list(writers.values()) for day, writers in records.items()}, key)
+
+    def own_rows(self, day: str) -> list[dict]:
+        """This process's metering of `day` as it stands now (no I/O), summed per key and model."""
+        return summed({day: [self.book.record(day)]})
+
+    async def other_rows(self, day: str) -> list[dict]:
+        """Every other writer's records of `day` as last written (other planes', and this plane's
+        before a restart), summed per key and model."""
+        records = (await self.store.records(day, day)).get(day, {})
+        return summed({day: [record for writer, record in records.items() if writer != self.writer]})

@@ -129,6 +129,12 @@ class Grant:
                 | (self.budget.to_context() if self.plan is not None else {}))
 
 
+def plan_of(key: ApiKey, plans: frozenset[str] | set[str], default_plan: str | None) -> str | None:
+    """A key's plan: its own, or `default_plan` when it has none or its own is no longer among `plans`."""
+    plan = key.plan if key.plan in plans else default_plan  # a plan the config dropped: the default
+    return plan if plan in plans else None
+
+
 @dataclass
 class KeyTable:
     by_id: dict[str, ApiKey] = field(default_factory=dict)
@@ -216,11 +222,12 @@ class KeyTable:
                ) -> dict[str, Grant]:
         """Every valid secret's digest -> its key's grant: the table Envoy checks. A key's plan is
         its own, or `default_plan` when it has none or its own is no longer among `plans`."""
-        def plan_of(key: ApiKey) -> str | None:
-            plan = key.plan if key.plan in plans else default_plan  # a plan the config dropped: the default
-            return plan if plan in plans else None
+        return {s.sha256: Grant(k.id, k.models or None, plan_of(k, plans, default_plan), k.key_class)
+                for k in self.active() for s in k.secrets}
 
-        return {s.sha256: Grant(k.id, k.models or None, plan_of(k), k.key_class) for k in self.active() for s in k.secrets}
+    def plans(self, plans: frozenset[str] | set[str], default_plan: str | None = None) -> dict[str, str]:
+        """Each active key with a plan: key id -> its plan's name, as its grants name it."""
+        return {k.id: plan for k in self.active() if (plan := plan_of(k, plans, default_plan)) is not None}
 
     def to_state(self) -> list[dict]:
         return [k.to_state() for k in self.by_id.values()]
