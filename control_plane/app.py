@@ -50,7 +50,8 @@ from control_plane.plane.publisher import Publisher
 from control_plane.plane.state_keeper import StateKeeper
 from control_plane.plane.tls import Tls
 from control_plane.plane.usage import UsageKeeper
-from control_plane.xds.cache import InconsistentSnapshot, SnapshotCache
+from control_plane.traces import PlaneTracer
+from control_plane.xds.cache import AllCallbacks, InconsistentSnapshot, SnapshotCache
 from control_plane.xds.quota_service import QuotaServicer
 from control_plane.xds.server import start_ads_server
 
@@ -68,12 +69,13 @@ class ControlPlane:
                  state_directory: Path | None = None):
         self.config_path = config_path
         self.state_directory = state_directory
-        self.cache = SnapshotCache(XdsMetrics())
+        self.traces = PlaneTracer()  # the plane's own traces (observability.tracing), from start on
+        self.cache = SnapshotCache(AllCallbacks(XdsMetrics(), self.traces))
         self.tls = Tls(config)
         changing = asyncio.Lock()  # held while a runtime change is made (the state keeper's)
         self.publisher = Publisher(config, lua_source if lua_source is not None else read_lua_filter(), self.cache,
                                    self.tls.certificates, keys=lambda: self.state.keys, changing=changing,
-                                   published=lambda: self.limits.set_limits(force=True))
+                                   published=lambda: self.limits.set_limits(force=True), tracer=self.traces)
         self.state = StateKeeper(self.publisher, StateStore(state_directory) if state_directory is not None else None,
                                  f"{socket.gethostname()}-{os.getpid()}-{config.listen.xds_port}", changing,
                                  on_leading=self._on_leading)
@@ -88,7 +90,7 @@ class ControlPlane:
         self.drains = Drains(self.state, self.tracker, self.publisher.applied_everywhere)
         self.load_loop = LoadLoop(self.publisher, self.state, self.drains, self.limits, self.tracker, self.outcomes,
                                   self.ledger, self.ejections, lambda: self.tls.engine_tls, telemetry.on_scrape,
-                                  telemetry.LOAD_ROUND_SECONDS.observe, WEIGHT_UPDATES.inc)
+                                  telemetry.LOAD_ROUND_SECONDS.observe, WEIGHT_UPDATES.inc, self.traces)
         self.discovery = DnsDiscovery(self.state.on_dns_records)
         # The metering by day, written for billing: in memory until start picks the state dir or etcd.
         # Its records' writer: this process alone (a restarted one keeps its host name and pid 1).
@@ -127,6 +129,7 @@ class ControlPlane:
 
     async def start(self) -> None:
         """Restores saved state and publishes it before any Envoy can connect: none sees a partial set."""
+        await self.traces.configure(self.config.observability.tracing)
         await self.state.restore_saved()
         self.audit = EtcdAudit(self.state.shared) if self.state.shared is not None else \
             FileAudit(self.state_directory) if self.state_directory is not None else MemoryAudit()
@@ -166,7 +169,7 @@ class ControlPlane:
     async def _start_servers(self) -> None:
         """The admin API, and the xDS port (ADS, access logs, RLQS)."""
         listen, limits = self.config.listen, self.limits
-        self._admin = web.AppRunner(build_admin_app(self.view), access_log=None)
+        self._admin = web.AppRunner(build_admin_app(self.view, self.traces), access_log=None)
         await self._admin.setup()
         await web.TCPSite(self._admin, listen.admin_address, listen.admin_port,
                           ssl_context=self.tls.admin.context if self.tls.admin else None).start()
@@ -206,6 +209,7 @@ class ControlPlane:
         if self._admin is not None:
             await self._admin.cleanup()
         forget_fleet(self._telemetry)
+        await self.traces.close()  # what is left exported, at most traces.EXPORT_TIMEOUT_S
 
     async def _on_leading(self, leading: bool) -> None:
         """The leader alone runs DNS discovery. A plane that stops leading leaves what its
@@ -250,6 +254,7 @@ class ControlPlane:
         except InconsistentSnapshot as error:
             log.error("reload refused, keeping the running config: %s", error)
             return False
+        await self.traces.configure(config.observability.tracing)
         if self.state.leader:
             await self.discovery.restart(config.discovery)
         log.info("config reloaded from %s", self.config_path)

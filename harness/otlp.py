@@ -14,6 +14,8 @@ from harness.processes import free_port
 
 def _value(any_value) -> object:
     kind = any_value.WhichOneof("value")
+    if kind == "array_value":
+        return [_value(item) for item in any_value.array_value.values]
     return getattr(any_value, kind) if kind else None
 
 

@@ -262,13 +262,16 @@ def test_pushes_acks_and_nacks_reach_the_callbacks():
     seen = []
 
     class Recorder:
+        def on_serve(self, versions):
+            seen.append(("serve", frozenset(versions)))
+
         def on_push(self, type_url):
             seen.append(("push", type_url))
 
-        def on_ack(self, type_url, push_to_ack_s):
+        def on_ack(self, type_url, version, node, push_to_ack_s):
             seen.append(("ack", type_url))
 
-        def on_nack(self, type_url):
+        def on_nack(self, type_url, version, node, message):
             seen.append(("nack", type_url))
 
     cache = SnapshotCache(Recorder())
@@ -279,6 +282,7 @@ def test_pushes_acks_and_nacks_reach_the_callbacks():
     cache.set_snapshot(bad := snapshot({"m1": BAD_ADDRESS}))
     envoy.pump(bad)
     assert ("ack", CLUSTER) in seen and ("nack", ENDPOINT) in seen
+    assert ("serve", frozenset({ENDPOINT})) in seen  # only what the bad snapshot changed
     xds = Path(__file__).resolve().parent.parent / "control_plane" / "xds"
     for module in xds.glob("*.py"):
         imports = re.findall(r"^(?:from|import) (control_plane\.\w+)", module.read_text(), re.M)

@@ -48,6 +48,9 @@ RULES = [
     ("openai_errors", everything_but()),
     ("addresses", everything_but()),
     ("validation", everything_but()),
+    # The plane's own traces: its tracer, read by the admin API, the plane's parts and the xDS callbacks
+    # it answers; it reads only the tracing settings and the xDS layer's names and callbacks.
+    ("traces", everything_but("config", "xds")),
     # config/ reads only what its fields are checked with (addresses, validation, Envoy's weight
     # bounds in xds/, the internal CA's file names), never a part that reads the config.
     ("config", (*DRIVERS, "bootstrap", "certificates", "peers", "fleet", "observe", "decide", "builders", "operator",

@@ -3,6 +3,8 @@
 A span per request (SERVER) and one per try at an engine (CLIENT, under it), the attributes a
 person debugging a slow transcription needs and no secret, the client's traceparent continued and
 each try's passed on to its engine; with tracing off nothing is exported and no traceparent is made.
+The control plane traces itself to the same receiver: an admin change with its publish and each
+Envoy's ACK as one trace, and each load round.
 """
 
 from __future__ import annotations
@@ -14,13 +16,14 @@ import pytest
 from opentelemetry.proto.trace.v1 import trace_pb2
 
 from harness.otlp import Receiver
-from harness.processes import GatewayStack, free_port, request, start_engine, transcribe, wait_until
+from harness.processes import Envoy, GatewayStack, free_port, request, start_engine, transcribe, wait_until
 
 pytestmark = pytest.mark.e2e
 
 MODEL = "whisper-large-v3-turbo"
 ALIAS = "whisper-1"
 SERVER, CLIENT = trace_pb2.Span.SPAN_KIND_SERVER, trace_pb2.Span.SPAN_KIND_CLIENT
+PLANE = "whisper-gateway-control-plane"  # the control plane's service.name (control_plane/traces.py)
 # Engines that answer at once and stay in rotation through a test's 503s.
 RESILIENCE = {"health_interval_s": 0.5, "health_timeout_s": 1.0, "unhealthy_threshold": 2, "healthy_threshold": 1,
               "ejection_s": 2, "consecutive_gateway_failures": 1000}
@@ -185,6 +188,74 @@ def test_refusals_carry_their_code_and_no_span_carries_a_secret(traced):
     assert spans and secrets_in(spans, keys | {"wrong": {"secret": wrong}}) == []
     assert not any(name.startswith(("http.request.header", "request_header")) or "authorization" in name.lower()
                    for span in spans for name in span["attributes"])
+
+
+def plane_spans(receiver: Receiver) -> list[dict]:
+    with receiver.lock:
+        return [s for s in receiver.spans if s["resource"].get("service.name") == PLANE]
+
+
+def test_an_admin_change_is_one_trace_of_its_publish_and_each_envoys_ack(traced, tmp_path):
+    stack, receiver, _, keys = traced
+    second = Envoy(tmp_path, stack.raw, name="envoy-2")
+    try:
+        second.wait_serving()
+        wait_until(lambda: len(stack.admin.status()["envoys"]) == 2, 10, "both Envoys connected")
+        # The plane publishes its Envoys' new count in a round; the change comes after both applied that.
+        wait_until(lambda: any(s["attributes"].get("whisper.publish") == "envoys" for s in plane_spans(receiver)),
+                   20, "the Envoys' count published")
+        wait_until(lambda: stack.envoy.config_versions() == second.config_versions(), 10, "both Envoys up to date")
+        answer = stack.admin.call("POST", "/keys", {"name": "traced"})
+        assert answer.status == 201, answer.text
+        key = answer.json()
+
+        def whole_trace_of_the_change():
+            roots = [s for s in plane_spans(receiver) if s["name"] == "admin POST /keys"
+                     and s["attributes"].get("whisper.admin.resource_id") == key["id"]]
+            if len(roots) != 1:
+                return None
+            spans = receiver.trace(roots[0]["trace_id"])
+            acks = [s for s in spans if s["name"] == "xds ACK RDS"]
+            if {s["attributes"]["whisper.envoy.node"] for s in acks} != {"envoy", "envoy-2"}:
+                return None
+            return roots[0], [s for s in spans if s["name"] == "publish"], acks, spans
+        root, publishes, acks, spans = wait_until(whole_trace_of_the_change, 20, "the change's trace with both ACKs")
+    finally:
+        second.stop()
+    assert root["parent_span_id"] == "" and root["resource"]["service.name"] == PLANE
+    assert {k: root["attributes"][k] for k in ("http.request.method", "http.route", "http.response.status_code",
+                                               "whisper.admin.resource", "whisper.admin.action",
+                                               "whisper.admin.caller", "whisper.admin.role")} == {
+        "http.request.method": "POST", "http.route": "/keys", "http.response.status_code": 201,
+        "whisper.admin.resource": "keys", "whisper.admin.action": "keys.create", "whisper.admin.caller": "bootstrap",
+        "whisper.admin.role": "admin"}
+    (publish,) = publishes
+    assert publish["parent_span_id"] == root["span_id"]
+    assert publish["attributes"]["whisper.publish"] == "config" and "RDS" in publish["attributes"]["whisper.xds.changed"]
+    # One ACK per Envoy, under the publish, of the routes' version it served.
+    assert len(acks) == 2 and {a["parent_span_id"] for a in acks} == {publish["span_id"]}
+    assert {a["attributes"]["whisper.xds.version"] for a in acks} == {publish["attributes"]["whisper.xds.version.RDS"]}
+    assert {s["name"] for s in spans} <= {"admin POST /keys", "publish", *(f"xds ACK {t}" for t in ("CDS", "EDS", "LDS",
+                                                                                                  "RDS", "SDS"))}
+    # Nothing secret in any of the plane's spans: not the admin token, not a key's secret, not even
+    # one pasted into the path for an id.
+    assert stack.admin.call("DELETE", f"/keys/{key['secret']}").status == 404
+    (refused,) = wait_until(lambda: [s for s in plane_spans(receiver) if s["name"] == "admin DELETE /keys/{id}"], 20,
+                            "the refused change's span")
+    assert refused["attributes"]["http.response.status_code"] == 404
+    assert "whisper.admin.resource_id" not in refused["attributes"]
+    every = plane_spans(receiver)
+    assert secrets_in(every, keys | {"traced": key, "admin": {"secret": stack.admin.token}}) == []
+
+
+def test_a_load_round_is_a_span_with_its_scrapes_and_seconds(traced):
+    _, receiver, engine_urls, _ = traced
+    rounds = wait_until(lambda: [s for s in plane_spans(receiver) if s["name"] == "load round"
+                                 and s["attributes"]["whisper.load_round.scrapes"] == len(engine_urls)],
+                        20, "a load round's span")
+    latest = rounds[-1]
+    assert latest["parent_span_id"] == "" and latest["attributes"]["whisper.load_round.scrape_failures"] == 0
+    assert 0 < latest["attributes"]["whisper.load_round.duration_s"] < 5
 
 
 def test_with_tracing_off_nothing_is_exported_and_a_clients_traceparent_passes_unchanged(traced, tmp_path):

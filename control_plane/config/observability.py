@@ -15,7 +15,9 @@ from control_plane.validation import within
 class TracingConfig:
     """Traces of the audio listener's requests (builders/tracing.py): Envoy's OpenTelemetry tracer
     sends a span per request and one per try at an engine to an OTLP/gRPC collector, and passes
-    W3C `traceparent` on to the engines (vLLM's own spans join when it has --otlp-traces-endpoint)."""
+    W3C `traceparent` on to the engines (vLLM's own spans join when it has --otlp-traces-endpoint).
+    The control plane traces its own work to the same collector (control_plane/traces.py): admin
+    changes with their publishes and the Envoys' ACKs, and load rounds."""
 
     # host:port of an OpenTelemetry collector's OTLP/gRPC receiver (usually :4317); unset: no traces.
     otlp_endpoint: HostPort | None = None

@@ -7,7 +7,9 @@ constant time. Each route names the least role it needs in one table, ROUTE_ROLE
 with less gets 403. An address that failed authentication too often gets 429 for a while.
 Bodies are small, strictly typed, and unknown fields are refused, so a typo never turns into a
 silent default. A change is saved durably before the answer is sent, and then written to the
-audit trail (control_plane/operator/audit.py) with who made it.
+audit trail (control_plane/operator/audit.py) with who made it. Each authenticated change (POST,
+PATCH, DELETE) is a trace of the plane's (control_plane/traces.py): `admin <method> <route>`,
+naming the resource, its id and the caller's token name and role; never a header or a body.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from control_plane.operator.telemetry import AUDIT_WRITE_FAILURES, render as ren
 from control_plane.operator.tokens import ADMIN, BOOTSTRAP, OPERATOR, ROLES, VIEWER, AdminToken, allows
 from control_plane.operator.view import PlaneView
 from control_plane.tenants.keys import ApiKey, KeyClass, KeyProblem
+from control_plane.traces import PlaneTracer, annotate
 
 log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 64 * 1024
@@ -160,6 +163,8 @@ def _field(kind, body: dict, key: str):
 
 
 PLANE: web.AppKey[PlaneView] = web.AppKey("plane")
+TRACER: web.AppKey[PlaneTracer] = web.AppKey("tracer", PlaneTracer)
+CHANGES = frozenset({"POST", "PUT", "PATCH", "DELETE"})  # the methods that change something: traced
 FAILURES: web.AppKey[AuthFailures] = web.AppKey("auth_failures", AuthFailures)
 CALLER = "whisper_gateway.caller"  # the request's Caller, once authenticated
 routes = web.RouteTableDef()
@@ -181,11 +186,16 @@ def route(method: str, path: str, role: str | None):
     return register
 
 
+def _route_of(request: web.Request) -> tuple[str, str]:
+    """(method, the route's path as declared: /keys/{id}); the path "" where no route matched."""
+    resource = request.match_info.route.resource
+    return "GET" if request.method == "HEAD" else request.method, resource.canonical if resource else ""
+
+
 def _needed_role(request: web.Request) -> str | None:
     """The role the request's route needs; a path or method with no route needs a token (any), so
     that only callers learn what exists."""
-    resource = request.match_info.route.resource
-    key = ("GET" if request.method == "HEAD" else request.method, resource.canonical if resource else "")
+    key = _route_of(request)
     return ROUTE_ROLES[key] if key in ROUTE_ROLES else VIEWER
 
 
@@ -210,6 +220,7 @@ async def _audit(request: web.Request, action: str, target: str, before: dict | 
     (before == after, unless `changed` says otherwise) writes nothing. A write that fails is
     logged and counted (whisper_gateway_audit_write_failures) and the answer still goes: the
     change stands, and an answer may hold a secret shown only once."""
+    annotate({"whisper.admin.action": action, "whisper.admin.resource_id": target})
     if before == after and not changed:
         return
     caller: Caller = request[CALLER]
@@ -230,6 +241,7 @@ def _entry_or_404(request: web.Request) -> Entry:
     entry = _plane(request).backend(request.match_info["id"])
     if entry is None:
         raise ApiError(404, f"no backend with id {request.match_info['id']!r}", "not_found_error", "id")
+    annotate({"whisper.admin.resource_id": entry.id})
     return entry
 
 
@@ -267,6 +279,28 @@ async def guard(request: web.Request, handler):
         what = "the change was not applied" if request.method not in ("GET", "HEAD") else \
             f"cannot answer {request.method} {request.path}"
         return ApiError(500, f"{what}: {type(error).__name__}: {error}", "server_error").response()
+
+
+@web.middleware
+async def traced(request: web.Request, handler):
+    """A change that passed the guard is a trace's root span, `admin <method> <route>` (an ApiError
+    is its answer here, as in the guard; any other error is recorded on the span and goes on). The
+    resource's id is added once a handler found it (never the path as sent: a secret pasted there
+    for an id stays out)."""
+    method, path = _route_of(request)
+    if method not in CHANGES or (method, path) not in ROUTE_ROLES:
+        return await handler(request)
+    attributes = {"http.request.method": method, "http.route": path,
+                  "whisper.admin.resource": path.strip("/").split("/")[0]}
+    if (caller := request.get(CALLER)) is not None:  # the token's name and role, never its secret
+        attributes |= {"whisper.admin.caller": caller.name, "whisper.admin.role": caller.role}
+    with request.app[TRACER].span(f"admin {method} {path}", attributes, root=True) as span:
+        try:
+            response = await handler(request)
+        except ApiError as error:
+            response = error.response()
+        span.set_attribute("http.response.status_code", response.status)
+        return response
 
 
 @route("GET", "/healthz", None)
@@ -528,9 +562,11 @@ async def read_usage(request: web.Request) -> web.Response:
 
 def _key_or_404(request: web.Request) -> ApiKey:
     try:
-        return _plane(request).api_key(request.match_info["id"])
+        key = _plane(request).api_key(request.match_info["id"])
     except KeyProblem as problem:
         raise ApiError(404, str(problem), "not_found_error", "id") from None
+    annotate({"whisper.admin.resource_id": key.id})
+    return key
 
 
 @route("GET", "/keys/{id}", VIEWER)
@@ -634,10 +670,12 @@ async def read_audit(request: web.Request) -> web.Response:
     return web.json_response({"object": "list", "data": records, "has_more": more})
 
 
-def build_admin_app(plane: PlaneView) -> web.Application:
-    """The admin API over `plane`, which handlers reach through the PLANE app key."""
-    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[guard])
+def build_admin_app(plane: PlaneView, tracer: PlaneTracer | None = None) -> web.Application:
+    """The admin API over `plane`, which handlers reach through the PLANE app key; its changes
+    traced with `tracer` (none: not traced)."""
+    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[guard, traced])
     app[PLANE] = plane
+    app[TRACER] = tracer or PlaneTracer()
     app[FAILURES] = AuthFailures()
     app.add_routes(routes)
     return app

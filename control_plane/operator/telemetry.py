@@ -13,6 +13,7 @@ from control_plane.names import is_batch_lane
 from control_plane.observe.ledger import OUTCOMES
 from control_plane.operator.status import endpoint_rows, model_rows
 from control_plane.operator.view import PlaneView
+from control_plane.xds.cache import NoCallbacks
 from control_plane.xds.types import SHORT_NAMES
 
 REGISTRY = CollectorRegistry()
@@ -72,17 +73,17 @@ class ReportsDropped:
 REPORTS_DROPPED = ReportsDropped()
 
 
-class XdsMetrics:
+class XdsMetrics(NoCallbacks):
     """The xDS layer's callbacks (control_plane/xds/cache.py) as Prometheus metrics."""
 
     def on_push(self, type_url: str) -> None:
         PUSHES.labels(SHORT_NAMES.get(type_url, type_url)).inc()
 
-    def on_ack(self, type_url: str, push_to_ack_s: float | None) -> None:
+    def on_ack(self, type_url: str, version: str, node: str, push_to_ack_s: float | None) -> None:
         if push_to_ack_s is not None:
             PUSH_TO_ACK_SECONDS.labels(SHORT_NAMES.get(type_url, type_url)).observe(push_to_ack_s)
 
-    def on_nack(self, type_url: str) -> None:
+    def on_nack(self, type_url: str, version: str, node: str, message: str) -> None:
         NACKS.labels(SHORT_NAMES.get(type_url, type_url)).inc()
 
 

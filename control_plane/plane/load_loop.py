@@ -3,7 +3,8 @@
 `load_step` is the round, step by step: observe (scrape every engine, record its load, keep
 what the Envoys reported of the fleet's engines only, settle what finished), finish drains,
 expire key secrets, count the Envoys, decide (lanes, hedging deadlines, weights and ejections)
-and publish each decision that changed something.
+and publish each decision that changed something. Each round is a trace, `load round`
+(control_plane/traces.py): its scrapes, failed scrapes and seconds, and what it published.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from control_plane.plane.drains import Drains, idle
 from control_plane.plane.in_flight import InFlightLimits
 from control_plane.plane.publisher import Publisher
 from control_plane.plane.state_keeper import StateKeeper
+from control_plane.traces import PlaneTracer, annotate, failed
 
 log = logging.getLogger(__name__)
 
@@ -46,26 +48,31 @@ class LoadLoop:
     def __init__(self, publisher: Publisher, state: StateKeeper, drains: Drains, limits: InFlightLimits,
                  tracker: LoadTracker, outcomes: Outcomes, ledger: Ledger, ejections: Ejections,
                  engine_tls: Callable[[], ssl.SSLContext | None], on_scrape: Callable, on_round: Callable[[float], None],
-                 on_new_weights: Callable[[], None]):
+                 on_new_weights: Callable[[], None], tracer: PlaneTracer | None = None):
         """Observed here: `tracker` (scrapes), `outcomes` and `ledger` (the Envoys' logs, which also
         feed them on their own); `engine_tls`: the TLS the scrapes use now; `on_scrape` (each
-        scrape's time and failure), `on_round` (each round's seconds) and `on_new_weights`: telemetry."""
+        scrape's time and failure), `on_round` (each round's seconds) and `on_new_weights`: telemetry;
+        `tracer`: the plane's (none: no spans)."""
         self.publisher, self.state, self.drains, self.limits = publisher, state, drains, limits
         self.tracker, self.outcomes, self.ledger, self.ejections = tracker, outcomes, ledger, ejections
         self.engine_tls = engine_tls
         self.on_scrape, self.on_round, self.on_new_weights = on_scrape, on_round, on_new_weights
         self.hedges_published_at: float | None = None
+        self.tracer = tracer or PlaneTracer()
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         async with scraper.session() as client:
             while True:
                 started, cpu = loop.time(), time.process_time()
-                try:
-                    await self.load_step(client)
-                except Exception:  # a bug here must not stop routing updates for good
-                    log.exception("load step failed")
-                took = loop.time() - started
+                with self.tracer.span("load round", {"whisper.load_round.scrapes": 0}, root=True) as span:
+                    try:
+                        await self.load_step(client)
+                    except Exception as error:  # a bug here must not stop routing updates for good
+                        log.exception("load step failed")
+                        failed(error)
+                    took = loop.time() - started
+                    span.set_attribute("whisper.load_round.duration_s", took)
                 self.on_round(took)
                 await asyncio.sleep(next_round_in(self.publisher.config.routing.scrape_interval_s, took,
                                                   time.process_time() - cpu))
@@ -98,6 +105,8 @@ class LoadLoop:
         """Scrapes every engine and records its load; what the Envoys reported is kept for the fleet's
         engines only and expires; an idle engine's tries and requests are settled. The time it read."""
         pages = await scraper.scrape_all(client, fleet, routing.scrape_timeout_s, self.on_scrape, self.engine_tls())
+        annotate({"whisper.load_round.scrapes": len(pages),
+                  "whisper.load_round.scrape_failures": sum(isinstance(p, scraper.ScrapeFailure) for p in pages)})
         now = asyncio.get_running_loop().time()
         scraper.record(self.tracker, fleet, pages, now)
         self.outcomes.retain({b.endpoint for b in fleet.backends})

@@ -8,7 +8,9 @@ into the cache; route facts and the Envoys' count also wait for a runtime change
 state keeper's `changing` lock), as the routes carry the keys it may yet undo.
 
 It reads the API keys through `keys` (the state keeper's, whichever table is current) and is told
-the registry to publish; it knows nothing else of the plane.
+the registry to publish; it knows nothing else of the plane. Each write into the cache is a
+`publish` span (control_plane/traces.py) under whatever the plane was doing (an admin change, a
+load round), naming the types it changed and their versions: the Envoys' ACKs join it there.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from control_plane.fleet.resolved import Fleet
 from control_plane.names import batch_lane
 from control_plane.observe.access_logs import Known
 from control_plane.tenants.keys import Access, Budget, KeyTable
+from control_plane.traces import PlaneTracer, published_versions
 from control_plane.xds.cache import SnapshotCache
 from control_plane.xds.snapshot import Snapshot
 from control_plane.xds.types import ENDPOINT, ROUTE, SECRET
@@ -41,9 +44,11 @@ REMOVAL_ACK_TIMEOUT_S = 5.0
 
 class Publisher:
     def __init__(self, config: GatewayConfig, lua_source: str, cache: SnapshotCache, certificates: CertificateFiles,
-                 keys: Callable[[], KeyTable], changing: asyncio.Lock, published: Callable[[], None]):
+                 keys: Callable[[], KeyTable], changing: asyncio.Lock, published: Callable[[], None],
+                 tracer: PlaneTracer | None = None):
         """`keys`: the API keys now; `changing`: held while a runtime change is made; `published`:
-        called after each whole publish (config, registry or keys), holding the publish lock."""
+        called after each whole publish (config, registry or keys), holding the publish lock;
+        `tracer`: the plane's (none: no spans)."""
         self.config = config  # the config last published (the one started with, before the first)
         self.lua_source = lua_source
         self.cache = cache
@@ -59,6 +64,7 @@ class Publisher:
         self._changing = changing
         self._published = published
         self._publishing = asyncio.Lock()
+        self.tracer = tracer or PlaneTracer()
 
     # -- a whole publish: config, registry and keys -----------------------------------------------
 
@@ -78,16 +84,27 @@ class Publisher:
                                                          if m in fleet.model_names()})
             resources = build_resources(config, fleet, self.lua_source, self.access(config), self.envoys,
                                         self.certificates.current)
-            await self.publish(Snapshot.from_resources(resources))
+            await self.publish(Snapshot.from_resources(resources), "config")
             self.config, self.fleet = config, fleet
             self.known = self._known()
             self._key_plans = self._plans_of(config)
             self._published()
 
-    async def publish(self, snapshot: Snapshot) -> None:
+    async def publish(self, snapshot: Snapshot, what: str) -> None:
         """Serves `snapshot` (the cache checks it once and removes clusters make-before-break)."""
-        if await self.cache.publish(snapshot, REMOVAL_ACK_TIMEOUT_S):
-            log.info("published snapshot %s", {k.rsplit(".", 1)[-1]: v for k, v in snapshot.versions.items()})
+        with self._span(snapshot, what):
+            if await self.cache.publish(snapshot, REMOVAL_ACK_TIMEOUT_S):
+                log.info("published snapshot %s", {k.rsplit(".", 1)[-1]: v for k, v in snapshot.versions.items()})
+
+    def _serve(self, snapshot: Snapshot, what: str) -> None:
+        """Serves a snapshot that changes only what a round decided or the certificates (no removal)."""
+        with self._span(snapshot, what):
+            self.cache.set_snapshot(snapshot)
+
+    def _span(self, snapshot: Snapshot, what: str):
+        """The publish span: `what` was published, and the versions of the types it changed."""
+        before = self.cache.snapshot.versions if self.cache.snapshot is not None else {}
+        return self.tracer.span("publish", {"whisper.publish": what} | published_versions(before, snapshot.versions))
 
     def access(self, config: GatewayConfig) -> Access:
         """Who may call, as the routes carry it: the keys' grants under `config`'s plans."""
@@ -130,19 +147,19 @@ class Publisher:
         are rebuilt and sent."""
         async with self._publishing:
             fleet = self.fleet.with_routing(weights, long_uploads, ejected)
-            self.cache.set_snapshot(self.cache.snapshot.with_type(ENDPOINT, build_load_assignments(fleet)))
+            self._serve(self.cache.snapshot.with_type(ENDPOINT, build_load_assignments(fleet)), "weights")
             self.fleet = fleet
 
     async def set_lanes(self, closed: dict[str, int]) -> None:
         """Publishes which models refuse batch keys (decide/lanes.py)."""
-        if await self._set_route_facts(lambda fleet, models: replace(
+        if await self._set_route_facts("lanes", lambda fleet, models: replace(
                 fleet, batch_closed={m: s for m, s in closed.items() if m in models}),
                 lambda: self.config.auth.batch_above_wait_s is not None):  # a reload may have turned lanes off
             log.info("batch lanes: refused for %s", sorted(closed) or "no model")
 
     async def set_hedging(self, deadlines: dict[str, int]) -> None:
         """Publishes each model's try deadline per audio-second (decide/hedging.py)."""
-        if await self._set_route_facts(lambda fleet, models: replace(
+        if await self._set_route_facts("hedging", lambda fleet, models: replace(
                 fleet, hedge_ms={m: ms for m, ms in deadlines.items() if m in models})):
             log.info("hedging deadlines (ms per audio-second): %s", deadlines)
 
@@ -153,10 +170,9 @@ class Publisher:
         async with self._changing, self._publishing:
             self.budgets = budgets
             if self.fleet is not None:
-                self.cache.set_snapshot(
-                    self.cache.snapshot.with_type(ROUTE, [self._routes(self.fleet, self.envoys)]))
+                self._serve(self.cache.snapshot.with_type(ROUTE, [self._routes(self.fleet, self.envoys)]), "budgets")
 
-    async def _set_route_facts(self, change: Callable[[Fleet, set[str]], Fleet],
+    async def _set_route_facts(self, what: str, change: Callable[[Fleet, set[str]], Fleet],
                                still: Callable[[], bool] = lambda: True) -> bool:
         """Publishes a fact the routes carry to the Lua filter; only the routes are rebuilt and sent.
         Not while a change is being made: the routes carry the keys, which it may yet undo."""
@@ -164,7 +180,7 @@ class Publisher:
             if not still():
                 return False
             fleet = change(self.fleet, set(self.fleet.model_names()))
-            self.cache.set_snapshot(self.cache.snapshot.with_type(ROUTE, [self._routes(fleet, self.envoys)]))
+            self._serve(self.cache.snapshot.with_type(ROUTE, [self._routes(fleet, self.envoys)]), what)
             self.fleet = fleet
         return True
 
@@ -179,7 +195,7 @@ class Publisher:
         if (envoys := max(1, envoys)) == self.envoys:
             return
         async with self._changing, self._publishing:  # only what the count is in: a failure is tried next round
-            self.cache.set_snapshot(self.cache.snapshot.with_type(ROUTE, [self._routes(self.fleet, envoys)]))
+            self._serve(self.cache.snapshot.with_type(ROUTE, [self._routes(self.fleet, envoys)]), "envoys")
             self.envoys = envoys
 
     def envoys_here(self) -> int:
@@ -192,7 +208,7 @@ class Publisher:
         """Replaced certificate files as SDS secrets (no listener or cluster changes, so no
         connection is drained); from then on they are the ones every publish builds with."""
         async with self._publishing:
-            self.cache.set_snapshot(self.cache.snapshot.with_type(SECRET, build_secrets(material)))
+            self._serve(self.cache.snapshot.with_type(SECRET, build_secrets(material)), "certificates")
             self.certificates.accept(material)
 
     def applied_everywhere(self, clusters: set[str]) -> bool:

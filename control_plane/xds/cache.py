@@ -51,25 +51,58 @@ class EnvoyStatus:
 
 
 class Callbacks(Protocol):
-    """What the xDS layer reports to whoever listens (telemetry), as go-control-plane's Callbacks:
-    the layer itself depends on nothing above it."""
+    """What the xDS layer reports to whoever listens (telemetry, traces), as go-control-plane's
+    Callbacks: the layer itself depends on nothing above it."""
+
+    def on_serve(self, versions: dict[str, str]) -> None:
+        """The types whose version changed, and their new versions: called by the task that serves
+        them (the publisher's), so a listener may take its context along (control_plane/traces.py)."""
 
     def on_push(self, type_url: str) -> None: ...
 
-    def on_ack(self, type_url: str, push_to_ack_s: float | None) -> None: ...
+    def on_ack(self, type_url: str, version: str, node: str, push_to_ack_s: float | None) -> None:
+        """Envoy `node` applied `version`; `push_to_ack_s`: since it was served, at its first ACK
+        of the version served now (else None)."""
 
-    def on_nack(self, type_url: str) -> None: ...
+    def on_nack(self, type_url: str, version: str, node: str, message: str) -> None:
+        """Envoy `node` refused `version`, saying why."""
 
 
 class NoCallbacks:
+    def on_serve(self, versions: dict[str, str]) -> None:
+        pass
+
     def on_push(self, type_url: str) -> None:
         pass
 
-    def on_ack(self, type_url: str, push_to_ack_s: float | None) -> None:
+    def on_ack(self, type_url: str, version: str, node: str, push_to_ack_s: float | None) -> None:
         pass
 
-    def on_nack(self, type_url: str) -> None:
+    def on_nack(self, type_url: str, version: str, node: str, message: str) -> None:
         pass
+
+
+class AllCallbacks:
+    """Several listeners, each told everything, in order."""
+
+    def __init__(self, *listeners: Callbacks):
+        self.listeners = listeners
+
+    def on_serve(self, versions: dict[str, str]) -> None:
+        for listener in self.listeners:
+            listener.on_serve(versions)
+
+    def on_push(self, type_url: str) -> None:
+        for listener in self.listeners:
+            listener.on_push(type_url)
+
+    def on_ack(self, type_url: str, version: str, node: str, push_to_ack_s: float | None) -> None:
+        for listener in self.listeners:
+            listener.on_ack(type_url, version, node, push_to_ack_s)
+
+    def on_nack(self, type_url: str, version: str, node: str, message: str) -> None:
+        for listener in self.listeners:
+            listener.on_nack(type_url, version, node, message)
 
 
 # An Envoy that has not applied a version for this long is lagging: named on /status, and not
@@ -122,10 +155,11 @@ class SnapshotCache:
         if self._snapshot is not None and self._snapshot.versions == snapshot.versions:
             return False
         now = time.monotonic()
-        for type_url, version in snapshot.versions.items():
-            if self._snapshot is None or self._snapshot.versions.get(type_url) != version:
-                self._published_at[type_url] = (version, now)
+        changed = {t: v for t, v in snapshot.versions.items() if self._snapshot is None or self._snapshot.versions.get(t) != v}
+        for type_url, version in changed.items():
+            self._published_at[type_url] = (version, now)
         self._snapshot = snapshot
+        self.callbacks.on_serve(changed)
         for event in self._watchers:
             event.set()
         return True
@@ -156,7 +190,8 @@ class SnapshotCache:
             if hashes:
                 status.applied.setdefault(type_url, {}).update(hashes)
             first = status.acked.get(type_url) != version and self._published_at.get(type_url, ("",))[0] == version
-            self.callbacks.on_ack(type_url, time.monotonic() - self._published_at[type_url][1] if first else None)
+            self.callbacks.on_ack(type_url, version, status.node_id,
+                                  time.monotonic() - self._published_at[type_url][1] if first else None)
             status.acked[type_url] = version
         async with self._acks:
             self._acks.notify_all()
@@ -164,12 +199,12 @@ class SnapshotCache:
     def record_nack(self, stream_id: int, type_url: str, version: str, message: str) -> None:
         nack = Nack(type_url=type_url, version=version, message=message, at=time.time())
         self.nacks_total += 1
-        self.callbacks.on_nack(type_url)
         self.last_nack = nack
         status = self.envoys.get(stream_id)
         if status is not None:
             status.last_nack = nack
         node = status.node_id if status else "?"
+        self.callbacks.on_nack(type_url, version, node, message)
         log.warning("envoy %s rejected %s version %s: %s", node, SHORT_NAMES.get(type_url, type_url), version, message)
 
     def record_rejection(self, stream_id: int, type_url: str, name: str, message: str | None,
