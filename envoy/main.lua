@@ -48,12 +48,14 @@ if CONTEXT.piece_marker then
   function envoy_on_request(h) routing.mark_piece(h) end
 end
 
--- Every routed request's answer: OpenAI's rate-limit headers where plans are enforced (headers
--- first: reading the body yields), then the engine's own figure of its audio.
+-- Every routed request's answer: OpenAI's rate-limit headers where plans are enforced, a
+-- piece's share (headers first: reading the body yields), then the engine's own figure of its audio.
 local with_plans = CONTEXT.keys_required and next(CONTEXT.plans or {}) ~= nil
+local with_longform = (CONTEXT.longform_above_s or 0) > 0
 if not (CONTEXT.upload_admission or CONTEXT.piece_marker) then
   function envoy_on_response(h)
     if with_plans then plans.rate_limit_headers(h) end
+    if with_longform then routing.tell_parallel(h) end -- a piece's answer: its recording's share now
     metering.reconcile(h)
   end
 end

@@ -57,6 +57,15 @@ local function is_piece(h)
   return fields ~= nil and fields[PIECE_KEY] ~= nil
 end
 
+-- On a piece's answer: how many of its recording's pieces may be at the model's engines now
+-- (CONTEXT.longform_parallel moves with the clients' own requests there), which the worker
+-- follows for the pieces it has yet to send.
+local function tell_parallel(h)
+  local fields = h:streamInfo():dynamicMetadata():get(METADATA_NAMESPACE)
+  if fields == nil or fields[PIECE_KEY] == nil then return end
+  h:headers():replace(NAMES.LONGFORM_PARALLEL_HEADER, tostring((CONTEXT.longform_parallel or {})[fields[NAMES.MODEL_KEY]] or 1))
+end
+
 -- The last step: where the router sends the request: the model's route, the long-upload subset,
 -- and the deadline of each try; a recording longer than CONTEXT.longform_above_s, to the
 -- longform workers, with how many of its pieces may be at the engines at once; a piece, marked
@@ -84,4 +93,5 @@ local function route(h, headers, body, model, seconds, piece)
   h:clearRouteCache()
 end
 
-return {first_pass = first_pass, route = route, mark_piece = mark_piece, is_piece = is_piece}
+return {first_pass = first_pass, route = route, mark_piece = mark_piece, is_piece = is_piece,
+  tell_parallel = tell_parallel}

@@ -792,13 +792,16 @@ def longform_keys(envoys: int = 1) -> Keys:
 PIECE = {"whisper_gateway": {"piece": "1"}}  # what the pieces listener's first filter sets
 
 
-@pytest.mark.parametrize("seconds,model,to_workers,parallel", [
-    (60.0, BIG, False, None),  # at the threshold: whole, to one engine
-    (61.0, BIG, True, "2"),  # above it: to a worker, with half of the model's five engines at once
-    (61.0, SMALL, True, "1"),  # one engine: at least one piece at a time
+@pytest.mark.parametrize("seconds,model,busy,to_workers,parallel", [
+    (60.0, BIG, False, False, None),  # at the threshold: whole, to one engine
+    (61.0, BIG, False, True, "5"),  # above it: to a worker, its pieces on all five idle engines at once
+    (61.0, BIG, True, True, "2"),  # while clients' own requests are at the model: half of them
+    (61.0, SMALL, True, True, "1"),  # one engine: at least one piece at a time
 ])
-def test_a_recording_above_the_threshold_goes_to_the_longform_workers(seconds, model, to_workers, parallel):
+def test_a_recording_above_the_threshold_goes_to_the_longform_workers(seconds, model, busy, to_workers, parallel):
     keys = longform_keys()
+    if busy:
+        keys.fleet = replace(keys.fleet, longform_busy=frozenset({BIG, SMALL}))
     secret = keys.create("app", plan="long")
     outcome = keys.lua().run_request(headers=FORM | bearer(secret), body=form(model, silent_wav(seconds)))
     assert_routed(outcome, model)
@@ -842,3 +845,17 @@ def test_without_workers_nothing_is_split_and_the_mark_means_nothing():
     outcome = open_filter().run_request(headers=FORM, body=form(BIG, silent_wav(400.0)), metadata=PIECE)
     assert_routed(outcome, BIG)
     assert outcome.header("x-whisper-longform") is None and outcome.header("x-whisper-piece") is None
+
+
+def test_a_pieces_answer_tells_the_worker_its_recordings_share_now():
+    keys = longform_keys()
+    idle = keys.lua().run_response(200, {"content-type": "application/json"},
+                                   metadata={"whisper_gateway": {"piece": "1", "model": BIG}}, body='{"text":" a"}')
+    assert idle.header("x-whisper-longform-parallel") == "5"
+    keys.fleet = replace(keys.fleet, longform_busy=frozenset({BIG}))
+    busy = keys.lua().run_response(200, {"content-type": "application/json"},
+                                   metadata={"whisper_gateway": {"piece": "1", "model": BIG}}, body='{"text":" a"}')
+    assert busy.header("x-whisper-longform-parallel") == "2"
+    client = keys.lua().run_response(200, {"content-type": "application/json"},
+                                     metadata={"whisper_gateway": {"model": BIG}}, body='{"text":" a"}')
+    assert client.header("x-whisper-longform-parallel") is None  # a client's own answer says nothing of it

@@ -174,6 +174,14 @@ def hedging(config: GatewayConfig, fleet: Fleet | None) -> dict:
             "per_try_floor_ms": int(r.hedge_floor_s * 1000)}
 
 
+def longform_parallel(config: GatewayConfig, fleet: Fleet) -> dict[str, int]:
+    """Each model's engines a recording's pieces may hold at once: all of them, but only
+    longform.max_share (at least one) while clients' own requests are at the model (decide/longform.py)."""
+    counts = {model: len(fleet.backends_for(model)) for model in fleet.model_names()}
+    return {model: max(1, int(config.longform.max_share * n)) if model in fleet.longform_busy else max(1, n)
+            for model, n in counts.items()}
+
+
 def lua_context(config: GatewayConfig, fleet: Fleet | None, access: Access, envoys: int = 1) -> dict:
     """What the Lua filter reads of the config and fleet (CONTEXT in its source); `envoys`: the
     gateways sharing each key's budget (builders/quotas.py)."""
@@ -190,10 +198,9 @@ def lua_context(config: GatewayConfig, fleet: Fleet | None, access: Access, envo
             "batch_lanes": config.auth.batch_in_flight_per_engine is not None,
             "envoys": envoys,
             # Long recordings (0: never split), and how many of a recording's pieces may be at a
-            # model's engines at once: longform.max_share of them, at least one.
+            # model's engines at once (a worker reads it again on each piece's answer).
             "longform_above_s": config.longform.split_above_s if config.longform.enabled else 0,
-            "longform_parallel": {model: max(1, int(config.longform.max_share * len(fleet.backends_for(model))))
-                                  for model in fleet.model_names()} if fleet is not None and config.longform.enabled else {},
+            "longform_parallel": longform_parallel(config, fleet) if fleet is not None and config.longform.enabled else {},
             # Each plan's limits, for what the filter says on a 429 (builders/quotas.py enforces them).
             "plans": {name: {k: v for k, v in vars(plan).items() if v is not None}
                       for name, plan in config.auth.plans.items()}}

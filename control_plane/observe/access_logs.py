@@ -220,7 +220,7 @@ def record(entry: accesslog_pb2.HTTPAccessLogEntry, stream: int, outcomes: Outco
     if kind == TRY_STARTED:
         seconds = as_seconds(headers.get(AUDIO_SECONDS_HEADER, ""))
         if seconds is not None and not recording:
-            ledger.started(stream, request_id, endpoint, seconds, now)
+            ledger.started(stream, request_id, endpoint, seconds, now, piece=piece)
         return in_flight.started((headers.get(KEY_ID_HEADER, ""), headers.get(BATCH_LANE_HEADER, "")), request_id,
                                  stream, endpoint, now)
     if kind == TRY_ENDED:

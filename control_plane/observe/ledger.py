@@ -41,6 +41,7 @@ class _Try:
     seconds: float
     started: float
     open: int = 1  # tries of one request at one engine at once (a hedge to the only engine)
+    piece: bool = False  # a piece of a long recording (control_plane/longform/), not a client's own request
 
 
 @dataclass
@@ -109,8 +110,10 @@ class Ledger:
         self.answered: dict[str, deque[tuple[float, float]]] = {}  # model -> (audio-seconds, seconds taken)
         self.usage = UsageBook(Metered)  # the same metering by UTC day, for billing
 
-    def started(self, stream: int, request_id: str, endpoint: str, seconds: float, now: float) -> None:
-        """A try of `seconds` of audio began at `endpoint` ("ip:port"), logged on Envoy stream `stream`."""
+    def started(self, stream: int, request_id: str, endpoint: str, seconds: float, now: float,
+                piece: bool = False) -> None:
+        """A try of `seconds` of audio began at `endpoint` ("ip:port"), logged on Envoy stream
+        `stream`; `piece`: of a long recording a worker split."""
         engine = self.engines.setdefault(endpoint, _Engine())
         engine.advance(now)
         engine.last_event = now
@@ -120,7 +123,7 @@ class Ledger:
         if key in engine.tries:
             engine.tries[key].open += 1
         else:
-            engine.tries[key] = _Try(seconds, now)
+            engine.tries[key] = _Try(seconds, now, piece=piece)
 
     def ended(self, stream: int, request_id: str, endpoint: str, answered: bool, now: float) -> None:
         """That try ended; answered: the engine transcribed it (its audio counts as done)."""
@@ -205,6 +208,11 @@ class Ledger:
         """Audio-seconds sent to `endpoint` and not yet answered, over every Envoy."""
         engine = self.engines.get(endpoint)
         return sum(t.seconds * t.open for t in engine.tries.values()) if engine else 0.0
+
+    def clients_in_flight(self, endpoint: str) -> float:
+        """Of those, the audio-seconds of clients' own requests: not long recordings' pieces."""
+        engine = self.engines.get(endpoint)
+        return sum(t.seconds * t.open for t in engine.tries.values() if not t.piece) if engine else 0.0
 
     def requests_in_flight(self, endpoint: str) -> int:
         """The engine requests those make."""

@@ -14,11 +14,14 @@ import logging
 import ssl
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
+from control_plane.builders.routes import longform_parallel
 from control_plane.config.routing import RoutingConfig
 from control_plane.decide.ejection import Ejections
 from control_plane.decide.hedging import deadlines, to_publish
 from control_plane.decide.lanes import closed_to_batch, model_waits
+from control_plane.decide.longform import seen_busy
 from control_plane.decide.policy import decide_routing
 from control_plane.fleet.resolved import Fleet
 from control_plane.observe import scraper
@@ -58,6 +61,7 @@ class LoadLoop:
         self.engine_tls = engine_tls
         self.on_scrape, self.on_round, self.on_new_weights = on_scrape, on_round, on_new_weights
         self.hedges_published_at: float | None = None
+        self.longform_seen: dict[str, float] = {}  # model -> when its engines last held a client's request
         self.tracer = tracer or PlaneTracer()
 
     async def run(self) -> None:
@@ -89,6 +93,8 @@ class LoadLoop:
         states = scraper.endpoint_states(self.publisher.fleet, self.tracker, self.outcomes, self.ledger, now)
         if (closed := self.decide_lanes(states, routing)) is not None:
             await self.publisher.set_lanes(closed)
+        if (busy := self.decide_longform(now)) is not None:
+            await self.publisher.set_longform_busy(busy)
         if (hedges := self.decide_hedging(now)) is not None:
             self.hedges_published_at = now
             await self.publisher.set_hedging(hedges)
@@ -141,6 +147,20 @@ class LoadLoop:
         fleet = self.publisher.fleet
         closed = closed_to_batch(model_waits(fleet, states, routing), fleet.batch_closed, level)
         return closed if closed != fleet.batch_closed else None
+
+    def decide_longform(self, now: float) -> frozenset[str] | None:
+        """Which models' engines hold clients' own requests (decide/longform.py), when that changes
+        what a recording's pieces may hold."""
+        config, fleet = self.publisher.config, self.publisher.fleet
+        if not config.longform.enabled:
+            return None
+        clients = {model: sum(self.ledger.clients_in_flight(b.endpoint) for b in fleet.backends_for(model))
+                   for model in fleet.model_names()}
+        self.longform_seen = seen_busy(self.longform_seen, clients, now)
+        busy = frozenset(self.longform_seen)
+        if longform_parallel(config, replace(fleet, longform_busy=busy)) == longform_parallel(config, fleet):
+            return None
+        return busy
 
     def decide_hedging(self, now: float) -> dict[str, int] | None:
         """Each model's try deadline per audio-second (decide/hedging.py), when it should move."""

@@ -172,6 +172,12 @@ class Publisher:
             if self.fleet is not None:
                 self._serve(self.cache.snapshot.with_type(ROUTE, [self._routes(self.fleet, self.envoys)]), "budgets")
 
+    async def set_longform_busy(self, busy: frozenset[str]) -> None:
+        """Publishes which models' engines hold clients' own requests (decide/longform.py), when
+        that changes what a recording's pieces may hold."""
+        await self._set_route_facts("longform", lambda fleet, models: replace(
+            fleet, longform_busy=frozenset(busy) & models), lambda: self.config.longform.enabled)
+
     async def _set_route_facts(self, what: str, change: Callable[[Fleet, set[str]], Fleet],
                                still: Callable[[], bool] = lambda: True) -> bool:
         """Publishes a fact the routes carry to the Lua filter; only the routes are rebuilt and sent.

@@ -1,0 +1,21 @@
+"""Long recordings' share of a model's engines: all of them while no client's own request is at
+the model (a recording fills idle capacity), longform.max_share of them while one is (short clips
+do not queue behind pieces). Pure.
+
+A model is busy from the round its engines hold a client's request until HOLD_S after the last
+round that saw one, so a model with a steady trickle of clips does not flap between the two.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+HOLD_S = 5.0
+
+
+def seen_busy(last_seen: Mapping[str, float], clients_in_flight: Mapping[str, float], now: float) -> dict[str, float]:
+    """Each model -> the last time its engines held a client's own audio, brought up to `now`;
+    models not seen for HOLD_S are forgotten."""
+    seen = {model: now for model, seconds in clients_in_flight.items() if seconds > 0}
+    return {model: at for model, at in (dict(last_seen) | seen).items() if now - at <= HOLD_S}
+
