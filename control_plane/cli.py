@@ -30,6 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_certs_command(commands)
     _add_envoy_tools(commands)
     _add_check_command(commands)
+    _add_longform_command(commands)
     return parser
 
 
@@ -163,11 +164,39 @@ def _add_check_command(commands) -> None:
     check.add_argument("--identity", default="envoy", help="with --envoy: the Envoy's certificate (default: envoy)")
 
 
+def _host_port(value: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
+    return host.strip("[]"), int(port)
+
+
+def _http_url(value: str) -> str:
+    if not value.startswith(("http://", "https://")):
+        raise argparse.ArgumentTypeError(f"expected an http:// or https:// URL, got {value!r}")
+    return value
+
+
+def _add_longform_command(commands) -> None:
+    worker = commands.add_parser("longform-worker", help="cut long recordings Envoy routes here into pieces, send "
+                                                         "them to the fleet, answer as one engine")
+    worker.add_argument("--listen", type=_host_port, required=True, metavar="HOST:PORT")
+    worker.add_argument("--pieces", type=_http_url, required=True, metavar="URL",
+                        help="where each piece is sent (Envoy's pieces listener)")
+    worker.add_argument("--max-upload-mb", type=float, default=None,
+                        help="the largest recording accepted, MiB (default 1024)")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "check":
         sys.exit(_run_check(args))
+    if args.command == "longform-worker":
+        from control_plane.longform.worker import DEFAULT_MAX_UPLOAD_MB, serve as serve_longform
+
+        host, port = args.listen
+        sys.exit(asyncio.run(serve_longform(host, port, args.pieces, args.max_upload_mb or DEFAULT_MAX_UPLOAD_MB)))
     try:
         config = load_config(args.config)
     except ConfigError as error:

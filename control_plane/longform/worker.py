@@ -1,0 +1,356 @@
+"""The longform worker: one long recording in, its pieces out to the fleet, one answer back.
+
+Envoy routes an admitted long upload here as the client sent it (multipart POST to
+/v1/audio/transcriptions or /translations), with the model the Lua filter resolved (MODEL_HEADER)
+and how many of its pieces may be at the engines at once (LONGFORM_PARALLEL_HEADER). The upload's
+file is spooled to a temporary file (ffmpeg needs a seekable input: an MP4 whose moov comes last),
+decoded by the ffmpeg CLI to 16 kHz mono as it comes, and cut (cuts.py) whenever more than a piece
+is buffered: each piece goes at once to the pieces listener (routed, retried and hedged by Envoy),
+so a recording holds about one piece of PCM in memory, however long. The answers are joined
+(answers.py) as one engine's, or streamed in vLLM's SSE chunks in the recording's order.
+
+A piece answered non-2xx (Envoy has already retried it) fails the recording with that answer as it
+is; a client that goes away cancels the pieces still out, ffmpeg and the spooled file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import secrets
+import tempfile
+import time
+from array import array
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+
+from control_plane.longform import answers, cuts
+from control_plane.names import AUDIO_PATHS, LONGFORM_PARALLEL_HEADER, MODEL_HEADER
+from engines.common.errors import INVALID_AUDIO, EngineError, missing_field
+from engines.common.runner import serve_until_signal
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PARALLEL = 4
+MAX_PARALLEL = 64
+DEFAULT_MAX_UPLOAD_MB = 1024.0
+READ_BYTES = 1 << 16
+# The client's fields that are the worker's to set on each piece (the rest go as they came).
+OWN_FIELDS = {"file", "model", "response_format", "stream", "stream_include_usage", "stream_continuous_usage_stats"}
+# What travels from the recording's request to each piece's: its trace, nothing else (never a key).
+FORWARDED_HEADERS = ("traceparent", "tracestate")
+TRUE = ("true", "1", "yes", "on")
+
+
+def ffmpeg_command(path: str) -> list[str]:
+    return ["ffmpeg", "-hide_banner", "-loglevel", "error", "-nostdin", "-i", path,
+            "-f", "s16le", "-ac", "1", "-ar", str(cuts.RATE), "pipe:1"]
+
+
+def parallel_pieces(value: str | None) -> int:
+    """LONGFORM_PARALLEL_HEADER's value, bounded; the default where absent or not a number."""
+    try:
+        return min(MAX_PARALLEL, max(1, int(value))) if value is not None else DEFAULT_PARALLEL
+    except ValueError:
+        return DEFAULT_PARALLEL
+
+
+class TooLarge(Exception):
+    pass
+
+
+class Failed(Exception):
+    """The recording's answer when it cannot be joined: a piece's own error, or the worker's."""
+
+    def __init__(self, status: int, body: bytes, content_type: str = "application/json"):
+        super().__init__(status)
+        self.status, self.body, self.content_type = status, body, content_type
+
+    @classmethod
+    def of(cls, error: EngineError) -> Failed:
+        response = error.response()
+        return cls(error.status, response.body, "application/json")
+
+    def response(self) -> web.Response:
+        return web.Response(status=self.status, body=self.body, content_type=self.content_type)
+
+
+def invalid_audio() -> Failed:
+    return Failed.of(EngineError(400, INVALID_AUDIO))
+
+
+@dataclass
+class Upload:
+    path: str
+    fields: list[tuple[str, str]]  # the client's other fields, in order (repeated ones kept)
+    model: str | None
+    response_format: str
+    stream: bool
+    task: str  # "transcribe" or "translate"
+
+
+class Recording:
+    """One upload's decoding, pieces and answer."""
+
+    def __init__(self, worker: Worker, request: web.Request, upload: Upload):
+        self.worker, self.request, self.upload = worker, request, upload
+        self.slots = asyncio.Semaphore(parallel_pieces(request.headers.get(LONGFORM_PARALLEL_HEADER)))
+        self.pieces: list[cuts.Piece] = []
+        self.samples = 0
+        self.stream: web.StreamResponse | None = None
+        self.streamed = ""  # the last delta sent, for the space between pieces' texts
+
+    async def answer(self) -> web.StreamResponse:
+        try:
+            collected = await self._pieces_answered()
+        except Failed as failure:
+            log.info("recording %s: %s after %d pieces", self._id(), failure.status, len(self.pieces))
+            return await self._failed(failure)
+        except asyncio.CancelledError:
+            log.info("recording %s: the client went away; its pieces cancelled", self._id())
+            raise
+        log.info("recording %s: %d pieces, %.1f s of audio", self._id(), len(self.pieces), self.samples / cuts.RATE)
+        if self.upload.stream:
+            return await self._finish()
+        joined = answers.join(collected, self.pieces, self.upload.response_format, self.samples / cuts.RATE, cuts.RATE)
+        if isinstance(joined, dict):
+            return web.json_response(joined)
+        return web.Response(text=joined, content_type="text/plain")
+
+    async def _pieces_answered(self) -> list:
+        """Every piece's answer, in order (each streamed as it comes, with stream=true); Failed at the
+        first failure, every other piece and ffmpeg stopped by then."""
+        collected = []
+        try:
+            async with asyncio.TaskGroup() as group:
+                queue: asyncio.Queue = asyncio.Queue()
+                group.create_task(self._decode(group, queue))
+                while (piece := await queue.get()) is not None:
+                    collected.append(await piece)
+                    if self.upload.stream:
+                        await self._delta(collected[-1])
+        except* Failed as failures:
+            raise failures.exceptions[0] from None
+        return collected
+
+    def _id(self) -> str:
+        return self.request.headers.get("x-request-id", "-")
+
+    async def _decode(self, group: asyncio.TaskGroup, queue: asyncio.Queue) -> None:
+        """ffmpeg's PCM as it comes, a piece sent whenever more than one is buffered."""
+        process = await asyncio.create_subprocess_exec(*ffmpeg_command(self.upload.path), stdin=asyncio.subprocess.DEVNULL,
+                                                       stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        errors = asyncio.ensure_future(_tail(process.stderr))
+        try:
+            buffer, start, odd = array("h"), 0, b""  # start: the recording's sample at buffer[0]
+            while data := await process.stdout.read(READ_BYTES):
+                data = odd + data
+                whole = len(data) // 2 * 2
+                buffer.extend(cuts.pcm16(data[:whole]))
+                odd = data[whole:]
+                while (end := cuts.cut(buffer)) is not None:
+                    await self._dispatch(group, queue, buffer, start, end)
+                    del buffer[:end]
+                    start += end
+            code = await process.wait()
+            self.samples = start + len(buffer)
+            if code != 0 or not self.samples:
+                log.info("recording %s: ffmpeg exited %s: %s", self._id(), code, (await errors).decode(errors="replace"))
+                raise invalid_audio()
+            if buffer:
+                await self._dispatch(group, queue, buffer, start, len(buffer))
+            await queue.put(None)
+        finally:
+            if process.returncode is None:
+                process.kill()
+            await asyncio.shield(_reaped(process, errors))
+
+    async def _dispatch(self, group: asyncio.TaskGroup, queue: asyncio.Queue, buffer: array, start: int,
+                        end: int) -> None:
+        await self.slots.acquire()
+        piece = cuts.Piece(len(self.pieces), start, start + end)
+        self.pieces.append(piece)
+        body = cuts.wav(buffer, cuts.Piece(piece.index, 0, end))
+        await queue.put(group.create_task(self._send(piece, body)))
+
+    async def _send(self, piece: cuts.Piece, body: bytes):
+        """One piece's answer: its parsed JSON, or its text; Failed with its error as it came."""
+        try:
+            form = aiohttp.FormData()
+            form.add_field("file", body, filename=f"piece-{piece.index}.wav", content_type="audio/wav")
+            if self.upload.model:
+                form.add_field("model", self.upload.model)
+            for name, value in self.upload.fields:
+                form.add_field(name, value)
+            form.add_field("response_format", "json" if self.upload.stream else self.upload.response_format)
+            headers = {name: self.request.headers[name] for name in FORWARDED_HEADERS if name in self.request.headers}
+            if self.upload.model:
+                headers[MODEL_HEADER] = self.upload.model
+            try:
+                async with self.worker.session.post(self.worker.pieces_url + self.request.path, data=form,
+                                                    headers=headers) as response:
+                    answer = await response.read()
+                    if not 200 <= response.status < 300:
+                        raise Failed(response.status, answer, response.content_type)
+                    if response.content_type == "application/json":
+                        return json.loads(answer)
+                    return answer.decode()
+            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as error:
+                log.warning("recording %s: piece %d: %s", self._id(), piece.index, type(error).__name__)
+                raise Failed.of(EngineError(502, f"A piece of the recording could not be transcribed: the pieces "
+                                                 f"listener failed ({type(error).__name__}).", "BadGatewayError"))
+        finally:
+            self.slots.release()
+
+    # -- stream=true: vLLM's SSE chunks -------------------------------------------------------------------
+
+    async def _send_chunk(self, choice: dict) -> None:
+        chunk = {"id": self.stream_id, "object": self.stream_object, "created": self.created,
+                 "model": self.upload.model, "choices": [choice]}
+        await self.stream.write(f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n".encode())
+
+    async def _delta(self, answer) -> None:
+        """A piece's text, sent once it and every piece before it are done."""
+        if self.stream is None:  # the first piece answered: the recording's status is 200
+            prefix, kind = ("transcribe", "transcription") if self.upload.task == "transcribe" else ("trsl", "translation")
+            self.stream_id, self.stream_object = f"{prefix}-{secrets.token_hex(8)}", f"{kind}.chunk"
+            self.created = int(time.time())
+            self.stream = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+            await self.stream.prepare(self.request)
+        text = (answer.get("text") or "") if isinstance(answer, dict) else answer
+        delta = answers.join_text([self.streamed, text])[len(self.streamed):]
+        if delta:
+            await self._send_chunk({"delta": {"content": delta}})
+            self.streamed = delta
+
+    async def _finish(self) -> web.StreamResponse:
+        await self._send_chunk({"delta": {"content": ""}, "finish_reason": "stop", "stop_reason": None})
+        await self.stream.write(b"data: [DONE]\n\n")
+        await self.stream.write_eof()
+        return self.stream
+
+    async def _failed(self, failure: Failed) -> web.StreamResponse:
+        if self.stream is None:
+            return failure.response()
+        # Already streaming (200 sent): vLLM's way, the error as an event, then [DONE].
+        await self.stream.write(b"data: " + failure.body.strip() + b"\n\n")
+        await self.stream.write(b"data: [DONE]\n\n")
+        await self.stream.write_eof()
+        return self.stream
+
+
+async def _reaped(process: asyncio.subprocess.Process, errors: asyncio.Future) -> None:
+    """ffmpeg gone for good. Its wait() returns only once its pipes are closed, and a pipe nobody
+    reads (stdout, while the pieces before wait for room) is never seen to close: read them out."""
+    await process.stdout.read()
+    await errors
+    await process.wait()
+
+
+async def _tail(stream: asyncio.StreamReader, keep: int = 2000) -> bytes:
+    """The last `keep` bytes of a stream (ffmpeg's errors), read to its end so it never blocks."""
+    kept = b""
+    while data := await stream.read(READ_BYTES):
+        kept = (kept + data)[-keep:]
+    return kept
+
+
+class Worker:
+    """The worker's HTTP side: one ClientSession to the pieces listener for every recording."""
+
+    def __init__(self, pieces_url: str, max_upload_bytes: int):
+        self.pieces_url = pieces_url.rstrip("/")
+        self.max_upload_bytes = max_upload_bytes
+        self.session: aiohttp.ClientSession | None = None
+
+    def build(self) -> web.Application:
+        # A client that goes away cancels its handler (off by default since aiohttp 3.9), and so its
+        # pieces, ffmpeg and the spooled file.
+        app = web.Application(handler_args={"handler_cancellation": True})
+        for path in AUDIO_PATHS:
+            app.router.add_post(path, self._speech)
+        app.router.add_get("/health", self._health)
+        app.cleanup_ctx.append(self._client)
+        return app
+
+    async def _client(self, app: web.Application):
+        # No limit of the session's own: each recording keeps to its LONGFORM_PARALLEL_HEADER, and Envoy
+        # times each piece out.
+        self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                             timeout=aiohttp.ClientTimeout(total=None, sock_connect=10))
+        yield
+        await self.session.close()
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.Response(status=200)
+
+    def _too_large(self) -> web.Response:
+        return EngineError(413, f"Request body is larger than the gateway's upload limit of "
+                                f"{self.max_upload_bytes / 2**20:g} MiB.", "RequestTooLargeError").response()
+
+    async def _speech(self, request: web.Request) -> web.StreamResponse:
+        if request.content_length is not None and request.content_length > self.max_upload_bytes:
+            return self._too_large()
+        descriptor, path = tempfile.mkstemp(prefix="longform-")
+        try:
+            with os.fdopen(descriptor, "wb") as spool:
+                upload = await self._read_form(request, spool, path)
+            return await Recording(self, request, upload).answer()
+        except TooLarge:
+            return self._too_large()
+        except EngineError as error:
+            return error.response()
+        except Failed as failure:
+            return failure.response()
+        finally:
+            os.unlink(path)
+
+    async def _read_form(self, request: web.Request, spool, path: str) -> Upload:
+        """The form's fields, its file written to `spool` as it arrives (never whole in memory)."""
+        fields: list[tuple[str, str]] = []
+        size, has_file = 0, False
+        try:
+            reader = await request.multipart()
+            while (part := await reader.next()) is not None:
+                if not isinstance(part, aiohttp.BodyPartReader):
+                    raise ValueError("a nested multipart part")
+                is_file = part.name == "file" and not has_file
+                value = bytearray()
+                while data := await part.read_chunk(READ_BYTES):
+                    size += len(data)
+                    if size > self.max_upload_bytes:
+                        raise TooLarge()
+                    if is_file:
+                        spool.write(data)
+                    else:
+                        value += data
+                if is_file:
+                    has_file = True
+                elif part.name:
+                    fields.append((part.name, value.decode("utf-8", errors="replace")))
+        except (ValueError, KeyError, AssertionError, aiohttp.ClientError, web.HTTPException) as error:
+            # vLLM answers malformed forms with a 400, as the engines here do (engines/common/api.py).
+            raise EngineError(400, f"Malformed multipart body: {type(error).__name__}: {error}"[:500],
+                              "Bad Request") from None
+        if not has_file:
+            raise missing_field("file", len(fields) + 13)
+        form = dict(fields)
+        return Upload(
+            path=path,
+            fields=[(name, value) for name, value in fields if name not in OWN_FIELDS],
+            model=request.headers.get(MODEL_HEADER) or form.get("model") or None,
+            response_format=form.get("response_format") or "json",
+            stream=form.get("stream", "").strip().lower() in TRUE,
+            task="translate" if request.path.endswith("/translations") else "transcribe",
+        )
+
+
+async def serve(host: str, port: int, pieces_url: str, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB) -> int:
+    """Runs the worker until SIGTERM or SIGINT; the recordings in flight are let finish."""
+    worker = Worker(pieces_url, int(max_upload_mb * 2**20))
+    await serve_until_signal(worker.build(), host, port, f"longform worker (pieces to {worker.pieces_url})")
+    return 0
