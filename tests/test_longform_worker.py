@@ -9,6 +9,7 @@ tone with three 0.3 s silences, so where each cut falls is known.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import re
@@ -106,7 +107,7 @@ class Pieces:
         backend = SubtitlesBackend("pieces", (MODEL,), GpuProfile(time_scale=0.01))
         app = EngineApp(backend, VllmMetrics(MODEL, backend.load)).build()
         app.middlewares.append(self._steer)
-        self.two_in = asyncio.Event()
+        self.two_in, self.three_in = asyncio.Event(), asyncio.Event()
         self.runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
         await self.runner.setup()
         await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
@@ -115,6 +116,7 @@ class Pieces:
         with self.changed:
             self.mode, self.most, self.arrived, self.cancelled = mode, 0, 0, 0
         self.loop.call_soon_threadsafe(self.two_in.clear)
+        self.loop.call_soon_threadsafe(self.three_in.clear)
 
     def _count(self, **change: int) -> None:
         with self.changed:
@@ -138,8 +140,17 @@ class Pieces:
         try:
             if self.in_flight >= 2:
                 self.two_in.set()
+            if self.in_flight >= 3:
+                self.three_in.set()
             if self.mode == "pairs" and piece in ("piece-0.wav", "piece-1.wav"):
                 await self.two_in.wait()
+            if self.mode == "widen":  # the first answer says three may be out: the other three wait for it
+                if piece != "piece-0.wav":
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self.three_in.wait(), 5)
+                answer = await handler(request)
+                answer.headers[LONGFORM_PARALLEL_HEADER] = "3"
+                return answer
             if self.mode == "hold":
                 await asyncio.Event().wait()
             if self.mode == "fail" and piece == "piece-1.wav":
@@ -299,6 +310,15 @@ def test_no_more_pieces_at_once_than_the_header_says(steered, audio):
     answer = send(url, audio["wav"], headers={LONGFORM_PARALLEL_HEADER: "2"})
     assert answer.status == 200, answer.text
     assert pieces.arrived == 4 and pieces.most == 2
+
+
+def test_each_pieces_answer_moves_how_many_may_be_out(steered, audio):
+    """The recording came with one at a time; the first answer says three (the model's clients left)."""
+    url, pieces, _ = steered
+    pieces.reset("widen")
+    answer = send(url, audio["wav"], headers={LONGFORM_PARALLEL_HEADER: "1"})
+    assert answer.status == 200, answer.text
+    assert pieces.arrived == 4 and pieces.most == 3
 
 
 def test_a_client_that_goes_away_cancels_its_pieces(steered, audio):

@@ -59,6 +59,28 @@ def parallel_pieces(value: str | None) -> int:
         return DEFAULT_PARALLEL
 
 
+class Slots:
+    """How many of a recording's pieces may be out at once: the limit Envoy gave with the
+    recording, then whatever each piece's answer says (it moves with the clients' own requests at
+    the model: decide/longform.py). A lower limit takes effect as pieces come back."""
+
+    def __init__(self, limit: int):
+        self.limit, self.out = limit, 0
+        self._changed = asyncio.Condition()
+
+    async def acquire(self) -> None:
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.out < self.limit)
+            self.out += 1
+
+    async def release(self, limit: int | None = None) -> None:
+        async with self._changed:
+            self.out -= 1
+            if limit is not None:
+                self.limit = limit
+            self._changed.notify_all()
+
+
 class TooLarge(Exception):
     pass
 
@@ -98,7 +120,7 @@ class Recording:
 
     def __init__(self, worker: Worker, request: web.Request, upload: Upload):
         self.worker, self.request, self.upload = worker, request, upload
-        self.slots = asyncio.Semaphore(parallel_pieces(request.headers.get(LONGFORM_PARALLEL_HEADER)))
+        self.slots = Slots(parallel_pieces(request.headers.get(LONGFORM_PARALLEL_HEADER)))
         self.pieces: list[cuts.Piece] = []
         self.samples = 0
         self.stream: web.StreamResponse | None = None
@@ -179,6 +201,7 @@ class Recording:
 
     async def _send(self, piece: cuts.Piece, body: bytes):
         """One piece's answer: its parsed JSON, or its text; Failed with its error as it came."""
+        limit = None  # what the piece's answer says the recording may hold now
         try:
             form = aiohttp.FormData()
             form.add_field("file", body, filename=f"piece-{piece.index}.wav", content_type="audio/wav")
@@ -193,6 +216,8 @@ class Recording:
             try:
                 async with self.worker.session.post(self.worker.pieces_url + self.request.path, data=form,
                                                     headers=headers) as response:
+                    if (now := response.headers.get(LONGFORM_PARALLEL_HEADER)) is not None:
+                        limit = parallel_pieces(now)
                     answer = await response.read()
                     if not 200 <= response.status < 300:
                         raise Failed(response.status, answer, response.content_type)
@@ -203,8 +228,12 @@ class Recording:
                 log.warning("recording %s: piece %d: %s", self._id(), piece.index, type(error).__name__)
                 raise Failed.of(EngineError(502, f"A piece of the recording could not be transcribed: the pieces "
                                                  f"listener failed ({type(error).__name__}).", "BadGatewayError"))
+        except asyncio.CancelledError:
+            limit = -1  # the recording is over: its slot is not given to a next piece
+            raise
         finally:
-            self.slots.release()
+            if limit != -1:
+                await self.slots.release(limit)
 
     # -- stream=true: vLLM's SSE chunks -------------------------------------------------------------------
 
