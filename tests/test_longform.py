@@ -29,7 +29,10 @@ def stack(tmp_path_factory):
     wait_until(lambda: worker.alive() and request("GET", f"http://127.0.0.1:{worker_port}/health", timeout=2).status == 200,
                20, "the longform worker")
     gateway = GatewayStack(tmp_path, MODEL, engines, longform={
-        "workers": [f"127.0.0.1:{worker_port}"], "split_above_s": 60.0, "pieces_port": pieces_port, "max_share": 1.0})
+        "workers": [f"127.0.0.1:{worker_port}"], "split_above_s": 60.0, "pieces_port": pieces_port},
+        auth={"api_keys": "required", "plans": {"long": {"requests_per_minute": 600, "audio_seconds_per_minute": 10000}}})
+    key = gateway.admin.call("POST", "/keys", {"name": "recorder", "plan": "long"}).json()
+    gateway.key_id, gateway.bearer = key["id"], {"Authorization": f"Bearer {key['secret']}"}
     wait_until(lambda: all(h.get("health_flags") == "healthy"
                            for h in gateway.envoy.endpoints().get("whisper:longform", {"-": {}}).values()),
                10, "Envoy to find the worker healthy")
@@ -38,8 +41,9 @@ def stack(tmp_path_factory):
     worker.stop()
 
 
-def usage(stack) -> tuple[int, float]:
-    rows = stack.admin.call("GET", "/usage").json()["data"]
+def usage(stack, key: str | None = None) -> tuple[int, float]:
+    """Requests and audio-seconds served today, as billed: every key's, or `key`'s."""
+    rows = stack.admin.call("GET", "/usage" + (f"?key={key}" if key else "")).json()["data"]
     return sum(r["requests"] for r in rows), round(sum(r["audio_served_s"] for r in rows), 3)
 
 
@@ -48,9 +52,9 @@ def pieces_in(text: str) -> list[tuple[str, float]]:
     return [(name, float(seconds)) for name, seconds in re.findall(r" (e\d) transcribed chunk 1 of 1 \(([\d.]+) s\)", text)]
 
 
-def test_a_long_recording_is_split_across_the_engines_metered_once(stack):
-    before = usage(stack)
-    answer = transcribe(stack.envoy.url, MODEL, seconds=RECORDING_S)
+def test_a_long_recording_is_split_across_the_engines_and_billed_once(stack):
+    before, before_key = usage(stack), usage(stack, stack.key_id)
+    answer = transcribe(stack.envoy.url, MODEL, seconds=RECORDING_S, headers=stack.bearer)
     assert answer.status == 200, answer.text
     body = answer.json()
     assert body["usage"] == {"type": "duration", "seconds": 95}
@@ -59,11 +63,19 @@ def test_a_long_recording_is_split_across_the_engines_metered_once(stack):
     assert all(s <= 30.0 for _, s in pieces)
     assert len({name for name, _ in pieces}) >= 2  # at once, on several engines
     # The recording, once, for its whole duration: not its pieces too.
-    wait_until(lambda: usage(stack) == (before[0] + 1, round(before[1] + RECORDING_S, 3)), 10, "the recording metered")
+    once = (before[0] + 1, round(before[1] + RECORDING_S, 3))
+    wait_until(lambda: usage(stack) == once, 10, "the recording metered")
+    assert usage(stack, stack.key_id) == (before_key[0] + 1, round(before_key[1] + RECORDING_S, 3))  # to its key
+    # The pieces' logs went out before the recording's answer; one more request metered after it
+    # (its logs flushed later) shows nothing of theirs came late either.
+    assert transcribe(stack.envoy.url, MODEL, seconds=1.0, headers=stack.bearer).status == 200
+    wait_until(lambda: usage(stack)[0] == once[0] + 1, 10, "a clip metered after the recording")
+    assert usage(stack) == (once[0] + 1, round(once[1] + 1.0, 3))
+    assert stack.envoy.stat(f"cluster.model_{MODEL}.upstream_rq_total") > 0
 
 
 def test_verbose_json_is_timed_across_the_whole_recording(stack):
-    answer = transcribe(stack.envoy.url, MODEL, seconds=RECORDING_S, extra=[("response_format", "verbose_json", None)])
+    answer = transcribe(stack.envoy.url, MODEL, seconds=RECORDING_S, headers=stack.bearer, extra=[("response_format", "verbose_json", None)])
     assert answer.status == 200, answer.text
     body = answer.json()
     assert body["duration"] == RECORDING_S
@@ -74,7 +86,7 @@ def test_verbose_json_is_timed_across_the_whole_recording(stack):
 
 
 def test_a_streamed_recording_sends_its_pieces_in_order(stack):
-    answer = transcribe(stack.envoy.url, MODEL, seconds=RECORDING_S, extra=[("stream", "true", None)])
+    answer = transcribe(stack.envoy.url, MODEL, seconds=RECORDING_S, headers=stack.bearer, extra=[("stream", "true", None)])
     assert answer.status == 200, answer.text
     events = [line.removeprefix("data: ") for line in answer.text.split("\n") if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
@@ -86,7 +98,16 @@ def test_a_streamed_recording_sends_its_pieces_in_order(stack):
 
 
 def test_a_recording_below_the_threshold_goes_whole_to_one_engine(stack):
-    answer = transcribe(stack.envoy.url, MODEL, seconds=50.0)
+    answer = transcribe(stack.envoy.url, MODEL, seconds=50.0, headers=stack.bearer)
     assert answer.status == 200, answer.text
     assert " transcribed chunk 1 of 2 " in answer.json()["text"]  # the engine cut it into its own windows
 
+
+
+def test_a_recording_without_a_key_is_refused_before_any_worker_sees_it(stack):
+    sent = "cluster.whisper_longform.upstream_rq_total"
+    before = stack.envoy.stat(sent)
+    assert before > 0  # the recordings above reached a worker
+    answer = transcribe(stack.envoy.url, MODEL, seconds=RECORDING_S)
+    assert answer.status == 401, answer.text
+    assert stack.envoy.stat(sent) == before
