@@ -37,6 +37,7 @@ def up_config(tmp_path: Path) -> tuple[Path, dict]:
              "time_scale": 0.1},
             {"kind": "simulated", "port": free_port(), "model": "whisper-small", "name": "small-a", "time_scale": 5},
         ],
+        "longform": {"workers": [f"127.0.0.1:{free_port()}"], "pieces_port": free_port()},
     }
     path = tmp_path / "gateway.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -67,6 +68,7 @@ def default_config_on_free_ports(tmp_path: Path) -> tuple[Path, dict]:
                          envoy_metrics_port=free_port())
     for engine in raw["engines"]:
         engine["port"] = free_port()
+    raw["longform"].update(workers=[f"127.0.0.1:{free_port()}"], pieces_port=free_port())
     path = tmp_path / "default.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path, raw
@@ -88,8 +90,13 @@ def test_up_prints_a_curl_line_that_works_and_stops_without_orphans(tmp_path):
     assert result.returncode == 0, result.stderr
     answer = json.loads(result.stdout)
     assert "turbo-a transcribed" in answer["text"]
+    # A recording over longform.split_above_s (180 s) goes to the worker `up` started, in pieces.
+    url = f"http://127.0.0.1:{raw['listen']['port']}"
+    recording = transcribe(url, "whisper-1", 200.0)
+    assert recording.status == 200, recording.text
+    assert recording.json()["text"].count(" turbo-a transcribed chunk 1 of 1 ") == 7
     children = children_of(process.popen.pid)
-    assert len(children) == 4  # two engines, the control plane, Envoy
+    assert len(children) == 5  # two engines, the longform worker, the control plane, Envoy
 
     os.kill(process.popen.pid, signal.SIGTERM)  # the `up` process alone, as a service manager would
     assert process.popen.wait(30) == 0
