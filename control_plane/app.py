@@ -59,8 +59,9 @@ log = logging.getLogger(__name__)
 # How long a stopping plane waits for each access-log stream to end after its next message:
 # Envoy sends each worker's entries every 0.1 s (builders/listener.py), an idle worker none.
 LOG_DRAIN_S = 0.5
-# How long it answers Envoy's health checks NOT_SERVING first: two of their intervals (0.2 s,
-# envoy/bootstrap.yaml), so no Envoy opens a new log stream to it while it drains.
+# How long it answers Envoy's health checks NOT_SERVING first, reading its log streams as
+# before: two of their intervals (0.2 s, envoy/bootstrap.yaml), so no Envoy starts a new log
+# stream to it once it ends them.
 HEALTH_NOTICED_S = 0.5
 
 
@@ -199,8 +200,8 @@ class ControlPlane:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._access_logs is not None:
-            # Each log stream ends after the entries it carries now, and a new one is refused
-            # unread: Envoy holds what it logs next and sends it to the plane that comes back.
+            # Each log stream ends after its next entries, once every Envoy saw NOT_SERVING:
+            # Envoy holds what it logs next and sends it to the plane that comes back.
             await self._access_logs.drain(LOG_DRAIN_S, HEALTH_NOTICED_S)
         if self._server is not None:
             await self._server.stop(grace)

@@ -306,9 +306,9 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):
         self.arrived = arrived
         self.charged = charged  # (key id, audio-seconds, now) the engine's figure added to a request's cost
         self._streams = itertools.count(1)
-        # A stopping plane (drain()): each stream ends after its next message, and a new one is
-        # refused unread, so its Envoy sends those entries again to the plane that comes back.
-        self.draining, self.open_streams, self._ended = False, 0, asyncio.Event()
+        # A stopping plane (drain()): health checks answered NOT_SERVING (draining), then, once
+        # every Envoy has seen that, each stream ends after its next message (ending).
+        self.draining, self.ending, self.open_streams, self._ended = False, False, 0, asyncio.Event()
         # grpc.health.v1, which Envoy's xds_cluster checks (envoy/bootstrap.yaml): SERVING until
         # drain(). An Envoy told NOT_SERVING starts no log stream here: its workers keep their
         # entries for the plane that comes back.
@@ -332,12 +332,15 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):
             self.in_flight_changed()
 
     async def drain(self, timeout: float, noticed_s: float = 0.0) -> None:
-        """Answers health checks NOT_SERVING, waits `noticed_s` for every Envoy to have asked,
-        then until every stream has ended after its next message (or `timeout`): Envoy sends a
-        worker's entries once per flush interval, so what it logs later waits in Envoy."""
+        """Answers health checks NOT_SERVING, reads on as before for `noticed_s` while every Envoy
+        asks, then waits until every stream has ended after its next message (or `timeout`):
+        Envoy sends a worker's entries once per flush interval, and what it logs after that
+        message waits in Envoy, which no longer starts a stream here. Ending a stream before its
+        Envoy saw NOT_SERVING lost a batch: the worker's next flush started a new stream here."""
         self.draining = True
         await self.health.enter_graceful_shutdown()
         await asyncio.sleep(noticed_s)
+        self.ending = True
         deadline = asyncio.get_running_loop().time() + timeout
         while self.open_streams and (left := deadline - asyncio.get_running_loop().time()) > 0:
             self._ended.clear()
@@ -345,8 +348,8 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):
                 await asyncio.wait_for(self._ended.wait(), left)
 
     async def StreamAccessLogs(self, request_iterator, context: grpc.aio.ServicerContext):
-        if self.draining:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "control plane stopping")
+        # A stream that starts while the plane drains is read all the same: its Envoy sent its
+        # first batch with it, and has no other copy of those entries.
         peer = await self.authorize(context, None)
         await context.send_initial_metadata(())  # Envoy stops holding what it sent for a retry
         stream = next(self._streams)
@@ -359,7 +362,7 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):
                     peer = await self.authorize(context, node)
                 first = False
                 self.take(message.http_logs.log_entry, stream, peer, node)
-                if self.draining:
+                if self.ending:
                     break
         finally:
             self.open_streams -= 1
