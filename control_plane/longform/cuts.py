@@ -74,7 +74,7 @@ def pieces(samples: Sequence[int], rate: int = RATE, piece_s: float = PIECE_S, s
 
 
 def pcm16(data: bytes) -> array:
-    """Little-endian 16-bit samples (ffmpeg's `-f s16le`) as integers."""
+    """Little-endian 16-bit samples (decode.py's chunks) as integers."""
     samples = array("h")
     samples.frombytes(data[: len(data) // 2 * 2])
     if sys.byteorder == "big":  # pragma: no cover - the file's order is little-endian

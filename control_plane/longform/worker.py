@@ -3,14 +3,14 @@
 Envoy routes an admitted long upload here as the client sent it (multipart POST to
 /v1/audio/transcriptions or /translations), with the model the Lua filter resolved (MODEL_HEADER)
 and how many of its pieces may be at the engines at once (LONGFORM_PARALLEL_HEADER). The upload's
-file is spooled to a temporary file (ffmpeg needs a seekable input: an MP4 whose moov comes last),
-decoded by the ffmpeg CLI to 16 kHz mono as it comes, and cut (cuts.py) whenever more than a piece
+file is spooled to a temporary file (a decoder needs a seekable input: an MP4 whose moov comes last),
+decoded (decode.py: FFmpeg's libraries through PyAV) to 16 kHz mono as it comes, and cut (cuts.py) whenever more than a piece
 is buffered: each piece goes at once to the pieces listener (routed, retried and hedged by Envoy),
 so a recording holds about one piece of PCM in memory, however long. The answers are joined
 (answers.py) as one engine's, or streamed in vLLM's SSE chunks in the recording's order.
 
 A piece answered non-2xx (Envoy has already retried it) fails the recording with that answer as it
-is; a client that goes away cancels the pieces still out, ffmpeg and the spooled file.
+is; a client that goes away cancels the pieces still out, the decoding and the spooled file.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import aiohttp
 from aiohttp import web
 
-from control_plane.longform import answers, cuts
+from control_plane.longform import answers, cuts, decode
 from control_plane.names import AUDIO_PATHS, LONGFORM_PARALLEL_HEADER, MODEL_HEADER
 from engines.common.errors import INVALID_AUDIO, EngineError, missing_field
 from engines.common.runner import serve_until_signal
@@ -44,11 +44,6 @@ OWN_FIELDS = {"file", "model", "response_format", "stream", "stream_include_usag
 # What travels from the recording's request to each piece's: its trace, nothing else (never a key).
 FORWARDED_HEADERS = ("traceparent", "tracestate")
 TRUE = ("true", "1", "yes", "on")
-
-
-def ffmpeg_command(path: str) -> list[str]:
-    return ["ffmpeg", "-hide_banner", "-loglevel", "error", "-nostdin", "-i", path,
-            "-f", "s16le", "-ac", "1", "-ar", str(cuts.RATE), "pipe:1"]
 
 
 def parallel_pieces(value: str | None) -> int:
@@ -145,7 +140,7 @@ class Recording:
 
     async def _pieces_answered(self) -> list:
         """Every piece's answer, in order (each streamed as it comes, with stream=true); Failed at the
-        first failure, every other piece and ffmpeg stopped by then."""
+        first failure, every other piece and the decoding stopped by then."""
         collected = []
         try:
             async with asyncio.TaskGroup() as group:
@@ -163,33 +158,24 @@ class Recording:
         return self.request.headers.get("x-request-id", "-")
 
     async def _decode(self, group: asyncio.TaskGroup, queue: asyncio.Queue) -> None:
-        """ffmpeg's PCM as it comes, a piece sent whenever more than one is buffered."""
-        process = await asyncio.create_subprocess_exec(*ffmpeg_command(self.upload.path), stdin=asyncio.subprocess.DEVNULL,
-                                                       stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-        errors = asyncio.ensure_future(_tail(process.stderr))
+        """The recording's PCM as it is decoded, a piece sent whenever more than one is buffered."""
+        buffer, start = array("h"), 0  # start: the recording's sample at buffer[0]
         try:
-            buffer, start, odd = array("h"), 0, b""  # start: the recording's sample at buffer[0]
-            while data := await process.stdout.read(READ_BYTES):
-                data = odd + data
-                whole = len(data) // 2 * 2
-                buffer.extend(cuts.pcm16(data[:whole]))
-                odd = data[whole:]
+            async for data in decode.pcm(self.upload.path):
+                buffer.extend(cuts.pcm16(data))
                 while (end := cuts.cut(buffer)) is not None:
                     await self._dispatch(group, queue, buffer, start, end)
                     del buffer[:end]
                     start += end
-            code = await process.wait()
-            self.samples = start + len(buffer)
-            if code != 0 or not self.samples:
-                log.info("recording %s: ffmpeg exited %s: %s", self._id(), code, (await errors).decode(errors="replace"))
-                raise invalid_audio()
-            if buffer:
-                await self._dispatch(group, queue, buffer, start, len(buffer))
-            await queue.put(None)
-        finally:
-            if process.returncode is None:
-                process.kill()
-            await asyncio.shield(_reaped(process, errors))
+        except decode.Undecodable as error:
+            log.info("recording %s: not decodable: %s", self._id(), error)
+            raise invalid_audio() from None
+        self.samples = start + len(buffer)
+        if not self.samples:
+            raise invalid_audio()
+        if buffer:
+            await self._dispatch(group, queue, buffer, start, len(buffer))
+        await queue.put(None)
 
     async def _dispatch(self, group: asyncio.TaskGroup, queue: asyncio.Queue, buffer: array, start: int,
                         end: int) -> None:
@@ -272,22 +258,6 @@ class Recording:
         return self.stream
 
 
-async def _reaped(process: asyncio.subprocess.Process, errors: asyncio.Future) -> None:
-    """ffmpeg gone for good. Its wait() returns only once its pipes are closed, and a pipe nobody
-    reads (stdout, while the pieces before wait for room) is never seen to close: read them out."""
-    await process.stdout.read()
-    await errors
-    await process.wait()
-
-
-async def _tail(stream: asyncio.StreamReader, keep: int = 2000) -> bytes:
-    """The last `keep` bytes of a stream (ffmpeg's errors), read to its end so it never blocks."""
-    kept = b""
-    while data := await stream.read(READ_BYTES):
-        kept = (kept + data)[-keep:]
-    return kept
-
-
 class Worker:
     """The worker's HTTP side: one ClientSession to the pieces listener for every recording."""
 
@@ -298,7 +268,7 @@ class Worker:
 
     def build(self) -> web.Application:
         # A client that goes away cancels its handler (off by default since aiohttp 3.9), and so its
-        # pieces, ffmpeg and the spooled file.
+        # pieces, the decoding and the spooled file.
         app = web.Application(handler_args={"handler_cancellation": True})
         for path in AUDIO_PATHS:
             app.router.add_post(path, self._speech)

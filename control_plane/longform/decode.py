@@ -1,0 +1,80 @@
+"""A recording decoded to 16 kHz mono 16-bit PCM as it is read, by FFmpeg's libraries through
+PyAV (every container and codec the engines read; no ffmpeg program needed, as in the image).
+
+Decoding runs in a thread, a bounded queue between it and the event loop, so a recording holds
+a few chunks of PCM however long it is, and a recording abandoned (its client gone) stops its
+thread at the next chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator
+
+import av
+
+from control_plane.longform.cuts import RATE
+
+AHEAD = 8  # chunks decoded ahead of what the pieces took
+CHUNK_BYTES = 1 << 16  # about 2 s of PCM
+
+
+class Undecodable(Exception):
+    """Not audio FFmpeg can decode (or no audio stream in it)."""
+
+
+def _decode(path: str, put, stop: threading.Event) -> None:
+    """`path`'s first audio stream as 16 kHz mono s16 bytes, to `put` in chunks of CHUNK_BYTES
+    (a frame is a few milliseconds: handing each over on its own cost more than decoding it)."""
+    resampler = av.AudioResampler(format="s16", layout="mono", rate=RATE)
+    chunk = bytearray()
+    with av.open(path) as container:
+        if not container.streams.audio:
+            raise Undecodable("no audio stream")
+        for frame in container.decode(container.streams.audio[0]):
+            for out in resampler.resample(frame):
+                chunk += memoryview(out.planes[0])[:out.samples * 2]
+            if len(chunk) >= CHUNK_BYTES:
+                if stop.is_set():
+                    return
+                put(bytes(chunk))
+                chunk.clear()
+        for out in resampler.resample(None):
+            chunk += memoryview(out.planes[0])[:out.samples * 2]
+    if chunk:
+        put(bytes(chunk))
+
+
+async def pcm(path: str) -> AsyncIterator[bytes]:
+    """`path` as PCM chunks; Undecodable when FFmpeg cannot read it."""
+    loop = asyncio.get_running_loop()
+    chunks: asyncio.Queue = asyncio.Queue(AHEAD)
+    stop = threading.Event()
+    done = object()
+
+    def put(item) -> None:
+        asyncio.run_coroutine_threadsafe(chunks.put(item), loop).result()
+
+    def run() -> None:
+        try:
+            _decode(path, put, stop)
+            outcome = done
+        except (av.error.FFmpegError, Undecodable, ValueError, IndexError) as error:
+            outcome = Undecodable(str(error))
+        except BaseException as error:  # noqa: BLE001 - any other failure ends the recording too
+            outcome = error
+        if not stop.is_set():
+            put(outcome)
+
+    thread = loop.run_in_executor(None, run)
+    try:
+        while (item := await chunks.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while not chunks.empty():  # a thread blocked on a full queue takes its next chunk and sees stop
+            chunks.get_nowait()
+        await asyncio.shield(thread)
