@@ -636,10 +636,13 @@ def _run_certs_command(args: argparse.Namespace, config: GatewayConfig) -> int:
 
 
 def _exec_envoy(args: argparse.Namespace, config: GatewayConfig) -> None:
-    """Replaces this process with Envoy, so signals (SIGTERM from a container runtime) reach it."""
+    """Replaces this process with Envoy, so signals (SIGTERM from a container runtime) reach it;
+    the longform workers the config names (on loopback: beside this Envoy) start first, as its
+    children, and are sent SIGTERM when it exits."""
     import os
+    import subprocess
 
-    from control_plane.supervisor import envoy_command
+    from control_plane.supervisor import die_with_parent, envoy_command, longform_command
 
     import socket
 
@@ -647,4 +650,6 @@ def _exec_envoy(args: argparse.Namespace, config: GatewayConfig) -> None:
     node_id = args.node_id or (f"{args.identity}.{socket.gethostname()}" if args.identity else default_node_id())
     write_bootstrap(path, config, node_id, args.xds_host, identity=args.identity)
     argv, env = envoy_command(path)
+    for worker in config.longform.workers:
+        subprocess.Popen(longform_command(config, worker), preexec_fn=die_with_parent, stdin=subprocess.DEVNULL)
     os.execve(argv[0], argv, env)

@@ -55,7 +55,7 @@ def envoy_command(bootstrap: Path, flags: list[str] = ENVOY_FLAGS,
 DRAIN_TIMEOUT_S = 30.0
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """Runs in the child before exec: Linux sends it SIGTERM when its parent dies."""
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
@@ -127,7 +127,7 @@ async def _spawn(name: str, command: list[str], log_dir: Path, env: dict[str, st
     log_file = open(log_dir / f"{name}.log", "ab")
     process = await asyncio.create_subprocess_exec(
         *command, stdout=log_file, stderr=asyncio.subprocess.STDOUT, stdin=asyncio.subprocess.DEVNULL,
-        preexec_fn=_die_with_parent, env=env,
+        preexec_fn=die_with_parent, env=env,
     )
     log_file.close()
     return Child(name, process)

@@ -7,6 +7,8 @@ import json
 import os
 import re
 import shutil
+import signal
+import socket
 import ssl
 import subprocess
 from pathlib import Path
@@ -109,6 +111,8 @@ def test_the_images_entry_points_run_with_composes_arguments(tmp_path):
     raw["backends"] = [{"url": f"http://127.0.0.1:{engine_port}", "models": ["whisper"]}]
     raw["internal_tls"]["dir"] = str(tmp_path / "pki")
     raw["listen"]["proxy_protocol"] = False  # no `lb` in front here: the test talks to Envoy itself
+    worker = free_port()
+    raw["longform"].update(workers=[f"127.0.0.1:{worker}"], pieces_port=free_port())
     config = tmp_path / "gateway.yaml"
     config.write_text(yaml.safe_dump(raw))
     # The one-shot `certs` service first: the internal CA and certificates the others mount.
@@ -143,6 +147,17 @@ def test_the_images_entry_points_run_with_composes_arguments(tmp_path):
     plane_metrics = request("GET", admin + "/metrics", context=ca).text
     assert "whisper_gateway_connected_envoys 1.0" in plane_metrics
     assert 'whisper_gateway_endpoint_weight{backend="' in plane_metrics
+    # The longform worker the Envoy container starts beside Envoy: Envoy finds it healthy.
+    wait_until(lambda: request("GET", f"http://127.0.0.1:{worker}/health", timeout=2).status == 200, 20, "the worker")
+    wait_until(lambda: "whisper:longform::127.0.0.1:%d::health_flags::healthy" % worker in request(
+        "GET", f"http://127.0.0.1:{listen['envoy_admin_port']}/clusters", timeout=2).text, 10, "Envoy to check the worker")
+    # It goes with its Envoy: a container runtime's SIGTERM reaches Envoy (PID 1) alone.
+    os.kill(envoy.popen.pid, signal.SIGTERM)
+
+    def worker_gone() -> bool:
+        with socket.socket() as probe:
+            return probe.connect_ex(("127.0.0.1", worker)) != 0
+    wait_until(worker_gone, 10, "the worker to stop with Envoy")
     for process in (envoy, plane, engine):
         process.stop()
 
