@@ -304,6 +304,7 @@ def test_the_rendered_control_plane_and_envoy_answer_a_transcription(tmp_path):
     raw["listen"].update(port=free_port(), envoy_metrics_port=free_port(), xds_port=free_port(),
                          admin_port=free_port(), envoy_admin_port=free_port())
     listen = raw["listen"]
+    raw["longform"].update(workers=[f"127.0.0.1:{free_port()}"], pieces_port=free_port())  # the pod's loopback
     discovered = raw["discovery"][0]
     dns = Dns(discovered["name"])
     engine_key = _secret(objects, f"{FULL}-engine-api-key")
@@ -350,6 +351,10 @@ def test_the_rendered_control_plane_and_envoy_answer_a_transcription(tmp_path):
         answer = wait_until(lambda: (r := transcribe(base, "whisper-1", headers={"Authorization": f"Bearer {key}"}))
                             .status == 200 and r, 30, "a transcription through Envoy")
         assert "k8s-engine" in answer.json()["text"]
+        # A recording over 180 s: split by the worker the Envoy container started beside Envoy.
+        recording = transcribe(base, "whisper-1", 200.0, headers={"Authorization": f"Bearer {key}"})
+        assert recording.status == 200, recording.text
+        assert recording.json()["text"].count(" k8s-engine transcribed chunk 1 of 1 ") == 7
         assert transcribe(base, "whisper-1").status == 401  # api_keys: required, as rendered
     finally:
         for process in (envoy, plane, engine_process):
