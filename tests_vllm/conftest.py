@@ -48,6 +48,9 @@ def wait_healthy(process: Process, url: str, context) -> None:
                START_TIMEOUT_S, f"{process.name} to load")
 
 
+LONGFORM_ABOVE_S = 90.0  # above every other test's uploads (61 s at most)
+
+
 class RealStack:
     def __init__(self, log_dir: Path):
         if not (CHECKPOINT / "model.safetensors").exists():
@@ -64,7 +67,15 @@ class RealStack:
         # vLLM's CPU build answers /metrics slowly while it decodes on both cores: give scrapes
         # the time a GPU engine would never need.
         os.environ["WHISPER_TEST_VLLM_KEY"] = ENGINE_KEY  # the control plane reads it at start
-        self.gateway = GatewayStack(log_dir, MODEL, list(self.urls.values()), auth={
+        # A longform worker: recordings over LONGFORM_ABOVE_S go to the engines in pieces.
+        worker_port, pieces_port = free_port(), free_port()
+        self.worker = Process("longform-worker", [PYTHON, "-m", "control_plane", "longform-worker", "--listen",
+                                                  f"127.0.0.1:{worker_port}", "--pieces", f"http://127.0.0.1:{pieces_port}"],
+                              log_dir)
+        wait_until(lambda: self.worker.alive() and request("GET", f"http://127.0.0.1:{worker_port}/health",
+                                                           timeout=2).status == 200, 20, "the longform worker")
+        self.gateway = GatewayStack(log_dir, MODEL, list(self.urls.values()), longform={
+            "workers": [f"127.0.0.1:{worker_port}"], "pieces_port": pieces_port, "split_above_s": LONGFORM_ABOVE_S}, auth={
             "engine_api_key_env": "WHISPER_TEST_VLLM_KEY"}, backend_tls={"ca_file": str(self.certs.ca)}, resilience={
             "health_interval_s": 1, "health_timeout_s": 5, "unhealthy_threshold": 2, "healthy_threshold": 1},
             routing={"scrape_interval_s": 1.0, "scrape_timeout_s": 0.9, "stale_after_s": 4.0})

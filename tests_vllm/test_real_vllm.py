@@ -236,3 +236,50 @@ print(args.model, args.served_model_name, args.port, args.max_num_seqs)
     wrong = subprocess.run([python, "-c", check, *command, "--max-num-seqz", "4"], capture_output=True, text=True,
                            timeout=300)
     assert wrong.returncode != 0 and "max-num-seqz" in wrong.stderr
+
+
+RECORDING_S = 100.0  # four pieces: cut at 29.05, 58.1 and 87.15 s (silence: the first quiet window)
+
+
+@pytest.mark.parametrize("path,fields", [
+    ("/v1/audio/transcriptions", {}),
+    ("/v1/audio/transcriptions", {"response_format": "text"}),
+    ("/v1/audio/translations", {}),
+], ids=["json", "text", "translation"])
+def test_a_long_recording_through_the_longform_worker_is_vllms_answer_four_times(real, path, fields):
+    direct = ask(real.urls["a"], path, audio=silent_wav(10), **fields)
+    through = ask(real.gateway.envoy.url, path, audio=silent_wav(RECORDING_S), **fields)
+    assert direct.status == through.status == 200, through.text
+    assert through.json()["text"] == PHRASE * 4  # a piece each, joined in order
+    assert set(through.json()) == set(direct.json())  # the same shape as vLLM's
+    if "usage" in direct.json():
+        assert through.json()["usage"] == {"type": "duration", "seconds": 100}  # the whole recording, once
+
+
+def test_a_long_recordings_verbose_json_is_timed_across_it(real):
+    through = ask(real.gateway.envoy.url, audio=silent_wav(RECORDING_S), response_format="verbose_json")
+    assert through.status == 200, through.text
+    body = through.json()
+    assert body["duration"] == RECORDING_S and body["language"] == "en"
+    segments = body["segments"]
+    assert [s["id"] for s in segments] == list(range(len(segments))) and len(segments) >= 4
+    starts = [s["start"] for s in segments]
+    assert starts == sorted(starts) and starts[-1] >= 87.15  # the last piece's, moved by its offset
+
+
+def test_a_long_recording_streams_vllms_chunks(real):
+    response = ask(real.gateway.envoy.url, audio=silent_wav(RECORDING_S), stream="true")
+    assert response.status == 200 and response.headers["content-type"].startswith("text/event-stream")
+    events = [e.removeprefix("data: ") for e in response.text.split("\n\n") if e.strip()]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == PHRASE * 4
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    assert {(c["object"], c["model"]) for c in chunks} == {("transcription.chunk", MODEL)}
+
+
+def test_a_long_recording_in_a_format_vllm_refuses_gets_vllms_400(real):
+    direct = ask(real.urls["a"], audio=silent_wav(10), response_format="srt")
+    through = ask(real.gateway.envoy.url, audio=silent_wav(RECORDING_S), response_format="srt")
+    assert direct.status == through.status == 400
+    assert through.json() == direct.json()
