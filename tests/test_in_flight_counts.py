@@ -193,3 +193,18 @@ def test_a_batch_lane_holds_per_engine_slots_for_each_serving_engine():
     fleet = Fleet(models=tuple(ModelConfig(name) for name in ("m", "n", "idle")), backends=(backend("a", ("m",)), backend("b", ("m", "n")),
                                                        backend("c", ("m",), draining=True)))
     assert batch_lane_limits(fleet, 2) == {"batch:m": 4, "batch:n": 2, "batch:idle": 2}  # none serving: still one
+
+
+def test_an_envoy_flooding_made_up_requests_cannot_grow_the_counts_without_bound(monkeypatch):
+    """Past MOST_OPEN requests open (and MOST_ENDED ended ids kept), a new one is not counted:
+    its key's limit is less strict for it, and memory stays bounded."""
+    monkeypatch.setattr("control_plane.observe.in_flight.MOST_OPEN", 50)
+    monkeypatch.setattr("control_plane.observe.in_flight.MOST_ENDED", 20)
+    flight = InFlight()
+    moved = [flight.started(("key-1",), f"fake-{n}", 1, "10.0.0.1:1", now=1.0) for n in range(500)]
+    assert sum(moved) == 50 and len(flight._open) == 50 and flight._counts["key-1"] == 50
+    for n in range(500):
+        flight.ended(f"late-{n}", ("key-1",), now=1.0, tried=True)
+    assert len(flight._ended) == 20
+    assert flight.ended("fake-0", ("key-1",), now=1.0, tried=True)  # a real one's end still closes it
+    assert flight._counts["key-1"] == 49

@@ -278,3 +278,15 @@ def test_a_split_recording_is_metered_once_and_its_pieces_count_as_engine_work()
     assert ledger.usage_of("key-a")  # billed to its key
     assert len(ledger.answered["m"]) == 3  # a whole recording's time is not an engine's speed
     assert WORKER not in outcomes._tallies  # nor is the worker judged as an engine
+
+
+def test_an_envoy_flooding_made_up_tries_cannot_grow_the_ledger_without_bound(monkeypatch):
+    """What an authenticated Envoy reports is still bounded: past MOST_TRIES open at one engine, a
+    new try is not counted."""
+    monkeypatch.setattr("control_plane.observe.ledger.MOST_TRIES", 100)
+    ledger = Ledger()
+    for n in range(1000):
+        ledger.started(1, f"fake-{n}", E1, 1e6, now=1.0)
+    assert len(ledger.engines[E1].tries) == 100
+    ledger.started(1, "fake-0", E1, 1e6, now=1.0)  # one already kept: a hedge of it still counts
+    assert ledger.engines[E1].tries[(1, "fake-0")].open == 2

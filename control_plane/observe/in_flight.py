@@ -32,6 +32,11 @@ from dataclasses import dataclass, field
 from control_plane.observe.ledger import SETTLE_AFTER_S
 
 ENDED_KEPT_S = 60.0  # how long an ended request's id is kept, against its start logged late
+# What an Envoy's reports can make us keep, whoever it is (a flood of made-up request ids from an
+# authenticated Envoy): past these, a new request is not counted (its limit is less strict for
+# it) rather than memory growing. Far above what real Envoys hold in flight at once.
+MOST_OPEN = 200_000
+MOST_ENDED = 200_000
 RETRY_GRACE_S = 1.0  # after a request's last try failed: the time Envoy has to start another
 
 
@@ -61,6 +66,8 @@ class InFlight:
         request = self._open.get(request_id)
         moved = request is None
         if request is None:
+            if len(self._open) >= MOST_OPEN:
+                return False
             request = self._open[request_id] = _Open(groups, stream, now, now)
             self._move(groups, +1)
         request.tries[endpoint] = request.tries.get(endpoint, 0) + 1  # a retry or a hedge: one more
@@ -90,7 +97,7 @@ class InFlight:
         a count moved or tokens were spent."""
         if not request_id:
             return False
-        if tried and any(groups):
+        if tried and any(groups) and len(self._ended) < MOST_ENDED:
             self._ended[request_id] = now
         elif not tried and request_id not in self._open and any(groups):
             self._spent |= {g for g in groups if g}

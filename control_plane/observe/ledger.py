@@ -34,6 +34,10 @@ CHUNK_S = 30.0  # Whisper's window: vLLM makes one engine request per started 30
 SETTLE_AFTER_S = 5.0
 RECENT_TRIES = 64  # answered tries kept per model as evidence of its speed
 MIN_SAMPLE_S = 2.0  # audio-seconds a try must carry to be that evidence (shorter: its fixed cost)
+# The open tries kept per engine, whatever the Envoys report (a flood of made-up request ids from an
+# authenticated Envoy): past it a new try is not counted rather than memory growing. Far above
+# what any engine holds (Envoy's circuit breaker allows max_requests_per_model per cluster).
+MOST_TRIES = 50_000
 
 
 @dataclass
@@ -122,7 +126,7 @@ class Ledger:
         key = (stream, request_id)
         if key in engine.tries:
             engine.tries[key].open += 1
-        else:
+        elif len(engine.tries) < MOST_TRIES:
             engine.tries[key] = _Try(seconds, now, piece=piece)
 
     def ended(self, stream: int, request_id: str, endpoint: str, answered: bool, now: float) -> None:
