@@ -185,6 +185,8 @@ def _add_longform_command(commands) -> None:
                         help="where each piece is sent (Envoy's pieces listener)")
     worker.add_argument("--max-upload-mb", type=float, default=None,
                         help="the largest recording accepted, MiB (default 1024)")
+    worker.add_argument("--max-audio-s", type=float, default=None,
+                        help="the longest recording accepted, seconds of audio (default 14400: limits.max_audio_s)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -193,10 +195,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "check":
         sys.exit(_run_check(args))
     if args.command == "longform-worker":
-        from control_plane.longform.worker import DEFAULT_MAX_UPLOAD_MB, serve as serve_longform
+        from control_plane.longform.worker import DEFAULT_MAX_AUDIO_S, DEFAULT_MAX_UPLOAD_MB, serve as serve_longform
 
         host, port = args.listen
-        sys.exit(asyncio.run(serve_longform(host, port, args.pieces, args.max_upload_mb or DEFAULT_MAX_UPLOAD_MB)))
+        sys.exit(asyncio.run(serve_longform(host, port, args.pieces, args.max_upload_mb or DEFAULT_MAX_UPLOAD_MB,
+                                            args.max_audio_s or DEFAULT_MAX_AUDIO_S)))
     try:
         config = load_config(args.config)
     except ConfigError as error:

@@ -39,6 +39,10 @@ PIECES_LISTENER_NAME = "whisper_pieces"
 PIECE_FILTER = "whisper.piece"
 PIECE_HEADER = "x-whisper-piece"
 PIECE_KEY = "piece"
+# On a recording's answer, from its worker: the seconds its audio decodes to (metered by, as an
+# engine's own figure is); LONGFORM_KEY marks a recording in the dynamic metadata.
+RECORDING_SECONDS_HEADER = "x-whisper-recording-seconds"
+LONGFORM_KEY = "longform"
 # The in-flight filters' buckets (builders/quotas.py, xds/quota_service.py): the bucket id's entry
 # that names the group (a key's id, a model's batch lane), and how often Envoy reports each
 # bucket (each report is answered with fresh grants).
@@ -113,7 +117,7 @@ WORKERS_ENV = "WHISPER_GATEWAY_WORKERS"
 LUA_NAMES = {name: globals()[name] for name in (
     "MODEL_HEADER", "LONG_UPLOAD_HEADER", "HOP_HEADER", "AUDIO_SECONDS_HEADER", "AUDIO_ESTIMATED_HEADER",
     "KEY_ID_HEADER", "LIMITED_HEADER", "BATCH_LANE_HEADER", "LONGFORM_HEADER", "LONGFORM_PARALLEL_HEADER", "PIECE_HEADER",
-    "PIECE_KEY", "BATCH_LANE_PREFIX", "BATCH_LANE_LIMIT",
+    "PIECE_KEY", "RECORDING_SECONDS_HEADER", "LONGFORM_KEY", "BATCH_LANE_PREFIX", "BATCH_LANE_LIMIT",
     "REQUESTS_LIMIT", "AUDIO_SECONDS_LIMIT", "MINUTE_S", "METADATA_NAMESPACE", "LUA_REPLY_KEY",
     "MODEL_KEY", "SECONDS_KEY", "ESTIMATED_KEY", "KEY_ID_KEY", "REQUESTED_MODEL_KEY", "BATCH_LANE_KEY", "PLAN_KEY", "COST_KEY", "WORKERS_ENV",
     "REQUEST_COST_KEY", "BUDGET_SCALE", "AUDIO_SECONDS_PER_DAY_LIMIT",

@@ -17,6 +17,8 @@ local MODEL_KEY, SECONDS_KEY, ESTIMATED_KEY, KEY_ID_KEY = NAMES.MODEL_KEY, NAMES
 local CLAIMED_KEY, ENGINE_SECONDS_KEY = NAMES.CLAIMED_KEY, NAMES.ENGINE_SECONDS_KEY
 -- Set on a figure checked against the data (audio_duration's): its answer's body is not read.
 local CHECKED_KEY = NAMES.CHECKED_KEY
+-- A recording routed to a longform worker (routing.lua), and the seconds its worker decoded.
+local LONGFORM_KEY, RECORDING_SECONDS_HEADER = NAMES.LONGFORM_KEY, NAMES.RECORDING_SECONDS_HEADER
 
 -- Seconds of audio in the upload (envoy/audio_duration.lua), as headers the engines and the
 -- upload's tries' logs see (a 2xx try's end meters it), and as dynamic metadata for the log of
@@ -62,23 +64,37 @@ local MAX_ANSWER_BYTES = 524288
 -- The reconciling step, after a routed request's whole 2xx JSON answer whose audio the edge
 -- could not check against the data (a header's claim, or an estimate): where the engine's figure
 -- contradicts the edge's, it goes to the request's log. Streamed (SSE) and plain-text answers carry none: the edge's stands.
-local function reconcile(h)
-  local headers = h:headers()
-  local status, content_type = headers:get(":status") or "", headers:get("content-type") or ""
-  if status:sub(1, 1) ~= "2" or not content_type:find("application/json", 1, true) then return end
-  local length = tonumber(headers:get("content-length") or "")
-  if not length or length > MAX_ANSWER_BYTES then return end -- a chunked or large answer: not buffered
-  local fields = h:streamInfo():dynamicMetadata():get(METADATA_NAMESPACE)
-  local edge = fields and tonumber(fields[SECONDS_KEY])
-  if not edge or fields[CHECKED_KEY] then return end -- not routed here, or measured from the data itself
-  local body = h:body()
-  if body == nil then return end
-  local engine, whole = engine_seconds(body:getBytes(0, body:length()))
+-- The engine's figure where it contradicts the edge's, bounded as the edge's is, into the metadata.
+local function corrected(h, edge, engine, whole)
   if engine and contradicts(edge, engine, whole) then
     local limit = CONTEXT.max_audio_seconds or math.huge -- the engine's figure is bounded as the edge's is
     h:streamInfo():dynamicMetadata():set(METADATA_NAMESPACE, ENGINE_SECONDS_KEY,
       string.format("%.3f", math.min(engine, limit)))
   end
+end
+
+local function reconcile(h)
+  local headers = h:headers()
+  local status, content_type = headers:get(":status") or "", headers:get("content-type") or ""
+  if status:sub(1, 1) ~= "2" then return end
+  local fields = h:streamInfo():dynamicMetadata():get(METADATA_NAMESPACE)
+  if fields and fields[LONGFORM_KEY] then
+    -- A recording at a longform worker: the seconds its worker decoded, whatever the format or the
+    -- answer's size (streamed too), stand for what the edge could only claim or estimate.
+    local decoded = tonumber(headers:get(RECORDING_SECONDS_HEADER) or "")
+    headers:remove(RECORDING_SECONDS_HEADER)
+    local edge = tonumber(fields[SECONDS_KEY])
+    if edge then corrected(h, edge, decoded, false) end
+    return
+  end
+  if not content_type:find("application/json", 1, true) then return end
+  local length = tonumber(headers:get("content-length") or "")
+  if not length or length > MAX_ANSWER_BYTES then return end -- a chunked or large answer: not buffered
+  local edge = fields and tonumber(fields[SECONDS_KEY])
+  if not edge or fields[CHECKED_KEY] then return end -- not routed here, or measured from the data itself
+  local body = h:body()
+  if body == nil then return end
+  corrected(h, edge, engine_seconds(body:getBytes(0, body:length())))
 end
 
 -- The metering step: the key's id (a grant, or false without keys), then the upload's

@@ -77,6 +77,7 @@ local function route(h, headers, body, model, seconds, piece)
     headers:replace(NAMES.PIECE_HEADER, "1")
   elseif above > 0 and seconds > above then
     headers:replace(NAMES.LONGFORM_HEADER, "1")
+    h:streamInfo():dynamicMetadata():set(METADATA_NAMESPACE, NAMES.LONGFORM_KEY, "1") -- its answer: metering.lua
     headers:replace(NAMES.LONGFORM_PARALLEL_HEADER, tostring((CONTEXT.longform_parallel or {})[model] or 1))
     headers:remove(PER_TRY_HEADER) -- no hedging of a whole recording: its pieces are hedged
     h:clearRouteCache()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from envoy.config.core.v3 import health_check_pb2
+from envoy.config.core.v3 import base_pb2, health_check_pb2
 from envoy.extensions.filters.http.lua.v3 import lua_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
 
@@ -371,11 +371,12 @@ def test_long_recordings_get_the_workers_cluster_their_routes_and_the_pieces_lis
     assert names.index("longform:transcriptions") < names.index("big:big:transcriptions")
     longform = routes[names.index("longform:translations")]
     assert longform.match.headers[0].name == "x-whisper-longform" and longform.route.cluster == LONGFORM_CLUSTER
-    assert longform.route.timeout.seconds == 1800
+    assert longform.route.timeout.seconds == longform.route.idle_timeout.seconds == 1800  # silent until joined
     assert not longform.route.retry_policy.retriable_status_codes  # a worker that has it is not asked again
     listeners = {listener.name: listener for listener in resources[LISTENER]}
     pieces = listeners[PIECES_LISTENER_NAME]
     assert (pieces.address.socket_address.address, pieces.address.socket_address.port_value) == ("127.0.0.1", 8092)
+    assert pieces.traffic_direction == base_pb2.TrafficDirection.OUTBOUND  # a drain (inbound listeners) lets running recordings finish
     manager = hcm.HttpConnectionManager()
     pieces.filter_chains[0].filters[0].typed_config.Unpack(manager)
     assert [f.name for f in manager.http_filters] == [PIECE_FILTER, LUA_FILTER, "envoy.filters.http.router"]

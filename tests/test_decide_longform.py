@@ -8,7 +8,7 @@ import pytest
 
 from control_plane.builders.routes import longform_parallel
 from control_plane.config import parse_config
-from control_plane.decide.longform import HOLD_S, seen_busy
+from control_plane.decide.longform import HOLD_S, pieces_at_once, seen_busy
 from control_plane.fleet.resolved import Backend, Fleet
 
 
@@ -23,11 +23,19 @@ def test_a_model_is_busy_while_clients_requests_are_there_and_a_little_after(las
     assert seen_busy(last_seen, clients, now) == expected
 
 
-def test_pieces_take_every_idle_engine_and_the_share_of_a_busy_models():
-    config = parse_config({"models": ["m", "one"], "longform": {"workers": ["127.0.0.1:8093"], "max_share": 0.3}})
-    engines = tuple(Backend(f"e{i}", "10.0.0.1", 9000 + i, ("m",)) for i in range(7)) + (
-        Backend("o", "10.0.0.2", 9000, ("one",)),)
-    fleet = Fleet(models=config.models, backends=engines)
-    assert longform_parallel(config, fleet) == {"m": 7, "one": 1}
-    assert longform_parallel(config, replace(fleet, longform_busy=frozenset({"m", "one"}))) == {"m": 2, "one": 1}
-    assert longform_parallel(config, Fleet(models=config.models, backends=())) == {"m": 1, "one": 1}
+def test_pieces_fill_idle_engines_slots_and_a_busy_models_share_divided_among_its_recordings():
+    settings = parse_config({"models": ["m"], "longform": {"workers": ["127.0.0.1:8093"], "pieces_per_engine": 8,
+                                                           "max_share": 0.3}}).longform
+    engines = {"m": 7, "one": 1, "none": 0}
+    assert pieces_at_once(settings, engines, set(), {}) == {"m": 56, "one": 8, "none": 8}
+    assert pieces_at_once(settings, engines, {"m", "one"}, {}) == {"m": 16, "one": 2, "none": 8}
+    # Three recordings at a busy model share its share; one at an idle model takes all of it.
+    assert pieces_at_once(settings, engines, {"m"}, {"m": 3, "one": 1}) == {"m": 5, "one": 8, "none": 8}
+    assert pieces_at_once(settings, {"m": 1}, {"m"}, {"m": 10}) == {"m": 1}  # at least one each
+
+
+def test_the_routes_carry_the_decision_or_else_every_slot():
+    config = parse_config({"models": ["m", "n"], "longform": {"workers": ["127.0.0.1:8093"], "pieces_per_engine": 4}})
+    fleet = Fleet(models=config.models, backends=tuple(Backend(f"e{i}", "10.0.0.1", 9000 + i, ("m", "n")) for i in range(3)))
+    assert longform_parallel(config, fleet) == {"m": 12, "n": 12}
+    assert longform_parallel(config, replace(fleet, longform_parallel={"m": 5})) == {"m": 5, "n": 12}

@@ -354,7 +354,7 @@ def test_the_rendered_control_plane_and_envoy_answer_a_transcription(tmp_path):
         # A recording over 180 s: split by the worker the Envoy container started beside Envoy.
         recording = transcribe(base, "whisper-1", 200.0, headers={"Authorization": f"Bearer {key}"})
         assert recording.status == 200, recording.text
-        assert recording.json()["text"].count(" k8s-engine transcribed chunk 1 of 1 ") == 7
+        assert recording.json()["text"].count(" k8s-engine transcribed chunk 1 of 1 ") == 8  # 27.5 s each (silence), and the rest
         assert transcribe(base, "whisper-1").status == 401  # api_keys: required, as rendered
     finally:
         for process in (envoy, plane, engine_process):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 
 import pytest
 
@@ -107,7 +108,26 @@ def test_a_recording_below_the_threshold_goes_whole_to_one_engine(stack):
 def test_a_recording_without_a_key_is_refused_before_any_worker_sees_it(stack):
     sent = "cluster.whisper_longform.upstream_rq_total"
     before = stack.envoy.stat(sent)
-    assert before > 0  # the recordings above reached a worker
+    assert transcribe(stack.envoy.url, MODEL, seconds=RECORDING_S, headers=stack.bearer).status == 200
+    wait_until(lambda: stack.envoy.stat(sent) == before + 1, 5, "a keyed recording counted at the worker")
+    before += 1
     answer = transcribe(stack.envoy.url, MODEL, seconds=RECORDING_S)
     assert answer.status == 401, answer.text
     assert stack.envoy.stat(sent) == before
+
+
+def test_a_recording_the_edge_can_only_estimate_is_billed_by_what_its_worker_decoded(stack, tmp_path):
+    """Raw ADTS AAC: the edge cannot parse it and estimates its length from its size (half of it,
+    here); the worker decodes it whole, and the key is billed the 150 s it holds."""
+    aac = tmp_path / "recording.aac"
+    subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-f", "lavfi", "-i",
+                    "sine=frequency=300:duration=150:sample_rate=16000", "-ac", "1", "-c:a", "aac", "-b:a", "64k",
+                    "-f", "adts", "-y", str(aac)], check=True, timeout=60)
+    before = usage(stack, stack.key_id)
+    answer = transcribe(stack.envoy.url, MODEL, headers=stack.bearer, audio=aac.read_bytes())
+    assert answer.status == 200, answer.text
+    assert answer.json()["usage"]["seconds"] in (150, 151)  # AAC adds its encoder's priming samples
+    assert "x-whisper-recording-seconds" not in answer.headers
+    wait_until(lambda: usage(stack, stack.key_id)[1] - before[1] == pytest.approx(150.0, abs=0.2), 10,
+               "the recording billed by its decoded length")
+    assert usage(stack, stack.key_id)[0] == before[0] + 1

@@ -25,8 +25,10 @@ def speech(seconds: float, gaps: list[tuple[float, float]] = ()) -> array:
 
 @pytest.mark.parametrize("values,window,expected", [
     ([5, 5, 0, 0, 5, 5], 2, 3),  # the quiet pair's middle
-    ([0, 0, 5, 5, 0, 0], 2, 1),  # the first of two equally quiet
-    ([9, 9, 9, 1, 1, 9], 2, 3),  # windows are whole and do not overlap: [9,1] beats [9,9] and [1,9]
+    ([0, 0, 5, 5, 0, 0], 2, 5),  # the last of two equally quiet
+    ([0, 0, 5, 5, 0, 0, 0, 0, 5, 5], 2, 6),  # a longer pause (two quiet windows in a row): its middle
+    ([0, 0, 0, 0, 0, 0], 2, 3),  # all quiet (silence): the middle
+    ([9, 9, 9, 1, 2, 9], 2, 3),  # windows are whole and do not overlap: [9,1] beats [9,9] and [2,9]
     ([5, 5, 5], 4, 0),  # no whole window: the start
 ])
 def test_quietest_window(values, window, expected):
@@ -36,8 +38,10 @@ def test_quietest_window(values, window, expected):
 @pytest.mark.parametrize("seconds,gaps,expected_cuts_s", [
     (30.0, [], []),  # one window's worth: not cut
     (45.0, [(29.3, 29.4)], [29.35]),  # a pause in the last second: cut in its middle
-    (45.0, [(10.0, 12.0)], [29.05]),  # no pause near the end: the first of the equally loud windows
-    (45.0, [(28.5, 28.9)], [29.05]),  # a pause before the last second is not searched
+    (45.0, [(26.0, 26.1)], [26.05]),  # one in the last five seconds: a shorter piece, no word cut
+    (45.0, [(10.0, 12.0)], [27.5]),  # no pause near the end: all as loud, the middle of the five seconds
+    (45.0, [(24.0, 24.4)], [27.5]),  # a pause before the last five seconds is not searched
+    (45.0, [(26.0, 26.1), (29.0, 29.3)], [29.15]),  # of two pauses, the longer, in its middle
     (85.0, [(29.5, 29.6), (59.05, 59.15)], [29.55, 59.1]),  # the next piece is counted from the cut
 ])
 def test_cuts_at_the_pause_before_each_boundary(seconds, gaps, expected_cuts_s):

@@ -35,10 +35,10 @@ pytestmark = pytest.mark.e2e
 
 MODEL = "whisper-large-v3-turbo"
 SECONDS = 95.5
-SILENCES = (29.4, 58.7, 88.1)  # each 0.3 s: the quietest tenth of a second in the last one before each 30 s
-# Where the cuts fall (the middle of the first silent 0.1 s window searched) and each piece's length.
-OFFSETS = (0.0, 29.45, 58.8, 88.15)
-LENGTHS = (29.45, 29.35, 29.35, 7.35)
+SILENCES = (29.4, 58.7, 88.1)  # each 0.3 s: the quietest part of the last five seconds before each 30 s
+# Where the cuts fall (the middle of the silent 0.1 s windows in each pause) and each piece's length.
+OFFSETS = (0.0, 29.55, 58.85, 88.25)  # the middle of each pause (cuts.py)
+LENGTHS = (29.55, 29.3, 29.4, 7.25)
 TRANSCRIPTIONS = "/v1/audio/transcriptions"
 TRANSLATIONS = "/v1/audio/translations"
 SPEED = {"time_scale": 0.01}  # the simulated engines' work, 100x faster than real time
@@ -68,11 +68,11 @@ def audio(tmp_path_factory) -> dict[str, bytes]:
     return encoded
 
 
-def start_worker(log_dir: Path, name: str, pieces_url: str, spool: Path) -> str:
+def start_worker(log_dir: Path, name: str, pieces_url: str, spool: Path, *options: str) -> str:
     port = free_port()
     spool.mkdir(exist_ok=True)
     process = Process(name, [PYTHON, "-m", "control_plane", "longform-worker", "--listen", f"127.0.0.1:{port}",
-                             "--pieces", pieces_url, "--max-upload-mb", "8"], log_dir, env={"TMPDIR": str(spool)})
+                             "--pieces", pieces_url, "--max-upload-mb", "8", *options], log_dir, env={"TMPDIR": str(spool)})
     url = f"http://127.0.0.1:{port}"
     wait_until(lambda: process.alive() and request("GET", url + "/health", timeout=2).status == 200, 20, f"{name} health")
     return url
@@ -114,7 +114,7 @@ class Pieces:
 
     def reset(self, mode: str) -> None:
         with self.changed:
-            self.mode, self.most, self.arrived, self.cancelled = mode, 0, 0, 0
+            self.mode, self.most, self.arrived, self.cancelled, self.failed_once = mode, 0, 0, 0, False
         self.loop.call_soon_threadsafe(self.two_in.clear)
         self.loop.call_soon_threadsafe(self.three_in.clear)
 
@@ -155,6 +155,13 @@ class Pieces:
                 await asyncio.Event().wait()
             if self.mode == "fail" and piece == "piece-1.wav":
                 return web.json_response(PIECE_FAILURE, status=500)
+            if self.mode == "fail-once" and piece == "piece-1.wav" and not self.failed_once:
+                self.failed_once = True
+                return web.json_response(PIECE_FAILURE, status=500)
+            if self.mode == "fail-late" and piece == "piece-3.wav":  # after the first pieces were streamed
+                return web.json_response(PIECE_FAILURE, status=400)
+            if self.mode == "bad-input" and piece == "piece-1.wav":
+                return web.json_response(PIECE_FAILURE, status=400)
             if self.mode == "drop":
                 request.transport.close()
                 return web.Response()
@@ -290,11 +297,64 @@ def test_an_upload_over_the_limit_is_413(simulated):
                                       "type": "RequestTooLargeError", "param": None, "code": 413}
 
 
-def test_a_failed_piece_is_the_recordings_answer(steered, audio):
+def test_a_piece_that_fails_every_try_is_the_recordings_answer(steered, audio):
     url, pieces, _ = steered
     pieces.reset("fail")
     answer = send(url, audio["wav"])
     assert answer.status == 500 and answer.json() == PIECE_FAILURE
+    assert pieces.arrived >= 3  # piece 1 was asked three times
+
+
+def test_a_piece_an_engine_failed_once_is_asked_again(steered, audio):
+    url, pieces, _ = steered
+    pieces.reset("fail-once")
+    answer = send(url, audio["wav"])
+    assert answer.status == 200, answer.text
+    assert pieces.arrived == 5 and len(lengths_in(answer.json()["text"])) == 4
+
+
+def test_a_piece_refused_as_bad_input_is_not_asked_again(steered, audio):
+    url, pieces, _ = steered
+    pieces.reset("bad-input")
+    answer = send(url, audio["wav"])
+    assert answer.status == 400 and answer.json() == PIECE_FAILURE
+
+
+def test_a_streamed_recording_that_fails_late_says_so_and_is_cut_not_ended(steered, audio):
+    """The 200 went out with the first pieces' text: the error comes as an event, and the stream
+    is cut rather than ended with [DONE] (Envoy then logs, and the gateway meters, a failure)."""
+    url, pieces, _ = steered
+    pieces.reset("fail-late")
+    port = int(url.rsplit(":", 1)[1])
+    boundary = "longformlate"
+    body = multipart([("model", MODEL, None), ("stream", "true", None), ("file", audio["wav"], "recording.wav")], boundary)
+    head = (f"POST {TRANSCRIPTIONS} HTTP/1.1\r\nHost: worker\r\nContent-Length: {len(body)}\r\n"
+            f"Content-Type: multipart/form-data; boundary={boundary}\r\n{MODEL_HEADER}: {MODEL}\r\n\r\n")
+    received = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as client:
+        client.sendall(head.encode() + body)
+        while data := client.recv(65536):
+            received += data
+    text = received.decode(errors="replace")
+    assert text.startswith("HTTP/1.1 200") and "x-whisper-recording-seconds: 95.500" in text.lower()
+    assert '"transcription.chunk"' in text and '"piece 1 failed on every engine"' in text
+    assert "[DONE]" not in text and not text.endswith("0\r\n\r\n")  # no end of the chunked body
+
+
+def test_a_recording_longer_than_the_gateway_takes_is_refused_before_any_piece(tmp_path, audio):
+    pieces = Pieces()
+    try:
+        url = start_worker(tmp_path, "worker-short", pieces.url, tmp_path / "spool", "--max-audio-s", "60")
+        answer = send(url, audio["wav"])
+        assert answer.status == 400 and "95.5 s of audio" in answer.json()["error"]["message"], answer.text
+        assert pieces.arrived == 0
+    finally:
+        pieces.stop()
+
+
+def test_the_answer_says_how_long_the_recording_decoded_to(simulated, audio):
+    answer = send(simulated, audio["mp3"])
+    assert answer.status == 200 and float(answer.headers["x-whisper-recording-seconds"]) == pytest.approx(SECONDS, abs=0.1)
 
 
 def test_a_pieces_listener_that_drops_the_connection_is_502(steered, audio):

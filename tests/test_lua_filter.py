@@ -792,16 +792,15 @@ def longform_keys(envoys: int = 1) -> Keys:
 PIECE = {"whisper_gateway": {"piece": "1"}}  # what the pieces listener's first filter sets
 
 
-@pytest.mark.parametrize("seconds,model,busy,to_workers,parallel", [
-    (60.0, BIG, False, False, None),  # at the threshold: whole, to one engine
-    (61.0, BIG, False, True, "5"),  # above it: to a worker, its pieces on all five idle engines at once
-    (61.0, BIG, True, True, "2"),  # while clients' own requests are at the model: half of them
-    (61.0, SMALL, True, True, "1"),  # one engine: at least one piece at a time
+@pytest.mark.parametrize("seconds,model,decided,to_workers,parallel", [
+    (60.0, BIG, {}, False, None),  # at the threshold: whole, to one engine
+    (61.0, BIG, {}, True, "40"),  # above it: to a worker, its pieces in every slot of five engines (8 each)
+    (61.0, BIG, {BIG: 20, SMALL: 4}, True, "20"),  # as the control plane decided (decide/longform.py)
+    (61.0, SMALL, {BIG: 20, SMALL: 4}, True, "4"),
 ])
-def test_a_recording_above_the_threshold_goes_to_the_longform_workers(seconds, model, busy, to_workers, parallel):
+def test_a_recording_above_the_threshold_goes_to_the_longform_workers(seconds, model, decided, to_workers, parallel):
     keys = longform_keys()
-    if busy:
-        keys.fleet = replace(keys.fleet, longform_busy=frozenset({BIG, SMALL}))
+    keys.fleet = replace(keys.fleet, longform_parallel=decided)
     secret = keys.create("app", plan="long")
     outcome = keys.lua().run_request(headers=FORM | bearer(secret), body=form(model, silent_wav(seconds)))
     assert_routed(outcome, model)
@@ -851,11 +850,33 @@ def test_a_pieces_answer_tells_the_worker_its_recordings_share_now():
     keys = longform_keys()
     idle = keys.lua().run_response(200, {"content-type": "application/json"},
                                    metadata={"whisper_gateway": {"piece": "1", "model": BIG}}, body='{"text":" a"}')
-    assert idle.header("x-whisper-longform-parallel") == "5"
-    keys.fleet = replace(keys.fleet, longform_busy=frozenset({BIG}))
+    assert idle.header("x-whisper-longform-parallel") == "40"
+    keys.fleet = replace(keys.fleet, longform_parallel={BIG: 2})
     busy = keys.lua().run_response(200, {"content-type": "application/json"},
                                    metadata={"whisper_gateway": {"piece": "1", "model": BIG}}, body='{"text":" a"}')
     assert busy.header("x-whisper-longform-parallel") == "2"
     client = keys.lua().run_response(200, {"content-type": "application/json"},
                                      metadata={"whisper_gateway": {"model": BIG}}, body='{"text":" a"}')
     assert client.header("x-whisper-longform-parallel") is None  # a client's own answer says nothing of it
+
+
+@pytest.mark.parametrize("content_type", ["application/json", "text/event-stream"])
+def test_a_recordings_answer_is_metered_by_what_its_worker_decoded(content_type):
+    """Whatever the answer's format or size (a stream too): the worker's figure stands where it
+    contradicts the edge's claim or estimate, bounded as any figure is; the header stays inside."""
+    keys = longform_keys()
+    lua = keys.lua()
+    recording = {"whisper_gateway": {"longform": "1", "model": BIG, "audio_seconds": "31.600"}}
+    outcome = lua.run_response(200, {"content-type": content_type, "x-whisper-recording-seconds": "61.020"},
+                               metadata=recording)
+    assert outcome.metadata["whisper_gateway"]["audio_engine_seconds"] == "61.020"
+    assert outcome.header("x-whisper-recording-seconds") is None
+    agreed = lua.run_response(200, {"content-type": content_type, "x-whisper-recording-seconds": "31.610"},
+                              metadata=recording)
+    assert "audio_engine_seconds" not in agreed.metadata["whisper_gateway"]
+    absurd = lua.run_response(200, {"content-type": content_type, "x-whisper-recording-seconds": "1e12"},
+                              metadata=recording)
+    assert absurd.metadata["whisper_gateway"]["audio_engine_seconds"] == f"{keys.config.limits.max_audio_s:.3f}"
+    failed = lua.run_response(500, {"content-type": content_type, "x-whisper-recording-seconds": "61.020"},
+                              metadata=recording)
+    assert "audio_engine_seconds" not in failed.metadata["whisper_gateway"]

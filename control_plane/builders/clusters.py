@@ -11,7 +11,7 @@ from google.protobuf import struct_pb2, wrappers_pb2
 
 from control_plane.builders.common import ads_source, header, pack, seconds
 from control_plane.builders.secrets import upstream_transport_socket
-from control_plane.addresses import is_ip_address, parse_backend_url
+from control_plane.addresses import parse_backend_url
 from control_plane.names import HOP_HEADER, LONG_UPLOAD_KEY, LONGFORM_CLUSTER, TLS_MATCH_KEY, UNROUTED_CLUSTER, cluster_name
 from control_plane.config import GatewayConfig
 
@@ -140,10 +140,9 @@ def build_longform_cluster(config: GatewayConfig) -> cluster_pb2.Cluster:
         _, host, port = parse_backend_url("http://" + worker)
         address = address_pb2.Address(socket_address=address_pb2.SocketAddress(address=host.strip("[]"), port_value=port))
         hosts.append(endpoint_components_pb2.LbEndpoint(endpoint=endpoint_components_pb2.Endpoint(address=address)))
-    by_ip = all(is_ip_address(parse_backend_url("http://" + w)[1]) for w in config.longform.workers)
     return cluster_pb2.Cluster(
         name=LONGFORM_CLUSTER,
-        type=cluster_pb2.Cluster.STATIC if by_ip else cluster_pb2.Cluster.STRICT_DNS,
+        type=cluster_pb2.Cluster.STATIC,  # loopback addresses (config/load.py)
         connect_timeout=seconds(config.timeouts.connect_s),
         lb_policy=cluster_pb2.Cluster.LEAST_REQUEST,
         load_assignment=endpoint_pb2.ClusterLoadAssignment(

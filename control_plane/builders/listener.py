@@ -211,7 +211,9 @@ def build_pieces_listener(config: GatewayConfig, lua_source: str) -> listener_pb
     )
     address = address_pb2.Address(socket_address=address_pb2.SocketAddress(address="127.0.0.1",
                                                                            port_value=config.longform.pieces_port))
-    return listener_pb2.Listener(name=PIECES_LISTENER_NAME, address=address, traffic_direction=base_pb2.TrafficDirection.INBOUND,
+    # OUTBOUND: `whisper-gateway envoy-drain` closes inbound listeners only; a recording still at
+    # its worker when a drain starts sends its next pieces here until it is done.
+    return listener_pb2.Listener(name=PIECES_LISTENER_NAME, address=address, traffic_direction=base_pb2.TrafficDirection.OUTBOUND,
                                  filter_chains=[listener_components_pb2.FilterChain(filters=[_manager_filter(manager)])])
 
 

@@ -91,8 +91,9 @@ def _longform_routes(config: GatewayConfig) -> list[rc.Route]:
                            num_retries=wrappers_pb2.UInt32Value(value=2))
     marked = rc.HeaderMatcher(name=LONGFORM_HEADER, present_match=True)
     return [rc.Route(name=f"longform:{path.rsplit('/', 1)[-1]}", match=rc.RouteMatch(path=path, headers=[marked]),
+                     # A recording answers nothing until its pieces are joined: the idle timeout is its whole time.
                      route=rc.RouteAction(cluster=LONGFORM_CLUSTER, timeout=seconds(config.longform.timeout_s),
-                                          retry_policy=retry),
+                                          idle_timeout=seconds(config.longform.timeout_s), retry_policy=retry),
                      tracing=build_route_tracing(config, path))
             for path in AUDIO_PATHS]
 
@@ -175,11 +176,10 @@ def hedging(config: GatewayConfig, fleet: Fleet | None) -> dict:
 
 
 def longform_parallel(config: GatewayConfig, fleet: Fleet) -> dict[str, int]:
-    """Each model's engines a recording's pieces may hold at once: all of them, but only
-    longform.max_share (at least one) while clients' own requests are at the model (decide/longform.py)."""
-    counts = {model: len(fleet.backends_for(model)) for model in fleet.model_names()}
-    return {model: max(1, int(config.longform.max_share * n)) if model in fleet.longform_busy else max(1, n)
-            for model, n in counts.items()}
+    """Each model's pieces of one recording that may be at its engines at once: as decided
+    (decide/longform.py), else all of its engines' slots."""
+    return {model: fleet.longform_parallel.get(model) or config.longform.parallel(len(fleet.backends_for(model)), False, 1)
+            for model in fleet.model_names()}
 
 
 def lua_context(config: GatewayConfig, fleet: Fleet | None, access: Access, envoys: int = 1) -> dict:

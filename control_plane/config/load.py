@@ -120,9 +120,9 @@ def _check_longform(config: GatewayConfig) -> None:
         raise ConfigError(f"longform.pieces_port: {longform.pieces_port} is one of the gateway's own ports")
     for worker in longform.workers:
         _, host, port = parse_backend_url("http://" + worker)
-        if not is_loopback(host):
+        if not (is_ip_address(host.strip("[]")) and is_loopback(host.strip("[]"))):
             raise ConfigError(f"longform.workers: {worker}: workers run beside their Envoy, on a loopback address "
-                              "(the pieces they send come back over loopback)")
+                              "such as 127.0.0.1:8093 (the pieces they send come back over loopback)")
         if port in own or port == longform.pieces_port:
             raise ConfigError(f"longform.workers: {worker}: its port is one of the gateway's own")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import StrictFloat
+from pydantic import StrictFloat, StrictInt
 from pydantic.dataclasses import dataclass
 
 from control_plane.config.fields import SECTION, HostPort, Port, seconds
@@ -17,15 +17,18 @@ class LongformConfig:
     at quiet points into pieces of at most 30 s and sends them to the model's engines at once,
     each through Envoy's routing, retries and hedging, then answers as one engine would have."""
 
-    # host:port of each worker; none: recordings go whole to one engine, as before. `up` starts
-    # one on each loopback address listed; elsewhere (compose, Kubernetes) they run as their own
-    # service (`whisper-gateway longform-worker`).
+    # host:port of each worker, a loopback address: a worker runs beside its Envoy (`up` starts
+    # one on each address listed; so does `whisper-gateway envoy`, as in compose's and the Helm
+    # chart's Envoy containers). None: recordings go whole to one engine, as before.
     workers: tuple[HostPort, ...] = ()
     # Uploads longer than this many audio-seconds (as the edge measured them) are split.
     split_above_s: seconds(30, 86400) = 180.0
     # Where Envoy takes the workers' pieces: loopback (the pieces listener admits no client).
     pieces_port: Port = 8092
-    # The most of a model's engines (by count) one recording's pieces may hold at once; at least one.
+    # How many of a recording's pieces each of a model's engines may hold at once while no client's
+    # own request is at the model: about an engine's batch (vLLM runs many requests at once).
+    pieces_per_engine: Annotated[StrictInt, within(1, 1024)] = 8
+    # While clients' own requests are at the model, recordings' pieces may hold this share of it.
     max_share: Annotated[StrictFloat, within(0.01, 1)] = 0.5
     # How long a recording may take, from its last byte received to its answer's end.
     timeout_s: seconds(1, 86400) = 3600.0
@@ -33,3 +36,15 @@ class LongformConfig:
     @property
     def enabled(self) -> bool:
         return bool(self.workers)
+
+    def parallel(self, engines: int, busy: bool, recordings: int) -> int:
+        """How many of one recording's pieces may be at a model's `engines` at once: their slots
+        (pieces_per_engine each), all of them while no client's own request is at the model
+        (`busy`), max_share of them while one is, shared by the model's `recordings`; at least one."""
+        slots = max(1, engines) * self.pieces_per_engine * (self.max_share if busy else 1.0)
+        return max(1, int(slots / max(1, recordings)))
+
+    @property
+    def worker_endpoints(self) -> frozenset[str]:
+        """The workers as Envoy's logs name an upstream host: "ip:port", an IPv6 address unbracketed."""
+        return frozenset(f"{host.strip('[]')}:{port}" for host, _, port in (w.rpartition(":") for w in self.workers))

@@ -1,6 +1,6 @@
-"""Long recordings' share of a model's engines: all of them while no client's own request is at
-the model (a recording fills idle capacity), longform.max_share of them while one is (short clips
-do not queue behind pieces). Pure.
+"""Long recordings' share of a model's engines: all of their slots while no client's own request is
+at the model (a recording fills idle capacity), longform.max_share of them while one is (short
+clips do not queue behind pieces), shared by the recordings at the model. Pure.
 
 A model is busy from the round its engines hold a client's request until HOLD_S after the last
 round that saw one, so a model with a steady trickle of clips does not flap between the two.
@@ -9,6 +9,8 @@ round that saw one, so a model with a steady trickle of clips does not flap betw
 from __future__ import annotations
 
 from collections.abc import Mapping
+
+from control_plane.config.longform import LongformConfig
 
 HOLD_S = 5.0
 
@@ -19,3 +21,8 @@ def seen_busy(last_seen: Mapping[str, float], clients_in_flight: Mapping[str, fl
     seen = {model: now for model, seconds in clients_in_flight.items() if seconds > 0}
     return {model: at for model, at in (dict(last_seen) | seen).items() if now - at <= HOLD_S}
 
+
+def pieces_at_once(settings: LongformConfig, engines: Mapping[str, int], busy: set[str] | frozenset[str],
+                   recordings: Mapping[str, int]) -> dict[str, int]:
+    """Each model -> how many of one recording's pieces may be at its engines at once."""
+    return {model: settings.parallel(n, model in busy, recordings.get(model, 0)) for model, n in engines.items()}

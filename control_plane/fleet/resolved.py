@@ -49,9 +49,9 @@ class Fleet:
     batch_closed: dict[str, int] = field(default_factory=dict)
     # Models whose speed is measured -> a try's deadline in ms per audio-second (decide/hedging.py).
     hedge_ms: dict[str, int] = field(default_factory=dict)
-    # Models whose engines hold clients' own requests (decide/longform.py): a long recording's
-    # pieces may take only longform.max_share of their engines; the others' pieces may take all.
-    longform_busy: frozenset[str] = frozenset()
+    # Models -> how many of one long recording's pieces may be at their engines at once
+    # (decide/longform.py); a model without one: all of its engines' slots.
+    longform_parallel: dict[str, int] = field(default_factory=dict)
 
     def with_routing(self, weights: dict[tuple[str, str], int], long_uploads: frozenset[tuple[str, str]],
                      ejected: frozenset[tuple[str, str]] | None = None) -> "Fleet":

@@ -67,7 +67,15 @@ async def pcm(path: str) -> AsyncIterator[bytes]:
         if not stop.is_set():
             put(outcome)
 
-    thread = loop.run_in_executor(None, run)
+    finished = loop.create_future()
+
+    def own_thread() -> None:  # its own: a recording holds it for its whole decoding, throttled by its pieces
+        try:
+            run()
+        finally:
+            loop.call_soon_threadsafe(lambda: finished.done() or finished.set_result(None))
+
+    threading.Thread(target=own_thread, name="longform-decode", daemon=True).start()
     try:
         while (item := await chunks.get()) is not done:
             if isinstance(item, BaseException):
@@ -77,4 +85,25 @@ async def pcm(path: str) -> AsyncIterator[bytes]:
         stop.set()
         while not chunks.empty():  # a thread blocked on a full queue takes its next chunk and sees stop
             chunks.get_nowait()
-        await asyncio.shield(thread)
+        await asyncio.shield(finished)
+
+
+def _count(path: str) -> float:
+    resampler = av.AudioResampler(format="s16", layout="mono", rate=RATE)
+    samples = 0
+    with av.open(path) as container:
+        if not container.streams.audio:
+            raise Undecodable("no audio stream")
+        for frame in container.decode(container.streams.audio[0]):
+            samples += sum(out.samples for out in resampler.resample(frame))
+        samples += sum(out.samples for out in resampler.resample(None))
+    return samples / RATE
+
+
+async def duration(path: str) -> float:
+    """The seconds of audio `path` decodes to (a first pass: what the recording is metered and
+    bounded by before any piece goes out); Undecodable when FFmpeg cannot read it."""
+    try:
+        return await asyncio.to_thread(_count, path)
+    except (av.error.FFmpegError, ValueError, IndexError) as error:
+        raise Undecodable(str(error)) from None

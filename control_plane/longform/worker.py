@@ -29,15 +29,17 @@ import aiohttp
 from aiohttp import web
 
 from control_plane.longform import answers, cuts, decode
-from control_plane.names import AUDIO_PATHS, LONGFORM_PARALLEL_HEADER, MODEL_HEADER
+from control_plane.names import AUDIO_PATHS, LONGFORM_PARALLEL_HEADER, MODEL_HEADER, RECORDING_SECONDS_HEADER
 from engines.common.errors import INVALID_AUDIO, EngineError, missing_field
 from engines.common.runner import serve_until_signal
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PARALLEL = 4
-MAX_PARALLEL = 64
+MAX_PARALLEL = 256  # pieces of one recording out at once: about 256 MB of WAV at most
 DEFAULT_MAX_UPLOAD_MB = 1024.0
+DEFAULT_MAX_AUDIO_S = 14400.0  # limits.max_audio_s's default
+PIECE_TRIES = 3  # a piece an engine answered 5xx is asked again, up to this many times in all
 READ_BYTES = 1 << 16
 # The client's fields that are the worker's to set on each piece (the rest go as they came).
 OWN_FIELDS = {"file", "model", "response_format", "stream", "stream_include_usage", "stream_continuous_usage_stats"}
@@ -123,6 +125,18 @@ class Recording:
 
     async def answer(self) -> web.StreamResponse:
         try:
+            self.duration = await decode.duration(self.upload.path)
+        except decode.Undecodable as error:
+            log.info("recording %s: not decodable: %s", self._id(), error)
+            return invalid_audio().response()
+        if not self.duration:
+            return invalid_audio().response()
+        if self.duration > self.worker.max_audio_s:
+            return Failed.of(EngineError(400, f"The recording is {self.duration:.1f} s of audio; this gateway takes "
+                                              f"at most {self.worker.max_audio_s:.0f} s in one upload.")).response()
+        # What the Lua filter meters the recording by, in place of the edge's figure (envoy/metering.lua).
+        self.headers = {RECORDING_SECONDS_HEADER: f"{self.duration:.3f}"}
+        try:
             collected = await self._pieces_answered()
         except Failed as failure:
             log.info("recording %s: %s after %d pieces", self._id(), failure.status, len(self.pieces))
@@ -135,8 +149,8 @@ class Recording:
             return await self._finish()
         joined = answers.join(collected, self.pieces, self.upload.response_format, self.samples / cuts.RATE, cuts.RATE)
         if isinstance(joined, dict):
-            return web.json_response(joined)
-        return web.Response(text=joined, content_type="text/plain")
+            return web.json_response(joined, headers=self.headers)
+        return web.Response(text=joined, content_type="text/plain", headers=self.headers)
 
     async def _pieces_answered(self) -> list:
         """Every piece's answer, in order (each streamed as it comes, with stream=true); Failed at the
@@ -186,40 +200,51 @@ class Recording:
         await queue.put(group.create_task(self._send(piece, body)))
 
     async def _send(self, piece: cuts.Piece, body: bytes):
-        """One piece's answer: its parsed JSON, or its text; Failed with its error as it came."""
-        limit = None  # what the piece's answer says the recording may hold now
+        """One piece's answer: its parsed JSON, or its text; Failed with its error as it came. An
+        engine's 5xx (Envoy already retried what it retries: a connection refused, a 503) is asked
+        again, up to PIECE_TRIES in all: one engine's failure does not cost the whole recording."""
+        limit = None  # what the piece's answers say the recording may hold now
         try:
-            form = aiohttp.FormData()
-            form.add_field("file", body, filename=f"piece-{piece.index}.wav", content_type="audio/wav")
-            if self.upload.model:
-                form.add_field("model", self.upload.model)
-            for name, value in self.upload.fields:
-                form.add_field(name, value)
-            form.add_field("response_format", "json" if self.upload.stream else self.upload.response_format)
-            headers = {name: self.request.headers[name] for name in FORWARDED_HEADERS if name in self.request.headers}
-            if self.upload.model:
-                headers[MODEL_HEADER] = self.upload.model
-            try:
-                async with self.worker.session.post(self.worker.pieces_url + self.request.path, data=form,
-                                                    headers=headers) as response:
-                    if (now := response.headers.get(LONGFORM_PARALLEL_HEADER)) is not None:
-                        limit = parallel_pieces(now)
-                    answer = await response.read()
-                    if not 200 <= response.status < 300:
-                        raise Failed(response.status, answer, response.content_type)
-                    if response.content_type == "application/json":
-                        return json.loads(answer)
-                    return answer.decode()
-            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as error:
-                log.warning("recording %s: piece %d: %s", self._id(), piece.index, type(error).__name__)
-                raise Failed.of(EngineError(502, f"A piece of the recording could not be transcribed: the pieces "
-                                                 f"listener failed ({type(error).__name__}).", "BadGatewayError"))
+            for attempt in range(1, PIECE_TRIES + 1):
+                status, answer, content_type, said = await self._post(piece, body)
+                limit = said if said is not None else limit
+                if 200 <= status < 300:
+                    return json.loads(answer) if content_type == "application/json" else answer.decode()
+                if status < 500 or attempt == PIECE_TRIES:
+                    raise Failed(status, answer, content_type)
+                log.info("recording %s: piece %d answered %d; asking again", self._id(), piece.index, status)
+        except (ValueError, UnicodeDecodeError) as error:
+            raise Failed.of(EngineError(502, f"A piece of the recording got an answer that could not be read "
+                                             f"({type(error).__name__}).", "BadGatewayError")) from None
         except asyncio.CancelledError:
             limit = -1  # the recording is over: its slot is not given to a next piece
             raise
         finally:
             if limit != -1:
                 await self.slots.release(limit)
+
+    async def _post(self, piece: cuts.Piece, body: bytes) -> tuple[int, bytes, str, int | None]:
+        """One try of a piece at the pieces listener: (status, body, content type, the share its answer says)."""
+        form = aiohttp.FormData()
+        form.add_field("file", body, filename=f"piece-{piece.index}.wav", content_type="audio/wav")
+        if self.upload.model:
+            form.add_field("model", self.upload.model)
+        for name, value in self.upload.fields:
+            form.add_field(name, value)
+        form.add_field("response_format", "json" if self.upload.stream else self.upload.response_format)
+        headers = {name: self.request.headers[name] for name in FORWARDED_HEADERS if name in self.request.headers}
+        if self.upload.model:
+            headers[MODEL_HEADER] = self.upload.model
+        try:
+            async with self.worker.session.post(self.worker.pieces_url + self.request.path, data=form,
+                                                headers=headers) as response:
+                said = response.headers.get(LONGFORM_PARALLEL_HEADER)
+                return (response.status, await response.read(), response.content_type,
+                        parallel_pieces(said) if said is not None else None)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as error:
+            log.warning("recording %s: piece %d: %s", self._id(), piece.index, type(error).__name__)
+            raise Failed.of(EngineError(502, f"A piece of the recording could not be transcribed: the pieces "
+                                             f"listener failed ({type(error).__name__}).", "BadGatewayError")) from None
 
     # -- stream=true: vLLM's SSE chunks -------------------------------------------------------------------
 
@@ -234,7 +259,8 @@ class Recording:
             prefix, kind = ("transcribe", "transcription") if self.upload.task == "transcribe" else ("trsl", "translation")
             self.stream_id, self.stream_object = f"{prefix}-{secrets.token_hex(8)}", f"{kind}.chunk"
             self.created = int(time.time())
-            self.stream = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+            self.stream = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+                                             | self.headers)
             await self.stream.prepare(self.request)
         text = (answer.get("text") or "") if isinstance(answer, dict) else answer
         delta = answers.join_text([self.streamed, text])[len(self.streamed):]
@@ -251,19 +277,19 @@ class Recording:
     async def _failed(self, failure: Failed) -> web.StreamResponse:
         if self.stream is None:
             return failure.response()
-        # Already streaming (200 sent): vLLM's way, the error as an event, then [DONE].
+        # Already streaming (200 sent): the error as an event, as vLLM sends one, then the connection
+        # is cut rather than ended with [DONE], so that Envoy logs the recording as failed, not served.
         await self.stream.write(b"data: " + failure.body.strip() + b"\n\n")
-        await self.stream.write(b"data: [DONE]\n\n")
-        await self.stream.write_eof()
+        self.request.transport.abort()
         return self.stream
 
 
 class Worker:
     """The worker's HTTP side: one ClientSession to the pieces listener for every recording."""
 
-    def __init__(self, pieces_url: str, max_upload_bytes: int):
+    def __init__(self, pieces_url: str, max_upload_bytes: int, max_audio_s: float = DEFAULT_MAX_AUDIO_S):
         self.pieces_url = pieces_url.rstrip("/")
-        self.max_upload_bytes = max_upload_bytes
+        self.max_upload_bytes, self.max_audio_s = max_upload_bytes, max_audio_s
         self.session: aiohttp.ClientSession | None = None
 
     def build(self) -> web.Application:
@@ -305,6 +331,10 @@ class Worker:
             return error.response()
         except Failed as failure:
             return failure.response()
+        except Exception:  # noqa: BLE001 - a bug answers in vLLM's shape too, and is logged
+            log.exception("recording %s failed", request.headers.get("x-request-id", "-"))
+            return EngineError(500, "The recording could not be transcribed (an error in the gateway's "
+                                    "longform worker).", "InternalServerError").response()
         finally:
             os.unlink(path)
 
@@ -348,8 +378,9 @@ class Worker:
         )
 
 
-async def serve(host: str, port: int, pieces_url: str, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB) -> int:
+async def serve(host: str, port: int, pieces_url: str, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
+                max_audio_s: float = DEFAULT_MAX_AUDIO_S) -> int:
     """Runs the worker until SIGTERM or SIGINT; the recordings in flight are let finish."""
-    worker = Worker(pieces_url, int(max_upload_mb * 2**20))
+    worker = Worker(pieces_url, int(max_upload_mb * 2**20), max_audio_s)
     await serve_until_signal(worker.build(), host, port, f"longform worker (pieces to {worker.pieces_url})")
     return 0

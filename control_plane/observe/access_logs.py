@@ -219,13 +219,17 @@ def record(entry: accesslog_pb2.HTTPAccessLogEntry, stream: int, outcomes: Outco
     recording, piece = LONGFORM_HEADER in headers, PIECE_HEADER in headers
     if kind == TRY_STARTED:
         seconds = as_seconds(headers.get(AUDIO_SECONDS_HEADER, ""))
-        if seconds is not None and not recording:
+        if recording:
+            ledger.recording_started(stream, request_id, headers.get(MODEL_HEADER, ""), now)
+        elif seconds is not None:
             ledger.started(stream, request_id, endpoint, seconds, now, piece=piece)
         return in_flight.started((headers.get(KEY_ID_HEADER, ""), headers.get(BATCH_LANE_HEADER, "")), request_id,
                                  stream, endpoint, now)
     if kind == TRY_ENDED:
         ok = not failed(entry)
-        if not recording:
+        if recording:
+            ledger.recording_ended(stream, request_id)
+        else:
             outcomes.record(endpoint, ok, now)
             ledger.ended(stream, request_id, endpoint, ok and entry.response.response_code.value < 400, now)
         answered = delivered(entry)

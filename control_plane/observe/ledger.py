@@ -113,6 +113,8 @@ class Ledger:
         self.metered_by_key: dict[tuple[str, str], Metered] = {}  # (key id, model) ->
         self.answered: dict[str, deque[tuple[float, float]]] = {}  # model -> (audio-seconds, seconds taken)
         self.usage = UsageBook(Metered)  # the same metering by UTC day, for billing
+        # Long recordings at their workers (no engine's work): (log stream, request id) -> (model, since).
+        self.recordings: dict[tuple[int, str], tuple[str, float]] = {}
 
     def started(self, stream: int, request_id: str, endpoint: str, seconds: float, now: float,
                 piece: bool = False) -> None:
@@ -128,6 +130,21 @@ class Ledger:
             engine.tries[key].open += 1
         elif len(engine.tries) < MOST_TRIES:
             engine.tries[key] = _Try(seconds, now, piece=piece)
+
+    def recording_started(self, stream: int, request_id: str, model: str, now: float) -> None:
+        """A long recording of `model` went to a longform worker."""
+        if len(self.recordings) < MOST_TRIES:
+            self.recordings[(stream, request_id)] = (model, now)
+
+    def recording_ended(self, stream: int, request_id: str) -> None:
+        self.recordings.pop((stream, request_id), None)
+
+    def recordings_at(self) -> dict[str, int]:
+        """Each model's long recordings at their workers now."""
+        counts: dict[str, int] = {}
+        for model, _ in self.recordings.values():
+            counts[model] = counts.get(model, 0) + 1
+        return counts
 
     def ended(self, stream: int, request_id: str, endpoint: str, answered: bool, now: float) -> None:
         """That try ended; answered: the engine transcribed it (its audio counts as done)."""
@@ -197,10 +214,14 @@ class Ledger:
         """An Envoy's log stream ended: its open tries will not be reported as ended there, so they
         leave the ledger rather than count for ever."""
         self._drop(now, lambda key, _: key[0] == stream)
+        self.recordings = {key: r for key, r in self.recordings.items() if key[0] != stream}
 
-    def expire(self, now: float, max_age_s: float) -> None:
-        """Forgets tries older than any request may last (an end lost on the way)."""
+    def expire(self, now: float, max_age_s: float, recording_max_age_s: float | None = None) -> None:
+        """Forgets tries older than any request may last (an end lost on the way), and recordings
+        older than `recording_max_age_s` (default the same)."""
         self._drop(now, lambda _, entry: now - entry.started > max_age_s)
+        oldest = recording_max_age_s if recording_max_age_s is not None else max_age_s
+        self.recordings = {key: r for key, r in self.recordings.items() if now - r[1] <= oldest}
 
     def settle(self, endpoint: str, now: float) -> None:
         """The engine says it holds nothing (running + waiting 0): tries it was sent more than

@@ -14,14 +14,13 @@ import logging
 import ssl
 import time
 from collections.abc import Callable
-from dataclasses import replace
 
 from control_plane.builders.routes import longform_parallel
 from control_plane.config.routing import RoutingConfig
 from control_plane.decide.ejection import Ejections
 from control_plane.decide.hedging import deadlines, to_publish
 from control_plane.decide.lanes import closed_to_batch, model_waits
-from control_plane.decide.longform import seen_busy
+from control_plane.decide.longform import pieces_at_once, seen_busy
 from control_plane.decide.policy import decide_routing
 from control_plane.fleet.resolved import Fleet
 from control_plane.observe import scraper
@@ -93,8 +92,8 @@ class LoadLoop:
         states = scraper.endpoint_states(self.publisher.fleet, self.tracker, self.outcomes, self.ledger, now)
         if (closed := self.decide_lanes(states, routing)) is not None:
             await self.publisher.set_lanes(closed)
-        if (busy := self.decide_longform(now)) is not None:
-            await self.publisher.set_longform_busy(busy)
+        if (parallel := self.decide_longform(now)) is not None:
+            await self.publisher.set_longform(parallel)
         if (hedges := self.decide_hedging(now)) is not None:
             self.hedges_published_at = now
             await self.publisher.set_hedging(hedges)
@@ -118,7 +117,7 @@ class LoadLoop:
         self.outcomes.retain({b.endpoint for b in fleet.backends})
         self.ledger.retain({b.endpoint for b in fleet.backends})
         max_age_s = self.publisher.config.timeouts.route_s + 60  # no try, no request lasts longer
-        self.ledger.expire(now, max_age_s)
+        self.ledger.expire(now, max_age_s, self.publisher.config.longform.timeout_s + 60)
         idle_now = {b.endpoint for b in fleet.backends  # an engine that holds nothing has no tries open
                     if all(idle(self.tracker.state(b.id, m, b.weight, now), self.publisher.config) for m in b.models)}
         for endpoint in idle_now:
@@ -148,19 +147,18 @@ class LoadLoop:
         closed = closed_to_batch(model_waits(fleet, states, routing), fleet.batch_closed, level)
         return closed if closed != fleet.batch_closed else None
 
-    def decide_longform(self, now: float) -> frozenset[str] | None:
-        """Which models' engines hold clients' own requests (decide/longform.py), when that changes
-        what a recording's pieces may hold."""
+    def decide_longform(self, now: float) -> dict[str, int] | None:
+        """How many of one recording's pieces may be at each model's engines (decide/longform.py),
+        when that changed."""
         config, fleet = self.publisher.config, self.publisher.fleet
         if not config.longform.enabled:
             return None
+        engines = {model: len(fleet.backends_for(model)) for model in fleet.model_names()}
         clients = {model: sum(self.ledger.clients_in_flight(b.endpoint) for b in fleet.backends_for(model))
                    for model in fleet.model_names()}
         self.longform_seen = seen_busy(self.longform_seen, clients, now)
-        busy = frozenset(self.longform_seen)
-        if longform_parallel(config, replace(fleet, longform_busy=busy)) == longform_parallel(config, fleet):
-            return None
-        return busy
+        parallel = pieces_at_once(config.longform, engines, set(self.longform_seen), self.ledger.recordings_at())
+        return parallel if parallel != longform_parallel(config, fleet) else None
 
     def decide_hedging(self, now: float) -> dict[str, int] | None:
         """Each model's try deadline per audio-second (decide/hedging.py), when it should move."""

@@ -131,7 +131,7 @@ class Publisher:
         rotated out included, so their last requests are still metered), the longform workers."""
         models = frozenset(self.fleet.model_names())
         return Known(models, frozenset(self._keys().by_id), frozenset(batch_lane(m) for m in models),
-                     frozenset(b.endpoint for b in self.fleet.backends) | set(self.config.longform.workers),
+                     frozenset(b.endpoint for b in self.fleet.backends) | self.config.longform.worker_endpoints,
                      self.config.limits.max_audio_s)
 
     def _routes(self, fleet: Fleet, envoys: int):
@@ -172,11 +172,11 @@ class Publisher:
             if self.fleet is not None:
                 self._serve(self.cache.snapshot.with_type(ROUTE, [self._routes(self.fleet, self.envoys)]), "budgets")
 
-    async def set_longform_busy(self, busy: frozenset[str]) -> None:
-        """Publishes which models' engines hold clients' own requests (decide/longform.py), when
-        that changes what a recording's pieces may hold."""
+    async def set_longform(self, parallel: dict[str, int]) -> None:
+        """Publishes how many of one recording's pieces may be at each model's engines (decide/longform.py)."""
         await self._set_route_facts("longform", lambda fleet, models: replace(
-            fleet, longform_busy=frozenset(busy) & models), lambda: self.config.longform.enabled)
+            fleet, longform_parallel={m: n for m, n in parallel.items() if m in models}),
+            lambda: self.config.longform.enabled)
 
     async def _set_route_facts(self, what: str, change: Callable[[Fleet, set[str]], Fleet],
                                still: Callable[[], bool] = lambda: True) -> bool:
