@@ -177,6 +177,17 @@ def start_engine(log_dir: Path, model: str, name: str, port: int | None = None, 
     return process, url
 
 
+def start_longform_worker(log_dir: Path, pieces_port: int, name: str = "longform-worker") -> tuple[Process, str]:
+    """A longform worker (`whisper-gateway longform-worker`) sending its pieces to Envoy's pieces
+    listener on `pieces_port`; returns it and its host:port, for longform.workers."""
+    port = free_port()
+    process = Process(name, [PYTHON, "-m", "control_plane", "longform-worker", "--listen", f"127.0.0.1:{port}",
+                             "--pieces", f"http://127.0.0.1:{pieces_port}"], log_dir)
+    wait_until(lambda: process.alive() and request("GET", f"http://127.0.0.1:{port}/health", timeout=2).status == 200,
+               20, name)
+    return process, f"127.0.0.1:{port}"
+
+
 def start_cpu_engine(log_dir: Path, model: str, name: str, port: int | None = None,
                      tls: tuple[Path, Path] | None = None) -> tuple[Process, str]:
     """A real Whisper (faster-whisper, tiny.en) engine; loading its model takes a few seconds.
