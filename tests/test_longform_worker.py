@@ -364,21 +364,16 @@ def test_a_pieces_listener_that_drops_the_connection_is_502(steered, audio):
     assert answer.status == 502 and answer.json()["error"]["type"] == "BadGatewayError", answer.text
 
 
-def test_no_more_pieces_at_once_than_the_header_says(steered, audio):
+@pytest.mark.parametrize("mode,header,most", [
+    ("pairs", "2", 2),  # never more out at once than the recording came with
+    ("widen", "1", 3),  # it came with one at a time; the first answer says three (the model's clients left)
+])
+def test_no_more_pieces_at_once_than_the_share_says(steered, audio, mode, header, most):
     url, pieces, _ = steered
-    pieces.reset("pairs")
-    answer = send(url, audio["wav"], headers={LONGFORM_PARALLEL_HEADER: "2"})
+    pieces.reset(mode)
+    answer = send(url, audio["wav"], headers={LONGFORM_PARALLEL_HEADER: header})
     assert answer.status == 200, answer.text
-    assert pieces.arrived == 4 and pieces.most == 2
-
-
-def test_each_pieces_answer_moves_how_many_may_be_out(steered, audio):
-    """The recording came with one at a time; the first answer says three (the model's clients left)."""
-    url, pieces, _ = steered
-    pieces.reset("widen")
-    answer = send(url, audio["wav"], headers={LONGFORM_PARALLEL_HEADER: "1"})
-    assert answer.status == 200, answer.text
-    assert pieces.arrived == 4 and pieces.most == 3
+    assert pieces.arrived == 4 and pieces.most == most
 
 
 def test_a_client_that_goes_away_cancels_its_pieces(steered, audio):
