@@ -79,13 +79,16 @@ local function route(h, headers, body, model, seconds, piece)
     headers:replace(NAMES.LONGFORM_HEADER, "1")
     h:streamInfo():dynamicMetadata():set(METADATA_NAMESPACE, NAMES.LONGFORM_KEY, "1") -- its answer: metering.lua
     headers:replace(NAMES.LONGFORM_PARALLEL_HEADER, tostring((CONTEXT.longform_parallel or {})[model] or 1))
-    headers:remove(PER_TRY_HEADER) -- no hedging of a whole recording: its pieces are hedged
+    headers:remove(PER_TRY_HEADER) -- no hedging of a whole recording (nor of its pieces, below)
     h:clearRouteCache()
     return
   end
   local long_upload_bytes = CONTEXT.long_upload_bytes or 0
   if long_upload_bytes > 0 and body:length() >= long_upload_bytes then headers:replace(LONG_UPLOAD_HEADER, "1") end
-  local try_ms = try_deadline_ms(model, seconds, body:length())
+  -- A piece is not hedged: a recording has many out at once, and a hedge doubles one's work on an
+  -- engine its siblings already fill (bench/routing.py, mixed-lengths: hedged pieces made the
+  -- deadlines fall and the engines spiral). A piece that fails is tried again (retries, and its worker).
+  local try_ms = piece and 0 or try_deadline_ms(model, seconds, body:length())
   if try_ms > 0 then
     headers:replace(PER_TRY_HEADER, tostring(try_ms))
   else

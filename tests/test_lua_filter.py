@@ -832,6 +832,11 @@ def test_a_piece_is_routed_without_a_key_and_marked_never_charged():
     long_piece = keys.lua().run_request(headers=FORM, body=form(BIG, silent_wav(61.0)), metadata=PIECE)
     assert_routed(long_piece, BIG)
     assert long_piece.header("x-whisper-longform") is None
+    # Not hedged: a client's clip gets its try's deadline, a piece none (its recording has many out).
+    assert outcome.header("x-envoy-upstream-rq-per-try-timeout-ms") is None
+    secret = keys.create("app", plan="long")
+    clip = keys.lua().run_request(headers=FORM | bearer(secret), body=form(BIG, silent_wav(29.5)))
+    assert int(clip.header("x-envoy-upstream-rq-per-try-timeout-ms")) > 0
 
 
 def test_without_the_mark_a_keyless_request_is_refused_as_before():
