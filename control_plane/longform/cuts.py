@@ -15,6 +15,8 @@ from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 RATE = 16_000  # what pieces are sent as: 16 kHz mono, 16-bit
 PIECE_S = 30.0  # the engines' window: a piece is at most this long
 # The cut is looked for in this last part before a piece's end. vLLM looks in the last second;
@@ -39,18 +41,17 @@ class Piece:
         return (self.end - self.start) / rate
 
 
-def _energy(samples: Sequence[int], start: int, end: int) -> int:
-    return sum(x * x for x in samples[start:end])
-
-
 def quietest(samples: Sequence[int], start: int, end: int, window: int) -> int:
     """Where to cut in [start, end): the middle of the quietest whole `window`s of samples, and
     where several in a row are as quiet (a pause longer than a window), the middle of the longest
     such run (the last among equals). `start` when no whole window fits."""
-    lefts = range(start, end - window + 1, window)
-    energies = [_energy(samples, left, left + window) for left in lefts]
-    if not energies:
+    count = max(0, (end - start) // window)
+    if not count:
         return start
+    # Sums of squares in numpy: five seconds at 16 kHz a cut, thousands of cuts a minute on a busy
+    # worker, which a Python loop would spend its event loop on.
+    region = np.asarray(samples[start:start + count * window], dtype=np.int64).reshape(count, window)
+    energies = (region * region).sum(axis=1).tolist()
     least = min(energies)
     best_first, best_length, first = 0, 0, None
     for i, energy in enumerate(energies + [None]):
@@ -60,7 +61,7 @@ def quietest(samples: Sequence[int], start: int, end: int, window: int) -> int:
         if first is not None and i - first >= best_length:
             best_first, best_length = first, i - first
         first = None
-    return lefts[best_first] + best_length * window // 2
+    return start + best_first * window + best_length * window // 2
 
 
 def cut(samples: Sequence[int], start: int = 0, rate: int = RATE, piece_s: float = PIECE_S,
