@@ -6,11 +6,12 @@ import math
 
 import pytest
 
-from control_plane.config import RoutingConfig
+from control_plane.config import RoutingConfig, parse_config
+from control_plane.fleet.resolved import Backend, Fleet
 from control_plane.observe.load_tracker import SPEED_TAU_S, LoadTracker
 from control_plane.observe.metrics_parser import ModelLoad
 from control_plane.decide import policy as steps  # each step by name (`fresh` below builds states)
-from control_plane.decide.policy import compute_weights, long_upload_endpoints
+from control_plane.decide.policy import compute_weights, decide_routing, long_upload_endpoints
 from control_plane.observe.load_tracker import EndpointState
 
 S = RoutingConfig(stale_after_s=1.0, hysteresis=0.2)
@@ -103,6 +104,27 @@ LONG_CASES = [
 @pytest.mark.parametrize("what,endpoints,expected", LONG_CASES, ids=[c[0] for c in LONG_CASES])
 def test_long_uploads(what, endpoints, expected):
     assert long_upload_endpoints(endpoints, S) == expected
+
+
+EJECTED_CASES = [
+    # (what it shows, the endpoints out for failing their answers, the endpoints long uploads go to; empty: all)
+    ("none out: the fastest two", set(), {"a", "b"}),
+    ("one of them out: the next fastest instead", {"a"}, {"b", "c"}),
+    # Ejected engines are UNHEALTHY in EDS and the panic threshold is 0: a subset of only them
+    # would answer every long upload 503 (no healthy upstream) while c and d serve.
+    ("both out: no subset, the engines still in", {"a", "b"}, set()),
+]
+
+
+@pytest.mark.parametrize("what,ejected,expected", EJECTED_CASES, ids=[c[0] for c in EJECTED_CASES])
+def test_long_uploads_never_go_only_to_ejected_engines(what, ejected, expected):
+    config = parse_config({"models": ["m"]})
+    backends = tuple(Backend(name, "10.0.0.1", 9000 + i, ("m",)) for i, name in enumerate("abcd"))
+    fleet = Fleet(models=config.models, backends=backends)
+    states = {"m": [fresh("a", spr=0.25), fresh("b", spr=0.25), fresh("c", spr=0.5), fresh("d", spr=1.0)]}
+    settings = RoutingConfig(stale_after_s=1.0, hysteresis=0.2, long_upload_kb=1000)
+    _, long_uploads = decide_routing(fleet, states, settings, frozenset((b, "m") for b in ejected))
+    assert long_uploads == {(b, "m") for b in expected}
 
 def test_speed_is_measured_from_counter_deltas():
     tracker = LoadTracker()

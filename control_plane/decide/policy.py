@@ -188,11 +188,15 @@ def long_upload_endpoints(endpoints: Sequence[EndpointState], settings: RoutingC
     return frozenset() if len(chosen) < MIN_LONG_UPLOAD_ENDPOINTS or len(chosen) == len(endpoints) else frozenset(chosen)
 
 
-def decide_routing(fleet: Fleet, states: Mapping[str, Sequence[EndpointState]],
-                   settings: RoutingConfig) -> tuple[dict[tuple[str, str], int], frozenset[tuple[str, str]]]:
+def decide_routing(fleet: Fleet, states: Mapping[str, Sequence[EndpointState]], settings: RoutingConfig,
+                   ejected: frozenset[tuple[str, str]] = frozenset()
+                   ) -> tuple[dict[tuple[str, str], int], frozenset[tuple[str, str]]]:
     """Every endpoint's new weight, and the endpoints for long uploads, cluster by cluster.
 
-    `states` holds each model's endpoints in `fleet.backends_for(model)` order.
+    `states` holds each model's endpoints in `fleet.backends_for(model)` order. Endpoints out for
+    failing their answers (`ejected`, decide/ejection.py: EDS health UNHEALTHY) are never marked
+    for long uploads: with the panic threshold at 0, a subset whose every engine is out answers
+    every long upload 503 (no healthy upstream) while the rest of the model serves.
     """
     weights, long_uploads = {}, set()
     for model, endpoints in states.items():
@@ -201,7 +205,7 @@ def decide_routing(fleet: Fleet, states: Mapping[str, Sequence[EndpointState]],
         for backend_id, weight in compute_weights(endpoints, previous, settings).items():
             weights[(backend_id, model)] = weight
         if settings.long_upload_bytes:
-            serving = [s for s, b in zip(endpoints, backends) if not b.draining]
+            serving = [s for s, b in zip(endpoints, backends) if not b.draining and (b.id, model) not in ejected]
             long_uploads |= {(backend_id, model) for backend_id in long_upload_endpoints(serving, settings)}
     return weights, frozenset(long_uploads)
 

@@ -171,10 +171,10 @@ class LoadLoop:
                        now: float) -> Weights | None:
         """The endpoints' weights and long-upload endpoints (decide/policy.py) and the engines out
         for failing their answers (decide/ejection.py), when any of them changed. An engine back
-        from ejection starts with no failures."""
-        weights, long_uploads = decide_routing(fleet, states, routing)
+        from ejection starts with no failures; one out takes no long uploads."""
         ejected, returned = self.ejections.step(
             {model: [(s.backend_id, s.failure_ratio) for s in endpoints] for model, endpoints in states.items()}, now)
+        weights, long_uploads = decide_routing(fleet, states, routing, ejected)
         for backend in {b for b in fleet.backends if any((b.id, m) in returned for m in b.models)}:
             self.outcomes.forget(backend.endpoint)
         if ejected != fleet.ejected:
