@@ -94,6 +94,7 @@ class Pieces:
 
     def __init__(self):
         self.mode = "answer"
+        self.rates: list[int] = []
         self.in_flight = self.most = self.arrived = self.cancelled = 0
         self.changed = threading.Condition()
         self.loop = asyncio.new_event_loop()
@@ -115,6 +116,7 @@ class Pieces:
     def reset(self, mode: str) -> None:
         with self.changed:
             self.mode, self.most, self.arrived, self.cancelled, self.failed_once = mode, 0, 0, 0, False
+            self.rates = []
         self.loop.call_soon_threadsafe(self.two_in.clear)
         self.loop.call_soon_threadsafe(self.three_in.clear)
 
@@ -136,6 +138,9 @@ class Pieces:
             return await handler(request)
         form = await request.post()  # kept: the engine's handler reads the same form
         piece = form["file"].filename
+        head = form["file"].file.read(28)
+        form["file"].file.seek(0)
+        self.rates.append(int.from_bytes(head[24:28], "little"))  # the WAV's sample rate
         self._count(in_flight=1, arrived=1)
         try:
             if self.in_flight >= 2:
@@ -392,3 +397,19 @@ def test_a_client_that_goes_away_cancels_its_pieces(steered, audio):
     pieces.wait(lambda p: p.cancelled == 2 and p.in_flight == 0)
     assert pieces.arrived == 2  # and no piece was sent after
     wait_until(lambda: not any(spool.iterdir()), 10, "the spooled upload to be deleted")
+
+
+def test_a_telephone_recording_goes_in_pieces_at_its_own_rate(steered, audio, tmp_path):
+    """8 kHz in, 8 kHz pieces (the engines resample anyway): half the bytes of 16 kHz ones."""
+    url, pieces, _ = steered
+    pieces.reset("answer")
+    wav = tmp_path / "tone.wav"
+    wav.write_bytes(audio["wav"])
+    narrow = tmp_path / "tone-8k.wav"
+    subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-i", str(wav), "-ar", "8000", "-y", str(narrow)],
+                   check=True, timeout=60)
+    answer = send(url, narrow.read_bytes(), response_format="verbose_json")
+    assert answer.status == 200, answer.text
+    assert set(pieces.rates) == {8000} and len(pieces.rates) == 4
+    assert [s["start"] for s in answer.json()["segments"]] == pytest.approx(list(OFFSETS), abs=0.1)
+    assert answer.json()["duration"] == pytest.approx(SECONDS, abs=0.01)

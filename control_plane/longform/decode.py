@@ -1,4 +1,4 @@
-"""A recording decoded to 16 kHz mono 16-bit PCM as it is read, by FFmpeg's libraries through
+"""A recording decoded to mono 16-bit PCM (16 kHz, or lower where the recording is) as it is read, by FFmpeg's libraries through
 PyAV (every container and codec the engines read; no ffmpeg program needed, as in the image).
 
 Decoding runs in a thread, a bounded queue between it and the event loop, so a recording holds
@@ -24,10 +24,10 @@ class Undecodable(Exception):
     """Not audio FFmpeg can decode (or no audio stream in it)."""
 
 
-def _decode(path: str, put, stop: threading.Event) -> None:
-    """`path`'s first audio stream as 16 kHz mono s16 bytes, to `put` in chunks of CHUNK_BYTES
+def _decode(path: str, rate: int, put, stop: threading.Event) -> None:
+    """`path`'s first audio stream as mono s16 bytes at `rate`, to `put` in chunks of CHUNK_BYTES
     (a frame is a few milliseconds: handing each over on its own cost more than decoding it)."""
-    resampler = av.AudioResampler(format="s16", layout="mono", rate=RATE)
+    resampler = av.AudioResampler(format="s16", layout="mono", rate=rate)
     chunk = bytearray()
     with av.open(path) as container:
         if not container.streams.audio:
@@ -46,8 +46,8 @@ def _decode(path: str, put, stop: threading.Event) -> None:
         put(bytes(chunk))
 
 
-async def pcm(path: str) -> AsyncIterator[bytes]:
-    """`path` as PCM chunks; Undecodable when FFmpeg cannot read it."""
+async def pcm(path: str, rate: int = RATE) -> AsyncIterator[bytes]:
+    """`path` as PCM chunks at `rate`; Undecodable when FFmpeg cannot read it."""
     loop = asyncio.get_running_loop()
     chunks: asyncio.Queue = asyncio.Queue(AHEAD)
     stop = threading.Event()
@@ -58,7 +58,7 @@ async def pcm(path: str) -> AsyncIterator[bytes]:
 
     def run() -> None:
         try:
-            _decode(path, put, stop)
+            _decode(path, rate, put, stop)
             outcome = done
         except (av.error.FFmpegError, Undecodable, ValueError, IndexError) as error:
             outcome = Undecodable(str(error))
@@ -88,21 +88,25 @@ async def pcm(path: str) -> AsyncIterator[bytes]:
         await asyncio.shield(finished)
 
 
-def _count(path: str) -> float:
-    resampler = av.AudioResampler(format="s16", layout="mono", rate=RATE)
-    samples = 0
+def _count(path: str) -> tuple[float, int]:
     with av.open(path) as container:
         if not container.streams.audio:
             raise Undecodable("no audio stream")
-        for frame in container.decode(container.streams.audio[0]):
+        stream = container.streams.audio[0]
+        rate = min(stream.sample_rate or RATE, RATE)
+        resampler = av.AudioResampler(format="s16", layout="mono", rate=rate)
+        samples = 0
+        for frame in container.decode(stream):
             samples += sum(out.samples for out in resampler.resample(frame))
         samples += sum(out.samples for out in resampler.resample(None))
-    return samples / RATE
+    return samples / rate, rate
 
 
-async def duration(path: str) -> float:
-    """The seconds of audio `path` decodes to (a first pass: what the recording is metered and
-    bounded by before any piece goes out); Undecodable when FFmpeg cannot read it."""
+async def probe(path: str) -> tuple[float, int]:
+    """(the seconds of audio `path` decodes to, the rate its pieces are sent at: 16 kHz, or the
+    recording's own where it is lower: a telephone call's 8 kHz pieces are half the size, and
+    the engines resample anyway). A first pass: what the recording is metered and bounded by
+    before any piece goes out. Undecodable when FFmpeg cannot read it."""
     try:
         return await asyncio.to_thread(_count, path)
     except (av.error.FFmpegError, ValueError, IndexError) as error:

@@ -4,7 +4,7 @@ Envoy routes an admitted long upload here as the client sent it (multipart POST 
 /v1/audio/transcriptions or /translations), with the model the Lua filter resolved (MODEL_HEADER)
 and how many of its pieces may be at the engines at once (LONGFORM_PARALLEL_HEADER). The upload's
 file is spooled to a temporary file (a decoder needs a seekable input: an MP4 whose moov comes last),
-decoded (decode.py: FFmpeg's libraries through PyAV) to 16 kHz mono as it comes, and cut (cuts.py) whenever more than a piece
+decoded (decode.py: FFmpeg's libraries through PyAV) to 16 kHz mono (or the recording's own lower rate) as it comes, and cut (cuts.py) whenever more than a piece
 is buffered: each piece goes at once to the pieces listener (routed, retried and hedged by Envoy),
 so a recording holds about one piece of PCM in memory, however long. The answers are joined
 (answers.py) as one engine's, or streamed in vLLM's SSE chunks in the recording's order.
@@ -119,13 +119,13 @@ class Recording:
         self.worker, self.request, self.upload = worker, request, upload
         self.slots = Slots(parallel_pieces(request.headers.get(LONGFORM_PARALLEL_HEADER)))
         self.pieces: list[cuts.Piece] = []
-        self.samples = 0
+        self.samples, self.rate = 0, cuts.RATE
         self.stream: web.StreamResponse | None = None
         self.streamed = ""  # the last delta sent, for the space between pieces' texts
 
     async def answer(self) -> web.StreamResponse:
         try:
-            self.duration = await decode.duration(self.upload.path)
+            self.duration, self.rate = await decode.probe(self.upload.path)
         except decode.Undecodable as error:
             log.info("recording %s: not decodable: %s", self._id(), error)
             return invalid_audio().response()
@@ -144,10 +144,10 @@ class Recording:
         except asyncio.CancelledError:
             log.info("recording %s: the client went away; its pieces cancelled", self._id())
             raise
-        log.info("recording %s: %d pieces, %.1f s of audio", self._id(), len(self.pieces), self.samples / cuts.RATE)
+        log.info("recording %s: %d pieces, %.1f s of audio", self._id(), len(self.pieces), self.samples / self.rate)
         if self.upload.stream:
             return await self._finish()
-        joined = answers.join(collected, self.pieces, self.upload.response_format, self.samples / cuts.RATE, cuts.RATE)
+        joined = answers.join(collected, self.pieces, self.upload.response_format, self.samples / self.rate, self.rate)
         if isinstance(joined, dict):
             return web.json_response(joined, headers=self.headers)
         return web.Response(text=joined, content_type="text/plain", headers=self.headers)
@@ -175,9 +175,9 @@ class Recording:
         """The recording's PCM as it is decoded, a piece sent whenever more than one is buffered."""
         buffer, start = array("h"), 0  # start: the recording's sample at buffer[0]
         try:
-            async for data in decode.pcm(self.upload.path):
+            async for data in decode.pcm(self.upload.path, self.rate):
                 buffer.extend(cuts.pcm16(data))
-                while (end := cuts.cut(buffer)) is not None:
+                while (end := cuts.cut(buffer, rate=self.rate)) is not None:
                     await self._dispatch(group, queue, buffer, start, end)
                     del buffer[:end]
                     start += end
@@ -196,7 +196,7 @@ class Recording:
         await self.slots.acquire()
         piece = cuts.Piece(len(self.pieces), start, start + end)
         self.pieces.append(piece)
-        body = cuts.wav(buffer, cuts.Piece(piece.index, 0, end))
+        body = cuts.wav(buffer, cuts.Piece(piece.index, 0, end), self.rate)
         await queue.put(group.create_task(self._send(piece, body)))
 
     async def _send(self, piece: cuts.Piece, body: bytes):
