@@ -12,15 +12,16 @@ from control_plane.decide.longform import HOLD_S, pieces_at_once, seen_busy
 from control_plane.fleet.resolved import Backend, Fleet
 
 
-@pytest.mark.parametrize("last_seen,clients,now,expected", [
-    ({}, {"m": 0.0}, 10.0, {}),  # only pieces (or nothing) at the model: not busy
-    ({}, {"m": 3.5, "n": 0.0}, 10.0, {"m": 10.0}),  # a client's clip at it: busy from now
-    ({"m": 8.0}, {"m": 0.0}, 10.0, {"m": 8.0}),  # still within the hold
-    ({"m": 10.0 - HOLD_S - 0.1}, {"m": 0.0}, 10.0, {}),  # the hold is over
-    ({"gone": 9.0}, {}, 10.0, {"gone": 9.0}),  # a model the round did not see keeps its hold
+@pytest.mark.parametrize("last_seen,clients,waiting,now,expected", [
+    ({}, {"m": 0.0}, {"m": 3}, 10.0, {}),  # only pieces at the model (queued or not): no clip waits
+    ({}, {"m": 3.5}, {"m": 0}, 10.0, {}),  # a client's clip there, but room for it: no clip waits
+    ({}, {"m": 3.5, "n": 2.0}, {"m": 2, "n": 0}, 10.0, {"m": 10.0}),  # a clip and a queue: busy from now
+    ({"m": 8.0}, {"m": 0.0}, {"m": 0}, 10.0, {"m": 8.0}),  # still within the hold
+    ({"m": 10.0 - HOLD_S - 0.1}, {"m": 0.0}, {}, 10.0, {}),  # the hold is over
+    ({"gone": 9.0}, {}, {}, 10.0, {"gone": 9.0}),  # a model the round did not see keeps its hold
 ])
-def test_a_model_is_busy_while_clients_requests_are_there_and_a_little_after(last_seen, clients, now, expected):
-    assert seen_busy(last_seen, clients, now) == expected
+def test_a_model_is_busy_while_clips_wait_there_and_a_little_after(last_seen, clients, waiting, now, expected):
+    assert seen_busy(last_seen, clients, waiting, now) == expected
 
 
 def test_pieces_fill_idle_engines_slots_and_a_busy_models_share_divided_among_its_recordings():

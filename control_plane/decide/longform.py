@@ -1,9 +1,9 @@
-"""Long recordings' share of a model's engines: all of their slots while no client's own request is
-at the model (a recording fills idle capacity), longform.max_share of them while one is (short
-clips do not queue behind pieces), shared by the recordings at the model. Pure.
+"""Long recordings' share of a model's engines: all of their slots while no short clip waits at the
+model (a recording fills the room there is), longform.max_share of them while clips wait (they do
+not queue behind pieces), shared by the recordings at the model. Pure.
 
-A model is busy from the round its engines hold a client's request until HOLD_S after the last
-round that saw one, so a model with a steady trickle of clips does not flap between the two.
+A model is busy from the round its engines hold a client's request with requests queued until
+HOLD_S after the last round that saw it, so the share does not flap with every clip.
 """
 
 from __future__ import annotations
@@ -15,10 +15,12 @@ from control_plane.config.longform import LongformConfig
 HOLD_S = 5.0
 
 
-def seen_busy(last_seen: Mapping[str, float], clients_in_flight: Mapping[str, float], now: float) -> dict[str, float]:
-    """Each model -> the last time its engines held a client's own audio, brought up to `now`;
-    models not seen for HOLD_S are forgotten."""
-    seen = {model: now for model, seconds in clients_in_flight.items() if seconds > 0}
+def seen_busy(last_seen: Mapping[str, float], clients_in_flight: Mapping[str, float], waiting: Mapping[str, float],
+              now: float) -> dict[str, float]:
+    """Each model -> the last time short clips were waiting at it: its engines held a client's own
+    audio and had requests queued (waiting, as their metrics say), brought up to `now`; models
+    not seen so for HOLD_S are forgotten. Pieces alone queued are no one's wait."""
+    seen = {model: now for model, seconds in clients_in_flight.items() if seconds > 0 and waiting.get(model, 0) > 0}
     return {model: at for model, at in (dict(last_seen) | seen).items() if now - at <= HOLD_S}
 
 

@@ -92,7 +92,7 @@ class LoadLoop:
         states = scraper.endpoint_states(self.publisher.fleet, self.tracker, self.outcomes, self.ledger, now)
         if (closed := self.decide_lanes(states, routing)) is not None:
             await self.publisher.set_lanes(closed)
-        if (parallel := self.decide_longform(now)) is not None:
+        if (parallel := self.decide_longform(states, now)) is not None:
             await self.publisher.set_longform(parallel)
         if (hedges := self.decide_hedging(now)) is not None:
             self.hedges_published_at = now
@@ -147,7 +147,7 @@ class LoadLoop:
         closed = closed_to_batch(model_waits(fleet, states, routing), fleet.batch_closed, level)
         return closed if closed != fleet.batch_closed else None
 
-    def decide_longform(self, now: float) -> dict[str, int] | None:
+    def decide_longform(self, states: dict[str, list[EndpointState]], now: float) -> dict[str, int] | None:
         """How many of one recording's pieces may be at each model's engines (decide/longform.py),
         when that changed."""
         config, fleet = self.publisher.config, self.publisher.fleet
@@ -156,7 +156,8 @@ class LoadLoop:
         engines = {model: len(fleet.backends_for(model)) for model in fleet.model_names()}
         clients = {model: sum(self.ledger.clients_in_flight(b.endpoint) for b in fleet.backends_for(model))
                    for model in fleet.model_names()}
-        self.longform_seen = seen_busy(self.longform_seen, clients, now)
+        queued = {model: sum(s.load.waiting for s in states.get(model, ()) if s.load is not None) for model in engines}
+        self.longform_seen = seen_busy(self.longform_seen, clients, queued, now)
         parallel = pieces_at_once(config.longform, engines, set(self.longform_seen), self.ledger.recordings_at())
         return parallel if parallel != longform_parallel(config, fleet) else None
 
