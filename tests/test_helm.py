@@ -351,7 +351,11 @@ def test_the_rendered_control_plane_and_envoy_answer_a_transcription(tmp_path):
         answer = wait_until(lambda: (r := transcribe(base, "whisper-1", headers={"Authorization": f"Bearer {key}"}))
                             .status == 200 and r, 30, "a transcription through Envoy")
         assert "k8s-engine" in answer.json()["text"]
-        # A recording over 180 s: split by the worker the Envoy container started beside Envoy.
+        # A recording over 180 s: split by the worker the Envoy container started beside Envoy, once
+        # Envoy's health checks found it up.
+        worker = raw["longform"]["workers"][0]
+        wait_until(lambda: f"whisper:longform::{worker}::health_flags::healthy" in request(
+            "GET", f"http://127.0.0.1:{listen['envoy_admin_port']}/clusters", timeout=2).text, 20, "the worker")
         recording = transcribe(base, "whisper-1", 200.0, headers={"Authorization": f"Bearer {key}"})
         assert recording.status == 200, recording.text
         assert recording.json()["text"].count(" k8s-engine transcribed chunk 1 of 1 ") == 8  # 27.5 s each (silence), and the rest
