@@ -25,10 +25,10 @@ class LongformConfig:
     split_above_s: seconds(30, 86400) = 180.0
     # Where Envoy takes the workers' pieces: loopback (the pieces listener admits no client).
     pieces_port: Port = 8092
-    # How many of a recording's pieces each of a model's engines may hold at once while no client's
-    # own request is at the model: about an engine's batch (vLLM runs many requests at once).
+    # How many of a recording's pieces each of a model's engines may hold at once while no short
+    # clip waits there: about an engine's batch (vLLM runs many requests at once).
     pieces_per_engine: Annotated[StrictInt, within(1, 1024)] = 8
-    # While clients' own requests are at the model, recordings' pieces may hold this share of it.
+    # While short clips wait at the model, recordings' pieces may hold this share of its slots.
     max_share: Annotated[StrictFloat, within(0.01, 1)] = 0.5
     # How long a recording may take, from its last byte received to its answer's end.
     timeout_s: seconds(1, 86400) = 3600.0
@@ -39,8 +39,8 @@ class LongformConfig:
 
     def parallel(self, engines: int, busy: bool, recordings: int) -> int:
         """How many of one recording's pieces may be at a model's `engines` at once: their slots
-        (pieces_per_engine each), all of them while no client's own request is at the model
-        (`busy`), max_share of them while one is, shared by the model's `recordings`; at least one."""
+        (pieces_per_engine each), all of them while no short clip waits at the model (`busy`:
+        one does), max_share of them while one does, shared by the model's `recordings`; at least one."""
         slots = max(1, engines) * self.pieces_per_engine * (self.max_share if busy else 1.0)
         return max(1, int(slots / max(1, recordings)))
 

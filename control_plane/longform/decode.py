@@ -24,24 +24,36 @@ class Undecodable(Exception):
     """Not audio FFmpeg can decode (or no audio stream in it)."""
 
 
-def _decode(path: str, rate: int, put, stop: threading.Event) -> None:
-    """`path`'s first audio stream as mono s16 bytes at `rate`, to `put` in chunks of CHUNK_BYTES
-    (a frame is a few milliseconds: handing each over on its own cost more than decoding it)."""
-    resampler = av.AudioResampler(format="s16", layout="mono", rate=rate)
-    chunk = bytearray()
+def _pcm(path: str, rate: int | None = None):
+    """(the rate, then `path`'s first audio stream as mono s16 bytes at it, frame by frame): the
+    recording's own rate where it is below RATE, unless `rate` says."""
     with av.open(path) as container:
         if not container.streams.audio:
             raise Undecodable("no audio stream")
-        for frame in container.decode(container.streams.audio[0]):
+        stream = container.streams.audio[0]
+        rate = rate or min(stream.sample_rate or RATE, RATE)
+        yield rate
+        resampler = av.AudioResampler(format="s16", layout="mono", rate=rate)
+        for frame in container.decode(stream):
             for out in resampler.resample(frame):
-                chunk += memoryview(out.planes[0])[:out.samples * 2]
-            if len(chunk) >= CHUNK_BYTES:
-                if stop.is_set():
-                    return
-                put(bytes(chunk))
-                chunk.clear()
+                yield memoryview(out.planes[0])[:out.samples * 2]
         for out in resampler.resample(None):
-            chunk += memoryview(out.planes[0])[:out.samples * 2]
+            yield memoryview(out.planes[0])[:out.samples * 2]
+
+
+def _decode(path: str, rate: int, put, stop: threading.Event) -> None:
+    """`path` at `rate`, to `put` in chunks of CHUNK_BYTES (a frame is a few milliseconds: handing
+    each over on its own cost more than decoding it)."""
+    frames = _pcm(path, rate)
+    next(frames)
+    chunk = bytearray()
+    for data in frames:
+        chunk += data
+        if len(chunk) >= CHUNK_BYTES:
+            if stop.is_set():
+                return
+            put(bytes(chunk))
+            chunk.clear()
     if chunk:
         put(bytes(chunk))
 
@@ -89,17 +101,9 @@ async def pcm(path: str, rate: int = RATE) -> AsyncIterator[bytes]:
 
 
 def _count(path: str) -> tuple[float, int]:
-    with av.open(path) as container:
-        if not container.streams.audio:
-            raise Undecodable("no audio stream")
-        stream = container.streams.audio[0]
-        rate = min(stream.sample_rate or RATE, RATE)
-        resampler = av.AudioResampler(format="s16", layout="mono", rate=rate)
-        samples = 0
-        for frame in container.decode(stream):
-            samples += sum(out.samples for out in resampler.resample(frame))
-        samples += sum(out.samples for out in resampler.resample(None))
-    return samples / rate, rate
+    frames = _pcm(path)
+    rate = next(frames)
+    return sum(len(data) for data in frames) / 2 / rate, rate
 
 
 async def probe(path: str) -> tuple[float, int]:
