@@ -13,6 +13,12 @@ does not see). Envoy's resident memory is sampled every 20 ms: peak, and what is
 buffered) or otherwise.
 
     .venv/bin/python -m bench.memory --slow [--clients 40] [--mb 24] [--heap-mb 2048] [--seconds 10]
+
+`--streamed`: uploads past `limits.max_upload_mb` (25), which stream to a longform worker unread:
+`--clients` uploads of `--mb` MiB at once (silent 16 kHz WAV), split across four fast simulated
+engines; Envoy's and the worker's peak RSS, and the answers.
+
+    .venv/bin/python -m bench.memory --streamed [--clients 10] [--mb 200]
 """
 
 from __future__ import annotations
@@ -28,8 +34,8 @@ from pathlib import Path
 from bench.machine import describe_machine
 from control_plane.supervisor import envoy_workers
 from engines.common.audio import silent_wav
-from harness.processes import STARTED, Envoy, GatewayConfigFile, base_config, free_port, multipart, request, \
-    start_control_plane, start_engine
+from harness.processes import PYTHON, STARTED, Envoy, GatewayConfigFile, Process, base_config, free_port, multipart, \
+    request, start_control_plane, start_engine, wait_until
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -122,17 +128,77 @@ def run_slow(log_dir: Path, clients: int, mb: int, heap_mb: int, seconds: float)
             "workers": envoy_workers()}
 
 
+def run_streamed(log_dir: Path, clients: int, mb: int) -> dict:
+    engines = [start_engine(log_dir, "m", f"e{i}", time_scale=0.001, max_num_seqs=64)[1] for i in range(4)]
+    worker_port, pieces_port = free_port(), free_port()
+    spool = log_dir / "spool"
+    spool.mkdir()
+    worker = Process("longform-worker", [PYTHON, "-m", "control_plane", "longform-worker", "--listen",
+                                         f"127.0.0.1:{worker_port}", "--pieces", f"http://127.0.0.1:{pieces_port}",
+                                         "--max-upload-mb", str(mb + 1)], log_dir, env={"TMPDIR": str(spool)})
+    wait_until(lambda: request("GET", f"http://127.0.0.1:{worker_port}/health", timeout=2).status == 200, 20, "the worker")
+    raw = base_config(free_port(), free_port(), [{"name": "m"}], [{"url": url, "models": ["m"]} for url in engines],
+                      limits={"max_upload_mb": 25, "max_longform_mb": mb + 1},
+                      longform={"workers": [f"127.0.0.1:{worker_port}"], "pieces_port": pieces_port})
+    config = GatewayConfigFile(log_dir / "gateway-streamed.yaml")
+    config.write(raw)
+    start_control_plane(log_dir, config.path, name="control-plane-streamed", state_dir=log_dir / "streamed")
+    envoy = Envoy(log_dir, raw, name="envoy-streamed")
+    envoy.wait_serving()
+    wait_until(lambda: all(h.get("health_flags") == "healthy"
+                           for h in envoy.endpoints().get("whisper:longform", {"-": {}}).values()), 10, "the worker healthy")
+    pid, worker_pid = envoy.process.popen.pid, worker.popen.pid
+    idle = rss_mib(pid)
+    seconds = mb * 1024 * 1024 / 32000  # 16 kHz, 16-bit: 32 kB a second
+    body = multipart([("model", "m", None), ("file", silent_wav(seconds), "a.wav")])
+    headers = {"Content-Type": "multipart/form-data; boundary=wgboundary7MA4YWxk"}
+    statuses, worker_peak, started = [], [rss_mib(worker_pid)], time.monotonic()
+
+    def send() -> None:
+        answer = request("POST", envoy.url + "/v1/audio/transcriptions", body, headers, timeout=1800)
+        statuses.append(answer.status if answer.status != 200 or answer.json()["usage"]["seconds"] >= int(seconds)
+                        else "short")
+
+    def watch_worker() -> None:
+        while len(statuses) < clients:
+            worker_peak[0] = max(worker_peak[0], rss_mib(worker_pid))
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch_worker, daemon=True)
+    watcher.start()
+    peak = peak_rss_while(pid, clients, send)
+    watcher.join()
+    return {"idle_rss_mib": idle, "peak_rss_mib": peak, "worker_peak_rss_mib": worker_peak[0],
+            "answers": {str(s): statuses.count(s) for s in set(statuses)}, "wall_s": round(time.monotonic() - started, 1),
+            "audio_s_each": round(seconds, 1), "workers": envoy_workers()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--mb", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--slow", action="store_true")
+    parser.add_argument("--streamed", action="store_true")
     parser.add_argument("--heap-mb", type=int, default=2048)
     parser.add_argument("--seconds", type=float, default=10.0)
     args = parser.parse_args()
     log_dir = Path(tempfile.mkdtemp(prefix="bench-memory-"))
     machine = describe_machine()
+    if args.streamed:
+        try:
+            row = run_streamed(log_dir, args.clients, args.mb)
+        finally:
+            for process in reversed(STARTED):
+                process.stop()
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "memory-streamed.json").write_text(json.dumps(
+            {"date": machine["date"], "commit": machine["git_commit"], "machine": machine, "clients": args.clients,
+             "mb": args.mb, **row}, indent=2))
+        print(f"{args.clients} streamed uploads of {args.mb} MiB ({row['audio_s_each']} s of audio each) at once, "
+              f"{row['workers']} Envoy workers: Envoy idle {row['idle_rss_mib']} MiB, peak {row['peak_rss_mib']} MiB; "
+              f"worker peak {row['worker_peak_rss_mib']} MiB; answers {row['answers']} in {row['wall_s']} s")
+        return
     if args.slow:
         try:
             row = run_slow(log_dir, args.clients, args.mb, args.heap_mb, args.seconds)

@@ -14,7 +14,7 @@ BOOTSTRAP_TEMPLATE = ENVOY_DIR / "bootstrap.yaml"
 # The Lua filter's modules, envoy/<name>.lua, in the order read_lua_filter joins them: each reads
 # only modules before it, and `main` defines the entry points Envoy calls.
 LUA_MODULES = ("openai_errors", "api_keys", "audio_duration", "uploads", "multipart", "models", "metering", "lanes",
-               "plans", "routing", "main")
+               "plans", "routing", "longform", "main")
 LUA_FILTER_PATHS = tuple(ENVOY_DIR / f"{name}.lua" for name in LUA_MODULES)
 
 

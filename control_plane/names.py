@@ -43,6 +43,20 @@ PIECE_KEY = "piece"
 # engine's own figure is); LONGFORM_KEY marks a recording in the dynamic metadata.
 RECORDING_SECONDS_HEADER = "x-whisper-recording-seconds"
 LONGFORM_KEY = "longform"
+# An upload too large to buffer (over limits.max_upload_mb by its Content-Length) streams to a
+# worker with LONGFORM_HEADER: LONGFORM_STREAMED, admitted at its headers by key alone. Its worker
+# spools it, then asks the pieces listener to admit the rest (ADMIT_MODEL_HEADER: the form's
+# model, ADMIT_KEY_HEADER: the key's id, RECORDING_SECONDS_HEADER: its length), which answers as
+# it would the upload (404, 403, 429) or 204; the recording's answer names its model
+# (RECORDING_MODEL_HEADER), and its log (STREAMED_KEY) meters it by its worker's figures.
+LONGFORM_STREAMED = "streamed"
+ADMIT_MODEL_HEADER = "x-whisper-admit-model"
+ADMIT_KEY_HEADER = "x-whisper-admit-key"
+RECORDING_MODEL_HEADER = "x-whisper-recording-model"
+STREAMED_KEY = "streamed"
+# What Envoy buffers of a streamed upload (its route's request_body_buffer_limit; its flow
+# control holds the rest back at the client), which envoy/uploads.lua admits it by, twice over.
+STREAMED_BUFFER_BYTES = 1048576
 # The in-flight filters' buckets (builders/quotas.py, xds/quota_service.py): the bucket id's entry
 # that names the group (a key's id, a model's batch lane), and how often Envoy reports each
 # bucket (each report is answered with fresh grants).
@@ -117,7 +131,8 @@ WORKERS_ENV = "WHISPER_GATEWAY_WORKERS"
 LUA_NAMES = {name: globals()[name] for name in (
     "MODEL_HEADER", "LONG_UPLOAD_HEADER", "HOP_HEADER", "AUDIO_SECONDS_HEADER", "AUDIO_ESTIMATED_HEADER",
     "KEY_ID_HEADER", "LIMITED_HEADER", "BATCH_LANE_HEADER", "LONGFORM_HEADER", "LONGFORM_PARALLEL_HEADER", "PIECE_HEADER",
-    "PIECE_KEY", "RECORDING_SECONDS_HEADER", "LONGFORM_KEY", "BATCH_LANE_PREFIX", "BATCH_LANE_LIMIT",
+    "PIECE_KEY", "RECORDING_SECONDS_HEADER", "LONGFORM_KEY",
+    "LONGFORM_STREAMED", "ADMIT_MODEL_HEADER", "ADMIT_KEY_HEADER", "RECORDING_MODEL_HEADER", "STREAMED_KEY", "BATCH_LANE_PREFIX", "BATCH_LANE_LIMIT",
     "REQUESTS_LIMIT", "AUDIO_SECONDS_LIMIT", "MINUTE_S", "METADATA_NAMESPACE", "LUA_REPLY_KEY",
     "MODEL_KEY", "SECONDS_KEY", "ESTIMATED_KEY", "KEY_ID_KEY", "REQUESTED_MODEL_KEY", "BATCH_LANE_KEY", "PLAN_KEY", "COST_KEY", "WORKERS_ENV",
     "REQUEST_COST_KEY", "BUDGET_SCALE", "AUDIO_SECONDS_PER_DAY_LIMIT",

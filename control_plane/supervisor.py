@@ -90,7 +90,7 @@ def longform_command(config: GatewayConfig, worker: str) -> list[str]:
     """A longform worker on `worker` (host:port), sending its pieces to this Envoy's pieces listener."""
     return [sys.executable, "-m", "control_plane", "longform-worker", "--listen", worker,
             "--pieces", f"http://127.0.0.1:{config.longform.pieces_port}",
-            "--max-upload-mb", str(config.limits.max_upload_mb), "--max-audio-s", str(config.limits.max_audio_s)]
+            "--max-upload-mb", str(config.limits.max_longform_mb), "--max-audio-s", str(config.limits.max_audio_s)]
 
 
 def ports_in_use(config: GatewayConfig) -> list[str]:

@@ -13,13 +13,15 @@
 
 function envoy_on_request(h)
   local headers = h:headers()
-  if not routing.first_pass(h, headers) then return end
   -- A piece of a recording this gateway admitted and charged once, as a whole: no key of its own.
   local piece = routing.is_piece(h)
+  if not routing.first_pass(h, headers, piece) then return end
+  if piece and headers:get(NAMES.ADMIT_MODEL_HEADER) then return longform.admit(h, headers) end -- a worker asks
   local grant = false
   if not piece then
     grant = api_keys.admit(h, headers) -- before the body: a stranger's upload is never buffered
     if grant == nil then return end -- false: no key is required
+    if longform.stream(h, headers, grant) ~= false then return end -- too large to buffer: to a worker unread
   end
   local boundary = multipart.request_boundary(h, headers)
   if not boundary then return end -- its memory was admitted by the listener's filter, below

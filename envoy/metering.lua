@@ -19,6 +19,8 @@ local CLAIMED_KEY, ENGINE_SECONDS_KEY = NAMES.CLAIMED_KEY, NAMES.ENGINE_SECONDS_
 local CHECKED_KEY = NAMES.CHECKED_KEY
 -- A recording routed to a longform worker (routing.lua), and the seconds its worker decoded.
 local LONGFORM_KEY, RECORDING_SECONDS_HEADER = NAMES.LONGFORM_KEY, NAMES.RECORDING_SECONDS_HEADER
+-- A recording streamed to its worker unread (longform.lua), and the model its answer names.
+local STREAMED_KEY, RECORDING_MODEL_HEADER = NAMES.STREAMED_KEY, NAMES.RECORDING_MODEL_HEADER
 
 -- Seconds of audio in the upload (envoy/audio_duration.lua), as headers the engines and the
 -- upload's tries' logs see (a 2xx try's end meters it), and as dynamic metadata for the log of
@@ -82,7 +84,20 @@ local function reconcile(h)
     -- A recording at a longform worker: the seconds its worker decoded, whatever the format or the
     -- answer's size (streamed too), stand for what the edge could only claim or estimate.
     local decoded = tonumber(headers:get(RECORDING_SECONDS_HEADER) or "")
+    local model = headers:get(RECORDING_MODEL_HEADER)
     headers:remove(RECORDING_SECONDS_HEADER)
+    headers:remove(RECORDING_MODEL_HEADER)
+    if fields[STREAMED_KEY] then
+      -- Streamed to its worker unread (longform.lua): the edge measured nothing, and the request's
+      -- log meters what the answer says, bounded: a model this gateway serves, max_audio_seconds.
+      if decoded and model and (CONTEXT.models or {})[model] == model then
+        local metadata = h:streamInfo():dynamicMetadata()
+        metadata:set(METADATA_NAMESPACE, MODEL_KEY, model)
+        metadata:set(METADATA_NAMESPACE, SECONDS_KEY,
+          string.format("%.3f", math.min(math.max(decoded, 0), CONTEXT.max_audio_seconds or math.huge)))
+      end
+      return
+    end
     local edge = tonumber(fields[SECONDS_KEY])
     if edge then corrected(h, edge, decoded, false) end
     return
@@ -99,12 +114,17 @@ end
 
 -- The metering step: the key's id (a grant, or false without keys), then the upload's
 -- audio-seconds, which it returns; `form` is multipart.read_form's.
-local function meter(h, headers, body, form, grant, model)
+-- The key a request is metered to (a grant, or false without keys), for its logs and its engine.
+local function identify(h, headers, grant)
   if grant then
     headers:replace(KEY_ID_HEADER, grant.id)
     h:streamInfo():dynamicMetadata():set(METADATA_NAMESPACE, KEY_ID_KEY, grant.id)
   end
+end
+
+local function meter(h, headers, body, form, grant, model)
+  identify(h, headers, grant)
   return measure_audio(h, headers, body, form.file, model)
 end
 
-return {meter = meter, reconcile = reconcile}
+return {meter = meter, identify = identify, reconcile = reconcile}

@@ -25,10 +25,15 @@ local OWN_HEADERS = {MODEL_HEADER, LONG_UPLOAD_HEADER, NAMES.AUDIO_SECONDS_HEADE
 -- whose own filter marks each as a piece (dynamic metadata PIECE_KEY) before this one runs.
 local METADATA_NAMESPACE, PIECE_KEY = NAMES.METADATA_NAMESPACE, NAMES.PIECE_KEY
 
--- The first step: a client's own values of the filter's headers removed; true, or nil once it
--- answered 508 (a request that has come round a loop).
-local function first_pass(h, headers)
+-- The first step: a client's own values of the filter's headers removed (but for a worker's
+-- questions, which only the pieces listener takes: longform.lua); true, or nil once it answered
+-- 508 (a request that has come round a loop).
+local function first_pass(h, headers, piece)
   for _, name in ipairs(OWN_HEADERS) do headers:remove(name) end
+  if not piece then
+    headers:remove(NAMES.ADMIT_MODEL_HEADER)
+    headers:remove(NAMES.ADMIT_KEY_HEADER)
+  end
   if headers:get(HOP_HEADER) ~= nil then
     return reply(h, 508, "Loop detected: this request already passed through a whisper-gateway. "
       .. "A backend is the gateway itself, or two gateways point at each other.", "LoopDetected", nil)

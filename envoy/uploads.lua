@@ -35,7 +35,10 @@ local function reserve_upload(h, headers)
     return true
   end
   local limit = CONTEXT.max_upload_bytes or math.huge
-  local bytes = math.min(tonumber(headers:get("content-length") or "") or limit, limit) * (CONTEXT.upload_copies or 1)
+  local declared = tonumber(headers:get("content-length") or "")
+  local bytes = math.min(declared or limit, limit) * (CONTEXT.upload_copies or 1)
+  local streamed = CONTEXT.streamed_upload_bytes or 0 -- one larger goes to a longform worker unbuffered
+  if streamed > 0 and declared and declared > limit then bytes = streamed end
   local share = budget / WORKERS
   if reserved_bytes > 0 and reserved_bytes + bytes > share then
     local now = h:timestamp()

@@ -13,8 +13,8 @@ from control_plane.config import PlanConfig
 from control_plane.decide.budgets import (DEBT_SLACK, MOST_HELD_BACK, MOST_OWED_MINUTES, REPAY_S, Ledger, charge, charges,
                                          moved, water_level)
 from control_plane.names import (AUDIO_SECONDS_HEADER, AUDIO_SECONDS_LIMIT, AUDIO_SECONDS_PER_DAY_LIMIT, BUDGET_SCALE,
-                                 ENGINE_SECONDS_KEY, KEY_ID_HEADER, KEY_ID_KEY, LIMITED_HEADER, METADATA_NAMESPACE, REQUESTS_LIMIT,
-                                 SECONDS_KEY)
+                                 ENGINE_SECONDS_KEY, KEY_ID_HEADER, KEY_ID_KEY, LIMITED_HEADER, METADATA_NAMESPACE, MODEL_KEY,
+                                 REQUESTS_LIMIT, SECONDS_KEY, STREAMED_KEY)
 from control_plane.observe.access_logs import (REQUEST_ENDED, TRY_ENDED, TRY_STARTED, AccessLogServicer, Known, arrival,
                                               charged_after)
 from control_plane.fleet.usage_store import MemoryUsageStore
@@ -234,6 +234,12 @@ def test_what_the_engines_figure_adds_is_charged_to_the_keys_budget_after_the_fa
     assert charged_after(served_with_engine_figure("60.4", "61.0")) is None  # the same whole seconds
     assert charged_after(served_with_engine_figure("61.0", "30.0")) is None  # less: never refunded early
     assert charged_after(served_with_engine_figure("1.0", None)) is None
+    # A recording streamed to its worker unread was charged one audio-second at its headers.
+    streamed = served_with_engine_figure("200.2", None)
+    streamed.common_properties.metadata.filter_metadata[METADATA_NAMESPACE].fields[STREAMED_KEY].string_value = "1"
+    assert charged_after(streamed) is None  # its answer named no model this gateway serves
+    streamed.common_properties.metadata.filter_metadata[METADATA_NAMESPACE].fields[MODEL_KEY].string_value = "m"
+    assert charged_after(streamed) == ("key-1", 200)
     keeper, seen, clock, published = keeper_for({"k": PLAN}, envoys=1)
     seen.arrived("r1", "k", "envoy-1", 1, True, clock.now)
     seen.charged_after("k", 60, clock.now)

@@ -53,6 +53,8 @@ def test_a_model_may_be_given_as_a_plain_name():
         (minimal(bakends=[]), "bakends: unknown key"),
         (minimal(timeouts={"route_s": -1}), "timeouts.route_s: -1 is out of range"),
         (minimal(limits={"max_upload_mb": "big"}), "limits.max_upload_mb: expected a number"),
+        (minimal(limits={"max_upload_mb": 100, "max_longform_mb": 50}, longform={"workers": ["127.0.0.1:8093"]}),
+         "limits.max_longform_mb: 50 is less than limits.max_upload_mb (100)"),
         ({"models": [{"aliases": []}]}, "models[0].name: required"),
         ({"models": [{"name": "bad name"}]}, "models[0].name: 'bad name' is not a valid model name"),
         ({"models": ["m", "m"]}, "models[1].name: 'm' is already used by model 'm'"),

@@ -280,6 +280,42 @@ def test_a_split_recording_is_metered_once_and_its_pieces_count_as_engine_work()
     assert WORKER not in outcomes._tallies  # nor is the worker judged as an engine
 
 
+def streamed_recording(status: int, model: str | None = "m", seconds: str = "200.0") -> accesslog_pb2.HTTPAccessLogEntry:
+    """A recording streamed to its worker unread: its request's log, with what its answer said."""
+    logged = entry(REQUEST_ENDED, endpoint=None, status=status, seconds="0.000", key="key-a", request_id="big")
+    fields = logged.common_properties.metadata.filter_metadata["whisper_gateway"]
+    del fields["model"]
+    fields.update({"streamed": "1", "longform": "1"} | ({"model": model, "audio_seconds": seconds} if model else {}))
+    return logged
+
+
+def test_a_streamed_recording_is_metered_once_from_its_request_log_by_what_its_answer_said():
+    ledger, outcomes, in_flight = Ledger(), Outcomes(), InFlight()
+    # Its try at the worker named no model: neither metered nor timed there.
+    started = marked(entry(TRY_STARTED, endpoint=WORKER, seconds="0.000", model="", key="key-a", request_id="big"),
+                     "x-whisper-longform")
+    del started.request.request_headers["x-whisper-model"]
+    record(started, 1, outcomes, ledger, in_flight, now=1.0)
+    ended = marked(entry(TRY_ENDED, endpoint=WORKER, status=200, seconds="0.000", key="key-a", request_id="big"),
+                   "x-whisper-longform")
+    del ended.request.request_headers["x-whisper-model"]
+    record(ended, 1, outcomes, ledger, in_flight, now=2.0)
+    assert ledger.metered == {}
+    assert record(streamed_recording(200), 1, outcomes, ledger, in_flight, now=2.0) is False
+    metered = ledger.metered["m"]
+    assert (metered.requests, metered.received, metered.served, metered.mismatches) == (1, 200.0, 200.0, 0)
+    assert ledger.usage_of("key-a")["m"]["audio_served_s"] == 200.0
+    # Refused by its worker's admission (no model learned), or failed before its answer said one: nothing.
+    record(streamed_recording(404, model=None), 1, outcomes, ledger, in_flight, now=3.0)
+    assert ledger.metered["m"].requests == 1 and set(ledger.metered) == {"m"}
+    # Failed after its worker said its length (a stream cut late): metered as failed, as any recording.
+    record(streamed_recording(200, seconds="90.0"), 1, outcomes, ledger, in_flight, now=3.0)
+    cut = streamed_recording(200, seconds="50.0")
+    cut.common_properties.response_flags.upstream_remote_reset = True
+    record(cut, 1, outcomes, ledger, in_flight, now=3.0)
+    assert (ledger.metered["m"].served, ledger.metered["m"].failed) == (290.0, 50.0)
+
+
 def test_an_envoy_flooding_made_up_tries_cannot_grow_the_ledger_without_bound(monkeypatch):
     """What an authenticated Envoy reports is still bounded: past MOST_TRIES open at one engine, a
     new try is not counted."""

@@ -11,6 +11,7 @@ import subprocess
 
 import pytest
 
+from engines.common.audio import silent_wav
 from harness.processes import PYTHON, GatewayStack, Process, free_port, request, start_engine, transcribe, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -18,6 +19,9 @@ pytestmark = pytest.mark.e2e
 MODEL = "whisper-large-v3-turbo"
 NAMES = ["e1", "e2", "e3", "e4"]
 RECORDING_S = 95.0  # four pieces: three of about 29 s and the rest
+ALIAS = "transcriber"
+# A 16 kHz 16-bit WAV is 32 kB a second: 95 s are buffered as any upload, 200 s stream to a worker.
+MAX_UPLOAD_MB, MAX_LONGFORM_MB = 4, 8
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +33,11 @@ def stack(tmp_path_factory):
                                          f"127.0.0.1:{worker_port}", "--pieces", f"http://127.0.0.1:{pieces_port}"], tmp_path)
     wait_until(lambda: worker.alive() and request("GET", f"http://127.0.0.1:{worker_port}/health", timeout=2).status == 200,
                20, "the longform worker")
-    gateway = GatewayStack(tmp_path, MODEL, engines, longform={
+    gateway = GatewayStack(tmp_path, MODEL, engines, aliases=(ALIAS,), longform={
         "workers": [f"127.0.0.1:{worker_port}"], "split_above_s": 60.0, "pieces_port": pieces_port},
-        auth={"api_keys": "required", "plans": {"long": {"requests_per_minute": 600, "audio_seconds_per_minute": 10000}}})
+        limits={"max_upload_mb": MAX_UPLOAD_MB, "max_longform_mb": MAX_LONGFORM_MB},
+        auth={"api_keys": "required", "plans": {"long": {"requests_per_minute": 600, "audio_seconds_per_minute": 10000},
+                                                "minute": {"requests_per_minute": 600, "audio_seconds_per_minute": 120}}})
     key = gateway.admin.call("POST", "/keys", {"name": "recorder", "plan": "long"}).json()
     gateway.key_id, gateway.bearer = key["id"], {"Authorization": f"Bearer {key['secret']}"}
     wait_until(lambda: all(h.get("health_flags") == "healthy"
@@ -131,3 +137,59 @@ def test_a_recording_the_edge_can_only_estimate_is_billed_by_what_its_worker_dec
     wait_until(lambda: usage(stack, stack.key_id)[1] - before[1] == pytest.approx(150.0, abs=0.2), 10,
                "the recording billed by its decoded length")
     assert usage(stack, stack.key_id)[0] == before[0] + 1
+
+
+STREAMED_S = 200.0  # 6.4 MB: over max_upload_mb, so Envoy does not buffer it
+
+
+def test_an_upload_too_large_to_buffer_streams_to_a_worker_and_is_billed_once(stack):
+    """Over limits.max_upload_mb: not the 413 a buffered upload gets, but its worker's answer,
+    named by an alias and billed once to its key under the model's own name."""
+    before, before_key = usage(stack), usage(stack, stack.key_id)
+    answer = transcribe(stack.envoy.url, ALIAS, seconds=STREAMED_S, headers=stack.bearer,
+                        extra=[("response_format", "verbose_json", None)])
+    assert answer.status == 200, answer.text
+    body = answer.json()
+    assert body["duration"] == STREAMED_S and len(body["segments"]) >= 7  # each at most 30 s
+    assert body["segments"][-1]["end"] == pytest.approx(STREAMED_S, abs=0.01)
+    assert not any(name.startswith("x-whisper-recording") for name in answer.headers)
+    once = (before[0] + 1, round(before[1] + STREAMED_S, 3))
+    wait_until(lambda: usage(stack) == once, 10, "the streamed recording metered")
+    assert usage(stack, stack.key_id) == (before_key[0] + 1, round(before_key[1] + STREAMED_S, 3))
+    rows = stack.admin.call("GET", f"/usage?key={stack.key_id}").json()["data"]
+    assert {r["model"] for r in rows} == {MODEL}
+
+
+def test_a_streamed_upload_is_refused_as_a_buffered_one_is(stack, tmp_path):
+    """What its worker learns only after spooling it (the model, the key's plan) refuses it with the
+    gateway's own answer, and bills nothing."""
+    before = usage(stack)
+    small = transcribe(stack.envoy.url, "whisper-huge", seconds=1.0, headers=stack.bearer)
+    large = transcribe(stack.envoy.url, "whisper-huge", seconds=STREAMED_S, headers=stack.bearer)
+    assert (small.status, large.status) == (404, 404), large.text
+    assert large.json() == small.json()
+    missing = transcribe(stack.envoy.url, None, seconds=STREAMED_S, headers=stack.bearer)
+    assert missing.status == 400 and missing.json()["error"]["param"] == "model", missing.text
+    # Past max_longform_mb: refused at its headers, before a byte of it is sent (curl asks first:
+    # Expect: 100-continue).
+    audio = tmp_path / "long.wav"
+    audio.write_bytes(silent_wav(300.0))
+    curl = subprocess.run(["curl", "-sS", "-w", "\n%{http_code}", "-H", f"Authorization: {stack.bearer['Authorization']}", "-F", f"model={MODEL}", "-F", f"file=@{audio}",
+        stack.envoy.url + "/v1/audio/transcriptions"], capture_output=True, text=True, timeout=30)
+    body, status = curl.stdout.rsplit("\n", 1)
+    assert status == "413", curl
+    assert f"{MAX_LONGFORM_MB} MiB" in json.loads(body)["error"]["message"]
+    assert transcribe(stack.envoy.url, MODEL, seconds=1.0, headers=stack.bearer).status == 200
+    wait_until(lambda: usage(stack)[0] == before[0] + 1, 10, "a clip metered after the refusals")
+    assert usage(stack) == (before[0] + 1, round(before[1] + 1.0, 3))
+
+
+def test_a_streamed_recording_longer_than_the_keys_plan_allows_is_refused(stack):
+    key = stack.admin.call("POST", "/keys", {"name": "short", "plan": "minute"}).json()
+    bearer = {"Authorization": f"Bearer {key['secret']}"}
+    wait_until(lambda: transcribe(stack.envoy.url, MODEL, seconds=1.0, headers=bearer).status == 200, 10,
+               "the new key at Envoy")
+    answer = transcribe(stack.envoy.url, MODEL, seconds=STREAMED_S, headers=bearer)
+    assert answer.status == 429, answer.text
+    assert answer.json()["error"]["message"] == ("This upload is 200 audio-seconds; the API key's plan allows 120 "
+                                                 "per minute.")

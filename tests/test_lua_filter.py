@@ -228,6 +228,22 @@ def test_a_worker_holding_nothing_admits_one_upload_larger_than_its_share():
     assert lua.run_request(headers=FORM, body=form(audio=silent_wav(1.0))).status == 503
 
 
+def test_an_upload_streamed_to_a_longform_worker_holds_only_what_envoy_buffers_of_it():
+    # max_heap_mb 64: 48 MiB for uploads; a 100 MiB upload streams to a worker, holding 2 MiB.
+    lua = admission_filter(limits={"max_heap_mb": 64, "max_upload_mb": 20}, longform={"workers": ["127.0.0.1:8093"]})
+    streamed = {"content-length": str(100 * 2**20)}
+    held = [lua.run_request(headers=FORM | streamed) for _ in range(20)]
+    assert all(admitted(outcome) for outcome in held)
+    buffered = lua.run_request(headers=FORM, body=form(audio=silent_wav(3.5 * 2**20 / 32000)))
+    assert admitted(buffered)  # 40 + 7 MiB (its body, and the retry copy)
+    assert lua.run_request(headers=FORM | streamed).status == 503  # 47 + 2 > 48
+    # Without workers, what it declares past the upload limit counts as the limit (Envoy answers 413).
+    plain = admission_filter(limits={"max_heap_mb": 64, "max_upload_mb": 20})
+    first = plain.run_request(headers=FORM | streamed)
+    assert admitted(first)
+    assert plain.run_request(headers=FORM | streamed).status == 503  # 40 + 40 > 48
+
+
 def test_where_keys_are_required_a_request_without_one_holds_no_upload_memory():
     lua = admission_filter(limits={"max_heap_mb": 64, "max_upload_mb": 60}, auth={"api_keys": "required"})
     huge = form(audio=silent_wav(30 * 1024 * 1024 / 32000))
@@ -885,3 +901,92 @@ def test_a_recordings_answer_is_metered_by_what_its_worker_decoded(content_type)
     failed = lua.run_response(500, {"content-type": content_type, "x-whisper-recording-seconds": "61.020"},
                               metadata=recording)
     assert "audio_engine_seconds" not in failed.metadata["whisper_gateway"]
+
+
+# -- uploads too large to buffer: streamed to a worker unread, admitted once its worker has read them --
+
+STREAMED_BYTES = 30 * 2**20  # over limits.max_upload_mb (25)
+
+
+def test_an_upload_too_large_to_buffer_goes_to_a_worker_unread_charged_one_audio_second():
+    keys = longform_keys()
+    secret = keys.create("app", plan="long")
+    outcome = keys.lua().run_request(headers=FORM | bearer(secret) | {"content-length": str(STREAMED_BYTES)})
+    assert outcome.routed and outcome.route_cache_cleared, outcome.reply_body
+    assert outcome.body_calls == 0  # never buffered
+    assert outcome.header("x-whisper-longform") == "streamed" and outcome.header("x-whisper-model") is None
+    assert outcome.header("x-whisper-key-id") == keys.ids["app"]
+    fields = outcome.metadata["whisper_gateway"]
+    assert (fields["streamed"], fields["longform"], fields["audio_seconds"]) == ("1", "1", "0.000")
+    assert fields["audio_cost"] == BUDGET_SCALE and fields["key_id"] == keys.ids["app"]
+    # At the limit: buffered and read as any upload.
+    within = keys.lua().run_request(headers=FORM | bearer(secret), body=form(BIG, silent_wav(5.0)))
+    assert_routed(within, BIG)
+    assert within.body_calls == 1 and within.header("x-whisper-longform") is None
+
+
+def test_an_upload_past_max_longform_mb_or_without_a_key_is_refused_at_its_headers():
+    keys = longform_keys()
+    secret = keys.create("app", plan="long")
+    too_large = keys.lua().run_request(headers=FORM | bearer(secret) | {"content-length": str(2**31)})
+    assert_error(too_large, 413, "file", error_type="RequestTooLargeError")
+    assert "1024 MiB" in too_large.json["error"]["message"] and too_large.body_calls == 0
+    keyless = keys.lua().run_request(headers=FORM | {"content-length": str(STREAMED_BYTES)})
+    assert_error(keyless, 401, None, code="invalid_api_key")
+    # Without longform workers an upload is buffered whatever it declares (Envoy answers 413 past the limit).
+    assert open_filter().run_request(headers=FORM | {"content-length": str(STREAMED_BYTES)}).body_calls == 1
+
+
+def admit(keys: Keys, model: str, seconds: float, key: str | None, metadata: dict | None = PIECE):
+    headers = {"x-whisper-admit-model": model, "x-whisper-recording-seconds": f"{seconds:.3f}"}
+    return keys.lua().run_request(headers=headers | ({"x-whisper-admit-key": key} if key else {}), metadata=metadata)
+
+
+def test_a_workers_question_is_answered_as_the_upload_would_have_been():
+    keys = longform_keys()
+    keys.config = replace(keys.config, auth=replace(keys.config.auth, plans=keys.config.auth.plans | parse_config(
+        RAW | {"auth": {"api_keys": "required", "plans": PLANS}}).auth.plans))
+    keys.fleet = replace(keys.fleet, longform_parallel={BIG: 20})
+    long_secret = keys.create("app", plan="long")
+    keys.create("small", models=(SMALL,), plan="long")
+    keys.create("minute", plan="audio")  # 20 audio-seconds a minute
+    yes = admit(keys, ALIAS, 200.0, keys.ids["app"])
+    assert yes.status == 204 and yes.body_calls == 0
+    assert yes.reply_headers["x-whisper-model"] == BIG  # the model's own name, for its answer's metering
+    assert yes.reply_headers["x-whisper-longform-parallel"] == "20"
+    # The same answers as an upload of the same gets at the audio listener.
+    unknown = admit(keys, "whisper-huge", 200.0, keys.ids["app"])
+    buffered = keys.lua().run_request(headers=FORM | bearer(long_secret), body=form("whisper-huge"))
+    assert_error(unknown, 404, "model")
+    assert unknown.json == buffered.json
+    assert_error(admit(keys, BIG, 200.0, keys.ids["small"]), 403, "model", code="model_not_allowed")
+    plan = assert_error(admit(keys, BIG, 200.0, keys.ids["minute"]), 429, "file", code="rate_limit_exceeded")
+    assert plan["message"] == "This upload is 200 audio-seconds; the API key's plan allows 20 per minute."
+    assert_error(admit(keys, BIG, 200.0, "key-revoked"), 401, None, code="invalid_api_key")
+
+
+def test_only_the_pieces_listener_takes_a_workers_question():
+    keys = longform_keys()
+    secret = keys.create("app", plan="long")
+    asked = {"x-whisper-admit-model": BIG, "x-whisper-admit-key": keys.ids["app"]}
+    outcome = keys.lua().run_request(headers=FORM | bearer(secret) | asked, body=form(BIG, silent_wav(5.0)))
+    assert_routed(outcome, BIG)  # a client's upload, the question's headers dropped
+    assert [outcome.header(name) for name in asked] == [None, None]
+    assert_error(admit(keys, BIG, 200.0, keys.ids["app"], metadata=None), 401, None, code="invalid_api_key")
+
+
+def test_a_streamed_recordings_answer_names_what_its_log_meters():
+    """Its worker's model (one this gateway serves) and length (bounded) into the metadata its
+    request log meters by; neither header leaves Envoy."""
+    keys = longform_keys()
+    lua = keys.lua()
+    streamed = {"whisper_gateway": {"longform": "1", "streamed": "1", "audio_seconds": "0.000"}}
+    said = {"content-type": "application/json", "x-whisper-recording-seconds": "200.020", "x-whisper-recording-model": BIG}
+    outcome = lua.run_response(200, said, metadata=streamed)
+    fields = outcome.metadata["whisper_gateway"]
+    assert (fields["model"], fields["audio_seconds"]) == (BIG, "200.020") and "audio_engine_seconds" not in fields
+    assert outcome.header("x-whisper-recording-seconds") is None and outcome.header("x-whisper-recording-model") is None
+    unknown = lua.run_response(200, said | {"x-whisper-recording-model": ALIAS}, metadata=streamed)
+    assert "model" not in unknown.metadata["whisper_gateway"]  # an alias or a stranger: not metered by it
+    absurd = lua.run_response(200, said | {"x-whisper-recording-seconds": "1e12"}, metadata=streamed)
+    assert absurd.metadata["whisper_gateway"]["audio_seconds"] == f"{keys.config.limits.max_audio_s:.3f}"

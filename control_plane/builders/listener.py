@@ -29,7 +29,7 @@ from control_plane.builders.tracing import build_http_tracing
 from control_plane.names import (AUDIO_ESTIMATED_HEADER, AUDIO_SECONDS_HEADER, BATCH_LANE_HEADER, CLAIMED_KEY, CUT_SHORT_FLAGS, ENGINE_SECONDS_KEY,
                                  KEY_ID_HEADER, LIMITED_HEADER,
                                  LISTENER_NAME, LONGFORM_HEADER, LUA_FILTER, MODEL_HEADER, UPLOAD_FILTER, MODEL_KEY, PIECE_FILTER,
-                                 PIECE_HEADER, PIECES_LISTENER_NAME, REQUEST_LOG_NAME, ROUTE_CONFIG_NAME, UPSTREAM_LOG_NAME,
+                                 PIECE_HEADER, PIECES_LISTENER_NAME, REQUEST_LOG_NAME, STREAMED_BUFFER_BYTES, STREAMED_KEY, ROUTE_CONFIG_NAME, UPSTREAM_LOG_NAME,
                                  XDS_CLUSTER)
 from control_plane.config import GatewayConfig
 from control_plane.openai_errors import openai_error
@@ -94,9 +94,10 @@ def _unanswered() -> accesslog_pb2.AccessLogFilter:
     not_2xx = accesslog_pb2.AccessLogFilter(or_filter=accesslog_pb2.OrFilter(filters=comparisons))
     failed = accesslog_pb2.AccessLogFilter(and_filter=accesslog_pb2.AndFilter(filters=[lua_marked(MODEL_KEY), not_2xx]))
     # And a 2xx whose container lied, or whose engine's own duration differed from the edge's
-    # (the Lua filter marks both): a mismatch, and the engine's figure corrects the metering.
+    # (the Lua filter marks both): a mismatch, and the engine's figure corrects the metering; and a
+    # recording streamed to its worker unread, metered by what its answer said.
     return accesslog_pb2.AccessLogFilter(or_filter=accesslog_pb2.OrFilter(
-        filters=[failed, lua_marked(ENGINE_SECONDS_KEY), lua_marked(CLAIMED_KEY)]))
+        filters=[failed, lua_marked(ENGINE_SECONDS_KEY), lua_marked(CLAIMED_KEY), lua_marked(STREAMED_KEY)]))
 
 
 def upload_admission_context(config: GatewayConfig) -> dict:
@@ -106,7 +107,10 @@ def upload_admission_context(config: GatewayConfig) -> dict:
     return {"upload_admission": True, "keys_required": config.auth.api_keys == "required",
             "upload_budget_bytes": config.limits.upload_budget_bytes,
             "max_upload_bytes": config.limits.max_upload_bytes,
-            "upload_copies": 2 if config.resilience.retries else 1}
+            "upload_copies": 2 if config.resilience.retries else 1,
+            # With longform workers, an upload declaring more than max_upload_bytes streams to one
+            # unbuffered (envoy/longform.lua): it holds its route's buffer, and the connection's.
+            "streamed_upload_bytes": 2 * STREAMED_BUFFER_BYTES if config.longform.enabled else 0}
 
 
 def _http_filters(config: GatewayConfig, lua_source: str, access: Access, flush_s: float) -> list[hcm.HttpFilter]:

@@ -26,9 +26,11 @@ from control_plane.names import (
     LONG_UPLOAD_HEADER,
     LONGFORM_CLUSTER,
     LONGFORM_HEADER,
+    LONGFORM_STREAMED,
     LUA_FILTER,
     MODEL_HEADER,
     ROUTE_CONFIG_NAME,
+    STREAMED_BUFFER_BYTES,
     UNROUTED_CLUSTER,
     VIRTUAL_HOST_NAME,
     cluster_name,
@@ -89,13 +91,20 @@ def _longform_routes(config: GatewayConfig) -> list[rc.Route]:
         return []
     retry = rc.RetryPolicy(retry_on="connect-failure,refused-stream,reset-before-request",
                            num_retries=wrappers_pb2.UInt32Value(value=2))
+    # A recording answers nothing until its pieces are joined: the idle timeout is its whole time.
+    action = rc.RouteAction(cluster=LONGFORM_CLUSTER, timeout=seconds(config.longform.timeout_s),
+                            idle_timeout=seconds(config.longform.timeout_s), retry_policy=retry)
+    # An upload too large to buffer streams through (envoy/longform.lua): Envoy holds at most this
+    # much of it (and gives up replaying it to another worker once it has sent more).
+    streamed = rc.HeaderMatcher(name=LONGFORM_HEADER,
+                                string_match=string_pb2.StringMatcher(exact=LONGFORM_STREAMED))
     marked = rc.HeaderMatcher(name=LONGFORM_HEADER, present_match=True)
-    return [rc.Route(name=f"longform:{path.rsplit('/', 1)[-1]}", match=rc.RouteMatch(path=path, headers=[marked]),
-                     # A recording answers nothing until its pieces are joined: the idle timeout is its whole time.
-                     route=rc.RouteAction(cluster=LONGFORM_CLUSTER, timeout=seconds(config.longform.timeout_s),
-                                          idle_timeout=seconds(config.longform.timeout_s), retry_policy=retry),
-                     tracing=build_route_tracing(config, path))
-            for path in AUDIO_PATHS]
+    return [route for path in AUDIO_PATHS for route in (
+        rc.Route(name=f"longform-streamed:{path.rsplit('/', 1)[-1]}", match=rc.RouteMatch(path=path, headers=[streamed]),
+                 route=action, request_body_buffer_limit=wrappers_pb2.UInt64Value(value=STREAMED_BUFFER_BYTES),
+                 tracing=build_route_tracing(config, path)),
+        rc.Route(name=f"longform:{path.rsplit('/', 1)[-1]}", match=rc.RouteMatch(path=path, headers=[marked]),
+                 route=action, tracing=build_route_tracing(config, path)))]
 
 
 def _retry_policy(config: GatewayConfig) -> rc.RetryPolicy | None:
@@ -200,6 +209,9 @@ def lua_context(config: GatewayConfig, fleet: Fleet | None, access: Access, envo
             # Long recordings (0: never split), and how many of a recording's pieces may be at a
             # model's engines at once (a worker reads it again on each piece's answer).
             "longform_above_s": config.longform.split_above_s if config.longform.enabled else 0,
+            # Uploads declaring more than max_upload_bytes stream to a worker, up to max_longform_bytes.
+            "max_upload_bytes": config.limits.max_upload_bytes,
+            "max_longform_bytes": config.limits.max_longform_bytes,
             "longform_parallel": longform_parallel(config, fleet) if fleet is not None and config.longform.enabled else {},
             # Each plan's limits, for what the filter says on a 429 (builders/quotas.py enforces them).
             "plans": {name: {k: v for k, v in vars(plan).items() if v is not None}

@@ -108,10 +108,17 @@ class LimitsConfig:
     # The most audio-seconds one upload is counted as: a header claiming more is not trusted
     # (envoy/audio_duration.lua estimates from the size instead, capped here too).
     max_audio_s: Annotated[StrictFloat, within(1, 86400)] = 14400.0
+    # With longform workers: an upload declaring more than max_upload_mb (Content-Length), up to
+    # this, streams to a worker's disk instead of being buffered in Envoy (envoy/longform.lua).
+    max_longform_mb: Annotated[StrictFloat, within(0.01, 65536)] = 1024.0
 
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def max_longform_bytes(self) -> int:
+        return int(self.max_longform_mb * 1024 * 1024)
 
     @property
     def upload_budget_bytes(self) -> int:

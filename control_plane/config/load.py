@@ -111,10 +111,14 @@ def _check_endpoints(config: GatewayConfig) -> None:
 
 def _check_longform(config: GatewayConfig) -> None:
     """The workers and the pieces listener: loopback (the pieces listener admits no one else), and
-    ports of their own."""
+    ports of their own; uploads past max_upload_mb stream to the workers up to max_longform_mb."""
     longform = config.longform
     if not longform.enabled:
         return
+    if config.limits.max_longform_mb < config.limits.max_upload_mb:
+        raise ConfigError(f"limits.max_longform_mb: {config.limits.max_longform_mb:g} is less than "
+                          f"limits.max_upload_mb ({config.limits.max_upload_mb:g}): uploads past max_upload_mb "
+                          "stream to the longform workers up to max_longform_mb")
     own = {port for _, port in config.listen.own_endpoints().values()}
     if longform.pieces_port in own:
         raise ConfigError(f"longform.pieces_port: {longform.pieces_port} is one of the gateway's own ports")

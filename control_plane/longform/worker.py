@@ -29,7 +29,9 @@ import aiohttp
 from aiohttp import web
 
 from control_plane.longform import answers, cuts, decode
-from control_plane.names import AUDIO_PATHS, LONGFORM_PARALLEL_HEADER, MODEL_HEADER, RECORDING_SECONDS_HEADER
+from control_plane.names import (ADMIT_KEY_HEADER, ADMIT_MODEL_HEADER, AUDIO_PATHS, KEY_ID_HEADER, LONGFORM_HEADER,
+                                 LONGFORM_PARALLEL_HEADER, LONGFORM_STREAMED, MODEL_HEADER, RECORDING_MODEL_HEADER,
+                                 RECORDING_SECONDS_HEADER)
 from engines.common.errors import INVALID_AUDIO, EngineError, missing_field
 from engines.common.runner import serve_until_signal
 
@@ -85,9 +87,9 @@ class TooLarge(Exception):
 class Failed(Exception):
     """The recording's answer when it cannot be joined: a piece's own error, or the worker's."""
 
-    def __init__(self, status: int, body: bytes, content_type: str = "application/json"):
+    def __init__(self, status: int, body: bytes, content_type: str = "application/json", headers: dict | None = None):
         super().__init__(status)
-        self.status, self.body, self.content_type = status, body, content_type
+        self.status, self.body, self.content_type, self.headers = status, body, content_type, headers or {}
 
     @classmethod
     def of(cls, error: EngineError) -> Failed:
@@ -95,7 +97,7 @@ class Failed(Exception):
         return cls(error.status, response.body, "application/json")
 
     def response(self) -> web.Response:
-        return web.Response(status=self.status, body=self.body, content_type=self.content_type)
+        return web.Response(status=self.status, body=self.body, content_type=self.content_type, headers=self.headers)
 
 
 def invalid_audio() -> Failed:
@@ -134,9 +136,11 @@ class Recording:
         if self.duration > self.worker.max_audio_s:
             return Failed.of(EngineError(400, f"The recording is {self.duration:.1f} s of audio; this gateway takes "
                                               f"at most {self.worker.max_audio_s:.0f} s in one upload.")).response()
-        # What the Lua filter meters the recording by, in place of the edge's figure (envoy/metering.lua).
-        self.headers = {RECORDING_SECONDS_HEADER: f"{self.duration:.3f}"}
         try:
+            if self.request.headers.get(LONGFORM_HEADER) == LONGFORM_STREAMED:
+                await self._admit()
+            # What the Lua filter meters the recording by, in place of the edge's figure (envoy/metering.lua).
+            self.headers = {RECORDING_SECONDS_HEADER: f"{self.duration:.3f}", RECORDING_MODEL_HEADER: self.upload.model}
             collected = await self._pieces_answered()
         except Failed as failure:
             log.info("recording %s: %s after %d pieces", self._id(), failure.status, len(self.pieces))
@@ -151,6 +155,25 @@ class Recording:
         if isinstance(joined, dict):
             return web.json_response(joined, headers=self.headers)
         return web.Response(text=joined, content_type="text/plain", headers=self.headers)
+
+    async def _admit(self) -> None:
+        """An upload too large for Envoy to buffer came unread (envoy/longform.lua): now that its
+        model and length are known, the pieces listener admits it as the Lua filter would have (the
+        model, the key's access to it, its plan), or Failed with the filter's own answer."""
+        headers = {ADMIT_MODEL_HEADER: self.upload.model, RECORDING_SECONDS_HEADER: f"{self.duration:.3f}",
+                   ADMIT_KEY_HEADER: self.request.headers.get(KEY_ID_HEADER, "")}
+        try:
+            async with self.worker.session.post(self.worker.pieces_url + self.request.path, headers=headers) as response:
+                answer = await response.read()
+                if response.status != 204:
+                    kept = {name: response.headers[name] for name in ("retry-after",) if name in response.headers}
+                    raise Failed(response.status, answer, response.content_type, kept)
+                self.upload.model = response.headers.get(MODEL_HEADER, self.upload.model)  # its own name, not an alias
+                self.slots.limit = parallel_pieces(response.headers.get(LONGFORM_PARALLEL_HEADER))
+        except (aiohttp.ClientError, asyncio.TimeoutError) as error:
+            log.warning("recording %s: admission: %s", self._id(), type(error).__name__)
+            raise Failed.of(EngineError(502, f"The recording could not be admitted: the pieces listener failed "
+                                             f"({type(error).__name__}).", "BadGatewayError")) from None
 
     async def _pieces_answered(self) -> list:
         """Every piece's answer, in order (each streamed as it comes, with stream=true); Failed at the
@@ -368,6 +391,8 @@ class Worker:
         if not has_file:
             raise missing_field("file", len(fields) + 13)
         form = dict(fields)
+        if not (request.headers.get(MODEL_HEADER) or form.get("model")):  # only a streamed upload comes unread
+            raise EngineError(400, "Missing form field `model`.", "BadRequestError", "model")  # the Lua filter's words
         return Upload(
             path=path,
             fields=[(name, value) for name, value in fields if name not in OWN_FIELDS],

@@ -33,7 +33,7 @@ from grpc_health.v1 import health
 from control_plane.names import (AUDIO_ESTIMATED_HEADER, AUDIO_SECONDS_HEADER, AUDIO_SECONDS_LIMIT, REQUESTS_LIMIT, BATCH_LANE_HEADER, CUT_SHORT_FLAGS,
                                  BATCH_LANE_KEY, CLAIMED_KEY, ENGINE_SECONDS_KEY, ESTIMATED_KEY, IN_FLIGHT_LIMIT, KEY_ID_HEADER, KEY_ID_KEY, LONGFORM_HEADER, PIECE_HEADER,
                                  LIMITED_HEADER, LUA_REPLY_KEY, METADATA_NAMESPACE, MODEL_HEADER, MODEL_KEY,
-                                 SECONDS_KEY)
+                                 SECONDS_KEY, STREAMED_KEY)
 from control_plane.observe.in_flight import InFlight
 from control_plane.observe.ledger import Ledger
 from control_plane.observe.outcomes import Outcomes, failed
@@ -191,6 +191,27 @@ def mismatch(entry: accesslog_pb2.HTTPAccessLogEntry) -> Mismatch | None:
                     as_seconds(_string(fields, ENGINE_SECONDS_KEY)), day_of(entry))
 
 
+@dataclass(frozen=True)
+class Streamed:
+    """A recording streamed to its worker unread (envoy/longform.lua), served: its model and
+    length, which only its answer knew (its worker's, bounded by the Lua filter), and its key."""
+
+    model: str
+    seconds: float
+    key: str
+
+
+def streamed(entry: accesslog_pb2.HTTPAccessLogEntry) -> Streamed | None:
+    """A served streamed recording's request entry (metered from it, not from its try's end, whose
+    request named no model), or None for any other entry."""
+    fields = entry.common_properties.metadata.filter_metadata.get(METADATA_NAMESPACE)
+    if entry.common_properties.access_log_type != REQUEST_ENDED or not delivered(entry) \
+            or not _string(fields, STREAMED_KEY) or not _string(fields, MODEL_KEY):
+        return None
+    seconds = as_seconds(_string(fields, SECONDS_KEY))
+    return None if seconds is None else Streamed(_string(fields, MODEL_KEY), seconds, _string(fields, KEY_ID_KEY))
+
+
 def cost(seconds: float) -> int:
     """What an upload of `seconds` is charged to a key's budget: whole audio-seconds, at least one
     (as the Lua filter charges it)."""
@@ -207,6 +228,9 @@ def record(entry: accesslog_pb2.HTTPAccessLogEntry, stream: int, outcomes: Outco
         if (found := mismatch(entry)) is not None:  # metered at its try's end: corrected to the engine's figure
             if found.model and found.edge is not None:
                 ledger.correct(found.model, found.edge, found.engine, found.key, found.day)
+            return False
+        if (recording := streamed(entry)) is not None:  # its try's end, like a 2xx's, ended it in flight
+            ledger.meter(recording.model, recording.seconds, False, "served", recording.key, day_of(entry))
             return False
         _meter_failed(entry, ledger)
         return _request_ended(entry, in_flight, now)
@@ -259,8 +283,12 @@ def arrival(entry: accesslog_pb2.HTTPAccessLogEntry) -> tuple[str, float, bool] 
 
 
 def charged_after(entry: accesslog_pb2.HTTPAccessLogEntry) -> tuple[str, float] | None:
-    """A mismatch whose engine measured more audio than the edge charged: (key id, the whole
-    audio-seconds more), which the key's budget is charged after the fact; else None."""
+    """A mismatch whose engine measured more audio than the edge charged, or a streamed recording
+    (charged one audio-second at its headers): (key id, the whole audio-seconds more), which the
+    key's budget is charged after the fact; else None."""
+    if (recording := streamed(entry)) is not None:
+        more = cost(recording.seconds) - cost(0.0)
+        return (recording.key, more) if recording.key and more > 0 else None
     found = mismatch(entry)
     if found is None or not found.key or found.edge is None or found.engine is None:
         return None
