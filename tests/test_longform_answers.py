@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from control_plane.longform.answers import cues, join, join_text
+from control_plane.longform.answers import cues, from_verbose, join, join_text, language_code
 from control_plane.longform.cuts import RATE, Piece
 
 # Three pieces: 0-29.5 s, 29.5-59 s, 59-70 s.
@@ -99,3 +99,29 @@ def test_a_recording_over_an_hour_is_timed_in_hours():
 
 def test_plain_text_answers_join_as_text():
     assert join([" a", " b", " c"], PIECES, "text", 70.0, RATE) == " a b c"
+
+
+@pytest.mark.parametrize("answer,code", [
+    ({"language": "en", "text": " a"}, "en"),
+    ({"language": "haw"}, "haw"),
+    ({"language": "english"}, None),  # a name, not a code the engines take as `language`
+    ({"language": "EN"}, None),
+    ({"language": None}, None),
+    ({"text": " a"}, None),
+    (" a", None),
+])
+def test_the_language_a_first_piece_heard_is_passed_on_only_as_a_code(answer, code):
+    assert language_code(answer) == code
+
+
+VERBOSE = {"task": "transcribe", "language": "en", "duration": 29.55, "text": " a b", "segments": [], "words": None}
+
+
+@pytest.mark.parametrize("response_format,expected", [
+    ("json", {"text": " a b", "usage": {"type": "duration", "seconds": 30}}),
+    ("text", " a b"),
+    ("verbose_json", VERBOSE),
+])
+def test_a_first_pieces_verbose_answer_becomes_the_format_asked_for(response_format, expected):
+    assert from_verbose(VERBOSE, response_format) == expected
+    assert from_verbose("plain", response_format) == "plain"

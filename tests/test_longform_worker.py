@@ -95,6 +95,9 @@ class Pieces:
     def __init__(self):
         self.mode = "answer"
         self.rates: list[int] = []
+        # Each piece as it came: (file name, response_format, language, the pieces answered before it came).
+        self.forms: list[tuple[str, str, str | None, int]] = []
+        self.answered = 0
         self.in_flight = self.most = self.arrived = self.cancelled = 0
         self.changed = threading.Condition()
         self.loop = asyncio.new_event_loop()
@@ -116,7 +119,7 @@ class Pieces:
     def reset(self, mode: str) -> None:
         with self.changed:
             self.mode, self.most, self.arrived, self.cancelled, self.failed_once = mode, 0, 0, 0, False
-            self.rates = []
+            self.rates, self.forms, self.answered = [], [], 0
         self.loop.call_soon_threadsafe(self.two_in.clear)
         self.loop.call_soon_threadsafe(self.three_in.clear)
 
@@ -141,6 +144,8 @@ class Pieces:
         head = form["file"].file.read(28)
         form["file"].file.seek(0)
         self.rates.append(int.from_bytes(head[24:28], "little"))  # the WAV's sample rate
+        with self.changed:
+            self.forms.append((piece, form.get("response_format"), form.get("language"), self.answered))
         self._count(in_flight=1, arrived=1)
         try:
             if self.in_flight >= 2:
@@ -170,7 +175,9 @@ class Pieces:
             if self.mode == "drop":
                 request.transport.close()
                 return web.Response()
-            return await handler(request)
+            answer = await handler(request)
+            self._count(answered=1)
+            return answer
         except asyncio.CancelledError:
             self._count(cancelled=1)
             raise
@@ -376,7 +383,7 @@ def test_a_pieces_listener_that_drops_the_connection_is_502(steered, audio):
 def test_no_more_pieces_at_once_than_the_share_says(steered, audio, mode, header, most):
     url, pieces, _ = steered
     pieces.reset(mode)
-    answer = send(url, audio["wav"], headers={LONGFORM_PARALLEL_HEADER: header})
+    answer = send(url, audio["wav"], headers={LONGFORM_PARALLEL_HEADER: header}, language="en")  # no detection first
     assert answer.status == 200, answer.text
     assert pieces.arrived == 4 and pieces.most == most
 
@@ -385,7 +392,7 @@ def test_a_client_that_goes_away_cancels_its_pieces(steered, audio):
     url, pieces, spool = steered
     pieces.reset("hold")
     boundary = "longformdisconnect"
-    body = multipart([("file", audio["wav"], "recording.wav")], boundary)
+    body = multipart([("file", audio["wav"], "recording.wav"), ("language", "en", None)], boundary)
     head = (f"POST {TRANSCRIPTIONS} HTTP/1.1\r\nHost: worker\r\nContent-Length: {len(body)}\r\n"
             f"Content-Type: multipart/form-data; boundary={boundary}\r\n{MODEL_HEADER}: {MODEL}\r\n"
             f"{LONGFORM_PARALLEL_HEADER}: 2\r\n\r\n")
@@ -413,3 +420,44 @@ def test_a_telephone_recording_goes_in_pieces_at_its_own_rate(steered, audio, tm
     assert set(pieces.rates) == {8000} and len(pieces.rates) == 4
     assert [s["start"] for s in answer.json()["segments"]] == pytest.approx(list(OFFSETS), abs=0.1)
     assert answer.json()["duration"] == pytest.approx(SECONDS, abs=0.01)
+
+
+# -- one language for the whole recording ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("response_format,stream", [("json", "false"), ("text", "false"), ("verbose_json", "false"),
+                                                    ("json", "true")])
+def test_the_first_piece_names_the_language_every_other_piece_is_sent_in(steered, audio, response_format, stream):
+    """Where the client names none: the first piece alone, asked for verbose_json; the others once
+    it has answered, in the language it heard (one detection, as vLLM makes for a whole upload),
+    and the answer in the format asked for."""
+    url, pieces, _ = steered
+    pieces.reset("answer")
+    answer = send(url, audio["wav"], response_format=response_format, stream=stream)
+    assert answer.status == 200, answer.text
+    asked = "json" if stream == "true" else response_format
+    assert pieces.forms[0] == ("piece-0.wav", "verbose_json", None, 0)
+    assert [form[1:3] for form in pieces.forms[1:]] == [(asked, "en")] * 3
+    assert all(before >= 1 for *_, before in pieces.forms[1:])  # sent once the first had answered
+    if stream == "true":
+        assert lengths_in(answer.text) == pytest.approx(list(LENGTHS))
+    elif response_format == "text":
+        assert answer.text == "".join(piece_texts(name="pieces")) and answer.headers["Content-Type"].startswith("text/plain")
+    else:
+        body = answer.json()
+        assert body["text"] == "".join(piece_texts(name="pieces"))
+        assert body.get("language") == ("en" if response_format == "verbose_json" else None)
+        if response_format == "json":
+            assert body == {"text": body["text"], "usage": {"type": "duration", "seconds": 96}}
+
+
+@pytest.mark.parametrize("path,fields", [(TRANSCRIPTIONS, {"language": "de"}), (TRANSLATIONS, {}),
+                                         (TRANSCRIPTIONS, {"response_format": "srt"})])
+def test_pieces_go_out_at_once_where_there_is_nothing_to_detect(steered, audio, path, fields):
+    """A language the client named goes to every piece as it came; a translation's pieces (English
+    out, whatever came in) and subtitles (which say no language) detect nothing first."""
+    url, pieces, _ = steered
+    pieces.reset("pairs")  # the first two pieces answer only once both are in
+    answer = send(url, audio["wav"], path, headers={LONGFORM_PARALLEL_HEADER: "2"}, **fields)
+    assert answer.status == 200, answer.text
+    assert [form[2] for form in pieces.forms] == [fields.get("language")] * 4
+    assert "verbose_json" not in {form[1] for form in pieces.forms}

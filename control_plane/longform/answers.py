@@ -114,11 +114,35 @@ def join_subtitles(documents: Sequence[str], pieces: Sequence[Piece], response_f
                      for i, (s, e, settings, text) in enumerate(moved, start=1))
 
 
+# What the engines accept as `language`: ISO 639-1 codes, as vLLM's verbose_json names them.
+_LANGUAGE_CODE = re.compile(r"[a-z]{2,3}")
+
+
+def language_code(answer) -> str | None:
+    """The language a verbose_json answer says its audio was in, where it is a code the engines
+    take as `language` (an engine that names it `english` tells the others nothing)."""
+    language = answer.get("language") if isinstance(answer, dict) else None
+    return language if isinstance(language, str) and _LANGUAGE_CODE.fullmatch(language) else None
+
+
+def from_verbose(answer, response_format: str):
+    """A verbose_json answer as the engine would have answered `response_format` (json or text;
+    anything else, or an answer that is not an object, as it is)."""
+    if not isinstance(answer, dict):
+        return answer
+    if response_format == "json":
+        return {"text": answer.get("text") or "",
+                "usage": {"type": "duration", "seconds": math.ceil(answer.get("duration") or 0)}}
+    if response_format == "text":
+        return answer.get("text") or ""
+    return answer
+
+
 def join(answers: Sequence, pieces: Sequence[Piece], response_format: str, duration_s: float, rate: int):
     """The pieces' answers (each a parsed JSON object, or the text of a text answer) as one, in
-    the same kind: an object for JSON answers, text otherwise."""
+    the same kind: an object for JSON answers, text otherwise (where some pieces' are text)."""
     if answers and all(isinstance(a, dict) for a in answers):
         return join_json(answers, pieces, duration_s, rate)
     if response_format in ("srt", "vtt"):
         return join_subtitles(answers, pieces, response_format, rate)
-    return join_text(answers)
+    return join_text([a if isinstance(a, str) else a.get("text") or "" for a in answers])

@@ -124,6 +124,13 @@ class Recording:
         self.samples, self.rate = 0, cuts.RATE
         self.stream: web.StreamResponse | None = None
         self.streamed = ""  # the last delta sent, for the space between pieces' texts
+        # One language for the whole recording, as vLLM detects one for a whole upload: where the
+        # client names none, the first piece goes alone, asked for verbose_json (which says what
+        # its engine heard), and the others name that language: one detection, not one a piece.
+        self.language: str | None = None
+        self.heard = asyncio.Event()
+        if not self._detects_language():
+            self.heard.set()
 
     async def answer(self) -> web.StreamResponse:
         try:
@@ -214,8 +221,17 @@ class Recording:
             await self._dispatch(group, queue, buffer, start, len(buffer))
         await queue.put(None)
 
+    def _detects_language(self) -> bool:
+        """Whether the first piece must tell the others their language: a transcription naming
+        none, answered as JSON (subtitles carry no language; a translation's is English)."""
+        named = any(name == "language" and value.strip() for name, value in self.upload.fields)
+        formats = ("json", "text", "verbose_json")
+        return self.upload.task == "transcribe" and not named and (self.upload.stream or self.upload.response_format in formats)
+
     async def _dispatch(self, group: asyncio.TaskGroup, queue: asyncio.Queue, buffer: array, start: int,
                         end: int) -> None:
+        if self.pieces:
+            await self.heard.wait()  # the first piece's answer names the language the others are sent in
         await self.slots.acquire()
         piece = cuts.Piece(len(self.pieces), start, start + end)
         self.pieces.append(piece)
@@ -227,12 +243,17 @@ class Recording:
         engine's 5xx (Envoy already retried what it retries: a connection refused, a 503) is asked
         again, up to PIECE_TRIES in all: one engine's failure does not cost the whole recording."""
         limit = None  # what the piece's answers say the recording may hold now
+        detects = not self.heard.is_set()  # the first piece, whose answer names the recording's language
         try:
             for attempt in range(1, PIECE_TRIES + 1):
-                status, answer, content_type, said = await self._post(piece, body)
+                status, answer, content_type, said = await self._post(piece, body, detects)
                 limit = said if said is not None else limit
                 if 200 <= status < 300:
-                    return json.loads(answer) if content_type == "application/json" else answer.decode()
+                    answer = json.loads(answer) if content_type == "application/json" else answer.decode()
+                    if detects:
+                        self.language = answers.language_code(answer)
+                        answer = answers.from_verbose(answer, "json" if self.upload.stream else self.upload.response_format)
+                    return answer
                 if status < 500 or attempt == PIECE_TRIES:
                     raise Failed(status, answer, content_type)
                 log.info("recording %s: piece %d answered %d; asking again", self._id(), piece.index, status)
@@ -243,18 +264,24 @@ class Recording:
             limit = -1  # the recording is over: its slot is not given to a next piece
             raise
         finally:
+            if detects:
+                self.heard.set()
             if limit != -1:
                 await self.slots.release(limit)
 
-    async def _post(self, piece: cuts.Piece, body: bytes) -> tuple[int, bytes, str, int | None]:
-        """One try of a piece at the pieces listener: (status, body, content type, the share its answer says)."""
+    async def _post(self, piece: cuts.Piece, body: bytes, detects: bool = False) -> tuple[int, bytes, str, int | None]:
+        """One try of a piece at the pieces listener: (status, body, content type, the share its
+        answer says); `detects`: asked for verbose_json, whose answer names its language."""
         form = aiohttp.FormData()
         form.add_field("file", body, filename=f"piece-{piece.index}.wav", content_type="audio/wav")
         if self.upload.model:
             form.add_field("model", self.upload.model)
         for name, value in self.upload.fields:
             form.add_field(name, value)
-        form.add_field("response_format", "json" if self.upload.stream else self.upload.response_format)
+        if self.language and not detects:
+            form.add_field("language", self.language)
+        form.add_field("response_format", "verbose_json" if detects else
+                       "json" if self.upload.stream else self.upload.response_format)
         headers = {name: self.request.headers[name] for name in FORWARDED_HEADERS if name in self.request.headers}
         if self.upload.model:
             headers[MODEL_HEADER] = self.upload.model
