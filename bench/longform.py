@@ -56,9 +56,10 @@ def short_lengths(rng: random.Random, count: int) -> list[float]:
     return [rng.uniform(*SHORT_S) for _ in range(count)]
 
 
-def recording_body() -> bytes:
-    return multipart([("model", MODEL, None), ("language", "en", None),
-                      ("file", silent_wav(RECORDING_S, RECORDING_RATE), "recording.wav")])
+def recording_body(language: bool = True) -> bytes:
+    """`language`: the form names it (else the engines, or the first piece, detect it)."""
+    return multipart([("model", MODEL, None)] + ([("language", "en", None)] if language else []) +
+                     [("file", silent_wav(RECORDING_S, RECORDING_RATE), "recording.wav")])
 
 
 def pieces_in(text: str) -> list[float]:
@@ -210,6 +211,7 @@ def main() -> None:
     parser.add_argument("--load", type=float, default=0.7, help="short clips' load, of the fleet's capacity")
     parser.add_argument("--warmup", type=float, default=6.0, help="seconds of short clips before the recording")
     parser.add_argument("--idle-only", action="store_true")
+    parser.add_argument("--no-language", action="store_true", help="the recording names no language")
     parser.add_argument("--seed", type=int, default=11)
     args = parser.parse_args()
     profile = replace(PROFILE, time_scale=args.time_scale)
@@ -220,7 +222,7 @@ def main() -> None:
     report = {"date": machine["date"], "commit": machine["git_commit"], "machine": machine, "runs": args.runs,
               "time_scale": args.time_scale, "load": args.load, "short_rate_per_s": round(rate, 2),
               "recording_s": RECORDING_S, "split_above_s": SPLIT_ABOVE_S, "per_run": []}
-    recording = recording_body()
+    recording = recording_body(not args.no_language)
     try:
         engines = [start_engine(log_dir, MODEL, f"lf-{i}", max_num_seqs=profile.max_num_seqs,
                                 time_scale=args.time_scale, max_upload_mb=UPLOAD_MB)[1] for i in range(ENGINES)]
