@@ -187,6 +187,8 @@ def _add_longform_command(commands) -> None:
                         help="the largest recording accepted, MiB (default 1024)")
     worker.add_argument("--max-audio-s", type=float, default=None,
                         help="the longest recording accepted, seconds of audio (default 14400: limits.max_audio_s)")
+    worker.add_argument("--keep-running", action="store_true",
+                        help="run the worker as a child, started again whenever it exits (until SIGTERM)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -196,6 +198,13 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(_run_check(args))
     if args.command == "longform-worker":
         from control_plane.longform.worker import DEFAULT_MAX_AUDIO_S, DEFAULT_MAX_UPLOAD_MB, serve as serve_longform
+
+        if args.keep_running:
+            from control_plane.supervisor import keep_running
+
+            arguments = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--keep-running"]
+            sys.exit(keep_running([sys.executable, "-m", "control_plane", *arguments],
+                                  f"the longform worker on {args.listen[0]}:{args.listen[1]}"))
 
         host, port = args.listen
         sys.exit(asyncio.run(serve_longform(host, port, args.pieces, args.max_upload_mb or DEFAULT_MAX_UPLOAD_MB,
@@ -641,7 +650,7 @@ def _run_certs_command(args: argparse.Namespace, config: GatewayConfig) -> int:
 def _exec_envoy(args: argparse.Namespace, config: GatewayConfig) -> None:
     """Replaces this process with Envoy, so signals (SIGTERM from a container runtime) reach it;
     the longform workers the config names (on loopback: beside this Envoy) start first, as its
-    children, and are sent SIGTERM when it exits."""
+    children (each kept running: started again should it exit), and are sent SIGTERM when it exits."""
     import os
     import subprocess
 
@@ -653,6 +662,7 @@ def _exec_envoy(args: argparse.Namespace, config: GatewayConfig) -> None:
     node_id = args.node_id or (f"{args.identity}.{socket.gethostname()}" if args.identity else default_node_id())
     write_bootstrap(path, config, node_id, args.xds_host, identity=args.identity)
     argv, env = envoy_command(path)
-    for worker in config.longform.workers:
-        subprocess.Popen(longform_command(config, worker), preexec_fn=die_with_parent, stdin=subprocess.DEVNULL)
+    for worker in config.longform.workers:  # each started again should it exit
+        subprocess.Popen(longform_command(config, worker) + ["--keep-running"], preexec_fn=die_with_parent,
+                         stdin=subprocess.DEVNULL)
     os.execve(argv[0], argv, env)

@@ -13,7 +13,9 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +63,39 @@ def die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     except OSError:
         pass
+
+
+# A process kept running (keep_running) is started again 1 s after it exits, twice as long after
+# each exit within STEADY_S of its start, at most RESTART_MOST_S.
+RESTART_MOST_S = 30.0
+STEADY_S = 60.0
+
+
+def keep_running(command: list[str], name: str) -> int:
+    """Runs `command` until SIGTERM or SIGINT (then stops it), starting it again whenever it
+    exits. The Envoy containers keep their longform workers so: Envoy's health checks take a dead
+    worker out of rotation, and this brings it back."""
+    stopped, child = threading.Event(), None
+
+    def stop(signum, frame) -> None:
+        stopped.set()
+        if child is not None and child.poll() is None:
+            child.terminate()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, stop)
+    delay = 0.5
+    while not stopped.is_set():
+        started = time.monotonic()
+        child = subprocess.Popen(command, preexec_fn=die_with_parent, stdin=subprocess.DEVNULL)
+        status = child.wait()
+        if stopped.is_set():
+            break
+        ran = time.monotonic() - started
+        delay = 1.0 if ran >= STEADY_S else min(RESTART_MOST_S, delay * 2)
+        log.warning("%s exited with status %s after %.1f s; starting it again in %.0f s", name, status, ran, delay)
+        stopped.wait(delay)
+    return 0
 
 
 def find_envoy() -> str:

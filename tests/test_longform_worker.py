@@ -12,7 +12,9 @@ import asyncio
 import contextlib
 import json
 import math
+import os
 import re
+import signal
 import socket
 import subprocess
 import threading
@@ -461,3 +463,29 @@ def test_pieces_go_out_at_once_where_there_is_nothing_to_detect(steered, audio, 
     assert answer.status == 200, answer.text
     assert [form[2] for form in pieces.forms] == [fields.get("language")] * 4
     assert "verbose_json" not in {form[1] for form in pieces.forms}
+
+
+# -- kept running beside Envoy ----------------------------------------------------------------------------------
+
+def children_of(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as listed:
+        return [int(child) for child in listed.read().split()]
+
+
+def test_a_worker_kept_running_is_started_again_when_it_dies(tmp_path):
+    """`--keep-running` (how `whisper-gateway envoy` starts its workers in a container): a worker
+    killed is serving again a moment later; SIGTERM stops the keeper and its worker."""
+    port = free_port()
+    keeper = Process("keeper", [PYTHON, "-m", "control_plane", "longform-worker", "--listen", f"127.0.0.1:{port}",
+                                "--pieces", "http://127.0.0.1:9", "--keep-running"], tmp_path)
+    health = f"http://127.0.0.1:{port}/health"
+    wait_until(lambda: request("GET", health, timeout=2).status == 200, 20, "the worker")
+    [first] = children_of(keeper.popen.pid)
+    os.kill(first, signal.SIGKILL)
+    wait_until(lambda: children_of(keeper.popen.pid) not in ([], [first]) and request("GET", health, timeout=2).status == 200,
+               20, "the worker started again")
+    [second] = children_of(keeper.popen.pid)
+    assert "exited with status -9" in keeper.log_path.read_text()
+    keeper.popen.send_signal(signal.SIGTERM)
+    assert keeper.popen.wait(10) == 0
+    wait_until(lambda: not Path(f"/proc/{second}").exists(), 10, "the worker stopped with its keeper")
