@@ -105,6 +105,26 @@ def test_hung_engine_costs_no_request_and_leaves_rotation(tmp_path):
     assert gateway.served_by(10) == {"e1": 10, "e2": 0}
 
 
+def test_a_hedge_that_loses_is_not_its_engines_failure(tmp_path):
+    # Either engine answers a clip in about 1.5x the hedge deadline: each request's first try
+    # passes its deadline, is hedged on the other engine, and still answers first (before the
+    # hedge's own deadline); Envoy resets the hedge. Neither the late answer nor the reset hedge
+    # is its engine failing (counted as failures, they got an engine ejected within the 8 requests).
+    gateway = FaultGateway(tmp_path, ["e1", "e2"], resilience={**FAST_RESILIENCE, "hedge_after_s": 0.4,
+                                                                "hedge_per_mb_s": 0})
+    for name in gateway.engines:
+        gateway.fault(name, slowdown=22)  # about 0.6 s a clip (time_scale 0.2), one at a time
+    assert [transcribe(gateway.envoy.url, MODEL).status for _ in range(8)] == [200] * 8
+    assert gateway.envoy.stat(f"cluster.model_{MODEL}.upstream_rq_retry") >= 8  # each request hedged
+    # A reset hedge is logged before its winner's end, on the same stream: all are in once every
+    # answer is metered.
+    wait_until(lambda: gateway.admin.status()["models"][0]["requests"] >= 8, 10, "every answer metered")
+    rows = gateway.admin.status()["endpoints"]
+    assert len(rows) == 2
+    for row in rows:  # a straggler past twice the deadline may lose a hedge of its own: slow, counted
+        assert row["failure_ratio"] < 0.3 and row["ejected_until"] is None, row
+
+
 def timed_transcriptions(url: str, seconds: float, count: int, at_once: int) -> list[tuple[int, float]]:
     """(status, seconds taken) of `count` requests of a `seconds` clip, `at_once` at a time."""
     def one(_):

@@ -36,7 +36,7 @@ from control_plane.names import (AUDIO_ESTIMATED_HEADER, AUDIO_SECONDS_HEADER, A
                                  SECONDS_KEY, STREAMED_KEY)
 from control_plane.observe.in_flight import InFlight
 from control_plane.observe.ledger import Ledger
-from control_plane.observe.outcomes import Outcomes, failed
+from control_plane.observe.outcomes import Outcomes, failed, route_timed_out
 
 TRY_STARTED = accesslog_pb2.AccessLogType.UpstreamPoolReady
 TRY_ENDED = accesslog_pb2.AccessLogType.UpstreamEnd
@@ -225,6 +225,8 @@ def record(entry: accesslog_pb2.HTTPAccessLogEntry, stream: int, outcomes: Outco
     kind = entry.common_properties.access_log_type
     request_id = entry.request.request_id
     if kind == REQUEST_ENDED:
+        if route_timed_out(entry) and (endpoint := endpoint_of(entry)) is not None:
+            outcomes.record(endpoint, False, now)  # its last try's entry said nothing
         if (found := mismatch(entry)) is not None:  # metered at its try's end: corrected to the engine's figure
             if found.model and found.edge is not None:
                 ledger.correct(found.model, found.edge, found.engine, found.key, found.day)
@@ -250,12 +252,13 @@ def record(entry: accesslog_pb2.HTTPAccessLogEntry, stream: int, outcomes: Outco
         return in_flight.started((headers.get(KEY_ID_HEADER, ""), headers.get(BATCH_LANE_HEADER, "")), request_id,
                                  stream, endpoint, now)
     if kind == TRY_ENDED:
-        ok = not failed(entry)
+        verdict = failed(entry)  # None: Envoy ended it (a hedge's loser, a client gone): no evidence
         if recording:
             ledger.recording_ended(stream, request_id)
         else:
-            outcomes.record(endpoint, ok, now)
-            ledger.ended(stream, request_id, endpoint, ok and entry.response.response_code.value < 400, now)
+            if verdict is not None:
+                outcomes.record(endpoint, not verdict, now)
+            ledger.ended(stream, request_id, endpoint, verdict is False and entry.response.response_code.value < 400, now)
         answered = delivered(entry)
         if answered:
             _meter_served(entry, ledger, billed=not piece, timed=not recording)

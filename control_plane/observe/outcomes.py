@@ -11,6 +11,14 @@ outcomes per endpoint across Envoys with exponential decay. The policy holds a f
 A failure is what only the engine or the path to it causes: no response, a reset or a cut
 stream, a timeout, 502/503/504. Plain 500s are not counted: a client's odd upload can make
 vLLM answer 500, and nobody may lower a healthy engine's share by sending such uploads.
+
+A try Envoy ends itself counts neither way: it logs it with no status and no flag, whether
+another try of its request answered first (the loser of a hedge: the router resets every other
+try at the winner's headers) or its client went away. The route's timeout ends a try so too; the
+request's own entry says so (`route_timed_out`), and names the engine of its last try. A try past
+its per-try deadline (the hedge's: `upstream_request_timeout`) failed if it then never answered
+(it lost the hedge, or held its request to the end), not if it answered: Envoy flags the late
+winner too. Envoy 1.40's entries, as seen with a real one: tests/test_outcomes.py.
 """
 
 from __future__ import annotations
@@ -20,21 +28,38 @@ from dataclasses import dataclass
 
 from envoy.data.accesslog.v3 import accesslog_pb2
 
+from control_plane.names import cluster_name
+
 OUTCOMES_TAU_S = 5.0  # how fast old outcomes fade
 MIN_EVIDENCE = 3.0  # decayed tries before a failure ratio counts
 FAILED_STATUSES = frozenset({502, 503, 504})
-FAILURE_FLAGS = ("upstream_request_timeout", "upstream_remote_reset", "upstream_connection_failure",
-                 "upstream_connection_termination", "upstream_protocol_error", "upstream_max_stream_duration_reached",
-                 "stream_idle_timeout", "duration_timeout")
+MODEL_CLUSTER_PREFIX = cluster_name("")  # an engine's (not a longform worker's)
+FAILURE_FLAGS = ("upstream_remote_reset", "upstream_connection_failure", "upstream_connection_termination",
+                 "upstream_protocol_error", "upstream_max_stream_duration_reached", "stream_idle_timeout",
+                 "duration_timeout")
+ROUTE_TIMEOUT = "response_timeout"  # the details of a request the route's timeout ended
 
 
-def failed(entry: accesslog_pb2.HTTPAccessLogEntry) -> bool:
-    """True when the engine (or the way to it) failed this try; the client's doing never counts."""
+def failed(entry: accesslog_pb2.HTTPAccessLogEntry) -> bool | None:
+    """True when the engine (or the way to it) failed this try, False when it answered, None when
+    the try says nothing of the engine: Envoy ended it with no answer and no flag (another try won,
+    or the client went away; the client's doing never counts)."""
     flags = entry.common_properties.response_flags
     if any(getattr(flags, name) for name in FAILURE_FLAGS):
         return True
     status = entry.response.response_code.value
-    return status == 0 or status in FAILED_STATUSES
+    if status:
+        return status in FAILED_STATUSES  # a per-try deadline passed before it does not count
+    return True if flags.ListFields() else None  # flagged: past its per-try deadline, overflowed, reset here...
+
+
+def route_timed_out(entry: accesslog_pb2.HTTPAccessLogEntry) -> bool:
+    """A request's entry (DownstreamEnd) that the route's timeout ended while a try at an engine
+    (its last, which the entry names) was in flight: that try's entry carries no flag of it (one
+    already past its per-try deadline counts twice: slow twice over)."""
+    common = entry.common_properties
+    return (entry.response.response_code_details == ROUTE_TIMEOUT and common.response_flags.upstream_request_timeout
+            and common.upstream_cluster.startswith(MODEL_CLUSTER_PREFIX))
 
 
 @dataclass
