@@ -212,6 +212,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=6.0, help="seconds of short clips before the recording")
     parser.add_argument("--idle-only", action="store_true")
     parser.add_argument("--no-language", action="store_true", help="the recording names no language")
+    parser.add_argument("--pieces-per-engine", type=int, default=8, help="longform.pieces_per_engine of the split gateway")
     parser.add_argument("--seed", type=int, default=11)
     args = parser.parse_args()
     profile = replace(PROFILE, time_scale=args.time_scale)
@@ -234,7 +235,8 @@ def main() -> None:
         stacks = {"whole": GatewayStack(log_dir / "whole", MODEL, engines, limits=limits),
                   "split": GatewayStack(log_dir / "split", MODEL, engines, limits=limits,
                                         longform={"workers": [worker], "split_above_s": SPLIT_ABOVE_S,
-                                                  "pieces_port": pieces_port})}
+                                                  "pieces_port": pieces_port,
+                                                  "pieces_per_engine": args.pieces_per_engine})}
         for stack in stacks.values():
             wait_until(lambda: len(stack.hosts()) == ENGINES
                        and all(h.get("health_flags") == "healthy" for h in stack.hosts().values()), 30, "engines healthy")

@@ -50,6 +50,7 @@ RESULTS = Path(__file__).parent / "results"
 POLICIES = ("round_robin", "least_request", "whisper-gateway", "oracle")
 SPLIT = "whisper-gateway-split"  # run where a scenario has long recordings (Scenario.split)
 SPLIT_ABOVE_S = 60.0  # longform.split_above_s of SPLIT: above mixed-lengths' clips, below its recordings
+LONGFORM_OPTIONS: dict = {}  # more of SPLIT's longform section (--pieces-per-engine, --max-share)
 PROFILE = GpuProfile(max_num_seqs=8)
 # Uploads carry the length the engines model, not speech: 200 samples a second keeps a
 # 10-minute clip at 240 kB, so the client and Envoy are not what is measured.
@@ -235,7 +236,8 @@ def gateway_sections(policy: str, worker: str | None = None, pieces_port: int | 
         routing["long_upload_kb"] = LONG_UPLOAD_AUDIO_S * SAMPLE_RATE * 2 / 1024
         return {"routing": routing}
     return {"routing": routing,
-            "longform": {"workers": [worker], "split_above_s": SPLIT_ABOVE_S, "pieces_port": pieces_port}}
+            "longform": {"workers": [worker], "split_above_s": SPLIT_ABOVE_S, "pieces_port": pieces_port}
+            | LONGFORM_OPTIONS}
 
 
 def wait_idle(engines: list[str]) -> None:
@@ -573,12 +575,16 @@ def main() -> None:
     parser.add_argument("--scenario", action="append", choices=[s.name for s in SCENARIOS] + [LANES.name])
     parser.add_argument("--seconds", type=float, help="seconds of arrivals per run (default 12, --full 40)")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--pieces-per-engine", type=int, help=f"longform.pieces_per_engine of {SPLIT}")
+    parser.add_argument("--max-share", type=float, help=f"longform.max_share of {SPLIT}")
     parser.add_argument("--policy", action="append", choices=POLICIES + (SPLIT,),
                         help=f"only these (targets need all; {SPLIT} runs only where a scenario has long recordings)")
     parser.add_argument("--lanes-policy", action="append",
                         help="priority-lanes runs: idle, no-lanes, lanes, cap-N, lanes-cap-N (default: %s)"
                              % ", ".join(LANES_POLICIES))
     args = parser.parse_args()
+    LONGFORM_OPTIONS.update({key: value for key, value in (("pieces_per_engine", args.pieces_per_engine),
+                                                           ("max_share", args.max_share)) if value is not None})
     plotting = importlib.util.find_spec("matplotlib") is not None
     if not plotting:
         print("matplotlib is missing, so there will be no plots (the tables and JSON are written): "

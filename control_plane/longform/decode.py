@@ -34,7 +34,14 @@ def _pcm(path: str, rate: int | None = None):
         rate = rate or min(stream.sample_rate or RATE, RATE)
         yield rate
         resampler = av.AudioResampler(format="s16", layout="mono", rate=rate)
+        # Frames that are already mono s16 at the rate (a telephone or 16 kHz WAV) pass as they
+        # are, until one is not: resampling costs more than decoding, per frame of a few ms.
+        as_is = True
         for frame in container.decode(stream):
+            as_is = as_is and frame.format.name == "s16" and frame.layout.nb_channels == 1 and frame.sample_rate == rate
+            if as_is:
+                yield memoryview(frame.planes[0])[:frame.samples * 2]
+                continue
             for out in resampler.resample(frame):
                 yield memoryview(out.planes[0])[:out.samples * 2]
         for out in resampler.resample(None):

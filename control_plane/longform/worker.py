@@ -65,6 +65,7 @@ class Slots:
 
     def __init__(self, limit: int):
         self.limit, self.out = limit, 0
+        self.most = self.least = limit  # the limits it was given, for the recording's log line
         self._changed = asyncio.Condition()
 
     async def acquire(self) -> None:
@@ -76,7 +77,7 @@ class Slots:
         async with self._changed:
             self.out -= 1
             if limit is not None:
-                self.limit = limit
+                self.limit, self.most, self.least = limit, max(self.most, limit), min(self.least, limit)
             self._changed.notify_all()
 
 
@@ -133,6 +134,7 @@ class Recording:
             self.heard.set()
 
     async def answer(self) -> web.StreamResponse:
+        self.began = time.monotonic()
         try:
             self.duration, self.rate = await decode.probe(self.upload.path)
         except decode.Undecodable as error:
@@ -155,7 +157,8 @@ class Recording:
         except asyncio.CancelledError:
             log.info("recording %s: the client went away; its pieces cancelled", self._id())
             raise
-        log.info("recording %s: %d pieces, %.1f s of audio", self._id(), len(self.pieces), self.samples / self.rate)
+        log.info("recording %s: %d pieces, %.1f s of audio, %d-%d at once, in %.1f s", self._id(), len(self.pieces),
+                 self.samples / self.rate, self.slots.least, self.slots.most, time.monotonic() - self.began)
         if self.upload.stream:
             return await self._finish()
         joined = answers.join(collected, self.pieces, self.upload.response_format, self.samples / self.rate, self.rate)
