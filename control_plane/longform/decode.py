@@ -108,9 +108,14 @@ async def pcm(path: str, rate: int = RATE) -> AsyncIterator[bytes]:
 
 
 def _count(path: str) -> tuple[float, int]:
-    frames = _pcm(path)
-    rate = next(frames)
-    return sum(len(data) for data in frames) / 2 / rate, rate
+    """Every frame decoded, its samples counted at its own rate (no resampling: what it decodes
+    to is the same length at any rate)."""
+    with av.open(path) as container:
+        if not container.streams.audio:
+            raise Undecodable("no audio stream")
+        stream = container.streams.audio[0]
+        seconds = sum(frame.samples / frame.sample_rate for frame in container.decode(stream) if frame.sample_rate)
+        return seconds, min(stream.sample_rate or RATE, RATE)
 
 
 async def probe(path: str) -> tuple[float, int]:
