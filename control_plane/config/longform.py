@@ -28,8 +28,7 @@ class LongformConfig:
     # How many of a recording's pieces each of a model's engines may hold at once while no short
     # clip waits there: about an engine's batch (vLLM runs many requests at once).
     pieces_per_engine: Annotated[StrictInt, within(1, 1024)] = 8
-    # While short clips wait at the model, recordings' pieces may hold what the clients' own
-    # requests leave of its slots (less one an engine, for the next clip), and at least this share.
+    # While short clips wait at the model, recordings' pieces may hold this share of its slots.
     max_share: Annotated[StrictFloat, within(0.01, 1)] = 0.5
     # How long a recording may take, from its last byte received to its answer's end.
     timeout_s: seconds(1, 86400) = 3600.0
@@ -38,15 +37,11 @@ class LongformConfig:
     def enabled(self) -> bool:
         return bool(self.workers)
 
-    def parallel(self, engines: int, busy: bool, recordings: int, clients: int = 0) -> int:
+    def parallel(self, engines: int, busy: bool, recordings: int) -> int:
         """How many of one recording's pieces may be at a model's `engines` at once: their slots
-        (pieces_per_engine each), all of them while no short clip waits at the model; while one
-        does (`busy`), what the clients' own engine requests there (`clients`) leave, less one slot
-        an engine for the next clip, and never under max_share of them; shared by the model's
-        `recordings`; at least one."""
-        slots = max(1, engines) * self.pieces_per_engine
-        if busy:
-            slots = max(slots * self.max_share, slots - clients - max(1, engines))
+        (pieces_per_engine each), all of them while no short clip waits at the model (`busy`:
+        one does), max_share of them while one does, shared by the model's `recordings`; at least one."""
+        slots = max(1, engines) * self.pieces_per_engine * (self.max_share if busy else 1.0)
         return max(1, int(slots / max(1, recordings)))
 
     @property

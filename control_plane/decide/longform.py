@@ -1,8 +1,6 @@
 """Long recordings' share of a model's engines: all of their slots while no short clip waits at the
-model (a recording fills the room there is); while clips wait, the slots the clients' own
-requests leave, less one an engine for the next clip, and at least longform.max_share of them (a
-fixed share under what the recordings need starves them: bench/routing.py mixed-lengths); shared
-by the recordings at the model. Pure.
+model (a recording fills the room there is), longform.max_share of them while clips wait (they do
+not queue behind pieces), shared by the recordings at the model. Pure.
 
 A model is busy from the round its engines hold a client's request with requests queued until
 HOLD_S after the last round that saw it, so the share does not flap with every clip.
@@ -27,8 +25,6 @@ def seen_busy(last_seen: Mapping[str, float], clients_in_flight: Mapping[str, fl
 
 
 def pieces_at_once(settings: LongformConfig, engines: Mapping[str, int], busy: set[str] | frozenset[str],
-                   recordings: Mapping[str, int], clients: Mapping[str, int] | None = None) -> dict[str, int]:
-    """Each model -> how many of one recording's pieces may be at its engines at once; `clients`:
-    each model's engine requests of clients' own (not pieces) in flight."""
-    return {model: settings.parallel(n, model in busy, recordings.get(model, 0), (clients or {}).get(model, 0))
-            for model, n in engines.items()}
+                   recordings: Mapping[str, int]) -> dict[str, int]:
+    """Each model -> how many of one recording's pieces may be at its engines at once."""
+    return {model: settings.parallel(n, model in busy, recordings.get(model, 0)) for model, n in engines.items()}

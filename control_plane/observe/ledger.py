@@ -239,11 +239,10 @@ class Ledger:
         engine = self.engines.get(endpoint)
         return sum(t.seconds * t.open for t in engine.tries.values() if not t.piece) if engine else 0.0
 
-    def requests_in_flight(self, endpoint: str, clients_only: bool = False) -> int:
-        """The engine requests those make (`clients_only`: of clients' own requests, not pieces)."""
+    def requests_in_flight(self, endpoint: str) -> int:
+        """The engine requests those make."""
         engine = self.engines.get(endpoint)
-        return sum(engine_requests(t.seconds) * t.open for t in engine.tries.values()
-                   if not (clients_only and t.piece)) if engine else 0
+        return sum(engine_requests(t.seconds) * t.open for t in engine.tries.values()) if engine else 0
 
     def audio_per_request(self, endpoint: str) -> float | None:
         """The audio-seconds an engine request sent here lately carried (a moving average)."""

@@ -158,9 +158,7 @@ class LoadLoop:
                    for model in fleet.model_names()}
         queued = {model: sum(s.load.waiting for s in states.get(model, ()) if s.load is not None) for model in engines}
         self.longform_seen = seen_busy(self.longform_seen, clients, queued, now)
-        requests = {model: sum(self.ledger.requests_in_flight(b.endpoint, clients_only=True) for b in fleet.backends_for(model))
-                    for model in engines}
-        parallel = pieces_at_once(config.longform, engines, set(self.longform_seen), self.ledger.recordings_at(), requests)
+        parallel = pieces_at_once(config.longform, engines, set(self.longform_seen), self.ledger.recordings_at())
         return parallel if parallel != longform_parallel(config, fleet) else None
 
     def decide_hedging(self, now: float) -> dict[str, int] | None:
