@@ -58,11 +58,12 @@ def test_batch_keys_wait_while_the_model_is_backed_up(tmp_path):
     # did is served, behind the recordings queued at the engine (up to 15 s on a busy machine).
     wait_until(lambda: send(stack, bulk, 5.0).status == 429, 60, "Envoy refusing batch requests")
 
-    forwarded = stack.envoy.stat(f"cluster.model_{MODEL}.upstream_rq_total")
     refused = send(stack, bulk, 5.0)
+    # The gateway's own answer (no engine says batch_lane). Envoy's count of tries at the engine is
+    # no proof here: the queued recordings' hedges and retries start tries meanwhile (it failed so
+    # once in CI); test_batch_keys_share_a_cap... below checks it with nothing else in flight.
     assert refused.status == 429 and refused.json()["error"]["type"] == "batch_lane"
     assert int(refused.headers["retry-after"]) >= 1
-    assert stack.envoy.stat(f"cluster.model_{MODEL}.upstream_rq_total") == forwarded  # no engine saw it
     assert send(stack, live, 5.0).status == 200  # interactive keys are never refused
 
     for thread in threads:
