@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import random
 import signal
 import socket
 import ssl
@@ -31,16 +32,29 @@ PYTHON = sys.executable
 _GIVEN_PORTS: set[int] = set()
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    """A port free now and not handed out before in this process (the kernel may offer a port
-    again as soon as the probe closes, and one config needs five different ones)."""
+    """A port free now, below the kernel's ephemeral range (a process's outgoing connection can
+    take an ephemeral port before the listener it was meant for binds: it failed so in CI), and
+    not handed out before in this process (one config needs five different ones)."""
+    low = _ephemeral_low()
     while True:
+        port = random.randrange(max(1024, low - 12000), low)
+        if port in _GIVEN_PORTS:
+            continue
         with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        if port not in _GIVEN_PORTS:
-            _GIVEN_PORTS.add(port)
-            return port
+            try:
+                probe.bind(("", port))
+            except OSError:
+                continue
+        _GIVEN_PORTS.add(port)
+        return port
 
 
 def wait_until(check: Callable[[], object], timeout: float, what: str, interval: float = 0.1):
