@@ -173,6 +173,19 @@ def run_streamed(log_dir: Path, clients: int, mb: int) -> dict:
             "audio_s_each": round(seconds, 1), "workers": envoy_workers()}
 
 
+def _measured(measure, name: str, machine: dict, settings: dict) -> dict:
+    """One measurement's row, its processes stopped however it ended, written to RESULTS/name."""
+    try:
+        row = measure()
+    finally:
+        for process in reversed(STARTED):
+            process.stop()
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / name).write_text(json.dumps(
+        {"date": machine["date"], "commit": machine["git_commit"], "machine": machine, **settings, **row}, indent=2))
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=10)
@@ -186,29 +199,15 @@ def main() -> None:
     log_dir = Path(tempfile.mkdtemp(prefix="bench-memory-"))
     machine = describe_machine()
     if args.streamed:
-        try:
-            row = run_streamed(log_dir, args.clients, args.mb)
-        finally:
-            for process in reversed(STARTED):
-                process.stop()
-        RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "memory-streamed.json").write_text(json.dumps(
-            {"date": machine["date"], "commit": machine["git_commit"], "machine": machine, "clients": args.clients,
-             "mb": args.mb, **row}, indent=2))
+        row = _measured(lambda: run_streamed(log_dir, args.clients, args.mb), "memory-streamed.json", machine,
+                        {"clients": args.clients, "mb": args.mb})
         print(f"{args.clients} streamed uploads of {args.mb} MiB ({row['audio_s_each']} s of audio each) at once, "
               f"{row['workers']} Envoy workers: Envoy idle {row['idle_rss_mib']} MiB, peak {row['peak_rss_mib']} MiB; "
               f"worker peak {row['worker_peak_rss_mib']} MiB; answers {row['answers']} in {row['wall_s']} s")
         return
     if args.slow:
-        try:
-            row = run_slow(log_dir, args.clients, args.mb, args.heap_mb, args.seconds)
-        finally:
-            for process in reversed(STARTED):
-                process.stop()
-        RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "memory-slow.json").write_text(json.dumps(
-            {"date": machine["date"], "commit": machine["git_commit"], "machine": machine, "clients": args.clients,
-             "mb": args.mb, "seconds": args.seconds, **row}, indent=2))
+        row = _measured(lambda: run_slow(log_dir, args.clients, args.mb, args.heap_mb, args.seconds), "memory-slow.json",
+                        machine, {"clients": args.clients, "mb": args.mb, "seconds": args.seconds})
         print(f"{args.clients} slow uploads of {args.mb} MiB, max_heap_mb {args.heap_mb}, {row['workers']} workers: "
               f"idle {row['idle_rss_mib']} MiB, peak {row['peak_rss_mib']} MiB; answers {row['answers']}")
         return

@@ -39,13 +39,15 @@ def _ephemeral_low() -> int:
         return 32768
 
 
+EPHEMERAL_LOW = _ephemeral_low()  # where the kernel's ports for outgoing connections begin
+
+
 def free_port() -> int:
     """A port free now, below the kernel's ephemeral range (a process's outgoing connection can
     take an ephemeral port before the listener it was meant for binds: it failed so in CI), and
     not handed out before in this process (one config needs five different ones)."""
-    low = _ephemeral_low()
     while True:
-        port = random.randrange(max(1024, low - 12000), low)
+        port = random.randrange(max(1024, EPHEMERAL_LOW - 12000), EPHEMERAL_LOW)
         if port in _GIVEN_PORTS:
             continue
         with socket.socket() as probe:

@@ -24,15 +24,12 @@ class Undecodable(Exception):
     """Not audio FFmpeg can decode (or no audio stream in it)."""
 
 
-def _pcm(path: str, rate: int | None = None):
-    """(the rate, then `path`'s first audio stream as mono s16 bytes at it, frame by frame): the
-    recording's own rate where it is below RATE, unless `rate` says."""
+def _pcm(path: str, rate: int):
+    """`path`'s first audio stream as mono s16 bytes at `rate`, frame by frame."""
     with av.open(path) as container:
         if not container.streams.audio:
             raise Undecodable("no audio stream")
         stream = container.streams.audio[0]
-        rate = rate or min(stream.sample_rate or RATE, RATE)
-        yield rate
         resampler = av.AudioResampler(format="s16", layout="mono", rate=rate)
         # Frames that are already mono s16 at the rate (a telephone or 16 kHz WAV) pass as they
         # are, until one is not: resampling costs more than decoding, per frame of a few ms.
@@ -51,10 +48,8 @@ def _pcm(path: str, rate: int | None = None):
 def _decode(path: str, rate: int, put, stop: threading.Event) -> None:
     """`path` at `rate`, to `put` in chunks of CHUNK_BYTES (a frame is a few milliseconds: handing
     each over on its own cost more than decoding it)."""
-    frames = _pcm(path, rate)
-    next(frames)
     chunk = bytearray()
-    for data in frames:
+    for data in _pcm(path, rate):
         chunk += data
         if len(chunk) >= CHUNK_BYTES:
             if stop.is_set():
