@@ -36,6 +36,7 @@ import aiohttp
 from bench.machine import describe_machine
 from bench.routing import MODEL, PROFILE, body_for, engine_queue, get_text, wait_idle
 from bench.workload import arrivals, engine_capacity, mean_work, percentile
+from control_plane.config.longform import LongformConfig
 from engines.common.audio import silent_wav
 from harness.processes import (STARTED, GatewayStack, free_port, multipart, start_engine, start_longform_worker,
                                wait_until)
@@ -212,7 +213,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=6.0, help="seconds of short clips before the recording")
     parser.add_argument("--idle-only", action="store_true")
     parser.add_argument("--no-language", action="store_true", help="the recording names no language")
-    parser.add_argument("--pieces-per-engine", type=int, default=8, help="longform.pieces_per_engine of the split gateway")
+    parser.add_argument("--pieces-per-engine", type=int, default=LongformConfig().pieces_per_engine,
+                        help="longform.pieces_per_engine of the split gateway")
+    parser.add_argument("--max-share", type=float, default=LongformConfig().max_share,
+                        help="longform.max_share of the split gateway")
     parser.add_argument("--seed", type=int, default=11)
     args = parser.parse_args()
     profile = replace(PROFILE, time_scale=args.time_scale)
@@ -236,7 +240,8 @@ def main() -> None:
                   "split": GatewayStack(log_dir / "split", MODEL, engines, limits=limits,
                                         longform={"workers": [worker], "split_above_s": SPLIT_ABOVE_S,
                                                   "pieces_port": pieces_port,
-                                                  "pieces_per_engine": args.pieces_per_engine})}
+                                                  "pieces_per_engine": args.pieces_per_engine,
+                                                  "max_share": args.max_share})}
         for stack in stacks.values():
             wait_until(lambda: len(stack.hosts()) == ENGINES
                        and all(h.get("health_flags") == "healthy" for h in stack.hosts().values()), 30, "engines healthy")

@@ -101,6 +101,8 @@ class Outcome:
     latency_s: list[float] = field(default_factory=list)
     records: list[tuple[float, float, int]] = field(default_factory=list)  # (audio s, latency s, engine)
     failed: int = 0
+    failed_by: dict[str, int] = field(default_factory=dict)  # status code (or "connection") -> failed answers
+    failed_example: dict[str, str] = field(default_factory=dict)  # status -> the first such answer, for the log
     unfinished: int = 0
     samples: list[dict] = field(default_factory=list)  # {t, queues: [...], weights: [...]}
 
@@ -173,14 +175,14 @@ class Run:
     async def _send(self, index: int, arrival: Arrival, start: float) -> None:
         url = self._target(arrival, index) + "/v1/audio/transcriptions"
         body = body_for(arrival.audio_s)
-        sent = time.monotonic()
+        sent, text = time.monotonic(), ""
         try:
             async with self.session.post(url, data=body, headers={
                     "Content-Type": "multipart/form-data; boundary=wgboundary7MA4YWxk"}) as response:
                 text = await response.text()
-                ok = response.status == 200
+                ok, status = response.status == 200, str(response.status)
         except aiohttp.ClientError:
-            ok = False
+            ok, status = False, "connection"
         if not self._counted(index):
             return
         if ok:
@@ -190,6 +192,9 @@ class Run:
             self.outcome.records.append((arrival.audio_s, round(latency, 4), engine))
         else:
             self.outcome.failed += 1
+            self.outcome.failed_by[status] = self.outcome.failed_by.get(status, 0) + 1
+            if status not in self.outcome.failed_example:
+                self.outcome.failed_example[status] = f"{arrival.audio_s:.0f} s of audio: {text[:300]}"
 
     async def _slow_engine(self, start: float) -> None:
         await asyncio.sleep(self.scenario.slow_at * self.seconds)
@@ -290,7 +295,9 @@ def summarize(outcome: Outcome) -> dict:
     values = outcome.latency_s
     short = [latency for audio_s, latency, _ in outcome.records if audio_s <= SHORT_CLIP_S]
     long = [latency for audio_s, latency, _ in outcome.records if audio_s > LONG_CLIP_S]
-    return {"requests": len(values), "failed": outcome.failed, "unfinished": outcome.unfinished,
+    return {"requests": len(values), "failed": outcome.failed, "failed_by": outcome.failed_by,
+            "failed_example": outcome.failed_example,
+            "unfinished": outcome.unfinished,
             "p50": percentile(values, 0.5), "p90": percentile(values, 0.9), "p99": percentile(values, 0.99),
             "short_p99": percentile(short, 0.99) if short else None,
             "long_requests": len(long), "long_p50": percentile(long, 0.5) if long else None}
@@ -368,8 +375,10 @@ def markdown(report: dict) -> str:
         for row in rows.values():
             short = f"{row['short_p99']:.2f}" if row.get("short_p99") is not None else "-"
             long = f"{row['long_p50']:.2f} ({row['long_requests']})" if row.get("long_p50") is not None else "-"
+            why = ", ".join(f"{count}x {status}" for status, count in sorted(row.get("failed_by", {}).items()))
+            failed = f"{row['failed']} ({why})" if why else f"{row['failed']}"
             lines.append(f"| {scenario} | {row['load']:.0%} | {row['policy']} | {row['requests']} | {row['p50']:.2f} | "
-                         f"{row['p90']:.2f} | {row['p99']:.2f} | {short} | {long} | {row['failed']} | {row['unfinished']} |")
+                         f"{row['p90']:.2f} | {row['p99']:.2f} | {short} | {long} | {failed} | {row['unfinished']} |")
     lines += ["", f"| scenario | load | p99 / least_request's (<= 1) | p99 / oracle's (<= {ORACLE_LIMIT}) | "
               f"short clips' p99 / oracle's (<= {ORACLE_LIMIT}) |", "|---|---|---|---|---|"]
     verdict = {True: "met", False: "MISSED"}
