@@ -799,7 +799,7 @@ def lua_crc8(data: bytes) -> int:
 def longform_keys(envoys: int = 1) -> Keys:
     keys = Keys(auth={"plans": {"long": {"requests_per_minute": 100, "audio_seconds_per_minute": 100_000}}}, envoys=envoys)
     keys.config = replace(keys.config, longform=parse_config(RAW | {"longform": {
-        "workers": ["127.0.0.1:8093"], "split_above_s": 60.0, "max_share": 0.5}}).longform)
+        "workers": ["127.0.0.1:8093"], "split_above_s": 60.0, "pieces_per_engine": 8, "max_share": 0.5}}).longform)
     engines = [Backend(f"e{i}", "10.0.0.1", 9000 + i, (BIG,)) for i in range(5)] + [Backend("s", "10.0.0.2", 9000, (SMALL,))]
     keys.fleet = Fleet(models=keys.config.models, backends=tuple(engines))
     return keys

@@ -26,10 +26,13 @@ class LongformConfig:
     # Where Envoy takes the workers' pieces: loopback (the pieces listener admits no client).
     pieces_port: Port = 8092
     # How many of a recording's pieces each of a model's engines may hold at once while no short
-    # clip waits there: about an engine's batch (vLLM runs many requests at once).
-    pieces_per_engine: Annotated[StrictInt, within(1, 1024)] = 8
-    # While short clips wait at the model, recordings' pieces may hold this share of its slots.
-    max_share: Annotated[StrictFloat, within(0.01, 1)] = 0.5
+    # clip waits there: about an engine's batch (vLLM runs many requests at once), a few more so
+    # that each engine has the next piece queued when one ends (docs/benchmarks.md: 0.33x of whole
+    # on an idle fleet at 12, 0.36x at 8).
+    pieces_per_engine: Annotated[StrictInt, within(1, 1024)] = 12
+    # While short clips wait at the model, recordings' pieces may hold this share of its slots
+    # (4 of 12 per engine: a clip waits behind no more of them than at 8 x 0.5).
+    max_share: Annotated[StrictFloat, within(0.01, 1)] = 0.34
     # How long a recording may take, from its last byte received to its answer's end.
     timeout_s: seconds(1, 86400) = 3600.0
 
