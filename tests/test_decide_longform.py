@@ -10,6 +10,7 @@ from control_plane.builders.routes import longform_parallel
 from control_plane.config import parse_config
 from control_plane.decide.longform import HOLD_S, pieces_at_once, seen_busy
 from control_plane.fleet.resolved import Backend, Fleet
+from control_plane.observe.ledger import UNKNOWN_MODEL
 
 
 @pytest.mark.parametrize("last_seen,clients,waiting,now,expected", [
@@ -33,6 +34,8 @@ def test_pieces_fill_idle_engines_slots_and_a_busy_models_share_divided_among_it
     # Three recordings at a busy model share its share; one at an idle model takes all of it.
     assert pieces_at_once(settings, engines, {"m"}, {"m": 3, "one": 1}) == {"m": 5, "one": 8, "none": 8}
     assert pieces_at_once(settings, {"m": 1}, {"m"}, {"m": 10}) == {"m": 1}  # at least one each
+    # A recording streamed to its worker unread names no model in the logs: it shares every model's.
+    assert pieces_at_once(settings, engines, {"m"}, {"m": 1, UNKNOWN_MODEL: 2}) == {"m": 5, "one": 4, "none": 4}
 
 
 def test_the_routes_carry_the_decision_or_else_every_slot():

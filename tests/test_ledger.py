@@ -9,7 +9,7 @@ from google.protobuf import wrappers_pb2
 
 from control_plane.observe.access_logs import IN_FLIGHT_REFUSAL, REQUEST_ENDED, TRY_ENDED, TRY_STARTED, record
 from control_plane.observe.in_flight import InFlight
-from control_plane.observe.ledger import Ledger
+from control_plane.observe.ledger import UNKNOWN_MODEL, Ledger
 from control_plane.observe.outcomes import Outcomes
 
 E1, E2 = "10.0.0.1:8000", "10.0.0.2:8000"
@@ -296,11 +296,12 @@ def test_a_streamed_recording_is_metered_once_from_its_request_log_by_what_its_a
                      "x-whisper-longform")
     del started.request.request_headers["x-whisper-model"]
     record(started, 1, outcomes, ledger, in_flight, now=1.0)
+    assert ledger.recordings_at() == {UNKNOWN_MODEL: 1}  # at its worker: a recording of every model (decide/longform.py)
     ended = marked(entry(TRY_ENDED, endpoint=WORKER, status=200, seconds="0.000", key="key-a", request_id="big"),
                    "x-whisper-longform")
     del ended.request.request_headers["x-whisper-model"]
     record(ended, 1, outcomes, ledger, in_flight, now=2.0)
-    assert ledger.metered == {}
+    assert ledger.metered == {} and ledger.recordings_at() == {}
     assert record(streamed_recording(200), 1, outcomes, ledger, in_flight, now=2.0) is False
     metered = ledger.metered["m"]
     assert (metered.requests, metered.received, metered.served, metered.mismatches) == (1, 200.0, 200.0, 0)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from control_plane.config.longform import LongformConfig
+from control_plane.observe.ledger import UNKNOWN_MODEL
 
 HOLD_S = 5.0
 
@@ -26,5 +27,8 @@ def seen_busy(last_seen: Mapping[str, float], clients_in_flight: Mapping[str, fl
 
 def pieces_at_once(settings: LongformConfig, engines: Mapping[str, int], busy: set[str] | frozenset[str],
                    recordings: Mapping[str, int]) -> dict[str, int]:
-    """Each model -> how many of one recording's pieces may be at its engines at once."""
-    return {model: settings.parallel(n, model in busy, recordings.get(model, 0)) for model, n in engines.items()}
+    """Each model -> how many of one recording's pieces may be at its engines at once; a recording
+    of a model not known here (UNKNOWN_MODEL) counts at every model."""
+    unknown = recordings.get(UNKNOWN_MODEL, 0)
+    return {model: settings.parallel(n, model in busy, recordings.get(model, 0) + unknown)
+            for model, n in engines.items()}

@@ -35,7 +35,7 @@ from control_plane.names import (AUDIO_ESTIMATED_HEADER, AUDIO_SECONDS_HEADER, A
                                  LIMITED_HEADER, LUA_REPLY_KEY, METADATA_NAMESPACE, MODEL_HEADER, MODEL_KEY,
                                  SECONDS_KEY, STREAMED_KEY)
 from control_plane.observe.in_flight import InFlight
-from control_plane.observe.ledger import Ledger
+from control_plane.observe.ledger import UNKNOWN_MODEL, Ledger
 from control_plane.observe.outcomes import Outcomes, failed, route_timed_out
 
 TRY_STARTED = accesslog_pb2.AccessLogType.UpstreamPoolReady
@@ -246,7 +246,7 @@ def record(entry: accesslog_pb2.HTTPAccessLogEntry, stream: int, outcomes: Outco
     if kind == TRY_STARTED:
         seconds = as_seconds(headers.get(AUDIO_SECONDS_HEADER, ""))
         if recording:
-            ledger.recording_started(stream, request_id, headers.get(MODEL_HEADER, ""), now)
+            ledger.recording_started(stream, request_id, headers.get(MODEL_HEADER, UNKNOWN_MODEL), now)
         elif seconds is not None:
             ledger.started(stream, request_id, endpoint, seconds, now, piece=piece)
         return in_flight.started((headers.get(KEY_ID_HEADER, ""), headers.get(BATCH_LANE_HEADER, "")), request_id,

@@ -70,6 +70,9 @@ class _Engine:
         self.at = now if self.at is None else max(self.at, now)
 
 
+# A recording whose log names no model: one streamed to its worker unread (envoy/longform.lua), whose
+# model only its worker reads (decide/longform.py counts it at every model).
+UNKNOWN_MODEL = ""
 OUTCOMES = ("served", "failed", "refused")  # how a metered request ended; received is all three
 
 
