@@ -177,7 +177,8 @@ def markdown(report: dict) -> str:
     lines = [f"Long recordings, {report['date']}, commit {report['commit']}, {machine['nproc']} cores "
              f"({machine['cpu_model']}), load average {machine['load_average_at_start'][0]} at start; "
              f"{ENGINES} simulated engines (time_scale {report['time_scale']:g}), a {RECORDING_S / 60:g}-minute "
-             f"recording; {report['runs']} runs per case; latency in seconds, median [min-max].", "",
+             f"recording; split with pieces_per_engine {report['pieces_per_engine']}, max_share {report['max_share']:g}; "
+             f"{report['runs']} runs per case; latency in seconds, median [min-max].", "",
              "| fleet | sent | recording latency | split / whole | engine requests | peak running+waiting (all engines) | "
              "short clips during it: p50 / p99 (pooled) | short p99 per run |",
              "|---|---|---|---|---|---|---|---|"]
@@ -226,7 +227,8 @@ def main() -> None:
     machine = describe_machine()
     report = {"date": machine["date"], "commit": machine["git_commit"], "machine": machine, "runs": args.runs,
               "time_scale": args.time_scale, "load": args.load, "short_rate_per_s": round(rate, 2),
-              "recording_s": RECORDING_S, "split_above_s": SPLIT_ABOVE_S, "per_run": []}
+              "recording_s": RECORDING_S, "split_above_s": SPLIT_ABOVE_S, "pieces_per_engine": args.pieces_per_engine,
+              "max_share": args.max_share, "per_run": []}
     recording = recording_body(not args.no_language)
     try:
         engines = [start_engine(log_dir, MODEL, f"lf-{i}", max_num_seqs=profile.max_num_seqs,

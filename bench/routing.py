@@ -479,6 +479,8 @@ class LanesRun(Run):
             self.counts["interactive_refused"] += 1
         else:
             self.outcome.failed += 1
+            said = str(status) if status else "connection"
+            self.outcome.failed_by[said] = self.outcome.failed_by.get(said, 0) + 1
 
 
 def lanes_arrivals(policy: str, seconds: float, seed: int) -> tuple[list[Arrival], set[int]]:

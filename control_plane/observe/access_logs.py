@@ -246,7 +246,7 @@ def record(entry: accesslog_pb2.HTTPAccessLogEntry, stream: int, outcomes: Outco
     if kind == TRY_STARTED:
         seconds = as_seconds(headers.get(AUDIO_SECONDS_HEADER, ""))
         if recording:
-            ledger.recording_started(stream, request_id, headers.get(MODEL_HEADER, UNKNOWN_MODEL), now)
+            ledger.recording_started(stream, request_id, headers.get(MODEL_HEADER) or UNKNOWN_MODEL, now)
         elif seconds is not None:
             ledger.started(stream, request_id, endpoint, seconds, now, piece=piece)
         return in_flight.started((headers.get(KEY_ID_HEADER, ""), headers.get(BATCH_LANE_HEADER, "")), request_id,

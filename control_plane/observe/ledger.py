@@ -143,7 +143,7 @@ class Ledger:
         self.recordings.pop((stream, request_id), None)
 
     def recordings_at(self) -> dict[str, int]:
-        """Each model's long recordings at their workers now."""
+        """Each model's long recordings at their workers now (UNKNOWN_MODEL: those streamed unread)."""
         counts: dict[str, int] = {}
         for model, _ in self.recordings.values():
             counts[model] = counts.get(model, 0) + 1
