@@ -212,20 +212,31 @@ local function mp3_frame(h, i)
     length = floor((version == 3 and 144 or 72) * bitrate * 1000 / rate) + floor(b3 / 2) % 2}
 end
 
--- The audio bytes over the mean bit rate of frame headers found at MP3_PROBES places spread
--- over them: what a file whose frame count lied (or that has none, VBR) holds, as an estimate.
+-- The audio bytes x the seconds per byte of the frames read at MP3_PROBES places spread over
+-- them: what a file whose frame count lied (or that has none, VBR) holds, as an estimate. At each
+-- place, every whole frame of the chain that starts at the first header the next one confirms
+-- (not bytes that look like one): a VBR file's quiet frames are short and its loud ones long, so
+-- one frame a place, or bit rates averaged, would weigh them wrongly.
 local MP3_PROBES = 16
 local function mp3_by_frames(peek, size, start, audio)
-  local total, found = 0, 0
+  local bytes, seconds = 0, 0
   for k = 0, MP3_PROBES - 1 do
     local window = peek(start + floor(audio * k / MP3_PROBES), 4096)
     for i = 1, #window - 3 do
-      local frame = mp3_frame(window, i) -- and the next one where it says: not bytes that look like one
-      if frame and mp3_frame(window, i + frame.length) then total, found = total + frame.bitrate, found + 1; break end
+      local frame = mp3_frame(window, i)
+      if frame and frame.length >= 4 and mp3_frame(window, i + frame.length) then
+        local at = i
+        while frame and frame.length >= 4 and at + frame.length <= #window + 1 do
+          bytes, seconds = bytes + frame.length, seconds + frame.samples / frame.rate
+          at = at + frame.length
+          frame = mp3_frame(window, at)
+        end
+        break
+      end
     end
   end
-  if found == 0 then return nil end
-  return audio * 8 / (total / found), true
+  if bytes == 0 then return nil end
+  return audio * seconds / bytes, true
 end
 
 -- `start`: where the audio begins (after any ID3v2 tag).
