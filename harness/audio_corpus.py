@@ -48,7 +48,7 @@ def speech_wav(folder: Path, seconds: float) -> Path:
     out = folder / f"speech-{seconds:g}s.wav"
     if not out.exists():
         repeats = max(0, int(seconds // _seconds(base)))
-        _run("sox", base, out, "repeat", str(repeats), "trim", "0", f"{seconds}")
+        _run("sox", "-R", base, out, "repeat", str(repeats), "trim", "0", f"{seconds}")
     return out
 
 
@@ -63,7 +63,7 @@ def make_corpus(folder: Path, lengths: tuple[float, ...] = (1.0, 7.5, 61.0),
         stem = folder / f"{length:g}s"
         encodings = [
             ("wav", wav, [], True),
-            ("wav-24bit-stereo-extensible", Path(f"{stem}-ext.wav"), ["sox", wav, "-b", "24", "-c", "2", "{out}"], True),
+            ("wav-24bit-stereo-extensible", Path(f"{stem}-ext.wav"), ["sox", "-R", wav, "-b", "24", "-c", "2", "{out}"], True),
             ("wav-streaming-header", Path(f"{stem}-stream.wav"), ["ffmpeg", "-i", wav, "-f", "wav", "-y", "pipe:"], True),
             ("flac", Path(f"{stem}.flac"), ["flac", "-s", "-f", wav, "-o", "{out}"], True),
             ("mp3-cbr", Path(f"{stem}-cbr.mp3"), ["lame", "-S", "--preset", "cbr", "64", wav, "{out}"], True),

@@ -20,7 +20,9 @@ SENTENCES = [
 def speak(text: str, path: Path) -> Path:
     raw = path.with_suffix(".espeak.wav")
     subprocess.run(["espeak-ng", "-v", "en", "-s", "150", "-w", str(raw), text], check=True, capture_output=True)
-    subprocess.run(["sox", str(raw), "-r", "16000", "-c", "1", "-b", "16", str(path)], check=True, capture_output=True)
+    # -R: sox's dither seeded the same each time, so the same text makes the same bytes (a corpus
+    # whose estimates move between runs makes a test that passes by chance).
+    subprocess.run(["sox", "-R", str(raw), "-r", "16000", "-c", "1", "-b", "16", str(path)], check=True, capture_output=True)
     raw.unlink()
     return path
 
@@ -28,12 +30,12 @@ def speak(text: str, path: Path) -> Path:
 def join_clips(clips: list[Path], path: Path, gap_s: float = 0.5) -> Path:
     """One clip of several, with silence between them."""
     silence = path.with_suffix(".gap.wav")
-    subprocess.run(["sox", "-n", "-r", "16000", "-c", "1", "-b", "16", str(silence), "trim", "0", str(gap_s)],
+    subprocess.run(["sox", "-R", "-n", "-r", "16000", "-c", "1", "-b", "16", str(silence), "trim", "0", str(gap_s)],
                    check=True, capture_output=True)
     parts = []
     for clip in clips:
         parts += [str(clip), str(silence)]
-    subprocess.run(["sox", *parts, str(path)], check=True, capture_output=True)
+    subprocess.run(["sox", "-R", *parts, str(path)], check=True, capture_output=True)
     silence.unlink()
     return path
 
