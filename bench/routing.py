@@ -106,6 +106,12 @@ class Outcome:
     unfinished: int = 0
     samples: list[dict] = field(default_factory=list)  # {t, queues: [...], weights: [...]}
 
+    def fail(self, status: str, example: str) -> None:
+        """A request not served: `status` its answer's code, or "connection"."""
+        self.failed += 1
+        self.failed_by[status] = self.failed_by.get(status, 0) + 1
+        self.failed_example.setdefault(status, example)
+
 
 def plan(scenario: Scenario, load: float, seconds: float, seed: int) -> list[Arrival]:
     full = load * scenario.capacity()
@@ -191,10 +197,7 @@ class Run:
             engine = next((i for i in range(len(self.engines)) if f"-{i} transcribed" in text), -1)
             self.outcome.records.append((arrival.audio_s, round(latency, 4), engine))
         else:
-            self.outcome.failed += 1
-            self.outcome.failed_by[status] = self.outcome.failed_by.get(status, 0) + 1
-            if status not in self.outcome.failed_example:
-                self.outcome.failed_example[status] = f"{arrival.audio_s:.0f} s of audio: {text[:300]}"
+            self.outcome.fail(status, f"{arrival.audio_s:.0f} s of audio: {text[:300]}")
 
     async def _slow_engine(self, start: float) -> None:
         await asyncio.sleep(self.scenario.slow_at * self.seconds)
@@ -478,9 +481,7 @@ class LanesRun(Run):
         elif status == 429:
             self.counts["interactive_refused"] += 1
         else:
-            self.outcome.failed += 1
-            said = str(status) if status else "connection"
-            self.outcome.failed_by[said] = self.outcome.failed_by.get(said, 0) + 1
+            self.outcome.fail(str(status) if status else "connection", f"{kind}, {arrival.audio_s:.0f} s of audio")
 
 
 def lanes_arrivals(policy: str, seconds: float, seed: int) -> tuple[list[Arrival], set[int]]:

@@ -214,9 +214,11 @@ end
 
 -- The audio bytes x the seconds per byte of the frames read at MP3_PROBES places spread over
 -- them: what a file whose frame count lied (or that has none, VBR) holds, as an estimate. At each
--- place, every whole frame of the chain that starts at the first header the next one confirms
+-- place, every frame whose header is in the window, from the first header the next one confirms
 -- (not bytes that look like one): a VBR file's quiet frames are short and its loud ones long, so
--- one frame a place, or bit rates averaged, would weigh them wrongly.
+-- one frame a place, or bit rates averaged, would weigh them wrongly. The frame cut by the
+-- window's start is left out and the one cut by its end counted whole: a long frame is the likelier
+-- at either, so the two even out (whole frames only would leave long ones out at both ends).
 local MP3_PROBES = 16
 local function mp3_by_frames(peek, size, start, audio)
   local bytes, seconds = 0, 0
@@ -226,7 +228,7 @@ local function mp3_by_frames(peek, size, start, audio)
       local frame = mp3_frame(window, i)
       if frame and frame.length >= 4 and mp3_frame(window, i + frame.length) then
         local at = i
-        while frame and frame.length >= 4 and at + frame.length <= #window + 1 do
+        while frame and frame.length >= 4 do
           bytes, seconds = bytes + frame.length, seconds + frame.samples / frame.rate
           at = at + frame.length
           frame = mp3_frame(window, at)

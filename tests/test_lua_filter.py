@@ -756,6 +756,31 @@ def test_a_container_whose_claim_its_data_disproves_is_measured_from_the_data(co
         assert "audio_checked" not in outcome.metadata["whisper_gateway"] or kind == "wav", kind
 
 
+
+def vbr_mp3(frames: int, claimed_frames: int) -> bytes:
+    """MPEG-2 Layer III, mono, 16 kHz (576 samples, 36 ms a frame) in VBR's shape: a loud frame at
+    128 kbit/s (576 bytes) then three quiet ones at 8 (36 bytes); the first carries a Xing header
+    that counts `claimed_frames`."""
+    def frame(bitrate_index: int, length: int, extra: bytes = b"") -> bytes:
+        side = b"\0" * 9  # a mono MPEG-2 frame's side information
+        return (bytes([0xFF, 0xF3, bitrate_index << 4 | 2 << 2, 0xC0]) + side + extra).ljust(length, b"\0")
+    xing = b"Xing" + (1).to_bytes(4, "big") + claimed_frames.to_bytes(4, "big")
+    out = [frame(12, 576, xing)]
+    out += [frame(12, 576) if i % 4 == 0 else frame(1, 36) for i in range(1, frames)]
+    return b"".join(out)
+
+
+def test_a_vbr_mp3_whose_frame_count_lied_is_timed_by_its_frames_seconds_per_byte():
+    """Its quiet frames are short and its loud ones long: each place read counts the seconds per
+    byte of all its whole frames, not one frame's bit rate (which a place lands on a quiet one
+    after most of its loud neighbours: 2.5x the truth here)."""
+    frames = 1700  # 61.2 s
+    data = vbr_mp3(frames, claimed_frames=28)  # about 1 s claimed
+    audio_duration = open_filter().module("audio_duration").audio_duration
+    seconds, estimated, claimed = audio_duration(lambda offset, n: data[offset:offset + n], len(data), "a.mp3", 14400)[:3]
+    assert estimated and abs(claimed - 28 * 0.036) < 0.01
+    assert abs(seconds - frames * 0.036) <= 0.03 * frames * 0.036, seconds
+
 def coded_wav(seconds: float) -> bytes:
     """IMA ADPCM, 16 kHz mono: 256-byte blocks of 505 samples (about 8.1 kB a second)."""
     blocks = int(seconds * 16000 / 505)
