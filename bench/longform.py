@@ -38,8 +38,8 @@ from bench.routing import MODEL, PROFILE, body_for, engine_queue, get_text, wait
 from bench.workload import arrivals, engine_capacity, mean_work, percentile
 from control_plane.config.longform import LongformConfig
 from engines.common.audio import silent_wav
-from harness.processes import (STARTED, GatewayStack, free_port, multipart, start_engine, start_longform_worker,
-                               wait_until)
+from harness.processes import (STARTED, GatewayStack, multipart, socket_dir, start_engine,
+                               start_longform_worker, wait_until)
 
 RESULTS = Path(__file__).parent / "results"
 ENGINES = 4
@@ -233,15 +233,14 @@ def main() -> None:
     try:
         engines = [start_engine(log_dir, MODEL, f"lf-{i}", max_num_seqs=profile.max_num_seqs,
                                 time_scale=args.time_scale, max_upload_mb=UPLOAD_MB)[1] for i in range(ENGINES)]
-        pieces_port = free_port()
-        _, worker = start_longform_worker(log_dir, pieces_port)
+        sockets = socket_dir()
+        start_longform_worker(log_dir, sockets)
         limits = {"max_upload_mb": UPLOAD_MB}
         for mode in ("whole", "split"):
             (log_dir / mode).mkdir()
         stacks = {"whole": GatewayStack(log_dir / "whole", MODEL, engines, limits=limits),
                   "split": GatewayStack(log_dir / "split", MODEL, engines, limits=limits,
-                                        longform={"workers": [worker], "split_above_s": SPLIT_ABOVE_S,
-                                                  "pieces_port": pieces_port,
+                                        longform={"workers": 1, "socket_dir": sockets, "split_above_s": SPLIT_ABOVE_S,
                                                   "pieces_per_engine": args.pieces_per_engine,
                                                   "max_share": args.max_share})}
         for stack in stacks.values():

@@ -30,7 +30,7 @@ from pathlib import Path
 from bench.machine import describe_machine
 from control_plane.longform import cuts, decode
 from engines.common.audio import audio_duration_seconds
-from harness.processes import (PYTHON, STARTED, GatewayStack, Process, free_port, post_form, request, start_cpu_engine,
+from harness.processes import (STARTED, GatewayStack, post_form, socket_dir, start_cpu_engine, start_longform_worker,
                                wait_until)
 from harness.speech import SENTENCES, _words, speak, word_error_rate
 
@@ -292,16 +292,6 @@ def analyse(script: str, whole: dict, split: dict, bounds: list[tuple[int, int]]
 # -- the stacks ---------------------------------------------------------------------------------------
 
 
-def start_worker(folder: Path) -> tuple[Process, str, int]:
-    worker_port, pieces_port = free_port(), free_port()
-    worker = Process("longform-worker", [PYTHON, "-m", "control_plane", "longform-worker", "--listen",
-                                         f"127.0.0.1:{worker_port}", "--pieces", f"http://127.0.0.1:{pieces_port}"],
-                     folder)
-    wait_until(lambda: worker.alive() and request("GET", f"http://127.0.0.1:{worker_port}/health", timeout=2).status == 200,
-               20, "the longform worker")
-    return worker, f"127.0.0.1:{worker_port}", pieces_port
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--minutes", type=float, nargs="+", default=[5.0, 20.0])
@@ -330,9 +320,10 @@ def main() -> None:
         whole_stack.stop()
 
         (folder / "split").mkdir()
-        worker, worker_address, pieces_port = start_worker(folder / "split")
+        sockets = socket_dir()
+        worker = start_longform_worker(folder / "split", sockets)
         split_stack = GatewayStack(folder / "split", MODEL, engines, longform={
-            "workers": [worker_address], "split_above_s": 30.0, "pieces_port": pieces_port})
+            "workers": 1, "socket_dir": sockets, "split_above_s": 30.0})
         wait_until(lambda: all(h.get("health_flags") == "healthy" for h in
                                split_stack.envoy.endpoints().get("whisper:longform", {"-": {}}).values()),
                    10, "Envoy to find the worker healthy")

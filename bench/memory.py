@@ -35,7 +35,7 @@ from bench.machine import describe_machine
 from control_plane.supervisor import envoy_workers
 from engines.common.audio import silent_wav
 from harness.processes import PYTHON, STARTED, Envoy, GatewayConfigFile, Process, base_config, free_port, multipart, \
-    request, start_control_plane, start_engine, wait_until
+    request, socket_dir, start_control_plane, start_engine, unix_request, wait_until
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -130,16 +130,16 @@ def run_slow(log_dir: Path, clients: int, mb: int, heap_mb: int, seconds: float)
 
 def run_streamed(log_dir: Path, clients: int, mb: int) -> dict:
     engines = [start_engine(log_dir, "m", f"e{i}", time_scale=0.001, max_num_seqs=64)[1] for i in range(4)]
-    worker_port, pieces_port = free_port(), free_port()
-    spool = log_dir / "spool"
+    spool, sockets = log_dir / "spool", socket_dir()
     spool.mkdir()
     worker = Process("longform-worker", [PYTHON, "-m", "control_plane", "longform-worker", "--listen",
-                                         f"127.0.0.1:{worker_port}", "--pieces", f"http://127.0.0.1:{pieces_port}",
+                                         f"unix:{sockets}/worker-0.sock", "--pieces", f"unix:{sockets}/pieces.sock",
                                          "--max-upload-mb", str(mb + 1)], log_dir, env={"TMPDIR": str(spool)})
-    wait_until(lambda: request("GET", f"http://127.0.0.1:{worker_port}/health", timeout=2).status == 200, 20, "the worker")
+    wait_until(lambda: unix_request("GET", f"{sockets}/worker-0.sock", "/health", timeout=2).status == 200, 20,
+               "the worker")
     raw = base_config(free_port(), free_port(), [{"name": "m"}], [{"url": url, "models": ["m"]} for url in engines],
                       limits={"max_upload_mb": 25, "max_longform_mb": mb + 1},
-                      longform={"workers": [f"127.0.0.1:{worker_port}"], "pieces_port": pieces_port})
+                      longform={"workers": 1, "socket_dir": sockets})
     config = GatewayConfigFile(log_dir / "gateway-streamed.yaml")
     config.write(raw)
     start_control_plane(log_dir, config.path, name="control-plane-streamed", state_dir=log_dir / "streamed")

@@ -42,7 +42,7 @@ from bench.workload import (Arrival, VirtualEngine, arrivals, audio_lengths, eng
 from control_plane.observe.metrics_parser import load_for_model, parse_loads
 from engines.common.audio import silent_wav
 from engines.simulated.queue_model import GpuProfile
-from harness.processes import (STARTED, Envoy, GatewayStack, free_port, multipart, request, start_engine,
+from harness.processes import (STARTED, Envoy, GatewayStack, multipart, request, socket_dir, start_engine,
                                start_longform_worker, wait_until)
 
 MODEL = "whisper-large-v3-turbo"
@@ -235,7 +235,7 @@ async def get_text(session: aiohttp.ClientSession, url: str) -> str:
         return ""
 
 
-def gateway_sections(policy: str, worker: str | None = None, pieces_port: int | None = None) -> dict:
+def gateway_sections(policy: str, sockets: str | None = None) -> dict:
     routing = {"load_aware": policy in ("whisper-gateway", SPLIT),
                "lb_policy": "round_robin" if policy == "round_robin" else "least_request"}
     if policy != SPLIT:
@@ -244,7 +244,7 @@ def gateway_sections(policy: str, worker: str | None = None, pieces_port: int | 
         routing["long_upload_kb"] = LONG_UPLOAD_AUDIO_S * SAMPLE_RATE * 2 / 1024
         return {"routing": routing}
     return {"routing": routing,
-            "longform": {"workers": [worker], "split_above_s": SPLIT_ABOVE_S, "pieces_port": pieces_port}
+            "longform": {"workers": 1, "socket_dir": sockets, "split_above_s": SPLIT_ABOVE_S}
             | LONGFORM_OPTIONS}
 
 
@@ -269,9 +269,9 @@ def run_policy(log_dir: Path, scenario: Scenario, engines: list[str], policy: st
     run_dir = Path(tempfile.mkdtemp(prefix=f"{scenario.name}-{policy}-", dir=log_dir))
     worker, sections = None, gateway_sections(policy)
     if policy == SPLIT:
-        pieces_port = free_port()
-        worker, address = start_longform_worker(run_dir, pieces_port)
-        sections = gateway_sections(policy, address, pieces_port)
+        sockets = socket_dir()
+        worker = start_longform_worker(run_dir, sockets)
+        sections = gateway_sections(policy, sockets)
     stack = GatewayStack(run_dir, MODEL, engines, **sections)
     envoys = [stack.envoy] + [Envoy(run_dir, stack.raw, name=f"envoy-{i + 2}") for i in range(scenario.envoys - 1)]
     try:

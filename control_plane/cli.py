@@ -177,12 +177,29 @@ def _http_url(value: str) -> str:
     return value
 
 
+def _socket_or_host_port(value: str) -> str | tuple[str, int]:
+    """unix:PATH (a socket, as `up` and `whisper-gateway envoy` start workers) or HOST:PORT."""
+    if value.startswith("unix:"):
+        if not value.removeprefix("unix:").startswith("/"):
+            raise argparse.ArgumentTypeError(f"expected unix: and an absolute path, got {value!r}")
+        return value.removeprefix("unix:")
+    return _host_port(value)
+
+
+def _socket_or_url(value: str) -> str:
+    if value.startswith("unix:"):
+        return "unix:" + str(_socket_or_host_port(value))
+    return _http_url(value)
+
+
 def _add_longform_command(commands) -> None:
     worker = commands.add_parser("longform-worker", help="cut long recordings Envoy routes here into pieces, send "
                                                          "them to the fleet, answer as one engine")
-    worker.add_argument("--listen", type=_host_port, required=True, metavar="HOST:PORT")
-    worker.add_argument("--pieces", type=_http_url, required=True, metavar="URL",
-                        help="where each piece is sent (Envoy's pieces listener)")
+    worker.add_argument("--listen", type=_socket_or_host_port, required=True, metavar="unix:PATH|HOST:PORT",
+                        help="a Unix socket (in a directory only this user may enter, made so if missing) or "
+                             "HOST:PORT")
+    worker.add_argument("--pieces", type=_socket_or_url, required=True, metavar="unix:PATH|URL",
+                        help="where each piece is sent (Envoy's pieces listener: its Unix socket)")
     worker.add_argument("--max-upload-mb", type=float, default=None,
                         help="the largest recording accepted, MiB (default 1024)")
     worker.add_argument("--max-audio-s", type=float, default=None,
@@ -197,18 +214,22 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "check":
         sys.exit(_run_check(args))
     if args.command == "longform-worker":
+        from control_plane.longform.sockets import SocketDirProblem
         from control_plane.longform.worker import DEFAULT_MAX_AUDIO_S, DEFAULT_MAX_UPLOAD_MB, serve as serve_longform
 
         if args.keep_running:
             from control_plane.supervisor import keep_running
 
             arguments = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--keep-running"]
-            sys.exit(keep_running([sys.executable, "-m", "control_plane", *arguments],
-                                  f"the longform worker on {args.listen[0]}:{args.listen[1]}"))
+            where = args.listen if isinstance(args.listen, str) else f"{args.listen[0]}:{args.listen[1]}"
+            sys.exit(keep_running([sys.executable, "-m", "control_plane", *arguments], f"the longform worker on {where}"))
 
-        host, port = args.listen
-        sys.exit(asyncio.run(serve_longform(host, port, args.pieces, args.max_upload_mb or DEFAULT_MAX_UPLOAD_MB,
-                                            args.max_audio_s or DEFAULT_MAX_AUDIO_S)))
+        try:
+            sys.exit(asyncio.run(serve_longform(args.listen, args.pieces, args.max_upload_mb or DEFAULT_MAX_UPLOAD_MB,
+                                                args.max_audio_s or DEFAULT_MAX_AUDIO_S)))
+        except SocketDirProblem as problem:
+            print(f"whisper-gateway: {problem}", file=sys.stderr)
+            sys.exit(2)
     try:
         config = load_config(args.config)
     except ConfigError as error:
@@ -649,11 +670,13 @@ def _run_certs_command(args: argparse.Namespace, config: GatewayConfig) -> int:
 
 def _exec_envoy(args: argparse.Namespace, config: GatewayConfig) -> None:
     """Replaces this process with Envoy, so signals (SIGTERM from a container runtime) reach it;
-    the longform workers the config names (on loopback: beside this Envoy) start first, as its
-    children (each kept running: started again should it exit), and are sent SIGTERM when it exits."""
+    the longform workers (longform.workers, on Unix sockets in longform.socket_dir, beside this
+    Envoy) start first, as its children (each kept running: started again should it exit), and are
+    sent SIGTERM when it exits."""
     import os
     import subprocess
 
+    from control_plane.longform.sockets import SocketDirProblem, ensure_private
     from control_plane.supervisor import die_with_parent, envoy_command, longform_command
 
     import socket
@@ -662,7 +685,12 @@ def _exec_envoy(args: argparse.Namespace, config: GatewayConfig) -> None:
     node_id = args.node_id or (f"{args.identity}.{socket.gethostname()}" if args.identity else default_node_id())
     write_bootstrap(path, config, node_id, args.xds_host, identity=args.identity)
     argv, env = envoy_command(path)
-    for worker in config.longform.workers:  # each started again should it exit
-        subprocess.Popen(longform_command(config, worker) + ["--keep-running"], preexec_fn=die_with_parent,
+    if config.longform.enabled:  # Envoy makes its pieces listener's socket there
+        try:
+            ensure_private(config.longform.socket_dir)
+        except SocketDirProblem as problem:
+            sys.exit(f"whisper-gateway: {problem}")
+    for index in range(config.longform.workers):  # each started again should it exit
+        subprocess.Popen(longform_command(config, index) + ["--keep-running"], preexec_fn=die_with_parent,
                          stdin=subprocess.DEVNULL)
     os.execve(argv[0], argv, env)

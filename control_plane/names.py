@@ -29,7 +29,7 @@ BATCH_LANE_LIMIT = "batch_lane"
 # Long recordings (control_plane/longform/): the Lua filter sets LONGFORM_HEADER on an admitted
 # upload longer than longform.split_above_s, whose route goes to the longform workers
 # (LONGFORM_CLUSTER), with how many of its pieces may be at the engines at once. A worker sends
-# each piece to the pieces listener (loopback, or the worker's certificate with internal TLS), whose
+# each piece to the pieces listener (a Unix socket only the gateway's user may reach), whose
 # own filter marks it (PIECE_FILTER): routed, retried and hedged like any request, counted in its
 # engine's load, but never admitted, charged or metered again (the recording was, once).
 LONGFORM_HEADER = "x-whisper-longform"

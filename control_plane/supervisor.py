@@ -25,6 +25,7 @@ import aiohttp
 from control_plane import internal_pki
 from control_plane.bootstrap import write_bootstrap
 from control_plane.config import DEFAULT_CONFIG_PATH, EngineConfig, GatewayConfig
+from control_plane.longform.sockets import SocketDirProblem, ensure_private
 from control_plane.names import WORKERS_ENV
 
 # A spoken English sentence (espeak-ng, 16 kHz mono) for the example `up` prints.
@@ -121,10 +122,11 @@ def engine_command(engine: EngineConfig) -> list[str]:
     return command
 
 
-def longform_command(config: GatewayConfig, worker: str) -> list[str]:
-    """A longform worker on `worker` (host:port), sending its pieces to this Envoy's pieces listener."""
-    return [sys.executable, "-m", "control_plane", "longform-worker", "--listen", worker,
-            "--pieces", f"http://127.0.0.1:{config.longform.pieces_port}",
+def longform_command(config: GatewayConfig, index: int) -> list[str]:
+    """The longform worker `index` (on its socket in longform.socket_dir), sending its pieces to
+    this Envoy's pieces listener (its socket there)."""
+    return [sys.executable, "-m", "control_plane", "longform-worker",
+            "--listen", "unix:" + config.longform.worker_sockets[index], "--pieces", "unix:" + config.longform.pieces_socket,
             "--max-upload-mb", str(config.limits.max_longform_mb), "--max-audio-s", str(config.limits.max_audio_s)]
 
 
@@ -136,11 +138,6 @@ def ports_in_use(config: GatewayConfig) -> list[str]:
               ("listen.xds_port", config.listen.xds_address, config.listen.xds_port),
               ("listen.admin_port", config.listen.admin_address, config.listen.admin_port)]
     wanted += [(f"engines[{i}].port", "127.0.0.1", e.port) for i, e in enumerate(config.engines)]
-    if config.longform.enabled:
-        wanted.append(("longform.pieces_port", "127.0.0.1", config.longform.pieces_port))
-        for i, worker in enumerate(config.longform.workers):
-            host, port = worker.rsplit(":", 1)
-            wanted.append((f"longform.workers[{i}]", host.strip("[]"), int(port)))
     busy = []
     for key, host, port in wanted:
         with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
@@ -261,6 +258,12 @@ async def up(config: GatewayConfig, config_path: Path | None, run_dir: Path, sta
         log.error("ports already in use: %s; stop what holds them or change them in the config", ", ".join(busy))
         return 2
     run_dir.mkdir(parents=True, exist_ok=True)
+    if config.longform.enabled:  # the workers' sockets and Envoy's pieces listener's
+        try:
+            ensure_private(config.longform.socket_dir)
+        except SocketDirProblem as problem:
+            log.error("%s", problem)
+            return 2
     if config.internal_tls is not None:  # the internal CA and certificates, made where missing
         internal_pki.ensure(config.internal_tls.dir, envoys=("up",))
     bootstrap = write_bootstrap(run_dir / "envoy-bootstrap.yaml", config, node_id=f"up.{os.getpid()}")
@@ -280,10 +283,11 @@ async def up(config: GatewayConfig, config_path: Path | None, run_dir: Path, sta
                 children.append(await _spawn(f"engine-{engine.name}", engine_command(engine), run_dir))
             for engine in config.engines:
                 await _wait_http_ok(session, f"{engine.url}/health", deadline, children)
-            for i, worker in enumerate(config.longform.workers):
-                children.append(await _spawn(f"longform-{i}", longform_command(config, worker), run_dir))
-            for worker in config.longform.workers:
-                await _wait_http_ok(session, f"http://{worker}/health", deadline, children)
+            for i in range(config.longform.workers):
+                children.append(await _spawn(f"longform-{i}", longform_command(config, i), run_dir))
+            for path in config.longform.worker_sockets:
+                async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path)) as over_socket:
+                    await _wait_http_ok(over_socket, "http://localhost/health", deadline, children)
             plane = [sys.executable, "-m", "control_plane", "serve", "--config", str(config_path or DEFAULT_CONFIG_PATH),
                      "--state-dir", str(state_directory)]
             children.append(await _spawn("control-plane", plane, run_dir))

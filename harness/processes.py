@@ -11,6 +11,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -22,6 +23,7 @@ import yaml
 
 from control_plane.bootstrap import write_bootstrap
 from control_plane.config import parse_config
+from control_plane.config.longform import worker_socket
 from control_plane.supervisor import envoy_command, find_envoy
 from engines.common.audio import silent_wav
 
@@ -193,15 +195,47 @@ def start_engine(log_dir: Path, model: str, name: str, port: int | None = None, 
     return process, url
 
 
-def start_longform_worker(log_dir: Path, pieces_port: int, name: str = "longform-worker") -> tuple[Process, str]:
-    """A longform worker (`whisper-gateway longform-worker`) sending its pieces to Envoy's pieces
-    listener on `pieces_port`; returns it and its host:port, for longform.workers."""
-    port = free_port()
-    process = Process(name, [PYTHON, "-m", "control_plane", "longform-worker", "--listen", f"127.0.0.1:{port}",
-                             "--pieces", f"http://127.0.0.1:{pieces_port}"], log_dir)
-    wait_until(lambda: process.alive() and request("GET", f"http://127.0.0.1:{port}/health", timeout=2).status == 200,
-               20, name)
-    return process, f"127.0.0.1:{port}"
+def socket_dir() -> str:
+    """A fresh directory for longform.socket_dir: private (mkdtemp's 0700) and short, as a Unix
+    socket's path must be (a test's tmp_path may be too long)."""
+    return tempfile.mkdtemp(prefix="wg-")
+
+
+def start_longform_worker(log_dir: Path, sockets: str, index: int = 0, name: str = "longform-worker",
+                          *options: str) -> Process:
+    """Longform worker `index` (`whisper-gateway longform-worker`), as `up` starts it for a config
+    with longform.socket_dir `sockets`: on its socket there, sending its pieces to Envoy's pieces
+    listener's."""
+    listen = worker_socket(sockets, index)
+    process = Process(name, [PYTHON, "-m", "control_plane", "longform-worker", "--listen", "unix:" + listen,
+                             "--pieces", f"unix:{sockets}/pieces.sock", *options], log_dir)
+    wait_until(lambda: process.alive() and unix_request("GET", listen, "/health", timeout=2).status == 200, 20, name)
+    return process
+
+
+def unix_request(method: str, path: str, target: str, body: bytes | None = None, headers: dict | None = None,
+                 timeout: float = 30) -> Response:
+    """An HTTP request over the Unix socket at `path`; a refused or missing socket answers status 0."""
+    connection = UnixHTTPConnection(path, timeout)
+    try:
+        connection.request(method, target, body=body, headers=headers or {})
+        response = connection.getresponse()
+        return Response(response.status, response.read(), dict(response.getheaders()))
+    except (FileNotFoundError, ConnectionRefusedError):
+        return Response(0, b"", {})
+    finally:
+        connection.close()
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float):
+        super().__init__("localhost", timeout=timeout)
+        self.path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.path)
 
 
 def start_cpu_engine(log_dir: Path, model: str, name: str, port: int | None = None,
@@ -294,12 +328,12 @@ class Envoy:
                    timeout, "Envoy to serve /v1/models")
 
     def endpoints(self) -> dict[str, dict[str, dict[str, str]]]:
-        """Envoy's /clusters as {cluster: {host:port: {weight, rq_active, health_flags, ...}}}."""
+        """Envoy's /clusters as {cluster: {host:port or socket path: {weight, rq_active, health_flags, ...}}}."""
         text = request("GET", self.admin + "/clusters", timeout=5).text
         result: dict[str, dict[str, dict[str, str]]] = {}
         for line in text.splitlines():
             parts = line.split("::")
-            if len(parts) == 4 and ":" in parts[1]:  # skip per-cluster lines such as default_priority
+            if len(parts) == 4 and (":" in parts[1] or parts[1].startswith("/")):  # not lines such as default_priority
                 cluster, host, key, value = parts
                 result.setdefault(cluster, {}).setdefault(host, {})[key] = value
         return result

@@ -356,14 +356,13 @@ def test_tracing_exports_to_the_collector_cluster_with_the_lua_filters_metadata_
 
 
 def test_long_recordings_get_the_workers_cluster_their_routes_and_the_pieces_listener():
-    raw = RAW | {"longform": {"workers": ["127.0.0.1:8093", "127.0.0.1:8094"], "pieces_port": 8092, "timeout_s": 1800}}
+    raw = RAW | {"longform": {"workers": 2, "socket_dir": "/run/wg", "timeout_s": 1800}}
     resources = build_resources(parse_config(raw), fleet(Backend("http://a:1", "10.0.0.1", 1, ("big",))), "-- lua",
                                 certificates=ENGINE_CA)
     assert Snapshot.from_resources(resources).consistency_errors() == []
     workers = {c.name: c for c in resources[CLUSTER]}[LONGFORM_CLUSTER]
     hosts = workers.load_assignment.endpoints[0].lb_endpoints
-    assert [(h.endpoint.address.socket_address.address, h.endpoint.address.socket_address.port_value) for h in hosts] == [
-        ("127.0.0.1", 8093), ("127.0.0.1", 8094)]
+    assert [h.endpoint.address.pipe.path for h in hosts] == ["/run/wg/worker-0.sock", "/run/wg/worker-1.sock"]
     assert workers.health_checks[0].http_health_check.path == "/health"
     routes = resources[ROUTE][0].virtual_hosts[0].routes
     names = [r.name for r in routes]
@@ -375,7 +374,7 @@ def test_long_recordings_get_the_workers_cluster_their_routes_and_the_pieces_lis
     assert not longform.route.retry_policy.retriable_status_codes  # a worker that has it is not asked again
     listeners = {listener.name: listener for listener in resources[LISTENER]}
     pieces = listeners[PIECES_LISTENER_NAME]
-    assert (pieces.address.socket_address.address, pieces.address.socket_address.port_value) == ("127.0.0.1", 8092)
+    assert (pieces.address.pipe.path, pieces.address.pipe.mode) == ("/run/wg/pieces.sock", 0o600)  # no port: no one else
     assert pieces.traffic_direction == base_pb2.TrafficDirection.OUTBOUND  # a drain (inbound listeners) lets running recordings finish
     manager = hcm.HttpConnectionManager()
     pieces.filter_chains[0].filters[0].typed_config.Unpack(manager)

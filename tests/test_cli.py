@@ -18,7 +18,7 @@ import yaml
 from control_plane.config import DEFAULT_CONFIG_PATH
 from control_plane.supervisor import find_envoy
 from harness.speech import word_error_rate
-from harness.processes import PYTHON, REPO, Process, free_port, request, transcribe, wait_until
+from harness.processes import PYTHON, REPO, Process, free_port, request, socket_dir, transcribe, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -37,7 +37,7 @@ def up_config(tmp_path: Path) -> tuple[Path, dict]:
              "time_scale": 0.1},
             {"kind": "simulated", "port": free_port(), "model": "whisper-small", "name": "small-a", "time_scale": 5},
         ],
-        "longform": {"workers": [f"127.0.0.1:{free_port()}"], "pieces_port": free_port()},
+        "longform": {"workers": 1, "socket_dir": socket_dir()},
     }
     path = tmp_path / "gateway.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -68,7 +68,7 @@ def default_config_on_free_ports(tmp_path: Path) -> tuple[Path, dict]:
                          envoy_metrics_port=free_port())
     for engine in raw["engines"]:
         engine["port"] = free_port()
-    raw["longform"].update(workers=[f"127.0.0.1:{free_port()}"], pieces_port=free_port())
+    raw["longform"].update(socket_dir=socket_dir())  # several gateways at once on this host
     path = tmp_path / "default.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path, raw

@@ -8,7 +8,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 from pathlib import Path
@@ -17,7 +16,7 @@ import pytest
 import yaml
 
 from control_plane.config import load_config
-from harness.processes import PYTHON, REPO, Process, free_port, request, wait_until
+from harness.processes import PYTHON, REPO, Process, free_port, request, socket_dir, unix_request, wait_until
 
 COMPOSE = REPO / "compose.yaml"
 TOKEN = "test-token-for-compose"
@@ -111,8 +110,8 @@ def test_the_images_entry_points_run_with_composes_arguments(tmp_path):
     raw["backends"] = [{"url": f"http://127.0.0.1:{engine_port}", "models": ["whisper"]}]
     raw["internal_tls"]["dir"] = str(tmp_path / "pki")
     raw["listen"]["proxy_protocol"] = False  # no `lb` in front here: the test talks to Envoy itself
-    worker = free_port()
-    raw["longform"].update(workers=[f"127.0.0.1:{worker}"], pieces_port=free_port())
+    raw["longform"].update(socket_dir=socket_dir())  # the container's /tmp/whisper-gateway, here beside other tests'
+    worker = raw["longform"]["socket_dir"] + "/worker-0.sock"
     config = tmp_path / "gateway.yaml"
     config.write_text(yaml.safe_dump(raw))
     # The one-shot `certs` service first: the internal CA and certificates the others mount.
@@ -148,16 +147,13 @@ def test_the_images_entry_points_run_with_composes_arguments(tmp_path):
     assert "whisper_gateway_connected_envoys 1.0" in plane_metrics
     assert 'whisper_gateway_endpoint_weight{backend="' in plane_metrics
     # The longform worker the Envoy container starts beside Envoy: Envoy finds it healthy.
-    wait_until(lambda: request("GET", f"http://127.0.0.1:{worker}/health", timeout=2).status == 200, 20, "the worker")
-    wait_until(lambda: "whisper:longform::127.0.0.1:%d::health_flags::healthy" % worker in request(
+    wait_until(lambda: unix_request("GET", worker, "/health", timeout=2).status == 200, 20, "the worker")
+    wait_until(lambda: f"whisper:longform::{worker}::health_flags::healthy" in request(
         "GET", f"http://127.0.0.1:{listen['envoy_admin_port']}/clusters", timeout=2).text, 10, "Envoy to check the worker")
     # It goes with its Envoy: a container runtime's SIGTERM reaches Envoy (PID 1) alone.
     os.kill(envoy.popen.pid, signal.SIGTERM)
 
-    def worker_gone() -> bool:
-        with socket.socket() as probe:
-            return probe.connect_ex(("127.0.0.1", worker)) != 0
-    wait_until(worker_gone, 10, "the worker to stop with Envoy")
+    wait_until(lambda: unix_request("GET", worker, "/health", timeout=2).status == 0, 10, "the worker to stop with Envoy")
     for process in (envoy, plane, engine):
         process.stop()
 

@@ -26,7 +26,7 @@ def test_a_model_is_busy_while_clips_wait_there_and_a_little_after(last_seen, cl
 
 
 def test_pieces_fill_idle_engines_slots_and_a_busy_models_share_divided_among_its_recordings():
-    settings = parse_config({"models": ["m"], "longform": {"workers": ["127.0.0.1:8093"], "pieces_per_engine": 8,
+    settings = parse_config({"models": ["m"], "longform": {"workers": 1, "pieces_per_engine": 8,
                                                            "max_share": 0.3}}).longform
     engines = {"m": 7, "one": 1, "none": 0}
     assert pieces_at_once(settings, engines, set(), {}) == {"m": 56, "one": 8, "none": 8}
@@ -39,7 +39,7 @@ def test_pieces_fill_idle_engines_slots_and_a_busy_models_share_divided_among_it
 
 
 def test_the_routes_carry_the_decision_or_else_every_slot():
-    config = parse_config({"models": ["m", "n"], "longform": {"workers": ["127.0.0.1:8093"], "pieces_per_engine": 4}})
+    config = parse_config({"models": ["m", "n"], "longform": {"workers": 1, "pieces_per_engine": 4}})
     fleet = Fleet(models=config.models, backends=tuple(Backend(f"e{i}", "10.0.0.1", 9000 + i, ("m", "n")) for i in range(3)))
     assert longform_parallel(config, fleet) == {"m": 12, "n": 12}
     assert longform_parallel(config, replace(fleet, longform_parallel={"m": 5})) == {"m": 5, "n": 12}

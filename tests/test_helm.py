@@ -17,7 +17,7 @@ import yaml
 
 from control_plane.cli import main as cli
 from control_plane.config import config_problems
-from harness.processes import PYTHON, REPO, Process, free_port, request, start_engine, transcribe, wait_until
+from harness.processes import PYTHON, REPO, Process, free_port, request, socket_dir, start_engine, transcribe, wait_until
 
 CHART = REPO / "deploy" / "helm" / "whisper-gateway"
 VALUES_FILES = [None, "values-gpu.yaml", "values-cpu.yaml", "values-ha.yaml", "values-tls-cert-manager.yaml"]
@@ -304,7 +304,7 @@ def test_the_rendered_control_plane_and_envoy_answer_a_transcription(tmp_path):
     raw["listen"].update(port=free_port(), envoy_metrics_port=free_port(), xds_port=free_port(),
                          admin_port=free_port(), envoy_admin_port=free_port())
     listen = raw["listen"]
-    raw["longform"].update(workers=[f"127.0.0.1:{free_port()}"], pieces_port=free_port())  # the pod's loopback
+    raw["longform"].update(socket_dir=socket_dir())  # the pod's /tmp/whisper-gateway, here beside other tests' own
     discovered = raw["discovery"][0]
     dns = Dns(discovered["name"])
     engine_key = _secret(objects, f"{FULL}-engine-api-key")
@@ -353,7 +353,7 @@ def test_the_rendered_control_plane_and_envoy_answer_a_transcription(tmp_path):
         assert "k8s-engine" in answer.json()["text"]
         # A recording over 180 s: split by the worker the Envoy container started beside Envoy, once
         # Envoy's health checks found it up.
-        worker = raw["longform"]["workers"][0]
+        worker = raw["longform"]["socket_dir"] + "/worker-0.sock"
         wait_until(lambda: f"whisper:longform::{worker}::health_flags::healthy" in request(
             "GET", f"http://127.0.0.1:{listen['envoy_admin_port']}/clusters", timeout=2).text, 20, "the worker")
         recording = transcribe(base, "whisper-1", 200.0, headers={"Authorization": f"Bearer {key}"})

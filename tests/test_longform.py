@@ -6,13 +6,15 @@ recording is metered once, for its whole duration; its pieces count as their eng
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 
 import pytest
 
 from engines.common.audio import silent_wav
-from harness.processes import PYTHON, GatewayStack, Process, free_port, request, start_engine, transcribe, wait_until
+from harness.processes import (GatewayStack, multipart, request, socket_dir, start_engine, start_longform_worker,
+                               transcribe, unix_request, wait_until)
 
 pytestmark = pytest.mark.e2e
 
@@ -28,13 +30,10 @@ MAX_UPLOAD_MB, MAX_LONGFORM_MB = 4, 8
 def stack(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("longform")
     engines = [start_engine(tmp_path, MODEL, name, time_scale=0.01)[1] for name in NAMES]
-    worker_port, pieces_port = free_port(), free_port()
-    worker = Process("longform-worker", [PYTHON, "-m", "control_plane", "longform-worker", "--listen",
-                                         f"127.0.0.1:{worker_port}", "--pieces", f"http://127.0.0.1:{pieces_port}"], tmp_path)
-    wait_until(lambda: worker.alive() and request("GET", f"http://127.0.0.1:{worker_port}/health", timeout=2).status == 200,
-               20, "the longform worker")
+    sockets = socket_dir()
+    worker = start_longform_worker(tmp_path, sockets)
     gateway = GatewayStack(tmp_path, MODEL, engines, aliases=(ALIAS,), longform={
-        "workers": [f"127.0.0.1:{worker_port}"], "split_above_s": 60.0, "pieces_port": pieces_port},
+        "workers": 1, "socket_dir": sockets, "split_above_s": 60.0},
         limits={"max_upload_mb": MAX_UPLOAD_MB, "max_longform_mb": MAX_LONGFORM_MB},
         auth={"api_keys": "required", "plans": {"long": {"requests_per_minute": 600, "audio_seconds_per_minute": 10000},
                                                 "minute": {"requests_per_minute": 600, "audio_seconds_per_minute": 120}}})
@@ -109,6 +108,38 @@ def test_a_recording_below_the_threshold_goes_whole_to_one_engine(stack):
     assert answer.status == 200, answer.text
     assert " transcribed chunk 1 of 2 " in answer.json()["text"]  # the engine cut it into its own windows
 
+
+# Another user's try at each socket, as a process of that user would make it.
+CONNECT = """import socket, sys
+for path in sys.argv[1:]:
+    try:
+        socket.socket(socket.AF_UNIX).connect(path)
+        print("connected")
+    except OSError as error:
+        print(type(error).__name__)
+"""
+
+
+def test_no_other_user_can_hand_a_worker_a_recording_or_send_a_piece(stack):
+    """The workers and the pieces listener listen on no port: on Unix sockets in a directory only
+    the gateway's user may enter. Its own worker's way works (a piece needs no key); another
+    user's process is refused by the kernel before a byte is read."""
+    sockets = stack.raw["longform"]["socket_dir"]
+    pieces, worker = f"{sockets}/pieces.sock", f"{sockets}/worker-0.sock"
+    listeners = {s["name"]: s["local_address"] for s in
+                 request("GET", stack.envoy.admin + "/listeners?format=json").json()["listener_statuses"]}
+    assert listeners["whisper_pieces"] == {"pipe": {"path": pieces}}
+    assert [oct(os.stat(path).st_mode & 0o777) for path in (sockets, pieces, worker)] == ["0o700", "0o600", "0o600"]
+    body = multipart([("model", MODEL, None), ("file", silent_wav(1.0), "clip.wav")])
+    piece = unix_request("POST", pieces, "/v1/audio/transcriptions", body,
+                         {"Content-Type": "multipart/form-data; boundary=wgboundary7MA4YWxk"})
+    assert piece.status == 200, piece.body
+    assert unix_request("GET", worker, "/health").status == 200
+    if os.geteuid() != 0:
+        return  # only root can run a process as another user here; the modes above say the same
+    other = subprocess.run(["/usr/bin/python3", "-c", CONNECT, pieces, worker], user=65534, group=65534,
+                           capture_output=True, text=True, timeout=30, cwd="/")
+    assert other.stdout.split() == ["PermissionError", "PermissionError"], other
 
 
 def test_a_recording_without_a_key_is_refused_before_any_worker_sees_it(stack):

@@ -230,7 +230,7 @@ def test_a_worker_holding_nothing_admits_one_upload_larger_than_its_share():
 
 def test_an_upload_streamed_to_a_longform_worker_holds_only_what_envoy_buffers_of_it():
     # max_heap_mb 64: 48 MiB for uploads; a 100 MiB upload streams to a worker, holding 2 MiB.
-    lua = admission_filter(limits={"max_heap_mb": 64, "max_upload_mb": 20}, longform={"workers": ["127.0.0.1:8093"]})
+    lua = admission_filter(limits={"max_heap_mb": 64, "max_upload_mb": 20}, longform={"workers": 1})
     streamed = {"content-length": str(100 * 2**20)}
     held = [lua.run_request(headers=FORM | streamed) for _ in range(20)]
     assert all(admitted(outcome) for outcome in held)
@@ -824,7 +824,7 @@ def lua_crc8(data: bytes) -> int:
 def longform_keys(envoys: int = 1) -> Keys:
     keys = Keys(auth={"plans": {"long": {"requests_per_minute": 100, "audio_seconds_per_minute": 100_000}}}, envoys=envoys)
     keys.config = replace(keys.config, longform=parse_config(RAW | {"longform": {
-        "workers": ["127.0.0.1:8093"], "split_above_s": 60.0, "pieces_per_engine": 8, "max_share": 0.5}}).longform)
+        "workers": 1, "split_above_s": 60.0, "pieces_per_engine": 8, "max_share": 0.5}}).longform)
     engines = [Backend(f"e{i}", "10.0.0.1", 9000 + i, (BIG,)) for i in range(5)] + [Backend("s", "10.0.0.2", 9000, (SMALL,))]
     keys.fleet = Fleet(models=keys.config.models, backends=tuple(engines))
     return keys

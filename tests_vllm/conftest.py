@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from harness.certificates import make_certificates
-from harness.processes import PYTHON, STARTED, GatewayStack, Process, free_port, request, wait_until
+from harness.processes import (PYTHON, STARTED, GatewayStack, Process, free_port, request, socket_dir,
+                               start_longform_worker, wait_until)
 
 MODEL = "whisper-tiny"
 HOME = Path(os.environ.get("WHISPER_GATEWAY_VLLM_HOME", Path.home() / ".cache" / "whisper-gateway"))
@@ -68,14 +69,10 @@ class RealStack:
         # the time a GPU engine would never need.
         os.environ["WHISPER_TEST_VLLM_KEY"] = ENGINE_KEY  # the control plane reads it at start
         # A longform worker: recordings over LONGFORM_ABOVE_S go to the engines in pieces.
-        worker_port, pieces_port = free_port(), free_port()
-        self.worker = Process("longform-worker", [PYTHON, "-m", "control_plane", "longform-worker", "--listen",
-                                                  f"127.0.0.1:{worker_port}", "--pieces", f"http://127.0.0.1:{pieces_port}"],
-                              log_dir)
-        wait_until(lambda: self.worker.alive() and request("GET", f"http://127.0.0.1:{worker_port}/health",
-                                                           timeout=2).status == 200, 20, "the longform worker")
+        sockets = socket_dir()
+        self.worker = start_longform_worker(log_dir, sockets)
         self.gateway = GatewayStack(log_dir, MODEL, list(self.urls.values()), longform={
-            "workers": [f"127.0.0.1:{worker_port}"], "pieces_port": pieces_port, "split_above_s": LONGFORM_ABOVE_S}, auth={
+            "workers": 1, "socket_dir": sockets, "split_above_s": LONGFORM_ABOVE_S}, auth={
             "engine_api_key_env": "WHISPER_TEST_VLLM_KEY"}, backend_tls={"ca_file": str(self.certs.ca)}, resilience={
             "health_interval_s": 1, "health_timeout_s": 5, "unhealthy_threshold": 2, "healthy_threshold": 1},
             routing={"scrape_interval_s": 1.0, "scrape_timeout_s": 0.9, "stale_after_s": 4.0})

@@ -11,7 +11,6 @@ from google.protobuf import struct_pb2, wrappers_pb2
 
 from control_plane.builders.common import ads_source, header, pack, seconds
 from control_plane.builders.secrets import upstream_transport_socket
-from control_plane.addresses import parse_backend_url
 from control_plane.names import HOP_HEADER, LONG_UPLOAD_KEY, LONGFORM_CLUSTER, TLS_MATCH_KEY, UNROUTED_CLUSTER, cluster_name
 from control_plane.config import GatewayConfig
 
@@ -135,14 +134,11 @@ def build_unrouted_cluster() -> cluster_pb2.Cluster:
 def build_longform_cluster(config: GatewayConfig) -> cluster_pb2.Cluster:
     """The longform workers (longform.workers), balanced by least request and health-checked, so a
     stopped worker gets no recording."""
-    hosts = []
-    for worker in config.longform.workers:
-        _, host, port = parse_backend_url("http://" + worker)
-        address = address_pb2.Address(socket_address=address_pb2.SocketAddress(address=host.strip("[]"), port_value=port))
-        hosts.append(endpoint_components_pb2.LbEndpoint(endpoint=endpoint_components_pb2.Endpoint(address=address)))
+    hosts = [endpoint_components_pb2.LbEndpoint(endpoint=endpoint_components_pb2.Endpoint(
+        address=address_pb2.Address(pipe=address_pb2.Pipe(path=path)))) for path in config.longform.worker_sockets]
     return cluster_pb2.Cluster(
         name=LONGFORM_CLUSTER,
-        type=cluster_pb2.Cluster.STATIC,  # loopback addresses (config/load.py)
+        type=cluster_pb2.Cluster.STATIC,  # their Unix sockets, in longform.socket_dir
         connect_timeout=seconds(config.timeouts.connect_s),
         lb_policy=cluster_pb2.Cluster.LEAST_REQUEST,
         load_assignment=endpoint_pb2.ClusterLoadAssignment(

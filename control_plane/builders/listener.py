@@ -189,7 +189,8 @@ def build_listener(config: GatewayConfig, lua_source: str) -> listener_pb2.Liste
 
 
 def build_pieces_listener(config: GatewayConfig, lua_source: str) -> listener_pb2.Listener:
-    """Where the longform workers send a recording's pieces (longform.pieces_port, loopback only):
+    """Where the longform workers send a recording's pieces (a Unix socket in longform.socket_dir,
+    which only the gateway's user may enter, mode 0600 itself: no one else can send a piece):
     the same routes as the audio listener, so each piece is routed, retried and hedged like any
     request; its first filter marks it a piece (envoy/routing.lua), which the Lua filter neither
     admits nor charges, and the logs count in its engine's load without metering it (its
@@ -213,8 +214,7 @@ def build_pieces_listener(config: GatewayConfig, lua_source: str) -> listener_pb
                       hcm.HttpFilter(name="envoy.filters.http.router", typed_config=pack(_router(flush_s)))],
         tracing=build_http_tracing(config),
     )
-    address = address_pb2.Address(socket_address=address_pb2.SocketAddress(address="127.0.0.1",
-                                                                           port_value=config.longform.pieces_port))
+    address = address_pb2.Address(pipe=address_pb2.Pipe(path=config.longform.pieces_socket, mode=0o600))
     # OUTBOUND: `whisper-gateway envoy-drain` closes inbound listeners only; a recording still at
     # its worker when a drain starts sends its next pieces here until it is done.
     return listener_pb2.Listener(name=PIECES_LISTENER_NAME, address=address, traffic_direction=base_pb2.TrafficDirection.OUTBOUND,

@@ -110,8 +110,7 @@ def _check_endpoints(config: GatewayConfig) -> None:
 
 
 def _check_longform(config: GatewayConfig) -> None:
-    """The workers and the pieces listener: loopback (the pieces listener admits no one else), and
-    ports of their own; uploads past max_upload_mb stream to the workers up to max_longform_mb."""
+    """Uploads past max_upload_mb stream to the workers up to max_longform_mb."""
     longform = config.longform
     if not longform.enabled:
         return
@@ -119,16 +118,6 @@ def _check_longform(config: GatewayConfig) -> None:
         raise ConfigError(f"limits.max_longform_mb: {config.limits.max_longform_mb:g} is less than "
                           f"limits.max_upload_mb ({config.limits.max_upload_mb:g}): uploads past max_upload_mb "
                           "stream to the longform workers up to max_longform_mb")
-    own = {port for _, port in config.listen.own_endpoints().values()}
-    if longform.pieces_port in own:
-        raise ConfigError(f"longform.pieces_port: {longform.pieces_port} is one of the gateway's own ports")
-    for worker in longform.workers:
-        _, host, port = parse_backend_url("http://" + worker)
-        if not (is_ip_address(host.strip("[]")) and is_loopback(host.strip("[]"))):
-            raise ConfigError(f"longform.workers: {worker}: workers run beside their Envoy, on a loopback address "
-                              "such as 127.0.0.1:8093 (the pieces they send come back over loopback)")
-        if port in own or port == longform.pieces_port:
-            raise ConfigError(f"longform.workers: {worker}: its port is one of the gateway's own")
 
 
 # What one section cannot see: names used twice, models nobody declared, ports and URLs that clash.

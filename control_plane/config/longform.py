@@ -4,11 +4,36 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import StrictFloat, StrictInt
+from pydantic import AfterValidator, BeforeValidator, StrictFloat, StrictInt, StrictStr
 from pydantic.dataclasses import dataclass
 
-from control_plane.config.fields import SECTION, HostPort, Port, seconds
-from control_plane.validation import within
+from control_plane.config.fields import SECTION, seconds
+from control_plane.validation import fail, within
+
+MAX_WORKERS = 64
+# A Unix socket's path has at most 107 bytes (sun_path); the longest one made in socket_dir.
+MAX_SOCKET_PATH = 107
+
+
+def worker_socket(socket_dir: str, index: int) -> str:
+    return f"{socket_dir}/worker-{index}.sock"
+
+
+def _count(value):
+    if isinstance(value, list):  # the form before sockets: a loopback host:port per worker
+        fail("is a count now (the workers beside each Envoy; they listen on Unix sockets in "
+             "longform.socket_dir): write `workers: N`")
+    return value
+
+
+def _socket_dir(value: str) -> str:
+    value = value.rstrip("/") or "/"
+    if not value.startswith("/"):
+        fail(f"{value!r}: expected an absolute path (Envoy and the workers may start in different directories)")
+    if len(worker_socket(value, MAX_WORKERS - 1).encode()) > MAX_SOCKET_PATH:
+        fail(f"{value!r} is too long for a Unix socket's path: at most "
+             f"{MAX_SOCKET_PATH - len(worker_socket('', MAX_WORKERS - 1))} characters")
+    return value
 
 
 @dataclass(frozen=True, config=SECTION)
@@ -17,14 +42,15 @@ class LongformConfig:
     at quiet points into pieces of at most 30 s and sends them to the model's engines at once,
     each through Envoy's routing, retries and hedging, then answers as one engine would have."""
 
-    # host:port of each worker, a loopback address: a worker runs beside its Envoy (`up` starts
-    # one on each address listed; so does `whisper-gateway envoy`, as in compose's and the Helm
-    # chart's Envoy containers). None: recordings go whole to one engine, as before.
-    workers: tuple[HostPort, ...] = ()
+    # How many workers run beside each Envoy (`up` starts them, and so does `whisper-gateway envoy`,
+    # as in compose's and the Helm chart's Envoy containers). 0: recordings go whole to one engine.
+    workers: Annotated[StrictInt, BeforeValidator(_count), within(0, MAX_WORKERS)] = 0
+    # Where the workers and Envoy's pieces listener meet: Unix sockets in this directory, which
+    # only the gateway's own user may enter (made so, and checked, at start): no other process, on
+    # the host or in the pod, can hand a worker a recording or send a piece past admission.
+    socket_dir: Annotated[StrictStr, AfterValidator(_socket_dir)] = "/tmp/whisper-gateway"
     # Uploads longer than this many audio-seconds (as the edge measured them) are split.
     split_above_s: seconds(30, 86400) = 180.0
-    # Where Envoy takes the workers' pieces: loopback (the pieces listener admits no client).
-    pieces_port: Port = 8092
     # How many of a recording's pieces each of a model's engines may hold at once while no short
     # clip waits there: about an engine's batch (vLLM runs many requests at once), a few more so
     # that each engine has the next piece queued when one ends (docs/benchmarks.md: 0.33x of whole
@@ -48,6 +74,16 @@ class LongformConfig:
         return max(1, int(slots / max(1, recordings)))
 
     @property
+    def pieces_socket(self) -> str:
+        """Where Envoy's pieces listener takes the workers' pieces."""
+        return f"{self.socket_dir}/pieces.sock"
+
+    @property
+    def worker_sockets(self) -> tuple[str, ...]:
+        """Where each worker takes the recordings Envoy sends it."""
+        return tuple(worker_socket(self.socket_dir, i) for i in range(self.workers))
+
+    @property
     def worker_endpoints(self) -> frozenset[str]:
-        """The workers as Envoy's logs name an upstream host: "ip:port", an IPv6 address unbracketed."""
-        return frozenset(f"{host.strip('[]')}:{port}" for host, _, port in (w.rpartition(":") for w in self.workers))
+        """The workers as Envoy's logs name an upstream host: their sockets' paths."""
+        return frozenset(self.worker_sockets)

@@ -24,11 +24,13 @@ import tempfile
 import time
 from array import array
 from dataclasses import dataclass
+from pathlib import Path
 
 import aiohttp
 from aiohttp import web
 
 from control_plane.longform import answers, cuts, decode
+from control_plane.longform.sockets import ensure_private
 from control_plane.names import (ADMIT_KEY_HEADER, ADMIT_MODEL_HEADER, AUDIO_PATHS, KEY_ID_HEADER, LONGFORM_HEADER,
                                  LONGFORM_PARALLEL_HEADER, LONGFORM_STREAMED, MODEL_HEADER, RECORDING_MODEL_HEADER,
                                  RECORDING_SECONDS_HEADER)
@@ -340,8 +342,10 @@ class Recording:
 class Worker:
     """The worker's HTTP side: one ClientSession to the pieces listener for every recording."""
 
-    def __init__(self, pieces_url: str, max_upload_bytes: int, max_audio_s: float = DEFAULT_MAX_AUDIO_S):
-        self.pieces_url = pieces_url.rstrip("/")
+    def __init__(self, pieces: str, max_upload_bytes: int, max_audio_s: float = DEFAULT_MAX_AUDIO_S):
+        # unix:PATH, Envoy's pieces listener's socket (the URL's host is then only a name), or a URL.
+        self.pieces_socket = pieces.removeprefix("unix:") if pieces.startswith("unix:") else None
+        self.pieces_url = "http://localhost" if self.pieces_socket else pieces.rstrip("/")
         self.max_upload_bytes, self.max_audio_s = max_upload_bytes, max_audio_s
         self.session: aiohttp.ClientSession | None = None
 
@@ -358,7 +362,9 @@ class Worker:
     async def _client(self, app: web.Application):
         # No limit of the session's own: each recording keeps to its LONGFORM_PARALLEL_HEADER, and Envoy
         # times each piece out.
-        self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+        connector = (aiohttp.UnixConnector(self.pieces_socket, limit=0) if self.pieces_socket
+                     else aiohttp.TCPConnector(limit=0))
+        self.session = aiohttp.ClientSession(connector=connector,
                                              timeout=aiohttp.ClientTimeout(total=None, sock_connect=10))
         yield
         await self.session.close()
@@ -433,9 +439,15 @@ class Worker:
         )
 
 
-async def serve(host: str, port: int, pieces_url: str, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
+async def serve(listen: str | tuple[str, int], pieces: str, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
                 max_audio_s: float = DEFAULT_MAX_AUDIO_S) -> int:
-    """Runs the worker until SIGTERM or SIGINT; the recordings in flight are let finish."""
-    worker = Worker(pieces_url, int(max_upload_mb * 2**20), max_audio_s)
-    await serve_until_signal(worker.build(), host, port, f"longform worker (pieces to {worker.pieces_url})")
+    """Runs the worker until SIGTERM or SIGINT; the recordings in flight are let finish. `listen`:
+    a Unix socket's path, in a directory only this user may enter (sockets.py), or (host, port)."""
+    worker = Worker(pieces, int(max_upload_mb * 2**20), max_audio_s)
+    description = f"longform worker (pieces to {pieces})"
+    if isinstance(listen, str):
+        ensure_private(Path(listen).parent)
+        await serve_until_signal(worker.build(), "", 0, description, path=listen)
+    else:
+        await serve_until_signal(worker.build(), *listen, description)
     return 0

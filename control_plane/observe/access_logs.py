@@ -53,7 +53,11 @@ def as_seconds(text: str) -> float | None:
 
 
 def endpoint_of(entry: accesslog_pb2.HTTPAccessLogEntry) -> str | None:
-    address = entry.common_properties.upstream_remote_address.socket_address
+    """"ip:port", or a Unix socket's path (the longform workers')."""
+    upstream = entry.common_properties.upstream_remote_address
+    if upstream.pipe.path:
+        return upstream.pipe.path
+    address = upstream.socket_address
     return f"{address.address}:{address.port_value}" if address.address else None
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import ssl
 
@@ -33,11 +34,17 @@ def tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
 
 
 async def serve_until_signal(app: web.Application, host: str, port: int, description: str,
-                             tls: ssl.SSLContext | None = None) -> None:
+                             tls: ssl.SSLContext | None = None, path: str | None = None) -> None:
+    """`path`: on this Unix socket (mode 0600) instead of host:port."""
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=DRAIN_TIMEOUT_S)
     await runner.setup()
-    await web.TCPSite(runner, host, port, ssl_context=tls).start()
-    log.info("%s on %s://%s:%d", description, "https" if tls else "http", host, port)
+    if path is not None:
+        await web.UnixSite(runner, path).start()
+        os.chmod(path, 0o600)
+        log.info("%s on unix:%s", description, path)
+    else:
+        await web.TCPSite(runner, host, port, ssl_context=tls).start()
+        log.info("%s on %s://%s:%d", description, "https" if tls else "http", host, port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
