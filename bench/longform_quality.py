@@ -8,8 +8,9 @@ once whole (no longform worker) and once split (a longform worker, split_above_s
 each transcript's word error rate against the script; at every cut (the worker's, recomputed with
 control_plane.longform.cuts on the decoded audio) whether the split transcript's words around it
 are the whole transcript's, a word doubled or dropped there if not; the largest difference
-between the two transcripts' segment times where their segments start or end on the same words;
-and each run's latency. Needs espeak-ng, sox and flac.
+between the two transcripts' segment times where their segments start or end on the same words,
+and how far each is from the truth (where speech starts and stops in the audio); and each run's
+latency. Needs espeak-ng, sox and flac.
 
     .venv/bin/python -m bench.longform_quality [--minutes 5 20] [--json results.json]
 """
@@ -24,8 +25,12 @@ import random
 import subprocess
 import tempfile
 import time
+from array import array
+from bisect import bisect_left
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from bench.machine import describe_machine
 from control_plane.longform import cuts, decode
@@ -39,6 +44,8 @@ CONTEXT = 3  # words either side of a cut that must be the whole transcript's
 TARGET_WER_POINTS = 1.0  # split at most this much above whole
 TARGET_TIMESTAMP_S = 0.5
 MIN_BLOCK = 5  # words in a row the two transcripts share, for their segments to be matched
+PAUSE_RMS = 30  # 10 ms of audio no louder than this (16-bit: -61 dBFS) is silence
+PAUSE_S = 0.15  # and this much of it in a row a pause
 
 # Simple, common words tiny.en hears well from espeak-ng, combined by a seeded generator so no
 # sentence repeats (a transcript aligns to the script in one way only). No digits: Whisper writes
@@ -103,11 +110,36 @@ def make_recording(folder: Path, minutes: float) -> Recording:
     return Recording(" ".join(script), wav, flac, seconds)
 
 
-def worker_cuts(path: Path) -> list[cuts.Piece]:
-    """The pieces the worker makes of `path`: its own decoding and cutting."""
+def decoded(path: Path) -> array:
+    """`path` as the worker decodes it: 16 kHz mono samples."""
     async def pcm() -> bytes:
         return b"".join([chunk async for chunk in decode.pcm(str(path))])
-    return cuts.pieces(cuts.pcm16(asyncio.run(pcm())))
+    return cuts.pcm16(asyncio.run(pcm()))
+
+
+def speech_edges(samples: array, rate: int = cuts.RATE) -> dict[str, list[float]]:
+    """Where speech starts again after a pause (onsets) and where it stops before one (offsets),
+    from the audio itself: 10 ms frames no louder than PAUSE_RMS, PAUSE_S or more in a row. The
+    truth a transcript's segment times are held to (espeak-ng pauses between sentences and at
+    commas)."""
+    frame = rate // 100
+    count = len(samples) // frame
+    frames = np.asarray(samples[:count * frame], dtype=np.int64).reshape(count, frame)
+    silent = ((frames * frames).mean(axis=1) <= PAUSE_RMS ** 2).tolist()
+    onsets, offsets, first = [], [], None
+    for i, quiet in enumerate(silent + [False]):
+        if quiet:
+            first = i if first is None else first
+            continue
+        if first is not None and (i - first) * 0.01 >= PAUSE_S:
+            offsets.append(round(first * 0.01, 2))
+            onsets.append(round(i * 0.01, 2))
+        first = None
+    if silent and not silent[0]:  # speech from the first frame, or to the last
+        onsets.insert(0, 0.0)
+    if silent and not silent[-1]:
+        offsets.append(round(count * 0.01, 2))
+    return {"onsets": onsets, "offsets": offsets}
 
 
 def send(url: str, recording: Recording) -> tuple[dict, float]:
@@ -227,9 +259,18 @@ def loop_start_word(answer: dict, script: str, looped: float) -> int:
     return _mapped(difflib.SequenceMatcher(None, before, _words(script), autojunk=False), len(before))
 
 
-def timestamp_differences(split: dict, whole: dict) -> dict:
+def nearest(times: list[float], at: float) -> float:
+    """How far `at` is from the nearest of the sorted `times`."""
+    i = bisect_left(times, at)
+    return min((abs(at - t) for t in times[max(0, i - 1):i + 1]), default=float("inf"))
+
+
+def timestamp_differences(split: dict, whole: dict, edges: dict[str, list[float]] | None = None) -> dict:
     """Segments matched by text: where a split segment starts on the word a whole segment starts on
-    (aligned), their start times; likewise for ends. The largest difference and where."""
+    (aligned), their start times; likewise for ends. The largest difference and where. With the
+    audio's `edges` (speech_edges): how far each of the two is from the truth (a start from the
+    nearest onset, an end from the nearest offset), over all matched pairs and over those that
+    differ by more than the target, and which of the two is nearer there."""
     split_words, whole_words = segment_words(split), segment_words(whole)
     matcher = difflib.SequenceMatcher(None, [w for w, _ in split_words], [w for w, _ in whole_words], autojunk=False)
     pairs = {}
@@ -257,7 +298,8 @@ def timestamp_differences(split: dict, whole: dict) -> dict:
         return {"matched": 0}
     values = sorted(d for d, *_ in differences)
     worst = max(differences, key=lambda d: d[0])
-    return {
+    truth = {} if edges is None else _against_truth(differences, edges)
+    return truth | {
         "matched": len(differences), "split_segments": len(split["segments"]), "whole_segments": len(whole["segments"]),
         "max_s": round(worst[0], 3), "median_s": round(values[len(values) // 2], 3),
         "over_target": sum(d > TARGET_TIMESTAMP_S for d in values),
@@ -266,7 +308,27 @@ def timestamp_differences(split: dict, whole: dict) -> dict:
     }
 
 
-def analyse(script: str, whole: dict, split: dict, bounds: list[tuple[int, int]]) -> dict:
+def _against_truth(differences: list, edges: dict[str, list[float]]) -> dict:
+    def off(edge: str, segment: dict) -> float:
+        return nearest(edges["onsets"] if edge == "start" else edges["offsets"], segment[edge])
+
+    def spread(values: list[float]) -> dict:
+        values = sorted(values)
+        return {"median_s": round(values[len(values) // 2], 3), "p90_s": round(values[int(0.9 * (len(values) - 1))], 3),
+                "over_target": sum(v > TARGET_TIMESTAMP_S for v in values)} if values else {}
+
+    apart = [(edge, s, w) for d, edge, s, w in differences if d > TARGET_TIMESTAMP_S]
+    return {"truth": {
+        "split_off_truth": spread([off(edge, s) for _, edge, s, _ in differences]),
+        "whole_off_truth": spread([off(edge, w) for _, edge, _, w in differences]),
+        "where_apart": {"pairs": len(apart), "split_nearer": sum(off(e, s) < off(e, w) for e, s, w in apart),
+                        "whole_nearer": sum(off(e, w) < off(e, s) for e, s, w in apart),
+                        "split_within_target": sum(off(e, s) <= TARGET_TIMESTAMP_S for e, s, w in apart),
+                        "whole_within_target": sum(off(e, w) <= TARGET_TIMESTAMP_S for e, s, w in apart)}}}
+
+
+def analyse(script: str, whole: dict, split: dict, bounds: list[tuple[int, int]],
+            edges: dict[str, list[float]] | None = None) -> dict:
     """Everything reported of one recording, from its script, both answers and its pieces' samples."""
     pieces = [cuts.Piece(i, start, end) for i, (start, end) in enumerate(bounds)]
     whole_wer, split_wer = word_error_rate(script, whole["text"]), word_error_rate(script, split["text"])
@@ -279,7 +341,7 @@ def analyse(script: str, whole: dict, split: dict, bounds: list[tuple[int, int]]
         "wer_split_minus_whole_points": round(100 * (split_wer - whole_wer), 2),
         "cut_times_s": [round(p.offset_s(), 2) for p in pieces[1:]],
         "at_cuts": check_cuts(split, whole, script, pieces),
-        "timestamps": timestamp_differences(split, whole),
+        "timestamps": timestamp_differences(split, whole, edges),
     }
     if (looped := loop_start(whole)) is not None:  # the same comparison on the stretch before the whole one's loop
         end = loop_start_word(whole, script, looped)
@@ -302,7 +364,7 @@ def main() -> None:
     if args.analyse:
         for run in json.loads(args.analyse.read_text())["runs"]:
             texts = run["transcripts"]
-            again = analyse(texts["script"], texts["whole"], texts["split"], run["bounds"])
+            again = analyse(texts["script"], texts["whole"], texts["split"], run["bounds"], texts.get("edges"))
             print(json.dumps({k: v for k, v in again.items() if k != "bounds"}, indent=1))
         return
     folder = Path(tempfile.mkdtemp(prefix="bench-lf-quality-"))
@@ -330,13 +392,14 @@ def main() -> None:
         splits = [send(split_stack.envoy.url, r) for r in recordings]
 
         for recording, (whole, whole_s), (split, split_s) in zip(recordings, wholes, splits):
-            pieces = worker_cuts(recording.flac)
-            run = analyse(recording.script, whole, split, [(p.start, p.end) for p in pieces])
+            samples = decoded(recording.flac)
+            pieces, edges = cuts.pieces(samples), speech_edges(samples)
+            run = analyse(recording.script, whole, split, [(p.start, p.end) for p in pieces], edges)
             run.update(recording_s=round(recording.seconds, 1), flac_mb=round(recording.flac.stat().st_size / 2**20, 1))
             run["whole"]["latency_s"], run["split"]["latency_s"] = round(whole_s, 1), round(split_s, 1)
             results["runs"].append(run)
             if args.json:
-                run["transcripts"] = {"script": recording.script, "whole": whole, "split": split}
+                run["transcripts"] = {"script": recording.script, "whole": whole, "split": split, "edges": edges}
             print(json.dumps({k: v for k, v in run.items() if k not in ("transcripts", "bounds")}, indent=1), flush=True)
         if args.json:
             args.json.write_text(json.dumps(results, indent=1))

@@ -7,6 +7,8 @@ from envoy.config.core.v3 import address_pb2
 from envoy.data.accesslog.v3 import accesslog_pb2
 from google.protobuf import wrappers_pb2
 
+from control_plane.config import parse_config
+from control_plane.decide.longform import pieces_at_once
 from control_plane.observe.access_logs import IN_FLIGHT_REFUSAL, REQUEST_ENDED, TRY_ENDED, TRY_STARTED, record
 from control_plane.observe.in_flight import InFlight
 from control_plane.observe.ledger import UNKNOWN_MODEL, Ledger
@@ -100,14 +102,15 @@ def entry(kind, endpoint=E1, status=0, seconds="12.5", model="m", request_id="r1
           details="") -> accesslog_pb2.HTTPAccessLogEntry:
     """A log entry as Envoy sends it: headers as the request carried them; for a request the Lua
     filter routed, its dynamic metadata."""
-    host, port = endpoint.rsplit(":", 1) if endpoint else ("", "0")
+    host, port = endpoint.rsplit(":", 1) if endpoint and not endpoint.startswith("/") else ("", "0")
     headers = {"x-whisper-model": model, "x-whisper-audio-seconds": seconds} if seconds is not None else {}
     if estimated:
         headers["x-whisper-audio-estimated"] = "1"
     if key is not None:
         headers["x-whisper-key-id"] = key
-    common = accesslog_pb2.AccessLogCommon(access_log_type=kind, upstream_remote_address=address_pb2.Address(
-        socket_address=address_pb2.SocketAddress(address=host, port_value=int(port))))
+    upstream = (address_pb2.Address(pipe=address_pb2.Pipe(path=endpoint)) if endpoint and endpoint.startswith("/")
+                else address_pb2.Address(socket_address=address_pb2.SocketAddress(address=host, port_value=int(port))))
+    common = accesslog_pb2.AccessLogCommon(access_log_type=kind, upstream_remote_address=upstream)
     common.response_flags.upstream_remote_reset = reset
     common.response_flags.rate_limited = rate_limited
     common.response_flags.upstream_request_timeout = timeout
@@ -245,7 +248,7 @@ def marked(logged: accesslog_pb2.HTTPAccessLogEntry, header: str) -> accesslog_p
     return logged
 
 
-WORKER = "127.0.0.1:8093"
+WORKER = "/tmp/whisper-gateway/worker-0.sock"  # a Unix socket: as Envoy's logs name a pipe upstream
 
 
 def test_a_split_recording_is_metered_once_and_its_pieces_count_as_engine_work():
@@ -327,3 +330,28 @@ def test_an_envoy_flooding_made_up_tries_cannot_grow_the_ledger_without_bound(mo
     assert len(ledger.engines[E1].tries) == 100
     ledger.started(1, "fake-0", E1, 1e6, now=1.0)  # one already kept: a hedge of it still counts
     assert ledger.engines[E1].tries[(1, "fake-0")].open == 2
+
+
+def test_an_envoy_flooding_recordings_of_no_model_slows_recordings_only_and_is_forgotten_with_it(monkeypatch):
+    """Recordings streamed unread count at every model (decide/longform.py): an authenticated Envoy
+    that reports thousands leaves each recording one piece at a time, never none, holds at most
+    MOST_TRIES of them, and its claims go when its log stream does."""
+    monkeypatch.setattr("control_plane.observe.ledger.MOST_TRIES", 100)
+    ledger, outcomes, in_flight = Ledger(), Outcomes(), InFlight()
+    honest = marked(entry(TRY_STARTED, endpoint=WORKER, seconds="300.0", key="key-a", request_id="real"),
+                    "x-whisper-longform")
+    record(honest, 2, outcomes, ledger, in_flight, now=1.0)
+    settings = parse_config({"models": ["m", "n"], "longform": {"workers": 1}}).longform
+    engines = {"m": 4, "n": 2}
+    alone = pieces_at_once(settings, engines, set(), ledger.recordings_at())
+    assert alone == {"m": 48, "n": 24}
+    for n in range(1000):
+        flood = marked(entry(TRY_STARTED, endpoint=WORKER, seconds="0.000", key="key-a", request_id=f"fake-{n}"),
+                       "x-whisper-longform")
+        del flood.request.request_headers["x-whisper-model"]
+        record(flood, 1, outcomes, ledger, in_flight, now=2.0)
+    assert sum(ledger.recordings_at().values()) == 100  # the honest one and 99 of the flood
+    assert pieces_at_once(settings, engines, {"m", "n"}, ledger.recordings_at()) == {"m": 1, "n": 1}
+    ledger.stream_closed(1, now=3.0)
+    assert ledger.recordings_at() == {"m": 1}
+    assert pieces_at_once(settings, engines, set(), ledger.recordings_at()) == alone

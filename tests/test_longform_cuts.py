@@ -1,5 +1,5 @@
-"""Where a long recording is cut (control_plane/longform/cuts.py): at the quietest tenth of a
-second in the last second before each 30 s, as vLLM cuts inside an engine."""
+"""Where a long recording is cut (control_plane/longform/cuts.py): in the longest pause of the
+last five seconds before each 30 s (vLLM cuts at the quietest tenth of a second of the last one)."""
 
 from __future__ import annotations
 
@@ -24,12 +24,19 @@ def speech(seconds: float, gaps: list[tuple[float, float]] = ()) -> array:
 
 
 @pytest.mark.parametrize("values,window,expected", [
-    ([5, 5, 0, 0, 5, 5], 2, 3),  # the quiet pair's middle
-    ([0, 0, 5, 5, 0, 0], 2, 5),  # the last of two equally quiet
-    ([0, 0, 5, 5, 0, 0, 0, 0, 5, 5], 2, 6),  # a longer pause (two quiet windows in a row): its middle
+    ([5000, 5000, 0, 0, 5000, 5000], 2, 3),  # the quiet pair's middle
+    ([0, 0, 5000, 5000, 0, 0], 2, 5),  # the last of two equally quiet
+    ([0, 0, 5000, 5000, 0, 0, 0, 0, 5000, 5000], 2, 6),  # a longer pause (two quiet windows in a row): its middle
     ([0, 0, 0, 0, 0, 0], 2, 3),  # all quiet (silence): the middle
-    ([9, 9, 9, 1, 2, 9], 2, 3),  # windows are whole and do not overlap: [9,1] beats [9,9] and [2,9]
-    ([5, 5, 5], 4, 0),  # no whole window: the start
+    # Windows are whole and do not overlap: [9000, 1000] and [2000, 9000] are about as quiet (within
+    # 1.5x), and [1000, 2000] is no window.
+    ([9000, 9000, 9000, 1000, 2000, 9000], 2, 4),
+    # A pause's windows differ in their noise: one quieter window in a short gap loses to the
+    # longer pause, whose windows are within 1.5x of it.
+    ([9000, 100, 9000, 110, 120, 110, 9000], 1, 4),
+    ([9000, 100, 9000, 130, 125, 130, 9000], 1, 1),  # ... but not to louder ones (energy 1.6-1.7x)
+    ([9000, 0, 9000, 3, 4, 2, 9000], 1, 4),  # dither (RMS up to 4) is silence as much as zeros
+    ([5000, 5000, 5000], 4, 0),  # no whole window: the start
 ])
 def test_quietest_window(values, window, expected):
     assert quietest(values, 0, len(values), window) == expected

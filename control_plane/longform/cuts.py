@@ -2,8 +2,8 @@
 
 vLLM cuts audio longer than its 30 s window at the quietest 0.1 s window in the last second before
 each boundary, so no word is cut where a pause exists (vllm/entrypoints/openai/speech_to_text:
-`_find_split_point`). The gateway cuts the same way, but looks back five seconds (SEARCH_S), each
-piece then one engine request.
+`_find_split_point`). The gateway cuts the same way, but looks back five seconds (SEARCH_S) and
+cuts in the middle of the longest pause there (quietest), each piece then one engine request.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ PIECE_S = 30.0  # the engines' window: a piece is at most this long
 # recording, bench/longform_quality.py), so the gateway looks back five.
 SEARCH_S = 5.0
 QUIET_S = 0.1  # the quiet window's length (vLLM's min_energy_split_window_size, 1600 samples)
+QUIET_RATIO = 1.5  # windows this close to the quietest's energy (1.8 dB) are as quiet
+SILENT_RMS = 4  # and any at most this loud (16-bit: -78 dBFS) is silence, whatever the quietest
 
 
 @dataclass(frozen=True)
@@ -42,20 +44,22 @@ class Piece:
 
 
 def quietest(samples: Sequence[int], start: int, end: int, window: int) -> int:
-    """Where to cut in [start, end): the middle of the quietest whole `window`s of samples, and
-    where several in a row are as quiet (a pause longer than a window), the middle of the longest
-    such run (the last among equals). `start` when no whole window fits."""
+    """Where to cut in [start, end): in the middle of the longest run of quiet whole `window`s (the
+    last among equals), a window being quiet when its energy is at most QUIET_RATIO times the
+    quietest's, or silence (SILENT_RMS). A pause's windows differ in their noise (dither, the room),
+    not in kind: the quietest single window is as likely in a short gap between two words as in
+    the pause between two sentences. `start` when no whole window fits."""
     count = max(0, (end - start) // window)
     if not count:
         return start
     # Sums of squares in numpy: five seconds at 16 kHz a cut, thousands of cuts a minute on a busy
     # worker, which a Python loop would spend its event loop on.
     region = np.asarray(samples[start:start + count * window], dtype=np.int64).reshape(count, window)
-    energies = (region * region).sum(axis=1).tolist()
-    least = min(energies)
+    energies = (region * region).sum(axis=1)
+    quiet = (energies <= max(energies.min() * QUIET_RATIO, window * SILENT_RMS ** 2)).tolist()
     best_first, best_length, first = 0, 0, None
-    for i, energy in enumerate(energies + [None]):
-        if energy == least:
+    for i, is_quiet in enumerate(quiet + [False]):
+        if is_quiet:
             first = i if first is None else first
             continue
         if first is not None and i - first >= best_length:
