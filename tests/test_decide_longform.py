@@ -8,7 +8,7 @@ import pytest
 
 from control_plane.builders.routes import longform_parallel
 from control_plane.config import parse_config
-from control_plane.decide.longform import HOLD_S, pieces_at_once, seen_busy
+from control_plane.decide.longform import HOLD_S, clips_waiting, levels, pieces_at_once, seen_busy
 from control_plane.fleet.resolved import Backend, Fleet
 from control_plane.observe.ledger import UNKNOWN_MODEL
 
@@ -43,3 +43,28 @@ def test_the_routes_carry_the_decision_or_else_every_slot():
     fleet = Fleet(models=config.models, backends=tuple(Backend(f"e{i}", "10.0.0.1", 9000 + i, ("m", "n")) for i in range(3)))
     assert longform_parallel(config, fleet) == {"m": 12, "n": 12}
     assert longform_parallel(config, replace(fleet, longform_parallel={"m": 5})) == {"m": 5, "n": 12}
+
+
+@pytest.mark.parametrize("last,waiting,expected", [
+    ({}, set(), {"m": 12.0}),  # a model not seen before: every slot
+    ({}, {"m"}, {"m": 6.0}),  # clips wait: half of it
+    ({"m": 6.0}, {"m"}, {"m": 3.0}),  # and half again the next round
+    ({"m": 1.5}, {"m"}, {"m": 1.0}),  # never under one piece per engine
+    ({"m": 3.0}, set(), {"m": 4.0}),  # no clip waits: one more per engine
+    ({"m": 11.5}, set(), {"m": 12.0}),  # up to pieces_per_engine
+])
+def test_the_room_recordings_take_halves_while_clips_wait_and_grows_back_by_one(last, waiting, expected):
+    settings = parse_config({"models": ["m"], "longform": {"workers": 1}}).longform
+    assert levels(settings, last, {"m"}, waiting) == expected
+
+
+def test_a_level_lowers_a_recordings_pieces_below_the_share_never_above_it():
+    settings = parse_config({"models": ["m"], "longform": {"workers": 1, "pieces_per_engine": 8,
+                                                           "max_share": 0.5}}).longform
+    engines = {"m": 4}
+    assert pieces_at_once(settings, engines, set(), {}, {"m": 8.0}) == {"m": 32}
+    assert pieces_at_once(settings, engines, {"m"}, {}, {"m": 8.0}) == {"m": 16}  # the share caps it
+    assert pieces_at_once(settings, engines, {"m"}, {"m": 2}, {"m": 1.0}) == {"m": 2}  # 4 per level 1, two recordings
+    assert pieces_at_once(settings, engines, {"m"}, {"m": 8}, {"m": 1.0}) == {"m": 1}  # at least one each
+    # The clips' wait is the same signal the share's hold starts from.
+    assert clips_waiting({"m": 3.5, "n": 0.0, "o": 2.0}, {"m": 2, "n": 4, "o": 0}) == {"m"}

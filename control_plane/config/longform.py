@@ -57,7 +57,7 @@ class LongformConfig:
     # on an idle fleet at 12, 0.36x at 8).
     pieces_per_engine: Annotated[StrictInt, within(1, 1024)] = 12
     # While short clips wait at the model, recordings' pieces may hold this share of its slots
-    # (4 of 12 per engine: a clip waits behind no more of them than at 8 x 0.5).
+    # (4 of 12 per engine), and less where the clips still queue (decide/longform.py: levels).
     max_share: Annotated[StrictFloat, within(0.01, 1)] = 0.34
     # How long a recording may take, from its last byte received to its answer's end.
     timeout_s: seconds(1, 86400) = 3600.0
@@ -66,12 +66,15 @@ class LongformConfig:
     def enabled(self) -> bool:
         return bool(self.workers)
 
-    def parallel(self, engines: int, busy: bool, recordings: int) -> int:
+    def parallel(self, engines: int, busy: bool, recordings: int, level: float | None = None) -> int:
         """How many of one recording's pieces may be at a model's `engines` at once: their slots
         (pieces_per_engine each), all of them while no short clip waits at the model (`busy`:
-        one does), max_share of them while one does, shared by the model's `recordings`; at least one."""
-        slots = max(1, engines) * self.pieces_per_engine * (self.max_share if busy else 1.0)
-        return max(1, int(slots / max(1, recordings)))
+        one does), max_share of them while one does, no more than `level` per engine (what the
+        clips' waits leave: decide/longform.py), shared by the model's `recordings`; at least one."""
+        per_engine = self.pieces_per_engine * (self.max_share if busy else 1.0)
+        if level is not None:
+            per_engine = min(per_engine, level)
+        return max(1, int(max(1, engines) * per_engine / max(1, recordings)))
 
     @property
     def pieces_socket(self) -> str:

@@ -20,7 +20,7 @@ from control_plane.config.routing import RoutingConfig
 from control_plane.decide.ejection import Ejections
 from control_plane.decide.hedging import deadlines, to_publish
 from control_plane.decide.lanes import closed_to_batch, model_waits
-from control_plane.decide.longform import pieces_at_once, seen_busy
+from control_plane.decide.longform import clips_waiting, levels, pieces_at_once, seen_busy
 from control_plane.decide.policy import decide_routing
 from control_plane.fleet.resolved import Fleet
 from control_plane.observe import scraper
@@ -61,6 +61,7 @@ class LoadLoop:
         self.on_scrape, self.on_round, self.on_new_weights = on_scrape, on_round, on_new_weights
         self.hedges_published_at: float | None = None
         self.longform_seen: dict[str, float] = {}  # model -> when its engines last held a client's request
+        self.longform_levels: dict[str, float] = {}  # model -> pieces per engine the clips' waits leave
         self.tracer = tracer or PlaneTracer()
 
     async def run(self) -> None:
@@ -158,7 +159,9 @@ class LoadLoop:
                    for model in fleet.model_names()}
         queued = {model: sum(s.load.waiting for s in states.get(model, ()) if s.load is not None) for model in engines}
         self.longform_seen = seen_busy(self.longform_seen, clients, queued, now)
-        parallel = pieces_at_once(config.longform, engines, set(self.longform_seen), self.ledger.recordings_at())
+        self.longform_levels = levels(config.longform, self.longform_levels, set(engines), clips_waiting(clients, queued))
+        parallel = pieces_at_once(config.longform, engines, set(self.longform_seen), self.ledger.recordings_at(),
+                                  self.longform_levels)
         return parallel if parallel != longform_parallel(config, fleet) else None
 
     def decide_hedging(self, now: float) -> dict[str, int] | None:
