@@ -124,8 +124,12 @@ def test_drain_times_out_when_the_engine_never_looks_idle(tmp_path):
     gateway = Gateway(tmp_path, [e1])
     backend = gateway.admin.call("POST", "/backends", {"url": e2}).json()
     assert request("POST", e2 + "/_sim/faults", b'{"metrics": "error"}', {"Content-Type": "application/json"}).status == 200
+    # Its scrapes fail before the drain begins (a scrape from before the fault is as good as any
+    # while it is fresh: the engine was idle then, and the drain would be right to finish).
+    wait_until(lambda: gateway.admin.backends()[e2]["endpoints"][0]["health"] in ("stale", "failing"), 5,
+               "failed scrapes")
     gateway.admin.call("POST", f"/backends/{backend['id']}/drain", {"timeout_s": 2})
-    # Scrapes that fail after the drain began: its idleness cannot be known, so it stays.
+    # Its idleness cannot be known, so it stays until the drain's time is up.
     wait_until(lambda: (b := gateway.admin.backends()[e2])["state"] == "draining"
                and b["endpoints"][0]["health"] in ("stale", "failing"), 2, "failed scrapes while draining")
     assert gateway.admin.backends()[e2]["state"] == "draining"
@@ -141,6 +145,8 @@ def test_api_changes_survive_a_restart_and_envoy_keeps_its_endpoints(tmp_path):
     e3_id = gateway.admin.call("POST", "/backends", {"url": e3}).json()["id"]
     # e3's drain cannot finish (no metrics say it is idle): it stays draining through the restart.
     assert request("POST", e3 + "/_sim/faults", b'{"metrics": "hang"}', {"Content-Type": "application/json"}).status == 200
+    wait_until(lambda: gateway.admin.backends()[e3]["endpoints"][0]["health"] in ("stale", "failing"), 5,
+               "e3's scrapes to fail before its drain")  # a fresh idle scrape from before would finish it
     gateway.admin.call("POST", f"/backends/{e3_id}/drain", {"timeout_s": 600})
     expected = {host(e1), host(e2), host(e3)}
     wait_until(lambda: set(gateway.hosts()) == expected, 5, "three endpoints")
