@@ -273,7 +273,7 @@ def test_a_split_recording_is_metered_once_and_its_pieces_count_as_engine_work()
     assert len(ledger.answered["m"]) == 3  # each is evidence of the engines' speed
     answered = timed(200, 0.5, 10.0, seconds="70.0")
     answered.request.request_id = "rec"
-    answered.common_properties.upstream_remote_address.socket_address.port_value = 8093
+    answered.common_properties.upstream_remote_address.CopyFrom(address_pb2.Address(pipe=address_pb2.Pipe(path=WORKER)))
     answered.request.request_headers["x-whisper-key-id"] = "key-a"
     record(marked(answered, "x-whisper-longform"), 1, outcomes, ledger, InFlight(), now=1.0)
     metered = ledger.metered["m"]
