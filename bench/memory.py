@@ -34,8 +34,8 @@ from pathlib import Path
 from bench.machine import describe_machine
 from control_plane.supervisor import envoy_workers
 from engines.common.audio import silent_wav
-from harness.processes import PYTHON, STARTED, Envoy, GatewayConfigFile, Process, base_config, free_port, multipart, \
-    request, socket_dir, start_control_plane, start_engine, unix_request, wait_until
+from harness.processes import STARTED, Envoy, GatewayConfigFile, base_config, free_port, multipart, request, socket_dir, \
+    start_control_plane, start_engine, start_longform_worker, wait_until
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -132,11 +132,7 @@ def run_streamed(log_dir: Path, clients: int, mb: int) -> dict:
     engines = [start_engine(log_dir, "m", f"e{i}", time_scale=0.001, max_num_seqs=64)[1] for i in range(4)]
     spool, sockets = log_dir / "spool", socket_dir()
     spool.mkdir()
-    worker = Process("longform-worker", [PYTHON, "-m", "control_plane", "longform-worker", "--listen",
-                                         f"unix:{sockets}/worker-0.sock", "--pieces", f"unix:{sockets}/pieces.sock",
-                                         "--max-upload-mb", str(mb + 1)], log_dir, env={"TMPDIR": str(spool)})
-    wait_until(lambda: unix_request("GET", f"{sockets}/worker-0.sock", "/health", timeout=2).status == 200, 20,
-               "the worker")
+    worker = start_longform_worker(log_dir, sockets, options=("--max-upload-mb", str(mb + 1)), env={"TMPDIR": str(spool)})
     raw = base_config(free_port(), free_port(), [{"name": "m"}], [{"url": url, "models": ["m"]} for url in engines],
                       limits={"max_upload_mb": 25, "max_longform_mb": mb + 1},
                       longform={"workers": 1, "socket_dir": sockets})

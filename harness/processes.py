@@ -23,7 +23,7 @@ import yaml
 
 from control_plane.bootstrap import write_bootstrap
 from control_plane.config import parse_config
-from control_plane.config.longform import worker_socket
+from control_plane.config.longform import pieces_socket, worker_socket
 from control_plane.supervisor import envoy_command, find_envoy
 from engines.common.audio import silent_wav
 
@@ -202,13 +202,13 @@ def socket_dir() -> str:
 
 
 def start_longform_worker(log_dir: Path, sockets: str, index: int = 0, name: str = "longform-worker",
-                          *options: str) -> Process:
+                          options: tuple[str, ...] = (), env: dict[str, str] | None = None) -> Process:
     """Longform worker `index` (`whisper-gateway longform-worker`), as `up` starts it for a config
     with longform.socket_dir `sockets`: on its socket there, sending its pieces to Envoy's pieces
-    listener's."""
+    listener's; `options`: more of its flags, `env`: more of its environment."""
     listen = worker_socket(sockets, index)
     process = Process(name, [PYTHON, "-m", "control_plane", "longform-worker", "--listen", "unix:" + listen,
-                             "--pieces", f"unix:{sockets}/pieces.sock", *options], log_dir)
+                             "--pieces", "unix:" + pieces_socket(sockets), *options], log_dir, env=env)
     wait_until(lambda: process.alive() and unix_request("GET", listen, "/health", timeout=2).status == 200, 20, name)
     return process
 

@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from control_plane.config import load_config
+from control_plane.config.longform import worker_socket
 from harness.processes import PYTHON, REPO, Process, free_port, request, socket_dir, unix_request, wait_until
 
 COMPOSE = REPO / "compose.yaml"
@@ -111,7 +112,7 @@ def test_the_images_entry_points_run_with_composes_arguments(tmp_path):
     raw["internal_tls"]["dir"] = str(tmp_path / "pki")
     raw["listen"]["proxy_protocol"] = False  # no `lb` in front here: the test talks to Envoy itself
     raw["longform"].update(socket_dir=socket_dir())  # the container's /tmp/whisper-gateway, here beside other tests'
-    worker = raw["longform"]["socket_dir"] + "/worker-0.sock"
+    worker = worker_socket(raw["longform"]["socket_dir"], 0)
     config = tmp_path / "gateway.yaml"
     config.write_text(yaml.safe_dump(raw))
     # The one-shot `certs` service first: the internal CA and certificates the others mount.

@@ -17,6 +17,7 @@ import yaml
 
 from control_plane.cli import main as cli
 from control_plane.config import config_problems
+from control_plane.config.longform import worker_socket
 from harness.processes import PYTHON, REPO, Process, free_port, request, socket_dir, start_engine, transcribe, wait_until
 
 CHART = REPO / "deploy" / "helm" / "whisper-gateway"
@@ -353,7 +354,7 @@ def test_the_rendered_control_plane_and_envoy_answer_a_transcription(tmp_path):
         assert "k8s-engine" in answer.json()["text"]
         # A recording over 180 s: split by the worker the Envoy container started beside Envoy, once
         # Envoy's health checks found it up.
-        worker = raw["longform"]["socket_dir"] + "/worker-0.sock"
+        worker = worker_socket(raw["longform"]["socket_dir"], 0)
         wait_until(lambda: f"whisper:longform::{worker}::health_flags::healthy" in request(
             "GET", f"http://127.0.0.1:{listen['envoy_admin_port']}/clusters", timeout=2).text, 20, "the worker")
         recording = transcribe(base, "whisper-1", 200.0, headers={"Authorization": f"Bearer {key}"})

@@ -12,6 +12,7 @@ import subprocess
 
 import pytest
 
+from control_plane.config.longform import pieces_socket, worker_socket
 from engines.common.audio import silent_wav
 from harness.processes import (GatewayStack, multipart, request, socket_dir, start_engine, start_longform_worker,
                                transcribe, unix_request, wait_until)
@@ -127,7 +128,7 @@ def test_no_other_user_can_hand_a_worker_a_recording_or_send_a_piece(stack):
     the gateway's user may enter. Its own worker's way works (a piece needs no key); another
     user's process is refused by the kernel before a byte is read."""
     sockets = stack.raw["longform"]["socket_dir"]
-    pieces, worker = f"{sockets}/pieces.sock", f"{sockets}/worker-0.sock"
+    pieces, worker = pieces_socket(sockets), worker_socket(sockets, 0)
     listeners = {s["name"]: s["local_address"] for s in
                  request("GET", stack.envoy.admin + "/listeners?format=json").json()["listener_statuses"]}
     assert listeners["whisper_pieces"] == {"pipe": {"path": pieces}}

@@ -19,6 +19,10 @@ def worker_socket(socket_dir: str, index: int) -> str:
     return f"{socket_dir}/worker-{index}.sock"
 
 
+def pieces_socket(socket_dir: str) -> str:
+    return f"{socket_dir}/pieces.sock"
+
+
 def _count(value):
     if isinstance(value, list):  # the form before sockets: a loopback host:port per worker
         fail("is a count now (the workers beside each Envoy; they listen on Unix sockets in "
@@ -79,7 +83,7 @@ class LongformConfig:
     @property
     def pieces_socket(self) -> str:
         """Where Envoy's pieces listener takes the workers' pieces."""
-        return f"{self.socket_dir}/pieces.sock"
+        return pieces_socket(self.socket_dir)
 
     @property
     def worker_sockets(self) -> tuple[str, ...]:
